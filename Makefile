@@ -1,0 +1,42 @@
+# The two commands: `make demo` and `make test`. Everything they need is installed here,
+# so both work on a fresh clone (CI runs `make test` through .ci/run).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of torch 2.13.0 lies on local disk; an unpinned torch would pull a multi-GB
+# CUDA build. No torchvision: PyPI's build breaks beside this wheel and takes transformers down.
+TORCH_PIN ?= torch==2.13.0
+STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml setup.py | cksum | cut -d' ' -f1)
+export HF_HUB_OFFLINE ?= 1
+export HF_HUB_DISABLE_TELEMETRY ?= 1
+export GRADIO_ANALYTICS_ENABLED ?= False
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: demo test install quality style clean
+
+$(STAMP): setup.cfg pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=24" setuptools wheel
+	BUILD_NO_CUDA=1 $(PY) -m pip install -q --no-build-isolation "$(TORCH_PIN)" -e ".[test,space]"
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fit3d demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not cuda" tests
+
+quality: $(STAMP)
+	$(PY) -m pip install -q ruff
+	$(VENV)/bin/ruff check fit3d_hf dataset_builders training tests benchmarks
+
+style: $(STAMP)
+	$(PY) -m pip install -q ruff
+	$(VENV)/bin/ruff check --fix fit3d_hf dataset_builders training tests benchmarks
+	$(VENV)/bin/ruff format fit3d_hf dataset_builders training tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info demo_output
