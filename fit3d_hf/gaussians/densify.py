@@ -1,0 +1,234 @@
+"""Adaptive density control of 3DGS (clone, split, prune, opacity reset), as FiT3D runs it unchanged.
+
+The schedule and thresholds are those of 3DGS (and of FiT3D's `train_feat_gaussian.py`): densify from
+iteration 500 to 15,000 every 100 iterations when the mean screen-space gradient of a Gaussian's centre
+exceeds 2e-4 (in normalised device coordinates); clone small Gaussians, split large ones in two; prune
+those with opacity < 0.005 and, after the first opacity reset, those larger than 20 px on screen or
+0.1 x the scene extent in the world; reset opacities to at most 0.01 every 3,000 iterations.
+
+Changing the number of Gaussians means replacing parameters, so the Adam moments are edited alongside
+(new Gaussians start with zero moments), which is why this module needs the optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .model import FeatureGaussians, inverse_sigmoid
+
+__all__ = ["DensificationConfig", "Densifier", "quat_to_rotmat"]
+
+
+@dataclass
+class DensificationConfig:
+    """Schedule and thresholds of adaptive density control (defaults: 3DGS / FiT3D)."""
+
+    densify_from: int = 500
+    densify_until: int = 15_000
+    densify_interval: int = 100
+    opacity_reset_interval: int = 3_000
+    grad_threshold: float = 2e-4
+    percent_dense: float = 0.01
+    min_opacity: float = 0.005
+    max_screen_size: float = 20.0
+    max_world_scale: float = 0.1
+    max_gaussians: int | None = None
+
+
+def quat_to_rotmat(quats: torch.Tensor) -> torch.Tensor:
+    """`[N, 4]` (w, x, y, z) quaternions (normalised here) -> `[N, 3, 3]` rotation matrices."""
+    w, x, y, z = torch.nn.functional.normalize(quats, dim=-1).unbind(-1)
+    return torch.stack(
+        [
+            1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
+            2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
+            2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
+        ],
+        dim=-1,
+    ).reshape(-1, 3, 3)  # fmt: skip
+
+
+def _edit_parameters(
+    model: FeatureGaussians,
+    optimizer: torch.optim.Optimizer,
+    edit_value: Callable[[str, torch.Tensor], torch.Tensor],
+    edit_moment: Callable[[torch.Tensor], torch.Tensor],
+) -> None:
+    """Replaces every per-Gaussian parameter by `edit_value(name, old)` and its Adam moments by
+    `edit_moment(old_moment)`, keeping the optimizer pointing at the new parameters."""
+    for name in FeatureGaussians.PARAMETER_NAMES:
+        old = getattr(model, name)
+        new = nn.Parameter(edit_value(name, old.data).contiguous())
+        for group in optimizer.param_groups:
+            for index, param in enumerate(group["params"]):
+                if param is old:
+                    group["params"][index] = new
+                    state = optimizer.state.pop(old, None)
+                    if state:
+                        for key in ("exp_avg", "exp_avg_sq"):
+                            if key in state:
+                                state[key] = edit_moment(state[key]).contiguous()
+                        optimizer.state[new] = state
+        setattr(model, name, new)
+
+
+class Densifier:
+    """Accumulates screen-space gradient statistics and applies the densification schedule.
+
+    Args:
+        config: schedule and thresholds.
+        scene_extent: 1.1 x the largest distance of a camera centre from their mean (3DGS's
+            `cameras_extent`); world-space thresholds are fractions of it.
+        num_gaussians: current number of Gaussians.
+        seed: seeds the generator that samples the positions of split Gaussians.
+    """
+
+    def __init__(self, config: DensificationConfig, scene_extent: float, num_gaussians: int, seed: int = 0):
+        self.config = config
+        self.scene_extent = float(scene_extent)
+        self.generator = torch.Generator().manual_seed(seed)
+        self._reset_stats(num_gaussians)
+
+    def _reset_stats(self, n: int) -> None:
+        self.grad_accum = torch.zeros(n)
+        self.denom = torch.zeros(n)
+        self.max_radii = torch.zeros(n)
+
+    def update_stats(self, means2d_grad: torch.Tensor, radii: torch.Tensor, width: int, height: int) -> None:
+        """Adds one view's statistics.
+
+        Args:
+            means2d_grad: `[N, 2]` gradient of the loss w.r.t. the projected centres, in pixels.
+            radii: `[N]` screen radii in pixels (0 = not visible in this view).
+        """
+        visible = (radii > 0).cpu()
+        grad = means2d_grad.detach().float().cpu()
+        # Pixel -> NDC gradient (x_pixel = (x_ndc + 1) * W / 2), the unit of 3DGS's 2e-4 threshold.
+        grad = grad * torch.tensor([width / 2.0, height / 2.0])
+        self.grad_accum[visible] += grad[visible].norm(dim=-1)
+        self.denom[visible] += 1
+        self.max_radii[visible] = torch.maximum(self.max_radii[visible], radii.detach().float().cpu()[visible])
+
+    def step(self, iteration: int, model: FeatureGaussians, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+        """Runs the schedule after optimisation step `iteration` (1-based). Returns what changed."""
+        config, changes = self.config, {}
+        if iteration >= config.densify_until:
+            return changes
+        if iteration > config.densify_from and iteration % config.densify_interval == 0:
+            with torch.no_grad():
+                changes = self.densify_and_prune(model, optimizer, prune_large=iteration > config.opacity_reset_interval)
+        if iteration % config.opacity_reset_interval == 0:
+            with torch.no_grad():
+                self.reset_opacity(model, optimizer)
+            changes["opacity_reset"] = 1
+        return changes
+
+    def densify_and_prune(
+        self, model: FeatureGaussians, optimizer: torch.optim.Optimizer, prune_large: bool
+    ) -> dict[str, int]:
+        config = self.config
+        grads = (self.grad_accum / self.denom.clamp_min(1)).to(model.means.device)
+        grads[self.denom.to(grads.device) == 0] = 0
+        max_scale = model.scales.max(dim=1).values
+        candidates = grads >= config.grad_threshold
+        is_small = max_scale <= config.percent_dense * self.scene_extent
+        clone_mask = candidates & is_small
+        split_mask = candidates & ~is_small
+        if config.max_gaussians is not None:
+            clone_mask, split_mask = self._apply_cap(len(model), grads, clone_mask, split_mask)
+        n_clone, n_split = int(clone_mask.sum()), int(split_mask.sum())
+
+        # Clone: exact copies (the optimiser then moves them apart).
+        clones = {name: getattr(model, name).data[clone_mask] for name in FeatureGaussians.PARAMETER_NAMES}
+        # Split: two samples from each large Gaussian, scaled down by 1 / (0.8 * 2).
+        scales = model.scales.data[split_mask].repeat(2, 1)
+        offsets = torch.normal(torch.zeros_like(scales).cpu(), scales.cpu(), generator=self.generator).to(scales)
+        rotations = quat_to_rotmat(model.quats.data[split_mask]).repeat(2, 1, 1)
+        splits = {
+            name: getattr(model, name).data[split_mask].repeat(2, *([1] * (getattr(model, name).dim() - 1)))
+            for name in FeatureGaussians.PARAMETER_NAMES
+        }
+        splits["means"] = splits["means"] + torch.bmm(rotations, offsets[..., None])[..., 0]
+        splits["log_scales"] = torch.log(scales / (0.8 * 2))
+        new = {name: torch.cat([clones[name], splits[name]]) for name in FeatureGaussians.PARAMETER_NAMES}
+        self._append(model, optimizer, new)
+
+        # Remove the split originals, then prune transparent (and, later, too large) Gaussians.
+        n_new = n_clone + 2 * n_split
+        remove = torch.cat([split_mask, torch.zeros(n_new, dtype=torch.bool, device=split_mask.device)])
+        prune = model.opacities.data < config.min_opacity
+        if prune_large:
+            # Gaussians added just now have no screen statistics yet (radius 0), as in 3DGS.
+            radii = torch.cat([self.max_radii, torch.zeros(n_new)]).to(prune.device)
+            too_big_on_screen = radii > config.max_screen_size
+            too_big_in_world = model.scales.data.max(dim=1).values > config.max_world_scale * self.scene_extent
+            prune |= too_big_on_screen | too_big_in_world
+        remove |= prune
+        self._keep(model, optimizer, ~remove)
+        self._reset_stats(len(model))
+        return {"cloned": n_clone, "split": n_split, "pruned": int(prune.sum()), "total": len(model)}
+
+    def _apply_cap(self, n, grads, clone_mask, split_mask):
+        """Keeps only the highest-gradient candidates so that the count stays within `max_gaussians`."""
+        room = self.config.max_gaussians - n
+        candidates = clone_mask | split_mask
+        # A clone adds one Gaussian, a split adds one net (two new, one removed).
+        if int(candidates.sum()) <= max(room, 0):
+            return clone_mask, split_mask
+        allowed = torch.zeros_like(candidates)
+        if room > 0:
+            order = torch.argsort(torch.where(candidates, grads, torch.full_like(grads, -1.0)), descending=True)
+            allowed[order[:room]] = True
+        return clone_mask & allowed, split_mask & allowed
+
+    def reset_opacity(self, model: FeatureGaussians, optimizer: torch.optim.Optimizer) -> None:
+        target = inverse_sigmoid(torch.clamp_max(model.opacities.data, 0.01)).to(model.opacity_logits)
+
+        def edit_value(name, value):
+            return target if name == "opacity_logits" else value
+
+        def edit_moment(moment):
+            return moment
+
+        _edit_parameters(model, optimizer, edit_value, edit_moment)
+        # 3DGS restarts the opacity moments from zero after a reset.
+        state = optimizer.state.get(model.opacity_logits)
+        if state:
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key].zero_()
+
+    def _append(self, model, optimizer, new: dict[str, torch.Tensor]) -> None:
+        def edit_value(name, value):
+            return torch.cat([value, new[name].to(value)])
+
+        n_new = next(iter(new.values())).shape[0]
+
+        def edit_moment(moment):
+            return torch.cat([moment, moment.new_zeros((n_new, *moment.shape[1:]))])
+
+        _edit_parameters(model, optimizer, edit_value, edit_moment)
+
+    def _keep(self, model, optimizer, keep: torch.Tensor) -> None:
+        _edit_parameters(model, optimizer, lambda name, value: value[keep], lambda moment: moment[keep])
+
+    def state_dict(self) -> dict:
+        return {
+            "config": asdict(self.config),
+            "scene_extent": self.scene_extent,
+            "grad_accum": self.grad_accum.clone(),
+            "denom": self.denom.clone(),
+            "max_radii": self.max_radii.clone(),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scene_extent = float(state["scene_extent"])
+        self.grad_accum = state["grad_accum"].clone()
+        self.denom = state["denom"].clone()
+        self.max_radii = state["max_radii"].clone()
+        self.generator.set_state(state["generator"])

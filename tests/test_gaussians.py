@@ -1,0 +1,115 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fit3d_hf.gaussians import DensificationConfig, Densifier, FeatureGaussians, quat_to_rotmat, sh_dc_to_rgb
+
+
+def _grid_points(spacing=0.5, n=4):
+    axis = np.arange(n) * spacing
+    return np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
+
+
+def test_from_points_follows_3dgs_initialisation():
+    points = _grid_points(spacing=0.5)
+    colors = np.tile(np.array([[255, 128, 0]], dtype=np.uint8), (len(points), 1))
+    gaussians = FeatureGaussians.from_points(points, colors, feature_dim=8)
+    assert len(gaussians) == 64 and gaussians.feature_dim == 8
+    # On a grid every point has at least 3 neighbours at exactly the spacing: scale = sqrt(0.25) = 0.5.
+    torch.testing.assert_close(gaussians.scales, torch.full((64, 3), 0.5))
+    torch.testing.assert_close(gaussians.opacities, torch.full((64,), 0.1))
+    torch.testing.assert_close(gaussians.normalized_quats, torch.tensor([[1.0, 0, 0, 0]]).expand(64, 4))
+    torch.testing.assert_close(sh_dc_to_rgb(gaussians.sh_dc[:, 0]), torch.tensor([[1.0, 128 / 255, 0.0]]).expand(64, 3))
+    assert gaussians.sh.shape == (64, 16, 3) and torch.all(gaussians.sh_rest == 0)
+    assert torch.all(gaussians.features == 0)  # FiT3D's code initialises features with zeros
+    assert gaussians.active_sh().shape == (64, 1, 3)
+    for _ in range(5):
+        gaussians.raise_sh_degree()
+    assert gaussians.active_sh_degree == 3
+
+
+def test_from_points_rejects_bad_input():
+    with pytest.raises(ValueError, match="non-empty"):
+        FeatureGaussians.from_points(np.zeros((0, 3)), np.zeros((0, 3)), 4)
+    with pytest.raises(ValueError, match="shape"):
+        FeatureGaussians(torch.zeros(2, 3), torch.zeros(3, 4), torch.zeros(2, 3), torch.zeros(2), torch.zeros(2, 16, 3), torch.zeros(2, 4))
+
+
+def test_quat_to_rotmat_matches_scipy():
+    from scipy.spatial.transform import Rotation
+
+    quats = torch.randn(10, 4, dtype=torch.float64)
+    expected = Rotation.from_quat(quats[:, [1, 2, 3, 0]].numpy()).as_matrix()
+    torch.testing.assert_close(quat_to_rotmat(quats), torch.from_numpy(expected))
+
+
+def _model_and_optimizer(n=6):
+    gaussians = FeatureGaussians.from_points(_grid_points(0.5, 2)[:n], np.full((n, 3), 100, np.uint8), feature_dim=4)
+    optimizer = torch.optim.Adam([{"params": [getattr(gaussians, name)], "lr": 0.01} for name in gaussians.PARAMETER_NAMES])
+    loss = sum((getattr(gaussians, name) + 1).square().sum() for name in gaussians.PARAMETER_NAMES)
+    loss.backward()
+    optimizer.step()
+    return gaussians, optimizer
+
+
+def test_densify_clones_small_splits_large_and_keeps_adam_state_aligned():
+    gaussians, optimizer = _model_and_optimizer()
+    with torch.no_grad():
+        gaussians.log_scales[:3] = math.log(0.001)  # small: cloned
+        gaussians.log_scales[3:] = math.log(1.0)  # large: split
+    config = DensificationConfig(grad_threshold=1e-3, percent_dense=0.01)
+    densifier = Densifier(config, scene_extent=1.0, num_gaussians=len(gaussians))
+    grads = torch.zeros(6, 2)
+    grads[[0, 3]] = 1.0  # only Gaussians 0 (small) and 3 (large) pass the threshold
+    densifier.update_stats(grads, torch.full((6,), 5), width=100, height=80)
+    before_means = gaussians.means.detach().clone()
+    changes = densifier.densify_and_prune(gaussians, optimizer, prune_large=False)
+    assert changes == {"cloned": 1, "split": 1, "pruned": 0, "total": 6 - 1 + 1 + 2}
+    assert len(gaussians) == 8
+    # The clone is an exact copy of Gaussian 0; the split children are 1/(0.8*2) of Gaussian 3's scale.
+    torch.testing.assert_close(gaussians.means[5], before_means[0])  # after the 5 kept originals
+    torch.testing.assert_close(gaussians.scales[-2:], torch.full((2, 3), 1.0 / 1.6))
+    assert not torch.any(torch.all(gaussians.means == before_means[3], dim=1))  # the split original is gone
+    for name in gaussians.PARAMETER_NAMES:
+        param = getattr(gaussians, name)
+        state = optimizer.state[param]
+        assert state["exp_avg"].shape == param.shape and state["exp_avg_sq"].shape == param.shape
+        assert any(param is p for group in optimizer.param_groups for p in group["params"])
+    # New Gaussians start with zero moments, kept ones keep theirs.
+    assert torch.all(optimizer.state[gaussians.means]["exp_avg"][-3:] == 0)
+    assert torch.all(optimizer.state[gaussians.means]["exp_avg"][:5] != 0)
+
+
+def test_prune_and_opacity_reset_and_schedule():
+    gaussians, optimizer = _model_and_optimizer()
+    with torch.no_grad():
+        gaussians.opacity_logits[0] = -10.0  # transparent: pruned
+        gaussians.log_scales[1] = math.log(5.0)  # larger than 0.1 x extent (1.0): pruned once prune_large
+    config = DensificationConfig(densify_from=0, densify_interval=10, opacity_reset_interval=20, grad_threshold=1e9)
+    densifier = Densifier(config, scene_extent=10.0, num_gaussians=len(gaussians))
+    assert densifier.step(5, gaussians, optimizer) == {}
+    changes = densifier.step(10, gaussians, optimizer)
+    assert changes["pruned"] == 1 and len(gaussians) == 5
+    changes = densifier.step(20, gaussians, optimizer)  # not after the first reset yet: large kept
+    assert changes["opacity_reset"] == 1 and len(gaussians) == 5
+    assert torch.all(gaussians.opacities <= 0.01 + 1e-6)
+    assert torch.all(optimizer.state[gaussians.opacity_logits]["exp_avg"] == 0)
+    with torch.no_grad():
+        gaussians.opacity_logits.fill_(0.0)
+    changes = densifier.step(30, gaussians, optimizer)  # after the reset: the large one goes
+    assert changes["pruned"] == 1 and len(gaussians) == 4
+    assert densifier.step(config.densify_until, gaussians, optimizer) == {}
+
+
+def test_cap_limits_growth_to_highest_gradients():
+    gaussians, optimizer = _model_and_optimizer()
+    with torch.no_grad():
+        gaussians.log_scales.fill_(math.log(0.001))
+    densifier = Densifier(DensificationConfig(grad_threshold=1e-6, max_gaussians=8), 1.0, len(gaussians))
+    densifier.update_stats(torch.arange(1, 7, dtype=torch.float32)[:, None].repeat(1, 2), torch.ones(6), 10, 10)
+    changes = densifier.densify_and_prune(gaussians, optimizer, prune_large=False)
+    assert changes["cloned"] == 2 and len(gaussians) == 8
+    # The two clones copy the two highest-gradient Gaussians (indices 4 and 5).
+    torch.testing.assert_close(gaussians.means[6:], gaussians.means[4:6])
