@@ -1,0 +1,64 @@
+"""`fit3d export-dataset`: the `scannetpp` dataset as self-contained Parquet shards (images embedded)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+__all__ = ["DESCRIPTION", "ExportArguments", "main"]
+
+DESCRIPTION = "Export ScanNet++-layout scenes (frames or points) as Parquet shards with the images embedded"
+
+
+@dataclass
+class ExportArguments:
+    data_dir: str = field(
+        metadata={"help": "Dataset root holding scenes/<scene_id>/ and metadata/{train,val}_samples.txt."}
+    )
+    output_dir: str = field(
+        metadata={"help": "Folder to write (data/<split>-XXXXX-of-NNNNN.parquet + README.md)."}
+    )
+    config: str = field(
+        default="frames",
+        metadata={
+            "help": "Which dataset config: one row per frame, or one row per scene's sparse points.",
+            "choices": ["frames", "points"],
+        },
+    )
+    max_shard_size: str = field(
+        default="500MB", metadata={"help": "Largest Parquet shard, e.g. 500MB or 2GB."}
+    )
+    writer_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Rows per Parquet row group (default: datasets' choice for image data)."},
+    )
+    overwrite: bool = field(
+        default=False, metadata={"help": "Replace output_dir if it exists and is not empty."}
+    )
+
+
+def main(argv: list[str]) -> int:
+    from datasets.exceptions import DatasetGenerationError
+
+    from dataset_builders.scannetpp import export_parquet
+    from fit3d_hf.cli import parse_args
+
+    (args,) = parse_args("fit3d export-dataset", DESCRIPTION, [ExportArguments], argv)
+    try:
+        shards = export_parquet(
+            args.data_dir,
+            args.output_dir,
+            args.config,
+            max_shard_size=args.max_shard_size,
+            writer_batch_size=args.writer_batch_size,
+            overwrite=args.overwrite,
+        )
+    except DatasetGenerationError as error:  # the reader's message (file and problem) is the cause
+        sys.stderr.write(f"fit3d export-dataset: {error.__cause__ or error}\n")
+        return 1
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
+        sys.stderr.write(f"fit3d export-dataset: {error}\n")
+        return 1
+    for split, paths in shards.items():
+        sys.stdout.write(f"{split}: {len(paths)} shard(s) in {args.output_dir}/data\n")
+    return 0

@@ -1,0 +1,1008 @@
+"""Scene readers: ScanNet++ preprocessed scenes, nerfstudio / instant-ngp `transforms.json`, COLMAP text.
+
+`read_scene(path)` tells the layout from the files it finds (override it with `layout=`):
+
+- ``"scannetpp"``: a folder holding `transforms_train.json` *and* `points3D.txt` (FiT3D's preprocessed
+  ScanNet++ scene: `images/`, `masks/`, optional `depth/` and `labels/`). Its poses live in ScanNet++'s
+  permuted nerfstudio world frame and are mapped back to the COLMAP frame of `points3D.txt`.
+- ``"nerfstudio"``: any other `transforms*.json` (nerfstudio, instant-ngp, Blender). Poses are OpenGL
+  camera-to-world in the file's own world frame; points come from `ply_file_path` if given.
+- ``"colmap"``: a COLMAP text model (`cameras.txt`, `images.txt`, `points3D.txt`), directly in the folder or
+  in `sparse/0` / `sparse`; images in an `images/` folder beside it or above it, or given by `images_dir=`.
+
+Every reader validates the whole scene (files exist and are readable, image sizes agree with the
+intrinsics, poses are rigid, camera models are known) before it writes anything. Frames with lens
+distortion are then undistorted with OpenCV, once, into a pinhole camera of the same image size, with the
+principal point at the image centre (as ScanNet++'s and FiT3D's preprocessing do). The undistorted files go
+to a cache folder (default `<scene>/.fit3d_undistorted/`) and are reused while their sources are unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fit3d_hf.scene.camera import (
+    Camera,
+    intrinsics_matrix,
+    opengl_camera_to_world_to_opencv,
+    qvec_to_rotmat,
+    scannetpp_nerfstudio_to_colmap,
+)
+from fit3d_hf.scene.scene import Frame, Scene
+
+__all__ = [
+    "LAYOUTS",
+    "SCANNETPP_SPLITS",
+    "UNDISTORTED_DIRNAME",
+    "detect_layout",
+    "read_colmap_points",
+    "read_colmap_scene",
+    "read_nerfstudio_scene",
+    "read_ply_points",
+    "read_scannetpp_scene",
+    "read_scannetpp_split",
+    "read_scene",
+]
+
+logger = logging.getLogger(__name__)
+
+LAYOUTS = ("scannetpp", "nerfstudio", "colmap")
+SCANNETPP_SPLITS = ("train", "val")
+UNDISTORTED_DIRNAME = ".fit3d_undistorted"
+
+# Folders beside a scene's `images/` folder that hold per-frame extras named `<image stem>.png`.
+_AUX_DIRS = {"mask": "masks", "depth": "depth", "label": "labels"}
+# Extensions tried when a nerfstudio/Blender `file_path` has none (Blender's transforms omit it).
+_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".JPG", ".PNG", ".JPEG")
+# Bumped whenever the undistortion output changes, so that stale caches are rebuilt.
+_UNDISTORT_VERSION = 1
+# Colour of PLY vertices that carry none.
+_GREY = 128
+
+
+# --------------------------------------------------------------------------------------------------------
+# Layout detection
+
+
+def detect_layout(path: Path | str, layout: str | None = None) -> tuple[str, Path]:
+    """Finds the layout of a scene and the file or folder its reader takes.
+
+    Args:
+        path: a scene folder, a `transforms*.json`, or a COLMAP model folder / file.
+        layout: force one of `LAYOUTS` instead of guessing.
+
+    Returns:
+        `(layout, target)`: the scene folder for "scannetpp", the json file for "nerfstudio", the model
+        folder for "colmap".
+
+    Raises:
+        FileNotFoundError: `path` does not exist or holds no known layout.
+        ValueError: `layout` is not one of `LAYOUTS`.
+    """
+    path = Path(path)
+    if layout is not None and layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    if not path.exists():
+        raise FileNotFoundError(f"scene path {path} does not exist")
+    folder = path if path.is_dir() else path.parent
+
+    if layout == "scannetpp":
+        return layout, folder
+    if layout == "colmap":
+        return layout, _find_colmap_model(folder)
+    if layout == "nerfstudio":
+        if path.is_file():
+            return layout, path
+        for name in ("transforms.json", "transforms_train.json"):
+            if (folder / name).is_file():
+                return layout, folder / name
+        raise FileNotFoundError(f"{folder} holds no transforms.json or transforms_train.json")
+
+    if path.is_file():
+        if path.name == "transforms_train.json" and (folder / "points3D.txt").is_file():
+            return "scannetpp", folder
+        if path.suffix == ".json":
+            return "nerfstudio", path
+        if path.name in ("cameras.txt", "images.txt", "points3D.txt"):
+            return "colmap", folder
+        raise FileNotFoundError(f"{path} is not a transforms json or a COLMAP text file")
+    if (folder / "transforms_train.json").is_file() and (folder / "points3D.txt").is_file():
+        return "scannetpp", folder
+    if (folder / "transforms.json").is_file():
+        return "nerfstudio", folder / "transforms.json"
+    try:
+        return "colmap", _find_colmap_model(folder)
+    except FileNotFoundError:
+        pass
+    if (folder / "transforms_train.json").is_file():
+        return "nerfstudio", folder / "transforms_train.json"
+    raise FileNotFoundError(
+        f"{folder} holds no known scene layout: expected transforms_train.json + points3D.txt (ScanNet++), "
+        "transforms.json (nerfstudio / instant-ngp) or cameras.txt + images.txt (COLMAP text, also in "
+        "sparse/0 or sparse)"
+    )
+
+
+def _find_colmap_model(folder: Path) -> Path:
+    for candidate in (folder, folder / "sparse" / "0", folder / "sparse"):
+        if (candidate / "cameras.txt").is_file() and (candidate / "images.txt").is_file():
+            return candidate
+    for candidate in (folder, folder / "sparse" / "0", folder / "sparse"):
+        if (candidate / "cameras.bin").is_file():
+            raise FileNotFoundError(
+                f"{candidate} holds a binary COLMAP model; only the text format is read. Convert it with "
+                f"`colmap model_converter --input_path {candidate} --output_path {candidate} "
+                "--output_type TXT`"
+            )
+    raise FileNotFoundError(
+        f"no COLMAP text model (cameras.txt + images.txt) in {folder}, sparse/0 or sparse"
+    )
+
+
+def read_scene(
+    path: Path | str,
+    *,
+    layout: str | None = None,
+    cache_dir: Path | str | None = None,
+    images_dir: Path | str | None = None,
+) -> Scene:
+    """Reads a scene in any supported layout (see the module docstring).
+
+    Args:
+        path: scene folder, `transforms*.json`, or COLMAP model folder.
+        layout: force "scannetpp", "nerfstudio" or "colmap" instead of detecting it.
+        cache_dir: where undistorted images go (default `<scene>/.fit3d_undistorted`).
+        images_dir: COLMAP only: the folder the `images.txt` names are relative to.
+
+    Returns:
+        The `Scene`, with pinhole OpenCV cameras.
+    """
+    layout, target = detect_layout(path, layout)
+    logger.debug("reading %s as a %s scene", target, layout)
+    if layout == "scannetpp":
+        return read_scannetpp_scene(target, cache_dir=cache_dir)
+    if layout == "nerfstudio":
+        return read_nerfstudio_scene(target, cache_dir=cache_dir)
+    return read_colmap_scene(target, images_dir=images_dir, cache_dir=cache_dir)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Frames before validation
+
+
+@dataclass(frozen=True)
+class _Distortion:
+    """Lens distortion in OpenCV's order: `radial` = (k1, k2, p1, p2[, k3[, k4, k5, k6]]) for cv2.undistort,
+    `fisheye` = (k1, k2, k3, k4) for cv2.fisheye (COLMAP's OPENCV_FISHEYE and RADIAL_FISHEYE models)."""
+
+    model: str
+    coefficients: tuple[float, ...]
+
+    @property
+    def is_identity(self) -> bool:
+        return not any(self.coefficients)
+
+
+@dataclass
+class _RawFrame:
+    """A frame as the file describes it, before validation and undistortion."""
+
+    image_id: str
+    image_path: Path
+    K: np.ndarray
+    world_to_camera: np.ndarray
+    width: int
+    height: int
+    distortion: _Distortion | None
+    where: str
+    mask_path: Path | None = None
+    depth_path: Path | None = None
+    label_path: Path | None = None
+
+
+def _image_size(path: Path, where: str, what: str = "image") -> tuple[int, int]:
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: {what} {path} does not exist")
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"{where}: {what} {path} cannot be read as an image: {error}") from error
+
+
+def _validate(raw_frames: list[_RawFrame]) -> list[Camera]:
+    """Checks every file and pose of the scene; returns the (still distorted) cameras."""
+    cameras = []
+    for raw in raw_frames:
+        width, height = _image_size(raw.image_path, raw.where)
+        if (width, height) != (raw.width, raw.height):
+            raise ValueError(
+                f"{raw.where}: image {raw.image_path} is {width}x{height} but the intrinsics say "
+                f"{raw.width}x{raw.height} (w x h)"
+            )
+        for kind in _AUX_DIRS:
+            aux_path = getattr(raw, f"{kind}_path")
+            if aux_path is not None:
+                aux_size = _image_size(aux_path, raw.where, kind)
+                if aux_size != (width, height):
+                    raise ValueError(
+                        f"{raw.where}: {kind} {aux_path} is {aux_size[0]}x{aux_size[1]} but its image "
+                        f"{raw.image_path} is {width}x{height}"
+                    )
+        try:
+            cameras.append(Camera(raw.K, raw.world_to_camera, raw.width, raw.height))
+        except ValueError as error:
+            raise ValueError(f"{raw.where}: invalid camera: {error}") from error
+    return cameras
+
+
+def _make_scene(
+    scene_id: str,
+    root: Path,
+    raw_frames: list[_RawFrame],
+    points: tuple[np.ndarray, np.ndarray],
+    test_image_ids: set[str],
+    cache_dir: Path | str | None,
+) -> Scene:
+    cameras = _validate(raw_frames)
+    distorted = [
+        index
+        for index, raw in enumerate(raw_frames)
+        if raw.distortion is not None and not raw.distortion.is_identity
+    ]
+    frames = [
+        Frame(raw.image_id, raw.image_path, camera, raw.mask_path, raw.depth_path, raw.label_path)
+        for raw, camera in zip(raw_frames, cameras, strict=True)
+    ]
+    if distorted:
+        cache = Path(cache_dir) if cache_dir is not None else root / UNDISTORTED_DIRNAME
+        undistorted = _undistort_frames(
+            [raw_frames[i] for i in distorted], [cameras[i] for i in distorted], cache
+        )
+        for index, frame in zip(distorted, undistorted, strict=True):
+            frames[index] = frame
+    return Scene(scene_id, root, frames, points[0], points[1], test_image_ids)
+
+
+def _unique_image_ids(relative_paths: list[str]) -> list[str]:
+    """Image stems when they are unique (ScanNet++ sample ids use them), else the paths without suffix."""
+    stems = [Path(p).stem for p in relative_paths]
+    if len(set(stems)) == len(stems):
+        return stems
+    return [Path(os.path.normpath(p)).with_suffix("").as_posix() for p in relative_paths]
+
+
+def _aux_path(images_dir: Path, relative_image: str, kind: str) -> Path | None:
+    """`<images_dir>/../<masks|depth|labels>/<stem>.png` (or `<name>.png`, COLMAP's mask naming), if any."""
+    folder = images_dir.parent / _AUX_DIRS[kind]
+    for name in (Path(relative_image).with_suffix(".png"), Path(relative_image + ".png")):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------
+# nerfstudio / instant-ngp / ScanNet++ transforms files
+
+_DISTORTION_KEYS = ("k1", "k2", "k3", "k4", "k5", "k6", "p1", "p2")
+_TRANSFORMS_MODELS = ("PINHOLE", "SIMPLE_PINHOLE", "OPENCV", "OPENCV_FISHEYE")
+
+
+def _load_json(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"transforms file {path} does not exist")
+    try:
+        with open(path) as handle:
+            data = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(data, dict) or not isinstance(data.get("frames"), list):
+        raise ValueError(f"{path} has no 'frames' list; it is not a nerfstudio / instant-ngp transforms file")
+    return data
+
+
+def _number(value, key: str, where: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: '{key}' must be a number, got {value!r}") from error
+    if not math.isfinite(number):
+        raise ValueError(f"{where}: '{key}' is {number}")
+    return number
+
+
+def _transforms_intrinsics(
+    meta: dict, frame: dict, where: str, image_path: Path
+) -> tuple[np.ndarray, int, int, _Distortion | None]:
+    """K, size and distortion of one frame: per-frame keys override the file's top-level ones."""
+
+    def get(key):
+        return frame.get(key, meta.get(key))
+
+    if get("w") is not None and get("h") is not None:
+        width, height = int(_number(get("w"), "w", where)), int(_number(get("h"), "h", where))
+    else:  # instant-ngp / Blender files may omit the size: take it from the image
+        width, height = _image_size(image_path, where)
+    if get("fl_x") is not None:
+        fx = _number(get("fl_x"), "fl_x", where)
+    elif get("camera_angle_x") is not None:
+        fx = 0.5 * width / math.tan(0.5 * _number(get("camera_angle_x"), "camera_angle_x", where))
+    else:
+        raise ValueError(f"{where}: no focal length (fl_x or camera_angle_x)")
+    if get("fl_y") is not None:
+        fy = _number(get("fl_y"), "fl_y", where)
+    elif get("camera_angle_y") is not None:
+        fy = 0.5 * height / math.tan(0.5 * _number(get("camera_angle_y"), "camera_angle_y", where))
+    else:
+        fy = fx
+    cx = _number(get("cx"), "cx", where) if get("cx") is not None else width / 2.0
+    cy = _number(get("cy"), "cy", where) if get("cy") is not None else height / 2.0
+    coefficients = {key: _number(get(key) or 0.0, key, where) for key in _DISTORTION_KEYS}
+
+    model = get("camera_model")
+    if model is None:  # instant-ngp: distortion keys and an `is_fisheye` flag, no model name
+        model = "OPENCV_FISHEYE" if get("is_fisheye") else "OPENCV"
+    model = str(model).upper()
+    if model not in _TRANSFORMS_MODELS:
+        raise ValueError(
+            f"{where}: unknown camera_model {model!r}; supported: {', '.join(_TRANSFORMS_MODELS)}"
+        )
+    c = coefficients
+    if model == "OPENCV_FISHEYE":
+        distortion = _Distortion("fisheye", (c["k1"], c["k2"], c["k3"], c["k4"]))
+    else:
+        # nerfstudio keeps k1..k4 + p1, p2 whatever the model (and applies them to PINHOLE too); k4..k6
+        # follow OpenCV's rational model, which every file seen in practice leaves at zero.
+        radial = (c["k1"], c["k2"], c["p1"], c["p2"], c["k3"])
+        if c["k4"] or c["k5"] or c["k6"]:
+            radial += (c["k4"], c["k5"], c["k6"])
+        distortion = _Distortion("radial", radial)
+    return intrinsics_matrix(fx, fy, cx, cy), width, height, distortion
+
+
+def _transform_matrix(frame: dict, where: str) -> np.ndarray:
+    try:
+        matrix = np.asarray(frame["transform_matrix"], dtype=np.float64)
+    except KeyError as error:
+        raise ValueError(f"{where}: no 'transform_matrix'") from error
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: 'transform_matrix' is not a numeric matrix") from error
+    if matrix.shape == (3, 4):
+        matrix = np.vstack([matrix, [0.0, 0.0, 0.0, 1.0]])
+    if matrix.shape != (4, 4):
+        raise ValueError(f"{where}: 'transform_matrix' must be 4x4 (or 3x4), got shape {matrix.shape}")
+    return matrix
+
+
+def _resolve_file(base: Path, relative: str, where: str, what: str, try_extensions: bool = False) -> Path:
+    path = base / relative
+    if path.is_file():
+        return path
+    if try_extensions and not path.suffix:
+        for extension in _IMAGE_EXTENSIONS:
+            if path.with_suffix(extension).is_file():
+                return path.with_suffix(extension)
+    raise FileNotFoundError(f"{where}: {what} {path} does not exist")
+
+
+def _frame_entries(meta: dict, json_path: Path) -> tuple[list[tuple[dict, str]], set[str]]:
+    """`frames` + `test_frames` (ScanNet++), deduplicated by file path (ScanNet++'s downscaling step left
+    the test frames in `frames` too). Returns `(frame, where)` pairs and the test file paths."""
+    entries, seen, test_paths = [], set(), set()
+    for key in ("frames", "test_frames"):
+        frames = meta.get(key) or []
+        if not isinstance(frames, list):
+            raise ValueError(f"{json_path}: '{key}' must be a list")
+        for index, frame in enumerate(frames):
+            where = f"{json_path}, {key}[{index}]"
+            if not isinstance(frame, dict) or not isinstance(frame.get("file_path"), str):
+                raise ValueError(f"{where}: frame has no 'file_path' string")
+            file_path = frame["file_path"]
+            if key == "test_frames":
+                test_paths.add(file_path)
+            if file_path in seen:
+                continue
+            seen.add(file_path)
+            entries.append((frame, f"{where} ({file_path})"))
+    if not entries:
+        raise ValueError(f"{json_path} lists no frames")
+    return entries, test_paths
+
+
+def read_scannetpp_scene(scene_dir: Path | str, *, cache_dir: Path | str | None = None) -> Scene:
+    """Reads a preprocessed ScanNet++ scene (FiT3D layout).
+
+    The folder holds `transforms_train.json` (undistorted nerfstudio file of ScanNet++'s toolkit: `frames` +
+    `test_frames`, `file_path` relative to `images/`, optional `mask_path` relative to `masks/`),
+    `points3D.txt` (COLMAP sparse points, required) and `images/`, `masks/`, optional `depth/`, `labels/`.
+
+    Args:
+        scene_dir: the scene folder; its name is the scene id.
+        cache_dir: where distorted frames (if any) are undistorted to.
+
+    Returns:
+        The scene, cameras and points in the COLMAP world frame of `points3D.txt`.
+    """
+    scene_dir = Path(scene_dir)
+    json_path = scene_dir / "transforms_train.json"
+    points_path = scene_dir / "points3D.txt"
+    if not points_path.is_file():
+        raise FileNotFoundError(
+            f"ScanNet++ scene {scene_dir} has no points3D.txt (its sparse points are required)"
+        )
+    meta = _load_json(json_path)
+    entries, test_paths = _frame_entries(meta, json_path)
+    images_dir = scene_dir / "images"
+    relative_paths = [frame["file_path"] for frame, _ in entries]
+    image_ids = _unique_image_ids(relative_paths)
+    raw_frames, test_ids = [], set()
+    for (frame, where), image_id in zip(entries, image_ids, strict=True):
+        relative = frame["file_path"]
+        # ScanNet++ names images relative to images/; accept paths relative to the scene folder too.
+        base = (
+            scene_dir
+            if (scene_dir / relative).is_file() and not (images_dir / relative).is_file()
+            else images_dir
+        )
+        image_path = _resolve_file(base, relative, where, "image")
+        K, width, height, distortion = _transforms_intrinsics(meta, frame, where, image_path)
+        if frame.get("mask_path"):
+            mask_base = scene_dir / "masks"
+            if not (mask_base / frame["mask_path"]).is_file() and (scene_dir / frame["mask_path"]).is_file():
+                mask_base = scene_dir
+            mask_path = _resolve_file(mask_base, frame["mask_path"], where, "mask")
+        else:
+            mask_path = _aux_path(images_dir, Path(relative).name, "mask")
+        raw_frames.append(
+            _RawFrame(
+                image_id,
+                image_path,
+                K,
+                _pose(scannetpp_nerfstudio_to_colmap, _transform_matrix(frame, where), where),
+                width,
+                height,
+                distortion,
+                where,
+                mask_path=mask_path,
+                depth_path=_aux_path(images_dir, Path(relative).name, "depth"),
+                label_path=_aux_path(images_dir, Path(relative).name, "label"),
+            )
+        )
+        if relative in test_paths:
+            test_ids.add(image_id)
+    points = read_colmap_points(points_path)
+    if len(points[0]) == 0:
+        raise ValueError(f"{points_path} holds no points; a ScanNet++ scene needs its sparse points")
+    return _make_scene(scene_dir.name, scene_dir, raw_frames, points, test_ids, cache_dir)
+
+
+def _pose(convert, matrix: np.ndarray, where: str) -> np.ndarray:
+    if not np.isfinite(matrix).all():
+        raise ValueError(f"{where}: invalid camera: pose contains NaN or infinite values")
+    try:
+        return convert(matrix)
+    except ValueError as error:
+        raise ValueError(f"{where}: invalid camera: {error}") from error
+
+
+def read_nerfstudio_scene(transforms_path: Path | str, *, cache_dir: Path | str | None = None) -> Scene:
+    """Reads a nerfstudio / instant-ngp / Blender `transforms.json`.
+
+    Intrinsics come from the top level or each frame (`fl_x`/`fl_y` or `camera_angle_x`/`camera_angle_y`,
+    `cx`, `cy`, `w`, `h`; size from the image when absent), `transform_matrix` is an OpenGL camera-to-world
+    pose, file paths are relative to the json. OPENCV (k1, k2, p1, p2[, k3]) and OPENCV_FISHEYE (k1..k4)
+    frames are undistorted. Test frames: `test_filenames` (nerfstudio) or `test_frames` (ScanNet++).
+    Points come from `ply_file_path` if present, else the scene has none.
+
+    Args:
+        transforms_path: the json file; its folder name is the scene id.
+        cache_dir: where distorted frames are undistorted to (default `<json folder>/.fit3d_undistorted`).
+    """
+    json_path = Path(transforms_path)
+    root = json_path.parent
+    meta = _load_json(json_path)
+    entries, test_paths = _frame_entries(meta, json_path)
+    test_filenames = meta.get("test_filenames") or []
+    test_paths |= {os.path.normpath(name) for name in test_filenames}
+    image_paths = [
+        _resolve_file(root, frame["file_path"], where, "image", try_extensions=True)
+        for frame, where in entries
+    ]
+    relative_paths = [os.path.relpath(path, root) for path in image_paths]
+    image_ids = _unique_image_ids(relative_paths)
+    raw_frames, test_ids = [], set()
+    for (frame, where), image_path, image_id in zip(entries, image_paths, image_ids, strict=True):
+        K, width, height, distortion = _transforms_intrinsics(meta, frame, where, image_path)
+        extras = {}
+        for kind, key in (("mask", "mask_path"), ("depth", "depth_file_path"), ("label", "label_path")):
+            if frame.get(key):
+                extras[f"{kind}_path"] = _resolve_file(root, frame[key], where, kind)
+        raw_frames.append(
+            _RawFrame(
+                image_id,
+                image_path,
+                K,
+                _pose(opengl_camera_to_world_to_opencv, _transform_matrix(frame, where), where),
+                width,
+                height,
+                distortion,
+                where,
+                **extras,
+            )
+        )
+        if frame["file_path"] in test_paths or os.path.normpath(frame["file_path"]) in test_paths:
+            test_ids.add(image_id)
+    if meta.get("ply_file_path"):
+        ply_path = _resolve_file(root, meta["ply_file_path"], str(json_path), "point cloud (ply_file_path)")
+        points = read_ply_points(ply_path)
+    else:
+        points = (np.zeros((0, 3)), np.zeros((0, 3), dtype=np.uint8))
+    return _make_scene(root.name, root, raw_frames, points, test_ids, cache_dir)
+
+
+# --------------------------------------------------------------------------------------------------------
+# COLMAP text models
+
+# COLMAP camera model -> number of parameters (`_colmap_camera` maps them to K and an OpenCV distortion).
+_COLMAP_MODELS = {
+    "SIMPLE_PINHOLE": 3,
+    "PINHOLE": 4,
+    "SIMPLE_RADIAL": 4,
+    "RADIAL": 5,
+    "OPENCV": 8,
+    "FULL_OPENCV": 12,
+    "SIMPLE_RADIAL_FISHEYE": 4,
+    "RADIAL_FISHEYE": 5,
+    "OPENCV_FISHEYE": 8,
+}
+
+
+def _colmap_camera(model: str, params: list[float]) -> tuple[np.ndarray, _Distortion | None]:
+    p = params
+    if model in ("SIMPLE_PINHOLE", "SIMPLE_RADIAL", "RADIAL", "SIMPLE_RADIAL_FISHEYE", "RADIAL_FISHEYE"):
+        K = intrinsics_matrix(p[0], p[0], p[1], p[2])
+    else:
+        K = intrinsics_matrix(p[0], p[1], p[2], p[3])
+    if model in ("SIMPLE_PINHOLE", "PINHOLE"):
+        distortion = None
+    elif model == "SIMPLE_RADIAL":
+        distortion = _Distortion("radial", (p[3], 0.0, 0.0, 0.0))
+    elif model == "RADIAL":
+        distortion = _Distortion("radial", (p[3], p[4], 0.0, 0.0))
+    elif model in ("OPENCV", "FULL_OPENCV"):
+        # FULL_OPENCV is OpenCV's rational model: k1 k2 p1 p2 k3 k4 k5 k6, in OpenCV's order.
+        distortion = _Distortion("radial", tuple(p[4:]))
+    elif model == "SIMPLE_RADIAL_FISHEYE":
+        # COLMAP's radial fisheye models are OpenCV's fisheye model with the higher terms at zero.
+        distortion = _Distortion("fisheye", (p[3], 0.0, 0.0, 0.0))
+    elif model == "RADIAL_FISHEYE":
+        distortion = _Distortion("fisheye", (p[3], p[4], 0.0, 0.0))
+    else:  # OPENCV_FISHEYE
+        distortion = _Distortion("fisheye", tuple(p[4:8]))
+    return K, distortion
+
+
+def _colmap_lines(path: Path) -> list[str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"COLMAP file {path} does not exist")
+    with open(path) as handle:
+        return [line.rstrip("\r\n") for line in handle if not line.startswith("#")]
+
+
+def _read_colmap_cameras(path: Path) -> dict[int, tuple[str, int, int, np.ndarray, _Distortion | None]]:
+    cameras = {}
+    for number, line in enumerate(_colmap_lines(path), start=1):
+        tokens = line.split()
+        if not tokens:
+            continue
+        where = f"{path}, camera line {number}"
+        model = tokens[1] if len(tokens) > 1 else ""
+        if model not in _COLMAP_MODELS:
+            raise ValueError(
+                f"{where}: unknown camera model {model!r}; supported: {', '.join(_COLMAP_MODELS)}"
+            )
+        expected = _COLMAP_MODELS[model]
+        if len(tokens) != 4 + expected:
+            raise ValueError(f"{where}: {model} takes {expected} parameters, got {len(tokens) - 4}")
+        try:
+            camera_id, width, height = int(tokens[0]), int(tokens[2]), int(tokens[3])
+            params = [float(value) for value in tokens[4:]]
+        except ValueError as error:
+            raise ValueError(f"{where}: not a camera line ({error})") from error
+        cameras[camera_id] = (model, width, height, *_colmap_camera(model, params))
+    return cameras
+
+
+def _is_points2d_line(line: str) -> bool:
+    try:
+        [float(token) for token in line.split()]
+    except ValueError:
+        return False
+    return True
+
+
+def read_colmap_points(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
+    """Reads a COLMAP `points3D.txt` (`POINT3D_ID X Y Z R G B ERROR TRACK[]`).
+
+    Returns:
+        `([M, 3] float64 xyz, [M, 3] uint8 rgb)`; M = 0 for a file without points.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"point file {path} does not exist")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # numpy warns on a file without data rows
+            table = np.loadtxt(path, usecols=range(1, 7), comments="#", ndmin=2, dtype=np.float64)
+    except ValueError as error:
+        raise ValueError(f"{path} is not a COLMAP points3D.txt: {error}") from error
+    if not np.isfinite(table).all():
+        raise ValueError(f"{path} holds NaN or infinite point coordinates")
+    return table[:, :3].copy(), np.clip(np.rint(table[:, 3:6]), 0, 255).astype(np.uint8)
+
+
+def read_colmap_scene(
+    model_dir: Path | str, *, images_dir: Path | str | None = None, cache_dir: Path | str | None = None
+) -> Scene:
+    """Reads a COLMAP text model (`cameras.txt`, `images.txt`, optional `points3D.txt`).
+
+    Images are looked for in `images_dir`, else in an `images/` folder in the model folder or one or two
+    levels above it (`<scene>/sparse/0`). Masks, depth and labels come from `masks/`, `depth/`, `labels/`
+    beside that folder when present.
+
+    Args:
+        model_dir: the folder holding the text files.
+        images_dir: the folder `images.txt` names are relative to.
+        cache_dir: where distorted frames are undistorted to (default `<model_dir>/.fit3d_undistorted`).
+    """
+    model_dir = Path(model_dir)
+    if images_dir is None:
+        candidates = [model_dir / "images", model_dir.parent / "images", model_dir.parent.parent / "images"]
+        images_dir = next((c for c in candidates if c.is_dir()), None)
+        if images_dir is None:
+            raise FileNotFoundError(
+                f"no images folder for the COLMAP model {model_dir}: looked in "
+                f"{', '.join(str(c) for c in candidates)}; pass images_dir="
+            )
+    images_dir = Path(images_dir)
+    cameras_path, images_path = model_dir / "cameras.txt", model_dir / "images.txt"
+    cameras = _read_colmap_cameras(cameras_path)
+
+    headers = []
+    lines = _colmap_lines(images_path)
+    index = 0
+    while index < len(lines):
+        if not lines[index].strip():
+            index += 1
+            continue
+        headers.append((index + 1, lines[index].split()))
+        index += 1
+        # Each record is a header and a POINTS2D line, which is empty for an image without points; a
+        # hand-written file may leave it out, so only a blank or all-numeric line is taken as one.
+        if index < len(lines) and _is_points2d_line(lines[index]):
+            index += 1
+    names = []
+    for number, tokens in headers:
+        if len(tokens) < 10:
+            raise ValueError(f"{images_path}, image line {number}: expected 10 fields, got {len(tokens)}")
+        names.append(" ".join(tokens[9:]))
+    image_ids = _unique_image_ids(names)
+
+    raw_frames = []
+    for (number, tokens), name, image_id in zip(headers, names, image_ids, strict=True):
+        where = f"{images_path}, image line {number} ({name})"
+        try:
+            qvec = np.array([float(v) for v in tokens[1:5]])
+            tvec = np.array([float(v) for v in tokens[5:8]])
+            camera_id = int(tokens[8])
+        except ValueError as error:
+            raise ValueError(f"{where}: not an image line ({error})") from error
+        if camera_id not in cameras:
+            raise ValueError(f"{where}: camera {camera_id} is not in {cameras_path}")
+        _, width, height, K, distortion = cameras[camera_id]
+        world_to_camera = np.eye(4)
+        try:
+            if not (np.isfinite(qvec).all() and np.isfinite(tvec).all()):
+                raise ValueError("pose contains NaN or infinite values")
+            world_to_camera[:3, :3] = qvec_to_rotmat(qvec)
+        except ValueError as error:
+            raise ValueError(f"{where}: invalid camera: {error}") from error
+        world_to_camera[:3, 3] = tvec
+        raw_frames.append(
+            _RawFrame(
+                image_id,
+                _resolve_file(images_dir, name, where, "image"),
+                K,
+                world_to_camera,
+                width,
+                height,
+                distortion,
+                where,
+                mask_path=_aux_path(images_dir, name, "mask"),
+                depth_path=_aux_path(images_dir, name, "depth"),
+                label_path=_aux_path(images_dir, name, "label"),
+            )
+        )
+    if not raw_frames:
+        raise ValueError(f"{images_path} lists no images")
+    points_path = model_dir / "points3D.txt"
+    if points_path.is_file():
+        points = read_colmap_points(points_path)
+    else:
+        points = (np.zeros((0, 3)), np.zeros((0, 3), dtype=np.uint8))
+    scene_id = images_dir.parent.name
+    return _make_scene(scene_id, model_dir, raw_frames, points, set(), cache_dir)
+
+
+# --------------------------------------------------------------------------------------------------------
+# PLY point clouds
+
+# A small vertex-only PLY reader: the project only needs xyz + rgb of a point cloud, and no PLY package
+# (plyfile, open3d, trimesh) is a dependency; numpy's structured dtypes read the binary variants directly.
+_PLY_TYPES = {
+    "char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2",
+    "ushort": "u2", "uint16": "u2", "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4",
+    "float": "f4", "float32": "f4", "double": "f8", "float64": "f8",
+}  # fmt: skip
+
+
+def read_ply_points(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
+    """Reads the vertices of a PLY file (ascii or binary).
+
+    Returns:
+        `([M, 3] float64 xyz, [M, 3] uint8 rgb)`; vertices without colour are grey (128).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"point cloud {path} does not exist")
+    with open(path, "rb") as handle:
+        if handle.readline().strip() != b"ply":
+            raise ValueError(f"{path} is not a PLY file (no 'ply' magic line)")
+        fmt, elements = None, []  # elements: [name, count, [(property, dtype or None for lists)]]
+        while True:
+            line = handle.readline()
+            if not line:
+                raise ValueError(f"{path}: PLY header has no end_header")
+            tokens = line.decode("ascii", errors="replace").split()
+            if not tokens or tokens[0] in ("comment", "obj_info"):
+                continue
+            if tokens[0] == "end_header":
+                break
+            if tokens[0] == "format":
+                fmt = tokens[1]
+            elif tokens[0] == "element":
+                elements.append([tokens[1], int(tokens[2]), []])
+            elif tokens[0] == "property" and elements:
+                is_list = tokens[1] == "list"
+                if not is_list and tokens[1] not in _PLY_TYPES:
+                    raise ValueError(f"{path}: unknown PLY property type {tokens[1]!r}")
+                elements[-1][2].append((tokens[-1], None if is_list else _PLY_TYPES[tokens[1]]))
+        if fmt not in ("ascii", "binary_little_endian", "binary_big_endian"):
+            raise ValueError(f"{path}: unknown PLY format {fmt!r}")
+        names = [element[0] for element in elements]
+        if "vertex" not in names:
+            raise ValueError(f"{path}: PLY file has no vertex element")
+        before = elements[: names.index("vertex")]
+        _, count, properties = elements[names.index("vertex")]
+        if any(dtype is None for _, dtype in properties) or any(
+            dtype is None for element in before for _, dtype in element[2]
+        ):
+            raise ValueError(f"{path}: list properties before or in the vertex element are not supported")
+        if fmt == "ascii":
+            skip = sum(element[1] for element in before)
+            for _ in range(skip):
+                handle.readline()
+            rows = [handle.readline().decode("ascii") for _ in range(count)]
+            table = np.loadtxt(rows, ndmin=2, dtype=np.float64) if count else np.zeros((0, len(properties)))
+            columns = {name: table[:, i] for i, (name, _) in enumerate(properties)}
+        else:
+            endian = "<" if fmt == "binary_little_endian" else ">"
+            for element in before:
+                handle.seek(element[1] * np.dtype([(n, endian + t) for n, t in element[2]]).itemsize, 1)
+            dtype = np.dtype([(name, endian + t) for name, t in properties])
+            data = np.frombuffer(handle.read(count * dtype.itemsize), dtype=dtype)
+            if len(data) != count:
+                raise ValueError(f"{path}: PLY file is truncated ({len(data)} of {count} vertices)")
+            columns = {name: data[name] for name in dtype.names}
+    if not all(axis in columns for axis in "xyz"):
+        raise ValueError(f"{path}: PLY vertices have no x, y, z properties")
+    xyz = np.stack([columns[axis] for axis in "xyz"], axis=1).astype(np.float64)
+    color_names = next(
+        (names for names in (("red", "green", "blue"), ("r", "g", "b")) if all(n in columns for n in names)),
+        None,
+    )
+    if color_names is None:
+        rgb = np.full((count, 3), _GREY, dtype=np.uint8)
+    else:
+        rgb = np.stack([columns[name] for name in color_names], axis=1).astype(np.float64)
+        if any(np.dtype(t).kind == "f" for name, t in properties if name in color_names):
+            rgb = rgb * 255.0  # float colours are in [0, 1]
+        rgb = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    return xyz, rgb
+
+
+# --------------------------------------------------------------------------------------------------------
+# Undistortion
+
+
+def _undistortion_maps(K: np.ndarray, distortion: _Distortion, width: int, height: int):
+    """OpenCV remap tables and the pinhole K of the undistorted image (same size, centred principal point).
+
+    OpenCV puts pixel centres at integer coordinates; the library at half-integers. K is shifted by half a
+    pixel on the way in and out.
+    """
+    import cv2
+
+    half = np.array([[1.0, 0.0, -0.5], [0.0, 1.0, -0.5], [0.0, 0.0, 1.0]])
+    K_cv = half @ K
+    coefficients = np.asarray(distortion.coefficients, dtype=np.float64)
+    size = (width, height)
+    if distortion.model == "fisheye":
+        new_K = cv2.fisheye.estimateNewCameraMatrixForUndistortRectify(
+            K_cv, coefficients, size, np.eye(3), balance=0.0
+        )
+    else:
+        new_K, _ = cv2.getOptimalNewCameraMatrix(
+            K_cv, coefficients, size, 0.0, size, centerPrincipalPoint=True
+        )
+    new_K = np.array(new_K, dtype=np.float64)
+    new_K[0, 2], new_K[1, 2] = (width - 1) / 2.0, (height - 1) / 2.0
+    if distortion.model == "fisheye":
+        map_x, map_y = cv2.fisheye.initUndistortRectifyMap(
+            K_cv, coefficients, np.eye(3), new_K, size, cv2.CV_32FC1
+        )
+    else:
+        map_x, map_y = cv2.initUndistortRectifyMap(K_cv, coefficients, None, new_K, size, cv2.CV_32FC1)
+    return map_x, map_y, np.linalg.inv(half) @ new_K
+
+
+def _signature(raw: _RawFrame) -> str:
+    """Fingerprint of everything an undistorted frame depends on."""
+    parts = [str(_UNDISTORT_VERSION), raw.distortion.model, repr(raw.distortion.coefficients)]
+    parts += [repr(raw.K.tolist()), str(raw.width), str(raw.height)]
+    for path in (raw.image_path, raw.mask_path, raw.depth_path, raw.label_path):
+        if path is None:
+            parts.append("-")
+        else:
+            stat = path.stat()
+            parts.append(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _save_atomic(array: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp.png")
+    try:
+        Image.fromarray(array).save(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _undistort_frame(raw: _RawFrame, outputs: dict[str, Path]) -> tuple[np.ndarray, list[str]]:
+    """Writes the undistorted files of one frame; returns the new K and the kinds of files written."""
+    import cv2
+    from PIL import Image
+
+    map_x, map_y, new_K = _undistortion_maps(raw.K, raw.distortion, raw.width, raw.height)
+    written = {}
+    with Image.open(raw.image_path) as image:
+        rgb = np.asarray(image.convert("RGB"))
+    written["image"] = cv2.remap(rgb, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    # Pixels that sample outside the source (or an invalid source pixel) become invalid; the bilinear
+    # interpolation of a 0/255 mask is thresholded strictly, like ScanNet++'s undistortion.
+    if raw.mask_path is not None:
+        with Image.open(raw.mask_path) as image:
+            source_mask = np.where(np.asarray(image.convert("L")) >= 128, 255, 0).astype(np.uint8)
+    else:
+        source_mask = np.full((raw.height, raw.width), 255, dtype=np.uint8)
+    mask = cv2.remap(
+        source_mask, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+    )
+    mask = np.where(mask >= 255, 255, 0).astype(np.uint8)
+    if raw.mask_path is not None or not mask.all():
+        written["mask"] = mask
+    # Depth (z along the unchanged optical axis) and labels are sampled, never blended.
+    for kind in ("depth", "label"):
+        source = getattr(raw, f"{kind}_path")
+        if source is not None:
+            with Image.open(source) as image:
+                values = np.asarray(image)
+            written[kind] = cv2.remap(
+                values, map_x, map_y, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+            )
+    for kind, path in outputs.items():
+        if kind in written:
+            _save_atomic(written[kind], path)
+        else:
+            path.unlink(missing_ok=True)  # left by an earlier version of this frame
+    return new_K, sorted(written)
+
+
+def _undistort_frames(raw_frames: list[_RawFrame], cameras: list[Camera], cache: Path) -> list[Frame]:
+    """Undistorts the frames into `cache` (reusing up-to-date outputs); returns pinhole frames."""
+    from tqdm.auto import tqdm
+
+    manifest_path = cache / "manifest.json"
+    manifest = {}
+    if manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            logger.warning("ignoring the unreadable undistortion manifest %s", manifest_path)
+    frames, reused = [], 0
+    pairs = list(zip(raw_frames, cameras, strict=True))
+    try:
+        for raw, camera in tqdm(pairs, desc=f"Undistorting into {cache}", unit="image", leave=False):
+            outputs = {"image": cache / "images" / f"{raw.image_id}.png"}
+            outputs.update(
+                {kind: cache / folder / f"{raw.image_id}.png" for kind, folder in _AUX_DIRS.items()}
+            )
+            signature = _signature(raw)
+            entry = manifest.get(raw.image_id)
+            if (
+                isinstance(entry, dict)
+                and entry.get("signature") == signature
+                and all(outputs[kind].is_file() for kind in entry.get("files", ["missing"]))
+            ):
+                new_K, kinds = np.asarray(entry["K"], dtype=np.float64), entry["files"]
+                reused += 1
+            else:
+                new_K, kinds = _undistort_frame(raw, outputs)
+                manifest[raw.image_id] = {"signature": signature, "K": new_K.tolist(), "files": kinds}
+            paths = {kind: (outputs[kind] if kind in kinds else None) for kind in outputs}
+            frames.append(
+                Frame(
+                    raw.image_id,
+                    paths["image"],
+                    Camera(new_K, camera.world_to_camera, camera.width, camera.height),
+                    paths["mask"],
+                    paths["depth"],
+                    paths["label"],
+                )
+            )
+    finally:  # record what was done, also when interrupted, so that the next read resumes
+        if len(frames) > reused:
+            cache.mkdir(parents=True, exist_ok=True)
+            temporary = manifest_path.with_name(f".manifest.{uuid.uuid4().hex}.tmp")
+            temporary.write_text(json.dumps(manifest, indent=1))
+            os.replace(temporary, manifest_path)
+    logger.info("undistorted %d frames into %s (%d reused)", len(frames) - reused, cache, reused)
+    return frames
+
+
+# --------------------------------------------------------------------------------------------------------
+# ScanNet++ dataset splits
+
+
+def read_scannetpp_split(root: Path | str, split: str) -> list[str]:
+    """Sample ids of a split: the lines of `<root>/metadata/<split>_samples.txt`.
+
+    Each id is `<scene_id>_<image_stem>` (e.g. `0a5c013435_DSC00123`), as FiT3D's `gen_sample_list.py`
+    writes them.
+
+    Args:
+        root: dataset root holding `scenes/` and `metadata/`.
+        split: "train" or "val" (any name with a `<split>_samples.txt` file works).
+    """
+    path = Path(root) / "metadata" / f"{split}_samples.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"split file {path} does not exist (expected one sample id per line)")
+    samples = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if len(set(samples)) != len(samples):
+        raise ValueError(f"{path} lists some samples more than once")
+    return samples

@@ -1,0 +1,190 @@
+"""Scene writers: nerfstudio `transforms.json` and COLMAP text models.
+
+They let users convert a scene to the formats other tools read, and let the tests check every reader by a
+round trip (read -> write -> read gives the same cameras and points). Both write pinhole cameras: the
+`Scene` model holds undistorted frames only. Files are written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from fit3d_hf.scene.camera import opencv_to_opengl_camera_to_world, rotmat_to_qvec
+from fit3d_hf.scene.scene import Scene
+
+__all__ = ["write_colmap_text", "write_nerfstudio_transforms", "write_ply_points"]
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _relative(path: Path, start: Path) -> str:
+    """`path` relative to `start` when both share a root, else absolute (as a POSIX string)."""
+    try:
+        return Path(os.path.relpath(Path(path).resolve(), Path(start).resolve())).as_posix()
+    except ValueError:  # different drives on Windows
+        return Path(path).resolve().as_posix()
+
+
+def write_ply_points(path: Path | str, points: np.ndarray, colors: np.ndarray) -> Path:
+    """Writes a binary little-endian PLY point cloud with double xyz and uchar rgb.
+
+    Args:
+        path: output file.
+        points: `[M, 3]` xyz (stored as float64 so that a round trip is exact).
+        colors: `[M, 3]` uint8 rgb.
+    """
+    path = Path(path)
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    colors = np.asarray(colors, dtype=np.uint8).reshape(-1, 3)
+    if len(points) != len(colors):
+        raise ValueError(f"{len(points)} points but {len(colors)} colours")
+    dtype = np.dtype(
+        [("x", "<f8"), ("y", "<f8"), ("z", "<f8"), ("red", "u1"), ("green", "u1"), ("blue", "u1")]
+    )
+    vertices = np.empty(len(points), dtype=dtype)
+    for index, axis in enumerate("xyz"):
+        vertices[axis] = points[:, index]
+    for index, channel in enumerate(("red", "green", "blue")):
+        vertices[channel] = colors[:, index]
+    header = "\n".join(
+        ["ply", "format binary_little_endian 1.0", f"element vertex {len(points)}"]
+        + [f"property double {axis}" for axis in "xyz"]
+        + [f"property uchar {channel}" for channel in ("red", "green", "blue")]
+        + ["end_header", ""]
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(header.encode("ascii"))
+            handle.write(vertices.tobytes())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def write_nerfstudio_transforms(scene: Scene, path: Path | str) -> Path:
+    """Writes the scene as a nerfstudio `transforms.json` (PINHOLE, per-frame intrinsics).
+
+    Poses become OpenGL camera-to-world `transform_matrix`es in the scene's world frame. File paths are
+    relative to the json's folder. Test frames are listed in `test_filenames` (nerfstudio's split key);
+    points, if any, go to `sparse_points.ply` beside the json (`ply_file_path`).
+
+    Args:
+        scene: the scene.
+        path: the json file to write, or a folder (then `<folder>/transforms.json`).
+
+    Returns:
+        The json path.
+    """
+    path = Path(path)
+    if path.suffix != ".json":
+        path = path / "transforms.json"
+    folder = path.parent
+    frames = []
+    for frame in scene.frames:
+        camera = frame.camera
+        entry = {
+            "file_path": _relative(frame.image_path, folder),
+            "transform_matrix": opencv_to_opengl_camera_to_world(camera.world_to_camera).tolist(),
+            "fl_x": camera.fx,
+            "fl_y": camera.fy,
+            "cx": camera.cx,
+            "cy": camera.cy,
+            "w": camera.width,
+            "h": camera.height,
+        }
+        if frame.mask_path is not None:
+            entry["mask_path"] = _relative(frame.mask_path, folder)
+        if frame.depth_path is not None:
+            entry["depth_file_path"] = _relative(frame.depth_path, folder)
+        if frame.label_path is not None:
+            entry["label_path"] = _relative(frame.label_path, folder)  # not a nerfstudio key; ours
+        frames.append(entry)
+    meta = {"camera_model": "PINHOLE", "frames": frames}
+    test_frames = [frame for frame in scene.frames if frame.image_id in scene.test_image_ids]
+    if test_frames:
+        meta["test_filenames"] = [_relative(frame.image_path, folder) for frame in test_frames]
+    if len(scene.points):
+        write_ply_points(folder / "sparse_points.ply", scene.points, scene.point_colors)
+        meta["ply_file_path"] = "sparse_points.ply"
+    _write_text_atomic(path, json.dumps(meta, indent=2))
+    return path
+
+
+def write_colmap_text(scene: Scene, folder: Path | str, *, images_dir: Path | str | None = None) -> Path:
+    """Writes the scene as a COLMAP text model: `cameras.txt` (PINHOLE), `images.txt`, `points3D.txt`.
+
+    Image names are relative to `images_dir` (default: the folder holding all the scene's images); read the
+    model back with `read_scene(folder, images_dir=...)` unless that folder is `folder/images` or
+    `folder/../images`. Frames sharing intrinsics and size share a camera.
+
+    Args:
+        scene: the scene.
+        folder: output folder (created).
+        images_dir: the folder image names are written relative to.
+
+    Returns:
+        The output folder.
+    """
+    folder = Path(folder)
+    if images_dir is None:
+        images_dir = Path(
+            os.path.commonpath([str(frame.image_path.resolve().parent) for frame in scene.frames])
+        )
+    images_dir = Path(images_dir).resolve()
+
+    camera_ids: dict[tuple, int] = {}
+    camera_lines, image_lines = [], []
+    for frame in scene.frames:
+        camera = frame.camera
+        key = (camera.width, camera.height, camera.fx, camera.fy, camera.cx, camera.cy)
+        if key not in camera_ids:
+            camera_ids[key] = len(camera_ids) + 1
+            params = " ".join(repr(float(value)) for value in key[2:])
+            camera_lines.append(f"{camera_ids[key]} PINHOLE {camera.width} {camera.height} {params}")
+        name = Path(os.path.relpath(frame.image_path.resolve(), images_dir)).as_posix()
+        if name.startswith(".."):
+            raise ValueError(f"image {frame.image_path} is not inside images_dir {images_dir}")
+        rotation, translation = camera.world_to_camera[:3, :3], camera.world_to_camera[:3, 3]
+        pose = " ".join(repr(float(value)) for value in (*rotmat_to_qvec(rotation), *translation))
+        image_lines += [f"{len(image_lines) // 2 + 1} {pose} {camera_ids[key]} {name}", ""]
+
+    point_lines = [
+        f"{index + 1} {x!r} {y!r} {z!r} {r} {g} {b} 0.0"
+        for index, ((x, y, z), (r, g, b)) in enumerate(
+            zip(scene.points.tolist(), scene.point_colors.tolist(), strict=True)
+        )
+    ]
+    _write_text_atomic(
+        folder / "cameras.txt",
+        "# Camera list with one line of data per camera:\n"
+        "#   CAMERA_ID, MODEL, WIDTH, HEIGHT, PARAMS[]\n" + "\n".join(camera_lines) + "\n",
+    )
+    _write_text_atomic(
+        folder / "images.txt",
+        "# Image list with two lines of data per image:\n"
+        "#   IMAGE_ID, QW, QX, QY, QZ, TX, TY, TZ, CAMERA_ID, NAME\n"
+        "#   POINTS2D[] as (X, Y, POINT3D_ID)\n" + "\n".join(image_lines) + "\n",
+    )
+    _write_text_atomic(
+        folder / "points3D.txt",
+        "# 3D point list with one line of data per point:\n"
+        "#   POINT3D_ID, X, Y, Z, R, G, B, ERROR, TRACK[] as (IMAGE_ID, POINT2D_IDX)\n"
+        + "".join(line + "\n" for line in point_lines),
+    )
+    return folder
