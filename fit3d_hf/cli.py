@@ -17,6 +17,11 @@ __all__ = ["COMMANDS", "main", "parse_args"]
 
 # subcommand name -> module in fit3d_hf.commands. Modules import heavy dependencies inside main().
 COMMANDS: dict[str, str] = {
+    "demo": "demo",
+    "export-dataset": "export_dataset",
+    "push": "push",
+    "convert-original": "convert_original",
+    "preprocess-scannetpp": "preprocess_scannetpp",
 }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["cosine_similarity_map", "kmeans_segments", "label_colors", "pca_rgb", "save_image"]
+__all__ = ["cosine_similarity_map", "heatmap_rgb", "kmeans_segments", "label_colors", "pca_rgb", "save_image"]
 
 
 def _as_rows(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
@@ -68,6 +68,36 @@ def cosine_similarity_map(features: torch.Tensor, row: int, col: int) -> torch.T
     """Cosine similarity of every patch of a `[D, h, w]` map to the patch at (row, col); `[h, w]`."""
     flat = torch.nn.functional.normalize(features.float().flatten(1), dim=0)
     return (flat[:, row * features.shape[2] + col] @ flat).reshape(features.shape[1:])
+
+
+def heatmap_rgb(
+    values: torch.Tensor | np.ndarray, low: float, high: float, cmap: str = "inferno"
+) -> np.ndarray:
+    """Colours a `[h, w]` map with a matplotlib colormap on the fixed range [low, high] (values outside clip).
+
+    A fixed range, rather than each map's own min/max, lets several maps share one colour scale.
+
+    Args:
+        values: `[h, w]` scalar map.
+        low: value shown with the colormap's first colour.
+        high: value shown with its last colour; must exceed `low`.
+        cmap: matplotlib colormap name.
+
+    Returns:
+        uint8 `[h, w, 3]` colours.
+    """
+    from matplotlib import colormaps
+
+    if not high > low:
+        raise ValueError(f"heatmap range needs high > low, got low={low} and high={high}")
+    if isinstance(values, torch.Tensor):
+        array = values.detach().float().cpu().numpy()
+    else:
+        array = np.asarray(values, np.float64)
+    if array.ndim != 2:
+        raise ValueError(f"values must have shape (h, w), got {array.shape}")
+    unit = np.clip((array - low) / (high - low), 0.0, 1.0)
+    return (colormaps[cmap](unit)[..., :3] * 255).round().astype(np.uint8)
 
 
 def save_image(path, image: np.ndarray, size: tuple[int, int] | None = None) -> None:

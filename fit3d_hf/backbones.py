@@ -1,0 +1,356 @@
+"""Dense patch features `B x D x h x w` from any supported transformers vision backbone.
+
+`DenseFeatureExtractor` loads a backbone by Hub id, short name or local folder through `AutoModel`, resizes
+images in [0, 1] down to a multiple of the patch size, normalises them (ImageNet statistics by default, as
+FiT3D does for every backbone, or the backbone's own image processor's) and returns the last layer's patch
+tokens, prefix tokens dropped. The per-architecture knowledge lives in `modeling_fit3d` (it must travel with
+saved FiT3D checkpoints as remote code); this module adds loading, normalisation and timm weight conversion.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedModel
+
+from .configuration_fit3d import IMAGENET_MEAN, IMAGENET_STD
+from .modeling_fit3d import (
+    SUPPORTED_BACKBONE_TYPES,
+    backbone_dense_features,
+    backbone_hidden_size,
+    backbone_num_prefix_tokens,
+    backbone_patch_size,
+    extract_vision_tower,
+    prepare_backbone_config,
+    processor_mean_std,
+    resize_to_patch_multiple,
+)
+
+logger = logging.getLogger(__name__)
+
+# The original FiT3D release's backbone names -> Hub ids loadable with transformers' AutoModel.
+BACKBONE_SHORT_NAMES: dict[str, str] = {
+    "dinov2_small": "facebook/dinov2-small",
+    "dinov2_base": "facebook/dinov2-base",
+    "dinov2_reg_small": "facebook/dinov2-with-registers-small",
+    "clip_base": "timm/vit_base_patch16_clip_384.laion2b_ft_in12k_in1k",
+    "mae_base": "facebook/vit-mae-base",
+    "deit3_base": "timm/deit3_base_patch16_224.fb_in1k",
+}
+
+# The timm models the original release fine-tuned; its `<name>_finetuned.pth` files are their state dicts.
+ORIGINAL_TIMM_IDS: dict[str, str] = {
+    "dinov2_small": "timm/vit_small_patch14_dinov2.lvd142m",
+    "dinov2_base": "timm/vit_base_patch14_dinov2.lvd142m",
+    "dinov2_reg_small": "timm/vit_small_patch14_reg4_dinov2.lvd142m",
+    "clip_base": "timm/vit_base_patch16_clip_384.laion2b_ft_in12k_in1k",
+    "mae_base": "timm/vit_base_patch16_224.mae",
+    "deit3_base": "timm/deit3_base_patch16_224.fb_in1k",
+}
+
+_NORMALIZATIONS = ("imagenet", "processor")
+# from_pretrained arguments that locate files; they also apply to the config and the image processor.
+_HUB_KWARGS = (
+    "revision",
+    "token",
+    "cache_dir",
+    "local_files_only",
+    "subfolder",
+    "force_download",
+    "trust_remote_code",
+)
+
+
+def resolve_backbone_name(name_or_path: str | os.PathLike) -> str:
+    """Maps a short name of the original release (`dinov2_small`, ...) to its Hub id; keeps anything else."""
+    name = str(name_or_path)
+    return BACKBONE_SHORT_NAMES.get(name, name)
+
+
+def load_backbone(name_or_path: str | os.PathLike, **kwargs) -> PreTrainedModel:
+    """Loads a supported backbone ready for dense features, by short name, Hub id or local folder.
+
+    A full CLIP/SigLIP checkpoint yields its vision tower; ViT-MAE loads with masking off and timm models
+    with dynamic image sizes.
+
+    Args:
+        name_or_path: Short name (see `BACKBONE_SHORT_NAMES`), Hub id or local folder.
+        **kwargs: Passed to `AutoModel.from_pretrained` (e.g. `dtype`, `attn_implementation`, `revision`).
+
+    Returns:
+        The backbone, a `PreTrainedModel` whose `config.model_type` is in `SUPPORTED_BACKBONE_TYPES`.
+    """
+    path = resolve_backbone_name(name_or_path)
+    hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+    config = AutoConfig.from_pretrained(path, **hub_kwargs)
+    if config.model_type in SUPPORTED_BACKBONE_TYPES:
+        return AutoModel.from_pretrained(path, config=prepare_backbone_config(config), **kwargs)
+    if getattr(config, "vision_config", None) is None:
+        raise ValueError(
+            f"{path} holds a {config.model_type!r} model, which is not a supported vision backbone "
+            f"({', '.join(SUPPORTED_BACKBONE_TYPES)}, or a CLIP/SigLIP-style model with a vision tower)"
+        )
+    logger.info("Taking the vision tower of the %s model in %s", config.model_type, path)
+    return extract_vision_tower(AutoModel.from_pretrained(path, config=config, **kwargs))
+
+
+class DenseFeatureExtractor(nn.Module):
+    """Images in [0, 1] of any size -> last-layer patch features `B x D x h x w` of a vision backbone.
+
+    Images are resized (bilinear) down to `(H // p) * p x (W // p) * p`, normalised, and run through the
+    backbone; prefix tokens (CLS, distillation, registers) are dropped. Differentiable end to end, so it can
+    be trained through, and safe under bf16 autocast.
+
+    Args:
+        model: A supported transformers backbone (`SUPPORTED_BACKBONE_TYPES`) or a CLIP/SigLIP-style model,
+            whose vision tower is taken.
+        image_mean: Per-channel mean for images in [0, 1]; ImageNet's by default, as in FiT3D.
+        image_std: Per-channel std for images in [0, 1]; ImageNet's by default.
+        final_norm: Default for `forward`: features after the backbone's final norm (FiT3D's features) or
+            before it (FiT3D's depth probe).
+        return_cls: Default for `forward`: also return the CLS token.
+        normalization: Label of where the statistics came from (`"imagenet"`, `"processor"`, `"custom"`).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        *,
+        image_mean: tuple[float, ...] | list[float] = IMAGENET_MEAN,
+        image_std: tuple[float, ...] | list[float] = IMAGENET_STD,
+        final_norm: bool = True,
+        return_cls: bool = False,
+        normalization: str = "imagenet",
+    ):
+        super().__init__()
+        model = extract_vision_tower(model)
+        if getattr(model.config, "mask_ratio", 0.0) != 0.0:
+            # The embeddings read the ratio from this same config object at every forward.
+            logger.info("Switching off ViT-MAE token masking (mask_ratio %s -> 0.0)", model.config.mask_ratio)
+            model.config.mask_ratio = 0.0
+        timm_model = getattr(model, "timm_model", None)
+        if timm_model is not None and not getattr(timm_model, "dynamic_img_size", True):
+            logger.warning(
+                "%s was built without dynamic_img_size; it only takes images of its native size. Load it "
+                "with DenseFeatureExtractor.from_pretrained (or model_args={'dynamic_img_size': True}).",
+                timm_model.__class__.__name__,
+            )
+        if len(image_mean) != 3 or len(image_std) != 3:
+            raise ValueError(f"image_mean and image_std need 3 values each, got {image_mean} and {image_std}")
+        self.model = model
+        self.final_norm = final_norm
+        self.return_cls = return_cls
+        self.normalization = normalization
+        self.register_buffer(
+            "image_mean", torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "image_std", torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        normalization: str = "imagenet",
+        final_norm: bool = True,
+        return_cls: bool = False,
+        **kwargs,
+    ) -> DenseFeatureExtractor:
+        """Loads a backbone by short name (`dinov2_small`, ...), Hub id or local folder.
+
+        Args:
+            name_or_path: Short name (see `BACKBONE_SHORT_NAMES`), Hub id or local folder.
+            normalization: `"imagenet"` (FiT3D's choice for every backbone) or `"processor"` (the statistics
+                in the backbone's `preprocessor_config.json`).
+            final_norm: Default for `forward` (see the class docstring).
+            return_cls: Default for `forward`.
+            **kwargs: Passed to `AutoModel.from_pretrained` (e.g. `dtype`, `attn_implementation`).
+
+        Returns:
+            The extractor, with the backbone in eval mode.
+        """
+        if normalization not in _NORMALIZATIONS:
+            raise ValueError(f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r}")
+        model = load_backbone(name_or_path, **kwargs)
+        if normalization == "processor":
+            hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+            mean, std = processor_mean_std(resolve_backbone_name(name_or_path), **hub_kwargs)
+        else:
+            mean, std = IMAGENET_MEAN, IMAGENET_STD
+        return cls(
+            model,
+            image_mean=mean,
+            image_std=std,
+            final_norm=final_norm,
+            return_cls=return_cls,
+            normalization=normalization,
+        )
+
+    @property
+    def patch_size(self) -> int:
+        """Patch side p in pixels."""
+        return backbone_patch_size(self.model)
+
+    @property
+    def hidden_size(self) -> int:
+        """Feature channels D."""
+        return backbone_hidden_size(self.model)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patch tokens (CLS, distillation, registers); dropped from the features."""
+        return backbone_num_prefix_tokens(self.model)
+
+    def feature_size(self, height: int, width: int) -> tuple[int, int]:
+        """The `(h, w)` feature grid for an image of `height x width` pixels."""
+        return height // self.patch_size, width // self.patch_size
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """Resizes `[B, 3, H, W]` images in [0, 1] to a patch multiple and normalises them."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W] in [0, 1], got shape {tuple(images.shape)}")
+        images = resize_to_patch_multiple(images, self.patch_size)
+        return (images - self.image_mean) / self.image_std
+
+    def forward(
+        self, images: torch.Tensor, *, final_norm: bool | None = None, return_cls: bool | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Dense patch features of images in [0, 1].
+
+        Args:
+            images: `[B, 3, H, W]` float images in [0, 1], any size of at least one patch.
+            final_norm: Override the instance default (features after / before the final norm).
+            return_cls: Override the instance default (also return the CLS token).
+
+        Returns:
+            features `[B, D, H // p, W // p]`, or `(features, cls [B, D])` when `return_cls`.
+        """
+        final_norm = self.final_norm if final_norm is None else final_norm
+        return_cls = self.return_cls if return_cls is None else return_cls
+        pixel_values = self.preprocess(images)
+        pixel_values = pixel_values.to(next(self.model.parameters()).dtype)
+        features, cls_token = backbone_dense_features(
+            self.model, pixel_values, final_norm=final_norm, return_cls=return_cls
+        )
+        return (features, cls_token) if return_cls else features
+
+
+def _first_present(candidates: list[str], keys: Mapping[str, torch.Tensor]) -> str:
+    for name in candidates:
+        if name in keys:
+            return name
+    raise ValueError(f"the target model has none of the parameters {candidates}")
+
+
+def convert_timm_dinov2_state_dict(
+    timm_state_dict: Mapping[str, torch.Tensor], target: PreTrainedModel
+) -> dict[str, torch.Tensor]:
+    """Maps a timm DINOv2 ViT state dict (as the original FiT3D release saves it) onto a transformers model.
+
+    timm's fused `blocks.N.attn.qkv` is split into query/key/value, `ls1.gamma` becomes
+    `layer_scale1.lambda1`, `norm` the final `layernorm`, `reg_token` the register tokens. timm's register
+    variants fold the CLS position embedding into `cls_token` and keep positions for patches only; a zero CLS
+    position restores the transformers layout exactly. Keys timm does not have (the mask token) keep the
+    target's values.
+
+    Args:
+        timm_state_dict: The timm `state_dict()` (`num_classes=0`: no head).
+        target: A `Dinov2Model` or `Dinov2WithRegistersModel` of the same size; it is not modified.
+
+    Returns:
+        A complete state dict for `target`.
+    """
+    if target.config.model_type not in ("dinov2", "dinov2_with_registers"):
+        raise ValueError(
+            f"timm DINOv2 weights convert to Dinov2/Dinov2WithRegisters models, not {type(target).__name__}"
+        )
+    reference = target.state_dict()
+    converted: dict[str, torch.Tensor] = {}
+    hidden = target.config.hidden_size
+
+    def put(name: str | list[str], value: torch.Tensor, source: str) -> None:
+        name = _first_present(name, reference) if isinstance(name, list) else name
+        if name not in reference:
+            raise ValueError(
+                f"timm key {source!r} maps to {name!r}, which {type(target).__name__} does not have"
+            )
+        if tuple(reference[name].shape) != tuple(value.shape):
+            raise ValueError(
+                f"timm key {source!r} has shape {tuple(value.shape)}, but {name!r} in "
+                f"{type(target).__name__} has shape {tuple(reference[name].shape)}: is this checkpoint for "
+                "another model size?"
+            )
+        converted[name] = value
+
+    block = re.compile(r"blocks\.(\d+)\.(.+)")
+    for key, value in timm_state_dict.items():
+        match = block.fullmatch(key)
+        if key == "cls_token":
+            put("embeddings.cls_token", value, key)
+        elif key == "reg_token":
+            put("embeddings.register_tokens", value, key)
+        elif key == "pos_embed":
+            expected = reference["embeddings.position_embeddings"].shape[1]
+            if value.shape[1] == expected - 1:  # timm register variants: no CLS position
+                value = torch.cat([value.new_zeros(1, 1, value.shape[-1]), value], dim=1)
+            put("embeddings.position_embeddings", value, key)
+        elif key.startswith("patch_embed.proj."):
+            put(key.replace("patch_embed.proj.", "embeddings.patch_embeddings.projection."), value, key)
+        elif key.startswith("norm."):
+            put(key.replace("norm.", "layernorm.", 1), value, key)
+        elif match:
+            index, rest = match.groups()
+            layer = f"encoder.layer.{index}."
+            if rest.startswith("attn.qkv."):
+                suffix = rest.rsplit(".", 1)[1]
+                query, key_, value_ = value.split(hidden, dim=0)
+                # Names differ across transformers releases: q_proj/k_proj/v_proj (5.x) or attention.query/...
+                for part, tensor, old in (("q", query, "query"), ("k", key_, "key"), ("v", value_, "value")):
+                    put(
+                        [
+                            f"{layer}attention.{part}_proj.{suffix}",
+                            f"{layer}attention.attention.{old}.{suffix}",
+                        ],
+                        tensor,
+                        key,
+                    )
+            elif rest.startswith("attn.proj."):
+                suffix = rest.rsplit(".", 1)[1]
+                put(
+                    [f"{layer}attention.o_proj.{suffix}", f"{layer}attention.output.dense.{suffix}"],
+                    value,
+                    key,
+                )
+            elif rest in ("ls1.gamma", "ls2.gamma"):
+                put(f"{layer}layer_scale{rest[2]}.lambda1", value, key)
+            elif rest.split(".")[0] in ("norm1", "norm2", "mlp"):
+                put(layer + rest, value, key)
+            else:
+                raise ValueError(f"unexpected timm key {key!r} (not a DINOv2 ViT block parameter)")
+        else:
+            raise ValueError(f"unexpected timm key {key!r}: is this a timm DINOv2 ViT state dict?")
+
+    missing = sorted(set(reference) - set(converted) - {"embeddings.mask_token"})
+    if missing:
+        raise ValueError(
+            f"the timm state dict lacks weights for {missing[:8]}{' ...' if len(missing) > 8 else ''}"
+        )
+    return {**{k: v.clone() for k, v in reference.items() if k not in converted}, **converted}
+
+
+__all__ = [
+    "BACKBONE_SHORT_NAMES",
+    "DenseFeatureExtractor",
+    "ORIGINAL_TIMM_IDS",
+    "convert_timm_dinov2_state_dict",
+    "load_backbone",
+    "processor_mean_std",
+    "resolve_backbone_name",
+]

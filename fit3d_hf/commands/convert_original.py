@@ -1,0 +1,237 @@
+"""`fit3d convert-original`: the original FiT3D release's timm weights -> a FiT3DModel checkpoint.
+
+The release (`<name>_finetuned.pth`) holds plain timm `state_dict`s of the fine-tuned backbones. DINOv2
+backbones convert onto native transformers models (`Dinov2Model`, `Dinov2WithRegistersModel`); every backbone
+can also go through `TimmWrapperModel` (`--via timm`, needs the `timm` extra).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import pickle
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+DESCRIPTION = "Convert the original FiT3D release's timm weights (<name>_finetuned.pth) into a FiT3DModel"
+
+logger = logging.getLogger(__name__)
+
+_VIAS = ("transformers", "timm")
+
+
+@dataclass
+class ConvertArguments:
+    backbone: str = field(
+        metadata={
+            "help": "The release's backbone name: dinov2_small, dinov2_base, dinov2_reg_small, clip_base, "
+            "mae_base or deit3_base."
+        }
+    )
+    weights: str = field(
+        metadata={
+            "help": "The release's fine-tuned weights, e.g. dinov2_small_finetuned.pth (a timm state dict; "
+            "read with torch.load(weights_only=True)) or a .safetensors file."
+        }
+    )
+    output_dir: str = field(
+        metadata={
+            "help": "Folder to write the FiT3DModel checkpoint (config.json, model.safetensors, README.md)."
+        }
+    )
+    original: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id or local folder of the original (not fine-tuned) backbone. Default: the Hub id "
+            "for --backbone (facebook/dinov2-small, ...; the timm id with --via timm)."
+        },
+    )
+    via: Literal["transformers", "timm"] = field(
+        default="transformers",
+        metadata={
+            "help": "'transformers': map the timm keys onto a native Dinov2/Dinov2WithRegisters model "
+            "(DINOv2 backbones). 'timm': load them into a TimmWrapperModel (any backbone; needs pip install "
+            "fit3d-hf[timm])."
+        },
+    )
+    repo_id: str | None = field(
+        default=None, metadata={"help": "Hub repo the checkpoint is meant for; named in its model card."}
+    )
+    overwrite: bool = field(default=False, metadata={"help": "Replace output_dir if it already holds files."})
+
+
+def load_timm_state_dict(path: str | os.PathLike):
+    """Reads a timm state dict from a `.pth` (weights only, no pickled code) or `.safetensors` file.
+
+    Training checkpoints of the form `{"model": state_dict, ...}` are unwrapped, and DDP's `module.` prefix is
+    dropped.
+
+    Args:
+        path: The weights file.
+
+    Returns:
+        `dict[str, torch.Tensor]`.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        state_dict = load_file(str(path))
+    else:
+        try:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+            raise ValueError(
+                f"{path} cannot be read as a weights-only torch file ({error}). If it is a training "
+                "checkpoint holding more than tensors, save its 'model' state dict on its own first."
+            ) from error
+    if isinstance(state_dict, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(state_dict.get(key), dict):
+                state_dict = state_dict[key]
+                break
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError(f"{path} does not hold a state dict (a mapping of parameter names to tensors)")
+    if state_dict and all(key.startswith("module.") for key in state_dict):
+        state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
+    return state_dict
+
+
+def convert_original_weights(
+    backbone: str,
+    weights: str | os.PathLike,
+    *,
+    original: str | os.PathLike | None = None,
+    via: str = "transformers",
+):
+    """Builds a FiT3DModel from the original backbone and the release's fine-tuned timm weights.
+
+    Args:
+        backbone: The release's backbone name (`dinov2_small`, ...) or, with `original`, any label.
+        weights: The fine-tuned timm state dict file.
+        original: Hub id or local folder of the original backbone; defaults to the one for `backbone`.
+        via: `"transformers"` (native Dinov2 models) or `"timm"` (`TimmWrapperModel`).
+
+    Returns:
+        `(model, changed)`: the `FiT3DModel` and how many fine-tuned tensors differ from the original's.
+    """
+    import torch
+
+    from fit3d_hf.backbones import (
+        BACKBONE_SHORT_NAMES,
+        ORIGINAL_TIMM_IDS,
+        convert_timm_dinov2_state_dict,
+        load_backbone,
+    )
+    from fit3d_hf.modeling_fit3d import FiT3DModel
+
+    if via not in _VIAS:
+        raise ValueError(f"--via must be one of {_VIAS}, got {via!r}")
+    known = ORIGINAL_TIMM_IDS if via == "timm" else BACKBONE_SHORT_NAMES
+    if original is None and backbone not in known:
+        raise ValueError(
+            f"unknown backbone {backbone!r}: expected one of {sorted(known)}, or pass --original"
+        )
+    source = str(original) if original is not None else known[backbone]
+    state_dict = load_timm_state_dict(weights)
+
+    original_model = load_backbone(source).eval()
+    finetuned = copy.deepcopy(original_model)
+    model_type = original_model.config.model_type
+    if via == "transformers":
+        if model_type not in ("dinov2", "dinov2_with_registers"):
+            raise ValueError(
+                f"{source} is a {model_type!r} model; timm weights map onto native transformers models only "
+                "for DINOv2 backbones. Use --via timm (pip install fit3d-hf[timm]) for this backbone."
+            )
+        finetuned.load_state_dict(convert_timm_dinov2_state_dict(state_dict, original_model))
+    else:
+        if model_type != "timm_wrapper":
+            raise ValueError(
+                f"--via timm needs a timm model as the original backbone, but {source} is {model_type!r}"
+            )
+        try:
+            finetuned.timm_model.load_state_dict(state_dict)
+        except RuntimeError as error:
+            raise ValueError(f"{weights} does not fit the timm model {source}: {error}") from error
+
+    reference = original_model.state_dict()
+    changed = sum(not torch.equal(value, reference[key]) for key, value in finetuned.state_dict().items())
+    if changed == 0:
+        logger.warning(
+            "the weights in %s equal the original backbone's: is this the fine-tuned file?", weights
+        )
+    hub_id = known.get(backbone) or source
+    return FiT3DModel.from_backbones(original_model, finetuned, backbone=hub_id), changed
+
+
+def save_checkpoint_atomically(
+    model, output_dir: str | os.PathLike, *, card=None, overwrite: bool = False
+) -> Path:
+    """`save_pretrained` into a temporary folder beside `output_dir`, then rename it into place."""
+    from fit3d_hf.hub import save_model_card
+
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{output_dir} already holds files; pass --overwrite to replace them")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        model.save_pretrained(staging)
+        if card is not None:
+            save_model_card(card, staging)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def main(argv: list[str]) -> int:
+    from fit3d_hf.cli import parse_args
+    from fit3d_hf.hub import make_model_card
+
+    (args,) = parse_args("fit3d convert-original", DESCRIPTION, [ConvertArguments], argv)
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"{output_dir} already holds files; pass --overwrite to replace them")
+    model, changed = convert_original_weights(
+        args.backbone, args.weights, original=args.original, via=args.via
+    )
+    card = make_model_card(
+        model.config.backbone,
+        repo_id=args.repo_id,
+        feature_dim=model.config.feature_dim,
+        training_data="ScanNet++ (converted from the original FiT3D release's weights)",
+    )
+    save_checkpoint_atomically(model, output_dir, card=card, overwrite=args.overwrite)
+    summary = {
+        "output_dir": str(output_dir),
+        "backbone": model.config.backbone,
+        "architecture": type(model.original).__name__,
+        "feature_dim": model.config.feature_dim,
+        "changed_tensors": changed,
+    }
+    sys.stdout.write(json.dumps(summary) + "\n")
+    return 0
+
+
+__all__ = [
+    "DESCRIPTION",
+    "ConvertArguments",
+    "convert_original_weights",
+    "load_timm_state_dict",
+    "main",
+    "save_checkpoint_atomically",
+]

@@ -1,0 +1,561 @@
+"""FiT3D model: the original and the 3D-aware fine-tuned backbone side by side, features concatenated.
+
+Besides `FiT3DModel` this file holds the small per-architecture knowledge of how to read dense patch
+features out of a transformers vision backbone (which norm is final, how many prefix tokens, which forward
+arguments keep the token grid intact). It lives here, not in `fit3d_hf.backbones`, because this file travels
+with saved checkpoints as remote code (`trust_remote_code=True`) and may import only `transformers`, `torch`
+and `configuration_fit3d`; `fit3d_hf.backbones` builds on it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_fit3d import FiT3DConfig
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # Some transformers releases keep the CLIP/SigLIP vision layers one level down, in `.vision_model`.
+    return getattr(model, "vision_model", model)
+
+
+def _interpolate_pos_encoding(model, pixel_values, num_patches) -> dict:
+    return {"interpolate_pos_encoding": True}
+
+
+def _mae_identity_order(model, pixel_values, num_patches) -> dict:
+    # ViT-MAE shuffles tokens by argsort(noise) even when nothing is masked; ascending noise keeps the
+    # identity order, so the output tokens stay on the patch grid.
+    noise = torch.arange(num_patches, device=pixel_values.device, dtype=torch.float32)
+    return {"noise": noise.expand(pixel_values.shape[0], num_patches), "interpolate_pos_encoding": True}
+
+
+def _timm_no_pooling(model, pixel_values, num_patches) -> dict:
+    return {"do_pooling": False}
+
+
+def _no_kwargs(model, pixel_values, num_patches) -> dict:
+    return {}
+
+
+@dataclass(frozen=True)
+class _BackboneSpec:
+    """How to read dense features out of one transformers vision architecture."""
+
+    final_norm: Callable[[nn.Module], nn.Module]  # the norm FiT3D's features are taken after
+    num_prefix_tokens: Callable[[nn.Module], int]  # CLS, distillation and register tokens before the patches
+    forward_kwargs: Callable[[nn.Module, torch.Tensor, int], dict] = field(default=_no_kwargs)
+    output_is_normed: bool = True  # whether `last_hidden_state` already went through `final_norm`
+
+
+def _config_patch_size(model: nn.Module) -> int:
+    patch_size = model.config.patch_size
+    return int(patch_size if isinstance(patch_size, int) else patch_size[0])
+
+
+_BACKBONE_SPECS: dict[str, _BackboneSpec] = {
+    "dinov2": _BackboneSpec(final_norm=lambda m: m.layernorm, num_prefix_tokens=lambda m: 1),
+    "dinov2_with_registers": _BackboneSpec(
+        final_norm=lambda m: m.layernorm, num_prefix_tokens=lambda m: 1 + m.config.num_register_tokens
+    ),
+    "dinov3_vit": _BackboneSpec(
+        final_norm=lambda m: m.norm, num_prefix_tokens=lambda m: 1 + m.config.num_register_tokens
+    ),
+    "vit": _BackboneSpec(
+        final_norm=lambda m: m.layernorm,
+        num_prefix_tokens=lambda m: 1,
+        forward_kwargs=_interpolate_pos_encoding,
+    ),
+    # DeiT (distilled) carries a CLS and a distillation token.
+    "deit": _BackboneSpec(
+        final_norm=lambda m: m.layernorm,
+        num_prefix_tokens=lambda m: 2,
+        forward_kwargs=_interpolate_pos_encoding,
+    ),
+    "vit_mae": _BackboneSpec(
+        final_norm=lambda m: m.layernorm, num_prefix_tokens=lambda m: 1, forward_kwargs=_mae_identity_order
+    ),
+    # CLIP applies its post-layernorm to the pooled CLS token only; timm (and FiT3D) normalise every token.
+    "clip_vision_model": _BackboneSpec(
+        final_norm=lambda m: _unwrap(m).post_layernorm,
+        num_prefix_tokens=lambda m: 1,
+        forward_kwargs=_interpolate_pos_encoding,
+        output_is_normed=False,
+    ),
+    # SigLIP has no CLS token: every output token is a patch.
+    "siglip_vision_model": _BackboneSpec(
+        final_norm=lambda m: _unwrap(m).post_layernorm,
+        num_prefix_tokens=lambda m: 0,
+        forward_kwargs=_interpolate_pos_encoding,
+    ),
+    "timm_wrapper": _BackboneSpec(
+        final_norm=lambda m: m.timm_model.norm,
+        num_prefix_tokens=lambda m: int(m.timm_model.num_prefix_tokens),
+        forward_kwargs=_timm_no_pooling,
+    ),
+}
+
+SUPPORTED_BACKBONE_TYPES = tuple(_BACKBONE_SPECS)
+
+
+def _backbone_spec(model: nn.Module) -> _BackboneSpec:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in _BACKBONE_SPECS:
+        raise ValueError(
+            f"Unsupported backbone {type(model).__name__} (model_type={model_type!r}); supported model "
+            f"types: {', '.join(SUPPORTED_BACKBONE_TYPES)}. For CLIP/SigLIP pass the vision tower "
+            "(CLIPVisionModel)."
+        )
+    return _BACKBONE_SPECS[model_type]
+
+
+def prepare_backbone_config(config: PreTrainedConfig) -> PreTrainedConfig:
+    """Returns a copy of a backbone config set up to produce dense patch features on any image size.
+
+    ViT-MAE gets `mask_ratio=0.0` (no token is dropped) and timm models get `dynamic_img_size=True`
+    (position embeddings resampled to the input's patch grid).
+
+    Args:
+        config: The backbone's configuration.
+
+    Returns:
+        The adjusted copy (the input is not modified).
+    """
+    config = copy.deepcopy(config)
+    if config.model_type == "vit_mae":
+        config.mask_ratio = 0.0
+    elif config.model_type == "timm_wrapper":
+        config.model_args = {**(config.model_args or {}), "dynamic_img_size": True}
+    return config
+
+
+def extract_vision_tower(model: PreTrainedModel) -> PreTrainedModel:
+    """Returns the model itself if it is a supported backbone, else the vision tower of a CLIP/SigLIP model.
+
+    Args:
+        model: A supported backbone, or a two-tower model with a `vision_model` and `config.vision_config`.
+
+    Returns:
+        A backbone whose `config.model_type` is in `SUPPORTED_BACKBONE_TYPES`.
+    """
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) in _BACKBONE_SPECS:
+        return model
+    tower = getattr(model, "vision_model", None)
+    vision_config = getattr(config, "vision_config", None)
+    if tower is None or vision_config is None:
+        _backbone_spec(model)  # raises the unsupported-backbone error
+    if isinstance(tower, PreTrainedModel) and tower.config.model_type in _BACKBONE_SPECS:
+        return tower
+    # Older transformers keep a bare transformer module here: wrap it in its *VisionModel, sharing weights.
+    wrapper = AutoModel.from_config(vision_config)
+    wrapper.vision_model = tower
+    _backbone_spec(wrapper)
+    return wrapper
+
+
+def backbone_patch_size(model: nn.Module) -> int:
+    """Side of the square patches of a supported backbone, in pixels."""
+    if _backbone_spec(model) is _BACKBONE_SPECS["timm_wrapper"]:
+        patch_size = model.timm_model.patch_embed.patch_size
+        return int(patch_size if isinstance(patch_size, int) else patch_size[0])
+    return _config_patch_size(model)
+
+
+def backbone_hidden_size(model: nn.Module) -> int:
+    """Channels D of a supported backbone's patch features."""
+    if _backbone_spec(model) is _BACKBONE_SPECS["timm_wrapper"]:
+        return int(model.timm_model.num_features)
+    return int(model.config.hidden_size)
+
+
+def backbone_num_prefix_tokens(model: nn.Module) -> int:
+    """Number of non-patch tokens (CLS, distillation, registers) that precede the patch tokens."""
+    return _backbone_spec(model).num_prefix_tokens(model)
+
+
+def resize_to_patch_multiple(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Bilinearly resizes images down to the nearest multiple of the patch size, as FiT3D does.
+
+    Args:
+        images: `[B, C, H, W]` images.
+        patch_size: Patch side p in pixels.
+
+    Returns:
+        `[B, C, (H // p) * p, (W // p) * p]` images (the input itself when already a multiple).
+    """
+    height, width = images.shape[-2:]
+    target = ((height // patch_size) * patch_size, (width // patch_size) * patch_size)
+    if min(target) == 0:
+        raise ValueError(f"images of {height}x{width} pixels are smaller than one {patch_size}-pixel patch")
+    if target == (height, width):
+        return images
+    return F.interpolate(images, size=target, mode="bilinear", align_corners=False)
+
+
+def backbone_dense_features(
+    model: nn.Module,
+    pixel_values: torch.Tensor,
+    *,
+    final_norm: bool = True,
+    return_cls: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Runs a supported backbone and returns its last-layer patch tokens as a feature map.
+
+    Args:
+        model: A supported backbone (`SUPPORTED_BACKBONE_TYPES`), e.g. a `Dinov2Model`.
+        pixel_values: `[B, 3, H, W]` normalised images; H and W must be multiples of the patch size.
+        final_norm: Take the tokens after the backbone's final norm (FiT3D's features) or before it (the
+            input of FiT3D's depth probe).
+        return_cls: Also return the CLS token (from the same normed or un-normed tokens).
+
+    Returns:
+        `(features, cls)`: features `[B, D, H/p, W/p]` with prefix tokens dropped; cls `[B, D]` or None.
+    """
+    spec = _backbone_spec(model)
+    if getattr(model.config, "mask_ratio", 0.0) != 0.0:
+        raise ValueError(
+            f"{type(model).__name__} drops {model.config.mask_ratio:.0%} of the patch tokens; set "
+            "config.mask_ratio = 0.0 (see prepare_backbone_config) to get dense features"
+        )
+    patch_size = backbone_patch_size(model)
+    batch, _, height, width = pixel_values.shape
+    if height % patch_size or width % patch_size:
+        raise ValueError(
+            f"pixel_values of {height}x{width} are not multiples of the patch size {patch_size}; "
+            "resize them first (resize_to_patch_multiple)"
+        )
+    grid_h, grid_w = height // patch_size, width // patch_size
+    norm = spec.final_norm(model)
+
+    captured: list[torch.Tensor] = []
+    hook = None
+    if not final_norm and spec.output_is_normed:
+        # The un-normed tokens are the final norm's input; a pre-hook reads them without a second forward.
+        hook = norm.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    try:
+        outputs = model(pixel_values, **spec.forward_kwargs(model, pixel_values, grid_h * grid_w))
+    finally:
+        if hook is not None:
+            hook.remove()
+    tokens = outputs.last_hidden_state
+    if hook is not None:
+        if len(captured) != 1:
+            raise RuntimeError(
+                f"expected the final norm to run once per forward, it ran {len(captured)} times"
+            )
+        tokens = captured[0]
+    elif final_norm and not spec.output_is_normed:
+        tokens = norm(tokens)
+
+    num_prefix = spec.num_prefix_tokens(model)
+    if tokens.shape[1] != num_prefix + grid_h * grid_w:
+        raise ValueError(
+            f"{type(model).__name__} returned {tokens.shape[1]} tokens for a {grid_h}x{grid_w} patch grid; "
+            f"expected {num_prefix} prefix + {grid_h * grid_w} patch tokens"
+        )
+    if return_cls and num_prefix == 0:
+        raise ValueError(f"{type(model).__name__} has no CLS token; call it with return_cls=False")
+    features = tokens[:, num_prefix:].transpose(1, 2).reshape(batch, tokens.shape[-1], grid_h, grid_w)
+    return features, (tokens[:, 0] if return_cls else None)
+
+
+@dataclass
+class FiT3DModelOutput(ModelOutput):
+    r"""
+    Output of [`FiT3DModel`]. h = H' / p and w = W' / p, where H' x W' is the input size floored to a multiple
+    of the patch size p, and D is the backbone's hidden size.
+
+    Args:
+        features (`torch.FloatTensor` of shape `(batch_size, 2 * D, h, w)`):
+            The FiT3D features: the original backbone's patch features followed by the fine-tuned backbone's
+            (channels `[:D]` original, `[D:]` fine-tuned).
+        original_features (`torch.FloatTensor` of shape `(batch_size, D, h, w)`):
+            Patch features of the original backbone.
+        finetuned_features (`torch.FloatTensor` of shape `(batch_size, D, h, w)`):
+            Patch features of the 3D-aware fine-tuned backbone.
+        original_cls_token (`torch.FloatTensor` of shape `(batch_size, D)`, *optional*):
+            CLS token of the original backbone, returned when `output_cls_token=True`.
+        finetuned_cls_token (`torch.FloatTensor` of shape `(batch_size, D)`, *optional*):
+            CLS token of the fine-tuned backbone, returned when `output_cls_token=True`.
+    """
+
+    features: torch.FloatTensor | None = None
+    original_features: torch.FloatTensor | None = None
+    finetuned_features: torch.FloatTensor | None = None
+    original_cls_token: torch.FloatTensor | None = None
+    finetuned_cls_token: torch.FloatTensor | None = None
+
+
+class FiT3DPreTrainedModel(PreTrainedModel):
+    """Holds the metadata shared by FiT3D models and initialises their own (non-backbone) state."""
+
+    config_class = FiT3DConfig
+    base_model_prefix = "fit3d"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, FiT3DModel):
+            # Non-persistent buffers are not in the checkpoint: rebuild them from the config.
+            with torch.no_grad():
+                module.image_mean.copy_(torch.tensor(self.config.image_mean).view(1, 3, 1, 1))
+                module.image_std.copy_(torch.tensor(self.config.image_std).view(1, 3, 1, 1))
+
+
+# Config entries that differ between an original and a fine-tuned copy without changing the architecture.
+_NON_ARCHITECTURE_KEYS = frozenset(
+    {
+        "_name_or_path", "architectures", "transformers_version", "dtype", "torch_dtype", "id2label",
+        "label2id", "_attn_implementation", "_attn_implementation_autoset", "attn_implementation",
+        "initializer_range", "hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout",
+        "drop_path_rate", "mask_ratio", "output_hidden_states", "output_attentions", "return_dict",
+        "pretrained_cfg", "label_names", "num_labels", "problem_type", "use_cache",
+    }
+)  # fmt: skip
+
+
+def _architecture_differences(first: PreTrainedModel, second: PreTrainedModel) -> list[str]:
+    differences = []
+    if type(first) is not type(second):
+        differences.append(f"class {type(first).__name__} vs {type(second).__name__}")
+    first_config, second_config = first.config.to_dict(), second.config.to_dict()
+    for key in sorted(set(first_config) | set(second_config)):
+        if key not in _NON_ARCHITECTURE_KEYS and first_config.get(key) != second_config.get(key):
+            differences.append(f"config.{key}: {first_config.get(key)!r} vs {second_config.get(key)!r}")
+    first_shapes = {k: tuple(v.shape) for k, v in first.state_dict().items()}
+    second_shapes = {k: tuple(v.shape) for k, v in second.state_dict().items()}
+    if first_shapes != second_shapes:
+        mismatched = sorted(
+            k for k in set(first_shapes) | set(second_shapes) if first_shapes.get(k) != second_shapes.get(k)
+        )
+        differences.append(f"weights {mismatched[:5]}{' ...' if len(mismatched) > 5 else ''}")
+    return differences
+
+
+class FiT3DModel(FiT3DPreTrainedModel):
+    """Two backbones of one architecture whose patch features are concatenated: the FiT3D features.
+
+    `original` holds the backbone as released, `finetuned` its 3D-aware fine-tuned copy. The forward pass
+    takes images in [0, 1] of any size, resizes them (bilinear) down to a multiple of the patch size,
+    normalises them with `config.image_mean`/`config.image_std` and runs both backbones.
+    """
+
+    def __init__(self, config: FiT3DConfig):
+        super().__init__(config)
+        backbone_config = prepare_backbone_config(config.backbone_config)
+        self.original = AutoModel.from_config(backbone_config)
+        self.finetuned = AutoModel.from_config(backbone_config)
+        _backbone_spec(self.original)  # fail early on an unsupported architecture
+        self.register_buffer("image_mean", torch.tensor(config.image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(config.image_std).view(1, 3, 1, 1), persistent=False)
+        self.post_init()
+
+    @property
+    def patch_size(self) -> int:
+        """Patch side p of both backbones, in pixels."""
+        return backbone_patch_size(self.original)
+
+    @property
+    def hidden_size(self) -> int:
+        """Channels D of each backbone's features (the FiT3D features have 2D)."""
+        return backbone_hidden_size(self.original)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Non-patch tokens (CLS, registers) each backbone prepends to its patch tokens."""
+        return backbone_num_prefix_tokens(self.original)
+
+    @classmethod
+    def from_backbones(
+        cls,
+        original: PreTrainedModel,
+        finetuned: PreTrainedModel,
+        *,
+        backbone: str | None = None,
+        normalization: str | None = None,
+        image_mean: list[float] | None = None,
+        image_std: list[float] | None = None,
+    ) -> FiT3DModel:
+        """Builds a FiT3D model from two loaded backbones of the same architecture (weights are copied).
+
+        Args:
+            original: The released backbone, e.g. `Dinov2Model.from_pretrained("facebook/dinov2-small")`, or a
+                `DenseFeatureExtractor` around it (its normalisation is then taken over).
+            finetuned: Its 3D-aware fine-tuned copy (model or extractor).
+            backbone: Hub id of the original backbone, recorded in the config; defaults to the original's
+                `name_or_path`.
+            normalization: `"imagenet"`, `"processor"` or `"custom"` (see `FiT3DConfig`). Defaults to the
+                extractor's when `original` is one, else `"imagenet"`. `"processor"` without `image_mean`/
+                `image_std` reads them from the image processor of `backbone`.
+            image_mean: Per-channel mean when normalization is not `"imagenet"`.
+            image_std: Per-channel std when normalization is not `"imagenet"`.
+
+        Returns:
+            A `FiT3DModel` in eval mode on the CPU, holding copies of both backbones' weights.
+        """
+        extractor_stats = _extractor_normalization(original)
+        original = _as_backbone(original, "original")
+        finetuned = _as_backbone(finetuned, "finetuned")
+        differences = _architecture_differences(original, finetuned)
+        if differences:
+            raise ValueError(
+                "original and finetuned backbones must share one architecture; they differ in: "
+                + "; ".join(differences)
+            )
+        backbone = backbone or original.config.name_or_path or None
+        if normalization is None:
+            normalization = extractor_stats[0] if extractor_stats else "imagenet"
+        if normalization != "imagenet" and (image_mean is None or image_std is None):
+            if extractor_stats and extractor_stats[0] == normalization:
+                image_mean, image_std = extractor_stats[1], extractor_stats[2]
+            elif normalization == "processor":
+                image_mean, image_std = processor_mean_std(backbone)
+        config = FiT3DConfig(
+            backbone_config=copy.deepcopy(original.config),
+            backbone=backbone,
+            normalization=normalization,
+            image_mean=image_mean,
+            image_std=image_std,
+            feature_dim=2 * backbone_hidden_size(original),
+        )
+        model = cls(config)
+        model.original.load_state_dict(original.state_dict())
+        model.finetuned.load_state_dict(finetuned.state_dict())
+        return model.eval()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_cls_token: bool = False,
+        final_norm: bool = True,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> FiT3DModelOutput | tuple[torch.Tensor, ...]:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`):
+                Images with values in [0, 1], any size of at least one patch. They are resized (bilinear) down
+                to a multiple of the patch size and normalised inside the model.
+            output_cls_token (`bool`, *optional*, defaults to `False`):
+                Also return both backbones' CLS tokens.
+            final_norm (`bool`, *optional*, defaults to `True`):
+                Take the tokens after the backbones' final norm (the FiT3D features) or before it (the input
+                of FiT3D's depth probe).
+            return_dict (`bool`, *optional*):
+                Return a [`FiT3DModelOutput`] instead of a plain tuple.
+
+        Returns:
+            [`FiT3DModelOutput`] or `tuple(torch.FloatTensor)`.
+        """
+        if kwargs:
+            raise TypeError(f"FiT3DModel.forward got unexpected arguments: {sorted(kwargs)}")
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(
+                f"pixel_values must be [B, 3, H, W] images in [0, 1], got shape {tuple(pixel_values.shape)}"
+            )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        pixel_values = resize_to_patch_multiple(pixel_values, self.patch_size)
+        pixel_values = (pixel_values - self.image_mean) / self.image_std
+        pixel_values = pixel_values.to(self.dtype)
+        # The two backbones run back to back with no host sync in between: their kernels queue without gaps.
+        original, original_cls = backbone_dense_features(
+            self.original, pixel_values, final_norm=final_norm, return_cls=output_cls_token
+        )
+        finetuned, finetuned_cls = backbone_dense_features(
+            self.finetuned, pixel_values, final_norm=final_norm, return_cls=output_cls_token
+        )
+        output = FiT3DModelOutput(
+            features=torch.cat([original, finetuned], dim=1),
+            original_features=original,
+            finetuned_features=finetuned,
+            original_cls_token=original_cls,
+            finetuned_cls_token=finetuned_cls,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+def _extractor_normalization(model) -> tuple[str, list[float], list[float]] | None:
+    # A DenseFeatureExtractor carries its normalisation; a bare backbone does not.
+    if isinstance(model, PreTrainedModel) or not hasattr(model, "image_mean"):
+        return None
+    return (
+        getattr(model, "normalization", "custom"),
+        [float(v) for v in model.image_mean.flatten()],
+        [float(v) for v in model.image_std.flatten()],
+    )
+
+
+def processor_mean_std(name_or_path: str | os.PathLike, **kwargs) -> tuple[list[float], list[float]]:
+    """Reads the normalisation statistics of a backbone's own image processor (`preprocessor_config.json`).
+
+    Args:
+        name_or_path: Hub id or local folder holding the processor config.
+        **kwargs: Passed to `AutoImageProcessor.from_pretrained`.
+
+    Returns:
+        `(image_mean, image_std)`, three floats each, for images scaled to [0, 1].
+    """
+    # Imported here: the image-processing stack costs seconds at import and only this path needs it.
+    from transformers import AutoImageProcessor
+
+    if not name_or_path:
+        raise ValueError(
+            "normalization='processor' needs image_mean/image_std or a backbone id to read them from"
+        )
+    try:
+        processor = AutoImageProcessor.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as error:
+        raise FileNotFoundError(
+            f"normalization='processor' needs an image processor config (preprocessor_config.json) in "
+            f"{name_or_path}: {error}"
+        ) from error
+    mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+    if mean is None or std is None:  # timm processors keep them in their data config
+        data_config = getattr(processor, "data_config", None) or {}
+        mean, std = data_config.get("mean"), data_config.get("std")
+    if mean is None or std is None:
+        raise ValueError(
+            f"the image processor of {name_or_path} ({type(processor).__name__}) has no image_mean/image_std"
+        )
+    if isinstance(mean, (int, float)):
+        mean, std = [mean] * 3, [std] * 3
+    return [float(v) for v in mean], [float(v) for v in std]
+
+
+def _as_backbone(model, name: str) -> PreTrainedModel:
+    if not isinstance(model, PreTrainedModel) and isinstance(getattr(model, "model", None), PreTrainedModel):
+        model = model.model
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"{name} must be a transformers PreTrainedModel, got {type(model).__name__}")
+    return extract_vision_tower(model)
+
+
+__all__ = [
+    "FiT3DModel",
+    "FiT3DModelOutput",
+    "FiT3DPreTrainedModel",
+    "SUPPORTED_BACKBONE_TYPES",
+    "backbone_dense_features",
+    "backbone_hidden_size",
+    "backbone_num_prefix_tokens",
+    "backbone_patch_size",
+    "extract_vision_tower",
+    "prepare_backbone_config",
+    "processor_mean_std",
+    "resize_to_patch_multiple",
+]

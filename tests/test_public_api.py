@@ -1,0 +1,36 @@
+"""The export lists hold what they promise: every name in an `__all__` resolves."""
+
+import importlib
+import pkgutil
+
+import pytest
+
+import fit3d_hf
+
+
+def test_every_name_in_the_package_all_resolves():
+    assert len(fit3d_hf.__all__) == len(set(fit3d_hf.__all__))
+    missing = [name for name in fit3d_hf.__all__ if not hasattr(fit3d_hf, name)]
+    assert not missing, f"fit3d_hf.__all__ names {missing}, which fit3d_hf does not define"
+    for name in ("FiT3DConfig", "FiT3DModel", "DenseFeatureExtractor", "push_to_hub", "make_model_card"):
+        assert name in fit3d_hf.__all__
+
+
+def _library_modules():
+    for info in pkgutil.walk_packages(fit3d_hf.__path__, prefix="fit3d_hf."):
+        yield info.name
+
+
+@pytest.mark.parametrize("module_name", sorted(_library_modules()))
+def test_every_module_all_resolves(module_name):
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name and not error.name.startswith("fit3d_hf"):
+            pytest.skip(f"{module_name} needs the optional package {error.name}")
+        raise
+    exported = getattr(module, "__all__", None)
+    if exported is None:
+        pytest.skip(f"{module_name} has no __all__")
+    missing = [name for name in exported if not hasattr(module, name)]
+    assert not missing, f"{module_name}.__all__ names {missing}, which the module does not define"

@@ -1,0 +1,163 @@
+"""The Gradio Space in a real browser: headless Debian Chromium driven by Playwright.
+
+Upload an image, press Run, click a point on the image; the result pictures and the similarity maps must
+appear, and the maps must mark the clicked point. The screenshot is kept in test-artifacts/space_browser.png.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import shutil
+import socket
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("gradio", reason="the Space needs gradio (pip install fit3d-hf[space])")
+
+REPO = Path(__file__).resolve().parents[1]
+SPACE_DIR = REPO / "space"
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+TINY_LABEL = "Tiny browser-test FiT3D"
+
+
+def load_space_app():
+    """Imports space/app.py (not a package) once per test session."""
+    name = "fit3d_space_app"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, SPACE_DIR / "app.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the file executes
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def fetch_image(url: str) -> np.ndarray:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return np.asarray(Image.open(io.BytesIO(response.read())).convert("RGB"))
+
+
+def test_upload_run_and_click_in_chromium(tmp_path):
+    if not Path(CHROMIUM).is_file():
+        pytest.skip("Debian chromium is not installed (apt-get install chromium; .ci/run does it)")
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="playwright is not installed (pip install playwright)"
+    )
+    from transformers import Dinov2Config
+
+    from fit3d_hf import FiT3DConfig, FiT3DModel
+
+    app = load_space_app()
+    backbone = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=14,
+        image_size=224,
+    )
+    FiT3DModel(FiT3DConfig(backbone_config=backbone, backbone=None)).save_pretrained(tmp_path / "tiny")
+    models_file = tmp_path / "models.json"
+    models_file.write_text(
+        json.dumps(
+            {
+                "models": [
+                    {"label": TINY_LABEL, "source": "tiny"},
+                    {"label": "Unreachable", "source": "no-such-org/no-model"},
+                ]
+            }
+        )
+    )
+    demo = app.build_demo(models_file=models_file, demo_model_dir=None)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    outside_requests: list[str] = []
+    try:
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 1250})
+                page.on(
+                    "request",
+                    lambda r: (
+                        None
+                        if r.url.startswith(("http://127.0.0.1", "data:", "blob:"))
+                        else outside_requests.append(r.url)
+                    ),
+                )
+                page.goto(f"http://127.0.0.1:{port}/", wait_until="networkidle", timeout=30_000)
+                status = page.locator("#model-status").inner_text()
+                assert "Unreachable" in status and "did not load" in status
+                assert TINY_LABEL in page.locator("#model-choice input").input_value()
+
+                page.locator("#input-image input[type=file]").set_input_files(
+                    str(SPACE_DIR / "examples" / "room_2.png")
+                )
+                shown = page.locator("#input-image img").first
+                shown.wait_for(timeout=15_000)
+                page.locator("#run-button").click()
+                for elem_id in (
+                    "pca-original",
+                    "pca-finetuned",
+                    "kmeans-original",
+                    "kmeans-finetuned",
+                    "similarity-original",
+                ):
+                    page.locator(f"#{elem_id} img").wait_for(timeout=30_000)
+                assert (
+                    "22×17 patch grid" in page.locator("#run-info").inner_text()
+                )  # 320x240 at 14 px patches
+                # Run also draws the similarity to the centre until a point is clicked.
+                page.get_by_text("Point (160, 120)").wait_for(timeout=15_000)
+                pca = fetch_image(page.locator("#pca-original img").get_attribute("src"))
+                assert pca.shape == (240, 320, 3) and len(np.unique(pca.reshape(-1, 3), axis=0)) > 20
+
+                # Click at 80% across and 25% down the displayed image: pixel (256, 60) of the 320x240 upload.
+                box = shown.bounding_box()
+                shown.click(position={"x": 0.8 * box["width"], "y": 0.25 * box["height"]})
+                point_x = page.locator("#point-x input")
+                page.wait_for_function("e => e.value !== ''", arg=point_x.element_handle(), timeout=15_000)
+                # The browser rounds the click to whole CSS pixels of the page: allow a pixel either way.
+                x, y = int(point_x.input_value()), int(page.locator("#point-y input").input_value())
+                assert abs(x - 256) <= 1 and abs(y - 60) <= 1
+                page.get_by_text(f"Point ({x}, {y})").wait_for(timeout=15_000)
+                for elem_id in ("similarity-original", "similarity-finetuned"):
+                    heat = fetch_image(page.locator(f"#{elem_id} img").get_attribute("src"))
+                    assert heat.shape == (240, 320, 3)
+                    cyan = np.abs(heat.astype(int) - app.MARKER_COLOR).sum(axis=2) < 30
+                    rows, cols = np.nonzero(cyan)
+                    assert len(rows) > 20, "the clicked point is not marked"
+                    assert (
+                        abs(rows.mean() - y) < 2 and abs(cols.mean() - x) < 2
+                    )  # the ring is centred on the click
+
+                ARTIFACTS.mkdir(exist_ok=True)
+                page.screenshot(path=str(ARTIFACTS / "space_browser.png"), full_page=True)
+            finally:
+                browser.close()
+    finally:
+        demo.close()
+    assert outside_requests == []  # the page works offline: nothing requested beyond the app itself
