@@ -1,0 +1,37 @@
+"""Probes on several GPUs: `accelerate launch training/evaluate_probe.py --model DIR --probe segmentation|depth|correspondence
+--dataset DATA --output_dir DIR [options]`.
+
+The same options as `fit3d evaluate` (see fit3d_hf/evaluation/probes.py; `--help` lists them). The probe heads
+train with DDP (SyncBatchNorm on GPUs) and every process evaluates its share of the data; the metrics are gathered
+with `gather_for_metrics`. The reference protocol ran 8 GPUs x 2 images for 40000 (segmentation) or 38400 (depth)
+iterations: with fewer GPUs, scale --max_steps up linearly. Options can also come from one JSON or YAML file.
+On a CPU machine, `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 ...` runs two processes.
+"""
+
+import sys
+
+from transformers import HfArgumentParser
+
+from fit3d_hf.evaluation.data import ProbeDataArguments
+from fit3d_hf.evaluation.probes import ModelArguments, ProbeArguments, run_probe
+
+
+def main() -> None:
+    parser = HfArgumentParser([ModelArguments, ProbeDataArguments, ProbeArguments])
+    if len(sys.argv) == 2 and sys.argv[1].endswith((".json", ".yaml", ".yml")):
+        read = parser.parse_json_file if sys.argv[1].endswith(".json") else parser.parse_yaml_file
+        model_args, data_args, probe_args = read(sys.argv[1])
+    else:
+        model_args, data_args, probe_args = parser.parse_args_into_dataclasses()
+    results = run_probe(model_args, data_args, probe_args)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        rows = {
+            row["name"]: {k: v for k, v in row.items() if isinstance(v, float)} for row in results["rows"]
+        }
+        print(rows)  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()
