@@ -22,6 +22,8 @@ COMMANDS: dict[str, str] = {
     "push": "push",
     "convert-original": "convert_original",
     "preprocess-scannetpp": "preprocess_scannetpp",
+    "lift": "lift",
+    "finetune": "finetune",
     "evaluate": "evaluate",
 }
 

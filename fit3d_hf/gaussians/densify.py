@@ -93,10 +93,10 @@ class Densifier:
         self.generator = torch.Generator().manual_seed(seed)
         self._reset_stats(num_gaussians)
 
-    def _reset_stats(self, n: int) -> None:
-        self.grad_accum = torch.zeros(n)
-        self.denom = torch.zeros(n)
-        self.max_radii = torch.zeros(n)
+    def _reset_stats(self, n: int, device: torch.device | str = "cpu") -> None:
+        self.grad_accum = torch.zeros(n, device=device)
+        self.denom = torch.zeros(n, device=device)
+        self.max_radii = torch.zeros(n, device=device)
 
     def update_stats(self, means2d_grad: torch.Tensor, radii: torch.Tensor, width: int, height: int) -> None:
         """Adds one view's statistics.
@@ -105,13 +105,15 @@ class Densifier:
             means2d_grad: `[N, 2]` gradient of the loss w.r.t. the projected centres, in pixels.
             radii: `[N]` screen radii in pixels (0 = not visible in this view).
         """
-        visible = (radii > 0).cpu()
-        grad = means2d_grad.detach().float().cpu()
+        device = means2d_grad.device
+        if self.grad_accum.device != device:  # keep the statistics where the gradients are: no syncs
+            self.grad_accum, self.denom, self.max_radii = (t.to(device) for t in (self.grad_accum, self.denom, self.max_radii))
+        visible = (radii > 0).float()
         # Pixel -> NDC gradient (x_pixel = (x_ndc + 1) * W / 2), the unit of 3DGS's 2e-4 threshold.
-        grad = grad * torch.tensor([width / 2.0, height / 2.0])
-        self.grad_accum[visible] += grad[visible].norm(dim=-1)
-        self.denom[visible] += 1
-        self.max_radii[visible] = torch.maximum(self.max_radii[visible], radii.detach().float().cpu()[visible])
+        grad = means2d_grad.detach().float() * torch.tensor([width / 2.0, height / 2.0], device=device)
+        self.grad_accum += grad.norm(dim=-1) * visible
+        self.denom += visible
+        self.max_radii = torch.where(visible > 0, torch.maximum(self.max_radii, radii.detach().float()), self.max_radii)
 
     def step(self, iteration: int, model: FeatureGaussians, optimizer: torch.optim.Optimizer) -> dict[str, int]:
         """Runs the schedule after optimisation step `iteration` (1-based). Returns what changed."""
@@ -132,7 +134,6 @@ class Densifier:
     ) -> dict[str, int]:
         config = self.config
         grads = (self.grad_accum / self.denom.clamp_min(1)).to(model.means.device)
-        grads[self.denom.to(grads.device) == 0] = 0
         max_scale = model.scales.max(dim=1).values
         candidates = grads >= config.grad_threshold
         is_small = max_scale <= config.percent_dense * self.scene_extent
@@ -163,13 +164,13 @@ class Densifier:
         prune = model.opacities.data < config.min_opacity
         if prune_large:
             # Gaussians added just now have no screen statistics yet (radius 0), as in 3DGS.
-            radii = torch.cat([self.max_radii, torch.zeros(n_new)]).to(prune.device)
+            radii = torch.cat([self.max_radii.to(prune.device), torch.zeros(n_new, device=prune.device)])
             too_big_on_screen = radii > config.max_screen_size
             too_big_in_world = model.scales.data.max(dim=1).values > config.max_world_scale * self.scene_extent
             prune |= too_big_on_screen | too_big_in_world
         remove |= prune
         self._keep(model, optimizer, ~remove)
-        self._reset_stats(len(model))
+        self._reset_stats(len(model), model.means.device)
         return {"cloned": n_clone, "split": n_split, "pruned": int(prune.sum()), "total": len(model)}
 
     def _apply_cap(self, n, grads, clone_mask, split_mask):
@@ -220,9 +221,9 @@ class Densifier:
         return {
             "config": asdict(self.config),
             "scene_extent": self.scene_extent,
-            "grad_accum": self.grad_accum.clone(),
-            "denom": self.denom.clone(),
-            "max_radii": self.max_radii.clone(),
+            "grad_accum": self.grad_accum.cpu().clone(),
+            "denom": self.denom.cpu().clone(),
+            "max_radii": self.max_radii.cpu().clone(),
             "generator": self.generator.get_state(),
         }
 

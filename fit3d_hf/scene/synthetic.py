@@ -1005,7 +1005,7 @@ def _write_lines(path: Path, lines: list[str]) -> None:
 
 
 def generate_scene(
-    out_root: str | os.PathLike, scene_id: str, config: SyntheticSceneConfig | None = None
+    out_root: str | os.PathLike, scene_id: str, config: SyntheticSceneConfig | None = None, *, workers: int = 1
 ) -> Path:
     """Writes one scene in FiT3D's *preprocessed* ScanNet++ layout, plus depth and label ground truth.
 
@@ -1019,6 +1019,7 @@ def generate_scene(
         out_root: dataset root.
         scene_id: folder name of the scene.
         config: scene options; `config.seed` decides the scene.
+        workers: processes rendering views in parallel (the files are the same for any count).
 
     Returns:
         The scene folder.
@@ -1031,17 +1032,15 @@ def generate_scene(
     with _AtomicFolder(target) as tmp:
         for sub in ("images", "masks", "depth", "labels"):
             (tmp / sub).mkdir()
-        for view_index, (camera, name) in enumerate(zip(room.cameras, room.image_ids, strict=True)):
-            view = render_view(room, camera, supersample=config.supersample)
-            centres = _pixel_grid(camera.width, camera.height, 1)
-            normalized = (centres - [camera.cx, camera.cy]) / [camera.fx, camera.fy]
-            anonymised = anonymised_mask(room, view_index, normalized).reshape(camera.height, camera.width)
-            rgb = np.where(anonymised[..., None], _ANONYMISED_GREY, view["rgb"])
-            _save_jpeg(tmp / "images" / f"{name}.JPG", rgb, config.jpeg_quality)
-            _save_png(tmp / "masks" / f"{name}.png", np.where(anonymised, 0, 255).astype(np.uint8))
-            depth_mm = np.clip(np.round(view["depth"] * 1000.0), 0, np.iinfo(np.uint16).max).astype(np.uint16)
-            _save_png(tmp / "depth" / f"{name}.png", depth_mm)
-            _save_png(tmp / "labels" / f"{name}.png", view["labels"].astype(np.uint8))
+        jobs = [(room, config, view_index, tmp) for view_index in range(len(room.cameras))]
+        if workers > 1:
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(workers) as pool:
+                list(pool.map(_write_preprocessed_view, jobs))
+        else:
+            for job in jobs:
+                _write_preprocessed_view(job)
         _write_points3d(tmp / "points3D.txt", points)
         frames, test_frames = _frames_json(room)
         K = room.cameras[0].K
@@ -1065,6 +1064,22 @@ def generate_scene(
         "synthetic scene %s: %d views in %.2f s", scene_id, config.num_views, time.perf_counter() - start
     )
     return target
+
+
+def _write_preprocessed_view(job) -> None:
+    """Renders view `view_index` and writes its image, mask, depth and labels (one job of generate_scene)."""
+    room, config, view_index, folder = job
+    camera, name = room.cameras[view_index], room.image_ids[view_index]
+    view = render_view(room, camera, supersample=config.supersample)
+    centres = _pixel_grid(camera.width, camera.height, 1)
+    normalized = (centres - [camera.cx, camera.cy]) / [camera.fx, camera.fy]
+    anonymised = anonymised_mask(room, view_index, normalized).reshape(camera.height, camera.width)
+    rgb = np.where(anonymised[..., None], _ANONYMISED_GREY, view["rgb"])
+    _save_jpeg(folder / "images" / f"{name}.JPG", rgb, config.jpeg_quality)
+    _save_png(folder / "masks" / f"{name}.png", np.where(anonymised, 0, 255).astype(np.uint8))
+    depth_mm = np.clip(np.round(view["depth"] * 1000.0), 0, np.iinfo(np.uint16).max).astype(np.uint16)
+    _save_png(folder / "depth" / f"{name}.png", depth_mm)
+    _save_png(folder / "labels" / f"{name}.png", view["labels"].astype(np.uint8))
 
 
 def generate_raw_scene(

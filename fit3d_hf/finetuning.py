@@ -1,0 +1,547 @@
+"""Stage II: fine-tune a backbone so that its patch features match features rendered from 3D Gaussians.
+
+FiT3D's step (§3.2 of the paper; `engine.train_one_epoch` of the original), with its settings as defaults:
+for every frame, render its scene's low-dimensional feature map at its camera (no gradients), decode it
+with the scene's decoder and resample it to the backbone's patch grid (done here only where the grid
+samples it, see `fit3d_hf.targets`), flip image, target and mask together at random, and regress the
+backbone's last-layer normalised patch features with a masked L1; AdamW lr 1e-5, weight decay 1e-4,
+gradient clipping 0.1, one epoch.
+
+The loop follows the diffusers/accelerate example scripts (Accelerator, `accumulate`, `save_state`
+checkpoints, `--resume_from_checkpoint latest`, trackers), so it runs on one GPU, several GPUs or a CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import shutil
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .gaussians import BundleMismatchError, GaussianBundle, load_bundle
+from .gaussians.bundle import BUNDLE_FILENAME
+from .losses import masked_l1
+from .targets import decode_at_patch_grid
+from .utils import deterministic_algorithms
+
+__all__ = [
+    "DataArguments",
+    "FinetuningArguments",
+    "GaussianCache",
+    "ModelArguments",
+    "check_frames_against_gaussians",
+    "load_frames",
+    "build_train_dataloader",
+    "train",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    backbone: str = field(metadata={"help": "Backbone to fine-tune: Hub id, local folder or short name (dinov2_small, ...)."})
+    normalization: str = field(default="imagenet", metadata={"help": "'imagenet' (FiT3D) or 'processor' input normalisation."})
+    lora_rank: int = field(default=0, metadata={"help": "Fine-tune rank-R LoRA adapters (peft) instead of all weights (0: full fine-tuning)."})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: equal to the rank)."})
+    lora_target_modules: str = field(
+        default="all-linear", metadata={"help": "Comma-separated names of the linear layers that get adapters, or 'all-linear'."}
+    )
+
+
+@dataclass
+class DataArguments:
+    frames: str = field(metadata={"help": "Frames: a ScanNet++-layout root (with metadata/) or a folder of Parquet shards from `fit3d export-dataset`."})
+    gaussians: str = field(metadata={"help": "Stage I output folder holding <scene_id>/gaussians.safetensors."})
+    train_split: str = field(default="train", metadata={"help": "Split of the frames to train on."})
+    validation_split: str | None = field(default="val", metadata={"help": "Split for validation loss and consistency (None or '' to skip)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training frames."})
+    max_validation_samples: int | None = field(default=64, metadata={"help": "Validate on at most N frames."})
+    consistency_pairs: int = field(default=8, metadata={"help": "View pairs per validation scene for the multi-view consistency measure."})
+    gaussian_cache_gb: float = field(default=8.0, metadata={"help": "Memory budget of the scene Gaussians kept loaded on the device."})
+
+
+@dataclass
+class FinetuningArguments:
+    output_dir: str = field(metadata={"help": "Where checkpoints, logs and the final models go."})
+    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate."})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(default=0.1, metadata={"help": "Gradient clipping norm."})
+    num_train_epochs: int = field(default=1, metadata={"help": "Epochs over the training frames."})
+    max_train_steps: int | None = field(default=None, metadata={"help": "Stop after N optimisation steps (overrides epochs)."})
+    train_batch_size: int = field(default=2, metadata={"help": "Frames per device per step."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches accumulated per optimisation step."})
+    mixed_precision: str = field(default="no", metadata={"help": "'no', 'bf16' or 'fp16' (autocast of the backbone)."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "Data loading worker processes."})
+    seed: int = field(default=42, metadata={"help": "Seed of the weights' data order and flips."})
+    flip_probability: float = field(default=0.5, metadata={"help": "Probability of a horizontal flip of image, target and mask."})
+    checkpointing_steps: int = field(default=500, metadata={"help": "Save a resumable checkpoint every N steps (0: never)."})
+    checkpoints_total_limit: int | None = field(default=None, metadata={"help": "Keep at most N checkpoints."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint folder, or 'latest'."})
+    report_to: str = field(default="tensorboard", metadata={"help": "Tracker: 'tensorboard', 'wandb', ... or 'none'."})
+    tracker_project_name: str = field(default="fit3d-finetune", metadata={"help": "Project name for the trackers."})
+    logging_steps: int = field(default=10, metadata={"help": "Log the loss every N steps."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload the fine-tuned backbone and the FiT3DModel."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository of the FiT3DModel (backbone goes to <id>-backbone)."})
+    hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
+
+    def __post_init__(self) -> None:
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"--mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        if self.train_batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ValueError("--train_batch_size and --gradient_accumulation_steps must be at least 1")
+        if not 0 <= self.flip_probability <= 1:
+            raise ValueError(f"--flip_probability must be in [0, 1], got {self.flip_probability}")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id")
+        if self.report_to == "wandb" and self.hub_token is not None:
+            raise ValueError("Refusing --report_to wandb with --hub_token: the token would be logged. Use `hf auth login`.")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+
+
+def load_frames(path: str | Path, split: str):
+    """The `frames` of a split as a `datasets.Dataset`: from a ScanNet++-layout root (through the
+    `scannetpp` builder) or from Parquet shards written by `fit3d export-dataset`."""
+    path = Path(path)
+    if (path / "metadata").is_dir():
+        from dataset_builders.scannetpp import load_scannetpp
+
+        return load_scannetpp(str(path), config_name="frames", split=split)
+    shards = sorted(path.glob(f"**/{split}*.parquet")) or sorted(path.glob(f"**/{split}/*.parquet"))
+    if not shards:
+        raise FileNotFoundError(
+            f"{path}: no ScanNet++ layout (metadata/) and no Parquet shards for split {split!r} "
+            f"(expected files like {split}-00000-of-00001.parquet)"
+        )
+    from datasets import load_dataset
+
+    return load_dataset("parquet", data_files={split: [str(s) for s in shards]}, split=split)
+
+
+def bundle_path(gaussians_dir: str | Path, scene_id: str) -> Path:
+    return Path(gaussians_dir) / scene_id / BUNDLE_FILENAME
+
+
+def check_frames_against_gaussians(scene_ids, gaussians_dir, backbone_dim: int, feature_dim: int | None = None) -> None:
+    """Refuses, before training, frames whose scene has no bundle or a bundle for another backbone size."""
+    from .gaussians import read_bundle_metadata
+
+    missing = sorted({s for s in scene_ids if not bundle_path(gaussians_dir, s).is_file()})
+    if missing:
+        raise FileNotFoundError(
+            f"{gaussians_dir} has no Gaussian bundle for {len(missing)} scene(s) of the frames, e.g. {missing[:5]}; "
+            f"run Stage I (`fit3d lift`) on them or drop their frames"
+        )
+    for scene_id in sorted(set(scene_ids)):
+        metadata = read_bundle_metadata(bundle_path(gaussians_dir, scene_id))
+        found = int(metadata["backbone_dim"])
+        if found != backbone_dim:
+            raise BundleMismatchError(
+                f"{bundle_path(gaussians_dir, scene_id)} decodes to {found} channels but the backbone has "
+                f"{backbone_dim}: it was lifted with another backbone ({metadata.get('backbone')!r})"
+            )
+        if feature_dim is not None and int(metadata["feature_dim"]) != feature_dim:
+            raise BundleMismatchError(f"{bundle_path(gaussians_dir, scene_id)} has feature dim {metadata['feature_dim']}, expected {feature_dim}")
+
+
+def _to_tensor_image(value, mode: str) -> torch.Tensor:
+    """A datasets Image value (PIL) -> uint8 `[C, H, W]`."""
+    array = np.asarray(value.convert(mode))
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+class FrameDataset(torch.utils.data.Dataset):
+    """Wraps a frames `datasets.Dataset`: image uint8 `[3, H, W]`, mask float `[1, H, W]`, camera, ids."""
+
+    def __init__(self, frames):
+        self.frames = frames
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.frames[index]
+        image = _to_tensor_image(row["image"], "RGB")
+        if row.get("mask") is not None:
+            mask = (_to_tensor_image(row["mask"], "L") > 127).float()
+        else:
+            mask = torch.ones(1, *image.shape[1:])
+        return {
+            "index": index,
+            "scene_id": row["scene_id"],
+            "image": image,
+            "mask": mask,
+            "K": torch.tensor(row["K"], dtype=torch.float32),
+            "world_to_camera": torch.tensor(row["world_to_camera"], dtype=torch.float32),
+        }
+
+
+def collate_frames(samples: list[dict]) -> dict:
+    sizes = {tuple(s["image"].shape) for s in samples}
+    if len(sizes) > 1:
+        raise ValueError(f"frames of one batch must share their size, got {sorted(sizes)}; use --train_batch_size 1")
+    return {
+        "index": torch.tensor([s["index"] for s in samples]),
+        "scene_id": [s["scene_id"] for s in samples],
+        "image": torch.stack([s["image"] for s in samples]),
+        "mask": torch.stack([s["mask"] for s in samples]),
+        "K": torch.stack([s["K"] for s in samples]),
+        "world_to_camera": torch.stack([s["world_to_camera"] for s in samples]),
+    }
+
+
+class GaussianCache:
+    """Scenes' Stage II tensors on the device, loaded on first use, least recently used evicted first
+    once their total size passes the budget."""
+
+    def __init__(self, gaussians_dir: str | Path, device: torch.device, budget_bytes: float):
+        self.gaussians_dir, self.device, self.budget_bytes = Path(gaussians_dir), device, budget_bytes
+        self._entries: OrderedDict[str, GaussianBundle] = OrderedDict()
+
+    @staticmethod
+    def _size(bundle: GaussianBundle) -> int:
+        tensors = (bundle.means, bundle.quats, bundle.log_scales, bundle.opacities, bundle.features, bundle.decoder_weight)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def get(self, scene_id: str) -> GaussianBundle:
+        if scene_id in self._entries:
+            self._entries.move_to_end(scene_id)
+            return self._entries[scene_id]
+        bundle = load_bundle(bundle_path(self.gaussians_dir, scene_id)).to(self.device)
+        bundle.metadata["colors"] = torch.zeros(len(bundle), 3, device=self.device)
+        self._entries[scene_id] = bundle
+        while len(self._entries) > 1 and sum(self._size(b) for b in self._entries.values()) > self.budget_bytes:
+            self._entries.popitem(last=False)
+        return bundle
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+@torch.no_grad()
+def render_targets(batch: dict, cache: GaussianCache, grid_size: tuple[int, int], device) -> torch.Tensor:
+    """`[B, D, h, w]` targets: each frame's decoded feature render sampled on the patch grid."""
+    from .render import render
+
+    height, width = batch["image"].shape[-2:]
+    targets = []
+    for i, scene_id in enumerate(batch["scene_id"]):
+        bundle = cache.get(scene_id)
+        out = render(
+            bundle.means, bundle.quats, bundle.scales, bundle.opacities, bundle.metadata["colors"], bundle.features,
+            batch["K"][i : i + 1].to(device), batch["world_to_camera"][i : i + 1].to(device), width, height,
+        )  # fmt: skip
+        targets.append(decode_at_patch_grid(out.features, bundle.decoder_weight, grid_size))
+    return torch.cat(targets)
+
+
+def build_train_dataloader(frames, args: FinetuningArguments) -> torch.utils.data.DataLoader:
+    """Shuffled batches of whole frames (the last partial batch dropped); `accelerator.prepare` then
+    gives every process a disjoint share."""
+    return torch.utils.data.DataLoader(
+        FrameDataset(frames), batch_size=args.train_batch_size, shuffle=True, drop_last=True,
+        collate_fn=collate_frames, num_workers=args.dataloader_num_workers,
+    )  # fmt: skip
+
+
+def _flip_table(num_frames: int, probability: float, seed: int, epoch: int) -> torch.Tensor:
+    """Which frames are flipped in an epoch: a fixed function of (seed, epoch, frame index), so that a
+    resumed run flips exactly as an uninterrupted one."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.rand(num_frames, generator=generator) < probability
+
+
+def training_step_inputs(batch, cache, extractor, flips: torch.Tensor, device):
+    """Images `[B, 3, H, W]` in [0, 1], targets `[B, D, h, w]` and soft masks `[B, 1, h, w]`, flipped."""
+    images = batch["image"].to(device).float() / 255.0
+    height, width = images.shape[-2:]
+    grid = (height // extractor.patch_size, width // extractor.patch_size)
+    targets = render_targets(batch, cache, grid, device)
+    masks = F.interpolate(batch["mask"].to(device), size=grid, mode="bilinear", align_corners=False)
+    flip = flips[batch["index"].cpu()].to(device)[:, None, None, None]
+    images = torch.where(flip, images.flip(-1), images)
+    targets = torch.where(flip, targets.flip(-1), targets)
+    masks = torch.where(flip, masks.flip(-1), masks)
+    return images, targets, masks
+
+
+# ----------------------------------------------------------------------------------------------------
+# Consistency of features across views (validation)
+
+
+@torch.no_grad()
+def multiview_consistency(extractor, frames, cache: GaussianCache, pairs_per_scene: int, device) -> float:
+    """Mean cosine similarity of the backbone's features at ground-truth correspondences between nearby
+    views of each validation scene. Depth comes from the frames' `depth` column when they have one
+    (synthetic scenes), otherwise from the scene's Gaussians (expected depth / alpha)."""
+    from .evaluation import feature_consistency, patch_correspondences
+    from .render import render
+
+    by_scene: dict[str, list[int]] = {}
+    for index, scene_id in enumerate(frames["scene_id"]):
+        by_scene.setdefault(scene_id, []).append(index)
+    scores = []
+    for scene_id, indices in sorted(by_scene.items()):
+        for a, b in list(zip(indices, indices[1:]))[:pairs_per_scene]:
+            rows = [frames[a], frames[b]]
+            images = torch.stack([_to_tensor_image(r["image"], "RGB") for r in rows]).to(device).float() / 255
+            Ks = [torch.tensor(r["K"], dtype=torch.float64) for r in rows]
+            poses = [torch.tensor(r["world_to_camera"], dtype=torch.float64) for r in rows]
+            depths = []
+            for r, K, pose in zip(rows, Ks, poses):
+                if r.get("depth") is not None:
+                    depths.append(torch.from_numpy(np.asarray(r["depth"], dtype=np.float32) / 1000.0))
+                else:
+                    bundle = cache.get(scene_id)
+                    out = render(
+                        bundle.means, bundle.quats, bundle.scales, bundle.opacities, bundle.metadata["colors"], None,
+                        K[None].float().to(device), pose[None].float().to(device), images.shape[-1], images.shape[-2],
+                    )  # fmt: skip
+                    alpha = out.alpha[0, 0]
+                    depths.append(torch.where(alpha > 0.5, out.depth[0, 0] / alpha.clamp_min(1e-6), 0).cpu())
+            features = extractor(images)
+            matches = patch_correspondences(depths[0], Ks[0], poses[0], Ks[1], poses[1], tuple(features.shape[-2:]), depth_b=depths[1])
+            if len(matches):
+                scores.append(feature_consistency(features[0], features[1], matches, tuple(images.shape[-2:])))
+    if not scores:
+        return float("nan")
+    return float(torch.cat(scores).mean())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+
+
+def _latest_checkpoint(output_dir: Path) -> Path | None:
+    checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return checkpoints[-1] if checkpoints else None
+
+
+def _rotate_checkpoints(output_dir: Path, keep: int) -> None:
+    """Deletes the oldest checkpoints so that at most `keep` remain."""
+    checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    for old in checkpoints[: max(len(checkpoints) - keep, 0)]:
+        shutil.rmtree(old)
+
+
+def _lora_wrap(extractor, model_args: ModelArguments):
+    """Replaces the extractor's backbone by a peft LoRA model (only the adapters train)."""
+    from peft import LoraConfig, get_peft_model
+
+    if model_args.lora_target_modules == "all-linear":
+        targets = "all-linear"  # peft's own choice: every linear layer of the backbone
+    else:
+        present = {name.rsplit(".", 1)[-1] for name, module in extractor.model.named_modules() if isinstance(module, torch.nn.Linear)}
+        targets = [name.strip() for name in model_args.lora_target_modules.split(",") if name.strip()]
+        unknown = [t for t in targets if t not in present]
+        if unknown or not targets:
+            raise ValueError(f"--lora_target_modules {unknown or targets} are not linear layers of the backbone; it has {sorted(present)}")
+    config = LoraConfig(r=model_args.lora_rank, lora_alpha=model_args.lora_alpha or model_args.lora_rank, target_modules=targets, lora_dropout=0.0)
+    extractor.model = get_peft_model(extractor.model, config)
+    return extractor
+
+
+def _check_trackers(report_to: str) -> str | None:
+    """Accelerate only warns when a tracker's package is missing; say it clearly and log nothing."""
+    if report_to in ("none", "", None):
+        return None
+    import importlib.util
+
+    package = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "mlflow": "mlflow"}.get(report_to, report_to)
+    if importlib.util.find_spec(package) is None:
+        logger.warning("--report_to %s: the %r package is not installed, so nothing will be logged (pip install %s)", report_to, package, package)
+        return None
+    return report_to
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, args: FinetuningArguments) -> dict:
+    """Runs Stage II and writes `<output_dir>/finetuned` (the backbone, `AutoModel`-loadable),
+    `<output_dir>/fit3d` (the FiT3DModel with its card) and `<output_dir>/metrics.json`.
+
+    On the CPU the run is deterministic: the same seed gives the same weights, also across a resume."""
+    with deterministic_algorithms(not torch.cuda.is_available()):
+        return _train(model_args, data_args, args)
+
+
+def _train(model_args: ModelArguments, data_args: DataArguments, args: FinetuningArguments) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+
+    from .backbones import DenseFeatureExtractor
+
+    output_dir = Path(args.output_dir)
+    tracker = _check_trackers(args.report_to)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=tracker,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    set_seed(args.seed)
+    device = accelerator.device
+
+    # Models: the trainable backbone and a frozen copy of the original (for the FiT3DModel and the
+    # "before" measurements).
+    extractor = DenseFeatureExtractor.from_pretrained(model_args.backbone, normalization=model_args.normalization)
+    original = copy.deepcopy(extractor).eval().requires_grad_(False)
+
+    # Data, checked against the Gaussians before anything trains.
+    with accelerator.main_process_first():
+        train_frames = load_frames(data_args.frames, data_args.train_split)
+        if data_args.max_train_samples:
+            train_frames = train_frames.select(range(min(data_args.max_train_samples, len(train_frames))))
+        validation_frames = None
+        if data_args.validation_split:
+            try:
+                validation_frames = load_frames(data_args.frames, data_args.validation_split)
+            except (FileNotFoundError, ValueError, KeyError) as error:
+                logger.warning("no validation split %r (%s): skipping validation", data_args.validation_split, error)
+            if validation_frames is not None and data_args.max_validation_samples:
+                validation_frames = validation_frames.select(range(min(data_args.max_validation_samples, len(validation_frames))))
+    scene_ids = set(train_frames["scene_id"]) | (set(validation_frames["scene_id"]) if validation_frames is not None else set())
+    check_frames_against_gaussians(scene_ids, data_args.gaussians, extractor.hidden_size)
+
+    if model_args.lora_rank > 0:
+        extractor = _lora_wrap(extractor, model_args)
+    extractor.train()
+    trainable = [p for p in extractor.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
+    loader = build_train_dataloader(train_frames, args)
+    if len(loader) == 0:
+        raise ValueError(f"{len(train_frames)} training frames are fewer than one batch of {args.train_batch_size}")
+    extractor, optimizer, loader = accelerator.prepare(extractor, optimizer, loader)
+    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or steps_per_epoch * args.num_train_epochs
+    epochs = math.ceil(max_steps / steps_per_epoch)
+    cache = GaussianCache(data_args.gaussians, device, data_args.gaussian_cache_gb * 1e9)
+    if tracker:
+        accelerator.init_trackers(args.tracker_project_name, config={**asdict(model_args), **asdict(data_args), **asdict(args)})
+
+    metrics: dict = {}
+    unwrapped = accelerator.unwrap_model(extractor)
+    if validation_frames is not None:
+        original.to(device)
+        metrics["validation_loss_before"] = _validation_loss(original, validation_frames, cache, accelerator, args)
+        if accelerator.is_main_process:
+            metrics["consistency_before"] = multiview_consistency(original, validation_frames, cache, data_args.consistency_pairs, device)
+
+    global_step, first_epoch, resume_batches = 0, 0, 0
+    if args.resume_from_checkpoint:
+        path = _latest_checkpoint(output_dir) if args.resume_from_checkpoint == "latest" else Path(args.resume_from_checkpoint)
+        if path is None or not path.is_dir():
+            accelerator.print(f"checkpoint {args.resume_from_checkpoint!r} not found: starting a new run")
+        else:
+            accelerator.load_state(str(path))
+            global_step = int(path.name.split("-")[1])
+            first_epoch = global_step // steps_per_epoch
+            resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+            accelerator.print(f"resumed from {path} at step {global_step}")
+
+    progress = tqdm(total=max_steps, initial=global_step, desc="fine-tuning", disable=not accelerator.is_local_main_process)
+    losses = []
+    for epoch in range(first_epoch, epochs):
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        flips = _flip_table(len(train_frames), args.flip_probability, args.seed, epoch)
+        epoch_loader = accelerator.skip_first_batches(loader, resume_batches) if epoch == first_epoch and resume_batches else loader
+        for batch in epoch_loader:
+            with accelerator.accumulate(extractor):
+                images, targets, masks = training_step_inputs(batch, cache, unwrapped, flips, device)
+                with accelerator.autocast():
+                    predictions = extractor(images)
+                loss = masked_l1(predictions.float(), targets, masks)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if accelerator.sync_gradients:
+                global_step += 1
+                progress.update(1)
+                loss_value = accelerator.gather(loss.detach()[None]).mean().item()
+                losses.append(loss_value)
+                progress.set_postfix(loss=f"{loss_value:.4f}")
+                if global_step % args.logging_steps == 0 or global_step == 1:
+                    accelerator.log({"train/loss": loss_value}, step=global_step)
+                if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
+                    accelerator.wait_for_everyone()
+                    if accelerator.is_main_process and args.checkpoints_total_limit:
+                        _rotate_checkpoints(output_dir, args.checkpoints_total_limit - 1)  # room for the new one
+                    accelerator.save_state(str(output_dir / f"checkpoint-{global_step}"))
+                if global_step >= max_steps:
+                    break
+        if global_step >= max_steps:
+            break
+    progress.close()
+    accelerator.wait_for_everyone()
+
+    unwrapped = accelerator.unwrap_model(extractor)
+    unwrapped.eval()
+    metrics.update({"train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None, "steps": global_step})
+    if validation_frames is not None:
+        metrics["validation_loss"] = _validation_loss(unwrapped, validation_frames, cache, accelerator, args)
+        if accelerator.is_main_process:
+            metrics["consistency_after"] = multiview_consistency(unwrapped, validation_frames, cache, data_args.consistency_pairs, device)
+    if accelerator.is_main_process:
+        _save_outputs(unwrapped, original, model_args, data_args, args, metrics)
+    accelerator.log({k: v for k, v in metrics.items() if isinstance(v, float)}, step=global_step)
+    accelerator.end_training()
+    return metrics
+
+
+@torch.no_grad()
+def _validation_loss(extractor, frames, cache, accelerator, args) -> float:
+    loader = torch.utils.data.DataLoader(FrameDataset(frames), batch_size=args.train_batch_size, collate_fn=collate_frames)
+    loader = accelerator.prepare_data_loader(loader)
+    no_flips = torch.zeros(len(frames), dtype=torch.bool)
+    total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
+    for batch in loader:
+        images, targets, masks = training_step_inputs(batch, cache, extractor, no_flips, accelerator.device)
+        with accelerator.autocast():
+            predictions = extractor(images)
+        total += masked_l1(predictions.float(), targets, masks) * len(images)
+        count += len(images)
+    total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
+    return float(total / count.clamp_min(1))
+
+
+def _save_outputs(extractor, original, model_args, data_args, args, metrics) -> None:
+    from .hub import make_model_card, push_to_hub
+    from .modeling_fit3d import FiT3DModel
+
+    output_dir = Path(args.output_dir)
+    backbone = extractor.model
+    if hasattr(backbone, "merge_and_unload"):  # LoRA: fold the adapters in, so loading needs no peft
+        backbone = backbone.merge_and_unload()
+        extractor.model = backbone
+    finetuned_dir, fit3d_dir = output_dir / "finetuned", output_dir / "fit3d"
+    backbone.save_pretrained(finetuned_dir)
+    model = FiT3DModel.from_backbones(original.model, backbone, normalization=model_args.normalization)
+    model.save_pretrained(fit3d_dir)
+    card = make_model_card(
+        base_model=model_args.backbone,
+        datasets=[str(data_args.frames)],
+        metrics={k: v for k, v in metrics.items() if isinstance(v, float)},
+        training={"lora_rank": model_args.lora_rank, "learning_rate": args.learning_rate, "steps": metrics.get("steps")},
+        repo_id=args.hub_model_id,
+    )
+    card.save(fit3d_dir / "README.md")
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if args.push_to_hub:
+        push_to_hub(fit3d_dir, args.hub_model_id, token=args.hub_token)
+        push_to_hub(finetuned_dir, f"{args.hub_model_id}-backbone", token=args.hub_token)

@@ -1,0 +1,548 @@
+"""Stage I: lift a backbone's 2D features of one scene into 3D feature Gaussians.
+
+The method of FiT3D (ECCV 2024, §3.1), with its hyper-parameters as defaults: 3DGS fitted to the scene's
+images, each Gaussian also carrying an F-dim feature (F = 64) that is alpha-blended into a feature map and
+decoded by a per-scene 3x3 convolution (F -> D, no bias) at full resolution. Loss:
+`0.8 * L1(rgb) + 0.2 * (1 - SSIM(rgb)) + 1.0 * L1(decoded features, upsampled backbone features)`; the
+rasterizer routes the feature loss to the features only, never to geometry. Anonymised pixels (mask 0)
+are excluded by replacing the targets there with the detached prediction, as the original does.
+
+Unlike the original, the backbone's target features are computed once per image and kept (fp16, at patch
+resolution) instead of being recomputed every iteration, and a run checkpoints itself so that a killed run
+resumes where it stopped and ends with the same Gaussians.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .gaussians import DensificationConfig, Densifier, FeatureGaussians, save_bundle
+from .gaussians.bundle import BUNDLE_FILENAME
+from .losses import psnr, ssim
+from .utils import deterministic_algorithms
+
+__all__ = ["LiftingArguments", "SceneData", "lift_many", "lift_scene", "load_scene_data", "resolve_scene_list", "scene_extent"]
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILENAME = "metrics.json"
+CHECKPOINT_FILENAME = "checkpoint.pt"
+
+
+@dataclass
+class LiftingArguments:
+    """Options of Stage I (defaults: FiT3D's, i.e. 3DGS's plus the feature terms)."""
+
+    backbone: str = field(metadata={"help": "Backbone whose features are lifted: Hub id, local folder or short name."})
+    out: str = field(metadata={"help": "Output folder; the scene's results go to <out>/<scene_id>/."})
+    feature_dim: int = field(default=64, metadata={"help": "Length F of each Gaussian's feature."})
+    iterations: int = field(default=30_000, metadata={"help": "Optimisation steps (one view each)."})
+    image_scale: float = field(default=1.0, metadata={"help": "Resize factor applied to the images (and intrinsics)."})
+    max_gaussians: int | None = field(default=None, metadata={"help": "Cap on the number of Gaussians."})
+    holdout_every: int = field(default=0, metadata={"help": "Keep every K-th view out of training and report on it (0: none)."})
+    random_init_points: int = field(default=100_000, metadata={"help": "Random initial Gaussians when the scene has no sparse points."})
+    seed: int = field(default=0, metadata={"help": "Seed of every random choice (view order, splits, random init)."})
+    sh_degree: int = field(default=3, metadata={"help": "Highest SH degree of the colours."})
+    sh_increase_interval: int = field(default=1000, metadata={"help": "Raise the active SH degree every N iterations."})
+    lambda_dssim: float = field(default=0.2, metadata={"help": "Weight of (1 - SSIM) in the RGB loss."})
+    rgb_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the whole RGB loss (0: features only, geometry frozen)."})
+    feature_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the feature L1 loss."})
+    position_lr_init: float = field(default=1.6e-4, metadata={"help": "Initial lr of the means (x scene extent)."})
+    position_lr_final: float = field(default=1.6e-6, metadata={"help": "Final lr of the means (x scene extent)."})
+    sh_dc_lr: float = field(default=0.0025, metadata={"help": "lr of the SH DC coefficients."})
+    sh_rest_lr: float = field(default=0.0025 / 20, metadata={"help": "lr of the higher SH coefficients."})
+    feature_lr: float = field(default=0.0025 / 40, metadata={"help": "lr of the Gaussians' features."})
+    decoder_lr: float = field(default=0.0025 / 40, metadata={"help": "lr of the per-scene decoder."})
+    opacity_lr: float = field(default=0.05, metadata={"help": "lr of the opacity logits."})
+    scaling_lr: float = field(default=0.005, metadata={"help": "lr of the log scales."})
+    rotation_lr: float = field(default=0.001, metadata={"help": "lr of the quaternions."})
+    densify_from: int = field(default=500, metadata={"help": "First iteration of densification."})
+    densify_until: int = field(default=15_000, metadata={"help": "Last iteration of densification."})
+    densify_interval: int = field(default=100, metadata={"help": "Densify every N iterations."})
+    opacity_reset_interval: int = field(default=3000, metadata={"help": "Reset opacities every N iterations."})
+    densify_grad_threshold: float = field(default=2e-4, metadata={"help": "Screen-space gradient threshold (NDC)."})
+    normalization: str = field(default="imagenet", metadata={"help": "Backbone input normalisation: 'imagenet' (FiT3D) or 'processor'."})
+    checkpoint_interval: int = field(default=1000, metadata={"help": "Save a resumable checkpoint every N iterations (0: never)."})
+    device: str = field(default="auto", metadata={"help": "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."})
+    previews: bool = field(default=True, metadata={"help": "Write preview PNGs (RGB render, PCA of features)."})
+    keep_checkpoint: bool = field(default=False, metadata={"help": "Keep the last checkpoint after the scene is finished."})
+
+    def __post_init__(self) -> None:
+        if self.feature_dim <= 0:
+            raise ValueError(f"--feature_dim must be positive, got {self.feature_dim}")
+        if self.iterations <= 0:
+            raise ValueError(f"--iterations must be positive, got {self.iterations}")
+        if not 0 < self.image_scale <= 1:
+            raise ValueError(f"--image_scale must be in (0, 1], got {self.image_scale}")
+        if self.holdout_every < 0 or self.holdout_every == 1:
+            raise ValueError(f"--holdout_every must be 0 or at least 2, got {self.holdout_every}")
+        if self.normalization not in ("imagenet", "processor"):
+            raise ValueError(f"--normalization must be 'imagenet' or 'processor', got {self.normalization!r}")
+
+    def densification(self) -> DensificationConfig:
+        return DensificationConfig(
+            densify_from=self.densify_from,
+            densify_until=self.densify_until,
+            densify_interval=self.densify_interval,
+            opacity_reset_interval=self.opacity_reset_interval,
+            grad_threshold=self.densify_grad_threshold,
+            max_gaussians=self.max_gaussians,
+        )
+
+
+@dataclass
+class SceneData:
+    """A scene's views on the device: images uint8 `[V, 3, H, W]`, masks bool `[V, 1, H, W]`, intrinsics
+    `[V, 3, 3]`, poses `[V, 4, 4]`, and the backbone's target features fp16 `[V, D, h, w]`."""
+
+    scene_id: str
+    image_ids: list[str]
+    images: torch.Tensor
+    masks: torch.Tensor
+    K: torch.Tensor
+    world_to_camera: torch.Tensor
+    targets: torch.Tensor
+    points: np.ndarray
+    point_colors: np.ndarray
+    camera_centers: np.ndarray
+
+    @property
+    def height(self) -> int:
+        return self.images.shape[2]
+
+    @property
+    def width(self) -> int:
+        return self.images.shape[3]
+
+    def image(self, index: int) -> torch.Tensor:
+        """`[1, 3, H, W]` float image in [0, 1]."""
+        return self.images[index : index + 1].float() / 255.0
+
+
+def scene_extent(camera_centers: np.ndarray) -> float:
+    """3DGS's `cameras_extent`: 1.1 x the largest distance of a camera centre from their mean."""
+    centers = np.asarray(camera_centers, dtype=np.float64)
+    radius = np.linalg.norm(centers - centers.mean(axis=0), axis=1).max() if len(centers) else 0.0
+    return 1.1 * max(float(radius), 1e-6)
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def load_scene_data(scene, extractor, image_scale: float, device: torch.device, progress: bool = True) -> SceneData:
+    """Loads a scene's images and masks at `image_scale`, and computes the backbone features once.
+
+    Args:
+        scene: a `fit3d_hf.scene.Scene`.
+        extractor: a `fit3d_hf.backbones.DenseFeatureExtractor` (images in [0, 1] -> `[B, D, h, w]`).
+    """
+    from .scene import load_image, load_mask
+
+    images, masks, Ks, poses, targets = [], [], [], [], []
+    for frame in tqdm(scene.frames, desc=f"{scene.scene_id}: target features", disable=not progress):
+        image = torch.from_numpy(load_image(frame.image_path)).permute(2, 0, 1)[None]
+        camera = frame.camera
+        if image_scale != 1.0:
+            camera = camera.scaled(image_scale)
+            image = F.interpolate(image, size=(camera.height, camera.width), mode="bilinear", antialias=True)
+        if frame.mask_path is not None:
+            mask = torch.from_numpy(load_mask(frame.mask_path))[None, None].float()
+            if image_scale != 1.0:
+                mask = F.interpolate(mask, size=(camera.height, camera.width), mode="bilinear")
+            mask = mask > 0.5
+        else:
+            mask = torch.ones(1, 1, camera.height, camera.width, dtype=torch.bool)
+        image = image.clamp(0, 1)
+        targets.append(extractor(image.to(device)).to(torch.float16))
+        images.append((image * 255).round().to(torch.uint8))
+        masks.append(mask)
+        Ks.append(torch.from_numpy(camera.K).float())
+        poses.append(torch.from_numpy(camera.world_to_camera).float())
+    return SceneData(
+        scene_id=scene.scene_id,
+        image_ids=[frame.image_id for frame in scene.frames],
+        images=torch.cat(images).to(device),
+        masks=torch.cat(masks).to(device),
+        K=torch.stack(Ks).to(device),
+        world_to_camera=torch.stack(poses).to(device),
+        targets=torch.cat(targets).to(device),
+        points=np.asarray(scene.points),
+        point_colors=np.asarray(scene.point_colors),
+        camera_centers=np.stack([frame.camera.center for frame in scene.frames]),
+    )
+
+
+def _exponential_lr(step: int, lr_init: float, lr_final: float, max_steps: int) -> float:
+    """Log-linear interpolation from lr_init to lr_final over max_steps (3DGS's position schedule)."""
+    t = min(max(step / max(max_steps, 1), 0.0), 1.0)
+    return math.exp(math.log(lr_init) * (1 - t) + math.log(lr_final) * t)
+
+
+class _Lifter:
+    """The state of one scene's optimisation: Gaussians, decoder, optimizer, densifier, view order."""
+
+    def __init__(self, args: LiftingArguments, data: SceneData, train_views: list[int], device: torch.device):
+        self.args, self.data, self.train_views, self.device = args, data, train_views, device
+        self.extent = scene_extent(data.camera_centers)
+        generator = torch.Generator().manual_seed(args.seed)
+        if len(data.points) > 0:
+            gaussians = FeatureGaussians.from_points(
+                data.points, data.point_colors, args.feature_dim, max_sh_degree=args.sh_degree
+            )
+        else:
+            center = data.camera_centers.mean(axis=0)
+            gaussians = FeatureGaussians.random_in_box(
+                args.random_init_points, center - self.extent, center + self.extent, args.feature_dim,
+                generator=generator, max_sh_degree=args.sh_degree,
+            )  # fmt: skip
+        self.gaussians = gaussians.to(device)
+        backbone_dim = data.targets.shape[1]
+        # FiT3D's decoder: one 3x3 convolution F -> D, no bias, no activation, no upsampling.
+        self.decoder = torch.nn.Conv2d(args.feature_dim, backbone_dim, 3, padding=1, bias=False).to(device)
+        self.optimizer = self._make_optimizer()
+        self.densifier = Densifier(args.densification(), self.extent, len(self.gaussians), seed=args.seed)
+        self.view_generator = torch.Generator().manual_seed(args.seed + 1)
+        self.view_stack: list[int] = []
+        self.iteration = 0
+        self.densification_totals = {"cloned": 0, "split": 0, "pruned": 0, "opacity_reset": 0}
+
+    def _make_optimizer(self) -> torch.optim.Adam:
+        args, g = self.args, self.gaussians
+        groups = [
+            {"params": [g.means], "lr": args.position_lr_init * self.extent, "name": "means"},
+            {"params": [g.sh_dc], "lr": args.sh_dc_lr, "name": "sh_dc"},
+            {"params": [g.sh_rest], "lr": args.sh_rest_lr, "name": "sh_rest"},
+            {"params": [g.features], "lr": args.feature_lr, "name": "features"},
+            {"params": [g.opacity_logits], "lr": args.opacity_lr, "name": "opacity_logits"},
+            {"params": [g.log_scales], "lr": args.scaling_lr, "name": "log_scales"},
+            {"params": [g.quats], "lr": args.rotation_lr, "name": "quats"},
+            {"params": list(self.decoder.parameters()), "lr": args.decoder_lr, "name": "decoder"},
+        ]
+        return torch.optim.Adam(groups, lr=0.0, eps=1e-15, fused=self.device.type == "cuda")
+
+    def next_view(self) -> int:
+        # 3DGS's order: a shuffled stack of the training views, refilled when empty.
+        if not self.view_stack:
+            order = torch.randperm(len(self.train_views), generator=self.view_generator).tolist()
+            self.view_stack = [self.train_views[i] for i in order]
+        return self.view_stack.pop()
+
+    def render(self, view: int, with_grad: bool):
+        from .render import render
+
+        g = self.gaussians
+        with torch.set_grad_enabled(with_grad):
+            return render(
+                g.means, g.quats, g.scales, g.opacities, g.active_sh(), g.features,
+                self.data.K[view : view + 1], self.data.world_to_camera[view : view + 1],
+                self.data.width, self.data.height, sh_degree=g.active_sh_degree,
+            )  # fmt: skip
+
+    def target_features(self, view: int) -> torch.Tensor:
+        """`[1, D, H, W]` backbone features of a view, bilinearly upsampled to the image (as FiT3D)."""
+        low = self.data.targets[view : view + 1].float()
+        return F.interpolate(low, size=(self.data.height, self.data.width), mode="bilinear", align_corners=False)
+
+    def step(self) -> dict[str, torch.Tensor]:
+        args, data = self.args, self.data
+        self.iteration += 1
+        it = self.iteration
+        for group in self.optimizer.param_groups:
+            if group["name"] == "means":
+                group["lr"] = self.extent * _exponential_lr(it, args.position_lr_init, args.position_lr_final, args.iterations)
+        if it % args.sh_increase_interval == 0:
+            self.gaussians.raise_sh_degree()
+
+        view = self.next_view()
+        out = self.render(view, with_grad=True)
+        rgb = out.rgb
+        decoded = self.decoder(out.features)
+        gt_rgb, gt_features = data.image(view), self.target_features(view)
+        mask = data.masks[view : view + 1]
+        # Anonymised pixels: the targets become the (detached) prediction, so they add no loss.
+        gt_rgb = torch.where(mask, gt_rgb, rgb.detach())
+        gt_features = torch.where(mask, gt_features, decoded.detach())
+        l1_rgb = (rgb - gt_rgb).abs().mean()
+        loss_ssim = 1.0 - ssim(rgb, gt_rgb)
+        l1_features = (decoded - gt_features).abs().mean()
+        loss_rgb = (1 - args.lambda_dssim) * l1_rgb + args.lambda_dssim * loss_ssim
+        loss = args.rgb_loss_weight * loss_rgb + args.feature_loss_weight * l1_features
+        loss.backward()
+
+        with torch.no_grad():
+            if it < args.densify_until:
+                self.densifier.update_stats(out.means2d.grad[0], out.radii[0], data.width, data.height)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            for key, value in self.densifier.step(it, self.gaussians, self.optimizer).items():
+                if key in self.densification_totals:
+                    self.densification_totals[key] += value
+        # Detached tensors, not floats: reading a value would wait for the GPU at every step.
+        return {"loss": loss.detach(), "l1_rgb": l1_rgb.detach(), "l1_features": l1_features.detach()}
+
+    @torch.no_grad()
+    def evaluate(self, views: list[int]) -> dict[str, float]:
+        """Mean PSNR (valid pixels) and feature L1 over `views`."""
+        if not views:
+            return {}
+        psnrs, l1s = [], []
+        for view in views:
+            out = self.render(view, with_grad=False)
+            mask = self.data.masks[view : view + 1]
+            psnrs.append(psnr(out.rgb.clamp(0, 1), self.data.image(view), mask))
+            decoded = self.decoder(out.features)
+            error = (decoded - self.target_features(view)).abs().mean(dim=1, keepdim=True)
+            l1s.append(float((error * mask).sum() / mask.sum().clamp_min(1)))
+        return {"psnr": float(np.mean(psnrs)), "feature_l1": float(np.mean(l1s))}
+
+    # --- checkpoints (torch.save of tensors and plain values only; loaded with weights_only=True) ---
+    def state_dict(self) -> dict:
+        return {
+            "iteration": self.iteration,
+            "active_sh_degree": self.gaussians.active_sh_degree,
+            "gaussians": {k: v.detach().cpu() for k, v in self.gaussians.state_dict().items()},
+            "decoder": {k: v.detach().cpu() for k, v in self.decoder.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "densifier": self.densifier.state_dict(),
+            "view_generator": self.view_generator.get_state(),
+            "view_stack": list(self.view_stack),
+            "densification_totals": dict(self.densification_totals),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        tensors = state["gaussians"]
+        self.gaussians = FeatureGaussians(
+            tensors["means"], tensors["quats"], tensors["log_scales"], tensors["opacity_logits"],
+            torch.cat([tensors["sh_dc"], tensors["sh_rest"]], dim=1), tensors["features"],
+            max_sh_degree=self.args.sh_degree,
+        ).to(self.device)  # fmt: skip
+        self.gaussians.active_sh_degree = state["active_sh_degree"]
+        self.decoder.load_state_dict(state["decoder"])
+        self.optimizer = self._make_optimizer()
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.densifier.load_state_dict(state["densifier"])
+        self.view_generator.set_state(state["view_generator"])
+        self.view_stack = list(state["view_stack"])
+        self.iteration = int(state["iteration"])
+        self.densification_totals = dict(state["densification_totals"])
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    os.close(handle)
+    try:
+        torch.save(obj, temp)
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    with os.fdopen(handle, "w") as file:
+        file.write(text)
+    os.replace(temp, path)
+
+
+def _write_previews(lifter: _Lifter, view: int, folder: Path) -> None:
+    from .visualization import pca_rgb, save_image
+
+    data = lifter.data
+    out = lifter.render(view, with_grad=False)
+    rendered = (out.rgb[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    ground_truth = data.images[view].permute(1, 2, 0).cpu().numpy()
+    save_image(folder / "preview_rgb.png", np.concatenate([ground_truth, rendered], axis=1))
+    target = data.targets[view].float()
+    decoded = lifter.decoder(out.features)
+    decoded_low = F.interpolate(decoded, size=target.shape[1:], mode="bilinear", align_corners=False)[0]
+    target_colors, rendered_colors = pca_rgb(target, decoded_low, fit_on=0)
+    size = (data.width, data.height)
+    from PIL import Image
+
+    pictures = [np.asarray(Image.fromarray(c).resize(size, Image.NEAREST)) for c in (target_colors, rendered_colors)]
+    save_image(folder / "preview_features.png", np.concatenate(pictures, axis=1))
+
+
+def lift_scene(
+    scene,
+    args: LiftingArguments,
+    extractor=None,
+    *,
+    max_iterations_this_run: int | None = None,
+    progress: bool = True,
+) -> dict | None:
+    """Runs Stage I on one scene and writes `<out>/<scene_id>/` (bundle, metrics.json, previews).
+
+    A finished scene (its metrics.json exists) is skipped and its metrics returned. An unfinished one
+    resumes from its last checkpoint. `max_iterations_this_run` stops early after a checkpoint (used to
+    test resuming); the function then returns None.
+
+    Args:
+        scene: a scene folder (any layout `fit3d_hf.scene.read_scene` reads) or a loaded `Scene`.
+        args: the options.
+        extractor: a `DenseFeatureExtractor` (built from `args.backbone` when None).
+    """
+    from .scene import read_scene
+
+    if isinstance(scene, (str, os.PathLike)):
+        scene = read_scene(scene)
+    folder = Path(args.out) / scene.scene_id
+    metrics_path = folder / METRICS_FILENAME
+    if metrics_path.is_file():
+        logger.info("%s is already lifted (%s exists): skipping", scene.scene_id, metrics_path)
+        return json.loads(metrics_path.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    device = _resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    if extractor is None:
+        from .backbones import DenseFeatureExtractor
+
+        extractor = DenseFeatureExtractor.from_pretrained(args.backbone, normalization=args.normalization)
+    with deterministic_algorithms(device.type == "cpu"):
+        return _lift(scene, args, extractor, folder, device, max_iterations_this_run, progress)
+
+
+def _lift(scene, args, extractor, folder, device, max_iterations_this_run, progress) -> dict | None:
+    metrics_path = folder / METRICS_FILENAME
+    extractor = extractor.to(device).eval()
+    for param in extractor.parameters():
+        param.requires_grad_(False)
+
+    start = time.perf_counter()
+    data = load_scene_data(scene, extractor, args.image_scale, device, progress=progress)
+    views = list(range(len(data.image_ids)))
+    holdout = [v for v in views if args.holdout_every and v % args.holdout_every == args.holdout_every - 1]
+    train = [v for v in views if v not in holdout]
+    lifter = _Lifter(args, data, train, device)
+    checkpoint_path = folder / CHECKPOINT_FILENAME
+    if checkpoint_path.is_file():
+        lifter.load_state_dict(torch.load(checkpoint_path, map_location="cpu", weights_only=True))
+        logger.info("%s: resumed from %s at iteration %d", scene.scene_id, checkpoint_path, lifter.iteration)
+        initial = json.loads((folder / "initial_metrics.json").read_text())
+    else:
+        initial = lifter.evaluate(train)
+        _atomic_write_text(folder / "initial_metrics.json", json.dumps(initial))
+
+    bar = tqdm(total=args.iterations, initial=lifter.iteration, desc=f"{scene.scene_id}: lifting", disable=not progress)
+    steps_this_run = 0
+    train_start = time.perf_counter()
+    while lifter.iteration < args.iterations:
+        losses = lifter.step()
+        steps_this_run += 1
+        bar.update(1)
+        if lifter.iteration % 10 == 0:
+            bar.set_postfix(loss=f"{float(losses['loss']):.4f}", gaussians=len(lifter.gaussians))
+        interval = args.checkpoint_interval
+        if interval and lifter.iteration % interval == 0 and lifter.iteration < args.iterations:
+            _atomic_torch_save(lifter.state_dict(), checkpoint_path)
+            if max_iterations_this_run is not None and steps_this_run >= max_iterations_this_run:
+                bar.close()
+                return None
+    bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    train_seconds = time.perf_counter() - train_start
+
+    final_train = lifter.evaluate(train)
+    final_holdout = lifter.evaluate(holdout)
+    bundle_path = save_bundle(
+        folder / BUNDLE_FILENAME, lifter.gaussians, lifter.decoder.weight.detach(),
+        scene_id=scene.scene_id, backbone=args.backbone,
+        extra_metadata={"image_size": [data.width, data.height], "iterations": args.iterations},
+    )  # fmt: skip
+    if args.previews:
+        _write_previews(lifter, holdout[0] if holdout else train[0], folder)
+    metrics = {
+        "scene_id": scene.scene_id,
+        "backbone": args.backbone,
+        "feature_dim": args.feature_dim,
+        "backbone_dim": int(data.targets.shape[1]),
+        "iterations": args.iterations,
+        "num_gaussians": len(lifter.gaussians),
+        "num_gaussians_initial": len(data.points) if len(data.points) else args.random_init_points,
+        "densification": lifter.densification_totals,
+        "views_train": len(train),
+        "views_heldout": len(holdout),
+        "image_size": [data.width, data.height],
+        "psnr_train": final_train["psnr"],
+        "psnr_heldout": final_holdout.get("psnr"),
+        "feature_l1_train_start": initial["feature_l1"],
+        "feature_l1_train": final_train["feature_l1"],
+        "feature_l1_heldout": final_holdout.get("feature_l1"),
+        "bundle_bytes": bundle_path.stat().st_size,
+        "seconds_training": train_seconds,
+        "seconds_total": time.perf_counter() - start,
+        "device": str(device),
+        "arguments": asdict(args),
+    }
+    _atomic_write_text(metrics_path, json.dumps(metrics, indent=2))  # written last: marks the scene done
+    if not args.keep_checkpoint and checkpoint_path.exists():
+        checkpoint_path.unlink()
+    return metrics
+
+
+def resolve_scene_list(spec: str) -> list[Path]:
+    """Scene folders from a spec: a text file with one folder per line, a dataset root holding
+    `scenes/`, a folder of scene folders, one scene folder, or a comma-separated list of these."""
+    if "," in spec:
+        return [path for part in spec.split(",") if part.strip() for path in resolve_scene_list(part.strip())]
+    path = Path(spec)
+    if path.is_file():
+        lines = [line.strip() for line in path.read_text().splitlines()]
+        entries = [Path(line) if Path(line).is_absolute() else path.parent / line for line in lines if line and not line.startswith("#")]
+        missing = [str(entry) for entry in entries if not entry.is_dir()]
+        if missing:
+            raise FileNotFoundError(f"{path} lists scene folders that do not exist: {missing[:5]}")
+        return entries
+    if not path.is_dir():
+        raise FileNotFoundError(f"scene list {spec!r} is neither a file nor a folder")
+    if (path / "scenes").is_dir():
+        path = path / "scenes"
+    if _looks_like_scene(path):
+        return [path]
+    scenes = sorted(child for child in path.iterdir() if child.is_dir() and _looks_like_scene(child))
+    if not scenes:
+        raise FileNotFoundError(f"no scene folders found in {path}")
+    return scenes
+
+
+def _looks_like_scene(path: Path) -> bool:
+    markers = ("transforms_train.json", "transforms.json", "cameras.txt", "sparse")
+    return any((path / marker).exists() for marker in markers)
+
+
+def lift_many(
+    scene_paths: list[Path],
+    args: LiftingArguments,
+    *,
+    process_index: int = 0,
+    num_processes: int = 1,
+    progress: bool = True,
+) -> list[dict]:
+    """Lifts this process's share of the scenes (every `num_processes`-th, from `process_index`), one
+    after the other; finished scenes are skipped and unfinished ones resume (see `lift_scene`)."""
+    from .backbones import DenseFeatureExtractor
+
+    share = list(scene_paths)[process_index::num_processes]
+    extractor = DenseFeatureExtractor.from_pretrained(args.backbone, normalization=args.normalization)
+    results = []
+    for path in tqdm(share, desc=f"scenes (process {process_index})", disable=not progress or len(share) < 2):
+        results.append(lift_scene(path, args, extractor, progress=progress))
+    return results

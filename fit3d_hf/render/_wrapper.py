@@ -1,0 +1,306 @@
+"""The CUDA ops: one public function per op (checks, then an autograd Function that calls the extension).
+
+Each op has a pure-PyTorch twin of the same name and signature in `_reference.py` (`project` <->
+`_reference._project`, ...); `tests/test_render_cuda.py` compares forward values and gradients of both.
+Gradients are named `v_<input>`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fit3d_hf.render._backend import require_extension
+from fit3d_hf.render._checks import check_tensor
+
+__all__ = ["project", "rasterize", "spherical_harmonics"]
+
+# `render()` validates its arguments once and then calls the unchecked `_apply_*` functions below; the public
+# op functions check their own arguments first.
+
+_F32 = (torch.float32,)
+
+
+def _on_cuda(name: str, t: Tensor) -> None:
+    if not t.is_cuda:
+        raise ValueError(f"the CUDA backend needs CUDA tensors, but {name} is on {t.device}")
+
+
+def _contiguous(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+class _Project(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, means, quats, scales, opacities, world_to_camera, K, width, height, near_plane, far_plane
+    ):
+        means2d, conics, depths, radii = require_extension().project_fwd(
+            means, quats, scales, opacities, world_to_camera, K, width, height, near_plane, far_plane
+        )
+        ctx.save_for_backward(means, quats, scales, world_to_camera, K, radii)
+        ctx.image_size = (width, height)
+        ctx.mark_non_differentiable(radii)
+        return means2d, conics, depths, radii
+
+    @staticmethod
+    def backward(ctx, v_means2d, v_conics, v_depths, v_radii):
+        means, quats, scales, world_to_camera, K, radii = ctx.saved_tensors
+        v_means, v_quats, v_scales = require_extension().project_bwd(
+            means,
+            quats,
+            scales,
+            world_to_camera,
+            K,
+            radii,
+            *ctx.image_size,
+            v_means2d.contiguous(),
+            v_conics.contiguous(),
+            v_depths.contiguous(),
+        )
+        return v_means, v_quats, v_scales, None, None, None, None, None, None, None
+
+
+def project(
+    means: Tensor,  # [N, 3]
+    quats: Tensor,  # [N, 4]
+    scales: Tensor,  # [N, 3]
+    opacities: Tensor,  # [N]
+    world_to_camera: Tensor,  # [B, 4, 4]
+    K: Tensor,  # [B, 3, 3]
+    width: int,
+    height: int,
+    near_plane: float = 0.01,
+    far_plane: float = 1e10,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """EWA projection on the GPU; see `_reference._project` for the semantics.
+
+    Returns:
+        means2d `[B, N, 2]`, conics `[B, N, 3]`, depths `[B, N]`, radii `[B, N]` int32. Gradients reach
+        means, quats and scales (not the cameras).
+    """
+    dims: dict[str, int] = {}
+    for name, t, shape in (
+        ("means", means, ("N", 3)),
+        ("quats", quats, ("N", 4)),
+        ("scales", scales, ("N", 3)),
+        ("opacities", opacities, ("N",)),
+        ("world_to_camera", world_to_camera, ("B", 4, 4)),
+        ("K", K, ("B", 3, 3)),
+    ):
+        check_tensor(t, name, shape, dims, _F32, means.device)
+        _on_cuda(name, t)
+    return _apply_project(
+        means, quats, scales, opacities, world_to_camera, K, width, height, near_plane, far_plane
+    )
+
+
+def _apply_project(means, quats, scales, opacities, world_to_camera, K, width, height, near_plane, far_plane):
+    args = [t.contiguous() for t in (means, quats, scales, opacities, world_to_camera, K)]
+    return _Project.apply(*args, int(width), int(height), float(near_plane), float(far_plane))
+
+
+class _SphericalHarmonics(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, sh, means, world_to_camera, sh_degree):
+        colors = require_extension().spherical_harmonics_fwd(sh, means, world_to_camera, sh_degree)
+        ctx.save_for_backward(sh, means, world_to_camera)
+        ctx.sh_degree = sh_degree
+        return colors
+
+    @staticmethod
+    def backward(ctx, v_colors):
+        sh, means, world_to_camera = ctx.saved_tensors
+        v_sh, v_means = require_extension().spherical_harmonics_bwd(
+            sh, means, world_to_camera, ctx.sh_degree, v_colors.contiguous()
+        )
+        return v_sh, v_means, None, None
+
+
+def spherical_harmonics(
+    sh: Tensor,  # [N, K, 3]
+    means: Tensor,  # [N, 3]
+    world_to_camera: Tensor,  # [B, 4, 4]
+    sh_degree: int,
+) -> Tensor:
+    """View-dependent colours `[B, N, 3]` on the GPU; see `_reference._spherical_harmonics`."""
+    dims: dict[str, int] = {}
+    check_tensor(means, "means", ("N", 3), dims, _F32)
+    check_tensor(sh, "colors (SH)", ("N", "K", 3), dims, _F32, means.device)
+    check_tensor(world_to_camera, "world_to_camera", ("B", 4, 4), dims, _F32, means.device)
+    for name, t in (("means", means), ("colors", sh), ("world_to_camera", world_to_camera)):
+        _on_cuda(name, t)
+    if not 0 <= sh_degree <= 3 or (sh_degree + 1) ** 2 > dims["K"]:
+        raise ValueError(f"sh_degree must be in 0..3 with (sh_degree + 1)^2 <= {dims['K']}, got {sh_degree}")
+    return _apply_spherical_harmonics(sh, means, world_to_camera, sh_degree)
+
+
+def _apply_spherical_harmonics(sh, means, world_to_camera, sh_degree):
+    return _SphericalHarmonics.apply(
+        sh.contiguous(), means.contiguous(), world_to_camera.contiguous(), sh_degree
+    )
+
+
+class _Rasterize(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, means2d, conics, depths, colors, opacities, features, background, radii, width, height, route
+    ):
+        ext = require_extension()
+        tile_ranges, gaussian_ids = ext.isect_tiles(means2d, conics, opacities, depths, radii, width, height)
+        rgb, depth, feats, alpha, final_t, last_ids = ext.rasterize_fwd(
+            means2d,
+            conics,
+            opacities,
+            colors,
+            depths,
+            features,
+            background,
+            tile_ranges,
+            gaussian_ids,
+            width,
+            height,
+        )
+        ctx.save_for_backward(
+            means2d,
+            conics,
+            depths,
+            colors,
+            opacities,
+            features,
+            background,
+            tile_ranges,
+            gaussian_ids,
+            final_t,
+            last_ids,
+        )
+        ctx.config = (width, height, route)
+        ctx.set_materialize_grads(False)  # an unused image costs no gradient work
+        return rgb, depth, feats, alpha
+
+    @staticmethod
+    def backward(ctx, v_rgb, v_depth, v_feats, v_alpha):
+        (
+            means2d,
+            conics,
+            depths,
+            colors,
+            opacities,
+            features,
+            background,
+            tile_ranges,
+            gaussian_ids,
+            final_t,
+            last_ids,
+        ) = ctx.saved_tensors
+        width, height, route = ctx.config
+        v_means2d, v_conics, v_opacities, v_colors, v_depths, v_features = require_extension().rasterize_bwd(
+            means2d,
+            conics,
+            opacities,
+            colors,
+            depths,
+            features,
+            background,
+            tile_ranges,
+            gaussian_ids,
+            final_t,
+            last_ids,
+            width,
+            height,
+            _contiguous(v_rgb),
+            _contiguous(v_depth),
+            _contiguous(v_feats),
+            _contiguous(v_alpha),
+            route,
+        )
+        v_background = None
+        if background is not None and ctx.needs_input_grad[6] and v_rgb is not None:
+            v_background = (final_t[:, None] * v_rgb).sum(dim=(0, 2, 3))
+        if v_feats is None:
+            v_features = None
+        return (
+            v_means2d,
+            v_conics,
+            v_depths,
+            v_colors,
+            v_opacities,
+            v_features,
+            v_background,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def rasterize(
+    means2d: Tensor,  # [B, N, 2]
+    conics: Tensor,  # [B, N, 3]
+    depths: Tensor,  # [B, N]
+    colors: Tensor,  # [N, 3] or [B, N, 3]
+    opacities: Tensor,  # [N]
+    features: Tensor,  # [N, F]
+    radii: Tensor,  # [B, N] int32
+    width: int,
+    height: int,
+    background: Tensor | None = None,  # [3]
+    feature_grad_to_geometry: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Alpha compositing of rgb, depth and F feature channels on the GPU, in one pass over the tile lists.
+
+    See `_reference._rasterize` for the semantics.
+
+    Returns:
+        rgb `[B, 3, H, W]`, depth `[B, 1, H, W]`, features `[B, F, H, W]`, alpha `[B, 1, H, W]`.
+    """
+    dims: dict[str, int] = {}
+    device = means2d.device
+    check_tensor(means2d, "means2d", ("B", "N", 2), dims, _F32)
+    check_tensor(conics, "conics", ("B", "N", 3), dims, _F32, device)
+    check_tensor(depths, "depths", ("B", "N"), dims, _F32, device)
+    check_tensor(colors, "colors", ("B", "N", 3) if colors.dim() == 3 else ("N", 3), dims, _F32, device)
+    check_tensor(opacities, "opacities", ("N",), dims, _F32, device)
+    check_tensor(features, "features", ("N", "F"), dims, _F32, device)
+    check_tensor(radii, "radii", ("B", "N"), dims, (torch.int32,), device)
+    if background is not None:
+        check_tensor(background, "background", (3,), dims, _F32, device)
+    for name, t in (("means2d", means2d), ("features", features)):
+        _on_cuda(name, t)
+    return _apply_rasterize(
+        means2d,
+        conics,
+        depths,
+        colors,
+        opacities,
+        features,
+        radii,
+        width,
+        height,
+        background,
+        feature_grad_to_geometry,
+    )
+
+
+def _apply_rasterize(
+    means2d,
+    conics,
+    depths,
+    colors,
+    opacities,
+    features,
+    radii,
+    width,
+    height,
+    background,
+    feature_grad_to_geometry,
+):
+    args = [t.contiguous() for t in (means2d, conics, depths, colors, opacities, features)]
+    return _Rasterize.apply(
+        *args,
+        _contiguous(background),
+        radii.contiguous(),
+        int(width),
+        int(height),
+        bool(feature_grad_to_geometry),
+    )

@@ -1,0 +1,273 @@
+"""`render()`: differentiable rendering of RGB, depth, alpha and feature maps from 3D Gaussians.
+
+One API over two backends with the same semantics: the CUDA extension (for CUDA tensors, when it is
+built) and the pure-PyTorch reference (everywhere else). `backend()` says which one CUDA tensors get.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fit3d_hf.render import _reference, _wrapper
+from fit3d_hf.render._backend import extension_error, load_extension
+from fit3d_hf.render._checks import check_tensor
+
+__all__ = ["RenderOutput", "backend", "render"]
+
+logger = logging.getLogger(__name__)
+
+_BACKENDS = ("cuda", "reference")
+
+
+@dataclass
+class RenderOutput:
+    """What `render()` returns (B cameras, N Gaussians, F feature channels, H x W pixels).
+
+    Attributes:
+        rgb: `[B, 3, H, W]` composited colour plus T_final * background.
+        features: `[B, F, H, W]` composited features (no background term).
+        depth: `[B, 1, H, W]` expected depth sum_i w_i z_i (not divided by alpha); None when
+            `render_depth=False`.
+        alpha: `[B, 1, H, W]` accumulated opacity 1 - T_final.
+        radii: `[B, N]` int32 screen-space radius (3 sigma, px) of each Gaussian, 0 where it is culled
+            (behind the near plane, beyond the far plane, or unable to reach alpha 1/255 on the image).
+        means2d: `[B, N, 2]` projected centres (px). After `backward()`, `means2d.grad` holds the
+            screen-space gradient used by densification (it has `retain_grad()` when it requires grad).
+        depths: `[B, N]` camera-space depth of each centre (0 where culled).
+        backend: "cuda" or "reference", the backend that rendered.
+    """
+
+    rgb: Tensor
+    features: Tensor
+    depth: Tensor | None
+    alpha: Tensor
+    radii: Tensor
+    means2d: Tensor
+    depths: Tensor
+    backend: str
+
+
+def backend() -> str:
+    """The backend `render()` uses for CUDA tensors here: "cuda" if the extension loads, else "reference".
+
+    The first call may compile the extension (JIT) when no prebuilt one is installed.
+    """
+    return "cuda" if load_extension() is not None else "reference"
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_fallback() -> None:
+    logger.warning("Rendering CUDA tensors with the (slow) PyTorch reference: %s", extension_error())
+
+
+def _choose_backend(requested: str | None, device: torch.device) -> str:
+    if requested is not None and requested not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS} or None, got {requested!r}")
+    if requested == "reference":
+        return "reference"
+    if requested == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' needs CUDA tensors, but the Gaussians are on {device}")
+        if load_extension() is None:
+            raise RuntimeError(
+                f"backend='cuda' was requested but the CUDA rasterizer is unavailable: {extension_error()}"
+            )
+        return "cuda"
+    if device.type == "cuda":
+        if load_extension() is not None:
+            return "cuda"
+        _warn_fallback()
+    return "reference"
+
+
+def _resolve_sh_degree(colors: Tensor, sh_degree: int | None) -> int | None:
+    """None for plain colours `[N, 3]`; the SH degree for coefficients `[N, K, 3]`."""
+    if colors.dim() == 2:
+        if sh_degree is not None:
+            raise ValueError(
+                f"sh_degree={sh_degree} needs SH coefficients colors [N, K, 3], got {tuple(colors.shape)}"
+            )
+        return None
+    n_coeffs = colors.shape[1]
+    if sh_degree is None:
+        sh_degree = math.isqrt(n_coeffs) - 1
+        if (sh_degree + 1) ** 2 != n_coeffs:
+            raise ValueError(
+                f"colors has {n_coeffs} SH coefficients, not a square (1, 4, 9, 16); pass sh_degree"
+            )
+    if not 0 <= sh_degree <= 3:
+        raise ValueError(f"sh_degree must be in 0..3, got {sh_degree}")
+    if (sh_degree + 1) ** 2 > n_coeffs:
+        raise ValueError(
+            f"sh_degree={sh_degree} needs {(sh_degree + 1) ** 2} SH coefficients, colors has {n_coeffs}"
+        )
+    return sh_degree
+
+
+def _validate(
+    means,
+    quats,
+    scales,
+    opacities,
+    colors,
+    features,
+    K,
+    world_to_camera,
+    width,
+    height,
+    background,
+    near_plane,
+    far_plane,
+):
+    """Checks every argument of `render()`; returns the feature tensor (`[N, 0]` when None)."""
+    dtypes = (torch.float32, torch.float64)
+    dims: dict[str, int] = {}
+    check_tensor(means, "means", ("N", 3), dims, dtypes)
+    device = means.device
+    dtypes = (means.dtype,)  # everything else must match the Gaussians' dtype
+    check_tensor(quats, "quats", ("N", 4), dims, dtypes, device)
+    check_tensor(scales, "scales", ("N", 3), dims, dtypes, device)
+    check_tensor(opacities, "opacities", ("N",), dims, dtypes, device)
+    if not isinstance(colors, Tensor) or colors.dim() not in (2, 3):
+        shape = tuple(colors.shape) if isinstance(colors, Tensor) else type(colors).__name__
+        raise ValueError(f"colors must have shape (N, 3) or SH coefficients (N, K, 3), got {shape}")
+    check_tensor(colors, "colors", ("N", 3) if colors.dim() == 2 else ("N", "K", 3), dims, dtypes, device)
+    if features is None:
+        features = means.new_zeros(dims["N"], 0)
+    check_tensor(features, "features", ("N", "F"), dims, dtypes, device)
+    check_tensor(K, "K", ("B", 3, 3), dims, dtypes, device)
+    check_tensor(world_to_camera, "world_to_camera", ("B", 4, 4), dims, dtypes, device)
+    if background is not None:
+        check_tensor(background, "background", (3,), dims, dtypes, device)
+    for name, size in (("width", width), ("height", height)):
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise ValueError(f"{name} must be a positive int, got {size!r}")
+    if not 0 < near_plane < far_plane:
+        raise ValueError(
+            f"need 0 < near_plane < far_plane, got near_plane={near_plane}, far_plane={far_plane}"
+        )
+    return features
+
+
+def render(
+    means: Tensor,  # [N, 3]
+    quats: Tensor,  # [N, 4]
+    scales: Tensor,  # [N, 3]
+    opacities: Tensor,  # [N]
+    colors: Tensor,  # [N, 3] or [N, K, 3]
+    features: Tensor | None,  # [N, F]
+    K: Tensor,  # [B, 3, 3]
+    world_to_camera: Tensor,  # [B, 4, 4]
+    width: int,
+    height: int,
+    *,
+    sh_degree: int | None = None,
+    background: Tensor | None = None,  # [3]
+    feature_grad_to_geometry: bool = False,
+    near_plane: float = 0.01,
+    far_plane: float = 1e10,
+    render_depth: bool = True,
+    backend: str | None = None,
+) -> RenderOutput:
+    """Renders RGB, features, depth and alpha of 3D Gaussians for a batch of cameras.
+
+    Conventions are those of 3DGS/gsplat: OpenCV cameras, pixel (col, row) centred at (col + 0.5,
+    row + 0.5); EWA projection with the Jacobian's x/z, y/z clamped to the image edge + 0.3 tan(fov/2)
+    and a 0.3 px^2 low-pass; alpha = min(0.99, o exp(-d^T Sigma^-1 d / 2)), skipped below 1/255;
+    front-to-back compositing by camera depth, stopping before a Gaussian would drop the transmittance
+    below 1e-4.
+
+    Args:
+        means: `[N, 3]` centres (world).
+        quats: `[N, 4]` rotations (w, x, y, z), need not be normalised.
+        scales: `[N, 3]` activated scales (standard deviations).
+        opacities: `[N]` activated opacities in [0, 1].
+        colors: `[N, 3]` RGB, or `[N, K, 3]` SH coefficients (colour = SH along the view direction from the
+            camera centre, + 0.5, clamped at 0).
+        features: `[N, F]` features (F chosen at run time; may be 0) or None.
+        K: `[B, 3, 3]` intrinsics.
+        world_to_camera: `[B, 4, 4]` poses; all B cameras share `width` x `height`.
+        width: image width (px).
+        height: image height (px).
+        sh_degree: SH degree (0-3) when `colors` holds SH coefficients; default: from K = (degree + 1)^2.
+        background: optional `[3]` colour added to `rgb` as T_final * background.
+        feature_grad_to_geometry: False (FiT3D semantics): a loss on `features` reaches only `features`;
+            True: it also reaches the geometry (means, quats, scales, opacities), as RGB and depth always do.
+        near_plane: Gaussians closer than this (camera z) are culled.
+        far_plane: Gaussians farther than this are culled.
+        render_depth: return the depth image (it is composited in the same pass either way).
+        backend: "cuda", "reference" or None (CUDA for CUDA tensors when the extension is available).
+
+    Returns:
+        A `RenderOutput`. Gradients reach means, quats, scales, opacities, colors, features, background
+        and `means2d`; cameras receive gradients only from the reference backend.
+
+    Raises:
+        TypeError: an argument is not a tensor or has the wrong dtype (float32; the reference also takes
+            float64).
+        ValueError: wrong shapes, mismatched N or B, tensors on different devices, bad sizes or planes.
+        RuntimeError: `backend="cuda"` while the extension is unavailable (the message says how to fix).
+    """
+    features = _validate(
+        means,
+        quats,
+        scales,
+        opacities,
+        colors,
+        features,
+        K,
+        world_to_camera,
+        width,
+        height,
+        background,
+        near_plane,
+        far_plane,
+    )
+    sh_degree = _resolve_sh_degree(colors, sh_degree)
+    chosen = _choose_backend(backend, means.device)
+    if chosen == "cuda" and means.dtype != torch.float32:
+        raise TypeError(
+            f"the CUDA backend renders float32 Gaussians, got {means.dtype}; use backend='reference'"
+        )
+    # the two backends' ops are twins with identical signatures (the CUDA ones without re-checking)
+    use_cuda = chosen == "cuda"
+    project = _wrapper._apply_project if use_cuda else _reference._project
+    spherical_harmonics = _wrapper._apply_spherical_harmonics if use_cuda else _reference._spherical_harmonics
+    rasterize = _wrapper._apply_rasterize if use_cuda else _reference._rasterize
+
+    means2d, conics, depths, radii = project(
+        means, quats, scales, opacities, world_to_camera, K, width, height, near_plane, far_plane
+    )
+    rgb = colors if sh_degree is None else spherical_harmonics(colors, means, world_to_camera, sh_degree)
+    images = rasterize(
+        means2d,
+        conics,
+        depths,
+        rgb,
+        opacities,
+        features,
+        radii,
+        width,
+        height,
+        background,
+        feature_grad_to_geometry,
+    )
+    if means2d.requires_grad:
+        means2d.retain_grad()
+    image_rgb, depth, feats, alpha = images
+    return RenderOutput(
+        rgb=image_rgb,
+        features=feats,
+        depth=depth if render_depth else None,
+        alpha=alpha,
+        radii=radii,
+        means2d=means2d,
+        depths=depths,
+        backend=chosen,
+    )

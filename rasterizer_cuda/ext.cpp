@@ -1,0 +1,378 @@
+// The only file that talks torch: checks tensors, allocates outputs, fills the argument structs of ops.h
+// and launches on the current stream. The Python wrapper (fit3d_hf/render/_wrapper.py) validates inputs
+// with clear messages first; the TORCH_CHECKs here are a backstop.
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <climits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "constants.h"
+#include "ops.h"
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+namespace {
+
+void check_tensor(const Tensor& t, const char* name, at::ScalarType dtype = at::kFloat) {
+    TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
+    TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
+    TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+const float* optional_ptr(const OptTensor& t, const char* name) {
+    if (!t.has_value() || !t->defined()) return nullptr;
+    check_tensor(*t, name);
+    return t->data_ptr<float>();
+}
+
+void check_cuda(cudaError_t err, const char* what) {
+    TORCH_CHECK(err == cudaSuccess, "fit3d rasterizer: ", what, " failed: ", cudaGetErrorString(err));
+}
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
+
+int tiles_along(int pixels) { return (pixels + fit3d::TILE_SIZE - 1) / fit3d::TILE_SIZE; }
+
+// Channel ranges [begin, end) of the launches: as few as the per-launch limit and the device's shared
+// memory allow, of balanced widths; the first always holds rgb + depth.
+std::vector<std::pair<int, int>> plan_passes(int channels, int max_width, size_t (*shared_bytes)(int)) {
+    int device = 0, optin = 0;
+    check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+    check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+               "cudaDeviceGetAttribute");
+    while (max_width > 4 && shared_bytes(max_width) > size_t(optin)) max_width -= 4;
+    TORCH_CHECK(shared_bytes(std::min(max_width, channels)) <= size_t(optin),
+                "fit3d rasterizer: the device offers ", optin, " bytes of shared memory per block, fewer than ",
+                shared_bytes(std::min(max_width, channels)), " needed");
+    const int n_passes = (channels + max_width - 1) / max_width;
+    const int width = (channels + n_passes - 1) / n_passes;
+    std::vector<std::pair<int, int>> passes;
+    for (int begin = 0; begin < channels; begin += width) passes.emplace_back(begin, std::min(channels, begin + width));
+    return passes;
+}
+
+}  // namespace
+
+// ---- project ------------------------------------------------------------------------------------------
+std::tuple<Tensor, Tensor, Tensor, Tensor> project_fwd(const Tensor& means, const Tensor& quats,
+                                                       const Tensor& scales, const Tensor& opacities,
+                                                       const Tensor& viewmats, const Tensor& Ks, int64_t width,
+                                                       int64_t height, double near_plane, double far_plane) {
+    check_tensor(means, "means");
+    check_tensor(quats, "quats");
+    check_tensor(scales, "scales");
+    check_tensor(opacities, "opacities");
+    check_tensor(viewmats, "world_to_camera");
+    check_tensor(Ks, "K");
+    const at::cuda::OptionalCUDAGuard guard(device_of(means));
+    const int64_t N = means.size(0), B = viewmats.size(0);
+    auto opts = means.options();
+    Tensor means2d = torch::empty({B, N, 2}, opts), conics = torch::empty({B, N, 3}, opts);
+    Tensor depths = torch::empty({B, N}, opts), radii = torch::empty({B, N}, opts.dtype(at::kInt));
+    fit3d::ProjectArgs a = {};
+    a.B = int(B);
+    a.N = int(N);
+    a.width = int(width);
+    a.height = int(height);
+    a.near_plane = float(near_plane);
+    a.far_plane = float(far_plane);
+    a.means = means.data_ptr<float>();
+    a.quats = quats.data_ptr<float>();
+    a.scales = scales.data_ptr<float>();
+    a.opacities = opacities.data_ptr<float>();
+    a.viewmats = viewmats.data_ptr<float>();
+    a.Ks = Ks.data_ptr<float>();
+    a.means2d = means2d.data_ptr<float>();
+    a.conics = conics.data_ptr<float>();
+    a.depths = depths.data_ptr<float>();
+    a.radii = radii.data_ptr<int32_t>();
+    check_cuda(fit3d::launch_project_fwd(a, stream()), "project_fwd");
+    return {means2d, conics, depths, radii};
+}
+
+std::tuple<Tensor, Tensor, Tensor> project_bwd(const Tensor& means, const Tensor& quats, const Tensor& scales,
+                                               const Tensor& viewmats, const Tensor& Ks, const Tensor& radii,
+                                               int64_t width, int64_t height, const Tensor& v_means2d,
+                                               const Tensor& v_conics, const Tensor& v_depths) {
+    check_tensor(means, "means");
+    check_tensor(quats, "quats");
+    check_tensor(scales, "scales");
+    check_tensor(viewmats, "world_to_camera");
+    check_tensor(Ks, "K");
+    check_tensor(radii, "radii", at::kInt);
+    check_tensor(v_means2d, "v_means2d");
+    check_tensor(v_conics, "v_conics");
+    check_tensor(v_depths, "v_depths");
+    const at::cuda::OptionalCUDAGuard guard(device_of(means));
+    Tensor v_means = torch::empty_like(means), v_quats = torch::empty_like(quats);
+    Tensor v_scales = torch::empty_like(scales);
+    fit3d::ProjectArgs a = {};
+    a.B = int(viewmats.size(0));
+    a.N = int(means.size(0));
+    a.width = int(width);
+    a.height = int(height);
+    a.means = means.data_ptr<float>();
+    a.quats = quats.data_ptr<float>();
+    a.scales = scales.data_ptr<float>();
+    a.viewmats = viewmats.data_ptr<float>();
+    a.Ks = Ks.data_ptr<float>();
+    a.radii = radii.data_ptr<int32_t>();
+    a.v_means2d = v_means2d.data_ptr<float>();
+    a.v_conics = v_conics.data_ptr<float>();
+    a.v_depths = v_depths.data_ptr<float>();
+    a.v_means = v_means.data_ptr<float>();
+    a.v_quats = v_quats.data_ptr<float>();
+    a.v_scales = v_scales.data_ptr<float>();
+    check_cuda(fit3d::launch_project_bwd(a, stream()), "project_bwd");
+    return {v_means, v_quats, v_scales};
+}
+
+// ---- spherical harmonics ------------------------------------------------------------------------------
+Tensor sh_fwd(const Tensor& sh, const Tensor& means, const Tensor& viewmats, int64_t degree) {
+    check_tensor(sh, "sh");
+    check_tensor(means, "means");
+    check_tensor(viewmats, "world_to_camera");
+    TORCH_CHECK(degree >= 0 && degree <= 3 && (degree + 1) * (degree + 1) <= sh.size(1), "bad sh_degree ", degree);
+    const at::cuda::OptionalCUDAGuard guard(device_of(means));
+    const int64_t B = viewmats.size(0), N = means.size(0);
+    Tensor colors = torch::empty({B, N, 3}, means.options());
+    fit3d::ShArgs a = {};
+    a.B = int(B);
+    a.N = int(N);
+    a.K = int(sh.size(1));
+    a.degree = int(degree);
+    a.sh = sh.data_ptr<float>();
+    a.means = means.data_ptr<float>();
+    a.viewmats = viewmats.data_ptr<float>();
+    a.colors = colors.data_ptr<float>();
+    check_cuda(fit3d::launch_sh_fwd(a, stream()), "sh_fwd");
+    return colors;
+}
+
+std::tuple<Tensor, Tensor> sh_bwd(const Tensor& sh, const Tensor& means, const Tensor& viewmats, int64_t degree,
+                                  const Tensor& v_colors) {
+    check_tensor(sh, "sh");
+    check_tensor(means, "means");
+    check_tensor(viewmats, "world_to_camera");
+    check_tensor(v_colors, "v_colors");
+    const at::cuda::OptionalCUDAGuard guard(device_of(means));
+    Tensor v_sh = torch::empty_like(sh), v_means = torch::empty_like(means);
+    fit3d::ShArgs a = {};
+    a.B = int(viewmats.size(0));
+    a.N = int(means.size(0));
+    a.K = int(sh.size(1));
+    a.degree = int(degree);
+    a.sh = sh.data_ptr<float>();
+    a.means = means.data_ptr<float>();
+    a.viewmats = viewmats.data_ptr<float>();
+    a.v_colors = v_colors.data_ptr<float>();
+    a.v_sh = v_sh.data_ptr<float>();
+    a.v_means = v_means.data_ptr<float>();
+    check_cuda(fit3d::launch_sh_bwd(a, stream()), "sh_bwd");
+    return {v_sh, v_means};
+}
+
+// ---- isect_tiles --------------------------------------------------------------------------------------
+namespace {
+
+// Stable radix sort of (uint32 key, int32 value) pairs held in int32 tensors; returns the sorted pair.
+std::tuple<Tensor, Tensor> sort_by_key(const Tensor& keys, const Tensor& values, int end_bit) {
+    Tensor sorted_keys = torch::empty_like(keys), sorted_values = torch::empty_like(values);
+    const auto* keys_in = reinterpret_cast<const uint32_t*>(keys.data_ptr<int32_t>());
+    auto* keys_out = reinterpret_cast<uint32_t*>(sorted_keys.data_ptr<int32_t>());
+    size_t temp_bytes = 0;
+    check_cuda(fit3d::sort_pairs(nullptr, temp_bytes, keys_in, keys_out, values.data_ptr<int32_t>(),
+                                 sorted_values.data_ptr<int32_t>(), keys.numel(), end_bit, stream()),
+               "radix sort (size query)");
+    Tensor temp = torch::empty({int64_t(temp_bytes)}, keys.options().dtype(at::kByte));
+    check_cuda(fit3d::sort_pairs(temp.data_ptr(), temp_bytes, keys_in, keys_out, values.data_ptr<int32_t>(),
+                                 sorted_values.data_ptr<int32_t>(), keys.numel(), end_bit, stream()),
+               "radix sort");
+    return {sorted_keys, sorted_values};
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tensor& conics, const Tensor& opacities,
+                                       const Tensor& depths, const Tensor& radii, int64_t width, int64_t height) {
+    check_tensor(means2d, "means2d");
+    check_tensor(conics, "conics");
+    check_tensor(opacities, "opacities");
+    check_tensor(depths, "depths");
+    check_tensor(radii, "radii", at::kInt);
+    const at::cuda::OptionalCUDAGuard guard(device_of(means2d));
+    const int64_t B = means2d.size(0), N = means2d.size(1);
+    const int tiles_x = tiles_along(int(width)), tiles_y = tiles_along(int(height));
+    auto int_opts = means2d.options().dtype(at::kInt);
+    Tensor ranges = torch::zeros({B * tiles_x * tiles_y, 2}, int_opts);
+    TORCH_CHECK(B * N < INT_MAX, "fit3d rasterizer: ", B, " cameras x ", N, " Gaussians exceed the int32 limit");
+    if (B * N == 0) return {ranges, torch::empty({0}, int_opts)};
+
+    // 1. all (camera, Gaussian) entries in depth order
+    Tensor depth_keys = torch::empty({B * N}, int_opts), entries = torch::empty({B * N}, int_opts);
+    check_cuda(fit3d::launch_depth_keys(depths.data_ptr<float>(), B * N,
+                                        reinterpret_cast<uint32_t*>(depth_keys.data_ptr<int32_t>()),
+                                        entries.data_ptr<int32_t>(), stream()),
+               "depth_keys");
+    Tensor depth_order = std::get<1>(sort_by_key(depth_keys, entries, 32));
+
+    // 2. tiles per entry, 3. offsets
+    fit3d::IsectArgs a = {};
+    a.B = int(B);
+    a.N = int(N);
+    a.width = int(width);
+    a.height = int(height);
+    a.tiles_x = tiles_x;
+    a.tiles_y = tiles_y;
+    a.means2d = means2d.data_ptr<float>();
+    a.conics = conics.data_ptr<float>();
+    a.opacities = opacities.data_ptr<float>();
+    a.radii = radii.data_ptr<int32_t>();
+    a.depth_order = depth_order.data_ptr<int32_t>();
+    Tensor counts = torch::empty({B * N}, int_opts);
+    a.counts = counts.data_ptr<int32_t>();
+    check_cuda(fit3d::launch_isect_count(a, stream()), "isect_count");
+    Tensor inclusive = counts.cumsum(0, at::kLong);
+    const int64_t total = inclusive[-1].item<int64_t>();  // host sync: sizes the pair buffers
+    TORCH_CHECK(total < INT_MAX, "fit3d rasterizer: ", total, " (Gaussian, tile) pairs exceed the int32 limit");
+    if (total == 0) return {ranges, torch::empty({0}, int_opts)};
+    Tensor offsets = inclusive - counts;
+
+    // 4. (tile, Gaussian) pairs in depth order, 5. stable sort by tile, 6. per-tile ranges
+    Tensor keys = torch::empty({total}, int_opts), values = torch::empty({total}, int_opts);
+    a.offsets = offsets.data_ptr<int64_t>();
+    a.keys = reinterpret_cast<uint32_t*>(keys.data_ptr<int32_t>());
+    a.values = values.data_ptr<int32_t>();
+    check_cuda(fit3d::launch_isect_emit(a, stream()), "isect_emit");
+    auto [sorted_keys, sorted_values] = sort_by_key(keys, values, fit3d::tile_key_bits(int(B), tiles_x * tiles_y));
+    check_cuda(fit3d::launch_tile_ranges(reinterpret_cast<const uint32_t*>(sorted_keys.data_ptr<int32_t>()),
+                                         int(total), uint32_t(B * tiles_x * tiles_y), ranges.data_ptr<int32_t>(),
+                                         stream()),
+               "tile_ranges");
+    return {ranges, sorted_values};
+}
+
+// ---- rasterize ----------------------------------------------------------------------------------------
+namespace {
+
+fit3d::RasterizeArgs rasterize_args(const Tensor& means2d, const Tensor& conics, const Tensor& opacities,
+                                    const Tensor& colors, const Tensor& depths, const Tensor& features,
+                                    const OptTensor& background, const Tensor& tile_ranges,
+                                    const Tensor& gaussian_ids, int64_t width, int64_t height) {
+    check_tensor(means2d, "means2d");
+    check_tensor(conics, "conics");
+    check_tensor(opacities, "opacities");
+    check_tensor(colors, "colors");
+    check_tensor(depths, "depths");
+    check_tensor(features, "features");
+    check_tensor(tile_ranges, "tile_ranges", at::kInt);
+    check_tensor(gaussian_ids, "gaussian_ids", at::kInt);
+    fit3d::RasterizeArgs a = {};
+    a.B = int(means2d.size(0));
+    a.N = int(means2d.size(1));
+    a.F = int(features.size(1));
+    a.width = int(width);
+    a.height = int(height);
+    a.tiles_x = tiles_along(a.width);
+    a.tiles_y = tiles_along(a.height);
+    TORCH_CHECK(tile_ranges.size(0) == int64_t(a.B) * a.tiles_x * a.tiles_y, "tile_ranges has the wrong size");
+    a.means2d = means2d.data_ptr<float>();
+    a.conics = conics.data_ptr<float>();
+    a.opacities = opacities.data_ptr<float>();
+    a.colors = colors.data_ptr<float>();
+    a.colors_camera_stride = colors.dim() == 3 ? int64_t(a.N) * 3 : 0;
+    a.depths = depths.data_ptr<float>();
+    a.features = features.data_ptr<float>();
+    a.background = optional_ptr(background, "background");
+    a.tile_ranges = tile_ranges.data_ptr<int32_t>();
+    a.gaussian_ids = gaussian_ids.data_ptr<int32_t>();
+    return a;
+}
+
+}  // namespace
+
+std::vector<Tensor> rasterize_fwd(const Tensor& means2d, const Tensor& conics, const Tensor& opacities,
+                                  const Tensor& colors, const Tensor& depths, const Tensor& features,
+                                  const OptTensor& background, const Tensor& tile_ranges,
+                                  const Tensor& gaussian_ids, int64_t width, int64_t height) {
+    const at::cuda::OptionalCUDAGuard guard(device_of(means2d));
+    fit3d::RasterizeArgs a = rasterize_args(means2d, conics, opacities, colors, depths, features, background,
+                                            tile_ranges, gaussian_ids, width, height);
+    auto opts = means2d.options();
+    const int64_t B = a.B, H = height, W = width;
+    Tensor rgb = torch::empty({B, 3, H, W}, opts), depth = torch::empty({B, 1, H, W}, opts);
+    Tensor feats = torch::empty({B, int64_t(a.F), H, W}, opts), alpha = torch::empty({B, 1, H, W}, opts);
+    Tensor final_t = torch::empty({B, H, W}, opts), last_ids = torch::empty({B, H, W}, opts.dtype(at::kInt));
+    a.out_rgb = rgb.data_ptr<float>();
+    a.out_depth = depth.data_ptr<float>();
+    a.out_features = feats.data_ptr<float>();
+    a.out_alpha = alpha.data_ptr<float>();
+    a.final_t = final_t.data_ptr<float>();
+    a.last_ids = last_ids.data_ptr<int32_t>();
+    const auto passes = plan_passes(4 + a.F, fit3d::FWD_MAX_PASS_CHANNELS, fit3d::rasterize_fwd_shared_bytes);
+    for (const auto& [begin, end] : passes) {
+        a.channel_begin = begin;
+        a.channel_count = end - begin;
+        a.first_pass = begin == 0;
+        check_cuda(fit3d::launch_rasterize_fwd(a, stream()), "rasterize_fwd");
+    }
+    return {rgb, depth, feats, alpha, final_t, last_ids};
+}
+
+std::vector<Tensor> rasterize_bwd(const Tensor& means2d, const Tensor& conics, const Tensor& opacities,
+                                  const Tensor& colors, const Tensor& depths, const Tensor& features,
+                                  const OptTensor& background, const Tensor& tile_ranges,
+                                  const Tensor& gaussian_ids, const Tensor& final_t, const Tensor& last_ids,
+                                  int64_t width, int64_t height, const OptTensor& v_rgb, const OptTensor& v_depth,
+                                  const OptTensor& v_features, const OptTensor& v_alpha,
+                                  bool feature_grad_to_geometry) {
+    const at::cuda::OptionalCUDAGuard guard(device_of(means2d));
+    fit3d::RasterizeArgs a = rasterize_args(means2d, conics, opacities, colors, depths, features, background,
+                                            tile_ranges, gaussian_ids, width, height);
+    check_tensor(final_t, "final_t");
+    check_tensor(last_ids, "last_ids", at::kInt);
+    a.final_t = final_t.data_ptr<float>();
+    a.last_ids = last_ids.data_ptr<int32_t>();
+    a.v_rgb = optional_ptr(v_rgb, "v_rgb");
+    a.v_depth = optional_ptr(v_depth, "v_depth");
+    a.v_features = optional_ptr(v_features, "v_features");
+    a.v_alpha = optional_ptr(v_alpha, "v_alpha");
+    Tensor v_means2d = torch::zeros_like(means2d), v_conics = torch::zeros_like(conics);
+    Tensor v_opacities = torch::zeros_like(opacities), v_colors = torch::zeros_like(colors);
+    Tensor v_depths = torch::zeros_like(depths), v_feats = torch::zeros_like(features);
+    a.v_means2d = v_means2d.data_ptr<float>();
+    a.v_conics = v_conics.data_ptr<float>();
+    a.v_opacities = v_opacities.data_ptr<float>();
+    a.v_colors = v_colors.data_ptr<float>();
+    a.v_depths = v_depths.data_ptr<float>();
+    a.v_feats = v_feats.data_ptr<float>();
+    // feature channels need a launch only when their image has a gradient
+    const int channels = a.v_features != nullptr ? 4 + a.F : 4;
+    const auto passes = plan_passes(channels, fit3d::BWD_MAX_PASS_CHANNELS, fit3d::rasterize_bwd_shared_bytes);
+    for (const auto& [begin, end] : passes) {
+        a.channel_begin = begin;
+        a.channel_count = end - begin;
+        a.first_pass = begin == 0;
+        a.routed_count = feature_grad_to_geometry ? a.channel_count : std::max(0, std::min(a.channel_count, 4 - begin));
+        check_cuda(fit3d::launch_rasterize_bwd(a, stream()), "rasterize_bwd");
+    }
+    return {v_means2d, v_conics, v_opacities, v_colors, v_depths, v_feats};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.doc() = "fit3d-hf CUDA rasterizer of RGB, depth and feature channels (see fit3d_hf/render/_wrapper.py)";
+    m.def("project_fwd", &project_fwd);
+    m.def("project_bwd", &project_bwd);
+    m.def("spherical_harmonics_fwd", &sh_fwd);
+    m.def("spherical_harmonics_bwd", &sh_bwd);
+    m.def("isect_tiles", &isect_tiles);
+    m.def("rasterize_fwd", &rasterize_fwd);
+    m.def("rasterize_bwd", &rasterize_bwd);
+    m.attr("TILE_SIZE") = fit3d::TILE_SIZE;
+}

@@ -1,0 +1,229 @@
+// Binning: for every camera and tile, the list of Gaussians whose alpha can reach 1/255 in it, front to back.
+//
+// 1. sort all (camera, Gaussian) entries by depth (32-bit keys; stable, so ties keep index order);
+// 2. count, in that order, the tiles each visible Gaussian touches: the tiles of its exact alpha >= 1/255
+//    pixel box (pixel_box in common.h, the box the Python reference uses) that its alpha ellipse meets
+//    (found per row of tiles, see tile_rows);
+// 3. emit (camera * tiles + tile, Gaussian) pairs at the prefix-sum offsets, so equal tiles appear in depth
+//    order, and 4. sort them by tile with a stable radix sort over only the tile bits.
+// Binning is conservative, so it never changes a pixel value.
+#include <cub/cub.cuh>
+
+#include "common.h"
+#include "ops.h"
+
+namespace fit3d {
+
+// The tiles a Gaussian reaches, row of tiles by row of tiles. Per row, the columns come from the x-extent
+// of the alpha ellipse {d : d^T conic d <= level} within the row's band of pixel centres: the ellipse's left
+// boundary is convex in y, so its minimum over the band is at the band point nearest to the ellipse's
+// leftmost point (likewise on the right). That is exact for "the ellipse meets the tile's rectangle of pixel
+// centres", at O(rows) cost. The count and the emit kernels run this same code; should the compiler round
+// them differently (fused multiply-adds), the emit kernel still writes exactly the counted number of pairs.
+struct TileRows {
+    float mx, my, ca, cb, cc, level, det, dy_right;
+    int col0, col1, row0, row1, ty0, ty1;
+    bool exact;
+};
+
+__device__ inline bool tile_rows(const IsectArgs& a, int64_t index, TileRows& r) {
+    if (a.radii[index] <= 0) return false;
+    r.mx = a.means2d[index * 2];
+    r.my = a.means2d[index * 2 + 1];
+    r.ca = a.conics[index * 3];
+    r.cb = a.conics[index * 3 + 1];
+    r.cc = a.conics[index * 3 + 2];
+    const float opacity = a.opacities[index % a.N];
+    if (!pixel_box(r.mx, r.my, r.ca, r.cb, r.cc, opacity, a.width, a.height, r.col0, r.col1, r.row0, r.row1))
+        return false;
+    // slack: conservative against float rounding in the rasterizer's alpha
+    r.level = 2.f * logf(fmaxf(opacity / ALPHA_THRESHOLD, 1.f)) * (1.f + 1e-4f) + 1e-4f;
+    r.det = r.ca * r.cc - r.cb * r.cb;
+    r.exact = r.ca > 0.f && r.det > 0.f;  // otherwise the whole box is used
+    r.dy_right = r.exact ? (-r.cb / r.det) * sqrtf(r.level / (r.cc / r.det)) : 0.f;  // y of the rightmost point
+    r.ty0 = r.row0 / TILE_SIZE;
+    r.ty1 = r.row1 / TILE_SIZE;
+    return true;
+}
+
+// Tile columns [tx0, tx1] of tile row ty (empty when tx0 > tx1).
+__device__ inline void tile_row_span(const TileRows& r, int ty, int& tx0, int& tx1) {
+    int c_lo = r.col0, c_hi = r.col1;
+    if (r.exact) {
+        const float ya = fmaxf(float(ty * TILE_SIZE), float(r.row0)) + 0.5f - r.my;
+        const float yb = fminf(float(ty * TILE_SIZE + TILE_SIZE - 1), float(r.row1)) + 0.5f - r.my;
+        const float dr = fminf(fmaxf(r.dy_right, ya), yb), dl = fminf(fmaxf(-r.dy_right, ya), yb);
+        const float xr = (-r.cb * dr + sqrtf(fmaxf(r.ca * r.level - r.det * dr * dr, 0.f))) / r.ca;
+        const float xl = (-r.cb * dl - sqrtf(fmaxf(r.ca * r.level - r.det * dl * dl, 0.f))) / r.ca;
+        // pixel columns whose centres lie in [mx + xl, mx + xr], widened by 0.01 px (clamped in float first
+        // so that no far-off value overflows an int)
+        c_lo = int(fminf(fmaxf(ceilf(r.mx + xl - 0.51f), float(r.col0)), float(r.col1 + 1)));
+        c_hi = int(fmaxf(fminf(floorf(r.mx + xr - 0.49f), float(r.col1)), float(r.col0 - 1)));
+    }
+    tx0 = c_lo / TILE_SIZE;
+    tx1 = c_lo <= c_hi ? c_hi / TILE_SIZE : tx0 - 1;
+}
+
+__global__ void depth_keys_kernel(const float* depths, int64_t total, uint32_t* keys, int32_t* values) {
+    const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i >= total) return;
+    keys[i] = __float_as_uint(depths[i]);  // depths are >= near_plane > 0 (or 0 when culled): bits sort like floats
+    values[i] = int32_t(i);
+}
+
+__global__ void isect_count_kernel(IsectArgs a) {
+    const int64_t s = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (s >= int64_t(a.B) * a.N) return;
+    int count = 0;
+    TileRows r;
+    if (tile_rows(a, a.depth_order[s], r)) {
+        for (int ty = r.ty0; ty <= r.ty1; ++ty) {
+            int tx0, tx1;
+            tile_row_span(r, ty, tx0, tx1);
+            count += max(tx1 - tx0 + 1, 0);
+        }
+    }
+    a.counts[s] = count;
+}
+
+// Writes the `count` pairs of the Gaussian `index` (rows `r`, valid when `ok`) to keys/values with `lanes`
+// threads (this one is `lane`). Should fewer tiles be found than were counted, the remaining slots get the
+// "no tile" key, which sorts last and is in no range.
+__device__ inline void emit_pairs(const IsectArgs& a, int64_t index, bool ok, const TileRows& r, int count,
+                                  uint32_t* keys, int32_t* values, int lane, int lanes) {
+    const int g = int(index % a.N);
+    const uint32_t tiles = uint32_t(a.tiles_x * a.tiles_y);
+    const uint32_t camera_tile0 = uint32_t(index / a.N) * tiles;
+    int emitted = 0;
+    for (int ty = r.ty0; ok && ty <= r.ty1; ++ty) {
+        int tx0, tx1;
+        tile_row_span(r, ty, tx0, tx1);
+        for (int tx = tx0 + lane; tx <= tx1; tx += lanes) {
+            const int j = emitted + tx - tx0;
+            if (j < count) {
+                keys[j] = camera_tile0 + uint32_t(ty * a.tiles_x + tx);
+                values[j] = g;
+            }
+        }
+        emitted += max(tx1 - tx0 + 1, 0);
+    }
+    for (int j = emitted + lane; j < count; j += lanes) {
+        keys[j] = tiles * uint32_t(a.B);
+        values[j] = 0;
+    }
+}
+
+__device__ inline TileRows shuffle_rows(const TileRows& r, int source) {
+    TileRows o;
+    o.mx = __shfl_sync(FULL_MASK, r.mx, source);
+    o.my = __shfl_sync(FULL_MASK, r.my, source);
+    o.ca = __shfl_sync(FULL_MASK, r.ca, source);
+    o.cb = __shfl_sync(FULL_MASK, r.cb, source);
+    o.cc = __shfl_sync(FULL_MASK, r.cc, source);
+    o.level = __shfl_sync(FULL_MASK, r.level, source);
+    o.det = __shfl_sync(FULL_MASK, r.det, source);
+    o.dy_right = __shfl_sync(FULL_MASK, r.dy_right, source);
+    o.col0 = __shfl_sync(FULL_MASK, r.col0, source);
+    o.col1 = __shfl_sync(FULL_MASK, r.col1, source);
+    o.row0 = __shfl_sync(FULL_MASK, r.row0, source);
+    o.row1 = __shfl_sync(FULL_MASK, r.row1, source);
+    o.ty0 = __shfl_sync(FULL_MASK, r.ty0, source);
+    o.ty1 = __shfl_sync(FULL_MASK, r.ty1, source);
+    o.exact = __shfl_sync(FULL_MASK, int(r.exact), source) != 0;
+    return o;
+}
+
+// A thread emits the pairs of its own entry; entries with more than WARP_EMIT tiles (large Gaussians close to
+// the camera) are emitted by the whole warp instead, their rows handed over by shuffles, so that they neither
+// serialise a thread nor wait on memory one after another. The pairs of a block's entries are contiguous; when
+// they fit, they are assembled in shared memory and written out with coalesced stores.
+constexpr int WARP_EMIT = 32;
+constexpr int EMIT_STAGE = 4096;  // pairs staged per block (32 KB)
+
+__global__ void __launch_bounds__(256) isect_emit_kernel(IsectArgs a) {
+    __shared__ uint32_t s_keys[EMIT_STAGE];
+    __shared__ int32_t s_values[EMIT_STAGE];
+    const int64_t total = int64_t(a.B) * a.N;
+    const int64_t first = int64_t(blockIdx.x) * blockDim.x;
+    const int64_t last = min(first + int64_t(blockDim.x), total) - 1;
+    const int64_t base = a.offsets[first];
+    const int64_t span = a.offsets[last] + a.counts[last] - base;  // the block's pairs: [base, base + span)
+    const bool staged = span <= EMIT_STAGE;                         // uniform over the block
+    // destination of the pairs at global position `pos`
+    auto keys_at = [&](int64_t pos) { return staged ? s_keys + (pos - base) : a.keys + pos; };
+    auto values_at = [&](int64_t pos) { return staged ? s_values + (pos - base) : a.values + pos; };
+
+    const int64_t s = first + threadIdx.x;
+    const int lane = threadIdx.x % 32;
+    const int count = s < total ? a.counts[s] : 0;
+    const int64_t offset = s < total ? a.offsets[s] : 0;
+    const int64_t index = count > 0 ? a.depth_order[s] : 0;
+    TileRows r = {};
+    const bool ok = count > 0 && tile_rows(a, index, r);
+    if (count > 0 && count <= WARP_EMIT) emit_pairs(a, index, ok, r, count, keys_at(offset), values_at(offset), 0, 1);
+    for (unsigned large = __ballot_sync(FULL_MASK, count > WARP_EMIT); large != 0; large &= large - 1) {
+        const int source = __ffs(large) - 1;
+        const int64_t src_offset = __shfl_sync(FULL_MASK, offset, source);
+        emit_pairs(a, __shfl_sync(FULL_MASK, index, source), __shfl_sync(FULL_MASK, int(ok), source) != 0,
+                   shuffle_rows(r, source), __shfl_sync(FULL_MASK, count, source), keys_at(src_offset),
+                   values_at(src_offset), lane, 32);
+    }
+    if (!staged) return;
+    __syncthreads();
+    for (int i = threadIdx.x; i < span; i += blockDim.x) {
+        a.keys[base + i] = s_keys[i];
+        a.values[base + i] = s_values[i];
+    }
+}
+
+__global__ void tile_ranges_kernel(const uint32_t* keys, int n, uint32_t n_tiles, int32_t* ranges) {
+    const int i = int(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const uint32_t tile = keys[i];
+    if (tile >= n_tiles) return;  // the never-used "no tile" key
+    if (i == 0 || keys[i - 1] != tile) ranges[int64_t(tile) * 2] = i;
+    if (i == n - 1 || keys[i + 1] != tile) ranges[int64_t(tile) * 2 + 1] = i + 1;
+}
+
+cudaError_t launch_depth_keys(const float* depths, int64_t total, uint32_t* keys, int32_t* values,
+                              cudaStream_t stream) {
+    if (total == 0) return cudaSuccess;
+    depth_keys_kernel<<<unsigned((total + 255) / 256), 256, 0, stream>>>(depths, total, keys, values);
+    return cudaGetLastError();
+}
+
+cudaError_t launch_isect_count(const IsectArgs& args, cudaStream_t stream) {
+    const int64_t total = int64_t(args.B) * args.N;
+    if (total == 0) return cudaSuccess;
+    isect_count_kernel<<<unsigned((total + 255) / 256), 256, 0, stream>>>(args);
+    return cudaGetLastError();
+}
+
+cudaError_t launch_isect_emit(const IsectArgs& args, cudaStream_t stream) {
+    const int64_t total = int64_t(args.B) * args.N;
+    if (total == 0) return cudaSuccess;
+    isect_emit_kernel<<<unsigned((total + 255) / 256), 256, 0, stream>>>(args);
+    return cudaGetLastError();
+}
+
+int tile_key_bits(int B, int tiles) {
+    const uint64_t max_id = uint64_t(B) * uint64_t(tiles);  // one past the last tile: the "no tile" key
+    int bits = 1;
+    while (bits < 32 && (max_id >> bits) != 0) ++bits;
+    return bits;
+}
+
+cudaError_t sort_pairs(void* temp, size_t& temp_bytes, const uint32_t* keys_in, uint32_t* keys_out,
+                       const int32_t* values_in, int32_t* values_out, int64_t n, int end_bit, cudaStream_t stream) {
+    return cub::DeviceRadixSort::SortPairs(temp, temp_bytes, keys_in, keys_out, values_in, values_out, n, 0, end_bit,
+                                           stream);
+}
+
+cudaError_t launch_tile_ranges(const uint32_t* sorted_keys, int n, uint32_t n_tiles, int32_t* ranges,
+                               cudaStream_t stream) {
+    if (n == 0) return cudaSuccess;
+    tile_ranges_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(sorted_keys, n, n_tiles, ranges);
+    return cudaGetLastError();
+}
+
+}  // namespace fit3d

@@ -1,0 +1,126 @@
+// Host-side entry points of the rasterizer kernels: one argument struct and one launcher per op and
+// direction. Plain C++ (no torch): ext.cpp fills the structs from tensors and checks the returned error.
+//
+// Layouts (all float32, contiguous, row-major): B cameras, N Gaussians, F feature channels,
+// C = 4 + F blended channels in the order (r, g, b, depth, features...).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace fit3d {
+
+// ---- project: EWA projection of 3D Gaussians (project_fwd.cu / project_bwd.cu) -------------------------
+struct ProjectArgs {
+    int B, N, width, height;
+    float near_plane, far_plane;
+    const float* means;        // [N, 3]
+    const float* quats;        // [N, 4] (w, x, y, z), any norm
+    const float* scales;       // [N, 3]
+    const float* opacities;    // [N] (culling only)
+    const float* viewmats;     // [B, 4, 4] world to camera
+    const float* Ks;           // [B, 3, 3]
+    // forward outputs
+    float* means2d;            // [B, N, 2]
+    float* conics;             // [B, N, 3]
+    float* depths;             // [B, N]
+    int32_t* radii;            // [B, N]
+    // backward inputs (gradients of the forward outputs) and outputs
+    const float* v_means2d;    // [B, N, 2]
+    const float* v_conics;     // [B, N, 3]
+    const float* v_depths;     // [B, N]
+    float* v_means;            // [N, 3]
+    float* v_quats;            // [N, 4]
+    float* v_scales;           // [N, 3]
+};
+cudaError_t launch_project_fwd(const ProjectArgs& args, cudaStream_t stream);
+cudaError_t launch_project_bwd(const ProjectArgs& args, cudaStream_t stream);
+
+// ---- spherical_harmonics: view-dependent colour (sh_fwd.cu / sh_bwd.cu) ---------------------------------
+struct ShArgs {
+    int B, N, K, degree;       // K coefficients per channel, K >= (degree + 1)^2
+    const float* sh;           // [N, K, 3]
+    const float* means;        // [N, 3]
+    const float* viewmats;     // [B, 4, 4]
+    float* colors;             // [B, N, 3] forward output
+    const float* v_colors;     // [B, N, 3] backward input
+    float* v_sh;               // [N, K, 3] backward output (fully written)
+    float* v_means;            // [N, 3] backward output (fully written)
+};
+cudaError_t launch_sh_fwd(const ShArgs& args, cudaStream_t stream);
+cudaError_t launch_sh_bwd(const ShArgs& args, cudaStream_t stream);
+
+// ---- isect_tiles: per (camera, tile), the Gaussians that reach it, front to back (isect_tiles.cu) ---------
+struct IsectArgs {
+    int B, N, width, height, tiles_x, tiles_y;
+    const float* means2d;      // [B, N, 2]
+    const float* conics;       // [B, N, 3]
+    const float* opacities;    // [N]
+    const int32_t* radii;      // [B, N]; Gaussians with radius 0 are skipped
+    const int32_t* depth_order;  // [B * N] entries (camera * N + g) sorted by depth
+    int32_t* counts;           // [B * N] tiles touched by depth_order[s] (count pass)
+    const int64_t* offsets;    // [B * N] exclusive prefix sum of counts (emit pass)
+    uint32_t* keys;            // [n_isect] camera * tiles + tile
+    int32_t* values;           // [n_isect] Gaussian index
+};
+// keys[i] = depth bits of entry i, values[i] = i, for the depth sort.
+cudaError_t launch_depth_keys(const float* depths, int64_t total, uint32_t* keys, int32_t* values,
+                              cudaStream_t stream);
+cudaError_t launch_isect_count(const IsectArgs& args, cudaStream_t stream);
+cudaError_t launch_isect_emit(const IsectArgs& args, cudaStream_t stream);
+// Bits of a tile key (camera * tiles + tile, or B * tiles for "no tile") for B cameras of `tiles` tiles.
+int tile_key_bits(int B, int tiles);
+// Stable radix sort of (key, value) pairs over bits [0, end_bit); call with temp == nullptr to query
+// `temp_bytes`.
+cudaError_t sort_pairs(void* temp, size_t& temp_bytes, const uint32_t* keys_in, uint32_t* keys_out,
+                       const int32_t* values_in, int32_t* values_out, int64_t n, int end_bit, cudaStream_t stream);
+// ranges[t] = [first, last + 1) of the sorted entries of tile t (t < n_tiles = B * tiles); untouched tiles
+// stay 0.
+cudaError_t launch_tile_ranges(const uint32_t* sorted_keys, int n, uint32_t n_tiles, int32_t* ranges,
+                               cudaStream_t stream);
+
+// ---- rasterize: alpha compositing of C channels (rasterize_fwd.cu / rasterize_bwd.cu) -------------------
+// One launch handles the channels [channel_begin, channel_begin + channel_count) of every camera and tile.
+struct RasterizeArgs {
+    int B, N, F, width, height, tiles_x, tiles_y;
+    int channel_begin, channel_count;
+    int routed_count;              // backward: leading channels of this launch whose gradient reaches geometry
+    bool first_pass;               // forward: write alpha/T/last ids; backward: add background and alpha terms
+    const float* means2d;          // [B, N, 2]
+    const float* conics;           // [B, N, 3]
+    const float* opacities;        // [N]
+    const float* colors;           // [N, 3] or [B, N, 3]
+    int64_t colors_camera_stride;  // 0 or N * 3
+    const float* depths;           // [B, N]
+    const float* features;         // [N, F]
+    const float* background;       // [3] or nullptr
+    const int32_t* tile_ranges;    // [B * tiles, 2]
+    const int32_t* gaussian_ids;   // [n_isect]
+    // forward outputs
+    float* out_rgb;                // [B, 3, H, W]
+    float* out_depth;              // [B, 1, H, W]
+    float* out_features;           // [B, F, H, W]
+    float* out_alpha;              // [B, 1, H, W]
+    float* final_t;                // [B, H, W] (also a backward input)
+    int32_t* last_ids;             // [B, H, W] index of the last composited entry, -1 if none (idem)
+    // backward inputs: gradients of the images (any may be nullptr = zero)
+    const float* v_rgb;            // [B, 3, H, W]
+    const float* v_depth;          // [B, 1, H, W]
+    const float* v_features;       // [B, F, H, W]
+    const float* v_alpha;          // [B, 1, H, W]
+    // backward outputs (accumulated with atomics; zero them first)
+    float* v_means2d;              // [B, N, 2]
+    float* v_conics;               // [B, N, 3]
+    float* v_opacities;            // [N]
+    float* v_colors;               // like colors
+    float* v_depths;               // [B, N]
+    float* v_feats;                // [N, F]
+};
+// Shared memory (bytes) one launch of `channel_count` channels needs.
+size_t rasterize_fwd_shared_bytes(int channel_count);
+size_t rasterize_bwd_shared_bytes(int channel_count);
+cudaError_t launch_rasterize_fwd(const RasterizeArgs& args, cudaStream_t stream);
+cudaError_t launch_rasterize_bwd(const RasterizeArgs& args, cudaStream_t stream);
+
+}  // namespace fit3d

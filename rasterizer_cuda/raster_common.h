@@ -1,0 +1,72 @@
+// Helpers shared by rasterize_fwd.cu and rasterize_bwd.cu: where channel values, image planes and
+// gradient targets live for the channel order (r, g, b, depth, features...).
+#pragma once
+
+#include "common.h"
+#include "ops.h"
+
+namespace fit3d {
+
+__device__ inline Splat load_splat(const RasterizeArgs& a, int b, int g) {
+    const int64_t i = int64_t(b) * a.N + g;
+    Splat s;
+    s.x = a.means2d[i * 2 + 0];
+    s.y = a.means2d[i * 2 + 1];
+    s.opacity = a.opacities[g];
+    s.a = a.conics[i * 3 + 0];
+    s.b = a.conics[i * 3 + 1];
+    s.c = a.conics[i * 3 + 2];
+    return s;
+}
+
+// Value of channel `c` of Gaussian `g` seen from camera `b`.
+__device__ inline float channel_value(const RasterizeArgs& a, int b, int g, int c) {
+    if (c < 3) return a.colors[b * a.colors_camera_stride + int64_t(g) * 3 + c];
+    if (c == 3) return a.depths[int64_t(b) * a.N + g];
+    return a.features[int64_t(g) * a.F + (c - 4)];
+}
+
+// Where the gradient of channel `c` of Gaussian `g` (camera `b`) is accumulated.
+__device__ inline float* channel_grad(const RasterizeArgs& a, int b, int g, int c) {
+    if (c < 3) return a.v_colors + b * a.colors_camera_stride + int64_t(g) * 3 + c;
+    if (c == 3) return a.v_depths + int64_t(b) * a.N + g;
+    return a.v_feats + int64_t(g) * a.F + (c - 4);
+}
+
+// Image plane (H x W) of channel `c` of camera `b` in the forward outputs.
+__device__ inline float* output_plane(const RasterizeArgs& a, int b, int c) {
+    const int64_t hw = int64_t(a.width) * a.height;
+    if (c < 3) return a.out_rgb + (int64_t(b) * 3 + c) * hw;
+    if (c == 3) return a.out_depth + int64_t(b) * hw;
+    return a.out_features + (int64_t(b) * a.F + (c - 4)) * hw;
+}
+
+// Gradient of the image value of channel `c`, camera `b`, at pixel index `pix` (0 where none was given).
+__device__ inline float image_grad(const RasterizeArgs& a, int b, int c, int64_t pix) {
+    const int64_t hw = int64_t(a.width) * a.height;
+    if (c < 3) return a.v_rgb ? a.v_rgb[(int64_t(b) * 3 + c) * hw + pix] : 0.f;
+    if (c == 3) return a.v_depth ? a.v_depth[int64_t(b) * hw + pix] : 0.f;
+    return a.v_features ? a.v_features[(int64_t(b) * a.F + (c - 4)) * hw + pix] : 0.f;
+}
+
+// The alpha of a Gaussian at a pixel, written with explicit fused multiply-adds so that the forward and
+// the backward kernel round it identically (they must agree on which Gaussians were composited).
+__device__ inline float splat_alpha(const Splat& s, float px, float py, float& dx, float& dy, float& sigma,
+                                    float& gauss, float& raw) {
+    dx = px - s.x;
+    dy = py - s.y;
+    sigma = fmaf(s.b * dx, dy, 0.5f * fmaf(s.a * dx, dx, (s.c * dy) * dy));
+    gauss = __expf(-sigma);
+    raw = s.opacity * gauss;
+    return fminf(MAX_ALPHA, raw);
+}
+
+__host__ __device__ inline int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+// Tile-local column and row of the pixel of thread `t`: each warp covers a compact 8 x 4 block (two across,
+// four down), so that a small Gaussian concerns fewer warps than with 16 x 2 rows.
+__host__ __device__ inline int pixel_x(int t) { return ((t / 32) % 2) * 8 + t % 8; }
+__host__ __device__ inline int pixel_y(int t) { return ((t / 32) / 2) * 4 + (t % 32) / 8; }
+static_assert(TILE_SIZE == 16, "pixel_x/pixel_y assume 16 x 16 tiles of 8 warps");
+
+}  // namespace fit3d

@@ -1,0 +1,150 @@
+"""Stage II on the CPU: synthetic scenes lifted with a tiny backbone, then a tiny ViT fine-tuned on them."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from transformers import AutoModel, Dinov2Config, Dinov2Model
+
+import fit3d_hf  # noqa: F401  (registers the fit3d model type)
+from fit3d_hf.backbones import DenseFeatureExtractor
+from fit3d_hf.finetuning import (
+    DataArguments,
+    FinetuningArguments,
+    ModelArguments,
+    build_train_dataloader,
+    check_frames_against_gaussians,
+    load_frames,
+    train,
+)
+from fit3d_hf.gaussians import BundleMismatchError
+from fit3d_hf.lifting import LiftingArguments, lift_scene, resolve_scene_list
+from fit3d_hf.scene.synthetic import SyntheticSceneConfig, generate_dataset
+
+
+def _save_backbone(folder, hidden_size=32, seed=0):
+    torch.manual_seed(seed)
+    config = Dinov2Config(
+        hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=8, image_size=64
+    )
+    Dinov2Model(config).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Two synthetic scenes (one train, one val) lifted into Gaussians with the backbone to fine-tune."""
+    root = tmp_path_factory.mktemp("stage2")
+    data = root / "data"
+    generate_dataset(data, num_scenes=1, num_val_scenes=1, config=SyntheticSceneConfig(seed=5, num_views=12, width=64, height=48, num_points=3000))
+    backbone = _save_backbone(root / "backbone")
+    extractor = DenseFeatureExtractor.from_pretrained(backbone)
+    lift_args = LiftingArguments(
+        backbone=backbone, out=str(root / "gaussians"), feature_dim=16, iterations=400, feature_lr=0.01, decoder_lr=0.01,
+        sh_dc_lr=0.01, position_lr_init=1.6e-3, position_lr_final=1.6e-5, densify_from=50, densify_until=300,
+        densify_interval=100, max_gaussians=4000, checkpoint_interval=0, previews=False, device="cpu",
+    )  # fmt: skip
+    for scene in resolve_scene_list(str(data)):
+        lift_scene(scene, lift_args, extractor, progress=False)
+    return {"root": root, "data": str(data), "gaussians": str(root / "gaussians"), "backbone": backbone}
+
+
+def _arguments(workspace, output_dir, **overrides):
+    model = ModelArguments(backbone=workspace["backbone"])
+    data = DataArguments(frames=workspace["data"], gaussians=workspace["gaussians"], consistency_pairs=6)
+    training = FinetuningArguments(
+        output_dir=str(output_dir), learning_rate=1e-3, max_train_steps=24, train_batch_size=2, checkpointing_steps=0,
+        report_to="none", seed=1,
+    )  # fmt: skip
+    for key, value in overrides.items():
+        if hasattr(model, key):
+            model = replace(model, **{key: value})
+        elif hasattr(data, key):
+            data = replace(data, **{key: value})
+        else:
+            training = replace(training, **{key: value})
+    return model, data, training
+
+
+def test_finetuning_lowers_the_loss_improves_consistency_and_saves_models(workspace, tmp_path):
+    metrics = train(*_arguments(workspace, tmp_path / "run"))
+    assert metrics["steps"] == 24
+    assert metrics["validation_loss"] < 0.9 * metrics["validation_loss_before"], metrics
+    assert metrics["consistency_after"] > metrics["consistency_before"] + 0.02, metrics
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["consistency_after"] == metrics["consistency_after"]
+    # The fine-tuned backbone loads as a plain transformers model; the FiT3DModel through AutoModel.
+    finetuned = AutoModel.from_pretrained(tmp_path / "run" / "finetuned")
+    original = AutoModel.from_pretrained(workspace["backbone"])
+    assert type(finetuned).__name__ == "Dinov2Model"
+    assert not torch.equal(finetuned.embeddings.patch_embeddings.projection.weight, original.embeddings.patch_embeddings.projection.weight)
+    fit3d = AutoModel.from_pretrained(tmp_path / "run" / "fit3d")
+    images = torch.rand(1, 3, 48, 64)
+    output = fit3d(images)
+    assert output.features.shape == (1, 64, 6, 8)
+    expected = DenseFeatureExtractor(finetuned)(images)
+    torch.testing.assert_close(output.finetuned_features, expected, rtol=1e-4, atol=1e-4)
+    assert (tmp_path / "run" / "fit3d" / "README.md").is_file()
+
+
+def test_lora_finetuning_improves_and_saves_merged_weights(workspace, tmp_path):
+    metrics = train(*_arguments(workspace, tmp_path / "lora", lora_rank=8, learning_rate=1e-2))
+    assert metrics["validation_loss"] < 0.97 * metrics["validation_loss_before"], metrics
+    assert metrics["consistency_after"] > metrics["consistency_before"], metrics
+    state = AutoModel.from_pretrained(tmp_path / "lora" / "finetuned").state_dict()
+    assert not any("lora" in key for key in state)  # merged: loading needs no peft
+    original = AutoModel.from_pretrained(workspace["backbone"]).state_dict()
+    changed = [k for k in state if not torch.equal(state[k], original[k])]
+    assert changed and all(k.endswith("weight") and "norm" not in k for k in changed)  # only adapted linear layers moved
+
+
+def test_kill_and_resume_gives_the_same_weights(workspace, tmp_path):
+    uninterrupted = tmp_path / "a"
+    train(*_arguments(workspace, uninterrupted, max_train_steps=4, validation_split=None))
+    interrupted = tmp_path / "b"
+    train(*_arguments(workspace, interrupted, max_train_steps=2, checkpointing_steps=2, validation_split=None))
+    assert (interrupted / "checkpoint-2").is_dir()
+    train(*_arguments(workspace, interrupted, max_train_steps=4, checkpointing_steps=2, validation_split=None, resume_from_checkpoint="latest"))
+    first = AutoModel.from_pretrained(uninterrupted / "finetuned").state_dict()
+    second = AutoModel.from_pretrained(interrupted / "finetuned").state_dict()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+def test_mismatched_gaussians_are_refused_before_training(workspace, tmp_path):
+    frames = load_frames(workspace["data"], "train")
+    with pytest.raises(FileNotFoundError, match="no Gaussian bundle"):
+        check_frames_against_gaussians(set(frames["scene_id"]) | {"missing0000"}, workspace["gaussians"], 32)
+    other_backbone = _save_backbone(tmp_path / "wide", hidden_size=48)
+    with pytest.raises(BundleMismatchError, match="decodes to 32 channels but the backbone has 48"):
+        train(*_arguments(workspace, tmp_path / "x", backbone=other_backbone))
+    assert not (tmp_path / "x" / "finetuned").exists()
+
+
+def _shard_indices(frames_dir):
+    """Runs in each of 2 processes: the frame indices this process sees in one epoch."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # The forked process inherits this test process's (non-distributed) accelerate state: start afresh.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(cpu=True)
+    frames = load_frames(frames_dir, "train")
+    loader = accelerator.prepare(build_train_dataloader(frames, FinetuningArguments(output_dir="unused", train_batch_size=2)))
+    seen = torch.cat([batch["index"] for batch in loader])
+    gathered = accelerator.gather(seen[None])
+    if accelerator.is_main_process:
+        torch.save(gathered, f"{frames_dir}/shards.pt")
+
+
+def test_two_processes_see_disjoint_frames_covering_the_epoch(workspace):
+    from accelerate import debug_launcher
+
+    debug_launcher(_shard_indices, args=(workspace["data"],), num_processes=2)
+    shards = torch.load(f"{workspace['data']}/shards.pt", weights_only=True)
+    assert shards.shape[0] == 2
+    first, second = set(shards[0].tolist()), set(shards[1].tolist())
+    assert not first & second
+    total = len(load_frames(workspace["data"], "train"))
+    assert len(first | second) == total - total % 4  # whole batches of 2 on each of 2 processes

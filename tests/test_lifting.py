@@ -1,0 +1,106 @@
+"""Stage I on the CPU reference renderer and a small synthetic scene."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from transformers import Dinov2Config, Dinov2Model
+
+from fit3d_hf.backbones import DenseFeatureExtractor
+from fit3d_hf.gaussians import BundleMismatchError, load_bundle
+from fit3d_hf.lifting import LiftingArguments, lift_scene, resolve_scene_list
+from fit3d_hf.scene import read_scene
+from fit3d_hf.scene.synthetic import SyntheticSceneConfig, generate_dataset
+
+
+@pytest.fixture(scope="module")
+def scene_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    config = SyntheticSceneConfig(seed=3, num_views=24, width=64, height=48, num_points=4000)
+    generate_dataset(root, num_scenes=1, num_val_scenes=0, config=config)
+    return root
+
+
+@pytest.fixture(scope="module")
+def backbone_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    # Patch size 4: a 12 x 16 feature grid on the 48 x 64 images, fine enough to be lifted in a short run.
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=4, image_size=64)
+    folder = tmp_path_factory.mktemp("backbone")
+    Dinov2Model(config).save_pretrained(folder)
+    return str(folder)
+
+
+def _args(out, backbone, **overrides):
+    # Short-run settings: 1,000 iterations instead of 30,000, so larger learning rates (FiT3D's feature and
+    # decoder lr of 6.25e-5 needs the full run), a compressed densification schedule and a Gaussian cap.
+    base = LiftingArguments(
+        backbone=backbone, out=str(out), feature_dim=16, iterations=1000, holdout_every=4, feature_lr=0.01,
+        decoder_lr=0.01, sh_dc_lr=0.01, position_lr_init=1.6e-3, position_lr_final=1.6e-5, scaling_lr=0.01,
+        densify_from=50, densify_until=800, densify_interval=100, opacity_reset_interval=10_000,
+        sh_increase_interval=250, max_gaussians=6000, checkpoint_interval=250, previews=False, device="cpu",
+    )  # fmt: skip
+    return replace(base, **overrides)
+
+
+def test_short_run_fits_rgb_and_features(scene_root, backbone_dir, tmp_path):
+    scene_dir = resolve_scene_list(str(scene_root))[0]
+    metrics = lift_scene(scene_dir, _args(tmp_path, backbone_dir, previews=True), progress=False)
+    assert metrics["views_heldout"] == 6 and metrics["views_train"] == 18
+    assert metrics["psnr_heldout"] >= 22.0, metrics
+    assert metrics["feature_l1_train"] <= 0.5 * metrics["feature_l1_train_start"], metrics
+    densification = metrics["densification"]
+    assert densification["cloned"] + densification["split"] > 0 and densification["pruned"] > 0, densification
+    folder = tmp_path / metrics["scene_id"]
+    saved = json.loads((folder / "metrics.json").read_text())
+    assert saved["num_gaussians"] == metrics["num_gaussians"]
+    assert (folder / "preview_rgb.png").is_file() and (folder / "preview_features.png").is_file()
+    assert not (folder / "checkpoint.pt").exists()
+    bundle = load_bundle(folder, expected_backbone=backbone_dir, expected_backbone_dim=32, expected_feature_dim=16)
+    assert len(bundle) == metrics["num_gaussians"]
+    with pytest.raises(BundleMismatchError, match="backbone"):
+        load_bundle(folder, expected_backbone="facebook/dinov2-small")
+    # A finished scene is skipped: the same call returns the saved metrics without training.
+    assert lift_scene(scene_dir, _args(tmp_path, backbone_dir), progress=False)["seconds_training"] == saved["seconds_training"]
+
+
+def test_killed_run_resumes_to_the_same_gaussians(scene_root, backbone_dir, tmp_path):
+    scene = read_scene(resolve_scene_list(str(scene_root))[0])
+    extractor = DenseFeatureExtractor.from_pretrained(backbone_dir)
+    args = dict(iterations=160, checkpoint_interval=40, densify_from=20, densify_interval=20, densify_until=140)
+    uninterrupted = tmp_path / "a"
+    lift_scene(scene, _args(uninterrupted, backbone_dir, **args), extractor, progress=False)
+    interrupted = tmp_path / "b"
+    assert lift_scene(scene, _args(interrupted, backbone_dir, **args), extractor, max_iterations_this_run=80, progress=False) is None
+    assert (interrupted / scene.scene_id / "checkpoint.pt").is_file()
+    lift_scene(scene, _args(interrupted, backbone_dir, **args), extractor, progress=False)
+    first = load_bundle(uninterrupted / scene.scene_id, include_sh=True)
+    second = load_bundle(interrupted / scene.scene_id, include_sh=True)
+    assert len(first) == len(second)
+    for name in ("means", "quats", "log_scales", "opacities", "features", "decoder_weight", "sh"):
+        assert torch.equal(getattr(first, name), getattr(second, name)), name
+
+
+def test_feature_loss_alone_leaves_geometry_unchanged(scene_root, backbone_dir, tmp_path):
+    scene = read_scene(resolve_scene_list(str(scene_root))[0])
+    args = _args(tmp_path, backbone_dir, iterations=30, rgb_loss_weight=0.0, densify_from=10_000, holdout_every=0)
+    metrics = lift_scene(scene, args, progress=False)
+    bundle = load_bundle(tmp_path / scene.scene_id)
+    from fit3d_hf.gaussians import FeatureGaussians
+
+    initial = FeatureGaussians.from_points(scene.points, scene.point_colors, 16)
+    assert len(bundle) == len(initial)
+    torch.testing.assert_close(bundle.means, initial.means.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(bundle.scales, initial.scales.detach(), rtol=2e-3, atol=0)  # fp16 storage
+    torch.testing.assert_close(bundle.opacities.float(), initial.opacities.detach(), rtol=1e-3, atol=0)
+    assert metrics["feature_l1_train"] < metrics["feature_l1_train_start"]  # the features did learn
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="holdout_every"):
+        LiftingArguments(backbone="b", out="o", holdout_every=1)
+    with pytest.raises(ValueError, match="image_scale"):
+        LiftingArguments(backbone="b", out="o", image_scale=2.0)
+    with pytest.raises(FileNotFoundError, match="neither a file nor a folder"):
+        resolve_scene_list("/nonexistent/scenes")

@@ -1,0 +1,350 @@
+"""The CUDA rasterizer equals the PyTorch reference: forward values and every gradient, op by op, end to end.
+
+The reference runs in float64 on the same GPU; the CUDA backend in float32. Comparisons use
+`_assert_matches`: the relative L2 error of the whole tensor must be small, and at most a tiny fraction of
+elements may leave an element-wise band. The fraction exists because a float32 alpha that lands within
+rounding of the 1/255 skip threshold (or the 0.99 clamp) legitimately flips a (pixel, Gaussian) pair;
+a real bug moves many elements or the norm.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fit3d_hf.render import _reference, _wrapper, render
+from fit3d_hf.render._backend import load_extension
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+# Tolerances: float32 CUDA vs float64 reference, calibrated on an H100 (torch 2.11 + CUDA 13.0). Seen there:
+# forward rel L2 <= 6.5e-5 (one pixel whose alpha flipped at the 1/255 threshold, |err| 3e-3, dominates).
+FWD = dict(rtol=1e-4, atol=1e-5, max_bad=1e-3, max_rel_l2=3e-4)
+GRAD = dict(rtol=2e-3, atol=1e-4, max_bad=2e-3, max_rel_l2=1e-3)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _extension():
+    if not torch.cuda.is_available() or load_extension() is None:
+        from fit3d_hf.render._backend import extension_error
+
+        pytest.skip(f"CUDA rasterizer unavailable: {extension_error()}")
+
+
+def _assert_matches(name, actual, expected, rtol, atol, max_bad, max_rel_l2):
+    """`atol` is relative to the largest |expected|; see the module docstring for the two criteria."""
+    assert actual is not None, f"{name}: no gradient"
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    actual, expected = actual.detach().double(), expected.detach().double()
+    assert torch.isfinite(actual).all(), f"{name}: {int((~torch.isfinite(actual)).sum())} non-finite values"
+    if expected.numel() == 0:
+        return
+    err = (actual - expected).abs()
+    scale = expected.abs().max().clamp_min(1e-30)
+    bad = err > atol * scale + rtol * expected.abs()
+    bad_fraction = bad.double().mean().item()
+    rel_l2 = (err.norm() / expected.norm().clamp_min(1e-30)).item()
+    worst = int(err.argmax())
+    detail = (
+        f"{name}: rel L2 {rel_l2:.2e} (max {max_rel_l2:.0e}), {int(bad.sum())}/{bad.numel()} outside "
+        f"rtol={rtol}, atol={atol}*{scale.item():.3g} (max fraction {max_bad}); worst |err| "
+        f"{err.flatten()[worst].item():.3e} at {worst}: {actual.flatten()[worst].item():.6g} vs "
+        f"{expected.flatten()[worst].item():.6g}"
+    )
+    assert rel_l2 <= max_rel_l2 and bad_fraction <= max_bad, detail
+
+
+def _cameras(batch, width, height, device):
+    poses, Ks = [], []
+    for b in range(batch):
+        angle = 0.12 * b
+        pose = torch.eye(4)
+        pose[:3, :3] = torch.tensor(
+            [[math.cos(angle), 0, math.sin(angle)], [0, 1, 0], [-math.sin(angle), 0, math.cos(angle)]]
+        )
+        pose[:3, 3] = torch.tensor([0.05 * b, -0.03 * b, 0.1 * b])
+        poses.append(pose)
+        f = 0.9 * width * (1 + 0.05 * b)
+        Ks.append(torch.tensor([[f, 0, width / 2 + b], [0, f * 1.02, height / 2 - b], [0, 0, 1]]))
+    return torch.stack(Ks).to(device), torch.stack(poses).to(device)
+
+
+def _scene(n, n_features, seed, device, degenerate=False, sh_coeffs=None):
+    """Random Gaussians in front of the cameras; `degenerate` adds tiny, huge, near-plane, off-screen and
+    behind-the-camera ones, opacities at 1 (alpha clamp) and below 1/255."""
+    g = torch.Generator().manual_seed(seed)
+    means = (torch.rand(n, 3, generator=g) - 0.5) * torch.tensor([3.0, 2.0, 4.0]) + torch.tensor(
+        [0.0, 0.0, 3.0]
+    )
+    quats = torch.randn(n, 4, generator=g)
+    scales = torch.exp(torch.rand(n, 3, generator=g) * (math.log(0.15) - math.log(0.005)) + math.log(0.005))
+    opacities = torch.sigmoid(2.0 * torch.randn(n, generator=g))
+    colors = (
+        torch.rand(n, 3, generator=g)
+        if sh_coeffs is None
+        else 0.4 * torch.randn(n, sh_coeffs, 3, generator=g)
+    )
+    features = 0.5 * torch.randn(n, n_features, generator=g)
+    if degenerate:
+        k = max(n // 20, 1)
+        scales[0:k] = 1e-6  # tiny: only the 0.3 px low-pass remains
+        scales[k : 2 * k] = 2.5  # huge: covers the whole image
+        means[2 * k : 3 * k, 2] = torch.linspace(0.0102, 0.05, k)  # just beyond the near plane
+        means[3 * k : 4 * k, 0] = torch.linspace(-30.0, 30.0, k)  # far off-screen (frustum clamp)
+        means[4 * k : 5 * k, 2] = -2.0  # behind the camera
+        opacities[5 * k : 6 * k] = 1.0  # alpha clamped at 0.99
+        opacities[6 * k : 7 * k] = 0.002  # below 1/255: culled
+    return [t.to(device) for t in (means, quats, scales, opacities, colors, features)]
+
+
+def _loss_weights(batch, n_features, width, height, device, seed):
+    g = torch.Generator().manual_seed(seed + 100)
+    shapes = (
+        (batch, 3, height, width),
+        (batch, 1, height, width),
+        (batch, n_features, height, width),
+        (batch, 1, height, width),
+    )
+    return [torch.randn(s, generator=g).to(device) for s in shapes]
+
+
+def _render_and_grads(params, K, w2c, width, height, weights, backend, **kwargs):
+    leaves = [p.detach().clone().requires_grad_(True) for p in params]
+    out = render(*leaves, K, w2c, width, height, backend=backend, **kwargs)
+    images = (out.rgb, out.depth, out.features, out.alpha)
+    loss = sum((image * w).sum() for image, w in zip(images, weights, strict=True))
+    loss.backward()
+    return out, images, [p.grad for p in leaves]
+
+
+NAMES = ("means", "quats", "scales", "opacities", "colors", "features")
+
+
+def _compare_render(params, K, w2c, width, height, seed, **kwargs):
+    batch, n_features = K.shape[0], params[5].shape[1]
+    weights = _loss_weights(batch, n_features, width, height, K.device, seed)
+    out, images, grads = _render_and_grads(params, K, w2c, width, height, weights, "cuda", **kwargs)
+    params64 = [p.double() for p in params]
+    ref_kwargs = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    ref, ref_images, ref_grads = _render_and_grads(
+        params64,
+        K.double(),
+        w2c.double(),
+        width,
+        height,
+        [w.double() for w in weights],
+        "reference",
+        **ref_kwargs,
+    )
+    assert out.backend == "cuda" and ref.backend == "reference"
+    radii_equal = (out.radii == ref.radii).double().mean().item()
+    assert radii_equal >= 0.999 and (out.radii - ref.radii).abs().max() <= 1, (
+        f"radii agree on {radii_equal:.4%}"
+    )
+    for name, a, b in zip(("rgb", "depth", "features", "alpha"), images, ref_images, strict=True):
+        _assert_matches(name, a, b, **FWD)
+    for name, a, b in zip(NAMES, grads, ref_grads, strict=True):
+        _assert_matches(f"grad {name}", a, b, **GRAD)
+    _assert_matches("grad means2d", out.means2d.grad, ref.means2d.grad, **GRAD)
+    return out, grads
+
+
+# ---- end to end ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_features", [0, 3, 16, 64, 128, 384])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_render_matches_reference(n_features, batch):
+    width, height = 75, 53  # not multiples of the tile size
+    params = _scene(600, n_features, seed=n_features + batch, device="cuda")
+    K, w2c = _cameras(batch, width, height, "cuda")
+    _compare_render(params, K, w2c, width, height, seed=n_features)
+
+
+@pytest.mark.parametrize("route", [False, True])
+def test_render_with_background_and_routing(route):
+    width, height = 64, 48
+    params = _scene(800, 20, seed=7, device="cuda")
+    K, w2c = _cameras(2, width, height, "cuda")
+    background = torch.tensor([0.3, 0.6, 0.9], device="cuda")
+    _compare_render(
+        params, K, w2c, width, height, seed=7, background=background, feature_grad_to_geometry=route
+    )
+
+
+@pytest.mark.parametrize("n_features", [3, 80])
+def test_degenerate_gaussians(n_features):
+    width, height = 70, 50
+    params = _scene(1000, n_features, seed=11, device="cuda", degenerate=True)
+    K, w2c = _cameras(2, width, height, "cuda")
+    out, grads = _compare_render(params, K, w2c, width, height, seed=11, feature_grad_to_geometry=True)
+    assert (out.radii[:, 200:250] == 0).all()  # the ones behind the camera (k = 50: slots 200..249)
+    for name, g in zip(NAMES, grads, strict=True):
+        assert torch.isfinite(g).all(), name
+
+
+def test_sh_colours_match_reference():
+    width, height = 64, 40
+    params = _scene(500, 8, seed=5, device="cuda", sh_coeffs=16)
+    K, w2c = _cameras(3, width, height, "cuda")
+    _compare_render(params, K, w2c, width, height, seed=5)
+    _compare_render(params, K, w2c, width, height, seed=6, sh_degree=1)
+
+
+def test_larger_scene_matches_reference():
+    width, height = 240, 176
+    params = _scene(20_000, 32, seed=9, device="cuda")
+    K, w2c = _cameras(1, width, height, "cuda")
+    _compare_render(params, K, w2c, width, height, seed=9)
+
+
+def test_forward_is_deterministic_and_features_may_be_none():
+    params = _scene(2000, 0, seed=3, device="cuda")
+    K, w2c = _cameras(2, 80, 60, "cuda")
+    a = render(*params[:5], None, K, w2c, 80, 60)
+    b = render(*params[:5], None, K, w2c, 80, 60)
+    assert a.backend == "cuda" and a.features.shape == (2, 0, 60, 80)
+    for name in ("rgb", "depth", "alpha", "radii", "means2d"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_empty_scene():
+    K, w2c = _cameras(2, 33, 17, "cuda")
+    empty = torch.zeros(0, 3, device="cuda")
+    bg = torch.tensor([0.1, 0.2, 0.3], device="cuda")
+    out = render(
+        empty,
+        torch.zeros(0, 4, device="cuda"),
+        empty,
+        torch.zeros(0, device="cuda"),
+        empty,
+        torch.zeros(0, 4, device="cuda"),
+        K,
+        w2c,
+        33,
+        17,
+        background=bg,
+    )
+    assert out.backend == "cuda"
+    torch.testing.assert_close(out.rgb, bg[None, :, None, None].expand(2, 3, 17, 33))
+    assert torch.count_nonzero(out.alpha) == 0 and torch.count_nonzero(out.features) == 0
+
+
+# ---- op by op: every *_fwd in ext.cpp against its reference twin ------------------------------------------
+
+
+def test_project_op_matches_reference():
+    means, quats, scales, opacities, _, _ = _scene(3000, 0, seed=21, device="cuda", degenerate=True)
+    K, w2c = _cameras(3, 90, 70, "cuda")
+    inputs = [t.clone().requires_grad_(i < 3) for i, t in enumerate((means, quats, scales, opacities))]
+    got = _wrapper.project(*inputs, w2c, K, 90, 70)
+    inputs64 = [t.detach().double().requires_grad_(i < 3) for i, t in enumerate(inputs)]
+    want = _reference._project(*inputs64, w2c.double(), K.double(), 90, 70)
+    assert (got[3] == want[3]).double().mean() >= 0.999
+    visible = (got[3] > 0) & (want[3] > 0)
+    for name, a, b in zip(("means2d", "conics", "depths"), got[:3], want[:3], strict=True):
+        _assert_matches(name, a[visible], b[visible], **FWD)
+    g = torch.Generator().manual_seed(0)
+    v = [
+        torch.randn(t.shape, generator=g).cuda() * visible.reshape(*visible.shape, *([1] * (t.dim() - 2)))
+        for t in got[:3]
+    ]
+    grads = torch.autograd.grad(sum((a * w).sum() for a, w in zip(got[:3], v, strict=True)), inputs[:3])
+    grads64 = torch.autograd.grad(
+        sum((a * w.double()).sum() for a, w in zip(want[:3], v, strict=True)), inputs64[:3]
+    )
+    for name, a, b in zip(("means", "quats", "scales"), grads, grads64, strict=True):
+        _assert_matches(f"grad {name}", a, b, **GRAD)
+
+
+def test_spherical_harmonics_op_matches_reference():
+    means, _, _, _, sh, _ = _scene(2000, 0, seed=22, device="cuda", sh_coeffs=16)
+    _, w2c = _cameras(4, 64, 48, "cuda")
+    for degree in range(4):
+        sh32, means32 = sh.clone().requires_grad_(True), means.clone().requires_grad_(True)
+        sh64, means64 = sh.double().requires_grad_(True), means.double().requires_grad_(True)
+        got = _wrapper.spherical_harmonics(sh32, means32, w2c, degree)
+        want = _reference._spherical_harmonics(sh64, means64, w2c.double(), degree)
+        _assert_matches(f"colors (degree {degree})", got, want, **FWD)
+        v = torch.randn(got.shape, device="cuda")
+        grads = torch.autograd.grad(
+            (got * v).sum(), (sh32, means32), allow_unused=True, materialize_grads=True
+        )
+        grads64 = torch.autograd.grad(
+            (want * v.double()).sum(), (sh64, means64), allow_unused=True, materialize_grads=True
+        )
+        for name, a, b in zip(("sh", "means"), grads, grads64, strict=True):
+            if b.abs().max() > 0:
+                _assert_matches(f"grad {name} (degree {degree})", a, b, **GRAD)
+            else:
+                assert torch.count_nonzero(a) == 0
+
+
+@pytest.mark.parametrize("n_features,route", [(5, False), (5, True), (150, False), (150, True)])
+def test_rasterize_op_matches_reference(n_features, route):
+    """Same projected inputs into both rasterizers: isolates compositing, binning and its backward."""
+    width, height = 83, 61
+    means, quats, scales, opacities, colors, features = _scene(1500, n_features, seed=23, device="cuda")
+    K, w2c = _cameras(2, width, height, "cuda")
+    with torch.no_grad():
+        means2d, conics, depths, radii = _reference._project(
+            means, quats, scales, opacities, w2c, K, width, height
+        )
+    per_camera_colors = torch.rand(2, 1500, 3, device="cuda")
+    background = torch.tensor([0.5, 0.25, 0.75], device="cuda")
+    inputs = [means2d, conics, depths, per_camera_colors, opacities, features, background]
+    weights = _loss_weights(2, n_features, width, height, "cuda", seed=n_features)
+
+    def run(fn, tensors, w):
+        leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
+        images = fn(*leaves[:6], radii, width, height, leaves[6], route)
+        loss = sum((image * wi).sum() for image, wi in zip(images, w, strict=True))
+        return images, torch.autograd.grad(loss, leaves)
+
+    images, grads = run(_wrapper.rasterize, inputs, weights)
+    ref_images, ref_grads = run(
+        _reference._rasterize, [t.double() for t in inputs], [w.double() for w in weights]
+    )
+    for name, a, b in zip(("rgb", "depth", "features", "alpha"), images, ref_images, strict=True):
+        _assert_matches(name, a, b, **FWD)
+    names = ("means2d", "conics", "depths", "colors", "opacities", "features", "background")
+    for name, a, b in zip(names, grads, ref_grads, strict=True):
+        _assert_matches(f"grad {name}", a, b, **GRAD)
+
+
+def test_unused_images_cost_no_gradient():
+    """A loss on rgb only leaves features without gradient (None), and geometry still gets one."""
+    params = _scene(1000, 16, seed=4, device="cuda")
+    K, w2c = _cameras(1, 64, 48, "cuda")
+    leaves = [p.clone().requires_grad_(True) for p in params]
+    out = render(*leaves, K, w2c, 64, 48)
+    out.rgb.sum().backward()
+    assert leaves[5].grad is None
+    assert leaves[0].grad.abs().sum() > 0 and out.means2d.grad.abs().sum() > 0
+
+
+# ---- bad input ----------------------------------------------------------------------------------------
+
+
+def test_bad_input_on_cuda():
+    params = _scene(100, 4, seed=1, device="cuda")
+    K, w2c = _cameras(1, 32, 32, "cuda")
+    with pytest.raises(ValueError, match=r"quats must have shape \(100, 4\).*got \(99, 4\)"):
+        render(params[0], params[1][:99], *params[2:], K, w2c, 32, 32)
+    with pytest.raises(ValueError, match=r"features must have shape \(100, F\), got \(100, 4, 1\)"):
+        render(*params[:5], params[5][..., None], K, w2c, 32, 32)
+    with pytest.raises(ValueError, match=r"K is on cpu, but the Gaussians are on cuda"):
+        render(*params, K.cpu(), w2c, 32, 32)
+    with pytest.raises(TypeError, match=r"the CUDA backend renders float32"):
+        render(*[p.double() for p in params], K.double(), w2c.double(), 32, 32, backend="cuda")
+    with pytest.raises(TypeError, match=r"scales must have dtype torch.float32, got torch.float16"):
+        render(params[0], params[1], params[2].half(), *params[3:], K, w2c, 32, 32)
+    with pytest.raises(ValueError, match=r"world_to_camera must have shape \(1, 4, 4\)"):
+        render(*params, K, w2c[:, :3], 32, 32)
+    with pytest.raises(ValueError, match=r"rasterize needs CUDA tensors|CUDA backend needs CUDA tensors"):
+        _wrapper.project(*[p.cpu() for p in params[:4]], w2c.cpu(), K.cpu(), 32, 32)
