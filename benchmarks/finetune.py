@@ -59,7 +59,7 @@ def data_loading_images_per_s(work: Path, width: int, height: int, workers: int,
     from fit3d_hf.finetuning import build_train_dataloader, FinetuningArguments, load_frames
     from fit3d_hf.scene.synthetic import SyntheticSceneConfig, generate_dataset
 
-    generate_dataset(work / "frames", num_scenes=1, num_val_scenes=0, config=SyntheticSceneConfig(num_views=64, width=width, height=height))
+    generate_dataset(work / "frames", num_scenes=1, num_val_scenes=0, config=SyntheticSceneConfig(num_views=32, width=width, height=height))
     frames = load_frames(work / "frames", "train")
     loader = build_train_dataloader(frames, FinetuningArguments(output_dir=str(work), train_batch_size=batch, dataloader_num_workers=workers))
     start, count = time.perf_counter(), 0

@@ -29,6 +29,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=8, help="processes generating the synthetic views")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--work_dir", default=None)
+    parser.add_argument("--mixed_precision", default="bf16", choices=("no", "bf16"), help="decoder + feature loss precision")
     args = parser.parse_args()
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="fit3d-lift-bench-"))
@@ -42,7 +43,7 @@ def main() -> None:
     Dinov2Model(Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, patch_size=14, image_size=518)).save_pretrained(backbone)
     lift_args = LiftingArguments(
         backbone=str(backbone), out=str(work / "lifted"), feature_dim=args.feature_dim, iterations=args.iterations,
-        holdout_every=8, checkpoint_interval=0, previews=False, device=args.device,
+        holdout_every=8, checkpoint_interval=0, previews=False, device=args.device, mixed_precision=args.mixed_precision,
     )  # fmt: skip
     metrics = lift_scene(scene_dir, lift_args)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
@@ -52,6 +53,7 @@ def main() -> None:
         "views": args.views,
         "image_size": [args.width, args.height],
         "iterations": args.iterations,
+        "mixed_precision": args.mixed_precision,
         "gaussians": metrics["num_gaussians"],
         "gaussians_initial": metrics["num_gaussians_initial"],
         "minutes_per_scene": round(metrics["seconds_total"] / 60, 2),

@@ -234,19 +234,26 @@ class GaussianCache:
 
 @torch.no_grad()
 def render_targets(batch: dict, cache: GaussianCache, grid_size: tuple[int, int], device) -> torch.Tensor:
-    """`[B, D, h, w]` targets: each frame's decoded feature render sampled on the patch grid."""
+    """`[B, D, h, w]` targets: each frame's decoded feature render sampled on the patch grid. Frames of
+    the same scene are rendered together, all their cameras in one rasterizer launch."""
     from .render import render
 
     height, width = batch["image"].shape[-2:]
-    targets = []
+    targets = [None] * len(batch["scene_id"])
+    by_scene: dict[str, list[int]] = {}
     for i, scene_id in enumerate(batch["scene_id"]):
+        by_scene.setdefault(scene_id, []).append(i)
+    for scene_id, indices in by_scene.items():
         bundle = cache.get(scene_id)
+        index = torch.tensor(indices)
         out = render(
             bundle.means, bundle.quats, bundle.scales, bundle.opacities, bundle.metadata["colors"], bundle.features,
-            batch["K"][i : i + 1].to(device), batch["world_to_camera"][i : i + 1].to(device), width, height,
+            batch["K"][index].to(device), batch["world_to_camera"][index].to(device), width, height, render_depth=False,
         )  # fmt: skip
-        targets.append(decode_at_patch_grid(out.features, bundle.decoder_weight, grid_size))
-    return torch.cat(targets)
+        decoded = decode_at_patch_grid(out.features, bundle.decoder_weight, grid_size)
+        for row, i in enumerate(indices):
+            targets[i] = decoded[row]
+    return torch.stack(targets)
 
 
 def build_train_dataloader(frames, args: FinetuningArguments) -> torch.utils.data.DataLoader:

@@ -76,6 +76,9 @@ class LiftingArguments:
     normalization: str = field(default="imagenet", metadata={"help": "Backbone input normalisation: 'imagenet' (FiT3D) or 'processor'."})
     checkpoint_interval: int = field(default=1000, metadata={"help": "Save a resumable checkpoint every N iterations (0: never)."})
     device: str = field(default="auto", metadata={"help": "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."})
+    mixed_precision: str = field(
+        default="no", metadata={"help": "'bf16': decode the features and compute their loss in bfloat16 (faster on GPUs; FiT3D: fp32)."}
+    )
     previews: bool = field(default=True, metadata={"help": "Write preview PNGs (RGB render, PCA of features)."})
     keep_checkpoint: bool = field(default=False, metadata={"help": "Keep the last checkpoint after the scene is finished."})
 
@@ -88,6 +91,8 @@ class LiftingArguments:
             raise ValueError(f"--image_scale must be in (0, 1], got {self.image_scale}")
         if self.holdout_every < 0 or self.holdout_every == 1:
             raise ValueError(f"--holdout_every must be 0 or at least 2, got {self.holdout_every}")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"--mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
         if self.normalization not in ("imagenet", "processor"):
             raise ValueError(f"--normalization must be 'imagenet' or 'processor', got {self.normalization!r}")
 
@@ -254,9 +259,9 @@ class _Lifter:
                 self.data.width, self.data.height, sh_degree=g.active_sh_degree,
             )  # fmt: skip
 
-    def target_features(self, view: int) -> torch.Tensor:
+    def target_features(self, view: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """`[1, D, H, W]` backbone features of a view, bilinearly upsampled to the image (as FiT3D)."""
-        low = self.data.targets[view : view + 1].float()
+        low = self.data.targets[view : view + 1].to(dtype)
         return F.interpolate(low, size=(self.data.height, self.data.width), mode="bilinear", align_corners=False)
 
     def step(self) -> dict[str, torch.Tensor]:
@@ -272,15 +277,17 @@ class _Lifter:
         view = self.next_view()
         out = self.render(view, with_grad=True)
         rgb = out.rgb
-        decoded = self.decoder(out.features)
-        gt_rgb, gt_features = data.image(view), self.target_features(view)
         mask = data.masks[view : view + 1]
         # Anonymised pixels: the targets become the (detached) prediction, so they add no loss.
-        gt_rgb = torch.where(mask, gt_rgb, rgb.detach())
-        gt_features = torch.where(mask, gt_features, decoded.detach())
+        gt_rgb = torch.where(mask, data.image(view), rgb.detach())
         l1_rgb = (rgb - gt_rgb).abs().mean()
         loss_ssim = 1.0 - ssim(rgb, gt_rgb)
-        l1_features = (decoded - gt_features).abs().mean()
+        bf16 = args.mixed_precision == "bf16"
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+            decoded = self.decoder(out.features)
+            gt_features = self.target_features(view, torch.bfloat16 if bf16 else torch.float32)
+            gt_features = torch.where(mask, gt_features, decoded.detach())
+            l1_features = (decoded - gt_features).abs().mean().float()
         loss_rgb = (1 - args.lambda_dssim) * l1_rgb + args.lambda_dssim * loss_ssim
         loss = args.rgb_loss_weight * loss_rgb + args.feature_loss_weight * l1_features
         loss.backward()

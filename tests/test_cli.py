@@ -27,45 +27,6 @@ def test_commands_are_registered_with_help(capsys):
     assert "{frames,points}" in help_text
 
 
-def test_demo_generates_and_loads_the_synthetic_scenes(tmp_path, capsys):
-    from fit3d_hf.scene.synthetic import SyntheticSceneConfig, scene_id_for_seed
-
-    views = SyntheticSceneConfig().num_views
-    assert main(["demo", "--output_dir", str(tmp_path / "demo"), "--seed", "3"]) == 0
-    out = capsys.readouterr().out
-    train = re.search(
-        r"train: (\d+) scenes \((.*)\), (\d+) frames \((\d+) test frames\), image size (\S+), (\d+) sparse",
-        out,
-    )
-    val = re.search(
-        r"val: (\d+) scenes \((.*)\), (\d+) frames \((\d+) test frames\), image size (\S+), (\d+) sparse", out
-    )
-    assert train and val, out
-    assert train.group(1) == "2" and train.group(2) == f"{scene_id_for_seed(3)}, {scene_id_for_seed(4)}"
-    assert val.group(1) == "1" and val.group(2) == scene_id_for_seed(1003)
-    assert (int(train.group(3)), int(val.group(3))) == (2 * views, views)
-    scenes = tmp_path / "demo" / "data" / "scenes"
-    test_frames = {
-        seed: len(
-            json.loads((scenes / scene_id_for_seed(seed) / "transforms_train.json").read_text())[
-                "test_frames"
-            ]
-        )
-        for seed in (3, 4, 1003)
-    }
-    assert (int(train.group(4)), int(val.group(4))) == (test_frames[3] + test_frames[4], test_frames[1003])
-    assert train.group(5) == val.group(5) == "160x120"
-    points = [
-        sum(
-            1
-            for line in (scenes / scene_id_for_seed(s) / "points3D.txt").read_text().splitlines()
-            if not line.startswith("#")
-        )
-        for s in (3, 4, 1003)
-    ]
-    assert (int(train.group(6)), int(val.group(6))) == (points[0] + points[1], points[2])
-
-
 def test_export_dataset_writes_standalone_parquet(tmp_path, capsys):
     root = tmp_path / "root"
     info = make_scannetpp_root(root, np.random.default_rng(0))
