@@ -52,3 +52,22 @@ def test_finetuning_improves_multiview_consistency_on_held_out_views(demo):
     assert report["consistency_improved"] is True
     assert report["finetuning"]["consistency_after"] > report["finetuning"]["consistency_before"] + 0.05
     assert "fine-tuning improved multi-view consistency" in (demo / "report.md").read_text()
+
+
+def test_notebook_runs_on_the_demo_model(demo, tmp_path, monkeypatch):
+    """The notebook is executed end to end (nbclient), so it never goes stale."""
+    from pathlib import Path
+
+    import nbclient
+    import nbformat
+
+    notebook_path = Path(__file__).parents[1] / "notebooks" / "fit3d_demo.ipynb"
+    notebook = nbformat.read(notebook_path, as_version=4)
+    monkeypatch.setenv("FIT3D_MODEL", str(demo / "fit3d"))
+    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(notebook_path.parent)}}).execute()
+    outputs = ["".join(o.get("text", "") for o in cell.get("outputs", [])) for cell in notebook.cells if cell.cell_type == "code"]
+    assert "FiT3DModel with backbone dinov2" in outputs[0]
+    assert "original (1, 64, 60, 80) fine-tuned (1, 64, 60, 80) FiT3D (1, 128, 60, 80)" in outputs[1]  # 320x240 examples, patch 4
+    assert "similarity at the centre patch: [1.0, 1.0]" in outputs[-1]
+    figures = [o for cell in notebook.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(figures) == 3  # PCA, K-Means and similarity plots
