@@ -31,12 +31,12 @@ test: $(STAMP)
 
 quality: $(STAMP)
 	$(PY) -m pip install -q ruff
-	$(VENV)/bin/ruff check fit3d_hf dataset_builders training tests benchmarks
+	$(VENV)/bin/ruff check fit3d_hf dataset_builders training tests benchmarks space
 
 style: $(STAMP)
 	$(PY) -m pip install -q ruff
-	$(VENV)/bin/ruff check --fix fit3d_hf dataset_builders training tests benchmarks
-	$(VENV)/bin/ruff format fit3d_hf dataset_builders training tests benchmarks
+	$(VENV)/bin/ruff check --fix fit3d_hf dataset_builders training tests benchmarks space
+	$(VENV)/bin/ruff format fit3d_hf dataset_builders training tests benchmarks space
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo_output

@@ -56,7 +56,7 @@ def batch_of(b: int, width: int, height: int, device) -> dict:
 
 def data_loading_images_per_s(work: Path, width: int, height: int, workers: int, batch: int) -> float:
     """Frames/s of the real input path (JPEG + mask decode through the scannetpp builder and FrameDataset)."""
-    from fit3d_hf.finetuning import build_train_dataloader, FinetuningArguments, load_frames
+    from fit3d_hf.finetuning import FinetuningArguments, build_train_dataloader, load_frames
     from fit3d_hf.scene.synthetic import SyntheticSceneConfig, generate_dataset
 
     generate_dataset(work / "frames", num_scenes=1, num_val_scenes=0, config=SyntheticSceneConfig(num_views=32, width=width, height=height))

@@ -134,7 +134,7 @@ def feature_pictures(data: Path, model_dir: Path, output_dir: Path) -> Path:
     from PIL import Image
     from transformers import AutoModel
 
-    from fit3d_hf.scene import load_image, read_scene, read_scannetpp_split
+    from fit3d_hf.scene import load_image, read_scannetpp_split, read_scene
     from fit3d_hf.visualization import pca_rgb
 
     model = AutoModel.from_pretrained(model_dir).eval()

@@ -303,13 +303,13 @@ def multiview_consistency(extractor, frames, cache: GaussianCache, pairs_per_sce
         by_scene.setdefault(scene_id, []).append(index)
     scores = []
     for scene_id, indices in sorted(by_scene.items()):
-        for a, b in list(zip(indices, indices[1:]))[:pairs_per_scene]:
+        for a, b in list(zip(indices, indices[1:], strict=False))[:pairs_per_scene]:
             rows = [frames[a], frames[b]]
             images = torch.stack([_to_tensor_image(r["image"], "RGB") for r in rows]).to(device).float() / 255
             Ks = [torch.tensor(r["K"], dtype=torch.float64) for r in rows]
             poses = [torch.tensor(r["world_to_camera"], dtype=torch.float64) for r in rows]
             depths = []
-            for r, K, pose in zip(rows, Ks, poses):
+            for r, K, pose in zip(rows, Ks, poses, strict=False):
                 if r.get("depth") is not None:
                     depths.append(torch.from_numpy(np.asarray(r["depth"], dtype=np.float32) / 1000.0))
                 else:

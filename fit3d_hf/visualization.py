@@ -34,14 +34,14 @@ def pca_rgb(*feature_maps: torch.Tensor | np.ndarray, fit_on: int | None = None)
     """
     from sklearn.decomposition import PCA
 
-    rows, sizes = zip(*(_as_rows(f) for f in feature_maps))
+    rows, sizes = zip(*(_as_rows(f) for f in feature_maps), strict=False)
     fit_rows = np.concatenate(rows) if fit_on is None else rows[fit_on]
     pca = PCA(n_components=3, random_state=0).fit(fit_rows)
     projected = [pca.transform(r) for r in rows]
     stacked = np.concatenate(projected)
     low, high = stacked.min(), stacked.max()
     scale = 255.0 / max(high - low, 1e-12)
-    return [((p - low) * scale).clip(0, 255).astype(np.uint8).reshape(*size, 3) for p, size in zip(projected, sizes)]
+    return [((p - low) * scale).clip(0, 255).astype(np.uint8).reshape(*size, 3) for p, size in zip(projected, sizes, strict=True)]
 
 
 def kmeans_segments(features: torch.Tensor | np.ndarray, n_clusters: int = 20, seed: int = 0) -> np.ndarray:

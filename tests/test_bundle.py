@@ -2,7 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from fit3d_hf.gaussians import BundleMismatchError, FeatureGaussians, load_bundle, read_bundle_metadata, save_bundle
+from fit3d_hf.gaussians import (
+    BundleMismatchError,
+    FeatureGaussians,
+    load_bundle,
+    read_bundle_metadata,
+    save_bundle,
+)
 
 
 def _gaussians(n=50, feature_dim=8):
