@@ -6,18 +6,16 @@ appear, and the maps must mark the clicked point. The screenshot is kept in test
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import shutil
-import socket
-import sys
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from space_helpers import free_port, load_space_app
 
 pytest.importorskip("gradio", reason="the Space needs gradio (pip install fit3d-hf[space])")
 
@@ -36,23 +34,6 @@ CHROMIUM_ARGS = [
     "--disable-dev-shm-usage",
 ]
 TINY_LABEL = "Tiny browser-test FiT3D"
-
-
-def load_space_app():
-    """Imports space/app.py (not a package) once per test session."""
-    name = "fit3d_space_app"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SPACE_DIR / "app.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up while the file executes
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def fetch_image(url: str) -> np.ndarray:

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import configparser
-import importlib.util
 import json
 import re
-import socket
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from space_helpers import free_port, load_space_app
 
 gradio = pytest.importorskip("gradio", reason="the Space needs gradio (pip install fit3d-hf[space])")
 gradio_client = pytest.importorskip("gradio_client", reason="the Space tests need gradio_client")
@@ -21,23 +19,6 @@ REPO = Path(__file__).resolve().parents[1]
 SPACE_DIR = REPO / "space"
 TINY_LABEL = "Tiny test FiT3D"
 MISSING_LABEL = "Missing model"
-
-
-def load_space_app():
-    """Imports space/app.py (not a package) once per test session."""
-    name = "fit3d_space_app"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SPACE_DIR / "app.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up while the file executes
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def save_tiny_fit3d(folder: Path) -> Path:
