@@ -14,7 +14,7 @@ gradient clipping is done per head), at a third of the backbone cost.
 Probes (FiT3D's protocol, see `ProbeArguments` for the defaults):
 
 - segmentation: BatchNorm + 1x1 conv, cross-entropy at label resolution, AdamW lr 1e-3 wd 1e-4, poly schedule
-  with linear warm-up, random rescale/crop/flip; mIoU, mAcc, aAcc;
+  with linear warm-up, random rescale/crop/flip and photometric distortion; mIoU, mAcc, aAcc;
 - depth: 256-bin classification head on un-normed features ⊕ CLS, SigLoss + 0.5 x gradient loss, AdamW lr
   1e-4 wd 0.01, cosine schedule with warm-up, gradient clipping 35; RMSE, AbsRel, δ thresholds;
 - correspondence (no training): mutual-nearest-neighbour matching of the dense features between views of a
@@ -42,6 +42,8 @@ from tqdm.auto import tqdm
 from .correspondence import CorrespondenceProbeOptions, correspondence_probe, parse_floats
 from .data import (
     CachedFeatureDataset,
+    ComposeTransforms,
+    PhotoMetricDistortion,
     ProbeDataArguments,
     ProbeDataset,
     RandomScaleCropFlip,
@@ -60,6 +62,7 @@ from .report import VARIANT_LABELS, build_results, write_report
 
 __all__ = [
     "PROBES",
+    "build_train_transform",
     "depth_head_options",
     "FrozenFeatures",
     "ModelArguments",
@@ -81,12 +84,12 @@ _REFERENCE = {
     "segmentation": {
         "max_steps": 40000, "learning_rate": 1e-3, "weight_decay": 1e-4, "warmup_steps": 1500, "warmup_ratio": 1e-6,
         "lr_schedule": "poly", "max_grad_norm": 0.0, "crop_size": "512", "scale_range": "0.5,2.0",
-        "train_short_side": 512, "eval_mode": "slide", "eval_flip": False,
+        "train_short_side": 512, "eval_mode": "slide", "eval_flip": False, "photometric_distortion": True,
     },
     "depth": {
         "max_steps": 38400, "learning_rate": 1e-4, "weight_decay": 1e-2, "warmup_steps": 12800, "warmup_ratio": 1e-3,
         "lr_schedule": "cosine", "max_grad_norm": 35.0, "crop_size": "416,544", "scale_range": "1.0,1.0",
-        "train_short_side": None, "eval_mode": "whole", "eval_flip": True,
+        "train_short_side": None, "eval_mode": "whole", "eval_flip": True, "photometric_distortion": False,
     },
 }  # fmt: skip
 _SIG_LOSS_WARMUP_STEPS = 100  # the reference SigLoss's warm-up, out of 38400 iterations
@@ -131,6 +134,7 @@ class ProbeArguments:
     scale_range: str | None = field(default=None, metadata={"help": "Random rescale range 'min,max' (reference: 0.5,2.0 segmentation; 1,1 depth)."})
     train_short_side: int | None = field(default=None, metadata={"help": "Shorter image side before the random rescale (reference: 512 segmentation; none for depth)."})
     flip_probability: float = field(default=0.5, metadata={"help": "Probability of a horizontal flip in training."})
+    photometric_distortion: bool | None = field(default=None, metadata={"help": "With augmentation, mmseg's PhotoMetricDistortion of the training images after the crop and flip: random brightness, contrast, saturation, hue (reference: on for segmentation, off for depth). Pass true/false."})
     eval_mode: str | None = field(default=None, metadata={"help": "Segmentation inference: 'slide' windows (reference) or 'whole' image."})
     eval_crop_size: str | None = field(default=None, metadata={"help": "Sliding-window size (default: crop_size)."})
     eval_stride: str | None = field(default=None, metadata={"help": "Sliding-window stride (default: 2/3 of the window, 341 for 512)."})
@@ -700,6 +704,26 @@ def _save_heads_atomic(heads: ProbeHeads, path: Path, metadata: dict[str, str]) 
         raise
 
 
+def build_train_transform(args: ProbeArguments):
+    """The training augmentation of resolved options: None without --augment, else `RandomScaleCropFlip`,
+    followed for segmentation (--photometric_distortion) by `PhotoMetricDistortion` of the image, in mmseg's
+    pipeline order. Random numbers come from torch's global generator (seeded by `set_seed`, per worker by the
+    DataLoader)."""
+    if not args.augment:
+        return None
+    transform = RandomScaleCropFlip(
+        parse_size(args.crop_size),
+        tuple(parse_floats(args.scale_range, "scale_range")),
+        short_side=args.train_short_side,
+        flip_probability=args.flip_probability,
+        fill=args.ignore_index if args.probe == "segmentation" else 0,
+        cat_max_ratio=0.75 if args.probe == "segmentation" else 1.0,
+    )
+    if args.photometric_distortion:
+        transform = ComposeTransforms([transform, PhotoMetricDistortion()])
+    return transform
+
+
 def _train_and_score(features, splits, eval_split, data_args, args, accelerator, dataset_kwargs, class_names):
     """Segmentation/depth: trains the heads on the training split and scores them on `eval_split`.
 
@@ -724,16 +748,7 @@ def _train_and_score(features, splits, eval_split, data_args, args, accelerator,
     use_cache = args.cache_features and not args.augment
     if args.cache_features and args.augment:
         logger.info("features are computed on the fly: caching needs --no_augment")
-    transform = None
-    if args.augment:
-        transform = RandomScaleCropFlip(
-            parse_size(args.crop_size),
-            tuple(parse_floats(args.scale_range, "scale_range")),
-            short_side=args.train_short_side,
-            flip_probability=args.flip_probability,
-            fill=args.ignore_index if args.probe == "segmentation" else 0,
-            cat_max_ratio=0.75 if args.probe == "segmentation" else 1.0,
-        )
+    transform = build_train_transform(args)
     train_dataset = ProbeDataset(train_split, args.probe, transform=transform, **dataset_kwargs)
     if use_cache:
         cached = cache_features(
