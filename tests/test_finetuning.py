@@ -148,3 +148,29 @@ def test_two_processes_see_disjoint_frames_covering_the_epoch(workspace):
     assert not first & second
     total = len(load_frames(workspace["data"], "train"))
     assert len(first | second) == total - total % 4  # whole batches of 2 on each of 2 processes
+
+
+def test_training_script_under_accelerate_launch(workspace, tmp_path):
+    """The thin entry point, as users run it: `accelerate launch training/finetune.py ...` (YAML config)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "backbone": workspace["backbone"], "frames": workspace["data"], "gaussians": workspace["gaussians"],
+        "output_dir": str(tmp_path / "run"), "max_train_steps": 2, "report_to": "none", "validation_split": "",
+    }))  # fmt: skip
+    repo = Path(__file__).resolve().parents[1]
+    accelerate = Path(sys.executable).with_name("accelerate")
+    result = subprocess.run(
+        [str(accelerate), "launch", "--cpu", "--num_processes", "1", str(repo / "training" / "finetune.py"), str(config)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "'steps': 2" in result.stdout
+    assert (tmp_path / "run" / "finetuned" / "model.safetensors").is_file()
+    assert AutoModel.from_pretrained(tmp_path / "run" / "fit3d").config.model_type == "fit3d"

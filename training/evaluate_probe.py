@@ -10,19 +10,15 @@ On a CPU machine, `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_proc
 
 import sys
 
-from transformers import HfArgumentParser
-
+from fit3d_hf.cli import parse_args
 from fit3d_hf.evaluation.data import ProbeDataArguments
 from fit3d_hf.evaluation.probes import ModelArguments, ProbeArguments, run_probe
 
 
 def main() -> None:
-    parser = HfArgumentParser([ModelArguments, ProbeDataArguments, ProbeArguments])
-    if len(sys.argv) == 2 and sys.argv[1].endswith((".json", ".yaml", ".yml")):
-        read = parser.parse_json_file if sys.argv[1].endswith(".json") else parser.parse_yaml_file
-        model_args, data_args, probe_args = read(sys.argv[1])
-    else:
-        model_args, data_args, probe_args = parser.parse_args_into_dataclasses()
+    model_args, data_args, probe_args = parse_args(
+        "evaluate_probe.py", __doc__, [ModelArguments, ProbeDataArguments, ProbeArguments], sys.argv[1:]
+    )
     results = run_probe(model_args, data_args, probe_args)
     from accelerate import PartialState
 

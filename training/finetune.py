@@ -7,18 +7,14 @@ the method and every option; `--help` lists them). Options can also come from on
 
 import sys
 
-from transformers import HfArgumentParser
-
+from fit3d_hf.cli import parse_args
 from fit3d_hf.finetuning import DataArguments, FinetuningArguments, ModelArguments, train
 
 
 def main() -> None:
-    parser = HfArgumentParser([ModelArguments, DataArguments, FinetuningArguments])
-    if len(sys.argv) == 2 and sys.argv[1].endswith((".json", ".yaml", ".yml")):
-        read = parser.parse_json_file if sys.argv[1].endswith(".json") else parser.parse_yaml_file
-        model_args, data_args, training_args = read(sys.argv[1])
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    model_args, data_args, training_args = parse_args(
+        "finetune.py", __doc__, [ModelArguments, DataArguments, FinetuningArguments], sys.argv[1:]
+    )
     metrics = train(model_args, data_args, training_args)
     print({key: value for key, value in metrics.items() if not isinstance(value, dict)})  # noqa: T201
 

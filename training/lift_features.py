@@ -5,11 +5,12 @@ Each process lifts every N-th scene on its own GPU; finished scenes are skipped 
 scene resumes from its last checkpoint, so the same command can simply be launched again.
 """
 
+import sys
 from dataclasses import dataclass, field, replace
 
 from accelerate import Accelerator
-from transformers import HfArgumentParser
 
+from fit3d_hf.cli import parse_args
 from fit3d_hf.lifting import LiftingArguments, lift_many, resolve_scene_list
 
 
@@ -21,7 +22,7 @@ class ScenesArguments:
 
 
 def main() -> None:
-    scenes_args, lift_args = HfArgumentParser([ScenesArguments, LiftingArguments]).parse_args_into_dataclasses()
+    scenes_args, lift_args = parse_args("lift_features.py", __doc__, [ScenesArguments, LiftingArguments], sys.argv[1:])
     accelerator = Accelerator()
     lift_args = replace(lift_args, device=str(accelerator.device))
     scene_paths = resolve_scene_list(scenes_args.scenes)
