@@ -162,7 +162,8 @@ def test_training_script_under_accelerate_launch(workspace, tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({
         "backbone": workspace["backbone"], "frames": workspace["data"], "gaussians": workspace["gaussians"],
-        "output_dir": str(tmp_path / "run"), "max_train_steps": 2, "report_to": "none", "validation_split": "",
+        "output_dir": str(tmp_path / "run"), "max_train_steps": 2, "report_to": "tensorboard", "logging_steps": 1,
+        "validation_split": "",
     }))  # fmt: skip
     repo = Path(__file__).resolve().parents[1]
     accelerate = Path(sys.executable).with_name("accelerate")
@@ -174,3 +175,4 @@ def test_training_script_under_accelerate_launch(workspace, tmp_path):
     assert "'steps': 2" in result.stdout
     assert (tmp_path / "run" / "finetuned" / "model.safetensors").is_file()
     assert AutoModel.from_pretrained(tmp_path / "run" / "fit3d").config.model_type == "fit3d"
+    assert list((tmp_path / "run" / "logs").rglob("events.out.tfevents*"))  # the tensorboard tracker logged
