@@ -176,3 +176,25 @@ def test_training_script_under_accelerate_launch(workspace, tmp_path):
     assert (tmp_path / "run" / "finetuned" / "model.safetensors").is_file()
     assert AutoModel.from_pretrained(tmp_path / "run" / "fit3d").config.model_type == "fit3d"
     assert list((tmp_path / "run" / "logs").rglob("events.out.tfevents*"))  # the tensorboard tracker logged
+
+
+def test_gaussian_cache_loads_lazily_and_evicts_least_recently_used(tmp_path):
+    import numpy as np
+
+    from fit3d_hf.finetuning import GaussianCache
+    from fit3d_hf.gaussians import FeatureGaussians, save_bundle
+
+    rng = np.random.default_rng(0)
+    for scene in ("a", "b", "c"):
+        gaussians = FeatureGaussians.from_points(rng.normal(size=(100, 3)), rng.integers(0, 255, (100, 3), dtype=np.uint8), 8)
+        save_bundle(tmp_path / scene, gaussians, torch.randn(16, 8, 3, 3), scene_id=scene, backbone="b")
+    one_scene = 100 * (12 + 16 + 12 + 4 + 32) + 16 * 8 * 9 * 4  # fp32 on the device: means..features + decoder
+    cache = GaussianCache(tmp_path, torch.device("cpu"), budget_bytes=2.5 * one_scene)
+    assert len(cache) == 0  # nothing is read before it is needed
+    first = cache.get("a")
+    assert cache.get("a") is first and len(cache) == 1
+    cache.get("b")
+    cache.get("a")  # "a" is now the most recently used
+    cache.get("c")  # over budget: "b" goes
+    assert len(cache) == 2 and cache.get("a") is first
+    assert "b" not in cache._entries and "c" in cache._entries
