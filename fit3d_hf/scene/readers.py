@@ -19,14 +19,11 @@ to a cache folder (default `<scene>/.fit3d_undistorted/`) and are reused while t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import os
-import uuid
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +35,9 @@ from fit3d_hf.scene.camera import (
     qvec_to_rotmat,
     scannetpp_nerfstudio_to_colmap,
 )
+from fit3d_hf.scene.ply import read_ply_points
 from fit3d_hf.scene.scene import Frame, Scene
+from fit3d_hf.scene.undistort import AUX_DIRS, Distortion, RawFrame, undistort_frames
 
 __all__ = [
     "LAYOUTS",
@@ -60,14 +59,8 @@ LAYOUTS = ("scannetpp", "nerfstudio", "colmap")
 SCANNETPP_SPLITS = ("train", "val")
 UNDISTORTED_DIRNAME = ".fit3d_undistorted"
 
-# Folders beside a scene's `images/` folder that hold per-frame extras named `<image stem>.png`.
-_AUX_DIRS = {"mask": "masks", "depth": "depth", "label": "labels"}
 # Extensions tried when a nerfstudio/Blender `file_path` has none (Blender's transforms omit it).
 _IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".JPG", ".PNG", ".JPEG")
-# Bumped whenever the undistortion output changes, so that stale caches are rebuilt.
-_UNDISTORT_VERSION = 1
-# Colour of PLY vertices that carry none.
-_GREY = 128
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -180,36 +173,6 @@ def read_scene(
 # Frames before validation
 
 
-@dataclass(frozen=True)
-class _Distortion:
-    """Lens distortion in OpenCV's order: `radial` = (k1, k2, p1, p2[, k3[, k4, k5, k6]]) for cv2.undistort,
-    `fisheye` = (k1, k2, k3, k4) for cv2.fisheye (COLMAP's OPENCV_FISHEYE and RADIAL_FISHEYE models)."""
-
-    model: str
-    coefficients: tuple[float, ...]
-
-    @property
-    def is_identity(self) -> bool:
-        return not any(self.coefficients)
-
-
-@dataclass
-class _RawFrame:
-    """A frame as the file describes it, before validation and undistortion."""
-
-    image_id: str
-    image_path: Path
-    K: np.ndarray
-    world_to_camera: np.ndarray
-    width: int
-    height: int
-    distortion: _Distortion | None
-    where: str
-    mask_path: Path | None = None
-    depth_path: Path | None = None
-    label_path: Path | None = None
-
-
 def _image_size(path: Path, where: str, what: str = "image") -> tuple[int, int]:
     from PIL import Image, UnidentifiedImageError
 
@@ -222,7 +185,7 @@ def _image_size(path: Path, where: str, what: str = "image") -> tuple[int, int]:
         raise ValueError(f"{where}: {what} {path} cannot be read as an image: {error}") from error
 
 
-def _validate(raw_frames: list[_RawFrame]) -> list[Camera]:
+def _validate(raw_frames: list[RawFrame]) -> list[Camera]:
     """Checks every file and pose of the scene; returns the (still distorted) cameras."""
     cameras = []
     for raw in raw_frames:
@@ -232,7 +195,7 @@ def _validate(raw_frames: list[_RawFrame]) -> list[Camera]:
                 f"{raw.where}: image {raw.image_path} is {width}x{height} but the intrinsics say "
                 f"{raw.width}x{raw.height} (w x h)"
             )
-        for kind in _AUX_DIRS:
+        for kind in AUX_DIRS:
             aux_path = getattr(raw, f"{kind}_path")
             if aux_path is not None:
                 aux_size = _image_size(aux_path, raw.where, kind)
@@ -251,7 +214,7 @@ def _validate(raw_frames: list[_RawFrame]) -> list[Camera]:
 def _make_scene(
     scene_id: str,
     root: Path,
-    raw_frames: list[_RawFrame],
+    raw_frames: list[RawFrame],
     points: tuple[np.ndarray, np.ndarray],
     test_image_ids: set[str],
     cache_dir: Path | str | None,
@@ -268,7 +231,7 @@ def _make_scene(
     ]
     if distorted:
         cache = Path(cache_dir) if cache_dir is not None else root / UNDISTORTED_DIRNAME
-        undistorted = _undistort_frames(
+        undistorted = undistort_frames(
             [raw_frames[i] for i in distorted], [cameras[i] for i in distorted], cache
         )
         for index, frame in zip(distorted, undistorted, strict=True):
@@ -286,7 +249,7 @@ def _unique_image_ids(relative_paths: list[str]) -> list[str]:
 
 def _aux_path(images_dir: Path, relative_image: str, kind: str) -> Path | None:
     """`<images_dir>/../<masks|depth|labels>/<stem>.png` (or `<name>.png`, COLMAP's mask naming), if any."""
-    folder = images_dir.parent / _AUX_DIRS[kind]
+    folder = images_dir.parent / AUX_DIRS[kind]
     for name in (Path(relative_image).with_suffix(".png"), Path(relative_image + ".png")):
         if (folder / name).is_file():
             return folder / name
@@ -325,7 +288,7 @@ def _number(value, key: str, where: str) -> float:
 
 def _transforms_intrinsics(
     meta: dict, frame: dict, where: str, image_path: Path
-) -> tuple[np.ndarray, int, int, _Distortion | None]:
+) -> tuple[np.ndarray, int, int, Distortion | None]:
     """K, size and distortion of one frame: per-frame keys override the file's top-level ones."""
 
     def get(key):
@@ -361,14 +324,14 @@ def _transforms_intrinsics(
         )
     c = coefficients
     if model == "OPENCV_FISHEYE":
-        distortion = _Distortion("fisheye", (c["k1"], c["k2"], c["k3"], c["k4"]))
+        distortion = Distortion("fisheye", (c["k1"], c["k2"], c["k3"], c["k4"]))
     else:
         # nerfstudio keeps k1..k4 + p1, p2 whatever the model (and applies them to PINHOLE too); k4..k6
         # follow OpenCV's rational model, which every file seen in practice leaves at zero.
         radial = (c["k1"], c["k2"], c["p1"], c["p2"], c["k3"])
         if c["k4"] or c["k5"] or c["k6"]:
             radial += (c["k4"], c["k5"], c["k6"])
-        distortion = _Distortion("radial", radial)
+        distortion = Distortion("radial", radial)
     return intrinsics_matrix(fx, fy, cx, cy), width, height, distortion
 
 
@@ -466,7 +429,7 @@ def read_scannetpp_scene(scene_dir: Path | str, *, cache_dir: Path | str | None 
         else:
             mask_path = _aux_path(images_dir, Path(relative).name, "mask")
         raw_frames.append(
-            _RawFrame(
+            RawFrame(
                 image_id,
                 image_path,
                 K,
@@ -530,7 +493,7 @@ def read_nerfstudio_scene(transforms_path: Path | str, *, cache_dir: Path | str 
             if frame.get(key):
                 extras[f"{kind}_path"] = _resolve_file(root, frame[key], where, kind)
         raw_frames.append(
-            _RawFrame(
+            RawFrame(
                 image_id,
                 image_path,
                 K,
@@ -569,7 +532,7 @@ _COLMAP_MODELS = {
 }
 
 
-def _colmap_camera(model: str, params: list[float]) -> tuple[np.ndarray, _Distortion | None]:
+def _colmap_camera(model: str, params: list[float]) -> tuple[np.ndarray, Distortion | None]:
     p = params
     if model in ("SIMPLE_PINHOLE", "SIMPLE_RADIAL", "RADIAL", "SIMPLE_RADIAL_FISHEYE", "RADIAL_FISHEYE"):
         K = intrinsics_matrix(p[0], p[0], p[1], p[2])
@@ -578,19 +541,19 @@ def _colmap_camera(model: str, params: list[float]) -> tuple[np.ndarray, _Distor
     if model in ("SIMPLE_PINHOLE", "PINHOLE"):
         distortion = None
     elif model == "SIMPLE_RADIAL":
-        distortion = _Distortion("radial", (p[3], 0.0, 0.0, 0.0))
+        distortion = Distortion("radial", (p[3], 0.0, 0.0, 0.0))
     elif model == "RADIAL":
-        distortion = _Distortion("radial", (p[3], p[4], 0.0, 0.0))
+        distortion = Distortion("radial", (p[3], p[4], 0.0, 0.0))
     elif model in ("OPENCV", "FULL_OPENCV"):
         # FULL_OPENCV is OpenCV's rational model: k1 k2 p1 p2 k3 k4 k5 k6, in OpenCV's order.
-        distortion = _Distortion("radial", tuple(p[4:]))
+        distortion = Distortion("radial", tuple(p[4:]))
     elif model == "SIMPLE_RADIAL_FISHEYE":
         # COLMAP's radial fisheye models are OpenCV's fisheye model with the higher terms at zero.
-        distortion = _Distortion("fisheye", (p[3], 0.0, 0.0, 0.0))
+        distortion = Distortion("fisheye", (p[3], 0.0, 0.0, 0.0))
     elif model == "RADIAL_FISHEYE":
-        distortion = _Distortion("fisheye", (p[3], p[4], 0.0, 0.0))
+        distortion = Distortion("fisheye", (p[3], p[4], 0.0, 0.0))
     else:  # OPENCV_FISHEYE
-        distortion = _Distortion("fisheye", tuple(p[4:8]))
+        distortion = Distortion("fisheye", tuple(p[4:8]))
     return K, distortion
 
 
@@ -601,7 +564,7 @@ def _colmap_lines(path: Path) -> list[str]:
         return [line.rstrip("\r\n") for line in handle if not line.startswith("#")]
 
 
-def _read_colmap_cameras(path: Path) -> dict[int, tuple[str, int, int, np.ndarray, _Distortion | None]]:
+def _read_colmap_cameras(path: Path) -> dict[int, tuple[str, int, int, np.ndarray, Distortion | None]]:
     cameras = {}
     for number, line in enumerate(_colmap_lines(path), start=1):
         tokens = line.split()
@@ -721,7 +684,7 @@ def read_colmap_scene(
             raise ValueError(f"{where}: invalid camera: {error}") from error
         world_to_camera[:3, 3] = tvec
         raw_frames.append(
-            _RawFrame(
+            RawFrame(
                 image_id,
                 _resolve_file(images_dir, name, where, "image"),
                 K,
@@ -747,244 +710,6 @@ def read_colmap_scene(
 
 
 # --------------------------------------------------------------------------------------------------------
-# PLY point clouds
-
-# A small vertex-only PLY reader: the project only needs xyz + rgb of a point cloud, and no PLY package
-# (plyfile, open3d, trimesh) is a dependency; numpy's structured dtypes read the binary variants directly.
-_PLY_TYPES = {
-    "char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2",
-    "ushort": "u2", "uint16": "u2", "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4",
-    "float": "f4", "float32": "f4", "double": "f8", "float64": "f8",
-}  # fmt: skip
-
-
-def read_ply_points(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
-    """Reads the vertices of a PLY file (ascii or binary).
-
-    Returns:
-        `([M, 3] float64 xyz, [M, 3] uint8 rgb)`; vertices without colour are grey (128).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"point cloud {path} does not exist")
-    with open(path, "rb") as handle:
-        if handle.readline().strip() != b"ply":
-            raise ValueError(f"{path} is not a PLY file (no 'ply' magic line)")
-        fmt, elements = None, []  # elements: [name, count, [(property, dtype or None for lists)]]
-        while True:
-            line = handle.readline()
-            if not line:
-                raise ValueError(f"{path}: PLY header has no end_header")
-            tokens = line.decode("ascii", errors="replace").split()
-            if not tokens or tokens[0] in ("comment", "obj_info"):
-                continue
-            if tokens[0] == "end_header":
-                break
-            if tokens[0] == "format":
-                fmt = tokens[1]
-            elif tokens[0] == "element":
-                elements.append([tokens[1], int(tokens[2]), []])
-            elif tokens[0] == "property" and elements:
-                is_list = tokens[1] == "list"
-                if not is_list and tokens[1] not in _PLY_TYPES:
-                    raise ValueError(f"{path}: unknown PLY property type {tokens[1]!r}")
-                elements[-1][2].append((tokens[-1], None if is_list else _PLY_TYPES[tokens[1]]))
-        if fmt not in ("ascii", "binary_little_endian", "binary_big_endian"):
-            raise ValueError(f"{path}: unknown PLY format {fmt!r}")
-        names = [element[0] for element in elements]
-        if "vertex" not in names:
-            raise ValueError(f"{path}: PLY file has no vertex element")
-        before = elements[: names.index("vertex")]
-        _, count, properties = elements[names.index("vertex")]
-        if any(dtype is None for _, dtype in properties) or any(
-            dtype is None for element in before for _, dtype in element[2]
-        ):
-            raise ValueError(f"{path}: list properties before or in the vertex element are not supported")
-        if fmt == "ascii":
-            skip = sum(element[1] for element in before)
-            for _ in range(skip):
-                handle.readline()
-            rows = [handle.readline().decode("ascii") for _ in range(count)]
-            table = np.loadtxt(rows, ndmin=2, dtype=np.float64) if count else np.zeros((0, len(properties)))
-            columns = {name: table[:, i] for i, (name, _) in enumerate(properties)}
-        else:
-            endian = "<" if fmt == "binary_little_endian" else ">"
-            for element in before:
-                handle.seek(element[1] * np.dtype([(n, endian + t) for n, t in element[2]]).itemsize, 1)
-            dtype = np.dtype([(name, endian + t) for name, t in properties])
-            data = np.frombuffer(handle.read(count * dtype.itemsize), dtype=dtype)
-            if len(data) != count:
-                raise ValueError(f"{path}: PLY file is truncated ({len(data)} of {count} vertices)")
-            columns = {name: data[name] for name in dtype.names}
-    if not all(axis in columns for axis in "xyz"):
-        raise ValueError(f"{path}: PLY vertices have no x, y, z properties")
-    xyz = np.stack([columns[axis] for axis in "xyz"], axis=1).astype(np.float64)
-    color_names = next(
-        (names for names in (("red", "green", "blue"), ("r", "g", "b")) if all(n in columns for n in names)),
-        None,
-    )
-    if color_names is None:
-        rgb = np.full((count, 3), _GREY, dtype=np.uint8)
-    else:
-        rgb = np.stack([columns[name] for name in color_names], axis=1).astype(np.float64)
-        if any(np.dtype(t).kind == "f" for name, t in properties if name in color_names):
-            rgb = rgb * 255.0  # float colours are in [0, 1]
-        rgb = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
-    return xyz, rgb
-
-
-# --------------------------------------------------------------------------------------------------------
-# Undistortion
-
-
-def _undistortion_maps(K: np.ndarray, distortion: _Distortion, width: int, height: int):
-    """OpenCV remap tables and the pinhole K of the undistorted image (same size, centred principal point).
-
-    OpenCV puts pixel centres at integer coordinates; the library at half-integers. K is shifted by half a
-    pixel on the way in and out.
-    """
-    import cv2
-
-    half = np.array([[1.0, 0.0, -0.5], [0.0, 1.0, -0.5], [0.0, 0.0, 1.0]])
-    K_cv = half @ K
-    coefficients = np.asarray(distortion.coefficients, dtype=np.float64)
-    size = (width, height)
-    if distortion.model == "fisheye":
-        new_K = cv2.fisheye.estimateNewCameraMatrixForUndistortRectify(
-            K_cv, coefficients, size, np.eye(3), balance=0.0
-        )
-    else:
-        new_K, _ = cv2.getOptimalNewCameraMatrix(
-            K_cv, coefficients, size, 0.0, size, centerPrincipalPoint=True
-        )
-    new_K = np.array(new_K, dtype=np.float64)
-    new_K[0, 2], new_K[1, 2] = (width - 1) / 2.0, (height - 1) / 2.0
-    if distortion.model == "fisheye":
-        map_x, map_y = cv2.fisheye.initUndistortRectifyMap(
-            K_cv, coefficients, np.eye(3), new_K, size, cv2.CV_32FC1
-        )
-    else:
-        map_x, map_y = cv2.initUndistortRectifyMap(K_cv, coefficients, None, new_K, size, cv2.CV_32FC1)
-    return map_x, map_y, np.linalg.inv(half) @ new_K
-
-
-def _signature(raw: _RawFrame) -> str:
-    """Fingerprint of everything an undistorted frame depends on."""
-    parts = [str(_UNDISTORT_VERSION), raw.distortion.model, repr(raw.distortion.coefficients)]
-    parts += [repr(raw.K.tolist()), str(raw.width), str(raw.height)]
-    for path in (raw.image_path, raw.mask_path, raw.depth_path, raw.label_path):
-        if path is None:
-            parts.append("-")
-        else:
-            stat = path.stat()
-            parts.append(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
-
-
-def _save_atomic(array: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp.png")
-    try:
-        Image.fromarray(array).save(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def _undistort_frame(raw: _RawFrame, outputs: dict[str, Path]) -> tuple[np.ndarray, list[str]]:
-    """Writes the undistorted files of one frame; returns the new K and the kinds of files written."""
-    import cv2
-    from PIL import Image
-
-    map_x, map_y, new_K = _undistortion_maps(raw.K, raw.distortion, raw.width, raw.height)
-    written = {}
-    with Image.open(raw.image_path) as image:
-        rgb = np.asarray(image.convert("RGB"))
-    written["image"] = cv2.remap(rgb, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
-    # Pixels that sample outside the source (or an invalid source pixel) become invalid; the bilinear
-    # interpolation of a 0/255 mask is thresholded strictly, like ScanNet++'s undistortion.
-    if raw.mask_path is not None:
-        with Image.open(raw.mask_path) as image:
-            source_mask = np.where(np.asarray(image.convert("L")) >= 128, 255, 0).astype(np.uint8)
-    else:
-        source_mask = np.full((raw.height, raw.width), 255, dtype=np.uint8)
-    mask = cv2.remap(
-        source_mask, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
-    )
-    mask = np.where(mask >= 255, 255, 0).astype(np.uint8)
-    if raw.mask_path is not None or not mask.all():
-        written["mask"] = mask
-    # Depth (z along the unchanged optical axis) and labels are sampled, never blended.
-    for kind in ("depth", "label"):
-        source = getattr(raw, f"{kind}_path")
-        if source is not None:
-            with Image.open(source) as image:
-                values = np.asarray(image)
-            written[kind] = cv2.remap(
-                values, map_x, map_y, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0
-            )
-    for kind, path in outputs.items():
-        if kind in written:
-            _save_atomic(written[kind], path)
-        else:
-            path.unlink(missing_ok=True)  # left by an earlier version of this frame
-    return new_K, sorted(written)
-
-
-def _undistort_frames(raw_frames: list[_RawFrame], cameras: list[Camera], cache: Path) -> list[Frame]:
-    """Undistorts the frames into `cache` (reusing up-to-date outputs); returns pinhole frames."""
-    from tqdm.auto import tqdm
-
-    manifest_path = cache / "manifest.json"
-    manifest = {}
-    if manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            logger.warning("ignoring the unreadable undistortion manifest %s", manifest_path)
-    frames, reused = [], 0
-    pairs = list(zip(raw_frames, cameras, strict=True))
-    try:
-        for raw, camera in tqdm(pairs, desc=f"Undistorting into {cache}", unit="image", leave=False):
-            outputs = {"image": cache / "images" / f"{raw.image_id}.png"}
-            outputs.update(
-                {kind: cache / folder / f"{raw.image_id}.png" for kind, folder in _AUX_DIRS.items()}
-            )
-            signature = _signature(raw)
-            entry = manifest.get(raw.image_id)
-            if (
-                isinstance(entry, dict)
-                and entry.get("signature") == signature
-                and all(outputs[kind].is_file() for kind in entry.get("files", ["missing"]))
-            ):
-                new_K, kinds = np.asarray(entry["K"], dtype=np.float64), entry["files"]
-                reused += 1
-            else:
-                new_K, kinds = _undistort_frame(raw, outputs)
-                manifest[raw.image_id] = {"signature": signature, "K": new_K.tolist(), "files": kinds}
-            paths = {kind: (outputs[kind] if kind in kinds else None) for kind in outputs}
-            frames.append(
-                Frame(
-                    raw.image_id,
-                    paths["image"],
-                    Camera(new_K, camera.world_to_camera, camera.width, camera.height),
-                    paths["mask"],
-                    paths["depth"],
-                    paths["label"],
-                )
-            )
-    finally:  # record what was done, also when interrupted, so that the next read resumes
-        if len(frames) > reused:
-            cache.mkdir(parents=True, exist_ok=True)
-            temporary = manifest_path.with_name(f".manifest.{uuid.uuid4().hex}.tmp")
-            temporary.write_text(json.dumps(manifest, indent=1))
-            os.replace(temporary, manifest_path)
-    logger.info("undistorted %d frames into %s (%d reused)", len(frames) - reused, cache, reused)
-    return frames
-
-
 # --------------------------------------------------------------------------------------------------------
 # ScanNet++ dataset splits
 

@@ -1,0 +1,209 @@
+"""Lens undistortion of scene frames into pinhole cameras, cached on disk (used by the scene readers).
+
+Frames with radial/tangential (cv2.undistort model) or fisheye (cv2.fisheye) distortion become pinhole frames
+of the same image size with the principal point at the image centre, as ScanNet++'s and FiT3D's preprocessing
+do. The undistorted images and their masks/depth/labels go to a cache folder and are reused while their
+sources are unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fit3d_hf.scene.camera import Camera
+from fit3d_hf.scene.scene import Frame
+
+__all__ = ["AUX_DIRS", "Distortion", "RawFrame", "UNDISTORT_VERSION", "undistort_frames"]
+
+logger = logging.getLogger(__name__)
+
+# Folders beside a scene's `images/` folder that hold per-frame extras named `<image stem>.png`.
+AUX_DIRS = {"mask": "masks", "depth": "depth", "label": "labels"}
+# Bumped whenever the undistortion output changes, so that stale caches are rebuilt.
+UNDISTORT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Distortion:
+    """Lens distortion in OpenCV's order: `radial` = (k1, k2, p1, p2[, k3[, k4, k5, k6]]) for cv2.undistort,
+    `fisheye` = (k1, k2, k3, k4) for cv2.fisheye (COLMAP's OPENCV_FISHEYE and RADIAL_FISHEYE models)."""
+
+    model: str
+    coefficients: tuple[float, ...]
+
+    @property
+    def is_identity(self) -> bool:
+        return not any(self.coefficients)
+
+
+@dataclass
+class RawFrame:
+    """A frame as the file describes it, before validation and undistortion."""
+
+    image_id: str
+    image_path: Path
+    K: np.ndarray
+    world_to_camera: np.ndarray
+    width: int
+    height: int
+    distortion: Distortion | None
+    where: str
+    mask_path: Path | None = None
+    depth_path: Path | None = None
+    label_path: Path | None = None
+
+
+def _undistortion_maps(K: np.ndarray, distortion: Distortion, width: int, height: int):
+    """OpenCV remap tables and the pinhole K of the undistorted image (same size, centred principal point).
+
+    OpenCV puts pixel centres at integer coordinates; the library at half-integers. K is shifted by half a
+    pixel on the way in and out.
+    """
+    import cv2
+
+    half = np.array([[1.0, 0.0, -0.5], [0.0, 1.0, -0.5], [0.0, 0.0, 1.0]])
+    K_cv = half @ K
+    coefficients = np.asarray(distortion.coefficients, dtype=np.float64)
+    size = (width, height)
+    if distortion.model == "fisheye":
+        new_K = cv2.fisheye.estimateNewCameraMatrixForUndistortRectify(
+            K_cv, coefficients, size, np.eye(3), balance=0.0
+        )
+    else:
+        new_K, _ = cv2.getOptimalNewCameraMatrix(
+            K_cv, coefficients, size, 0.0, size, centerPrincipalPoint=True
+        )
+    new_K = np.array(new_K, dtype=np.float64)
+    new_K[0, 2], new_K[1, 2] = (width - 1) / 2.0, (height - 1) / 2.0
+    if distortion.model == "fisheye":
+        map_x, map_y = cv2.fisheye.initUndistortRectifyMap(
+            K_cv, coefficients, np.eye(3), new_K, size, cv2.CV_32FC1
+        )
+    else:
+        map_x, map_y = cv2.initUndistortRectifyMap(K_cv, coefficients, None, new_K, size, cv2.CV_32FC1)
+    return map_x, map_y, np.linalg.inv(half) @ new_K
+
+
+def _signature(raw: RawFrame) -> str:
+    """Fingerprint of everything an undistorted frame depends on."""
+    parts = [str(UNDISTORT_VERSION), raw.distortion.model, repr(raw.distortion.coefficients)]
+    parts += [repr(raw.K.tolist()), str(raw.width), str(raw.height)]
+    for path in (raw.image_path, raw.mask_path, raw.depth_path, raw.label_path):
+        if path is None:
+            parts.append("-")
+        else:
+            stat = path.stat()
+            parts.append(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _save_atomic(array: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp.png")
+    try:
+        Image.fromarray(array).save(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _undistort_frame(raw: RawFrame, outputs: dict[str, Path]) -> tuple[np.ndarray, list[str]]:
+    """Writes the undistorted files of one frame; returns the new K and the kinds of files written."""
+    import cv2
+    from PIL import Image
+
+    map_x, map_y, new_K = _undistortion_maps(raw.K, raw.distortion, raw.width, raw.height)
+    written = {}
+    with Image.open(raw.image_path) as image:
+        rgb = np.asarray(image.convert("RGB"))
+    written["image"] = cv2.remap(rgb, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    # Pixels that sample outside the source (or an invalid source pixel) become invalid; the bilinear
+    # interpolation of a 0/255 mask is thresholded strictly, like ScanNet++'s undistortion.
+    if raw.mask_path is not None:
+        with Image.open(raw.mask_path) as image:
+            source_mask = np.where(np.asarray(image.convert("L")) >= 128, 255, 0).astype(np.uint8)
+    else:
+        source_mask = np.full((raw.height, raw.width), 255, dtype=np.uint8)
+    mask = cv2.remap(
+        source_mask, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+    )
+    mask = np.where(mask >= 255, 255, 0).astype(np.uint8)
+    if raw.mask_path is not None or not mask.all():
+        written["mask"] = mask
+    # Depth (z along the unchanged optical axis) and labels are sampled, never blended.
+    for kind in ("depth", "label"):
+        source = getattr(raw, f"{kind}_path")
+        if source is not None:
+            with Image.open(source) as image:
+                values = np.asarray(image)
+            written[kind] = cv2.remap(
+                values, map_x, map_y, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+            )
+    for kind, path in outputs.items():
+        if kind in written:
+            _save_atomic(written[kind], path)
+        else:
+            path.unlink(missing_ok=True)  # left by an earlier version of this frame
+    return new_K, sorted(written)
+
+
+def undistort_frames(raw_frames: list[RawFrame], cameras: list[Camera], cache: Path) -> list[Frame]:
+    """Undistorts the frames into `cache` (reusing up-to-date outputs); returns pinhole frames."""
+    from tqdm.auto import tqdm
+
+    manifest_path = cache / "manifest.json"
+    manifest = {}
+    if manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            logger.warning("ignoring the unreadable undistortion manifest %s", manifest_path)
+    frames, reused = [], 0
+    pairs = list(zip(raw_frames, cameras, strict=True))
+    try:
+        for raw, camera in tqdm(pairs, desc=f"Undistorting into {cache}", unit="image", leave=False):
+            outputs = {"image": cache / "images" / f"{raw.image_id}.png"}
+            outputs.update(
+                {kind: cache / folder / f"{raw.image_id}.png" for kind, folder in AUX_DIRS.items()}
+            )
+            signature = _signature(raw)
+            entry = manifest.get(raw.image_id)
+            if (
+                isinstance(entry, dict)
+                and entry.get("signature") == signature
+                and all(outputs[kind].is_file() for kind in entry.get("files", ["missing"]))
+            ):
+                new_K, kinds = np.asarray(entry["K"], dtype=np.float64), entry["files"]
+                reused += 1
+            else:
+                new_K, kinds = _undistort_frame(raw, outputs)
+                manifest[raw.image_id] = {"signature": signature, "K": new_K.tolist(), "files": kinds}
+            paths = {kind: (outputs[kind] if kind in kinds else None) for kind in outputs}
+            frames.append(
+                Frame(
+                    raw.image_id,
+                    paths["image"],
+                    Camera(new_K, camera.world_to_camera, camera.width, camera.height),
+                    paths["mask"],
+                    paths["depth"],
+                    paths["label"],
+                )
+            )
+    finally:  # record what was done, also when interrupted, so that the next read resumes
+        if len(frames) > reused:
+            cache.mkdir(parents=True, exist_ok=True)
+            temporary = manifest_path.with_name(f".manifest.{uuid.uuid4().hex}.tmp")
+            temporary.write_text(json.dumps(manifest, indent=1))
+            os.replace(temporary, manifest_path)
+    logger.info("undistorted %d frames into %s (%d reused)", len(frames) - reused, cache, reused)
+    return frames
