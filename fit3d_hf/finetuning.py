@@ -296,6 +296,7 @@ def multiview_consistency(extractor, frames, cache: GaussianCache, pairs_per_sce
     views of each validation scene. Depth comes from the frames' `depth` column when they have one
     (synthetic scenes), otherwise from the scene's Gaussians (expected depth / alpha)."""
     from .evaluation import feature_consistency, patch_correspondences
+    from .evaluation.data import depth_to_tensor, image_to_tensor
     from .render import render
 
     by_scene: dict[str, list[int]] = {}
@@ -305,13 +306,13 @@ def multiview_consistency(extractor, frames, cache: GaussianCache, pairs_per_sce
     for scene_id, indices in sorted(by_scene.items()):
         for a, b in list(zip(indices, indices[1:], strict=False))[:pairs_per_scene]:
             rows = [frames[a], frames[b]]
-            images = torch.stack([_to_tensor_image(r["image"], "RGB") for r in rows]).to(device).float() / 255
+            images = torch.stack([image_to_tensor(r["image"]) for r in rows]).to(device)
             Ks = [torch.tensor(r["K"], dtype=torch.float64) for r in rows]
             poses = [torch.tensor(r["world_to_camera"], dtype=torch.float64) for r in rows]
             depths = []
             for r, K, pose in zip(rows, Ks, poses, strict=False):
                 if r.get("depth") is not None:
-                    depths.append(torch.from_numpy(np.asarray(r["depth"], dtype=np.float32) / 1000.0))
+                    depths.append(depth_to_tensor(r["depth"], "depth", depth_scale=1000.0))  # uint16 millimetres
                 else:
                     bundle = cache.get(scene_id)
                     out = render(

@@ -10,12 +10,13 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
+
+from .utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -192,12 +193,7 @@ def save_model_card(card: ModelCard, folder: str | os.PathLike) -> Path:
     """Writes `card` to `folder/README.md` through a temporary file, so no half-written card is left."""
     folder = Path(folder)
     target = folder / "README.md"
-    with tempfile.NamedTemporaryFile(
-        "w", dir=folder, suffix=".md.tmp", delete=False, encoding="utf-8"
-    ) as handle:
-        handle.write(str(card))
-    os.replace(handle.name, target)
-    return target
+    return atomic_write_text(target, str(card))
 
 
 def _files_to_upload(folder: Path) -> list[Path]:

@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from tqdm.auto import tqdm
 from .gaussians import DensificationConfig, Densifier, FeatureGaussians, save_bundle
 from .gaussians.bundle import BUNDLE_FILENAME
 from .losses import psnr, ssim
-from .utils import deterministic_algorithms
+from .utils import atomic_path, atomic_write_text, deterministic_algorithms
 
 __all__ = ["LiftingArguments", "SceneData", "lift_many", "lift_scene", "load_scene_data", "resolve_scene_list", "scene_extent"]
 
@@ -350,24 +349,6 @@ class _Lifter:
         self.densification_totals = dict(state["densification_totals"])
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    os.close(handle)
-    try:
-        torch.save(obj, temp)
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    with os.fdopen(handle, "w") as file:
-        file.write(text)
-    os.replace(temp, path)
-
-
 def _write_previews(lifter: _Lifter, view: int, folder: Path) -> None:
     from .visualization import pca_rgb, save_image
 
@@ -445,7 +426,7 @@ def _lift(scene, args, extractor, folder, device, max_iterations_this_run, progr
         initial = json.loads((folder / "initial_metrics.json").read_text())
     else:
         initial = lifter.evaluate(train)
-        _atomic_write_text(folder / "initial_metrics.json", json.dumps(initial))
+        atomic_write_text(folder / "initial_metrics.json", json.dumps(initial))
 
     bar = tqdm(total=args.iterations, initial=lifter.iteration, desc=f"{scene.scene_id}: lifting", disable=not progress)
     steps_this_run = 0
@@ -458,7 +439,8 @@ def _lift(scene, args, extractor, folder, device, max_iterations_this_run, progr
             bar.set_postfix(loss=f"{float(losses['loss']):.4f}", gaussians=len(lifter.gaussians))
         interval = args.checkpoint_interval
         if interval and lifter.iteration % interval == 0 and lifter.iteration < args.iterations:
-            _atomic_torch_save(lifter.state_dict(), checkpoint_path)
+            with atomic_path(checkpoint_path) as temporary:
+                torch.save(lifter.state_dict(), temporary)
             if max_iterations_this_run is not None and steps_this_run >= max_iterations_this_run:
                 bar.close()
                 return None
@@ -499,9 +481,10 @@ def _lift(scene, args, extractor, folder, device, max_iterations_this_run, progr
         "device": str(device),
         "arguments": asdict(args),
     }
-    _atomic_write_text(metrics_path, json.dumps(metrics, indent=2))  # written last: marks the scene done
-    if not args.keep_checkpoint and checkpoint_path.exists():
-        checkpoint_path.unlink()
+    atomic_write_text(metrics_path, json.dumps(metrics, indent=2))  # written last: marks the scene done
+    if not args.keep_checkpoint:  # resume state, no longer needed once metrics.json marks the scene done
+        checkpoint_path.unlink(missing_ok=True)
+        (folder / "initial_metrics.json").unlink(missing_ok=True)
     return metrics
 
 
@@ -531,8 +514,14 @@ def resolve_scene_list(spec: str) -> list[Path]:
 
 
 def _looks_like_scene(path: Path) -> bool:
-    markers = ("transforms_train.json", "transforms.json", "cameras.txt", "sparse")
-    return any((path / marker).exists() for marker in markers)
+    """Whether `read_scene` can read `path` (the readers' own layout detection decides)."""
+    from .scene import detect_layout
+
+    try:
+        detect_layout(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def lift_many(

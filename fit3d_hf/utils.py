@@ -1,12 +1,40 @@
-"""Small helpers shared by the training loops."""
+"""Small helpers shared across the library: atomic file writes and deterministic CPU kernels."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
-__all__ = ["deterministic_algorithms"]
+__all__ = ["atomic_path", "atomic_write_text", "deterministic_algorithms"]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary file beside `path` (same suffix, so writers that look at it pick the right format).
+    When the block ends normally the temporary file replaces `path`; on an error it is deleted, so a failed
+    write never leaves a half-written `path`. The parent folder is created if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".tmp")
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Writes `text` (UTF-8) to `path` atomically (see `atomic_path`); returns the path."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 @contextlib.contextmanager

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -39,8 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..utils import atomic_path
 from .correspondence import CorrespondenceProbeOptions, correspondence_probe, parse_floats
 from .data import (
+    TASKS,
     CachedFeatureDataset,
     ComposeTransforms,
     PhotoMetricDistortion,
@@ -78,7 +78,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PROBES = ("segmentation", "depth", "correspondence")
+PROBES = TASKS  # the probes are the tasks the data loader prepares samples for
 # The reference protocol (FiT3D / DINOv2 linear probing, 8 GPUs x 2 images); see ProbeArguments.
 _REFERENCE = {
     "segmentation": {
@@ -694,14 +694,8 @@ def _save_heads_atomic(heads: ProbeHeads, path: Path, metadata: dict[str, str]) 
     from safetensors.torch import save_file
 
     state = {key: value.detach().cpu().contiguous() for key, value in heads.state_dict().items()}
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(state, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temporary:
+        save_file(state, str(temporary), metadata=metadata)
 
 
 def build_train_transform(args: ProbeArguments):

@@ -13,9 +13,10 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from ..utils import atomic_path, atomic_write_text
 
 __all__ = [
     "VARIANT_LABELS",
@@ -192,23 +193,13 @@ def results_markdown(results: dict) -> str:
 # Writing
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(handle)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write_text(path, text)
 
 
 def _save_figure(figure, path: Path) -> None:
-    _atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=120, bbox_inches="tight")
 
 
 def _plot_per_class_iou(results: dict, path: Path) -> None:

@@ -14,8 +14,6 @@ of FiT3D's fp32 pickle.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..utils import atomic_path
 from .model import FeatureGaussians
 
 __all__ = ["BUNDLE_FILENAME", "BundleMismatchError", "GaussianBundle", "load_bundle", "read_bundle_metadata", "save_bundle"]
@@ -137,15 +136,8 @@ def save_bundle(
         "num_gaussians": str(len(gaussians)),
         "extra": json.dumps(extra_metadata or {}),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-    os.close(handle)
-    try:
-        save_file(tensors, temp_name, metadata=metadata)
-        os.replace(temp_name, path)
-    finally:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata=metadata)
     return path
 
 

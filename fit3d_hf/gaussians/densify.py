@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+# One rotation convention everywhere: the renderer reference's (wxyz, normalised first).
+from ..render._reference import quat_to_rotmat
 from .model import FeatureGaussians, inverse_sigmoid
 
 __all__ = ["DensificationConfig", "Densifier", "quat_to_rotmat"]
@@ -37,19 +39,6 @@ class DensificationConfig:
     max_screen_size: float = 20.0
     max_world_scale: float = 0.1
     max_gaussians: int | None = None
-
-
-def quat_to_rotmat(quats: torch.Tensor) -> torch.Tensor:
-    """`[N, 4]` (w, x, y, z) quaternions (normalised here) -> `[N, 3, 3]` rotation matrices."""
-    w, x, y, z = torch.nn.functional.normalize(quats, dim=-1).unbind(-1)
-    return torch.stack(
-        [
-            1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-            2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-            2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
-        ],
-        dim=-1,
-    ).reshape(-1, 3, 3)  # fmt: skip
 
 
 def _edit_parameters(

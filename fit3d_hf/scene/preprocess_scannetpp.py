@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fit3d_hf.utils import atomic_write_text
+
 __all__ = [
     "DONE_MARKER",
     "SUPPORTED_CAMERA_MODELS",
@@ -398,10 +400,7 @@ def read_split(path: str | os.PathLike) -> list[str]:
 
 
 def _write_lines(path: Path, lines: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in lines))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(f"{line}\n" for line in lines))
 
 
 def write_metadata(out_root: str | os.PathLike, splits: dict[str, list[str]]) -> dict[str, list[str]]:

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from fit3d_hf.scene.camera import Camera, colmap_to_scannetpp_nerfstudio, intrinsics_matrix, rotmat_to_qvec
+from fit3d_hf.utils import atomic_write_text
 
 __all__ = [
     "NO_HIT_LABEL",
@@ -998,10 +999,7 @@ class _AtomicFolder:
 
 
 def _write_lines(path: Path, lines: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in lines))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(f"{line}\n" for line in lines))
 
 
 def generate_scene(

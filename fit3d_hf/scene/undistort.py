@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import numpy as np
 
 from fit3d_hf.scene.camera import Camera
 from fit3d_hf.scene.scene import Frame
+from fit3d_hf.utils import atomic_path, atomic_write_text
 
 __all__ = ["AUX_DIRS", "Distortion", "RawFrame", "UNDISTORT_VERSION", "undistort_frames"]
 
@@ -108,13 +107,8 @@ def _signature(raw: RawFrame) -> str:
 def _save_atomic(array: np.ndarray, path: Path) -> None:
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp.png")
-    try:
-        Image.fromarray(array).save(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with atomic_path(path) as temporary:
+        Image.fromarray(array).save(temporary, format="PNG")
 
 
 def _undistort_frame(raw: RawFrame, outputs: dict[str, Path]) -> tuple[np.ndarray, list[str]]:
@@ -201,9 +195,6 @@ def undistort_frames(raw_frames: list[RawFrame], cameras: list[Camera], cache: P
             )
     finally:  # record what was done, also when interrupted, so that the next read resumes
         if len(frames) > reused:
-            cache.mkdir(parents=True, exist_ok=True)
-            temporary = manifest_path.with_name(f".manifest.{uuid.uuid4().hex}.tmp")
-            temporary.write_text(json.dumps(manifest, indent=1))
-            os.replace(temporary, manifest_path)
+            atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
     logger.info("undistorted %d frames into %s (%d reused)", len(frames) - reused, cache, reused)
     return frames

@@ -9,25 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 from fit3d_hf.scene.camera import opencv_to_opengl_camera_to_world, rotmat_to_qvec
 from fit3d_hf.scene.scene import Scene
+from fit3d_hf.utils import atomic_path, atomic_write_text
 
 __all__ = ["write_colmap_text", "write_nerfstudio_transforms", "write_ply_points"]
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def _relative(path: Path, start: Path) -> str:
@@ -65,15 +55,9 @@ def write_ply_points(path: Path | str, points: np.ndarray, colors: np.ndarray) -
         + [f"property uchar {channel}" for channel in ("red", "green", "blue")]
         + ["end_header", ""]
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(header.encode("ascii"))
-            handle.write(vertices.tobytes())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with atomic_path(path) as temporary, open(temporary, "wb") as handle:
+        handle.write(header.encode("ascii"))
+        handle.write(vertices.tobytes())
     return path
 
 
@@ -122,7 +106,7 @@ def write_nerfstudio_transforms(scene: Scene, path: Path | str) -> Path:
     if len(scene.points):
         write_ply_points(folder / "sparse_points.ply", scene.points, scene.point_colors)
         meta["ply_file_path"] = "sparse_points.ply"
-    _write_text_atomic(path, json.dumps(meta, indent=2))
+    atomic_write_text(path, json.dumps(meta, indent=2))
     return path
 
 
@@ -170,18 +154,18 @@ def write_colmap_text(scene: Scene, folder: Path | str, *, images_dir: Path | st
             zip(scene.points.tolist(), scene.point_colors.tolist(), strict=True)
         )
     ]
-    _write_text_atomic(
+    atomic_write_text(
         folder / "cameras.txt",
         "# Camera list with one line of data per camera:\n"
         "#   CAMERA_ID, MODEL, WIDTH, HEIGHT, PARAMS[]\n" + "\n".join(camera_lines) + "\n",
     )
-    _write_text_atomic(
+    atomic_write_text(
         folder / "images.txt",
         "# Image list with two lines of data per image:\n"
         "#   IMAGE_ID, QW, QX, QY, QZ, TX, TY, TZ, CAMERA_ID, NAME\n"
         "#   POINTS2D[] as (X, Y, POINT3D_ID)\n" + "\n".join(image_lines) + "\n",
     )
-    _write_text_atomic(
+    atomic_write_text(
         folder / "points3D.txt",
         "# 3D point list with one line of data per point:\n"
         "#   POINT3D_ID, X, Y, Z, R, G, B, ERROR, TRACK[] as (IMAGE_ID, POINT2D_IDX)\n"
