@@ -11,7 +11,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rasterizer import cameras, make_scene  # noqa: E402
+from rasterizer import cameras, make_scene, timeit  # noqa: E402
 
 from fit3d_hf.render import _wrapper, render  # noqa: E402
 from fit3d_hf.render._backend import require_extension  # noqa: E402
@@ -40,7 +40,7 @@ def main(argv=None):
 
     with torch.no_grad():  # binning statistics
         m2d, con, dep, radii = _wrapper.project(means, quats, scales, opac, viewmats, ks, w, h)
-        ranges, ids = require_extension().isect_tiles(m2d, con, opac, dep, radii, w, h)
+        ranges, ids, _ = require_extension().isect_tiles(m2d, con, opac, dep, radii, w, h, 0)
         lengths = (ranges[:, 1] - ranges[:, 0]).float()
         out = render(means, quats, scales, opac, colors, feats, ks, viewmats, w, h, backend="cuda")
     print(  # noqa: T201
@@ -58,6 +58,56 @@ def main(argv=None):
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60))  # noqa: T201
 
+    # The forward alone (no grad), and its fixed cost: the same call with 1000 Gaussians.
+    def forward(n):
+        with torch.no_grad():
+            render(means[:n], quats[:n], scales[:n], opac[:n], colors[:n], feats[:n], ks, viewmats, w, h, backend="cuda")
 
-if __name__ == "__main__":
+    print(f"forward: {timeit(lambda: forward(args.n)):.3f} ms at n={args.n}, {timeit(lambda: forward(1000)):.3f} ms at n=1000")  # noqa: T201
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            forward(args.n)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))  # noqa: T201
+
+
+if __name__ == "__main__" and "--host" not in sys.argv:
     main(sys.argv[1:])
+
+
+def host_overhead(n: int = 1000, calls: int = 300) -> None:
+    """Host time per call of each step of the forward, with so few Gaussians that the GPU never lags behind."""
+    import time
+
+    from fit3d_hf.render.rasterize import _validate
+
+    dev, w, h = "cuda", 876, 584
+    means, quats, scales, opac = make_scene(n, dev)
+    viewmats, ks = cameras(1, w, h, dev)
+    colors, feats = torch.rand(n, 3, device=dev), torch.randn(n, 64, device=dev)
+    ext = require_extension()
+    with torch.no_grad():
+        m2d, con, dep, radii = _wrapper.project(means, quats, scales, opac, viewmats, ks, w, h)
+        ranges, ids, _ = ext.isect_tiles(m2d, con, opac, dep, radii, w, h, 0)
+        steps = {
+            "validate": lambda: _validate(means, quats, scales, opac, colors, feats, ks, viewmats, w, h, None, 0.01, 1e10),
+            "project": lambda: _wrapper.project(means, quats, scales, opac, viewmats, ks, w, h),
+            "isect_tiles (capacity)": lambda: ext.isect_tiles(m2d, con, opac, dep, radii, w, h, 10_000),
+            "isect_tiles (exact, sync)": lambda: ext.isect_tiles(m2d, con, opac, dep, radii, w, h, 0),
+            "rasterize_fwd": lambda: ext.rasterize_fwd(m2d, con, opac, colors, dep, feats, None, ranges, ids, w, h),
+            "render": lambda: render(means, quats, scales, opac, colors, feats, ks, viewmats, w, h, backend="cuda"),
+        }
+        for name, step in steps.items():
+            for _ in range(20):
+                step()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(calls):
+                step()
+            host_us = 1e6 * (time.perf_counter() - start) / calls
+            torch.cuda.synchronize()
+            print(f"host time per call, n={n}: {name:28s} {host_us:7.1f} us")  # noqa: T201
+
+
+if __name__ == "__main__" and "--host" in sys.argv:
+    host_overhead()

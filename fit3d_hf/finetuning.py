@@ -37,6 +37,7 @@ __all__ = [
     "DataArguments",
     "FinetuningArguments",
     "GaussianCache",
+    "freeze_unused_parameters",
     "ModelArguments",
     "check_frames_against_gaussians",
     "load_frames",
@@ -346,6 +347,29 @@ def _rotate_checkpoints(output_dir: Path, keep: int) -> None:
         shutil.rmtree(old)
 
 
+def freeze_unused_parameters(extractor) -> list[str]:
+    """Freezes the trainable weights that get no gradient from the dense features and returns their names.
+
+    Some backbones hold weights the patch features never use (DINOv2's `mask_token`, used only with
+    `bool_masked_pos`; poolers). Under DDP a trainable weight without a gradient stops training at the second
+    step. Freezing them changes nothing else (AdamW skips weights without a gradient) and, unlike DDP's
+    `find_unused_parameters=True`, costs nothing per step: one forward/backward of a zero image, in eval
+    mode so that no dropout draws from the random generator.
+    """
+    was_training = extractor.training
+    extractor.eval()
+    side = 2 * extractor.patch_size
+    device = next(extractor.parameters()).device
+    extractor(torch.zeros(1, 3, side, side, device=device)).float().sum().backward()
+    unused = [name for name, p in extractor.named_parameters() if p.requires_grad and p.grad is None]
+    for name, p in extractor.named_parameters():
+        p.grad = None
+        if name in unused:
+            p.requires_grad_(False)
+    extractor.train(was_training)
+    return unused
+
+
 def _lora_wrap(extractor, model_args: ModelArguments):
     """Replaces the extractor's backbone by a peft LoRA model (only the adapters train)."""
     from peft import LoraConfig, get_peft_model
@@ -426,6 +450,9 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: Finetunin
 
     if model_args.lora_rank > 0:
         extractor = _lora_wrap(extractor, model_args)
+    unused = freeze_unused_parameters(extractor)
+    if unused:
+        logger.info("frozen (they get no gradient from dense features): %s", ", ".join(unused))
     extractor.train()
     trainable = [p for p in extractor.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)

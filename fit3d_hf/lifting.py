@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from .gaussians import DensificationConfig, Densifier, FeatureGaussians, save_bundle
 from .gaussians.bundle import BUNDLE_FILENAME
-from .losses import psnr, ssim
+from .losses import psnr, ssim, upsampled_feature_l1
 from .utils import atomic_path, atomic_write_text, deterministic_algorithms
 
 __all__ = ["LiftingArguments", "SceneData", "lift_many", "lift_scene", "load_scene_data", "resolve_scene_list", "scene_extent"]
@@ -78,6 +78,14 @@ class LiftingArguments:
     mixed_precision: str = field(
         default="no", metadata={"help": "'bf16': decode the features and compute their loss in bfloat16 (faster on GPUs; FiT3D: fp32)."}
     )
+    bundle_sh: str = field(
+        default="compressed",
+        metadata={
+            "help": "How the bundle stores the SH colours: 'compressed' (8-bit DC + a k-means codebook of the higher "
+            "orders, 161 B per Gaussian in all at F = 64) or 'fp16' (exact to half precision, 252 B; RGB renders keep "
+            "view-dependent detail). Stage II reads neither."
+        },
+    )
     previews: bool = field(default=True, metadata={"help": "Write preview PNGs (RGB render, PCA of features)."})
     keep_checkpoint: bool = field(default=False, metadata={"help": "Keep the last checkpoint after the scene is finished."})
 
@@ -90,6 +98,8 @@ class LiftingArguments:
             raise ValueError(f"--image_scale must be in (0, 1], got {self.image_scale}")
         if self.holdout_every < 0 or self.holdout_every == 1:
             raise ValueError(f"--holdout_every must be 0 or at least 2, got {self.holdout_every}")
+        if self.bundle_sh not in ("compressed", "fp16"):
+            raise ValueError(f"--bundle_sh must be 'compressed' or 'fp16', got {self.bundle_sh!r}")
         if self.mixed_precision not in ("no", "bf16"):
             raise ValueError(f"--mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
         if self.normalization not in ("imagenet", "processor"):
@@ -198,6 +208,20 @@ def _exponential_lr(step: int, lr_init: float, lr_final: float, max_steps: int) 
     return math.exp(math.log(lr_init) * (1 - t) + math.log(lr_final) * t)
 
 
+class _ToChannelsLast(torch.autograd.Function):
+    """`x.to(dtype, channels_last)` as one copy, and its gradient back to x's dtype and layout as one copy
+    (a layout change then autocast's cast take two copies each way, over a 64-channel full-size map)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        ctx.input_dtype = x.dtype
+        return x.to(dtype=dtype, memory_format=torch.channels_last)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.to(dtype=ctx.input_dtype, memory_format=torch.contiguous_format), None
+
+
 class _Lifter:
     """The state of one scene's optimisation: Gaussians, decoder, optimizer, densifier, view order."""
 
@@ -219,6 +243,8 @@ class _Lifter:
         backbone_dim = data.targets.shape[1]
         # FiT3D's decoder: one 3x3 convolution F -> D, no bias, no activation, no upsampling.
         self.decoder = torch.nn.Conv2d(args.feature_dim, backbone_dim, 3, padding=1, bias=False).to(device)
+        if device.type == "cuda":
+            self.decoder.to(memory_format=torch.channels_last)
         self.optimizer = self._make_optimizer()
         self.densifier = Densifier(args.densification(), self.extent, len(self.gaussians), seed=args.seed)
         self.view_generator = torch.Generator().manual_seed(args.seed + 1)
@@ -282,11 +308,12 @@ class _Lifter:
         l1_rgb = (rgb - gt_rgb).abs().mean()
         loss_ssim = 1.0 - ssim(rgb, gt_rgb)
         bf16 = args.mixed_precision == "bf16"
+        features = out.features
+        if self.device.type == "cuda":  # cuDNN convolves channels-last maps without transposing them
+            features = _ToChannelsLast.apply(features, torch.bfloat16 if bf16 else features.dtype)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-            decoded = self.decoder(out.features)
-            gt_features = self.target_features(view, torch.bfloat16 if bf16 else torch.float32)
-            gt_features = torch.where(mask, gt_features, decoded.detach())
-            l1_features = (decoded - gt_features).abs().mean().float()
+            decoded = self.decoder(features)
+        l1_features = upsampled_feature_l1(decoded, data.targets[view : view + 1], mask)
         loss_rgb = (1 - args.lambda_dssim) * l1_rgb + args.lambda_dssim * loss_ssim
         loss = args.rgb_loss_weight * loss_rgb + args.feature_loss_weight * l1_features
         loss.backward()
@@ -454,8 +481,19 @@ def _lift(scene, args, extractor, folder, device, max_iterations_this_run, progr
     bundle_path = save_bundle(
         folder / BUNDLE_FILENAME, lifter.gaussians, lifter.decoder.weight.detach(),
         scene_id=scene.scene_id, backbone=args.backbone,
-        extra_metadata={"image_size": [data.width, data.height], "iterations": args.iterations},
+        extra_metadata={"image_size": [data.width, data.height], "iterations": args.iterations}, seed=args.seed,
+        sh_storage=args.bundle_sh,
     )  # fmt: skip
+    # Held-out PSNR of the bundle as saved (fp16 geometry, compressed SH): one more pass over the held-out views.
+    saved_holdout = {}
+    if holdout:
+        from .gaussians import load_bundle
+
+        trained = lifter.gaussians
+        saved = load_bundle(bundle_path, include_sh=True).to_gaussians(trained.active_sh_degree)
+        lifter.gaussians = saved.to(device)
+        saved_holdout = lifter.evaluate(holdout)
+        lifter.gaussians = trained
     if args.previews:
         _write_previews(lifter, holdout[0] if holdout else train[0], folder)
     metrics = {
@@ -471,7 +509,8 @@ def _lift(scene, args, extractor, folder, device, max_iterations_this_run, progr
         "views_heldout": len(holdout),
         "image_size": [data.width, data.height],
         "psnr_train": final_train["psnr"],
-        "psnr_heldout": final_holdout.get("psnr"),
+        "psnr_heldout": saved_holdout.get("psnr"),
+        "psnr_heldout_uncompressed": final_holdout.get("psnr"),
         "feature_l1_train_start": initial["feature_l1"],
         "feature_l1_train": final_train["feature_l1"],
         "feature_l1_heldout": final_holdout.get("feature_l1"),

@@ -8,34 +8,36 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["masked_l1", "psnr", "ssim"]
+__all__ = ["masked_l1", "psnr", "ssim", "upsampled_feature_l1"]
 
 
 @functools.lru_cache(maxsize=8)
-def _gaussian_window(size: int, sigma: float, channels: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+def _gaussian_window_1d(size: int, sigma: float, channels: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """`[channels, 1, size]` normalised 1-D Gaussian taps (the 2-D window is their outer product)."""
     coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     kernel_1d = torch.exp(-(coords**2) / (2 * sigma**2))
     kernel_1d /= kernel_1d.sum()
-    kernel = torch.outer(kernel_1d, kernel_1d).to(device=device, dtype=dtype)
-    return kernel.expand(channels, 1, size, size).contiguous()
+    return kernel_1d.to(device=device, dtype=dtype).expand(channels, 1, size).contiguous()
 
 
 def ssim(prediction: torch.Tensor, target: torch.Tensor, window_size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     """Mean SSIM of two `[B, C, H, W]` images in [0, 1] (the 3DGS variant: 11x11 Gaussian window,
     sigma 1.5, C1 = 0.01^2, C2 = 0.03^2, zero padding). Written here because it is a few lines and the
     training loss needs exactly this variant, differentiable, on any device.
+
+    The window is separable, so the five local means are one column pass and one row pass of 11 taps over
+    all five maps at once (with zero padding that equals the 11x11 window exactly, up to rounding).
     """
     channels = prediction.shape[1]
-    window = _gaussian_window(window_size, sigma, channels, str(prediction.device), prediction.dtype)
+    stacked = torch.cat([prediction, target, prediction * prediction, target * target, prediction * target], dim=1)
+    taps = _gaussian_window_1d(window_size, sigma, 5 * channels, str(prediction.device), prediction.dtype)
     pad = window_size // 2
-
-    def blur(x):
-        return F.conv2d(x, window, padding=pad, groups=channels)
-
-    mu_p, mu_t = blur(prediction), blur(target)
-    var_p = blur(prediction * prediction) - mu_p**2
-    var_t = blur(target * target) - mu_t**2
-    covariance = blur(prediction * target) - mu_p * mu_t
+    blurred = F.conv2d(stacked, taps[:, :, :, None], padding=(pad, 0), groups=5 * channels)
+    blurred = F.conv2d(blurred, taps[:, :, None, :], padding=(0, pad), groups=5 * channels)
+    mu_p, mu_t, mean_pp, mean_tt, mean_pt = blurred.split(channels, dim=1)
+    var_p = mean_pp - mu_p**2
+    var_t = mean_tt - mu_t**2
+    covariance = mean_pt - mu_p * mu_t
     c1, c2 = 0.01**2, 0.03**2
     ssim_map = ((2 * mu_p * mu_t + c1) * (2 * covariance + c2)) / ((mu_p**2 + mu_t**2 + c1) * (var_p + var_t + c2))
     return ssim_map.mean()
@@ -66,3 +68,60 @@ def masked_l1(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
         return error.mean()
     mask = mask.to(error.dtype)
     return (error * mask).sum() / (mask.sum() * prediction.shape[1]).clamp_min(1e-8)
+
+
+class _UpsampledFeatureL1(torch.autograd.Function):
+    """The CUDA kernel of `upsampled_feature_l1` (rasterizer_cuda/feature_loss.cu); channels-last inputs."""
+
+    @staticmethod
+    def forward(ctx, decoded, target, mask):
+        from .render._backend import require_extension
+
+        ctx.save_for_backward(decoded, target, mask)
+        return require_extension().feature_l1_fwd(decoded, target, mask)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        from .render._backend import require_extension
+
+        decoded, target, mask = ctx.saved_tensors
+        grad = require_extension().feature_l1_bwd(decoded, target, mask, grad_output.float().reshape(1).contiguous())
+        return grad, None, None
+
+
+def _use_feature_l1_kernel(decoded: torch.Tensor, target: torch.Tensor) -> bool:
+    if not (decoded.is_cuda and target.is_cuda):
+        return False
+    from .render._backend import load_extension
+
+    extension = load_extension()
+    return extension is not None and hasattr(extension, "feature_l1_fwd") and not target.requires_grad
+
+
+def upsampled_feature_l1(decoded: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Stage I's feature loss: mean over channels and pixels of |decoded - up(target)|, where up() is bilinear
+    upsampling (align_corners=False) of the patch-resolution target to the decoded map's size (as FiT3D), and
+    pixels where `mask` is False count 0 (the mean still divides by all pixels, as the original's masking by
+    copying the prediction into the target does).
+
+    Args:
+        decoded: `[B, D, H, W]` decoded feature render.
+        target: `[B, D, h, w]` backbone features (no gradient).
+        mask: `[B, 1, H, W]` bool, or None.
+
+    Returns:
+        The loss, a float32 scalar. On CUDA a fused kernel computes it (and its gradient) in one pass over
+        `decoded` (the composed ops below take about ten, see rasterizer_cuda/feature_loss.cu); elsewhere the
+        composed ops do.
+    """
+    if _use_feature_l1_kernel(decoded, target):
+        channels_last = torch.channels_last
+        return _UpsampledFeatureL1.apply(
+            decoded.contiguous(memory_format=channels_last),
+            target.contiguous(memory_format=channels_last),
+            None if mask is None else mask.contiguous(),
+        )
+    upsampled = F.interpolate(target.to(decoded.dtype), size=decoded.shape[-2:], mode="bilinear", align_corners=False)
+    if mask is not None:
+        upsampled = torch.where(mask, upsampled, decoded.detach())
+    return (decoded - upsampled).abs().mean().float()

@@ -32,6 +32,7 @@ SOURCES = (
     "isect_tiles.cu",
     "rasterize_fwd.cu",
     "rasterize_bwd.cu",
+    "feature_loss.cu",
 )
 
 

@@ -47,9 +47,10 @@ __host__ __device__ inline Mat3 quat_to_rotmat(float w, float x, float y, float 
     return r;
 }
 
-// A projected Gaussian as the rasterizer sees it: 2D mean, opacity, conic (a, b, c) of [[a, b], [b, c]].
+// A projected Gaussian as the rasterizer sees it: 2D mean, opacity, conic (a, b, c) of [[a, b], [b, c]], and
+// sigma_cut: beyond this Mahalanobis term its alpha is surely below 1/255 (see splat_alpha).
 struct Splat {
-    float x, y, opacity, a, b, c;
+    float x, y, opacity, a, b, c, sigma_cut;
 };
 
 // Inclusive pixel ranges (clipped to the image) that a Gaussian can reach with alpha >= 1/255; false

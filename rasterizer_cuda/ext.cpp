@@ -9,6 +9,7 @@
 #include <climits>
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "constants.h"
@@ -199,8 +200,15 @@ std::tuple<Tensor, Tensor> sort_by_key(const Tensor& keys, const Tensor& values,
 
 }  // namespace
 
-std::tuple<Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tensor& conics, const Tensor& opacities,
-                                       const Tensor& depths, const Tensor& radii, int64_t width, int64_t height) {
+// Returns (tile ranges, Gaussian ids, total): `total` is the number of (tile, Gaussian) pairs, a pinned CPU
+// tensor. With capacity <= 0 the pair buffers are sized exactly, which needs the count on the host: a sync in
+// the middle of the forward, during which the GPU idles while the host launches the rest. With a capacity the
+// buffers have that many slots and nothing waits: the count is copied to `total` asynchronously, pairs past
+// the capacity are dropped, and the caller must check `total <= capacity` (after an event recorded once this
+// returns has completed) and call again with a larger capacity if not. Unused slots sort last.
+std::tuple<Tensor, Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tensor& conics, const Tensor& opacities,
+                                               const Tensor& depths, const Tensor& radii, int64_t width,
+                                               int64_t height, int64_t capacity) {
     check_tensor(means2d, "means2d");
     check_tensor(conics, "conics");
     check_tensor(opacities, "opacities");
@@ -212,7 +220,9 @@ std::tuple<Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tensor& coni
     auto int_opts = means2d.options().dtype(at::kInt);
     Tensor ranges = torch::zeros({B * tiles_x * tiles_y, 2}, int_opts);
     TORCH_CHECK(B * N < INT_MAX, "fit3d rasterizer: ", B, " cameras x ", N, " Gaussians exceed the int32 limit");
-    if (B * N == 0) return {ranges, torch::empty({0}, int_opts)};
+    TORCH_CHECK(capacity < INT_MAX, "fit3d rasterizer: a capacity of ", capacity, " pairs exceeds the int32 limit");
+    Tensor total = torch::zeros({1}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+    if (B * N == 0) return {ranges, torch::empty({0}, int_opts), total};
 
     // 1. all (camera, Gaussian) entries in depth order
     Tensor depth_keys = torch::empty({B * N}, int_opts), entries = torch::empty({B * N}, int_opts);
@@ -235,27 +245,45 @@ std::tuple<Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tensor& coni
     a.opacities = opacities.data_ptr<float>();
     a.radii = radii.data_ptr<int32_t>();
     a.depth_order = depth_order.data_ptr<int32_t>();
-    Tensor counts = torch::empty({B * N}, int_opts);
-    a.counts = counts.data_ptr<int32_t>();
+    auto long_opts = means2d.options().dtype(at::kLong);
+    Tensor counts = torch::empty({B * N}, long_opts), ends = torch::empty({B * N}, long_opts);
+    a.counts = counts.data_ptr<int64_t>();
     check_cuda(fit3d::launch_isect_count(a, stream()), "isect_count");
-    Tensor inclusive = counts.cumsum(0, at::kLong);
-    const int64_t total = inclusive[-1].item<int64_t>();  // host sync: sizes the pair buffers
-    TORCH_CHECK(total < INT_MAX, "fit3d rasterizer: ", total, " (Gaussian, tile) pairs exceed the int32 limit");
-    if (total == 0) return {ranges, torch::empty({0}, int_opts)};
-    Tensor offsets = inclusive - counts;
+    size_t scan_bytes = 0;
+    check_cuda(fit3d::inclusive_sum(nullptr, scan_bytes, a.counts, ends.data_ptr<int64_t>(), B * N, stream()),
+               "prefix sum (size query)");
+    Tensor scan_temp = torch::empty({int64_t(scan_bytes)}, means2d.options().dtype(at::kByte));
+    check_cuda(fit3d::inclusive_sum(scan_temp.data_ptr(), scan_bytes, a.counts, ends.data_ptr<int64_t>(), B * N,
+                                    stream()),
+               "prefix sum");
+    Tensor device_total = ends.narrow(0, B * N - 1, 1);
+    const bool exact = capacity <= 0;
+    if (exact) {
+        capacity = device_total.item<int64_t>();  // host sync
+        total.fill_(capacity);
+        TORCH_CHECK(capacity < INT_MAX, "fit3d rasterizer: ", capacity, " (Gaussian, tile) pairs exceed the int32 limit");
+        if (capacity == 0) return {ranges, torch::empty({0}, int_opts), total};
+    } else {
+        total.copy_(device_total, /*non_blocking=*/true);
+    }
 
     // 4. (tile, Gaussian) pairs in depth order, 5. stable sort by tile, 6. per-tile ranges
-    Tensor keys = torch::empty({total}, int_opts), values = torch::empty({total}, int_opts);
-    a.offsets = offsets.data_ptr<int64_t>();
+    const uint32_t no_tile = uint32_t(B * tiles_x * tiles_y);
+    Tensor keys = torch::empty({capacity}, int_opts), values = torch::empty({capacity}, int_opts);
+    a.ends = ends.data_ptr<int64_t>();
+    a.capacity = capacity;
     a.keys = reinterpret_cast<uint32_t*>(keys.data_ptr<int32_t>());
     a.values = values.data_ptr<int32_t>();
     check_cuda(fit3d::launch_isect_emit(a, stream()), "isect_emit");
+    if (!exact)
+        check_cuda(fit3d::launch_fill_unused(device_total.data_ptr<int64_t>(), capacity, no_tile, a.keys, a.values,
+                                             stream()),
+                   "fill_unused");
     auto [sorted_keys, sorted_values] = sort_by_key(keys, values, fit3d::tile_key_bits(int(B), tiles_x * tiles_y));
     check_cuda(fit3d::launch_tile_ranges(reinterpret_cast<const uint32_t*>(sorted_keys.data_ptr<int32_t>()),
-                                         int(total), uint32_t(B * tiles_x * tiles_y), ranges.data_ptr<int32_t>(),
-                                         stream()),
+                                         int(capacity), no_tile, ranges.data_ptr<int32_t>(), stream()),
                "tile_ranges");
-    return {ranges, sorted_values};
+    return {ranges, sorted_values, total};
 }
 
 // ---- rasterize ----------------------------------------------------------------------------------------
@@ -365,6 +393,72 @@ std::vector<Tensor> rasterize_bwd(const Tensor& means2d, const Tensor& conics, c
     return {v_means2d, v_conics, v_opacities, v_colors, v_depths, v_feats};
 }
 
+// ---- feature_l1 ---------------------------------------------------------------------------------------
+namespace {
+
+fit3d::ScalarType scalar_type(const Tensor& t, const char* name) {
+    switch (t.scalar_type()) {
+        case at::kFloat: return fit3d::ScalarType::Float32;
+        case at::kHalf: return fit3d::ScalarType::Float16;
+        case at::kBFloat16: return fit3d::ScalarType::BFloat16;
+        default: TORCH_CHECK(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+    }
+}
+
+fit3d::FeatureL1Args feature_l1_args(const Tensor& decoded, const Tensor& target, const OptTensor& mask) {
+    for (const auto& [t, name] : {std::pair{&decoded, "decoded"}, std::pair{&target, "target"}}) {
+        TORCH_CHECK(t->is_cuda() && t->dim() == 4, name, " must be a 4-d CUDA tensor");
+        TORCH_CHECK(t->is_contiguous(at::MemoryFormat::ChannelsLast), name, " must be channels-last contiguous");
+    }
+    TORCH_CHECK(target.size(0) == decoded.size(0) && target.size(1) == decoded.size(1),
+                "target must have the batch size and channels of decoded");
+    fit3d::FeatureL1Args a = {};
+    a.B = int(decoded.size(0));
+    a.D = int(decoded.size(1));
+    a.H = int(decoded.size(2));
+    a.W = int(decoded.size(3));
+    a.h = int(target.size(2));
+    a.w = int(target.size(3));
+    a.scale_x = float(a.w) / float(a.W);
+    a.scale_y = float(a.h) / float(a.H);
+    a.decoded_type = scalar_type(decoded, "decoded");
+    a.target_type = scalar_type(target, "target");
+    a.decoded = decoded.data_ptr();
+    a.target = target.data_ptr();
+    if (mask.has_value() && mask->defined()) {
+        TORCH_CHECK(mask->is_cuda() && mask->scalar_type() == at::kBool && mask->is_contiguous() &&
+                        mask->numel() == int64_t(a.B) * a.H * a.W,
+                    "mask must be a contiguous CUDA bool tensor of B x 1 x H x W");
+        a.mask = mask->data_ptr<bool>();
+    }
+    a.inv_count = 1.f / float(decoded.numel());
+    return a;
+}
+
+}  // namespace
+
+Tensor feature_l1_fwd(const Tensor& decoded, const Tensor& target, const OptTensor& mask) {
+    const at::cuda::OptionalCUDAGuard guard(device_of(decoded));
+    fit3d::FeatureL1Args a = feature_l1_args(decoded, target, mask);
+    // per-block sums, added up by torch: a fixed order, so the loss is the same on every run
+    Tensor partials = torch::empty({fit3d::feature_l1_blocks(a)}, decoded.options().dtype(at::kFloat));
+    a.partials = partials.data_ptr<float>();
+    check_cuda(fit3d::launch_feature_l1(a, stream()), "feature_l1 forward");
+    return partials.sum() * double(a.inv_count);
+}
+
+Tensor feature_l1_bwd(const Tensor& decoded, const Tensor& target, const OptTensor& mask, const Tensor& grad_output) {
+    const at::cuda::OptionalCUDAGuard guard(device_of(decoded));
+    check_tensor(grad_output, "grad_output");
+    TORCH_CHECK(grad_output.numel() == 1, "grad_output must hold one value");
+    fit3d::FeatureL1Args a = feature_l1_args(decoded, target, mask);
+    Tensor grad = torch::empty_like(decoded, at::MemoryFormat::ChannelsLast);
+    a.grad_output = grad_output.data_ptr<float>();
+    a.grad = grad.data_ptr();
+    check_cuda(fit3d::launch_feature_l1(a, stream()), "feature_l1 backward");
+    return grad;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "fit3d-hf CUDA rasterizer of RGB, depth and feature channels (see fit3d_hf/render/_wrapper.py)";
     m.def("project_fwd", &project_fwd);
@@ -374,5 +468,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("isect_tiles", &isect_tiles);
     m.def("rasterize_fwd", &rasterize_fwd);
     m.def("rasterize_bwd", &rasterize_bwd);
+    m.def("feature_l1_fwd", &feature_l1_fwd);
+    m.def("feature_l1_bwd", &feature_l1_bwd);
     m.attr("TILE_SIZE") = fit3d::TILE_SIZE;
 }

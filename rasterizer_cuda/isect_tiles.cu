@@ -9,6 +9,8 @@
 // Binning is conservative, so it never changes a pixel value.
 #include <cub/cub.cuh>
 
+#include <algorithm>
+
 #include "common.h"
 #include "ops.h"
 
@@ -89,8 +91,10 @@ __global__ void isect_count_kernel(IsectArgs a) {
 // Writes the `count` pairs of the Gaussian `index` (rows `r`, valid when `ok`) to keys/values with `lanes`
 // threads (this one is `lane`). Should fewer tiles be found than were counted, the remaining slots get the
 // "no tile" key, which sorts last and is in no range.
+// Only the first `room` slots are written (the rest lies past the buffer's capacity).
 __device__ inline void emit_pairs(const IsectArgs& a, int64_t index, bool ok, const TileRows& r, int count,
-                                  uint32_t* keys, int32_t* values, int lane, int lanes) {
+                                  uint32_t* keys, int32_t* values, int64_t room, int lane, int lanes) {
+    count = int(min(int64_t(count), max(room, int64_t(0))));
     const int g = int(index % a.N);
     const uint32_t tiles = uint32_t(a.tiles_x * a.tiles_y);
     const uint32_t camera_tile0 = uint32_t(index / a.N) * tiles;
@@ -146,31 +150,34 @@ __global__ void __launch_bounds__(256) isect_emit_kernel(IsectArgs a) {
     const int64_t total = int64_t(a.B) * a.N;
     const int64_t first = int64_t(blockIdx.x) * blockDim.x;
     const int64_t last = min(first + int64_t(blockDim.x), total) - 1;
-    const int64_t base = a.offsets[first];
-    const int64_t span = a.offsets[last] + a.counts[last] - base;  // the block's pairs: [base, base + span)
+    const int64_t base = a.ends[first] - a.counts[first];
+    const int64_t span = a.ends[last] - base;  // the block's pairs: [base, base + span)
     const bool staged = span <= EMIT_STAGE;                         // uniform over the block
     // destination of the pairs at global position `pos`
     auto keys_at = [&](int64_t pos) { return staged ? s_keys + (pos - base) : a.keys + pos; };
     auto values_at = [&](int64_t pos) { return staged ? s_values + (pos - base) : a.values + pos; };
+    auto room_at = [&](int64_t pos) { return staged ? int64_t(EMIT_STAGE) : a.capacity - pos; };
 
     const int64_t s = first + threadIdx.x;
     const int lane = threadIdx.x % 32;
-    const int count = s < total ? a.counts[s] : 0;
-    const int64_t offset = s < total ? a.offsets[s] : 0;
+    const int count = s < total ? int(a.counts[s]) : 0;
+    const int64_t offset = s < total ? a.ends[s] - count : 0;
     const int64_t index = count > 0 ? a.depth_order[s] : 0;
     TileRows r = {};
     const bool ok = count > 0 && tile_rows(a, index, r);
-    if (count > 0 && count <= WARP_EMIT) emit_pairs(a, index, ok, r, count, keys_at(offset), values_at(offset), 0, 1);
+    if (count > 0 && count <= WARP_EMIT)
+        emit_pairs(a, index, ok, r, count, keys_at(offset), values_at(offset), room_at(offset), 0, 1);
     for (unsigned large = __ballot_sync(FULL_MASK, count > WARP_EMIT); large != 0; large &= large - 1) {
         const int source = __ffs(large) - 1;
         const int64_t src_offset = __shfl_sync(FULL_MASK, offset, source);
         emit_pairs(a, __shfl_sync(FULL_MASK, index, source), __shfl_sync(FULL_MASK, int(ok), source) != 0,
                    shuffle_rows(r, source), __shfl_sync(FULL_MASK, count, source), keys_at(src_offset),
-                   values_at(src_offset), lane, 32);
+                   values_at(src_offset), room_at(src_offset), lane, 32);
     }
     if (!staged) return;
     __syncthreads();
-    for (int i = threadIdx.x; i < span; i += blockDim.x) {
+    const int64_t kept = min(span, a.capacity - base);
+    for (int i = threadIdx.x; i < kept; i += blockDim.x) {
         a.keys[base + i] = s_keys[i];
         a.values[base + i] = s_values[i];
     }
@@ -183,6 +190,23 @@ __global__ void tile_ranges_kernel(const uint32_t* keys, int n, uint32_t n_tiles
     if (tile >= n_tiles) return;  // the never-used "no tile" key
     if (i == 0 || keys[i - 1] != tile) ranges[int64_t(tile) * 2] = i;
     if (i == n - 1 || keys[i + 1] != tile) ranges[int64_t(tile) * 2 + 1] = i + 1;
+}
+
+__global__ void fill_unused_kernel(const int64_t* total, int64_t capacity, uint32_t no_tile_key, uint32_t* keys,
+                                   int32_t* values) {
+    for (int64_t i = *total + int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < capacity;
+         i += int64_t(gridDim.x) * blockDim.x) {
+        keys[i] = no_tile_key;
+        values[i] = 0;
+    }
+}
+
+cudaError_t launch_fill_unused(const int64_t* total, int64_t capacity, uint32_t no_tile_key, uint32_t* keys,
+                               int32_t* values, cudaStream_t stream) {
+    if (capacity == 0) return cudaSuccess;
+    fill_unused_kernel<<<unsigned(std::min<int64_t>((capacity + 255) / 256, 1024)), 256, 0, stream>>>(
+        total, capacity, no_tile_key, keys, values);
+    return cudaGetLastError();
 }
 
 cudaError_t launch_depth_keys(const float* depths, int64_t total, uint32_t* keys, int32_t* values,
@@ -211,6 +235,11 @@ int tile_key_bits(int B, int tiles) {
     int bits = 1;
     while (bits < 32 && (max_id >> bits) != 0) ++bits;
     return bits;
+}
+
+cudaError_t inclusive_sum(void* temp, size_t& temp_bytes, const int64_t* counts, int64_t* ends, int64_t n,
+                          cudaStream_t stream) {
+    return cub::DeviceScan::InclusiveSum(temp, temp_bytes, counts, ends, n, stream);
 }
 
 cudaError_t sort_pairs(void* temp, size_t& temp_bytes, const uint32_t* keys_in, uint32_t* keys_out,

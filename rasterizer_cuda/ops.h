@@ -59,16 +59,24 @@ struct IsectArgs {
     const float* opacities;    // [N]
     const int32_t* radii;      // [B, N]; Gaussians with radius 0 are skipped
     const int32_t* depth_order;  // [B * N] entries (camera * N + g) sorted by depth
-    int32_t* counts;           // [B * N] tiles touched by depth_order[s] (count pass)
-    const int64_t* offsets;    // [B * N] exclusive prefix sum of counts (emit pass)
-    uint32_t* keys;            // [n_isect] camera * tiles + tile
-    int32_t* values;           // [n_isect] Gaussian index
+    int64_t* counts;           // [B * N] tiles touched by depth_order[s] (count pass)
+    const int64_t* ends;       // [B * N] inclusive prefix sum of counts (emit pass)
+    int64_t capacity;          // slots of keys/values; pairs past it are dropped (the caller checks the total)
+    uint32_t* keys;            // [capacity] camera * tiles + tile
+    int32_t* values;           // [capacity] Gaussian index
 };
 // keys[i] = depth bits of entry i, values[i] = i, for the depth sort.
 cudaError_t launch_depth_keys(const float* depths, int64_t total, uint32_t* keys, int32_t* values,
                               cudaStream_t stream);
 cudaError_t launch_isect_count(const IsectArgs& args, cudaStream_t stream);
 cudaError_t launch_isect_emit(const IsectArgs& args, cudaStream_t stream);
+// Slots [*total, capacity) of keys/values get the "no tile" key (B * tiles), which sorts last and is in no
+// range; `total` points to the pair count on the device, so no host sync is needed.
+cudaError_t launch_fill_unused(const int64_t* total, int64_t capacity, uint32_t no_tile_key, uint32_t* keys,
+                               int32_t* values, cudaStream_t stream);
+// ends = inclusive prefix sum of counts (call with temp == nullptr to query `temp_bytes`).
+cudaError_t inclusive_sum(void* temp, size_t& temp_bytes, const int64_t* counts, int64_t* ends, int64_t n,
+                          cudaStream_t stream);
 // Bits of a tile key (camera * tiles + tile, or B * tiles for "no tile") for B cameras of `tiles` tiles.
 int tile_key_bits(int B, int tiles);
 // Stable radix sort of (key, value) pairs over bits [0, end_bit); call with temp == nullptr to query
@@ -122,5 +130,22 @@ size_t rasterize_fwd_shared_bytes(int channel_count);
 size_t rasterize_bwd_shared_bytes(int channel_count);
 cudaError_t launch_rasterize_fwd(const RasterizeArgs& args, cudaStream_t stream);
 cudaError_t launch_rasterize_bwd(const RasterizeArgs& args, cudaStream_t stream);
+
+// ---- feature_l1: Stage I's feature loss against an upsampled target (feature_loss.cu) --------------------
+enum class ScalarType { Float32, Float16, BFloat16 };
+struct FeatureL1Args {
+    int B, D, H, W, h, w;          // decoded [B, H, W, D], target [B, h, w, D], both channels last
+    float scale_x, scale_y;        // w / W and h / H (PyTorch's bilinear source scale)
+    ScalarType decoded_type, target_type;
+    const void* decoded;
+    const void* target;
+    const bool* mask;              // [B, H, W] or nullptr (all pixels count)
+    float inv_count;               // 1 / (B * D * H * W)
+    float* partials;               // forward: [feature_l1_blocks()] per-block sums of |decoded - up(target)|
+    const float* grad_output;      // backward: the loss's gradient (one value on the device)
+    void* grad;                    // backward: [B, H, W, D] like decoded; nullptr in the forward
+};
+int64_t feature_l1_blocks(const FeatureL1Args& args);
+cudaError_t launch_feature_l1(const FeatureL1Args& args, cudaStream_t stream);
 
 }  // namespace fit3d

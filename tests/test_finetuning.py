@@ -151,7 +151,9 @@ def test_two_processes_see_disjoint_frames_covering_the_epoch(workspace):
 
 
 def test_training_script_under_accelerate_launch(workspace, tmp_path):
-    """The thin entry point, as users run it: `accelerate launch training/finetune.py ...` (YAML config)."""
+    """The thin entry point, as users run it: `accelerate launch training/finetune.py ...` (YAML config), with
+    two real DDP processes (gloo) fine-tuning all weights, so a weight without a gradient (DINOv2's mask token)
+    would stop it at the second step."""
     import os
     import subprocess
     import sys
@@ -162,17 +164,18 @@ def test_training_script_under_accelerate_launch(workspace, tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({
         "backbone": workspace["backbone"], "frames": workspace["data"], "gaussians": workspace["gaussians"],
-        "output_dir": str(tmp_path / "run"), "max_train_steps": 2, "report_to": "tensorboard", "logging_steps": 1,
+        "output_dir": str(tmp_path / "run"), "max_train_steps": 3, "report_to": "tensorboard", "logging_steps": 1,
         "validation_split": "",
     }))  # fmt: skip
     repo = Path(__file__).resolve().parents[1]
     accelerate = Path(sys.executable).with_name("accelerate")
     result = subprocess.run(
-        [str(accelerate), "launch", "--cpu", "--num_processes", "1", str(repo / "training" / "finetune.py"), str(config)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        # `--cpu --num_processes 2` would silently run one process; this is real DDP over gloo
+        [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", str(repo / "training" / "finetune.py"), str(config)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "'steps': 2" in result.stdout
+    assert "'steps': 3" in result.stdout
     assert (tmp_path / "run" / "finetuned" / "model.safetensors").is_file()
     assert AutoModel.from_pretrained(tmp_path / "run" / "fit3d").config.model_type == "fit3d"
     assert list((tmp_path / "run" / "logs").rglob("events.out.tfevents*"))  # the tensorboard tracker logged

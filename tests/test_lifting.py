@@ -49,6 +49,8 @@ def test_short_run_fits_rgb_and_features(scene_root, backbone_dir, tmp_path):
     metrics = lift_scene(scene_dir, _args(tmp_path, backbone_dir, previews=True), progress=False)
     assert metrics["views_heldout"] == 6 and metrics["views_train"] == 18
     assert metrics["psnr_heldout"] >= 22.0, metrics
+    # The bundle as saved (fp16 geometry, compressed SH) renders the held-out views as well as the trained Gaussians.
+    assert abs(metrics["psnr_heldout"] - metrics["psnr_heldout_uncompressed"]) <= 0.5, metrics
     assert metrics["feature_l1_train"] <= 0.5 * metrics["feature_l1_train_start"], metrics
     densification = metrics["densification"]
     assert densification["cloned"] + densification["split"] > 0 and densification["pruned"] > 0, densification

@@ -7,9 +7,13 @@ Expected layout under `data_dir` (what `fit3d lift` / `training/lift_features.py
 
 Columns: scene_id, backbone, feature_dim, backbone_dim, num_gaussians, means (N x 3 float32),
 quats (N x 4 float16), log_scales (N x 3 float16), opacities (N float16), features (N x F float16),
-decoder_weight (flattened float32) with decoder_shape, sh (N x K*3 float16) and metrics. Rows are built as
-Arrow tables directly (fixed-size lists over flat buffers): converting million-row nested Python lists
-would take minutes per scene.
+decoder_weight (flattened float32, as `load_bundle` returns it: lossless for every bundle version, though
+version-3 bundles store it in fp16) with decoder_shape, the SH colours in the bundle's compressed form
+(`fit3d_hf.gaussians.sh_codec`: sh_degree, sh_dc_codes N x 3 uint8, sh_dc_offset / sh_dc_step 3 float32,
+sh_rest_codebook C x R float16, sh_rest_codes N uint16; 5 bytes per Gaussian instead of 96 for fp16 SH, so
+a row is about as small as the bundle file) and metrics. Version-1 bundles (fp16 SH) are compressed while the
+rows are built. Rows are built as Arrow tables directly (fixed-size lists over flat buffers): converting
+million-row nested Python lists would take minutes per scene.
 
 Stage II reads bundles through `fit3d_hf.gaussians.load_bundle` (memory-mapped safetensors, no SH);
 `bundle_from_row` turns a row of this dataset (e.g. downloaded from the Hub) back into the same object.
@@ -26,7 +30,8 @@ import numpy as np
 import pyarrow as pa
 
 from fit3d_hf.gaussians import GaussianBundle, load_bundle, read_bundle_metadata
-from fit3d_hf.gaussians.bundle import BUNDLE_FILENAME
+from fit3d_hf.gaussians.bundle import BUNDLE_FILENAME, load_compressed_sh
+from fit3d_hf.gaussians.sh_codec import CompressedSH
 
 __all__ = ["FeatureGaussians", "FeatureGaussiansConfig", "bundle_from_row", "load_feature_gaussians"]
 
@@ -64,13 +69,14 @@ class FeatureGaussians(datasets.ArrowBasedBuilder):
     BUILDER_CONFIGS = [FeatureGaussiansConfig(name="default")]
 
     def _feature_dim(self) -> tuple[int, int]:
+        """F and R = 3 * ((degree + 1) ** 2 - 1), the higher-order SH values per codebook row."""
         first = read_bundle_metadata(_scene_folders(Path(self.config.data_dir))[0])
-        return int(first["feature_dim"]), (int(first["sh_degree"]) + 1) ** 2 * 3
+        return int(first["feature_dim"]), ((int(first["sh_degree"]) + 1) ** 2 - 1) * 3
 
     def _info(self) -> datasets.DatasetInfo:
         if not self.config.data_dir:
             raise ValueError("FeatureGaussians needs data_dir: the Stage I output folder")
-        feature_dim, sh_values = self._feature_dim()
+        feature_dim, sh_rest_values = self._feature_dim()
         half, single = datasets.Value("float16"), datasets.Value("float32")
         return datasets.DatasetInfo(
             description="FiT3D Stage I feature Gaussians, one row per scene",
@@ -86,7 +92,12 @@ class FeatureGaussians(datasets.ArrowBasedBuilder):
                     "log_scales": datasets.List(datasets.List(half, length=3)),
                     "opacities": datasets.List(half),
                     "features": datasets.List(datasets.List(half, length=feature_dim)),
-                    "sh": datasets.List(datasets.List(half, length=sh_values)),
+                    "sh_degree": datasets.Value("int32"),
+                    "sh_dc_codes": datasets.List(datasets.List(datasets.Value("uint8"), length=3)),
+                    "sh_dc_offset": datasets.List(single, length=3),
+                    "sh_dc_step": datasets.List(single, length=3),
+                    "sh_rest_codebook": datasets.List(datasets.List(half, length=sh_rest_values)),
+                    "sh_rest_codes": datasets.List(datasets.Value("uint16")),
                     "decoder_weight": datasets.List(single),
                     "decoder_shape": datasets.List(datasets.Value("int32"), length=4),
                     "metrics": datasets.Value("string"),
@@ -100,7 +111,8 @@ class FeatureGaussians(datasets.ArrowBasedBuilder):
 
     def _generate_tables(self, folders):
         for index, folder in enumerate(folders):
-            bundle = load_bundle(folder, include_sh=True)
+            bundle = load_bundle(folder)  # geometry, features, decoder; the SH stay compressed
+            sh = load_compressed_sh(folder)
             metrics_path = folder / "metrics.json"
             metrics = metrics_path.read_text() if metrics_path.is_file() else "{}"
             weight = bundle.decoder_weight.numpy()
@@ -115,7 +127,12 @@ class FeatureGaussians(datasets.ArrowBasedBuilder):
                 "log_scales": _fixed(bundle.log_scales.numpy(), pa.float16()),
                 "opacities": pa.ListArray.from_arrays(pa.array([0, len(bundle)], type=pa.int32()), pa.array(bundle.opacities.numpy(), type=pa.float16())),
                 "features": _fixed(bundle.features.numpy(), pa.float16()),
-                "sh": _fixed(bundle.sh.reshape(len(bundle), -1).numpy(), pa.float16()),
+                "sh_degree": pa.array([int(round(sh.num_coefficients**0.5)) - 1], type=pa.int32()),
+                "sh_dc_codes": _fixed(sh.dc_codes.numpy(), pa.uint8()),
+                "sh_dc_offset": pa.array([sh.dc_offset.tolist()], type=pa.list_(pa.float32(), 3)),
+                "sh_dc_step": pa.array([sh.dc_step.tolist()], type=pa.list_(pa.float32(), 3)),
+                "sh_rest_codebook": _fixed(sh.rest_codebook.numpy(), pa.float16()),
+                "sh_rest_codes": pa.ListArray.from_arrays(pa.array([0, len(sh)], type=pa.int32()), pa.array(sh.rest_codes.numpy(), type=pa.uint16())),
                 "decoder_weight": pa.ListArray.from_arrays(pa.array([0, weight.size], type=pa.int32()), pa.array(weight.reshape(-1), type=pa.float32())),
                 "decoder_shape": pa.array([list(weight.shape)], type=pa.list_(pa.int32(), 4)),
                 "metrics": pa.array([metrics]),
@@ -124,13 +141,20 @@ class FeatureGaussians(datasets.ArrowBasedBuilder):
 
 
 def bundle_from_row(row: dict) -> GaussianBundle:
-    """A row of this dataset in numpy format (`dataset.with_format("numpy")[i]`) -> a `GaussianBundle`."""
+    """A row of this dataset in numpy format (`dataset.with_format("numpy")[i]`) -> a `GaussianBundle`,
+    with the SH colours decoded to float32 (the same values as `load_bundle(..., include_sh=True)`)."""
     import torch
 
     def tensor(name, dtype):
         return torch.from_numpy(np.stack(row[name]).astype(dtype) if row[name].dtype == object else np.asarray(row[name], dtype=dtype))
 
-    sh = tensor("sh", np.float16)
+    sh = CompressedSH(
+        dc_codes=tensor("sh_dc_codes", np.uint8).reshape(-1, 3),
+        dc_offset=tensor("sh_dc_offset", np.float32),
+        dc_step=tensor("sh_dc_step", np.float32),
+        rest_codebook=tensor("sh_rest_codebook", np.float16).reshape(len(row["sh_rest_codebook"]), -1),
+        rest_codes=tensor("sh_rest_codes", np.uint16),
+    )
     return GaussianBundle(
         means=tensor("means", np.float32),
         quats=tensor("quats", np.float16),
@@ -139,7 +163,7 @@ def bundle_from_row(row: dict) -> GaussianBundle:
         features=tensor("features", np.float16),
         decoder_weight=tensor("decoder_weight", np.float32).reshape(*[int(v) for v in row["decoder_shape"]]),
         metadata={"scene_id": str(row["scene_id"]), "backbone": str(row["backbone"]), "metrics": json.loads(str(row["metrics"]))},
-        sh=sh.reshape(len(sh), -1, 3),
+        sh=sh.decode(),
     )
 
 

@@ -4,20 +4,29 @@ from .bundle import (
     BUNDLE_FILENAME,
     BundleMismatchError,
     GaussianBundle,
+    bundle_bytes_per_gaussian,
     load_bundle,
+    load_compressed_sh,
     read_bundle_metadata,
     save_bundle,
 )
 from .densify import DensificationConfig, Densifier, quat_to_rotmat
 from .model import FeatureGaussians, inverse_sigmoid, rgb_to_sh_dc, sh_dc_to_rgb
+from .sh_codec import CompressedSH, decode_sh, default_codebook_size, encode_sh
 
 __all__ = [
     "BUNDLE_FILENAME",
     "BundleMismatchError",
     "GaussianBundle",
+    "bundle_bytes_per_gaussian",
     "load_bundle",
+    "load_compressed_sh",
     "read_bundle_metadata",
     "save_bundle",
+    "CompressedSH",
+    "decode_sh",
+    "default_codebook_size",
+    "encode_sh",
     "DensificationConfig",
     "Densifier",
     "FeatureGaussians",

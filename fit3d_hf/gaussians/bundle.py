@@ -5,10 +5,28 @@ A bundle holds the Gaussians' geometry, their low-dimensional features in fp16, 
 metadata naming the backbone so that Stage II can refuse a bundle made for another one.
 
 Stage II needs only geometry, features and decoder: `load_bundle(..., include_sh=False)` reads just
-those tensors through safetensors' memory map, so the SH colours (over a third of the file) are never
-touched. Storage per Gaussian: means fp32 (12 B), quats/log-scales/opacities fp16 (16 B), features fp16
-(2F B), SH fp16 (96 B at degree 3): 252 B at F = 64, 156 B of it needed by Stage II, against the 492 B
-of FiT3D's fp32 pickle.
+those tensors through safetensors' memory map and never touches the SH colours.
+
+Storage per Gaussian (format version 3): means fp32 (12 B), quats/log-scales/opacities fp16 (16 B),
+features fp16 (2F B) -- 156 B at F = 64, all that Stage II reads -- and the SH colours compressed to 5 B
+(`sh_codec`: uint8 DC, 3 B; a uint16 code into a k-means codebook of the 45 higher-order values, 2 B):
+161 B in all, against the 492 B of FiT3D's fp32 pickle (a third of it is 164 B). Per scene on top: the
+fp16 decoder weight (D x F x 3 x 3: 442,368 B at D = 384, F = 64; loaded back as float32), the fp16
+codebook (C x 45 x 2 B, C = `sh_codec.default_codebook_size(N)`: 4096 rows, 368,640 B, at 1M Gaussians;
+2048 rows at 229k; 1024 at 196k) and the header (1.1 kB). Whole file / N at F = 64, D = 384: 161.81 B at
+1M Gaussians, 163.74 B at 229,439 and 163.73 B at 196,000 (`tests/test_bundle.py` writes these files).
+That is within 164 B from 178.6k Gaussians up, except from 204,800 (where the codebook doubles to 2048
+rows: 164.07 B) to 209,285; under 147k the decoder weight alone passes 3 B per Gaussian.
+`bundle_bytes_per_gaussian` gives the figure of a file.
+
+`save_bundle(..., sh_storage="fp16")` (`fit3d lift --bundle_sh fp16`) keeps all 48 SH values in fp16 instead
+(252 B per Gaussian): the codebook keeps only the dominant higher-order colour patterns, which costs RGB
+renders detail where the fit relies on view-dependent colour (on the 300-view synthetic benchmark scene,
+held-out PSNR 42.5 dB with fp16 SH, 33.2 dB compressed). Features and geometry are stored the same way either
+way, so Stage II is unaffected.
+
+Older bundles still load: version 2 (fp32 decoder weight, codebook of up to 4096 rows whatever N) and
+version 1 (also SH as one fp16 tensor, 252 B per Gaussian).
 """
 
 from __future__ import annotations
@@ -22,14 +40,29 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..utils import atomic_path
-from .model import FeatureGaussians
+from .model import FeatureGaussians, inverse_sigmoid
+from .sh_codec import CompressedSH, encode_sh
 
-__all__ = ["BUNDLE_FILENAME", "BundleMismatchError", "GaussianBundle", "load_bundle", "read_bundle_metadata", "save_bundle"]
+__all__ = [
+    "BUNDLE_FILENAME",
+    "FORMAT_VERSION",
+    "BundleMismatchError",
+    "GaussianBundle",
+    "bundle_bytes_per_gaussian",
+    "load_bundle",
+    "load_compressed_sh",
+    "read_bundle_metadata",
+    "save_bundle",
+]
 
 BUNDLE_FILENAME = "gaussians.safetensors"
-FORMAT_VERSION = "1"
+# Version 3 stores the decoder weight in fp16: bumped so that a reader written for version 2 (which took
+# the weight as stored, float32) refuses the file with a clear message rather than mixing dtypes.
+FORMAT_VERSION = "3"
+READABLE_VERSIONS = ("1", "2", "3")
 STAGE2_KEYS = ("means", "quats", "log_scales", "opacities", "features", "decoder.weight")
-SH_KEY = "sh"
+SH_KEY = "sh"  # version 1: the SH as one fp16 [N, K, 3] tensor
+SH_PREFIX = "sh."  # versions 2 and 3: the `CompressedSH` tensors, e.g. "sh.rest_codes"
 
 
 class BundleMismatchError(ValueError):
@@ -41,7 +74,8 @@ class GaussianBundle:
     """The tensors of one scene's bundle (activated opacities, log scales, normalised quaternions).
 
     Shapes: means `[N, 3]`, quats `[N, 4]`, log_scales `[N, 3]`, opacities `[N]`, features `[N, F]`,
-    decoder_weight `[D, F, k, k]`, sh `[N, K, 3]` or None when loaded without colours.
+    decoder_weight `[D, F, k, k]` (float32 as loaded, whatever the stored dtype), sh `[N, K, 3]` or None
+    when loaded without colours.
     """
 
     means: torch.Tensor
@@ -76,6 +110,24 @@ class GaussianBundle:
     def __len__(self) -> int:
         return int(self.means.shape[0])
 
+    def to_gaussians(self, active_sh_degree: int | None = None) -> FeatureGaussians:
+        """The bundle as `FeatureGaussians` (float32, CPU), e.g. to render it; needs the SH colours.
+
+        Args:
+            active_sh_degree: the SH degree to render with (default: the highest stored).
+        """
+        if self.sh is None:
+            raise ValueError(f"bundle {self.scene_id!r} was loaded without SH colours: load it with include_sh=True")
+        max_sh_degree = int(round(self.sh.shape[1] ** 0.5)) - 1
+        # fp16 opacities may be exactly 0 or 1: keep the logits finite.
+        opacities = self.opacities.float().clamp(1e-6, 1 - 1e-6)
+        gaussians = FeatureGaussians(
+            self.means.float(), self.quats.float(), self.log_scales.float(), inverse_sigmoid(opacities),
+            self.sh.float(), self.features.float(), max_sh_degree=max_sh_degree,
+        )  # fmt: skip
+        gaussians.active_sh_degree = max_sh_degree if active_sh_degree is None else active_sh_degree
+        return gaussians
+
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> GaussianBundle:
         """Moves every tensor to `device`, as `dtype` (features too: the renderer blends in fp32)."""
 
@@ -96,8 +148,17 @@ def save_bundle(
     scene_id: str,
     backbone: str,
     extra_metadata: dict | None = None,
+    sh_storage: str = "compressed",
+    sh_codebook_size: int | None = None,
+    sh_kmeans_iterations: int = 10,
+    seed: int = 0,
 ) -> Path:
     """Writes a bundle atomically (temp file in the same folder, then rename) and returns its path.
+
+    The SH colours are compressed (`sh_codec.encode_sh`, on the device of the Gaussians: fast on a GPU;
+    on a CPU the k-means takes about N x C x 45 x 20 flops, C = `default_codebook_size(N)`); the rest
+    is stored as the module docstring says.
+    Same inputs and seed give the same bytes on the CPU.
 
     Args:
         path: a `.safetensors` file or a folder (then `gaussians.safetensors` inside it).
@@ -106,10 +167,18 @@ def save_bundle(
         scene_id: the scene's id.
         backbone: Hub id or path of the backbone whose features were lifted.
         extra_metadata: JSON-serialisable values kept under the "extra" metadata key.
+        sh_storage: "compressed" (the default, 5 B per Gaussian, see the module docstring) or "fp16" (all
+            48 SH values in half precision, 96 B per Gaussian: RGB renders keep their view-dependent detail).
+        sh_codebook_size: rows of the higher-order SH codebook (default `sh_codec.default_codebook_size`:
+            the largest power of two <= N / 100 in [16, 4096], so that it amortises over the scene).
+        sh_kmeans_iterations: k-means iterations fitting that codebook.
+        seed: seed of the k-means initialisation.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path / BUNDLE_FILENAME
+    if sh_storage not in ("compressed", "fp16"):
+        raise ValueError(f"sh_storage must be 'compressed' or 'fp16', got {sh_storage!r}")
     if decoder_weight.ndim != 4 or decoder_weight.shape[1] != gaussians.feature_dim:
         raise ValueError(
             f"decoder_weight must have shape (D, {gaussians.feature_dim}, k, k), got {tuple(decoder_weight.shape)}"
@@ -121,10 +190,18 @@ def save_bundle(
             "log_scales": gaussians.log_scales.half(),
             "opacities": gaussians.opacities.half(),
             "features": gaussians.features.half(),
-            "decoder.weight": decoder_weight.float(),
-            SH_KEY: gaussians.sh.half(),
+            # fp16 halves the largest per-scene cost (0.44 MB at D = 384, F = 64); the decoder is a linear
+            # map, so its relative error stays that of half precision (~5e-4).
+            "decoder.weight": decoder_weight.half(),
         }
         tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
+        if sh_storage == "fp16":
+            tensors[SH_KEY] = gaussians.sh.detach().half().cpu().contiguous()
+            codec = {"sh_codec": "fp16"}
+        else:
+            sh = encode_sh(gaussians.sh, codebook_size=sh_codebook_size, iterations=sh_kmeans_iterations, seed=seed)
+            tensors.update(sh.tensors(SH_PREFIX))
+            codec = {"sh_codec": "uint8-dc+vq-rest", "sh_codebook_size": str(len(sh.rest_codebook))}
     metadata = {
         "format": "fit3d-gaussian-bundle",
         "format_version": FORMAT_VERSION,
@@ -133,12 +210,31 @@ def save_bundle(
         "feature_dim": str(gaussians.feature_dim),
         "backbone_dim": str(decoder_weight.shape[0]),
         "sh_degree": str(gaussians.max_sh_degree),
+        **codec,
         "num_gaussians": str(len(gaussians)),
         "extra": json.dumps(extra_metadata or {}),
     }
     with atomic_path(path) as temporary:
         save_file(tensors, str(temporary), metadata=metadata)
+        _sort_header(temporary)
     return path
+
+
+def _sort_header(path: Path) -> None:
+    """Rewrites a safetensors header with sorted keys, in place and at the same length.
+
+    safetensors writes the metadata in Rust hash-map order, which changes from call to call; sorting makes
+    the same bundle the same bytes (reproducible files, stable hashes on the Hub). The header is the
+    documented 8-byte little-endian length + JSON padded with spaces; readers ignore key order.
+    """
+    with open(path, "r+b") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+        canonical = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(canonical) > length:  # cannot happen for a reordering; keep the file valid regardless
+            return
+        handle.seek(8)
+        handle.write(canonical.ljust(length, b" "))
 
 
 def _resolve(path: str | Path) -> Path:
@@ -160,6 +256,11 @@ def read_bundle_metadata(path: str | Path) -> dict:
         raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
     if metadata.get("format") != "fit3d-gaussian-bundle":
         raise ValueError(f"{path} is not a fit3d Gaussian bundle (metadata format={metadata.get('format')!r})")
+    if metadata.get("format_version") not in READABLE_VERSIONS:
+        raise ValueError(
+            f"{path} has bundle format version {metadata.get('format_version')!r}; this fit3d_hf reads "
+            f"{READABLE_VERSIONS}: upgrade fit3d_hf or lift the scene again"
+        )
     metadata["extra"] = json.loads(metadata.get("extra", "{}"))
     return metadata
 
@@ -172,11 +273,12 @@ def load_bundle(
     expected_backbone_dim: int | None = None,
     expected_feature_dim: int | None = None,
 ) -> GaussianBundle:
-    """Loads a bundle's tensors (memory-mapped, CPU, stored dtypes).
+    """Loads a bundle's tensors (memory-mapped, CPU, stored dtypes; the decoder weight as float32).
 
     Args:
         path: the bundle file or the folder holding it.
-        include_sh: also load the SH colours (Stage II does not need them).
+        include_sh: also load the SH colours (Stage II does not need them): `[N, K, 3]`, decoded to
+            float32 when compressed, fp16 as stored otherwise (version 1, or `sh_storage="fp16"`).
         expected_backbone, expected_backbone_dim, expected_feature_dim: when given, a bundle made for
             another backbone or dimension is refused with `BundleMismatchError` naming both.
     """
@@ -193,19 +295,64 @@ def load_bundle(
                 f"{path} was made for {name}={found!r}, but {name}={expected!r} was asked for; "
                 f"lift the scene again with that backbone or pick the matching bundle"
             )
-    keys = STAGE2_KEYS + ((SH_KEY,) if include_sh else ())
-    with safe_open(str(path), framework="pt") as handle:
-        missing = [key for key in keys if key not in handle.keys()]
-        if missing:
-            raise ValueError(f"{path} lacks the tensors {missing}")
-        tensors = {key: handle.get_tensor(key) for key in keys}
+    keys = STAGE2_KEYS
+    if include_sh:
+        keys += _sh_keys(metadata)
+    tensors = _read_tensors(path, keys)
+    if include_sh and SH_KEY not in tensors:
+        tensors[SH_KEY] = CompressedSH.from_tensors(tensors, SH_PREFIX).decode()
     return GaussianBundle(
         means=tensors["means"],
         quats=tensors["quats"],
         log_scales=tensors["log_scales"],
         opacities=tensors["opacities"],
         features=tensors["features"],
-        decoder_weight=tensors["decoder.weight"],
+        # fp16 since version 3, fp32 before: float32 for every reader (a conv with fp32 features needs it).
+        decoder_weight=tensors["decoder.weight"].float(),
         metadata=metadata,
         sh=tensors.get(SH_KEY),
     )
+
+
+def _sh_is_fp16(metadata: dict) -> bool:
+    """Version 1 always stored the SH colours as one fp16 tensor; later versions do with sh_storage="fp16"."""
+    return metadata["format_version"] == "1" or metadata.get("sh_codec") == "fp16"
+
+
+def _sh_keys(metadata: dict) -> tuple[str, ...]:
+    if _sh_is_fp16(metadata):
+        return (SH_KEY,)
+    return tuple(SH_PREFIX + name for name in CompressedSH.TENSOR_NAMES)
+
+
+def _read_tensors(path: Path, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as handle:
+        missing = [key for key in keys if key not in handle.keys()]
+        if missing:
+            raise ValueError(f"{path} lacks the tensors {missing}")
+        return {key: handle.get_tensor(key) for key in keys}
+
+
+def load_compressed_sh(path: str | Path, *, device: torch.device | str | None = None) -> CompressedSH:
+    """A bundle's SH colours in compressed form, as stored (CPU tensors).
+
+    A version-1 bundle (fp16 SH) is compressed on the fly, on `device` (default: CUDA when available;
+    k-means over a million Gaussians takes minutes on a CPU).
+    """
+    path = _resolve(path)
+    metadata = read_bundle_metadata(path)
+    tensors = _read_tensors(path, _sh_keys(metadata))
+    if _sh_is_fp16(metadata):
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return encode_sh(tensors[SH_KEY].to(device))
+    return CompressedSH.from_tensors(tensors, SH_PREFIX)
+
+
+def bundle_bytes_per_gaussian(path: str | Path) -> float:
+    """File size of a bundle divided by its number of Gaussians: everything counted (header, decoder
+    weight, SH codebook), the figure to hold against FiT3D's 492 B per Gaussian."""
+    path = _resolve(path)
+    count = int(read_bundle_metadata(path)["num_gaussians"])
+    if count <= 0:
+        raise ValueError(f"{path} holds no Gaussians")
+    return path.stat().st_size / count

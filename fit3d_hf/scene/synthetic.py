@@ -836,14 +836,31 @@ def _fisheye_view_projection(room: SyntheticRoom, view_index: int, world_points:
     return pixels, inside
 
 
-def sample_points(room: SyntheticRoom) -> SparsePoints:
+def _visibility(job) -> np.ndarray:
+    """`[P, len(view_indices)]`: which candidates each view sees, unoccluded and inside its raw frame."""
+    room, view_indices, candidates, world_points = job
+    world_to_room = np.linalg.inv(room.room_to_world)
+    visibility = np.zeros((len(candidates), len(view_indices)), dtype=bool)
+    for column, view_index in enumerate(view_indices):
+        origin = (world_to_room @ np.append(room.cameras[view_index].center, 1.0))[:3]
+        _, inside = _fisheye_view_projection(room, view_index, world_points)
+        offsets = candidates - origin
+        distance = np.linalg.norm(offsets, axis=1)
+        t, _ = _first_hits(room, np.broadcast_to(origin, offsets.shape), offsets / distance[:, None])
+        visibility[:, column] = inside & (np.abs(t - distance) < _VISIBILITY_TOLERANCE_M)
+    return visibility
+
+
+def sample_points(room: SyntheticRoom, workers: int = 1) -> SparsePoints:
     """Samples `config.num_points` surface points seen (unoccluded, inside the raw fisheye frame) by at
     least two views, as a COLMAP reconstruction would hold, deterministically from the seed.
+
+    Args:
+        room: the scene.
+        workers: processes casting the visibility rays (views split among them; same result for any count).
     """
     config = room.config
     rng = np.random.default_rng([config.seed, 0x9017])
-    world_to_room = np.linalg.inv(room.room_to_world)
-    origins = [(world_to_room @ np.append(camera.center, 1.0))[:3] for camera in room.cameras]
     kept_points, kept_ids, kept_visibility = [], [], []
     num_kept = 0
     # Draw candidates in batches until enough of them are seen twice (few views see little of the room).
@@ -852,13 +869,15 @@ def sample_points(room: SyntheticRoom) -> SparsePoints:
             break
         candidates, primitive_ids = _sample_surfaces(room, max(2 * config.num_points, 1024), rng)
         world_points = candidates @ room.room_to_world[:3, :3].T + room.room_to_world[:3, 3]
-        visibility = np.zeros((len(candidates), config.num_views), dtype=bool)
-        for view_index, origin in enumerate(origins):
-            _, inside = _fisheye_view_projection(room, view_index, world_points)
-            offsets = candidates - origin
-            distance = np.linalg.norm(offsets, axis=1)
-            t, _ = _first_hits(room, np.broadcast_to(origin, offsets.shape), offsets / distance[:, None])
-            visibility[:, view_index] = inside & (np.abs(t - distance) < _VISIBILITY_TOLERANCE_M)
+        chunks = [chunk for chunk in np.array_split(np.arange(config.num_views), max(workers, 1)) if len(chunk)]
+        jobs = [(room, chunk, candidates, world_points) for chunk in chunks]
+        if len(jobs) > 1:
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(len(jobs)) as pool:
+                visibility = np.concatenate(list(pool.map(_visibility, jobs)), axis=1)
+        else:
+            visibility = _visibility(jobs[0])
         keep = np.flatnonzero(visibility.sum(axis=1) >= 2)[: config.num_points - num_kept]
         kept_points.append(candidates[keep])
         kept_ids.append(primitive_ids[keep])
@@ -1025,7 +1044,7 @@ def generate_scene(
     config = config or SyntheticSceneConfig()
     start = time.perf_counter()
     room = make_scene_spec(config)
-    points = sample_points(room)
+    points = sample_points(room, workers=workers)
     target = Path(out_root) / "scenes" / scene_id
     with _AtomicFolder(target) as tmp:
         for sub in ("images", "masks", "depth", "labels"):

@@ -1,0 +1,76 @@
+"""Where the time of one Stage I iteration goes on the GPU (torch.profiler), without generating a scene:
+random views, random target features and ~230k random Gaussians in a 6x4x6 m room (the size the Stage I
+benchmark ends with), densification off so every step costs the same.
+
+python benchmarks/profile_lift.py [--gaussians 230000] [--steps 50] [--mixed_precision bf16]
+"""
+
+import argparse
+import math
+import sys
+import time
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from fit3d_hf.lifting import LiftingArguments, SceneData, _Lifter
+
+
+def random_scene(n_points: int, views: int, width: int, height: int, dim: int, device) -> SceneData:
+    g = torch.Generator().manual_seed(0)
+    points = (torch.rand(n_points, 3, generator=g) * torch.tensor([6.0, 4.0, 6.0]) - torch.tensor([3.0, 2.0, -0.5])).numpy()
+    Ks, poses, centers = [], [], []
+    for i in range(views):
+        a = 0.05 * i
+        pose = torch.eye(4)
+        pose[:3, :3] = torch.tensor([[math.cos(a), 0, math.sin(a)], [0, 1, 0], [-math.sin(a), 0, math.cos(a)]])
+        poses.append(pose)
+        centers.append(np.zeros(3) + 0.01 * i)
+        f = 0.9 * width
+        Ks.append(torch.tensor([[f, 0, width / 2], [0, f, height / 2], [0, 0, 1.0]]))
+    h, w = height // 14, width // 14
+    return SceneData(
+        scene_id="profile", image_ids=[str(i) for i in range(views)],
+        images=torch.randint(0, 256, (views, 3, height, width), generator=g, dtype=torch.uint8).to(device),
+        masks=torch.ones(views, 1, height, width, dtype=torch.bool, device=device),
+        K=torch.stack(Ks).to(device), world_to_camera=torch.stack(poses).to(device),
+        targets=torch.randn(views, dim, h, w, generator=g).half().to(device),
+        points=points, point_colors=np.random.default_rng(0).random((n_points, 3)), camera_centers=np.stack(centers),
+    )  # fmt: skip
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gaussians", type=int, default=230_000)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--width", type=int, default=876)
+    parser.add_argument("--height", type=int, default=584)
+    parser.add_argument("--mixed_precision", default="bf16")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda")
+    data = random_scene(args.gaussians, 16, args.width, args.height, 384, device)
+    lift_args = LiftingArguments(
+        backbone="random", out="/tmp/unused", iterations=30_000, densify_until=0, checkpoint_interval=0,
+        mixed_precision=args.mixed_precision, device="cuda",
+    )  # fmt: skip
+    lifter = _Lifter(lift_args, data, list(range(16)), device)
+    lifter.gaussians.active_sh_degree = lifter.gaussians.max_sh_degree
+    for _ in range(10):
+        lifter.step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        lifter.step()
+    torch.cuda.synchronize()
+    ms = 1000 * (time.perf_counter() - start) / args.steps
+    print(f"{len(lifter.gaussians)} Gaussians, {args.width}x{args.height}: {ms:.2f} ms / iteration")  # noqa: T201
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(10):
+            lifter.step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=70))  # noqa: T201
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,108 @@
+"""The losses: SSIM's separable window equals the 11x11 one, and Stage I's fused feature loss (CUDA kernel)
+equals the composed PyTorch ops in value and gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fit3d_hf.losses import _gaussian_window_1d, ssim, upsampled_feature_l1
+
+
+def _ssim_2d_window(prediction, target, size=11, sigma=1.5):
+    """SSIM with the full 2-D window, written out independently of fit3d_hf.losses."""
+    channels = prediction.shape[1]
+    taps = _gaussian_window_1d(size, sigma, 1, "cpu", torch.float64)[0, 0]
+    window = torch.outer(taps, taps).to(prediction.dtype).expand(channels, 1, size, size)
+
+    def blur(x):
+        return F.conv2d(x, window, padding=size // 2, groups=channels)
+
+    mu_p, mu_t = blur(prediction), blur(target)
+    var_p, var_t = blur(prediction**2) - mu_p**2, blur(target**2) - mu_t**2
+    cov = blur(prediction * target) - mu_p * mu_t
+    c1, c2 = 0.01**2, 0.03**2
+    return (((2 * mu_p * mu_t + c1) * (2 * cov + c2)) / ((mu_p**2 + mu_t**2 + c1) * (var_p + var_t + c2))).mean()
+
+
+def test_ssim_separable_window_equals_2d_window():
+    a = torch.rand(2, 3, 37, 53, dtype=torch.float64)
+    b = (a + 0.2 * torch.randn_like(a)).clamp(0, 1)
+    assert torch.allclose(ssim(a, b), _ssim_2d_window(a, b), rtol=0, atol=1e-12)
+    assert float(ssim(a, a)) == pytest.approx(1.0, abs=1e-12)
+    assert float(ssim(a, b)) < 0.9
+
+
+def test_ssim_gradient_matches_2d_window():
+    a = torch.rand(1, 3, 20, 24, dtype=torch.float64, requires_grad=True)
+    b = torch.rand(1, 3, 20, 24, dtype=torch.float64)
+    (g_sep,) = torch.autograd.grad(ssim(a, b), a)
+    (g_2d,) = torch.autograd.grad(_ssim_2d_window(a, b), a)
+    assert torch.allclose(g_sep, g_2d, atol=1e-12)
+
+
+def _composed_feature_l1(decoded, target, mask):
+    up = F.interpolate(target.double(), size=decoded.shape[-2:], mode="bilinear", align_corners=False)
+    error = (decoded.double() - up).abs()
+    if mask is not None:
+        error = error * mask
+    return error.mean()
+
+
+def test_upsampled_feature_l1_cpu_is_the_masked_mean():
+    decoded = torch.randn(1, 8, 30, 44, requires_grad=True)
+    target = torch.randn(1, 8, 3, 4)
+    mask = torch.rand(1, 1, 30, 44) > 0.3
+    loss = upsampled_feature_l1(decoded, target, mask)
+    assert loss.dtype == torch.float32
+    assert float(loss) == pytest.approx(float(_composed_feature_l1(decoded, target, mask)), rel=1e-6)
+    loss.backward()
+    up = F.interpolate(target, size=(30, 44), mode="bilinear", align_corners=False)
+    expected = torch.sign(decoded.detach() - up) * mask / decoded.numel()
+    assert torch.allclose(decoded.grad, expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("use_mask", [True, False])
+def test_feature_l1_kernel_matches_composed_ops(dtype, use_mask):
+    from fit3d_hf.render._backend import load_extension
+
+    if load_extension() is None:
+        pytest.skip("CUDA extension unavailable")
+    g = torch.Generator().manual_seed(0)
+    # odd sizes, a 41 x 62 patch grid -> 584 x 876 as Stage I, and D = 384
+    decoded = torch.randn(1, 384, 584, 876, generator=g).to("cuda", dtype).requires_grad_(True)
+    target = torch.randn(1, 384, 41, 62, generator=g).half().cuda()
+    mask = (torch.rand(1, 1, 584, 876, generator=g) > 0.2).cuda() if use_mask else None
+    loss = upsampled_feature_l1(decoded, target, mask)
+    expected = _composed_feature_l1(decoded.detach(), target, mask)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-4)
+    loss.backward(torch.tensor(2.5, device="cuda"))
+    up = F.interpolate(target.float(), size=(584, 876), mode="bilinear", align_corners=False)
+    diff = decoded.detach().float() - up
+    expected_grad = 2.5 * torch.sign(diff) / decoded.numel()
+    if mask is not None:
+        expected_grad = expected_grad * mask
+    # the sign may differ only where decoded and the upsampled target agree to rounding
+    decided = diff.abs() > 1e-3
+    grad = decoded.grad.float()
+    assert torch.equal(grad[decided], expected_grad.to(dtype).float()[decided])
+    assert decided.float().mean() > 0.99
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_feature_l1_kernel_is_deterministic_and_takes_channels_first_input():
+    from fit3d_hf.render._backend import load_extension
+
+    if load_extension() is None:
+        pytest.skip("CUDA extension unavailable")
+    decoded = torch.randn(2, 64, 50, 70, device="cuda")
+    target = torch.randn(2, 64, 5, 7, device="cuda")
+    first = upsampled_feature_l1(decoded, target)  # channels-first input: converted
+    again = upsampled_feature_l1(decoded.contiguous(memory_format=torch.channels_last), target)
+    assert torch.equal(first, again)
+    assert float(first) == pytest.approx(float(_composed_feature_l1(decoded, target, None)), rel=1e-5)
