@@ -88,12 +88,11 @@ __global__ void isect_count_kernel(IsectArgs a) {
     a.counts[s] = count;
 }
 
-// Writes the `count` pairs of the Gaussian `index` (rows `r`, valid when `ok`) to keys/values with `lanes`
-// threads (this one is `lane`). Should fewer tiles be found than were counted, the remaining slots get the
-// "no tile" key, which sorts last and is in no range.
-// Only the first `room` slots are written (the rest lies past the buffer's capacity).
+// Writes the `count` pairs of the Gaussian `index` (rows `r`, valid when `ok`) to keys/values, by one thread.
+// Should fewer tiles be found than were counted, the remaining slots get the "no tile" key, which sorts last
+// and is in no range. Only the first `room` slots are written (the rest lies past the buffer's capacity).
 __device__ inline void emit_pairs(const IsectArgs& a, int64_t index, bool ok, const TileRows& r, int count,
-                                  uint32_t* keys, int32_t* values, int64_t room, int lane, int lanes) {
+                                  uint32_t* keys, int32_t* values, int64_t room) {
     count = int(min(int64_t(count), max(room, int64_t(0))));
     const int g = int(index % a.N);
     const uint32_t tiles = uint32_t(a.tiles_x * a.tiles_y);
@@ -102,7 +101,7 @@ __device__ inline void emit_pairs(const IsectArgs& a, int64_t index, bool ok, co
     for (int ty = r.ty0; ok && ty <= r.ty1; ++ty) {
         int tx0, tx1;
         tile_row_span(r, ty, tx0, tx1);
-        for (int tx = tx0 + lane; tx <= tx1; tx += lanes) {
+        for (int tx = tx0; tx <= tx1; ++tx) {
             const int j = emitted + tx - tx0;
             if (j < count) {
                 keys[j] = camera_tile0 + uint32_t(ty * a.tiles_x + tx);
@@ -111,7 +110,51 @@ __device__ inline void emit_pairs(const IsectArgs& a, int64_t index, bool ok, co
         }
         emitted += max(tx1 - tx0 + 1, 0);
     }
-    for (int j = emitted + lane; j < count; j += lanes) {
+    for (int j = emitted; j < count; ++j) {
+        keys[j] = tiles * uint32_t(a.B);
+        values[j] = 0;
+    }
+}
+
+// The same for a large entry, by the 32 lanes of a warp (all must call it with the same arguments): up to 32 tile
+// rows at a time, a lane computes one row's span; a prefix sum over the lanes gives each row's first pair, and
+// each lane then writes every 32nd pair, finding its row by a binary search over the lanes' sums. So the square
+// roots of a row are taken once, and the stores of a round are consecutive, whatever the rows' widths.
+__device__ inline void emit_pairs_warp(const IsectArgs& a, int64_t index, bool ok, const TileRows& r, int count,
+                                       uint32_t* keys, int32_t* values, int64_t room, int lane) {
+    count = int(min(int64_t(count), max(room, int64_t(0))));
+    const int g = int(index % a.N);
+    const uint32_t tiles = uint32_t(a.tiles_x * a.tiles_y);
+    const uint32_t camera_tile0 = uint32_t(index / a.N) * tiles;
+    int emitted = 0;
+    for (int row0 = r.ty0; ok && row0 <= r.ty1; row0 += 32) {
+        int tx0 = 0, tx1 = -1;
+        if (row0 + lane <= r.ty1) tile_row_span(r, row0 + lane, tx0, tx1);
+        const int width = max(tx1 - tx0 + 1, 0);
+        int end = width;  // inclusive prefix sum of the widths over the lanes
+        for (int d = 1; d < 32; d *= 2) {
+            const int v = __shfl_up_sync(FULL_MASK, end, d);
+            if (lane >= d) end += v;
+        }
+        const int chunk = __shfl_sync(FULL_MASK, end, 31);
+        for (int round = 0; round < chunk; round += 32) {
+            const int j = round + lane;
+            int row = 0;  // lanes whose rows end at or before pair j
+            for (int step = 16; step > 0; step /= 2) {
+                const int v = __shfl_sync(FULL_MASK, end, row + step - 1);
+                if (v <= j) row += step;
+            }
+            const int row_tx0 = __shfl_sync(FULL_MASK, tx0, row);
+            const int row_start = __shfl_sync(FULL_MASK, end - width, row);
+            const int slot = emitted + j;
+            if (j < chunk && slot < count) {
+                keys[slot] = camera_tile0 + uint32_t((row0 + row) * a.tiles_x + row_tx0 + (j - row_start));
+                values[slot] = g;
+            }
+        }
+        emitted += chunk;
+    }
+    for (int j = emitted + lane; j < count; j += 32) {
         keys[j] = tiles * uint32_t(a.B);
         values[j] = 0;
     }
@@ -166,13 +209,13 @@ __global__ void __launch_bounds__(256) isect_emit_kernel(IsectArgs a) {
     TileRows r = {};
     const bool ok = count > 0 && tile_rows(a, index, r);
     if (count > 0 && count <= WARP_EMIT)
-        emit_pairs(a, index, ok, r, count, keys_at(offset), values_at(offset), room_at(offset), 0, 1);
+        emit_pairs(a, index, ok, r, count, keys_at(offset), values_at(offset), room_at(offset));
     for (unsigned large = __ballot_sync(FULL_MASK, count > WARP_EMIT); large != 0; large &= large - 1) {
         const int source = __ffs(large) - 1;
         const int64_t src_offset = __shfl_sync(FULL_MASK, offset, source);
-        emit_pairs(a, __shfl_sync(FULL_MASK, index, source), __shfl_sync(FULL_MASK, int(ok), source) != 0,
-                   shuffle_rows(r, source), __shfl_sync(FULL_MASK, count, source), keys_at(src_offset),
-                   values_at(src_offset), room_at(src_offset), lane, 32);
+        emit_pairs_warp(a, __shfl_sync(FULL_MASK, index, source), __shfl_sync(FULL_MASK, int(ok), source) != 0,
+                        shuffle_rows(r, source), __shfl_sync(FULL_MASK, count, source), keys_at(src_offset),
+                        values_at(src_offset), room_at(src_offset), lane);
     }
     if (!staged) return;
     __syncthreads();

@@ -43,8 +43,9 @@ def default_codebook_size(num_gaussians: int) -> int:
     at 196k. Why it shrinks with N: the codebook (C x 45 fp16, 368,640 B at 4096) is a fixed per-scene
     cost, like the decoder weight, and both must amortise over the scene's Gaussians for the whole file to
     stay within 164 B per Gaussian (161 B per Gaussian + the per-scene part / N; under this rule the
-    codebook costs at most 0.9 B per Gaussian from 1600 Gaussians up). Fewer rows cost little colour: the higher orders are
-    small view-dependent terms (see `tests/test_bundle.py` for the rendered PSNR).
+    codebook costs at most 0.9 B per Gaussian from 1600 Gaussians up). The price is view-dependent colour
+    detail: on the 300-view synthetic benchmark scene (231k Gaussians, 2048 rows) the held-out PSNR of the
+    bundle as saved is 33.2 dB against 42.5 dB with exact SH; `save_bundle(..., sh_storage="fp16")` keeps it.
 
     Tiny scenes keep the rule of before, so that each row stands for about 4 Gaussians or more: at most
     the largest power of two <= N // 4 (8 at 40 Gaussians), and 2 (the zero row plus one learned row)

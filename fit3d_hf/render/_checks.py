@@ -43,20 +43,25 @@ def check_tensor(
     if value.dtype not in dtypes:
         allowed = " or ".join(str(d) for d in dtypes)
         raise TypeError(f"{name} must have dtype {allowed}, got {value.dtype}")
-    expected = tuple(dims.get(d, d) if isinstance(d, str) else d for d in shape)
-    pretty = "(" + ", ".join(str(d) for d in expected) + ("," if len(expected) == 1 else "") + ")"
+    # the message is built only on failure (render() checks ten tensors per call), from the sizes bound before
+    known = dict(dims)
+
+    def pretty() -> str:
+        expected = tuple(known.get(d, d) if isinstance(d, str) else d for d in shape)
+        return "(" + ", ".join(str(d) for d in expected) + ("," if len(expected) == 1 else "") + ")"
+
     if value.dim() != len(shape):
-        raise ValueError(f"{name} must have shape {pretty}, got {tuple(value.shape)}")
+        raise ValueError(f"{name} must have shape {pretty()}, got {tuple(value.shape)}")
     for axis, (want, got) in enumerate(zip(shape, value.shape, strict=True)):
         if isinstance(want, str):
             bound = dims.setdefault(want, got)
             if bound != got:
                 raise ValueError(
-                    f"{name} must have shape {pretty} ({want} = {bound} from an earlier argument), "
+                    f"{name} must have shape {pretty()} ({want} = {bound} from an earlier argument), "
                     f"got {tuple(value.shape)}"
                 )
         elif want != got:
-            raise ValueError(f"{name} must have shape {pretty}, got {tuple(value.shape)} (axis {axis})")
+            raise ValueError(f"{name} must have shape {pretty()}, got {tuple(value.shape)} (axis {axis})")
     if device is not None and value.device != device:
         raise ValueError(f"{name} is on {value.device}, but the Gaussians are on {device}")
     return value
