@@ -9,7 +9,8 @@ are excluded by replacing the targets there with the detached prediction, as the
 
 Unlike the original, the backbone's target features are computed once per image and kept (fp16, at patch
 resolution) instead of being recomputed every iteration, and a run checkpoints itself so that a killed run
-resumes where it stopped and ends with the same Gaussians.
+resumes where it stopped and ends with the same Gaussians. The bundle stores the SH colours compressed (see
+`fit3d_hf.gaussians.sh_codec`); their DC terms and codebook are refined by rendering before they are saved.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .gaussians import DensificationConfig, Densifier, FeatureGaussians, save_bundle
 from .gaussians.bundle import BUNDLE_FILENAME
+from .gaussians.sh_codec import CompressedSH, assemble_sh, encode_sh
 from .losses import psnr, ssim, upsampled_feature_l1
 from .utils import atomic_path, atomic_write_text, deterministic_algorithms
 
@@ -84,6 +86,13 @@ class LiftingArguments:
             "help": "How the bundle stores the SH colours: 'compressed' (8-bit DC + a k-means codebook of the higher "
             "orders, 161 B per Gaussian in all at F = 64) or 'fp16' (exact to half precision, 252 B; RGB renders keep "
             "view-dependent detail). Stage II reads neither."
+        },
+    )
+    bundle_sh_refine_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "With --bundle_sh compressed: iterations refining the compressed colours (DC + codebook) by "
+            "rendering the training views after training (default: min(1000, iterations / 10); 0: none)."
         },
     )
     previews: bool = field(default=True, metadata={"help": "Write preview PNGs (RGB render, PCA of features)."})
@@ -301,12 +310,8 @@ class _Lifter:
 
         view = self.next_view()
         out = self.render(view, with_grad=True)
-        rgb = out.rgb
         mask = data.masks[view : view + 1]
-        # Anonymised pixels: the targets become the (detached) prediction, so they add no loss.
-        gt_rgb = torch.where(mask, data.image(view), rgb.detach())
-        l1_rgb = (rgb - gt_rgb).abs().mean()
-        loss_ssim = 1.0 - ssim(rgb, gt_rgb)
+        loss_rgb, l1_rgb = self.rgb_loss(out.rgb, view)
         bf16 = args.mixed_precision == "bf16"
         features = out.features
         if self.device.type == "cuda":  # cuDNN convolves channels-last maps without transposing them
@@ -314,7 +319,6 @@ class _Lifter:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
             decoded = self.decoder(features)
         l1_features = upsampled_feature_l1(decoded, data.targets[view : view + 1], mask)
-        loss_rgb = (1 - args.lambda_dssim) * l1_rgb + args.lambda_dssim * loss_ssim
         loss = args.rgb_loss_weight * loss_rgb + args.feature_loss_weight * l1_features
         loss.backward()
 
@@ -328,6 +332,45 @@ class _Lifter:
                     self.densification_totals[key] += value
         # Detached tensors, not floats: reading a value would wait for the GPU at every step.
         return {"loss": loss.detach(), "l1_rgb": l1_rgb.detach(), "l1_features": l1_features.detach()}
+
+    def rgb_loss(self, rgb: torch.Tensor, view: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """3DGS's `(1 - lambda) * L1 + lambda * (1 - SSIM)` of a rendered view, and its L1 part."""
+        # Anonymised pixels: the targets become the (detached) prediction, so they add no loss.
+        target = torch.where(self.data.masks[view : view + 1], self.data.image(view), rgb.detach())
+        l1 = (rgb - target).abs().mean()
+        return (1 - self.args.lambda_dssim) * l1 + self.args.lambda_dssim * (1.0 - ssim(rgb, target)), l1
+
+    def fit_compressed_colours(self, steps: int) -> CompressedSH:
+        """The SH colours compressed for the bundle, with the DC terms and the codebook then refined by
+        rendering the training views for `steps` iterations (RGB loss; geometry, features and each Gaussian's
+        code fixed), as compact 3DGS methods do after vector quantisation: the k-means codebook alone keeps
+        only the dominant higher-order patterns, and the DC terms can take up the average of what it misses
+        over the directions each Gaussian is seen from.
+        """
+        from .render import render
+
+        args, data, g = self.args, self.data, self.gaussians
+        compressed = encode_sh(g.sh, seed=args.seed)
+        codes = compressed.rest_codes.to(torch.int32).long().to(self.device)
+        codebook = torch.nn.Parameter(compressed.rest_codebook.float().to(self.device))
+        dc = torch.nn.Parameter(g.sh_dc.detach().clone())
+        if steps > 0 and codebook.shape[1] > 0:
+            optimizer = torch.optim.Adam(
+                [{"params": [dc], "lr": args.sh_dc_lr}, {"params": [codebook], "lr": args.sh_rest_lr}], eps=1e-15
+            )
+            geometry = [t.detach() for t in (g.means, g.quats, g.scales, g.opacities)]
+            for _ in range(steps):
+                view = self.next_view()
+                colours = torch.cat([dc, codebook[codes].view(len(codes), -1, 3)], dim=1)
+                out = render(
+                    *geometry, colours, None, data.K[view : view + 1], data.world_to_camera[view : view + 1],
+                    data.width, data.height, sh_degree=g.active_sh_degree, render_depth=False,
+                )  # fmt: skip
+                optimizer.zero_grad(set_to_none=True)
+                self.rgb_loss(out.rgb, view)[0].backward()
+                codebook.grad[0] = 0  # row 0 stays the exact zero vector of untrained higher orders
+                optimizer.step()
+        return assemble_sh(dc.detach()[:, 0], codebook.detach(), codes)
 
     @torch.no_grad()
     def evaluate(self, views: list[int]) -> dict[str, float]:
@@ -478,11 +521,15 @@ def _lift(scene, args, extractor, folder, device, max_iterations_this_run, progr
 
     final_train = lifter.evaluate(train)
     final_holdout = lifter.evaluate(holdout)
+    compressed = None
+    if args.bundle_sh == "compressed":
+        steps = args.bundle_sh_refine_steps
+        compressed = lifter.fit_compressed_colours(min(1000, args.iterations // 10) if steps is None else steps)
     bundle_path = save_bundle(
         folder / BUNDLE_FILENAME, lifter.gaussians, lifter.decoder.weight.detach(),
         scene_id=scene.scene_id, backbone=args.backbone,
         extra_metadata={"image_size": [data.width, data.height], "iterations": args.iterations}, seed=args.seed,
-        sh_storage=args.bundle_sh,
+        sh_storage=args.bundle_sh, compressed_sh=compressed,
     )  # fmt: skip
     # Held-out PSNR of the bundle as saved (fp16 geometry, compressed SH): one more pass over the held-out views.
     saved_holdout = {}

@@ -18,6 +18,7 @@ __all__ = [
     "MAX_CODEBOOK_SIZE",
     "MIN_CODEBOOK_SIZE",
     "CompressedSH",
+    "assemble_sh",
     "decode_sh",
     "default_codebook_size",
     "encode_sh",
@@ -44,8 +45,9 @@ def default_codebook_size(num_gaussians: int) -> int:
     cost, like the decoder weight, and both must amortise over the scene's Gaussians for the whole file to
     stay within 164 B per Gaussian (161 B per Gaussian + the per-scene part / N; under this rule the
     codebook costs at most 0.9 B per Gaussian from 1600 Gaussians up). The price is view-dependent colour
-    detail: on the 300-view synthetic benchmark scene (231k Gaussians, 2048 rows) the held-out PSNR of the
-    bundle as saved is 33.2 dB against 42.5 dB with exact SH; `save_bundle(..., sh_storage="fp16")` keeps it.
+    detail: on the 300-view synthetic benchmark scene (231k Gaussians, 2048 rows) the held-out PSNR is
+    33.2 dB with the k-means codebook alone against 42.5 dB with exact SH; Stage I refines DC and codebook by
+    rendering before saving (41.0 dB), and `save_bundle(..., sh_storage="fp16")` keeps the colours exact.
 
     Tiny scenes keep the rule of before, so that each row stands for about 4 Gaussians or more: at most
     the largest power of two <= N // 4 (8 at 40 Gaussians), and 2 (the zero row plus one learned row)
@@ -253,15 +255,6 @@ def encode_sh(
         raise ValueError(f"codebook_size must be in [2, {_CODE_LIMIT}] (zero row + uint16 codes), got {codebook_size}")
     sh = sh.detach().float()
 
-    # DC: per-channel affine uint8. Codes are computed in float64 against the float32 offset and step
-    # that are stored, so the decoded value is within half a step of the input.
-    dc = sh[:, 0].double()
-    low = (dc.amin(dim=0) if n else dc.new_zeros(3)).float()
-    high = (dc.amax(dim=0) if n else dc.new_zeros(3)).float()
-    step = ((high.double() - low.double()) / 255.0).float()
-    step = torch.where(step > 0, step, torch.ones_like(step))  # a constant channel: every code is 0
-    dc_codes = torch.round((dc - low.double()) / step.double()).clamp(0, 255).to(torch.uint8)
-
     # Higher orders: code 0 is the zero vector; k-means fits the other rows to the non-zero vectors.
     rest = sh[:, 1:].reshape(n, -1)
     codes = torch.zeros(n, dtype=torch.long, device=sh.device)
@@ -274,11 +267,32 @@ def encode_sh(
         codebook = centroids.half()
     else:
         codebook = rest.new_zeros(1, rest.shape[1], dtype=torch.float16)
+    return assemble_sh(sh[:, 0], codebook, codes)
+
+
+@torch.no_grad()
+def assemble_sh(
+    dc: torch.Tensor,  # [N, 3]
+    rest_codebook: torch.Tensor,  # [C, R], row 0 zero
+    rest_codes: torch.Tensor,  # [N]
+) -> CompressedSH:
+    """Compressed SH from a codebook and codes already chosen, quantising only the DC term: what
+    `encode_sh` returns after its k-means, and what Stage I stores after refining the DC and the codebook
+    by rendering (the codes fixed)."""
+    # DC: per-channel affine uint8. Codes are computed in float64 against the float32 offset and step
+    # that are stored, so the decoded value is within half a step of the input.
+    dc = dc.detach().double()
+    n = len(dc)
+    low = (dc.amin(dim=0) if n else dc.new_zeros(3)).float()
+    high = (dc.amax(dim=0) if n else dc.new_zeros(3)).float()
+    step = ((high.double() - low.double()) / 255.0).float()
+    step = torch.where(step > 0, step, torch.ones_like(step))  # a constant channel: every code is 0
+    dc_codes = torch.round((dc - low.double()) / step.double()).clamp(0, 255).to(torch.uint8)
     # uint16 is a "shell" dtype in torch (few kernels, fewer on CUDA): convert on the CPU.
     return CompressedSH(
         dc_codes=dc_codes.cpu(),
         dc_offset=low.cpu(),
         dc_step=step.cpu(),
-        rest_codebook=codebook.cpu(),
-        rest_codes=codes.cpu().to(torch.int32).to(torch.uint16),
+        rest_codebook=rest_codebook.detach().half().cpu(),
+        rest_codes=rest_codes.cpu().to(torch.int32).to(torch.uint16),
     )
