@@ -168,8 +168,12 @@ def _to_tensor_image(value, mode: str) -> torch.Tensor:
 class FrameDataset(torch.utils.data.Dataset):
     """Wraps a frames `datasets.Dataset`: image uint8 `[3, H, W]`, mask float `[1, H, W]`, camera, ids."""
 
+    COLUMNS = ("scene_id", "image", "mask", "K", "world_to_camera")
+
     def __init__(self, frames):
-        self.frames = frames
+        # Only the columns a step reads: datasets decodes every Image column of a row it returns, and frame
+        # datasets may also carry depth and label images (the synthetic scenes and exported Parquet do).
+        self.frames = frames.select_columns([c for c in self.COLUMNS if c in frames.column_names])
 
     def __len__(self) -> int:
         return len(self.frames)

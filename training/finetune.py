@@ -7,6 +7,8 @@ the method and every option; `--help` lists them). Options can also come from on
 
 import sys
 
+from accelerate import PartialState
+
 from fit3d_hf.cli import parse_args
 from fit3d_hf.finetuning import DataArguments, FinetuningArguments, ModelArguments, train
 
@@ -16,7 +18,8 @@ def main() -> None:
         "finetune.py", __doc__, [ModelArguments, DataArguments, FinetuningArguments], sys.argv[1:]
     )
     metrics = train(model_args, data_args, training_args)
-    print({key: value for key, value in metrics.items() if not isinstance(value, dict)})  # noqa: T201
+    if PartialState().is_main_process:  # one line, not one per process
+        print({key: value for key, value in metrics.items() if not isinstance(value, dict)})  # noqa: T201
 
 
 if __name__ == "__main__":
