@@ -1,0 +1,84 @@
+"""The host side of the CUDA binning's pair buffers (fit3d_hf/render/_wrapper.py): the first render of a size
+sizes them exactly, later ones reuse a capacity without waiting for the count, an overflow is redone exactly,
+and capacities are kept per size. A stand-in extension records the calls, so this runs without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fit3d_hf.render import _wrapper
+
+
+class _Event:  # torch.cuda.Event without a GPU
+    def record(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+class _Extension:
+    """isect_tiles reports `pairs[0]` pairs (then the next value), rasterize_fwd returns a marker."""
+
+    def __init__(self, pairs):
+        self.pairs, self.capacities, self.rasterized = list(pairs), [], 0
+
+    def isect_tiles(self, means2d, conics, opacities, depths, radii, width, height, capacity):
+        self.capacities.append(capacity)
+        return "ranges", "ids", torch.tensor([self.pairs.pop(0)])
+
+    def rasterize_fwd(self, *args):
+        self.rasterized += 1
+        return f"images {self.rasterized}"
+
+
+@pytest.fixture(autouse=True)
+def _no_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "Event", _Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    monkeypatch.setattr(_wrapper, "_PAIR_CAPACITY", {})
+
+
+def _render(ext, n=1000, width=64, height=48):
+    means2d = torch.zeros(1, n, 2)
+    return _wrapper._isect_and_rasterize(ext, means2d, None, None, None, None, None, None, None, width, height)
+
+
+def _capacity(pairs):
+    return int(_wrapper._CAPACITY_MARGIN * pairs) + 1024
+
+
+def test_first_render_is_exact_then_capacity_is_reused():
+    ext = _Extension([10_000, 10_000, 9_000])
+    assert _render(ext) == ("ranges", "ids", "images 1")
+    assert _render(ext)[2] == "images 2"
+    _render(ext)
+    assert ext.capacities == [0, _capacity(10_000), _capacity(10_000)]  # no host sync after the first
+    # a smaller count lets the capacity shrink only slowly (renders of one scene vary from view to view)
+    assert _wrapper._PAIR_CAPACITY[(0, 1, 1000, 64, 48)] == int(_wrapper._CAPACITY_DECAY * _capacity(10_000))
+
+
+def test_an_overflow_is_redone_with_exact_buffers():
+    ext = _Extension([10_000, 50_000, 50_000, 50_000])
+    _render(ext)
+    images = _render(ext)  # 50k pairs do not fit the capacity of 10k: the same render again, sized exactly
+    assert ext.capacities == [0, _capacity(10_000), 0] and images[2] == "images 3"
+    _render(ext)
+    assert ext.capacities[-1] == _capacity(50_000)
+
+
+def test_capacities_are_kept_per_size():
+    ext = _Extension([10_000, 200, 10_000])
+    _render(ext, n=1000)
+    _render(ext, n=10)  # another size: exact, and it leaves the first size's capacity alone
+    _render(ext, n=1000)
+    assert ext.capacities == [0, 0, _capacity(10_000)]
+
+
+def test_the_number_of_sizes_kept_is_bounded():
+    ext = _Extension([100] * (_wrapper._CAPACITY_ENTRIES + 1))
+    for n in range(1, _wrapper._CAPACITY_ENTRIES + 2):
+        _render(ext, n=n)
+    assert len(_wrapper._PAIR_CAPACITY) == _wrapper._CAPACITY_ENTRIES
+    assert (0, 1, 1, 64, 48) not in _wrapper._PAIR_CAPACITY  # the oldest size went first
