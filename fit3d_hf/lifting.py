@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .gaussians import DensificationConfig, Densifier, FeatureGaussians, save_bundle
-from .gaussians.bundle import BUNDLE_FILENAME
+from .gaussians import DensificationConfig, Densifier, FeatureGaussians, load_bundle, save_bundle
+from .gaussians.bundle import BUNDLE_FILENAME, SH_STORAGES
 from .gaussians.sh_codec import CompressedSH, assemble_sh, encode_sh
 from .losses import psnr, ssim, upsampled_feature_l1
 from .utils import atomic_path, atomic_write_text, deterministic_algorithms
@@ -107,8 +107,8 @@ class LiftingArguments:
             raise ValueError(f"--image_scale must be in (0, 1], got {self.image_scale}")
         if self.holdout_every < 0 or self.holdout_every == 1:
             raise ValueError(f"--holdout_every must be 0 or at least 2, got {self.holdout_every}")
-        if self.bundle_sh not in ("compressed", "fp16"):
-            raise ValueError(f"--bundle_sh must be 'compressed' or 'fp16', got {self.bundle_sh!r}")
+        if self.bundle_sh not in SH_STORAGES:
+            raise ValueError(f"--bundle_sh must be one of {SH_STORAGES}, got {self.bundle_sh!r}")
         if self.mixed_precision not in ("no", "bf16"):
             raise ValueError(f"--mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
         if self.normalization not in ("imagenet", "processor"):
@@ -534,8 +534,6 @@ def _lift(scene, args, extractor, folder, device, max_iterations_this_run, progr
     # Held-out PSNR of the bundle as saved (fp16 geometry, compressed SH): one more pass over the held-out views.
     saved_holdout = {}
     if holdout:
-        from .gaussians import load_bundle
-
         trained = lifter.gaussians
         saved = load_bundle(bundle_path, include_sh=True).to_gaussians(trained.active_sh_degree)
         lifter.gaussians = saved.to(device)

@@ -64,6 +64,7 @@ READABLE_VERSIONS = ("1", "2", "3")
 STAGE2_KEYS = ("means", "quats", "log_scales", "opacities", "features", "decoder.weight")
 SH_KEY = "sh"  # version 1: the SH as one fp16 [N, K, 3] tensor
 SH_PREFIX = "sh."  # versions 2 and 3: the `CompressedSH` tensors, e.g. "sh.rest_codes"
+SH_STORAGES = ("compressed", "fp16")  # the `sh_storage` choices of save_bundle
 
 
 class BundleMismatchError(ValueError):
@@ -181,8 +182,8 @@ def save_bundle(
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path / BUNDLE_FILENAME
-    if sh_storage not in ("compressed", "fp16"):
-        raise ValueError(f"sh_storage must be 'compressed' or 'fp16', got {sh_storage!r}")
+    if sh_storage not in SH_STORAGES:
+        raise ValueError(f"sh_storage must be one of {SH_STORAGES}, got {sh_storage!r}")
     if decoder_weight.ndim != 4 or decoder_weight.shape[1] != gaussians.feature_dim:
         raise ValueError(
             f"decoder_weight must have shape (D, {gaussians.feature_dim}, k, k), got {tuple(decoder_weight.shape)}"
@@ -203,9 +204,9 @@ def save_bundle(
             tensors[SH_KEY] = gaussians.sh.detach().half().cpu().contiguous()
             codec = {"sh_codec": "fp16"}
         else:
-            sh = compressed_sh or encode_sh(
-                gaussians.sh, codebook_size=sh_codebook_size, iterations=sh_kmeans_iterations, seed=seed
-            )
+            sh = compressed_sh
+            if sh is None:
+                sh = encode_sh(gaussians.sh, codebook_size=sh_codebook_size, iterations=sh_kmeans_iterations, seed=seed)
             if len(sh) != len(gaussians):
                 raise ValueError(f"compressed_sh holds {len(sh)} Gaussians, the bundle {len(gaussians)}")
             tensors.update(sh.tensors(SH_PREFIX))
