@@ -40,6 +40,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..errors import BundleMismatchError
 from ..utils import atomic_path
 from .model import FeatureGaussians, inverse_sigmoid
 from .sh_codec import CompressedSH, encode_sh
@@ -65,10 +66,6 @@ STAGE2_KEYS = ("means", "quats", "log_scales", "opacities", "features", "decoder
 SH_KEY = "sh"  # version 1: the SH as one fp16 [N, K, 3] tensor
 SH_PREFIX = "sh."  # versions 2 and 3: the `CompressedSH` tensors, e.g. "sh.rest_codes"
 SH_STORAGES = ("compressed", "fp16")  # the `sh_storage` choices of save_bundle
-
-
-class BundleMismatchError(ValueError):
-    """A bundle was made for another backbone or feature dimension than the one asked for."""
 
 
 @dataclass
