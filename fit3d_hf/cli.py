@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "push": "push",
     "convert-original": "convert_original",
     "preprocess-scannetpp": "preprocess_scannetpp",
+    "convert-scene": "convert_scene",
     "lift": "lift",
     "finetune": "finetune",
     "evaluate": "evaluate",

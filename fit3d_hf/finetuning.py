@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .errors import MissingInputError
 from .gaussians import BundleMismatchError, GaussianBundle, load_bundle
 from .gaussians.bundle import BUNDLE_FILENAME
 from .losses import masked_l1
@@ -61,7 +62,8 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    frames: str = field(metadata={"help": "Frames: a ScanNet++-layout root (with metadata/) or a folder of Parquet shards from `fit3d export-dataset`."})
+    frames: str = field(metadata={"help": "Frames: the scenes as `fit3d lift` takes them (a scene in any layout, a folder of scenes, a text file listing scenes, or a comma-separated list), a ScanNet++ root split by metadata/<split>_samples.txt, or a folder of Parquet shards from `fit3d export-dataset`."})
+    holdout_every: int = field(default=0, metadata={"help": "Scenes only: the 'val' split is every K-th view of each scene, the views `fit3d lift --holdout_every K` held out (0: the scenes' own test frames)."})
     gaussians: str = field(metadata={"help": "Stage I output folder holding <scene_id>/gaussians.safetensors."})
     train_split: str = field(default="train", metadata={"help": "Split of the frames to train on."})
     validation_split: str | None = field(default="val", metadata={"help": "Split for validation loss and consistency (None or '' to skip)."})
@@ -112,23 +114,33 @@ class FinetuningArguments:
 # Data
 
 
-def load_frames(path: str | Path, split: str):
-    """The `frames` of a split as a `datasets.Dataset`: from a ScanNet++-layout root (through the
-    `scannetpp` builder) or from Parquet shards written by `fit3d export-dataset`."""
-    path = Path(path)
-    if (path / "metadata").is_dir():
-        from dataset_builders.scannetpp import load_scannetpp
+def load_frames(path: str | Path, split: str, *, holdout_every: int = 0):
+    """The `frames` of a split as a `datasets.Dataset`, from any of:
 
-        return load_scannetpp(str(path), config_name="frames", split=split)
-    shards = sorted(path.glob(f"**/{split}*.parquet")) or sorted(path.glob(f"**/{split}/*.parquet"))
-    if not shards:
-        raise FileNotFoundError(
-            f"{path}: no ScanNet++ layout (metadata/) and no Parquet shards for split {split!r} "
-            f"(expected files like {split}-00000-of-00001.parquet)"
+    - Parquet shards written by `fit3d export-dataset` (a folder holding `<split>-*.parquet`);
+    - a ScanNet++ dataset root with `metadata/<split>_samples.txt` (the `scannetpp` builder, split by the lists);
+    - a scene spec, the one `fit3d lift` takes (the `scenes` builder): a scene in any layout, a folder of scenes,
+      a text file listing scenes, or a comma-separated list; `val` holds Stage I's held-out views when
+      `holdout_every` > 0, else the scenes' own test frames.
+    """
+    from dataset_builders.scenes import is_sample_list_root, load_scenes
+
+    spec = str(path)
+    if "," not in spec and Path(spec).is_dir() and not is_sample_list_root(spec):
+        shards = sorted(Path(spec).glob(f"**/{split}*.parquet")) or sorted(Path(spec).glob(f"**/{split}/*.parquet"))
+        if shards:
+            from datasets import load_dataset
+
+            return load_dataset("parquet", data_files={split: [str(s) for s in shards]}, split=split)
+        if any(Path(spec).glob("**/*.parquet")):
+            raise MissingInputError(f"{spec}: no Parquet shards for split {split!r} (expected files like {split}-00000-of-00001.parquet)")
+    splits = load_scenes(spec, "frames", holdout_every=holdout_every)
+    if split not in splits:
+        raise MissingInputError(
+            f"--frames {spec}: no {split!r} split; it has {sorted(splits)}"
+            + ("" if holdout_every else " (pass --holdout_every K to hold out every K-th view of each scene, as Stage I does)")
         )
-    from datasets import load_dataset
-
-    return load_dataset("parquet", data_files={split: [str(s) for s in shards]}, split=split)
+    return splits[split]
 
 
 def bundle_path(gaussians_dir: str | Path, scene_id: str) -> Path:
@@ -438,13 +450,13 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: Finetunin
 
     # Data, checked against the Gaussians before anything trains.
     with accelerator.main_process_first():
-        train_frames = load_frames(data_args.frames, data_args.train_split)
+        train_frames = load_frames(data_args.frames, data_args.train_split, holdout_every=data_args.holdout_every)
         if data_args.max_train_samples:
             train_frames = train_frames.select(range(min(data_args.max_train_samples, len(train_frames))))
         validation_frames = None
         if data_args.validation_split:
             try:
-                validation_frames = load_frames(data_args.frames, data_args.validation_split)
+                validation_frames = load_frames(data_args.frames, data_args.validation_split, holdout_every=data_args.holdout_every)
             except (FileNotFoundError, ValueError, KeyError) as error:
                 logger.warning("no validation split %r (%s): skipping validation", data_args.validation_split, error)
             if validation_frames is not None and data_args.max_validation_samples:

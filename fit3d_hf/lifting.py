@@ -32,6 +32,7 @@ from .gaussians import DensificationConfig, Densifier, FeatureGaussians, load_bu
 from .gaussians.bundle import BUNDLE_FILENAME, SH_STORAGES
 from .gaussians.sh_codec import CompressedSH, assemble_sh, encode_sh
 from .losses import psnr, ssim, upsampled_feature_l1
+from .scene.specs import heldout_view_indices, resolve_scene_list  # noqa: F401  (resolve_scene_list: re-exported)
 from .utils import atomic_path, atomic_write_text, deterministic_algorithms
 
 __all__ = ["LiftingArguments", "SceneData", "lift_many", "lift_scene", "load_scene_data", "resolve_scene_list", "scene_extent"]
@@ -486,7 +487,7 @@ def _lift(scene, args, extractor, folder, device, max_iterations_this_run, progr
     start = time.perf_counter()
     data = load_scene_data(scene, extractor, args.image_scale, device, progress=progress)
     views = list(range(len(data.image_ids)))
-    holdout = [v for v in views if args.holdout_every and v % args.holdout_every == args.holdout_every - 1]
+    holdout = heldout_view_indices(len(views), args.holdout_every)  # the `scenes` builder's val split too
     train = [v for v in views if v not in holdout]
     lifter = _Lifter(args, data, train, device)
     checkpoint_path = folder / CHECKPOINT_FILENAME
@@ -570,42 +571,6 @@ def _lift(scene, args, extractor, folder, device, max_iterations_this_run, progr
         checkpoint_path.unlink(missing_ok=True)
         (folder / "initial_metrics.json").unlink(missing_ok=True)
     return metrics
-
-
-def resolve_scene_list(spec: str) -> list[Path]:
-    """Scene folders from a spec: a text file with one folder per line, a dataset root holding
-    `scenes/`, a folder of scene folders, one scene folder, or a comma-separated list of these."""
-    if "," in spec:
-        return [path for part in spec.split(",") if part.strip() for path in resolve_scene_list(part.strip())]
-    path = Path(spec)
-    if path.is_file():
-        lines = [line.strip() for line in path.read_text().splitlines()]
-        entries = [Path(line) if Path(line).is_absolute() else path.parent / line for line in lines if line and not line.startswith("#")]
-        missing = [str(entry) for entry in entries if not entry.is_dir()]
-        if missing:
-            raise FileNotFoundError(f"{path} lists scene folders that do not exist: {missing[:5]}")
-        return entries
-    if not path.is_dir():
-        raise FileNotFoundError(f"scene list {spec!r} is neither a file nor a folder")
-    if (path / "scenes").is_dir():
-        path = path / "scenes"
-    if _looks_like_scene(path):
-        return [path]
-    scenes = sorted(child for child in path.iterdir() if child.is_dir() and _looks_like_scene(child))
-    if not scenes:
-        raise FileNotFoundError(f"no scene folders found in {path}")
-    return scenes
-
-
-def _looks_like_scene(path: Path) -> bool:
-    """Whether `read_scene` can read `path` (the readers' own layout detection decides)."""
-    from .scene import detect_layout
-
-    try:
-        detect_layout(path)
-    except FileNotFoundError:
-        return False
-    return True
 
 
 def lift_many(

@@ -74,7 +74,7 @@ def test_same_seed_same_files_other_seed_other_scene(tmp_path, small_scene):
     again = generate_scene(tmp_path / "again", "synth00000", SMALL)
     names = sorted(str(p.relative_to(small_scene)) for p in small_scene.rglob("*") if p.is_file())
     assert names == sorted(str(p.relative_to(again)) for p in again.rglob("*") if p.is_file())
-    assert len(names) == 4 * SMALL.num_views + 2
+    assert len(names) == 5 * SMALL.num_views + 2  # image, mask, depth, labels, normals per view
     match, mismatch, errors = filecmp.cmpfiles(small_scene, again, names, shallow=False)
     assert mismatch == [] and errors == [] and len(match) == len(names)
 

@@ -17,7 +17,7 @@ from fit3d_hf.lifting import LiftingArguments, lift_many, resolve_scene_list
 @dataclass
 class ScenesArguments:
     scenes: str = field(
-        metadata={"help": "Text file of scene folders (one per line), a dataset root with scenes/, or a folder of scenes."}
+        metadata={"help": "The scenes: a scene in any layout, a folder of scenes (or a dataset root with scenes/), a text file listing scenes, or a comma-separated list of these."}
     )
 
 

@@ -7,8 +7,9 @@ Expected layout under `data_dir`::
 
 Configs:
 
-- ``"frames"``: one row per listed sample: `scene_id`, `image_id`, `image`, `mask`, `depth`, `label` (Image
-  columns, None when the scene has no such file), `K` (3x3), `world_to_camera` (4x4, OpenCV convention,
+- ``"frames"``: one row per listed sample: `scene_id`, `image_id`, `image`, `mask`, `depth`, `label`, `normals`
+  (Image columns, None when the scene has no such file; normals as in `fit3d_hf.scene.scene`: camera-frame,
+  8-bit RGB), `K` (3x3), `world_to_camera` (4x4, OpenCV convention,
   COLMAP world frame of `points3D.txt`), `width`, `height`, `is_test` (a ScanNet++ test frame).
 - ``"points"``: one row per scene that has listed samples: `scene_id`, `xyz` (M x 3 float32), `rgb`
   (M x 3 uint8).
@@ -45,6 +46,7 @@ __all__ = [
     "ScanNetPPConfig",
     "data_fingerprint",
     "export_parquet",
+    "frame_row",
     "group_samples",
 ]
 
@@ -59,6 +61,7 @@ FRAME_FEATURES = datasets.Features(
         "mask": datasets.Image(),
         "depth": datasets.Image(),
         "label": datasets.Image(),
+        "normals": datasets.Image(),
         "K": datasets.List(datasets.List(_FLOAT, length=3), length=3),
         "world_to_camera": datasets.List(datasets.List(_FLOAT, length=4), length=4),
         "width": datasets.Value("int32"),
@@ -74,7 +77,7 @@ POINT_FEATURES = datasets.Features(
     }
 )
 _SCENE_FILES = ("transforms_train.json", "points3D.txt")
-_SCENE_FOLDERS = ("images", "masks", "depth", "labels")
+_SCENE_FOLDERS = ("images", "masks", "depth", "labels", "normals")
 
 
 @dataclass
@@ -146,10 +149,34 @@ def group_samples(samples: list[str], scene_ids: set[str], source: str) -> dict[
     return grouped
 
 
+def frame_row(scene, frame) -> dict:
+    """The `frames` row of one frame of a `fit3d_hf.scene.Scene` (shared with the `scenes` builder)."""
+    camera = frame.camera
+
+    def path(value):
+        return None if value is None else str(value)
+
+    return {
+        "scene_id": scene.scene_id,
+        "image_id": frame.image_id,
+        "image": str(frame.image_path),
+        "mask": path(frame.mask_path),
+        "depth": path(frame.depth_path),
+        "label": path(frame.label_path),
+        "normals": path(frame.normal_path),
+        # nested lists: the same Python values whether the rows come from Arrow or a stream
+        "K": camera.K.tolist(),
+        "world_to_camera": camera.world_to_camera.tolist(),
+        "width": camera.width,
+        "height": camera.height,
+        "is_test": frame.image_id in scene.test_image_ids,
+    }
+
+
 class ScanNetPP(datasets.GeneratorBasedBuilder):
     """Frames, poses and sparse points of preprocessed ScanNet++ scenes (see the module docstring)."""
 
-    VERSION = datasets.Version("1.0.0")
+    VERSION = datasets.Version("1.1.0")  # 1.1: the normals column
     BUILDER_CONFIG_CLASS = ScanNetPPConfig
     BUILDER_CONFIGS = [
         ScanNetPPConfig(name="frames", version=VERSION, description="one row per posed frame"),
@@ -227,25 +254,7 @@ class ScanNetPP(datasets.GeneratorBasedBuilder):
                     f"transforms_train.json does not, e.g. {missing[:3]}"
                 )
             for frame_index, image_id in enumerate(wanted):
-                frame = frames[image_id]
-                camera = frame.camera
-                yield (
-                    datasets.builder.Key(scene_index, frame_index),
-                    {
-                        "scene_id": scene_id,
-                        "image_id": image_id,
-                        "image": str(frame.image_path),
-                        "mask": None if frame.mask_path is None else str(frame.mask_path),
-                        "depth": None if frame.depth_path is None else str(frame.depth_path),
-                        "label": None if frame.label_path is None else str(frame.label_path),
-                        # nested lists: the same Python values whether the rows come from Arrow or a stream
-                        "K": camera.K.tolist(),
-                        "world_to_camera": camera.world_to_camera.tolist(),
-                        "width": camera.width,
-                        "height": camera.height,
-                        "is_test": image_id in scene.test_image_ids,
-                    },
-                )
+                yield datasets.builder.Key(scene_index, frame_index), frame_row(scene, frames[image_id])
 
 
 _README = """---
@@ -254,7 +263,7 @@ configs:
   data_files:
 {data_files}
 ---
-# ScanNet++-layout scenes ({config})
+# fit3d-hf scenes ({config})
 
 Exported by `fit3d export-dataset` (fit3d-hf) from `{source}`. The images are embedded in the Parquet
 shards, so the files stand alone. Load them with `datasets.load_dataset("<this folder>")` or
@@ -272,6 +281,7 @@ def export_parquet(
     max_shard_size: str | int = "500MB",
     writer_batch_size: int | None = None,
     overwrite: bool = False,
+    holdout_every: int = 0,
 ) -> dict[str, list[Path]]:
     """Writes one config of the dataset as self-contained Parquet shards, images embedded as bytes.
 
@@ -280,16 +290,20 @@ def export_parquet(
     folder beside `output_dir` and renamed into place at the end.
 
     Args:
-        data_dir: dataset root holding `scenes/` and `metadata/`.
+        data_dir: a dataset root holding `scenes/` and `metadata/<split>_samples.txt` (this builder), or any scene
+            spec (the `scenes` builder: own captures, folders of scenes, list files, comma-separated lists).
         output_dir: folder to create.
         config_name: "frames" or "points".
         max_shard_size: shard size limit ("500MB", or bytes).
         writer_batch_size: rows per Parquet row group (datasets' default when None).
         overwrite: replace an existing non-empty `output_dir`.
+        holdout_every: scene specs: `val` holds every K-th view of each scene, as Stage I held them out.
 
     Returns:
         split -> its shard files.
     """
+    from dataset_builders.scenes import make_frames_builder
+
     output_dir = Path(output_dir)
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not overwrite:
         raise FileExistsError(
@@ -300,12 +314,10 @@ def export_parquet(
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     try:
-        builder = ScanNetPP(
-            cache_dir=str(staging / "cache"),
-            config_name=config_name,
-            data_dir=str(data_dir),
+        builder = make_frames_builder(
+            data_dir, config_name, holdout_every=holdout_every, cache_dir=staging / "cache",
             writer_batch_size=writer_batch_size,
-        )
+        )  # fmt: skip
         build_dir = staging / "build"
         # The builder's Parquet writer embeds the image files' bytes (datasets.table.embed_table_storage).
         builder.download_and_prepare(
@@ -328,7 +340,8 @@ def export_parquet(
         data_files = "\n".join(f"  - split: {split}\n    path: data/{split}-*.parquet" for split in shards)
         columns = "\n".join(f"- `{name}`: `{feature}`" for name, feature in builder.info.features.items())
         readme = _README.format(
-            config=config_name, data_files=data_files, source=Path(data_dir).resolve(), columns=columns
+            config=config_name, data_files=data_files, source=data_dir if "," in str(data_dir) else Path(data_dir).resolve(),
+            columns=columns,
         )
         (export / "README.md").write_text(readme)
         if output_dir.exists():  # overwrite: move the old folder aside, swap the new one in, then delete

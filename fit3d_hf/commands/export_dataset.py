@@ -1,4 +1,4 @@
-"""`fit3d export-dataset`: the `scannetpp` dataset as self-contained Parquet shards (images embedded)."""
+"""`fit3d export-dataset`: frames (or points) of any scenes as self-contained Parquet shards (images embedded)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,16 @@ from dataclasses import dataclass, field
 
 __all__ = ["DESCRIPTION", "ExportArguments", "main"]
 
-DESCRIPTION = "Export ScanNet++-layout scenes (frames or points) as Parquet shards with the images embedded"
+DESCRIPTION = "Export scenes (frames or points; ScanNet++ roots or any scene spec) as Parquet shards with the images embedded"
 
 
 @dataclass
 class ExportArguments:
     data_dir: str = field(
-        metadata={"help": "Dataset root holding scenes/<scene_id>/ and metadata/{train,val}_samples.txt."}
+        metadata={
+            "help": "The scenes: a ScanNet++ root split by metadata/<split>_samples.txt, or scenes as `fit3d lift` takes "
+            "them (a scene in any layout, a folder of scenes, a text file listing scenes, or a comma-separated list)."
+        }
     )
     output_dir: str = field(
         metadata={"help": "Folder to write (data/<split>-XXXXX-of-NNNNN.parquet + README.md)."}
@@ -35,6 +38,13 @@ class ExportArguments:
     overwrite: bool = field(
         default=False, metadata={"help": "Replace output_dir if it exists and is not empty."}
     )
+    holdout_every: int = field(
+        default=0,
+        metadata={
+            "help": "Scene specs: the val split is every K-th view of each scene, as `fit3d lift --holdout_every K` "
+            "held them out (0: the scenes' own test frames)."
+        },
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -52,6 +62,7 @@ def main(argv: list[str]) -> int:
             max_shard_size=args.max_shard_size,
             writer_batch_size=args.writer_batch_size,
             overwrite=args.overwrite,
+            holdout_every=args.holdout_every,
         )
     except DatasetGenerationError as error:  # the reader's message (file and problem) is the cause
         sys.stderr.write(f"fit3d export-dataset: {error.__cause__ or error}\n")

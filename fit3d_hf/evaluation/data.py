@@ -5,8 +5,9 @@ folder), a single Parquet file, or preprocessed ScanNet++-layout scenes through 
 (`scannetpp:<data_dir>`). `ProbeDataset` maps its columns (`ColumnMapping`) to
 
 - ``image``: `[3, H, W]` float in [0, 1];
-- ``target``: `[H, W]` int64 class ids (segmentation, `ignore_index` where unknown) or float depth in metres
-  (depth, 0 where unknown);
+- ``target``: `[H, W]` int64 class ids (segmentation, `ignore_index` where unknown), float depth in metres
+  (depth, 0 where unknown) or `[3, H, W]` unit surface normals (normals, 0 where unknown; see
+  `fit3d_hf.evaluation.normals` for the convention);
 - for the correspondence probe: ``depth`` (metres), ``K`` `[3, 3]`, ``world_to_camera`` `[4, 4]` (OpenCV) and
   ``scene_id``.
 
@@ -50,7 +51,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("segmentation", "depth", "correspondence")
+TASKS = ("segmentation", "depth", "correspondence", "normals")
 _SPLIT_ALIASES = {
     "val": ("validation", "valid", "dev"),
     "validation": ("val", "valid", "dev"),
@@ -67,6 +68,7 @@ class ColumnMapping:
         image: RGB image column (a datasets `Image`, an array or nested lists, `[H, W, 3]`).
         label: class-id map column (an `L`/`P` mode image or an integer array, `[H, W]`).
         depth: depth map column (a 16-bit or float image, or an array); values / `depth_scale` = metres.
+        normals: surface-normal column (an 8-bit RGB image `(n + 1) / 2 * 255` or a float array `[H, W, 3]`).
         mask: optional validity mask column (non-zero = valid); masked-out pixels get no ground truth.
         scene: scene id column (correspondence probe: views are paired within a scene).
         intrinsics: `[3, 3]` pinhole intrinsics column (pixel centres at half-integers).
@@ -80,6 +82,7 @@ class ColumnMapping:
     scene: str | None = "scene_id"
     intrinsics: str | None = "K"
     pose: str | None = "world_to_camera"
+    normals: str | None = "normals"
 
     def required(self, task: str) -> list[str]:
         """The columns a task reads."""
@@ -89,6 +92,8 @@ class ColumnMapping:
             columns = [self.image, self.depth]
         elif task == "correspondence":
             columns = [self.image, self.depth, self.scene, self.intrinsics, self.pose]
+        elif task == "normals":
+            columns = [self.image, self.normals]
         else:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         if any(column is None for column in columns):
@@ -103,14 +108,17 @@ class ColumnMapping:
 # fmt: off
 @dataclass
 class ProbeDataArguments:
-    dataset: str = field(metadata={"help": "Data set: a Hub id (NYUv2, ADE20k, VOC, ScanNet++ probe sets, ...), a local folder (Parquet shards, imagefolder, save_to_disk), a .parquet file, or 'scannetpp:<data_dir>' for ScanNet++-layout scenes (e.g. the synthetic ones, which carry labels and depth)."})
-    dataset_format: str | None = field(default=None, metadata={"help": "Force how --dataset is read: hub, scannetpp, parquet or disk (default: guessed)."})
+    dataset: str = field(metadata={"help": "Data set: a Hub id (NYUv2, ADE20k, VOC, ScanNet++ probe sets, ...), a local folder (Parquet shards, imagefolder, save_to_disk), a .parquet file, 'scannetpp:<data_dir>' for a ScanNet++ root split by metadata/<split>_samples.txt, or scenes as `fit3d lift` takes them ('scenes:<spec>' or just the spec: a scene in any layout, a folder of scenes, a list file, or a comma-separated list; e.g. the synthetic ones, which carry labels, depth and normals)."})
+    dataset_format: str | None = field(default=None, metadata={"help": "Force how --dataset is read: hub, scannetpp, scenes, parquet or disk (default: guessed)."})
+    holdout_every: int = field(default=0, metadata={"help": "Scenes: the 'val' split is every K-th view of each scene, as `fit3d lift --holdout_every K` held them out (0: the scenes' own test frames)."})
     dataset_config: str | None = field(default=None, metadata={"help": "Configuration name of a Hub dataset."})
     train_split: str | None = field(default=None, metadata={"help": "Split the probe trains on (default: train)."})
     split: str | None = field(default=None, metadata={"help": "Split evaluated (default: the first of validation, val, test)."})
     image_column: str = field(default="image", metadata={"help": "Column holding the RGB images."})
     label_column: str = field(default="label", metadata={"help": "Column holding class-id maps (segmentation)."})
     depth_column: str = field(default="depth", metadata={"help": "Column holding depth maps (depth, correspondence)."})
+    normals_column: str = field(default="normals", metadata={"help": "Column holding surface normals (normals): 8-bit RGB (n + 1) / 2 * 255 or float [H, W, 3]."})
+    normals_axes: str = field(default="x,y,z", metadata={"help": "How the stored normals' axes map to fit3d-hf's (camera frame, x right, y down, z forward, towards the camera), e.g. 'x,-y,-z' for OpenGL-style axes."})
     mask_column: str | None = field(default=None, metadata={"help": "Column of validity masks (0 = no ground truth); 'mask' by default for scannetpp data."})
     scene_column: str = field(default="scene_id", metadata={"help": "Column of scene ids (correspondence: pairs within a scene)."})
     intrinsics_column: str = field(default="K", metadata={"help": "Column of 3x3 intrinsics (correspondence)."})
@@ -133,7 +141,7 @@ class ProbeDataArguments:
         """The column mapping these options name (`mask_column` overrides --mask_column when it is unset)."""
         return ColumnMapping(
             image=self.image_column, label=self.label_column, depth=self.depth_column, mask=self.mask_column or mask_column,
-            scene=self.scene_column, intrinsics=self.intrinsics_column, pose=self.pose_column,
+            scene=self.scene_column, intrinsics=self.intrinsics_column, pose=self.pose_column, normals=self.normals_column,
         )
 # fmt: on
 
@@ -157,16 +165,19 @@ def load_probe_dataset(
     dataset_format: str | None = None,
     config_name: str | None = None,
     cache_dir: str | None = None,
+    holdout_every: int = 0,
 ):
     """Opens a data set with all its splits.
 
     Args:
-        dataset: a Hub id (`datasets.load_dataset`), a local folder or Parquet file, or `scannetpp:<data_dir>`
-            for preprocessed ScanNet++-layout scenes (including the synthetic ones).
+        dataset: a Hub id (`datasets.load_dataset`), a local folder or Parquet file, `scannetpp:<data_dir>` for a
+            ScanNet++ root split by sample lists, or a scene spec (`scenes:<spec>`, or the spec alone), read by the
+            `scenes` builder.
         dataset_format: force how `dataset` is read: "hub" (load_dataset, also local folders), "scannetpp",
-            "parquet", "disk" (`save_to_disk` folder); None guesses from the path.
+            "scenes", "parquet", "disk" (`save_to_disk` folder); None guesses from the path.
         config_name: the Hub dataset's configuration name, if it has several.
         cache_dir: datasets cache folder.
+        holdout_every: scenes: `val` = every K-th view of each scene (Stage I's held-out views; 0: test frames).
 
     Returns:
         A `datasets.DatasetDict`.
@@ -175,6 +186,10 @@ def load_probe_dataset(
 
     if dataset.startswith("scannetpp:"):
         dataset_format, dataset = "scannetpp", dataset[len("scannetpp:") :]
+    if dataset.startswith("scenes:"):
+        dataset_format, dataset = "scenes", dataset[len("scenes:") :]
+    if dataset_format is None and _is_scene_spec(dataset):
+        dataset_format = "scenes"
     path = Path(dataset)
     if dataset_format is None:
         if path.is_file() and path.suffix == ".parquet":
@@ -185,6 +200,12 @@ def load_probe_dataset(
             dataset_format = "scannetpp"
         else:
             dataset_format = "hub"
+    if dataset_format == "scenes":
+        from dataset_builders.scenes import load_scenes
+
+        loaded = load_scenes(dataset, "frames", holdout_every=holdout_every, cache_dir=cache_dir)
+        logger.info("loaded scenes %s: %s", dataset, {k: len(v) for k, v in loaded.items()})
+        return loaded
     if dataset_format in ("scannetpp", "parquet", "disk") and not path.exists():
         raise FileNotFoundError(f"--dataset {dataset}: no such file or folder (read as {dataset_format!r})")
     check_local_path(dataset, "--dataset")
@@ -217,12 +238,30 @@ def load_probe_dataset(
         loaded = datasets.load_dataset(dataset, name=config_name, cache_dir=cache_dir)
     else:
         raise ValueError(
-            f"dataset_format must be 'hub', 'scannetpp', 'parquet' or 'disk', got {dataset_format!r}"
+            f"dataset_format must be 'hub', 'scannetpp', 'scenes', 'parquet' or 'disk', got {dataset_format!r}"
         )
     if isinstance(loaded, datasets.Dataset):
         loaded = datasets.DatasetDict({"train": loaded})
     logger.info("loaded %s (%s): %s", dataset, dataset_format, {k: len(v) for k, v in loaded.items()})
     return loaded
+
+
+def _is_scene_spec(dataset: str) -> bool:
+    """Whether a --dataset is a scene spec (scenes `fit3d lift` reads) rather than a Hub id or a data folder."""
+    from ..scene import resolve_scene_list
+
+    local = [Path(part.strip()).expanduser() for part in dataset.split(",") if part.strip()]
+    if not local or not all(part.exists() for part in local):
+        return False
+    if len(local) == 1 and (local[0] / "metadata").is_dir() and (local[0] / "scenes").is_dir():
+        return False  # a ScanNet++ root split by sample lists: the scannetpp builder reads it
+    if any(part.is_file() and part.suffix.lower() not in (".txt", ".json", "") for part in local):
+        return False  # a .parquet file, an image, ...: not a scene or a list of scenes
+    try:
+        resolve_scene_list(dataset)
+    except (FileNotFoundError, ValueError):
+        return False
+    return True
 
 
 def resolve_split(splits, name: str | None, role: str):
@@ -372,13 +411,14 @@ class ProbeDataset(torch.utils.data.Dataset):
 
     Args:
         dataset: the split.
-        task: "segmentation", "depth" or "correspondence".
+        task: "segmentation", "depth", "correspondence" or "normals".
         columns: the column mapping.
         depth_scale: stored depth / depth_scale = metres (1000 for millimetre PNGs, 1 for metres).
         reduce_zero_label: ADE20k-style labels (0 = ignore, ids shifted down by one).
         ignore_index: label of pixels without ground truth.
         image_size: (H, W) every sample is resized to first (None: native size).
         transform: training augmentation `(image, target) -> (image, target)`, e.g. `RandomScaleCropFlip`.
+        normals_axes: how stored normals' axes map to fit3d-hf's (see `fit3d_hf.evaluation.normals.parse_axes`).
     """
 
     def __init__(
@@ -392,6 +432,7 @@ class ProbeDataset(torch.utils.data.Dataset):
         ignore_index: int = 255,
         image_size: tuple[int, int] | None = None,
         transform=None,
+        normals_axes: str = "x,y,z",
     ):
         self.columns = columns or ColumnMapping()
         needed = self.columns.required(task)
@@ -411,6 +452,7 @@ class ProbeDataset(torch.utils.data.Dataset):
         self.ignore_index = ignore_index
         self.image_size = tuple(image_size) if image_size else None
         self.transform = transform
+        self.normals_axes = normals_axes
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -426,9 +468,13 @@ class ProbeDataset(torch.utils.data.Dataset):
                 reduce_zero_label=self.reduce_zero_label,
                 ignore_index=self.ignore_index,
             )
+        elif self.task == "normals":
+            from .normals import normals_to_tensor
+
+            target = normals_to_tensor(row[columns.normals], columns.normals, axes=self.normals_axes)
         else:
             target = depth_to_tensor(row[columns.depth], columns.depth, depth_scale=self.depth_scale)
-        if tuple(target.shape) != tuple(sample["image"].shape[-2:]):
+        if tuple(target.shape[-2:]) != tuple(sample["image"].shape[-2:]):
             raise ValueError(
                 f"row {index}: the {self.task} map is {tuple(target.shape)} but the image is "
                 f"{tuple(sample['image'].shape[-2:])}; they must have the same size"

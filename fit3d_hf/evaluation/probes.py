@@ -18,7 +18,9 @@ Probes (FiT3D's protocol, see `ProbeArguments` for the defaults):
 - depth: 256-bin classification head on un-normed features ⊕ CLS, SigLoss + 0.5 x gradient loss, AdamW lr
   1e-4 wd 0.01, cosine schedule with warm-up, gradient clipping 35; RMSE, AbsRel, δ thresholds;
 - correspondence (no training): mutual-nearest-neighbour matching of the dense features between views of a
-  scene, recall within 5/10/20 px of the ground truth from depth and poses, binned by viewpoint change.
+  scene, recall within 5/10/20 px of the ground truth from depth and poses, binned by viewpoint change;
+- normals: BatchNorm + 1x1 conv to unit camera-frame normals, angular loss; mean / median angular error and
+  the share within 11.25/22.5/30 degrees (`fit3d_hf.evaluation.normals`, `normals_probe`).
 
 Runs on one device or under `accelerate launch` (the heads train with DDP; metrics are gathered with
 `gather_for_metrics`).
@@ -58,6 +60,7 @@ from .data import (
 )
 from .heads import ProbeHeads, build_probe_heads, gradient_loss, sig_loss, variant_inputs
 from .metrics import depth_errors, depth_scores, segmentation_areas, segmentation_scores
+from .normals import NORMALS_REFERENCE, angular_loss
 from .report import VARIANT_LABELS, build_results, write_report
 
 __all__ = [
@@ -92,6 +95,7 @@ _REFERENCE = {
         "train_short_side": None, "eval_mode": "whole", "eval_flip": True, "photometric_distortion": False,
     },
 }  # fmt: skip
+_REFERENCE["normals"] = NORMALS_REFERENCE  # after Probe3D's surface-normal probe (see fit3d_hf.evaluation.normals)
 _SIG_LOSS_WARMUP_STEPS = 100  # the reference SigLoss's warm-up, out of 38400 iterations
 
 
@@ -116,7 +120,7 @@ class ModelArguments:
 
 @dataclass
 class ProbeArguments:
-    probe: str = field(metadata={"help": "segmentation, depth or correspondence.", "choices": list(PROBES)})
+    probe: str = field(metadata={"help": "segmentation, depth, correspondence or normals.", "choices": list(PROBES)})
     output_dir: str = field(metadata={"help": "Where results.md, results.json, the plots and the probe heads go."})
     seed: int = field(default=0, metadata={"help": "Seed of the heads' initialisation, the data order and the augmentation."})
     max_steps: int | None = field(default=None, metadata={"help": "Training iterations (reference: 40000 segmentation, 38400 depth, at 8 GPUs x 2 images: scale with fewer)."})
@@ -363,6 +367,8 @@ def _probe_losses(
     for variant, output in outputs.items():
         if task == "segmentation":
             losses[variant] = F.cross_entropy(output, target.long(), ignore_index=args.ignore_index)
+        elif task == "normals":
+            losses[variant] = angular_loss(output, target)
         else:
             target_map = target[:, None].to(output.dtype)
             losses[variant] = sig_loss(
@@ -805,16 +811,18 @@ def run_probe(model_args: ModelArguments, data_args: ProbeDataArguments, probe_a
             dataset_format=data_args.dataset_format,
             config_name=data_args.dataset_config,
             cache_dir=data_args.cache_dir,
+            holdout_every=data_args.holdout_every,
         )
     eval_name, eval_split = resolve_split(splits, data_args.split, "eval")
     if data_args.max_eval_samples:
         eval_split = eval_split.select(range(min(data_args.max_eval_samples, len(eval_split))))
-    scannetpp = data_args.dataset.startswith("scannetpp:") or data_args.dataset_format == "scannetpp"
-    columns = data_args.columns("mask" if scannetpp and "mask" in eval_split.column_names else None)
+    # Scenes' frames (scannetpp or scenes builder) carry validity masks in a 'mask' column: used by default.
+    scenes = "is_test" in eval_split.column_names and "world_to_camera" in eval_split.column_names
+    columns = data_args.columns("mask" if scenes and "mask" in eval_split.column_names else None)
     image_size = parse_size(data_args.image_size)
     dataset_kwargs = {
         "columns": columns, "depth_scale": data_args.depth_scale, "reduce_zero_label": data_args.reduce_zero_label,
-        "ignore_index": args.ignore_index, "image_size": image_size,
+        "ignore_index": args.ignore_index, "image_size": image_size, "normals_axes": data_args.normals_axes,
     }  # fmt: skip
     if tracker:
         accelerator.init_trackers(
@@ -833,6 +841,12 @@ def run_probe(model_args: ModelArguments, data_args: ProbeDataArguments, probe_a
     if args.probe == "correspondence":
         metrics = evaluate_correspondence(
             features, ProbeDataset(eval_split, "correspondence", **dataset_kwargs), args, accelerator
+        )
+    elif args.probe == "normals":
+        from .normals_probe import train_and_score_normals
+
+        train_name, metrics, heads, history = train_and_score_normals(
+            features, splits, eval_split, data_args, args, accelerator, dataset_kwargs
         )
     else:
         train_name, metrics, heads, history = _train_and_score(

@@ -2,7 +2,7 @@
 
 `build_results` turns the probe's metrics into a JSON-ready dictionary, `results_markdown` renders its table
 (scores in percent where the paper reports percent), and `write_report` writes `results.md`, `results.json`
-and PNG plots (per-class IoU bars, depth metrics, recall against viewpoint change, training losses) to the
+and PNG plots (per-class IoU bars, depth or normals metrics, recall against viewpoint change, training losses) to the
 output folder, each through a temporary file and a rename. Plots need matplotlib (the `space`/`test`
 extras); without it they are skipped with a warning.
 """
@@ -46,6 +46,10 @@ def _decimals(value: float | None) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
 
+def _degrees(value: float | None) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}°"
+
+
 def _integer(value) -> str:
     return "–" if value is None else str(int(value))
 
@@ -59,6 +63,11 @@ def metric_columns(results: dict) -> list[tuple[str, str, Callable]]:
         return [
             ("rmse", "RMSE ↓", _decimals), ("abs_rel", "AbsRel ↓", _decimals), ("delta1", "δ<1.25 ↑", _percent),
             ("delta2", "δ<1.25² ↑", _percent), ("delta3", "δ<1.25³ ↑", _percent), ("log10", "log10 ↓", _decimals),
+        ]  # fmt: skip
+    if probe == "normals":
+        return [
+            ("mean", "mean ↓", _degrees), ("median", "median ↓", _degrees), ("within_11.25", "11.25° ↑", _percent),
+            ("within_22.5", "22.5° ↑", _percent), ("within_30", "30° ↑", _percent),
         ]  # fmt: skip
     if probe == "correspondence":
         columns = [(f"recall@{t:g}px", f"recall@{t:g}px ↑", _percent) for t in results["thresholds"]]
@@ -96,7 +105,7 @@ def build_results(
     """The JSON-ready results of one probe.
 
     Args:
-        probe: "segmentation", "depth" or "correspondence".
+        probe: "segmentation", "depth", "correspondence" or "normals".
         metrics: segmentation/depth: `{variant: scores}` from `evaluate_probe`; correspondence: the dictionary
             of `correspondence_probe` (`rows`, `curves`, ...).
         channels: variant -> (feature channels, CLS channels) of the probe inputs.
@@ -167,10 +176,8 @@ def results_markdown(results: dict) -> str:
         a, b = by_variant["original"].get(key), by_variant["fit3d"].get(key)
         if a is not None and b is not None:
             scale = 100 if fmt is _percent else 1
-            lines += [
-                "",
-                f"FiT3D − original, {title.split()[0]}: {scale * (b - a):+.{2 if scale == 100 else 4}f}",
-            ]
+            digits = 2 if scale == 100 or fmt is _degrees else 4
+            lines += ["", f"FiT3D − original, {title.split()[0]}: {scale * (b - a):+.{digits}f}"]
     if probe == "correspondence" and results.get("curves"):
         middle = results["thresholds"][len(results["thresholds"]) // 2]
         key = f"recall@{middle:g}px"
@@ -243,6 +250,20 @@ def _plot_depth_metrics(results: dict, path: Path) -> None:
     _save_figure(figure, path)
 
 
+def _plot_normals_metrics(results: dict, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    metrics = [("mean", "mean angular error (°) ↓"), ("median", "median angular error (°) ↓"), ("within_11.25", "within 11.25° (%) ↑")]
+    figure = Figure(figsize=(9.0, 3.2), layout="constrained")
+    names = [row["name"] for row in results["rows"]]
+    for index, (key, title) in enumerate(metrics):
+        axes = figure.add_subplot(1, len(metrics), index + 1)
+        scale = 100 if key.startswith("within") else 1
+        axes.bar(names, [scale * (row.get(key) or 0.0) for row in results["rows"]], color=[f"C{i}" for i in range(len(names))])
+        axes.set_title(title)
+    _save_figure(figure, path)
+
+
 def _plot_recall_curves(results: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
@@ -286,7 +307,7 @@ def write_report(results: dict, output_dir: str | os.PathLike) -> dict[str, Path
         output_dir: created if missing; existing report files are replaced.
 
     Returns:
-        name -> path of every file written ("markdown", "json", and "per_class_iou", "depth_metrics",
+        name -> path of every file written ("markdown", "json", and "per_class_iou", "depth_metrics", "normals_metrics",
         "recall_vs_viewpoint", "training_loss" where they apply and matplotlib is installed).
     """
     output_dir = Path(output_dir)
@@ -299,6 +320,8 @@ def write_report(results: dict, output_dir: str | os.PathLike) -> dict[str, Path
         plots.append(("per_class_iou", _plot_per_class_iou))
     if results["probe"] == "depth":
         plots.append(("depth_metrics", _plot_depth_metrics))
+    if results["probe"] == "normals":
+        plots.append(("normals_metrics", _plot_normals_metrics))
     if results.get("curves"):
         plots.append(("recall_vs_viewpoint", _plot_recall_curves))
     if results.get("loss_curves"):

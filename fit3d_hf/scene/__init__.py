@@ -27,23 +27,41 @@ from fit3d_hf.scene.readers import (
     read_scannetpp_split,
     read_scene,
 )
-from fit3d_hf.scene.scene import Frame, Scene, load_depth, load_image, load_labels, load_mask
+from fit3d_hf.scene.scene import (
+    Frame,
+    Scene,
+    decode_normals,
+    encode_normals,
+    load_depth,
+    load_image,
+    load_labels,
+    load_mask,
+    load_normals,
+)
+from fit3d_hf.scene.specs import heldout_view_indices, is_scene, resolve_scene_list, split_views
+from fit3d_hf.scene.undistort import UNDISTORT_CACHE_ENV, undistort_cache_dir
 from fit3d_hf.scene.writers import write_colmap_text, write_nerfstudio_transforms, write_ply_points
 
 __all__ = [
     "LAYOUTS",
     "SCANNETPP_SPLITS",
     "UNDISTORTED_DIRNAME",
+    "UNDISTORT_CACHE_ENV",
     "Camera",
     "Frame",
     "Scene",
     "colmap_to_scannetpp_nerfstudio",
+    "decode_normals",
     "detect_layout",
+    "encode_normals",
+    "heldout_view_indices",
     "intrinsics_matrix",
+    "is_scene",
     "load_depth",
     "load_image",
     "load_labels",
     "load_mask",
+    "load_normals",
     "opencv_to_opengl_camera_to_world",
     "opengl_camera_to_world_to_opencv",
     "qvec_to_rotmat",
@@ -54,8 +72,11 @@ __all__ = [
     "read_scannetpp_scene",
     "read_scannetpp_split",
     "read_scene",
+    "resolve_scene_list",
     "rotmat_to_qvec",
     "scannetpp_nerfstudio_to_colmap",
+    "split_views",
+    "undistort_cache_dir",
     "write_colmap_text",
     "write_nerfstudio_transforms",
     "write_ply_points",

@@ -14,7 +14,14 @@ Every reader validates the whole scene (files exist and are readable, image size
 intrinsics, poses are rigid, camera models are known) before it writes anything. Frames with lens
 distortion are then undistorted with OpenCV, once, into a pinhole camera of the same image size, with the
 principal point at the image centre (as ScanNet++'s and FiT3D's preprocessing do). The undistorted files go
-to a cache folder (default `<scene>/.fit3d_undistorted/`) and are reused while their sources are unchanged.
+to a cache folder and are reused while their sources are unchanged: `<scene>/.fit3d_undistorted/` when the
+scene folder is writable, else the user cache, or the folder `FIT3D_UNDISTORT_CACHE` names (see
+`fit3d_hf.scene.undistort.undistort_cache_dir`).
+
+Per-frame extras (validity masks, depth, semantic labels, surface normals) are PNGs in `masks/`, `depth/`,
+`labels/`, `normals/` beside `images/`, named like the image with a `.png` suffix (ScanNet++ and COLMAP
+layouts), or named per frame in a transforms file (`mask_path`, `depth_file_path`, and fit3d-hf's own
+`label_path` and `normal_path`).
 """
 
 from __future__ import annotations
@@ -37,7 +44,14 @@ from fit3d_hf.scene.camera import (
 )
 from fit3d_hf.scene.ply import read_ply_points
 from fit3d_hf.scene.scene import Frame, Scene
-from fit3d_hf.scene.undistort import AUX_DIRS, Distortion, RawFrame, undistort_frames
+from fit3d_hf.scene.undistort import (
+    AUX_DIRS,
+    UNDISTORTED_DIRNAME,
+    Distortion,
+    RawFrame,
+    undistort_cache_dir,
+    undistort_frames,
+)
 
 __all__ = [
     "LAYOUTS",
@@ -57,7 +71,6 @@ logger = logging.getLogger(__name__)
 
 LAYOUTS = ("scannetpp", "nerfstudio", "colmap")
 SCANNETPP_SPLITS = ("train", "val")
-UNDISTORTED_DIRNAME = ".fit3d_undistorted"
 
 # Extensions tried when a nerfstudio/Blender `file_path` has none (Blender's transforms omit it).
 _IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".JPG", ".PNG", ".JPEG")
@@ -154,7 +167,7 @@ def read_scene(
     Args:
         path: scene folder, `transforms*.json`, or COLMAP model folder.
         layout: force "scannetpp", "nerfstudio" or "colmap" instead of detecting it.
-        cache_dir: where undistorted images go (default `<scene>/.fit3d_undistorted`).
+        cache_dir: where undistorted images go (default: see `undistort_cache_dir`).
         images_dir: COLMAP only: the folder the `images.txt` names are relative to.
 
     Returns:
@@ -226,11 +239,11 @@ def _make_scene(
         if raw.distortion is not None and not raw.distortion.is_identity
     ]
     frames = [
-        Frame(raw.image_id, raw.image_path, camera, raw.mask_path, raw.depth_path, raw.label_path)
+        Frame(raw.image_id, raw.image_path, camera, raw.mask_path, raw.depth_path, raw.label_path, raw.normal_path)
         for raw, camera in zip(raw_frames, cameras, strict=True)
     ]
     if distorted:
-        cache = Path(cache_dir) if cache_dir is not None else root / UNDISTORTED_DIRNAME
+        cache = undistort_cache_dir(root, cache_dir)
         undistorted = undistort_frames(
             [raw_frames[i] for i in distorted], [cameras[i] for i in distorted], cache
         )
@@ -441,6 +454,7 @@ def read_scannetpp_scene(scene_dir: Path | str, *, cache_dir: Path | str | None 
                 mask_path=mask_path,
                 depth_path=_aux_path(images_dir, Path(relative).name, "depth"),
                 label_path=_aux_path(images_dir, Path(relative).name, "label"),
+                normal_path=_aux_path(images_dir, Path(relative).name, "normal"),
             )
         )
         if relative in test_paths:
@@ -471,7 +485,7 @@ def read_nerfstudio_scene(transforms_path: Path | str, *, cache_dir: Path | str 
 
     Args:
         transforms_path: the json file; its folder name is the scene id.
-        cache_dir: where distorted frames are undistorted to (default `<json folder>/.fit3d_undistorted`).
+        cache_dir: where distorted frames are undistorted to (default: see `undistort_cache_dir`).
     """
     json_path = Path(transforms_path)
     root = json_path.parent
@@ -489,7 +503,9 @@ def read_nerfstudio_scene(transforms_path: Path | str, *, cache_dir: Path | str 
     for (frame, where), image_path, image_id in zip(entries, image_paths, image_ids, strict=True):
         K, width, height, distortion = _transforms_intrinsics(meta, frame, where, image_path)
         extras = {}
-        for kind, key in (("mask", "mask_path"), ("depth", "depth_file_path"), ("label", "label_path")):
+        for kind, key in (
+            ("mask", "mask_path"), ("depth", "depth_file_path"), ("label", "label_path"), ("normal", "normal_path")
+        ):  # fmt: skip
             if frame.get(key):
                 extras[f"{kind}_path"] = _resolve_file(root, frame[key], where, kind)
         raw_frames.append(
@@ -628,7 +644,7 @@ def read_colmap_scene(
     Args:
         model_dir: the folder holding the text files.
         images_dir: the folder `images.txt` names are relative to.
-        cache_dir: where distorted frames are undistorted to (default `<model_dir>/.fit3d_undistorted`).
+        cache_dir: where distorted frames are undistorted to (default: see `undistort_cache_dir`).
     """
     model_dir = Path(model_dir)
     if images_dir is None:
@@ -696,6 +712,7 @@ def read_colmap_scene(
                 mask_path=_aux_path(images_dir, name, "mask"),
                 depth_path=_aux_path(images_dir, name, "depth"),
                 label_path=_aux_path(images_dir, name, "label"),
+                normal_path=_aux_path(images_dir, name, "normal"),
             )
         )
     if not raw_frames:

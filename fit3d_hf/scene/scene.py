@@ -1,8 +1,15 @@
 """The scene data model shared by every reader, writer, builder and training stage.
 
-A `Scene` is a set of posed frames (`Frame`: an image file, its `Camera`, optional mask / depth / label
-files) plus a sparse coloured point cloud in the same world frame. File contents are loaded on demand with
-`load_image`, `load_mask`, `load_depth` and `load_labels`, so a scene of thousands of frames is cheap to hold.
+A `Scene` is a set of posed frames (`Frame`: an image file, its `Camera`, optional mask / depth / label /
+surface-normal files) plus a sparse coloured point cloud in the same world frame. File contents are loaded on
+demand with `load_image`, `load_mask`, `load_depth`, `load_labels` and `load_normals`, so a scene of thousands
+of frames is cheap to hold.
+
+Surface normals, everywhere in fit3d-hf, are unit vectors in the *camera frame* of their view with OpenCV axes
+(x right, y down, z forward), pointing out of the surface towards the camera that sees it (so a normal `n` at
+the camera-frame point `p` has `n . p < 0`). Files store them as 8-bit RGB PNGs, `round((n + 1) / 2 * 255)`
+per axis (`encode_normals` / `decode_normals`); black (0, 0, 0), which decodes to no unit vector, marks pixels
+without a normal.
 """
 
 from __future__ import annotations
@@ -14,7 +21,17 @@ import numpy as np
 
 from fit3d_hf.scene.camera import Camera
 
-__all__ = ["Frame", "Scene", "load_depth", "load_image", "load_labels", "load_mask"]
+__all__ = [
+    "Frame",
+    "Scene",
+    "decode_normals",
+    "encode_normals",
+    "load_depth",
+    "load_image",
+    "load_labels",
+    "load_mask",
+    "load_normals",
+]
 
 
 @dataclass
@@ -28,6 +45,7 @@ class Frame:
         mask_path: optional validity mask (white = valid, black = anonymised / invalid).
         depth_path: optional 16-bit depth PNG in millimetres (0 = unknown).
         label_path: optional semantic label PNG (one class id per pixel).
+        normal_path: optional surface-normal PNG (see the module docstring for the convention).
     """
 
     image_id: str
@@ -36,6 +54,7 @@ class Frame:
     mask_path: Path | None = None
     depth_path: Path | None = None
     label_path: Path | None = None
+    normal_path: Path | None = None
 
 
 @dataclass
@@ -155,3 +174,46 @@ def load_labels(path: Path | str) -> np.ndarray:
     if labels.ndim != 2:
         raise ValueError(f"label map {path} must have a single channel, got shape {labels.shape}")
     return labels.astype(np.int64)
+
+
+# A decoded 8-bit normal is a unit vector up to quantisation (|n| within 1 +- 0.02); anything farther, such as
+# the black (0, 0, 0) of pixels without a normal (|n| = sqrt(3)), is invalid.
+_NORMAL_NORM_TOLERANCE = 0.1
+
+
+def encode_normals(normals: np.ndarray) -> np.ndarray:
+    """Camera-frame unit normals `[H, W, 3]` -> the 8-bit RGB image fit3d-hf stores (`round((n + 1) / 2 * 255)`).
+
+    Pixels whose vector is not unit length (e.g. all zeros: no surface) become black, the "no normal" value.
+    """
+    normals = np.asarray(normals, dtype=np.float64)
+    if normals.ndim != 3 or normals.shape[2] != 3:
+        raise ValueError(f"normals must be [H, W, 3], got shape {normals.shape}")
+    valid = np.abs(np.linalg.norm(normals, axis=2) - 1.0) < _NORMAL_NORM_TOLERANCE
+    encoded = np.clip(np.round((normals + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    return np.where(valid[..., None], encoded, 0).astype(np.uint8)
+
+
+def decode_normals(encoded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of `encode_normals`: 8-bit RGB `[H, W, 3]` -> (`[H, W, 3]` float32 unit normals, zero where
+    invalid; `[H, W]` bool validity)."""
+    encoded = np.asarray(encoded)
+    if encoded.ndim != 3 or encoded.shape[2] != 3:
+        raise ValueError(f"an encoded normal map must be [H, W, 3], got shape {encoded.shape}")
+    normals = encoded.astype(np.float32) / 127.5 - 1.0
+    length = np.linalg.norm(normals, axis=2)
+    valid = np.abs(length - 1.0) < _NORMAL_NORM_TOLERANCE
+    normals = np.where(valid[..., None], normals / np.maximum(length, 1e-6)[..., None], 0.0)
+    return normals.astype(np.float32), valid
+
+
+def load_normals(path: Path | str) -> np.ndarray:
+    """Reads a surface-normal PNG (8-bit RGB, see the module docstring).
+
+    Returns:
+        `[H, W, 3]` float32 camera-frame unit normals (OpenCV axes, towards the camera); 0 where unknown.
+    """
+    image = _open(path, "normal map")
+    if image.mode != "RGB":
+        raise ValueError(f"normal map {path} must be an 8-bit RGB image, got mode {image.mode}")
+    return decode_normals(np.asarray(image))[0]

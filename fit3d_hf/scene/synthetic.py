@@ -3,7 +3,7 @@
 The generator stands in for ScanNet++ wherever real data is not available (tests, CI, `fit3d demo`):
 it writes the same files FiT3D's preprocessing produces (`generate_scene`), or the raw ScanNet++ DSLR
 layout with fisheye images that `fit3d preprocess-scannetpp` consumes (`generate_raw_scene`), plus
-ground truth (depth, semantic labels) the real preprocessed data does not carry.
+ground truth (depth, semantic labels, analytic surface normals) the real preprocessed data does not carry.
 
 No renderer library is involved: a room is an axis-aligned box seen from inside plus a few boxes and
 spheres, so each ray's first hit has a closed form and a whole image is a handful of vectorised numpy
@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from fit3d_hf.scene.camera import Camera, colmap_to_scannetpp_nerfstudio, intrinsics_matrix, rotmat_to_qvec
+from fit3d_hf.scene.scene import encode_normals
 from fit3d_hf.utils import atomic_write_text
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "image_ids",
     "make_scene_spec",
     "render_fisheye_view",
+    "render_rays",
     "render_view",
     "sample_points",
     "scene_id_for_seed",
@@ -638,9 +640,11 @@ def _first_hits(
     return best_t, best_id
 
 
-def _surface_colour(room: SyntheticRoom, points: np.ndarray, primitive_ids: np.ndarray) -> np.ndarray:
-    """Shaded colour `[N, 3]` of room-frame surface points `[N, 3]` lying on primitives `[N]` (-1: black)."""
-    colours = np.zeros((points.shape[0], 3))
+def _surface_normals(room: SyntheticRoom, points: np.ndarray, primitive_ids: np.ndarray) -> np.ndarray:
+    """Analytic unit normals `[N, 3]` (room frame) of surface points `[N, 3]` on primitives `[N]` (-1: zero).
+
+    Every normal points to the side the cameras see: room faces into the room, boxes and spheres outwards.
+    """
     normals = np.zeros((points.shape[0], 3))
     for primitive in np.unique(primitive_ids):
         if primitive < 0:
@@ -649,11 +653,7 @@ def _surface_colour(room: SyntheticRoom, points: np.ndarray, primitive_ids: np.n
         p = points[select]
         if primitive < 6:
             axis, positive = divmod(int(primitive), 2)
-            normal = np.zeros(3)
-            normal[axis] = -1.0 if positive else 1.0  # faces look into the room
-            uv = np.delete(p, axis, axis=1)
-            normals[select] = normal
-            texture = room.face_textures[primitive]
+            normals[select, axis] = -1.0 if positive else 1.0  # faces look into the room
         elif primitive < 6 + len(room.boxes):
             box = room.boxes[primitive - 6]
             local = (p - box.center) @ box.rotation
@@ -661,6 +661,33 @@ def _surface_colour(room: SyntheticRoom, points: np.ndarray, primitive_ids: np.n
             local_normal = np.zeros_like(local)
             local_normal[np.arange(len(local)), axis] = np.sign(local[np.arange(len(local)), axis])
             normals[select] = local_normal @ box.rotation.T
+        else:
+            sphere = room.spheres[primitive - 6 - len(room.boxes)]
+            normals[select] = (p - sphere.center) / sphere.radius
+    return normals
+
+
+def _surface_colour(
+    room: SyntheticRoom, points: np.ndarray, primitive_ids: np.ndarray, normals: np.ndarray | None = None
+) -> np.ndarray:
+    """Shaded colour `[N, 3]` of room-frame surface points `[N, 3]` lying on primitives `[N]` (-1: black);
+    `normals` are their `_surface_normals` (computed when not given)."""
+    colours = np.zeros((points.shape[0], 3))
+    if normals is None:
+        normals = _surface_normals(room, points, primitive_ids)
+    for primitive in np.unique(primitive_ids):
+        if primitive < 0:
+            continue
+        select = primitive_ids == primitive
+        p = points[select]
+        if primitive < 6:
+            axis = int(primitive) // 2
+            uv = np.delete(p, axis, axis=1)
+            texture = room.face_textures[primitive]
+        elif primitive < 6 + len(room.boxes):
+            box = room.boxes[primitive - 6]
+            local = (p - box.center) @ box.rotation
+            axis = np.argmax(np.abs(local) / box.half_size, axis=1)
             # In-plane coordinates of each face, offset per face so that faces do not look alike.
             others = np.array([[1, 2], [0, 2], [0, 1]])[axis]
             uv = np.take_along_axis(local, others, axis=1) + 0.37 * axis[:, None]
@@ -668,7 +695,6 @@ def _surface_colour(room: SyntheticRoom, points: np.ndarray, primitive_ids: np.n
         else:
             sphere = room.spheres[primitive - 6 - len(room.boxes)]
             offset = p - sphere.center
-            normals[select] = offset / sphere.radius
             longitude = np.arctan2(offset[:, 1], offset[:, 0])
             latitude = np.arcsin(np.clip(offset[:, 2] / sphere.radius, -1.0, 1.0))
             uv = sphere.radius * np.stack([longitude, latitude], axis=1)
@@ -685,7 +711,8 @@ def _cast_camera_rays(room: SyntheticRoom, world_to_camera: np.ndarray, normaliz
     """Casts camera rays (a, b, 1) for normalised coordinates `[N, 2]` of the camera pose `world_to_camera`.
 
     Returns:
-        depth `[N]` (camera z of the hit, 0 for none), colour `[N, 3]`, primitive id `[N]`.
+        depth `[N]` (camera z of the hit, 0 for none), colour `[N, 3]`, primitive id `[N]`, and the unit surface
+        normal `[N, 3]` in the camera frame (OpenCV axes, towards the camera; 0 for none).
     """
     room_to_camera = world_to_camera @ room.room_to_world
     rotation, translation = room_to_camera[:3, :3], room_to_camera[:3, 3]
@@ -697,7 +724,8 @@ def _cast_camera_rays(room: SyntheticRoom, world_to_camera: np.ndarray, normaliz
     # Camera-frame z of the direction is 1, so the ray parameter *is* the depth.
     depth = np.where(hit, t, 0.0)
     points = origin + np.where(hit, t, 0.0)[:, None] * directions
-    return depth, _surface_colour(room, points, primitive_ids), primitive_ids
+    normals = _surface_normals(room, points, primitive_ids)
+    return depth, _surface_colour(room, points, primitive_ids, normals), primitive_ids, normals @ rotation.T
 
 
 def _pixel_grid(width: int, height: int, samples: int) -> np.ndarray:
@@ -716,28 +744,45 @@ def render_view(room: SyntheticRoom, camera: Camera, *, supersample: int = 1) ->
     Args:
         room: the scene from `make_scene_spec`.
         camera: any pinhole `Camera` in the world frame; pixel (col, row) is sampled at (col+0.5, row+0.5).
-        supersample: S x S rays per pixel averaged for RGB; depth and labels always come from the centre ray.
+        supersample: S x S rays per pixel averaged for RGB; depth, labels and normals always come from the
+            centre ray.
 
     Returns:
         {"rgb": float32 `[H, W, 3]` in [0, 1], "depth": float32 `[H, W]` camera z in metres (0 where
-        nothing is hit), "labels": int32 `[H, W]` index into `SEMANTIC_CLASSES` (`NO_HIT_LABEL` for none)}.
+        nothing is hit), "labels": int32 `[H, W]` index into `SEMANTIC_CLASSES` (`NO_HIT_LABEL` for none),
+        "normals": float32 `[H, W, 3]` analytic unit surface normals in the camera frame (OpenCV axes: x right,
+        y down, z forward), pointing towards the camera (`n . p < 0` at the camera-frame point p); 0 where
+        nothing is hit}.
     """
     width, height, K = camera.width, camera.height, camera.K
     centres = _pixel_grid(width, height, 1)
     normalized = np.stack([(centres[:, 0] - K[0, 2]) / K[0, 0], (centres[:, 1] - K[1, 2]) / K[1, 1]], axis=1)
-    depth, colour, primitive_ids = _cast_camera_rays(room, camera.world_to_camera, normalized)
+    view = render_rays(room, camera.world_to_camera, normalized)
     if supersample > 1:
         samples = _pixel_grid(width, height, supersample)
         normalized = np.stack(
             [(samples[:, 0] - K[0, 2]) / K[0, 0], (samples[:, 1] - K[1, 2]) / K[1, 1]], axis=1
         )
-        _, sample_colour, _ = _cast_camera_rays(room, camera.world_to_camera, normalized)
-        colour = sample_colour.reshape(-1, supersample * supersample, 3).mean(axis=1)
+        sample_colour = _cast_camera_rays(room, camera.world_to_camera, normalized)[1]
+        view["rgb"] = sample_colour.reshape(-1, supersample * supersample, 3).mean(axis=1).astype(np.float32)
+    shapes = {"rgb": (height, width, 3), "depth": (height, width), "labels": (height, width), "normals": (height, width, 3)}
+    return {key: value.reshape(shapes[key]) for key, value in view.items()}
+
+
+def render_rays(room: SyntheticRoom, world_to_camera: np.ndarray, normalized: np.ndarray) -> dict[str, np.ndarray]:
+    """Ray-casts the camera rays (a, b, 1) of normalised camera coordinates `[N, 2]` (any lens model: pass the
+    undistorted coordinates of its pixels) from the pose `world_to_camera`.
+
+    Returns:
+        `render_view`'s entries for the N rays: "rgb" `[N, 3]`, "depth" `[N]`, "labels" `[N]`, "normals" `[N, 3]`.
+    """
+    depth, colour, primitive_ids, normals = _cast_camera_rays(room, world_to_camera, np.asarray(normalized, dtype=np.float64))
     labels = np.where(primitive_ids >= 0, room.primitive_labels()[np.maximum(primitive_ids, 0)], NO_HIT_LABEL)
     return {
-        "rgb": colour.reshape(height, width, 3).astype(np.float32),
-        "depth": depth.reshape(height, width).astype(np.float32),
-        "labels": labels.reshape(height, width).astype(np.int32),
+        "rgb": colour.astype(np.float32),
+        "depth": depth.astype(np.float32),
+        "labels": labels.astype(np.int32),
+        "normals": normals.astype(np.float32),
     }
 
 
@@ -755,9 +800,7 @@ def render_fisheye_view(
     samples_per_side = room.config.raw_supersample if supersample is None else supersample
     fisheye = room.fisheye
     samples = _pixel_grid(fisheye.width, fisheye.height, samples_per_side)
-    _, colour, _ = _cast_camera_rays(
-        room, room.cameras[view_index].world_to_camera, fisheye.undistort(samples)
-    )
+    colour = _cast_camera_rays(room, room.cameras[view_index].world_to_camera, fisheye.undistort(samples))[1]
     colour = colour.reshape(-1, samples_per_side * samples_per_side, 3).mean(axis=1)
     return colour.reshape(fisheye.height, fisheye.width, 3).astype(np.float32)
 
@@ -1028,6 +1071,7 @@ def generate_scene(
 
     Layout under `<out_root>/scenes/<scene_id>/`: `images/<id>.JPG`, `masks/<id>.png` (255 valid, 0
     anonymised), `depth/<id>.png` (uint16 mm, 0 = no hit), `labels/<id>.png` (uint8 class ids),
+    `normals/<id>.png` (analytic camera-frame normals, `fit3d_hf.scene.encode_normals`),
     `points3D.txt` (COLMAP, world frame; IMAGE_ID v+1 is view v) and `transforms_train.json` (PINHOLE,
     ScanNet++ nerfstudio poses; every ~8th view in `test_frames`). The folder is built under a temporary
     name and renamed, replacing an existing one.
@@ -1047,7 +1091,7 @@ def generate_scene(
     points = sample_points(room, workers=workers)
     target = Path(out_root) / "scenes" / scene_id
     with _AtomicFolder(target) as tmp:
-        for sub in ("images", "masks", "depth", "labels"):
+        for sub in ("images", "masks", "depth", "labels", "normals"):
             (tmp / sub).mkdir()
         jobs = [(room, config, view_index, tmp) for view_index in range(len(room.cameras))]
         if workers > 1:
@@ -1097,6 +1141,7 @@ def _write_preprocessed_view(job) -> None:
     depth_mm = np.clip(np.round(view["depth"] * 1000.0), 0, np.iinfo(np.uint16).max).astype(np.uint16)
     _save_png(folder / "depth" / f"{name}.png", depth_mm)
     _save_png(folder / "labels" / f"{name}.png", view["labels"].astype(np.uint8))
+    _save_png(folder / "normals" / f"{name}.png", encode_normals(view["normals"]))
 
 
 def generate_raw_scene(

@@ -4,6 +4,11 @@ Frames with radial/tangential (cv2.undistort model) or fisheye (cv2.fisheye) dis
 of the same image size with the principal point at the image centre, as ScanNet++'s and FiT3D's preprocessing
 do. The undistorted images and their masks/depth/labels go to a cache folder and are reused while their
 sources are unchanged.
+
+Where the cache goes (`undistort_cache_dir`): the `cache_dir` a caller passes, else the folder named by the
+`FIT3D_UNDISTORT_CACHE` environment variable (one subfolder per scene), else `<scene>/.fit3d_undistorted` when
+the scene folder is writable, else the user cache (`$XDG_CACHE_HOME/fit3d/undistorted`, default
+`~/.cache/fit3d/undistorted`), so that read-only dataset folders work.
 """
 
 from __future__ import annotations
@@ -11,21 +16,35 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from fit3d_hf.errors import InputError
 from fit3d_hf.scene.camera import Camera
 from fit3d_hf.scene.scene import Frame
 from fit3d_hf.utils import atomic_path, atomic_write_text
 
-__all__ = ["AUX_DIRS", "Distortion", "RawFrame", "UNDISTORT_VERSION", "undistort_frames"]
+__all__ = [
+    "AUX_DIRS",
+    "UNDISTORT_CACHE_ENV",
+    "UNDISTORTED_DIRNAME",
+    "Distortion",
+    "RawFrame",
+    "UNDISTORT_VERSION",
+    "undistort_cache_dir",
+    "undistort_frames",
+]
 
 logger = logging.getLogger(__name__)
 
 # Folders beside a scene's `images/` folder that hold per-frame extras named `<image stem>.png`.
-AUX_DIRS = {"mask": "masks", "depth": "depth", "label": "labels"}
+AUX_DIRS = {"mask": "masks", "depth": "depth", "label": "labels", "normal": "normals"}
+# The cache folder inside a writable scene folder, and the variable naming a cache folder for all scenes.
+UNDISTORTED_DIRNAME = ".fit3d_undistorted"
+UNDISTORT_CACHE_ENV = "FIT3D_UNDISTORT_CACHE"
 # Bumped whenever the undistortion output changes, so that stale caches are rebuilt.
 UNDISTORT_VERSION = 1
 
@@ -58,6 +77,51 @@ class RawFrame:
     mask_path: Path | None = None
     depth_path: Path | None = None
     label_path: Path | None = None
+    normal_path: Path | None = None
+
+
+def _writable(folder: Path) -> bool:
+    """Whether `folder` exists writable, or could be created (its nearest existing parent is writable)."""
+    probe = folder
+    while not probe.exists():
+        if probe.parent == probe:
+            return False
+        probe = probe.parent
+    return probe.is_dir() and os.access(probe, os.W_OK | os.X_OK)
+
+
+def _user_cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fit3d" / "undistorted"
+
+
+def undistort_cache_dir(scene_root: Path | str, cache_dir: Path | str | None = None) -> Path:
+    """Where the undistorted frames of the scene read from `scene_root` go (see the module docstring).
+
+    Args:
+        scene_root: the folder the scene was read from.
+        cache_dir: an explicit cache folder for this scene (used as given).
+
+    Raises:
+        InputError: no candidate is writable; the message names the scene folder's cache and the user cache.
+    """
+    if cache_dir is not None:
+        return Path(cache_dir)
+    root = Path(scene_root)
+    # One subfolder per scene folder: its name and a hash of its absolute path (two captures may share a name).
+    key = f"{root.resolve().name}-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]}"
+    if os.environ.get(UNDISTORT_CACHE_ENV):
+        return Path(os.environ[UNDISTORT_CACHE_ENV]).expanduser() / key
+    candidates = [root / UNDISTORTED_DIRNAME, _user_cache_root() / key]
+    for candidate in candidates:
+        if _writable(candidate):
+            if candidate != candidates[0]:
+                logger.info("%s is not writable: undistorting into %s", root, candidate)
+            return candidate
+    raise InputError(
+        f"{root}: its frames need undistorting but neither {candidates[0]} (the scene folder) nor {candidates[1]} "
+        f"(the user cache) is writable; set {UNDISTORT_CACHE_ENV} to a writable folder"
+    )
 
 
 def _undistortion_maps(K: np.ndarray, distortion: Distortion, width: int, height: int):
@@ -95,7 +159,7 @@ def _signature(raw: RawFrame) -> str:
     """Fingerprint of everything an undistorted frame depends on."""
     parts = [str(UNDISTORT_VERSION), raw.distortion.model, repr(raw.distortion.coefficients)]
     parts += [repr(raw.K.tolist()), str(raw.width), str(raw.height)]
-    for path in (raw.image_path, raw.mask_path, raw.depth_path, raw.label_path):
+    for path in (raw.image_path, raw.mask_path, raw.depth_path, raw.label_path, raw.normal_path):
         if path is None:
             parts.append("-")
         else:
@@ -134,8 +198,9 @@ def _undistort_frame(raw: RawFrame, outputs: dict[str, Path]) -> tuple[np.ndarra
     mask = np.where(mask >= 255, 255, 0).astype(np.uint8)
     if raw.mask_path is not None or not mask.all():
         written["mask"] = mask
-    # Depth (z along the unchanged optical axis) and labels are sampled, never blended.
-    for kind in ("depth", "label"):
+    # Depth (z along the unchanged optical axis), labels and normals (camera-frame vectors: the camera does not
+    # rotate) are sampled, never blended.
+    for kind in ("depth", "label", "normal"):
         source = getattr(raw, f"{kind}_path")
         if source is not None:
             with Image.open(source) as image:
@@ -191,6 +256,7 @@ def undistort_frames(raw_frames: list[RawFrame], cameras: list[Camera], cache: P
                     paths["mask"],
                     paths["depth"],
                     paths["label"],
+                    paths["normal"],
                 )
             )
     finally:  # record what was done, also when interrupted, so that the next read resumes

@@ -1,0 +1,262 @@
+"""The surface-normal probe's pieces: normal maps as tensors, the probe head, the angular loss and the metrics.
+
+Convention (the one of `fit3d_hf.scene.scene`, which the synthetic generator's analytic normals follow):
+a normal is a unit vector in the camera frame of its image with OpenCV axes (x right, y down, z forward),
+pointing out of the surface towards the camera (`n . p < 0` at the camera-frame point p). A data set stored in
+another convention is mapped to it with `axes` (`--normals_axes`), e.g. "x,-y,-z" for OpenGL-style camera axes
+(y up, z backwards). Pixels whose target is not a unit vector (zeros, NaN, black PNG pixels) have no ground
+truth and are left out of the loss and of every metric.
+
+- `normals_to_tensor`: a dataset value (8-bit RGB image `(n + 1) / 2 * 255`, or a float array `[H, W, 3]` /
+  `[3, H, W]`) -> `[3, H, W]` unit normals, 0 where invalid.
+- `LinearNormalsHead` / `NormalsHeads`: BatchNorm + 1x1 convolution to 3 channels on the frozen patch features,
+  bilinearly upsampled and normalised to unit length; one head per feature variant, as `ProbeHeads`.
+- `angular_loss`: the mean angle (radians) between prediction and target over valid pixels, as Probe3D's
+  `angular_loss` without its uncertainty term.
+- `normals_rows` / `normals_scores`: mean and median angular error (degrees) and the share of pixels within
+  11.25, 22.5 and 30 degrees, pooled over all valid pixels of the data set. Rows per image (a pixel count, an
+  error sum, counts within the thresholds, a histogram of the error in 0.01-degree bins for the median) can
+  be gathered across processes and summed.
+- `NormalsCropFlip`: random crop and horizontal flip of image and normals; a flip negates the normals' x.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InputError, UsageError
+from ..scene.scene import decode_normals
+
+__all__ = [
+    "NORMALS_METRICS",
+    "NORMALS_REFERENCE",
+    "NORMALS_THRESHOLDS",
+    "LinearNormalsHead",
+    "NormalsCropFlip",
+    "NormalsHeads",
+    "angular_errors",
+    "angular_loss",
+    "normals_rows",
+    "normals_scores",
+    "normals_to_tensor",
+    "parse_axes",
+    "valid_normals",
+]
+
+NORMALS_THRESHOLDS: tuple[float, ...] = (11.25, 22.5, 30.0)
+NORMALS_METRICS: tuple[str, ...] = ("mean", "median", "within_11.25", "within_22.5", "within_30")
+# The error histogram behind the median: 0.01-degree bins over [0, 180], so the median is exact to 0.005 degrees.
+_HISTOGRAM_BINS = 18000
+# acos is clamped this far inside [-1, 1]: its gradient is infinite at +-1 (Probe3D's eps).
+_ACOS_EPS = 1e-4
+# A target vector counts as a normal when its length is within this of 1 (zeros and 8-bit black fail).
+_UNIT_TOLERANCE = 0.1
+
+# The probe protocol's defaults (`ProbeArguments.resolved`), after Probe3D's surface-normal probe (AdamW lr 5e-4,
+# cosine decay with a linear warm-up over 15% of the run, 10 epochs of NYUv2 at batch 8, about 1000 iterations)
+# on a linear head instead of its DPT head, so that it probes the features, as the other probes do.
+NORMALS_REFERENCE = {
+    "max_steps": 1000, "learning_rate": 5e-4, "weight_decay": 1e-2, "warmup_steps": 150, "warmup_ratio": 1e-3,
+    "lr_schedule": "cosine", "max_grad_norm": 0.0, "crop_size": None, "scale_range": "1.0,1.0",
+    "train_short_side": None, "eval_mode": "whole", "eval_flip": False, "photometric_distortion": False,
+}  # fmt: skip
+
+
+def parse_axes(axes: str) -> tuple[list[int], list[float]]:
+    """ "x,-y,-z" -> (source axis per output axis, sign per output axis): output axis i = sign_i * source[axis_i].
+
+    Raises:
+        UsageError: not three of x/y/z each once, optionally negated.
+    """
+    parts = [part.strip().lower() for part in str(axes).split(",")]
+    names = [part.lstrip("+-") for part in parts]
+    if len(parts) != 3 or sorted(names) != ["x", "y", "z"]:
+        raise UsageError(f"--normals_axes must name x, y and z once each, like 'x,-y,-z'; got {axes!r}")
+    return ["xyz".index(name) for name in names], [-1.0 if part.startswith("-") else 1.0 for part in parts]
+
+
+def valid_normals(normals: torch.Tensor) -> torch.Tensor:
+    """`[..., 3, H, W]` -> `[..., H, W]` bool: where the vector is a unit normal (ground truth exists)."""
+    return ((normals.norm(dim=-3) - 1.0).abs() < _UNIT_TOLERANCE) & normals.isfinite().all(dim=-3)
+
+
+def normals_to_tensor(value, column: str = "normals", *, axes: str = "x,y,z") -> torch.Tensor:
+    """A normal map value -> `[3, H, W]` float32 unit normals in fit3d-hf's convention, 0 where invalid.
+
+    Args:
+        value: an 8-bit RGB image (PIL or uint8 array `[H, W, 3]`) storing `(n + 1) / 2 * 255`, or a float array
+            `[H, W, 3]` or `[3, H, W]` of vectors (not unit length = no ground truth).
+        column: the column's name, for error messages.
+        axes: how the stored axes map to ours (see `parse_axes`).
+    """
+    if value is None:
+        raise InputError(f"column {column!r} holds None for this row")
+    if hasattr(value, "mode"):  # PIL image
+        if value.mode != "RGB":
+            raise InputError(f"column {column!r}: expected an 8-bit RGB normal map, got a {value.mode!r} image")
+        value = np.asarray(value)
+    array = value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    if array.ndim == 3 and array.shape[0] == 3 and array.shape[-1] != 3:
+        array = array.transpose(1, 2, 0)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise InputError(f"column {column!r}: expected a normal map [H, W, 3], got shape {array.shape}")
+    if array.dtype == np.uint8:
+        array = decode_normals(array)[0]
+    normals = torch.from_numpy(np.array(array, dtype=np.float32)).permute(2, 0, 1)
+    order, signs = parse_axes(axes)
+    normals = normals[order] * torch.tensor(signs)[:, None, None]
+    valid = valid_normals(normals)
+    normals = torch.where(valid, normals / normals.norm(dim=0).clamp_min(1e-6), torch.zeros_like(normals))
+    return torch.nan_to_num(normals, nan=0.0)
+
+
+class LinearNormalsHead(nn.Module):
+    """BatchNorm + 1x1 conv on `[B, C, h, w]` features -> `[B, 3, H, W]` unit normals (bilinear upsampling).
+
+    Args:
+        in_channels: C, the feature channels.
+    """
+
+    def __init__(self, in_channels: int):
+        super().__init__()
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be positive, got {in_channels}")
+        self.in_channels = in_channels
+        self.norm = nn.BatchNorm2d(in_channels)
+        self.conv = nn.Conv2d(in_channels, 3, kernel_size=1)
+        nn.init.normal_(self.conv.weight, std=0.01)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, features: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Unit normals `[B, 3, H, W]` at `output_size` (None keeps `h x w`), camera frame, OpenCV axes."""
+        if features.ndim != 4 or features.shape[1] != self.in_channels:
+            raise ValueError(f"expected features [B, {self.in_channels}, h, w], got {tuple(features.shape)}")
+        vectors = self.conv(self.norm(features))
+        if output_size is not None and tuple(output_size) != tuple(vectors.shape[-2:]):
+            vectors = F.interpolate(vectors, size=tuple(output_size), mode="bilinear", align_corners=False)
+        return F.normalize(vectors, dim=1, eps=1e-6)
+
+
+class NormalsHeads(nn.Module):
+    """One `LinearNormalsHead` per feature variant, trained side by side (the interface of `ProbeHeads`).
+
+    Args:
+        channels: variant -> (feature channels, CLS channels), e.g. from `FrozenFeatures.channels` (CLS unused).
+    """
+
+    task = "normals"
+
+    def __init__(self, channels: dict[str, tuple[int, int]]):
+        super().__init__()
+        self.heads = nn.ModuleDict({variant: LinearNormalsHead(c) for variant, (c, _) in channels.items()})
+
+    @property
+    def variants(self) -> list[str]:
+        return list(self.heads.keys())
+
+    def forward(self, raw: dict[str, torch.Tensor], output_size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+        """variant -> `[B, 3, H, W]` unit normals, from the raw frozen outputs of `FrozenFeatures`."""
+        from .heads import variant_inputs
+
+        return {variant: head(variant_inputs(raw, variant)[0], output_size) for variant, head in self.heads.items()}
+
+
+def angular_errors(prediction: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel angle between predicted and target normals.
+
+    Args:
+        prediction: `[B, 3, H, W]` predicted normals (any length; the angle ignores it).
+        target: `[B, 3, H, W]` ground truth; non-unit vectors mark pixels without one.
+
+    Returns:
+        `([B, H, W]` float64 error in degrees, `[B, H, W]` bool validity`)`.
+    """
+    if prediction.shape != target.shape or prediction.ndim != 4 or prediction.shape[1] != 3:
+        raise ValueError(f"expected prediction and target [B, 3, H, W], got {tuple(prediction.shape)} and {tuple(target.shape)}")
+    cosine = F.cosine_similarity(prediction.double(), target.double(), dim=1, eps=1e-12).clamp(-1.0, 1.0)
+    return torch.rad2deg(torch.acos(cosine)), valid_normals(target)
+
+
+def angular_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean angle (radians) between `[B, 3, H, W]` predictions and targets over the valid target pixels (0 if none)."""
+    valid = valid_normals(target)
+    if not valid.any():
+        return prediction.sum() * 0.0
+    cosine = F.cosine_similarity(prediction, target, dim=1, eps=1e-6)
+    return torch.acos(cosine.clamp(-1 + _ACOS_EPS, 1 - _ACOS_EPS))[valid].mean()
+
+
+def normals_rows(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image sums for `normals_scores`: `[B, 2 + len(NORMALS_THRESHOLDS) + 18000]` float64 rows of (valid
+    pixels, sum of errors in degrees, pixels within each threshold, histogram of errors in 0.01-degree bins)."""
+    errors, valid = angular_errors(prediction, target)
+    batch = errors.shape[0]
+    errors = torch.where(valid, errors, torch.zeros_like(errors)).reshape(batch, -1)
+    valid = valid.reshape(batch, -1)
+    within = [((errors < t) & valid).sum(1) for t in NORMALS_THRESHOLDS]
+    bins = (errors / 180.0 * _HISTOGRAM_BINS).long().clamp(0, _HISTOGRAM_BINS - 1)
+    offsets = torch.arange(batch, device=bins.device)[:, None] * _HISTOGRAM_BINS
+    histogram = torch.bincount((bins + offsets)[valid], minlength=batch * _HISTOGRAM_BINS)
+    return torch.cat(
+        [torch.stack([valid.sum(1), errors.sum(1), *within], dim=1).double(), histogram.reshape(batch, -1).double()],
+        dim=1,
+    )
+
+
+def normals_scores(rows: torch.Tensor) -> dict[str, float]:
+    """Mean and median angular error (degrees) and the shares within 11.25, 22.5 and 30 degrees (fractions),
+    over every valid pixel of `normals_rows` rows (`[N, K]`, or their sum `[K]`), plus `num_pixels`.
+
+    The mean and the shares are exact; the median is the middle of the 0.01-degree bin holding it (exact to
+    0.005 degrees), the lower of the two middle pixels' bins for an even count.
+    """
+    totals = rows.sum(0) if rows.ndim == 2 else rows
+    count = int(totals[0])
+    if count == 0:
+        return {**{name: math.nan for name in NORMALS_METRICS}, "num_pixels": 0}
+    histogram = totals[2 + len(NORMALS_THRESHOLDS) :]
+    median_bin = int(torch.searchsorted(histogram.cumsum(0), torch.tensor((count + 1) // 2, dtype=histogram.dtype)))
+    scores = {"mean": float(totals[1]) / count, "median": (median_bin + 0.5) * 180.0 / _HISTOGRAM_BINS}
+    for threshold, within in zip(NORMALS_THRESHOLDS, totals[2 : 2 + len(NORMALS_THRESHOLDS)], strict=True):
+        scores[f"within_{threshold:g}"] = float(within) / count
+    scores["num_pixels"] = count
+    return scores
+
+
+class NormalsCropFlip:
+    """Training augmentation of the normals probe: a random `crop_size` window (None: the whole image; images
+    smaller than the crop are padded with 0, i.e. no ground truth) and a horizontal flip, which mirrors the
+    normals too (x -> -x). The normals stay valid under both: the camera does not rotate.
+
+    Args:
+        crop_size: (H, W) of the crops, or None.
+        flip_probability: probability of a horizontal flip.
+    """
+
+    def __init__(self, crop_size: tuple[int, int] | None = None, flip_probability: float = 0.5):
+        if crop_size is not None and min(crop_size) < 1:
+            raise UsageError(f"crop size must be positive, got {crop_size}")
+        self.crop_size = None if crop_size is None else tuple(int(v) for v in crop_size)
+        self.flip_probability = flip_probability
+
+    def __call__(self, image: torch.Tensor, normals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`image [3, H, W]`, `normals [3, H, W]` -> the augmented pair."""
+        if self.crop_size is not None:
+            crop_h, crop_w = self.crop_size
+            pad_h, pad_w = max(crop_h - image.shape[-2], 0), max(crop_w - image.shape[-1], 0)
+            if pad_h or pad_w:
+                image = F.pad(image, (0, pad_w, 0, pad_h))
+                normals = F.pad(normals, (0, pad_w, 0, pad_h))
+            top = int(torch.randint(0, image.shape[-2] - crop_h + 1, ()))
+            left = int(torch.randint(0, image.shape[-1] - crop_w + 1, ()))
+            image = image[:, top : top + crop_h, left : left + crop_w]
+            normals = normals[:, top : top + crop_h, left : left + crop_w]
+        if float(torch.rand(())) < self.flip_probability:
+            image = image.flip(-1)
+            normals = normals.flip(-1) * torch.tensor([-1.0, 1.0, 1.0], dtype=normals.dtype)[:, None, None]
+        return image.contiguous(), normals.contiguous()
