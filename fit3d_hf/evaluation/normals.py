@@ -212,16 +212,17 @@ def normals_scores(rows: torch.Tensor) -> dict[str, float]:
     """Mean and median angular error (degrees) and the shares within 11.25, 22.5 and 30 degrees (fractions),
     over every valid pixel of `normals_rows` rows (`[N, K]`, or their sum `[K]`), plus `num_pixels`.
 
-    The mean and the shares are exact; the median is the middle of the 0.01-degree bin holding it (exact to
-    0.005 degrees), the lower of the two middle pixels' bins for an even count.
+    The mean and the shares are exact; the median is taken from the 0.01-degree histogram (each error at the
+    middle of its bin, so exact to 0.005 degrees; for an even count, the mean of the two middle errors).
     """
     totals = rows.sum(0) if rows.ndim == 2 else rows
     count = int(totals[0])
     if count == 0:
         return {**{name: math.nan for name in NORMALS_METRICS}, "num_pixels": 0}
-    histogram = totals[2 + len(NORMALS_THRESHOLDS) :]
-    median_bin = int(torch.searchsorted(histogram.cumsum(0), torch.tensor((count + 1) // 2, dtype=histogram.dtype)))
-    scores = {"mean": float(totals[1]) / count, "median": (median_bin + 0.5) * 180.0 / _HISTOGRAM_BINS}
+    cumulative = totals[2 + len(NORMALS_THRESHOLDS) :].cumsum(0)
+    middle = torch.tensor([(count + 1) // 2, count // 2 + 1], dtype=cumulative.dtype)  # 1-based ranks
+    median_bins = torch.searchsorted(cumulative, middle).double()
+    scores = {"mean": float(totals[1]) / count, "median": float((median_bins + 0.5).mean()) * 180.0 / _HISTOGRAM_BINS}
     for threshold, within in zip(NORMALS_THRESHOLDS, totals[2 : 2 + len(NORMALS_THRESHOLDS)], strict=True):
         scores[f"within_{threshold:g}"] = float(within) / count
     scores["num_pixels"] = count
