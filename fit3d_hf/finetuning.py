@@ -63,8 +63,8 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     frames: str = field(metadata={"help": "Frames: the scenes as `fit3d lift` takes them (a scene in any layout, a folder of scenes, a text file listing scenes, or a comma-separated list), a ScanNet++ root split by metadata/<split>_samples.txt, or a folder of Parquet shards from `fit3d export-dataset`."})
-    holdout_every: int = field(default=0, metadata={"help": "Scenes only: the 'val' split is every K-th view of each scene, the views `fit3d lift --holdout_every K` held out (0: the scenes' own test frames)."})
     gaussians: str = field(metadata={"help": "Stage I output folder holding <scene_id>/gaussians.safetensors."})
+    holdout_every: int = field(default=0, metadata={"help": "Scenes only: the 'val' split is every K-th view of each scene, the views `fit3d lift --holdout_every K` held out (0: the scenes' own test frames)."})
     train_split: str = field(default="train", metadata={"help": "Split of the frames to train on."})
     validation_split: str | None = field(default="val", metadata={"help": "Split for validation loss and consistency (None or '' to skip)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training frames."})

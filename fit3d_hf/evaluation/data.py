@@ -479,7 +479,7 @@ class ProbeDataset(torch.utils.data.Dataset):
                 f"row {index}: the {self.task} map is {tuple(target.shape)} but the image is "
                 f"{tuple(sample['image'].shape[-2:])}; they must have the same size"
             )
-        if columns.mask:
+        if columns.mask and row[columns.mask] is not None:  # a frame without a mask file is valid everywhere
             valid = torch.from_numpy(_as_array(row[columns.mask], columns.mask).astype(np.float32)) > 0
             if valid.ndim == 3:
                 valid = valid[..., 0]
@@ -523,7 +523,7 @@ class ProbeDataset(torch.utils.data.Dataset):
         wanted = [columns.depth, columns.intrinsics, columns.pose] + ([columns.mask] if columns.mask else [])
         row = self.dataset.select_columns(wanted)[int(index)]
         depth = depth_to_tensor(row[columns.depth], columns.depth, depth_scale=self.depth_scale)
-        if columns.mask:
+        if columns.mask and row[columns.mask] is not None:
             valid = torch.from_numpy(_as_array(row[columns.mask], columns.mask).astype(np.float32)) > 0
             depth = torch.where(valid[..., 0] if valid.ndim == 3 else valid, depth, torch.zeros_like(depth))
         K = torch.as_tensor(np.asarray(row[columns.intrinsics], dtype=np.float64))
