@@ -1,11 +1,11 @@
 """The whole FiT3D pipeline on small generated scenes, end to end, with a report (`fit3d demo`).
 
 Steps, each a function below: generate raw ScanNet++-style DSLR captures (fisheye, 2x resolution) ->
-preprocess them as FiT3D does -> render ground-truth depth and labels for the undistorted cameras ->
-build the `scannetpp` datasets -> Stage I (lift features into Gaussians, per scene) -> Stage II
+preprocess them as FiT3D does -> render ground-truth depth, labels and surface normals for the undistorted
+cameras -> build the `scannetpp` datasets -> Stage I (lift features into Gaussians, per scene) -> Stage II
 (fine-tune the backbone with the Accelerate trainer) -> evaluate original vs FiT3D (correspondence probe
-on the held-out scene, segmentation probe on the synthetic labels) -> `report.md` with numbers and
-pictures, and a FiT3DModel in `<output_dir>/fit3d` that the Space loads.
+on the held-out scene, segmentation and surface-normal probes on the synthetic ground truth) -> `report.md`
+with numbers and pictures, and a FiT3DModel in `<output_dir>/fit3d` that the Space loads.
 
 No pretrained weights can be downloaded here, so by default the backbone is a small ViT with random
 weights; `--backbone dinov2_small` (or any Hub id / local folder) runs the same pipeline on a real one.
@@ -40,7 +40,7 @@ class DemoArguments:
     height: int = field(default=48, metadata={"help": "Image height after preprocessing."})
     lift_iterations: int = field(default=800, metadata={"help": "Stage I iterations per scene."})
     finetune_steps: int = field(default=40, metadata={"help": "Stage II optimisation steps."})
-    probe_steps: int = field(default=150, metadata={"help": "Training steps of the segmentation probe."})
+    probe_steps: int = field(default=150, metadata={"help": "Training steps of the segmentation and surface-normal probes."})
 
 
 def _small_backbone(folder: Path, seed: int) -> str:
@@ -54,8 +54,8 @@ def _small_backbone(folder: Path, seed: int) -> str:
 
 
 def make_data(args: DemoArguments, output_dir: Path) -> Path:
-    """Raw fisheye captures -> FiT3D preprocessing -> ground-truth depth/labels for the new cameras."""
-    from fit3d_hf.scene import read_scene
+    """Raw fisheye captures -> FiT3D preprocessing -> ground-truth depth/labels/normals for the new cameras."""
+    from fit3d_hf.scene import encode_normals, read_scene
     from fit3d_hf.scene.preprocess_scannetpp import preprocess_scannetpp
     from fit3d_hf.scene.synthetic import SyntheticSceneConfig, generate_dataset, make_scene_spec, render_view
 
@@ -63,7 +63,7 @@ def make_data(args: DemoArguments, output_dir: Path) -> Path:
     raw = generate_dataset(output_dir / "raw", args.num_train_scenes, args.num_val_scenes, config, raw=True)
     data = output_dir / "data"
     preprocess_scannetpp(raw, data)
-    # The generator knows the geometry, so it renders depth and labels for the preprocessed cameras.
+    # The generator knows the geometry, so it renders depth, labels and normals for the preprocessed cameras.
     from PIL import Image
 
     seeds = [args.seed + i for i in range(args.num_train_scenes)] + [args.seed + 1000 + j for j in range(args.num_val_scenes)]
@@ -71,13 +71,14 @@ def make_data(args: DemoArguments, output_dir: Path) -> Path:
         room = make_scene_spec(replace(config, seed=seed))
         scene_dir = data / "scenes" / f"synth{seed:05d}"
         scene = read_scene(scene_dir)
-        for sub in ("depth", "labels"):
+        for sub in ("depth", "labels", "normals"):
             (scene_dir / sub).mkdir(exist_ok=True)
         for frame in scene.frames:
             view = render_view(room, frame.camera)
             depth_mm = np.clip(np.round(view["depth"] * 1000), 0, 65535).astype(np.uint16)
             Image.fromarray(depth_mm).save(scene_dir / "depth" / f"{frame.image_id}.png")
             Image.fromarray(view["labels"].astype(np.uint8)).save(scene_dir / "labels" / f"{frame.image_id}.png")
+            Image.fromarray(encode_normals(view["normals"])).save(scene_dir / "normals" / f"{frame.image_id}.png")
     return data
 
 
@@ -113,7 +114,7 @@ def finetune(args: DemoArguments, data: Path, backbone: str, output_dir: Path) -
 
 
 def evaluate(args: DemoArguments, data: Path, model_dir: Path, output_dir: Path) -> dict:
-    """Correspondence probe on the held-out scene and segmentation probe on the synthetic labels."""
+    """Correspondence probe on the held-out scene, segmentation and surface-normal probes on the synthetic ground truth."""
     from fit3d_hf.evaluation.data import ProbeDataArguments
     from fit3d_hf.evaluation.probes import ModelArguments, ProbeArguments, run_probe
 
@@ -125,6 +126,11 @@ def evaluate(args: DemoArguments, data: Path, model_dir: Path, output_dir: Path)
         model, dataset,
         ProbeArguments(probe="segmentation", output_dir=str(output_dir / "eval_segmentation"), max_steps=args.probe_steps,
                        augment=False, learning_rate=1e-2, eval_mode="whole", seed=args.seed),
+    )  # fmt: skip
+    results["normals"] = run_probe(
+        model, dataset,
+        ProbeArguments(probe="normals", output_dir=str(output_dir / "eval_normals"), max_steps=args.probe_steps,
+                       augment=False, learning_rate=1e-2, seed=args.seed),
     )  # fmt: skip
     return results
 
@@ -202,7 +208,7 @@ def write_report(args, output_dir: Path, lifted: list[dict], finetuned: dict, ev
         "## Evaluation: original vs fine-tuned vs FiT3D (concatenation)",
         "",
     ]
-    for probe in ("correspondence", "segmentation"):
+    for probe in ("correspondence", "segmentation", "normals"):
         table = output_dir / f"eval_{probe}" / "results.md"
         # The probe's own Markdown, its headings moved below this section's.
         text = table.read_text().strip().replace("\n## ", "\n#### ").removeprefix("# ") if table.is_file() else "(no results)"

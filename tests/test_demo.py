@@ -22,6 +22,7 @@ def test_demo_writes_every_artefact(demo):
     for path in [
         "report.md", "report.json", "features_pca.png", "fit3d/config.json", "fit3d/model.safetensors", "fit3d/README.md",
         "finetune/finetuned/config.json", "eval_correspondence/results.json", "eval_segmentation/results.json",
+        "eval_normals/results.json", "data/scenes/synth01000/normals/DSC00000.png",
         "data/metadata/train_samples.txt", "raw/splits/nvs_sem_train.txt",
     ]:  # fmt: skip
         assert (demo / path).is_file(), path
@@ -45,6 +46,17 @@ def test_report_numbers_come_from_the_run(demo):
         assert f"| {scene['scene_id']} | {metrics['num_gaussians']} | {metrics['psnr_train']:.2f} |" in text
     probe = json.loads((demo / "eval_segmentation" / "results.json").read_text())
     assert probe == json.loads(json.dumps(report["evaluation"]["segmentation"], default=str)) or "segmentation" in text
+
+
+def test_report_includes_the_normals_probe(demo):
+    """The surface-normal probe on the synthetic scenes' analytic normals, original vs fine-tuned vs FiT3D."""
+    results = json.loads((demo / "eval_normals" / "results.json").read_text())
+    assert [row["name"] for row in results["rows"]] == ["original", "fine-tuned", "FiT3D"]
+    text = (demo / "report.md").read_text()
+    assert "### normals" in text and "| features | channels | mean ↓ | median ↓ | 11.25° ↑ | 22.5° ↑ | 30° ↑ |" in text
+    for row in results["rows"]:
+        assert 0 < row["mean"] < 90 and row["num_pixels"] > 0  # a trained head beats the 90° of an orthogonal guess
+        assert f"| {row['name']} | {row['channels']} | {row['mean']:.2f}° | {row['median']:.2f}° |" in text
 
 
 def test_finetuning_improves_multiview_consistency_on_held_out_views(demo):
