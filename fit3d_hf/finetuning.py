@@ -314,7 +314,7 @@ def multiview_consistency(extractor, frames, cache: GaussianCache, pairs_per_sce
     (synthetic scenes), otherwise from the scene's Gaussians (expected depth / alpha)."""
     from .evaluation import feature_consistency, patch_correspondences
     from .evaluation.data import depth_to_tensor, image_to_tensor
-    from .render import render
+    from .evaluation.rendered_depth import render_depth
 
     by_scene: dict[str, list[int]] = {}
     for index, scene_id in enumerate(frames["scene_id"]):
@@ -331,13 +331,7 @@ def multiview_consistency(extractor, frames, cache: GaussianCache, pairs_per_sce
                 if r.get("depth") is not None:
                     depths.append(depth_to_tensor(r["depth"], "depth", depth_scale=1000.0))  # uint16 millimetres
                 else:
-                    bundle = cache.get(scene_id)
-                    out = render(
-                        bundle.means, bundle.quats, bundle.scales, bundle.opacities, bundle.metadata["colors"], None,
-                        K[None].float().to(device), pose[None].float().to(device), images.shape[-1], images.shape[-2],
-                    )  # fmt: skip
-                    alpha = out.alpha[0, 0]
-                    depths.append(torch.where(alpha > 0.5, out.depth[0, 0] / alpha.clamp_min(1e-6), 0).cpu())
+                    depths.append(render_depth(cache.get(scene_id), K, pose, images.shape[-1], images.shape[-2]))
             features = extractor(images)
             matches = patch_correspondences(depths[0], Ks[0], poses[0], Ks[1], poses[1], tuple(features.shape[-2:]), depth_b=depths[1])
             if len(matches):

@@ -1,6 +1,7 @@
 """Own captures end to end, through the `fit3d` commands, on two synthetic captures in one run: one written as
 nerfstudio `transforms.json` with OPENCV lens distortion, one as a COLMAP text model. Lift -> fine-tune ->
-evaluate correspondence, every stage given the same kind of scene spec, with no conversion step."""
+evaluate correspondence, every stage given the same kind of scene spec, with no conversion step; and depth
+rendered from the Gaussians for a capture that has none."""
 
 import json
 
@@ -11,7 +12,10 @@ from transformers import AutoModel, Dinov2Config, Dinov2Model
 
 import fit3d_hf  # noqa: F401  (registers the fit3d model type)
 from fit3d_hf.cli import main
-from fit3d_hf.finetuning import load_frames
+from fit3d_hf.errors import MissingInputError
+from fit3d_hf.evaluation.data import depth_to_tensor
+from fit3d_hf.evaluation.rendered_depth import fill_depth_from_gaussians, render_depth
+from fit3d_hf.finetuning import GaussianCache, load_frames
 from fit3d_hf.scene import read_scene
 from fit3d_hf.scene.synthetic import SyntheticSceneConfig
 from fit3d_hf.scene.synthetic_captures import generate_capture
@@ -87,6 +91,38 @@ def test_lift_finetune_and_evaluate_mixed_formats(workspace, capsys):
     for row in results["rows"]:
         assert 4 < row["pairs"] <= 8 and row["correspondences"] > 20  # pairs from both scenes
         assert 0 <= row["recall@5px"] <= row["recall@10px"] <= row["recall@20px"] <= 1
+    # A capture without depth maps (what COLMAP and ns-process-data give): --gaussians renders its depth from Stage I.
+    meta = json.loads((captures / "kitchen" / "transforms.json").read_text())
+    for frame in meta["frames"]:
+        del frame["depth_file_path"]
+        frame["file_path"] = f"../../captures/kitchen/{frame['file_path']}"
+        frame["normal_path"] = f"../../captures/kitchen/{frame['normal_path']}"
+    meta["ply_file_path"] = "../../captures/kitchen/sparse_pc.ply"
+    (root / "no_depth" / "kitchen").mkdir(parents=True)
+    (root / "no_depth" / "kitchen" / "transforms.json").write_text(json.dumps(meta))
+    no_depth = str(root / "no_depth" / "kitchen")
+    evaluate = [
+        "evaluate", "--model", str(root / "run" / "fit3d"), "--probe", "correspondence", "--dataset", no_depth,
+        "--gaussians", str(root / "gaussians"), "--split", "train", "--pairs_per_scene", "4",
+        "--output_dir", str(root / "eval_rendered"), "--report_to", "none",
+    ]  # fmt: skip
+    assert main(evaluate) == 0
+    rows = json.loads((root / "eval_rendered" / "results.json").read_text())["rows"]
+    assert all(0 < row["pairs"] <= 4 and row["correspondences"] > 0 for row in rows)
+    frames = load_frames(no_depth, "train", holdout_every=0)
+    assert frames[0]["depth"] is None
+    filled = fill_depth_from_gaussians(frames, root / "gaussians")
+    bundle = GaussianCache(root / "gaussians", torch.device("cpu"), 1e9).get("kitchen")
+    for index in (0, 5):
+        row = filled[index]
+        expected = render_depth(bundle, torch.tensor(row["K"]), torch.tensor(row["world_to_camera"]), 48, 32)
+        assert (expected > 0).float().mean() > 0.5  # the Gaussians cover most of the view
+        torch.testing.assert_close(depth_to_tensor(row["depth"], "depth"), expected, atol=5e-4, rtol=0)  # 16-bit mm
+    with_depth = load_frames(spec, "val", holdout_every=2)
+    assert fill_depth_from_gaussians(with_depth, root / "gaussians")[0]["depth"] == with_depth[0]["depth"]  # kept
+    with pytest.raises(MissingInputError, match="no bundle for scene"):
+        fill_depth_from_gaussians(frames, root / "missing")
+
     # the distorted capture was read through its undistorted cache, as pinhole frames with the centre principal point
     kitchen = read_scene(captures / "kitchen")
     assert (kitchen.frames[0].camera.cx, kitchen.frames[0].camera.cy) == (24.0, 16.0)

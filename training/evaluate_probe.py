@@ -1,4 +1,4 @@
-"""Probes on several GPUs: `accelerate launch training/evaluate_probe.py --model DIR --probe segmentation|depth|correspondence
+"""Probes on several GPUs: `accelerate launch training/evaluate_probe.py --model DIR --probe segmentation|depth|normals|correspondence
 --dataset DATA --output_dir DIR [options]`.
 
 The same options as `fit3d evaluate` (see fit3d_hf/evaluation/probes.py; `--help` lists them). The probe heads

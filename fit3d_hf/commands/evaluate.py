@@ -1,5 +1,5 @@
-"""`fit3d evaluate`: linear probes (segmentation, depth) and the correspondence probe, original vs fine-tuned vs
-FiT3D on the same data, in the current process (`accelerate launch training/evaluate_probe.py` takes the same
+"""`fit3d evaluate`: linear probes (segmentation, depth, surface normals) and the correspondence probe, original vs
+fine-tuned vs FiT3D on the same data, in the current process (`accelerate launch training/evaluate_probe.py` takes the same
 options on several GPUs).
 
 Examples::
@@ -9,6 +9,10 @@ Examples::
     fit3d evaluate --model out/fit3d --probe depth --dataset sayakpaul/nyu_depth_v2 --depth_column depth_map \\
         --depth_scale 1 --max_depth 10 --output_dir eval/nyu-depth
     fit3d evaluate --model out/fit3d --probe correspondence --dataset scannetpp:data/synth --output_dir eval/corr
+    fit3d evaluate --model out/fit3d --probe normals --dataset data/synth/scenes --holdout_every 4 --no_augment \
+        --max_steps 200 --output_dir eval/normals
+    fit3d evaluate --model runs/mine/fit3d --probe correspondence --dataset captures --gaussians gaussians \
+        --holdout_every 8 --output_dir eval/mine     # own captures: depth rendered from Stage I's Gaussians
 
 Defaults follow FiT3D's linear-probing protocol (40000 / 38400 iterations at 8 GPUs x 2 images, crops of
 512 / 416x544, ...); pass small values (--max_steps, --crop_size, --train_short_side) for a quick run, and
@@ -22,13 +26,14 @@ import json
 import sys
 
 DESCRIPTION = (
-    "Probe original vs fine-tuned vs FiT3D features: segmentation, depth or multi-view correspondence"
+    "Probe original vs fine-tuned vs FiT3D features: segmentation, depth, surface normals or multi-view correspondence"
 )
 _HELP = (
     DESCRIPTION
     + ". --model is a FiT3DModel (rows original, fine-tuned, FiT3D); --baseline a plain backbone (one row). "
-    "--dataset is a Hub id, a local folder or Parquet file, or scannetpp:<data_dir> for ScanNet++-layout scenes such "
-    "as the synthetic ones; map its columns with --image_column/--label_column/--depth_column. Defaults follow "
+    "--dataset is a Hub id, a local folder or Parquet file, scannetpp:<data_dir> for a ScanNet++ root, or scenes as "
+    "`fit3d lift` takes them (own captures, folders of scenes, list files; --holdout_every splits them as Stage I "
+    "did); map its columns with --image_column/--label_column/--depth_column/--normals_column. Defaults follow "
     "FiT3D's protocol (40000 / 38400 iterations at 8 GPUs x 2 images, crops 512 / 416,544): pass small --max_steps, "
     "--crop_size and --train_short_side for a quick run, and --no_augment to compute the frozen features once and "
     "train on the cache (much faster, above all on CPU). Writes results.md, results.json, PNG plots and the probe "

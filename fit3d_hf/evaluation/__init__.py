@@ -1,4 +1,5 @@
-"""Evaluation: linear probes (segmentation, depth), the multi-view correspondence probe, metrics and reports."""
+"""Evaluation: linear probes (segmentation, depth, surface normals), the multi-view correspondence probe, metrics
+and reports."""
 
 from .correspondence import (
     CorrespondenceProbeOptions,
@@ -20,6 +21,7 @@ from .heads import (
     sig_loss,
 )
 from .metrics import depth_errors, depth_scores, segmentation_areas, segmentation_scores
+from .normals import LinearNormalsHead, NormalsHeads, angular_errors, angular_loss, normals_rows, normals_scores
 from .probes import (
     FrozenFeatures,
     ModelArguments,
@@ -38,13 +40,17 @@ __all__ = [
     "Correspondences",
     "FrozenFeatures",
     "LinearDepthHead",
+    "LinearNormalsHead",
     "LinearSegmentationHead",
     "ModelArguments",
+    "NormalsHeads",
     "ProbeArguments",
     "ProbeDataArguments",
     "ProbeDataset",
     "ProbeHeads",
     "RandomScaleCropFlip",
+    "angular_errors",
+    "angular_loss",
     "build_probe_heads",
     "build_results",
     "correspondence_probe",
@@ -57,6 +63,8 @@ __all__ = [
     "load_frozen_features",
     "load_probe_dataset",
     "mutual_nearest_neighbours",
+    "normals_rows",
+    "normals_scores",
     "patch_correspondences",
     "results_markdown",
     "run_probe",

@@ -111,6 +111,7 @@ class ProbeDataArguments:
     dataset: str = field(metadata={"help": "Data set: a Hub id (NYUv2, ADE20k, VOC, ScanNet++ probe sets, ...), a local folder (Parquet shards, imagefolder, save_to_disk), a .parquet file, 'scannetpp:<data_dir>' for a ScanNet++ root split by metadata/<split>_samples.txt, or scenes as `fit3d lift` takes them ('scenes:<spec>' or just the spec: a scene in any layout, a folder of scenes, a list file, or a comma-separated list; e.g. the synthetic ones, which carry labels, depth and normals)."})
     dataset_format: str | None = field(default=None, metadata={"help": "Force how --dataset is read: hub, scannetpp, scenes, parquet or disk (default: guessed)."})
     holdout_every: int = field(default=0, metadata={"help": "Scenes: the 'val' split is every K-th view of each scene, as `fit3d lift --holdout_every K` held them out (0: the scenes' own test frames)."})
+    gaussians: str | None = field(default=None, metadata={"help": "Correspondence: Stage I's output folder (<scene_id>/gaussians.safetensors); frames without a depth map (own captures) get the depth rendered from their scene's Gaussians."})
     dataset_config: str | None = field(default=None, metadata={"help": "Configuration name of a Hub dataset."})
     train_split: str | None = field(default=None, metadata={"help": "Split the probe trains on (default: train)."})
     split: str | None = field(default=None, metadata={"help": "Split evaluated (default: the first of validation, val, test)."})

@@ -816,6 +816,13 @@ def run_probe(model_args: ModelArguments, data_args: ProbeDataArguments, probe_a
     eval_name, eval_split = resolve_split(splits, data_args.split, "eval")
     if data_args.max_eval_samples:
         eval_split = eval_split.select(range(min(data_args.max_eval_samples, len(eval_split))))
+    if data_args.gaussians and args.probe == "correspondence":
+        from .rendered_depth import fill_depth_from_gaussians
+
+        eval_split = fill_depth_from_gaussians(
+            eval_split, data_args.gaussians, depth_column=data_args.depth_column, depth_scale=data_args.depth_scale,
+            device=accelerator.device,
+        )  # fmt: skip
     # Scenes' frames (scannetpp or scenes builder) carry validity masks in a 'mask' column: used by default.
     scenes = "is_test" in eval_split.column_names and "world_to_camera" in eval_split.column_names
     columns = data_args.columns("mask" if scenes and "mask" in eval_split.column_names else None)

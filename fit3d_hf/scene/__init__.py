@@ -1,7 +1,9 @@
-"""Scenes: cameras, the frame/scene data model, readers of every supported layout, and writers.
+"""Scenes: cameras, the frame/scene data model, readers of every supported layout, scene specs (how every stage
+names its scenes), the undistortion cache, and writers.
 
-The `synthetic` (generated test scenes) and `preprocess_scannetpp` modules of this package are imported
-on demand (`from fit3d_hf.scene import synthetic`), not here, to keep `import fit3d_hf.scene` light.
+The `synthetic` and `synthetic_captures` (generated test scenes and own-capture-style scenes),
+`preprocess_scannetpp` and `convert` (`fit3d convert-scene`) modules of this package are imported on demand
+(`from fit3d_hf.scene import synthetic`), not here, to keep `import fit3d_hf.scene` light.
 """
 
 from fit3d_hf.scene.camera import (

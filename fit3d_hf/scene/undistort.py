@@ -208,11 +208,11 @@ def _undistort_frame(raw: RawFrame, outputs: dict[str, Path]) -> tuple[np.ndarra
             written[kind] = cv2.remap(
                 values, map_x, map_y, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0
             )
+    # A file of a kind this version of the frame lacks is left alone (the manifest says which files are current):
+    # a dataset built from another reading of the scene (another transforms file in the folder) may use it.
     for kind, path in outputs.items():
         if kind in written:
             _save_atomic(written[kind], path)
-        else:
-            path.unlink(missing_ok=True)  # left by an earlier version of this frame
     return new_K, sorted(written)
 
 
