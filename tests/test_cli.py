@@ -80,5 +80,5 @@ def test_export_dataset_bad_input_leaves_nothing(tmp_path, capsys):
         main(["export-dataset", "--data_dir", str(tmp_path / "none"), "--output_dir", str(tmp_path / "out")])
         == 1
     )
-    assert "has no scenes/ folder" in capsys.readouterr().err
+    assert "none' is neither a file nor a folder" in capsys.readouterr().err  # read as a scene spec
     assert sorted(p.name for p in tmp_path.iterdir()) == ["root"]

@@ -35,7 +35,7 @@ from dataset_builders.scannetpp.scannetpp import FRAME_FEATURES, POINT_FEATURES,
 from fit3d_hf.errors import InputError, MissingInputError
 from fit3d_hf.scene import read_scene, resolve_scene_list, split_views
 from fit3d_hf.scene.readers import detect_layout
-from fit3d_hf.scene.undistort import AUX_DIRS
+from fit3d_hf.scene.undistort import AUX_DIRS, UNDISTORT_CACHE_ENV
 
 __all__ = ["SPLITS", "Scenes", "ScenesConfig", "is_sample_list_root", "load_scenes", "make_frames_builder", "scenes_fingerprint"]
 
@@ -62,6 +62,8 @@ def scenes_fingerprint(spec: str) -> str:
     time of each scene's layout files, and the file names of its image folders. The builder puts it in its
     cache path, so that editing a scene rebuilds the dataset instead of reusing a stale cache."""
     digest = hashlib.sha256()
+    # The rows hold paths into the undistortion cache, whose place this variable can move.
+    digest.update(f"{os.environ.get(UNDISTORT_CACHE_ENV, '')}\n".encode())
     for path in resolve_scene_list(spec):
         layout, target = detect_layout(path)
         digest.update(f"{Path(target).resolve()}|{layout}\n".encode())
