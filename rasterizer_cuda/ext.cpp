@@ -359,7 +359,7 @@ std::vector<Tensor> rasterize_bwd(const Tensor& means2d, const Tensor& conics, c
                                   const Tensor& gaussian_ids, const Tensor& final_t, const Tensor& last_ids,
                                   int64_t width, int64_t height, const OptTensor& v_rgb, const OptTensor& v_depth,
                                   const OptTensor& v_features, const OptTensor& v_alpha,
-                                  bool feature_grad_to_geometry) {
+                                  bool feature_grad_to_geometry, bool alpha_clamp_grad) {
     const at::cuda::OptionalCUDAGuard guard(device_of(means2d));
     fit3d::RasterizeArgs a = rasterize_args(means2d, conics, opacities, colors, depths, features, background,
                                             tile_ranges, gaussian_ids, width, height);
@@ -371,6 +371,7 @@ std::vector<Tensor> rasterize_bwd(const Tensor& means2d, const Tensor& conics, c
     a.v_depth = optional_ptr(v_depth, "v_depth");
     a.v_features = optional_ptr(v_features, "v_features");
     a.v_alpha = optional_ptr(v_alpha, "v_alpha");
+    a.alpha_clamp_grad = alpha_clamp_grad;
     Tensor v_means2d = torch::zeros_like(means2d), v_conics = torch::zeros_like(conics);
     Tensor v_opacities = torch::zeros_like(opacities), v_colors = torch::zeros_like(colors);
     Tensor v_depths = torch::zeros_like(depths), v_feats = torch::zeros_like(features);

@@ -177,12 +177,15 @@ def test_render_with_background_and_routing(route):
     )
 
 
-@pytest.mark.parametrize("n_features", [3, 80])
-def test_degenerate_gaussians(n_features):
+@pytest.mark.parametrize("n_features,alpha_clamp_grad", [(3, True), (80, True), (3, False), (80, False)])
+def test_degenerate_gaussians(n_features, alpha_clamp_grad):
+    """Includes Gaussians of opacity 1 (alpha clamped at 0.99): both gradient rules through the clamp."""
     width, height = 70, 50
     params = _scene(1000, n_features, seed=11, device="cuda", degenerate=True)
     K, w2c = _cameras(2, width, height, "cuda")
-    out, grads = _compare_render(params, K, w2c, width, height, seed=11, feature_grad_to_geometry=True)
+    out, grads = _compare_render(
+        params, K, w2c, width, height, seed=11, feature_grad_to_geometry=True, alpha_clamp_grad=alpha_clamp_grad
+    )
     assert (out.radii[:, 200:250] == 0).all()  # the ones behind the camera (k = 50: slots 200..249)
     for name, g in zip(NAMES, grads, strict=True):
         assert torch.isfinite(g).all(), name
