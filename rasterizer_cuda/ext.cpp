@@ -20,16 +20,34 @@ using OptTensor = std::optional<Tensor>;
 
 namespace {
 
-void check_tensor(const Tensor& t, const char* name, at::ScalarType dtype = at::kFloat) {
-    TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
-    TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
-    TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+// Dtype, device, layout and shape of an argument. `shape` holds the expected sizes, -1 for "any"; `like` (when
+// given) is the tensor whose device every argument of the op must share.
+void check_tensor(const Tensor& t, const char* name, std::initializer_list<int64_t> shape,
+                  at::ScalarType dtype = at::kFloat, const Tensor* like = nullptr) {
+    TORCH_CHECK(t.is_cuda(), "fit3d rasterizer: ", name, " must be a CUDA tensor, got one on ", t.device());
+    TORCH_CHECK(like == nullptr || t.device() == like->device(), "fit3d rasterizer: ", name, " is on ", t.device(),
+                " but the other arguments are on ", like->device());
+    TORCH_CHECK(t.scalar_type() == dtype, "fit3d rasterizer: ", name, " must have dtype ", dtype, ", got ",
+                t.scalar_type());
+    TORCH_CHECK(t.is_contiguous(), "fit3d rasterizer: ", name, " must be contiguous");
+    bool ok = t.dim() == int64_t(shape.size());
+    int64_t i = 0;
+    for (const int64_t size : shape) ok = ok && (size < 0 || t.size(i++) == size);
+    TORCH_CHECK(ok, "fit3d rasterizer: ", name, " must have shape ", c10::IntArrayRef(shape), " (-1: any), got ",
+                t.sizes());
 }
 
-const float* optional_ptr(const OptTensor& t, const char* name) {
+const float* optional_ptr(const OptTensor& t, const char* name, std::initializer_list<int64_t> shape,
+                          const Tensor& like) {
     if (!t.has_value() || !t->defined()) return nullptr;
-    check_tensor(*t, name);
+    check_tensor(*t, name, shape, at::kFloat, &like);
     return t->data_ptr<float>();
+}
+
+// The launches put cameras on the grid's y dimension (at most 65535 blocks).
+void check_cameras(int64_t B) {
+    TORCH_CHECK(B <= 65535, "fit3d rasterizer: ", B, " cameras in one call exceed the CUDA launch grid (65535); "
+                "render them in batches of at most 65535");
 }
 
 void check_cuda(cudaError_t err, const char* what) {
@@ -65,14 +83,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> project_fwd(const Tensor& means, cons
                                                        const Tensor& scales, const Tensor& opacities,
                                                        const Tensor& viewmats, const Tensor& Ks, int64_t width,
                                                        int64_t height, double near_plane, double far_plane) {
-    check_tensor(means, "means");
-    check_tensor(quats, "quats");
-    check_tensor(scales, "scales");
-    check_tensor(opacities, "opacities");
-    check_tensor(viewmats, "world_to_camera");
-    check_tensor(Ks, "K");
+    check_tensor(means, "means", {-1, 3});
+    const int64_t N = means.size(0), B = viewmats.dim() == 3 ? viewmats.size(0) : -1;
+    check_tensor(quats, "quats", {N, 4}, at::kFloat, &means);
+    check_tensor(scales, "scales", {N, 3}, at::kFloat, &means);
+    check_tensor(opacities, "opacities", {N}, at::kFloat, &means);
+    check_tensor(viewmats, "world_to_camera", {B, 4, 4}, at::kFloat, &means);
+    check_tensor(Ks, "K", {B, 3, 3}, at::kFloat, &means);
+    TORCH_CHECK(width > 0 && height > 0, "fit3d rasterizer: bad image size ", width, " x ", height);
+    TORCH_CHECK(near_plane > 0.0 && near_plane < far_plane, "fit3d rasterizer: need 0 < near_plane < far_plane, got ",
+                near_plane, " and ", far_plane);
     const at::cuda::OptionalCUDAGuard guard(device_of(means));
-    const int64_t N = means.size(0), B = viewmats.size(0);
     auto opts = means.options();
     Tensor means2d = torch::empty({B, N, 2}, opts), conics = torch::empty({B, N, 3}, opts);
     Tensor depths = torch::empty({B, N}, opts), radii = torch::empty({B, N}, opts.dtype(at::kInt));
@@ -101,15 +122,16 @@ std::tuple<Tensor, Tensor, Tensor> project_bwd(const Tensor& means, const Tensor
                                                const Tensor& viewmats, const Tensor& Ks, const Tensor& radii,
                                                int64_t width, int64_t height, const Tensor& v_means2d,
                                                const Tensor& v_conics, const Tensor& v_depths) {
-    check_tensor(means, "means");
-    check_tensor(quats, "quats");
-    check_tensor(scales, "scales");
-    check_tensor(viewmats, "world_to_camera");
-    check_tensor(Ks, "K");
-    check_tensor(radii, "radii", at::kInt);
-    check_tensor(v_means2d, "v_means2d");
-    check_tensor(v_conics, "v_conics");
-    check_tensor(v_depths, "v_depths");
+    check_tensor(means, "means", {-1, 3});
+    const int64_t N = means.size(0), B = viewmats.dim() == 3 ? viewmats.size(0) : -1;
+    check_tensor(quats, "quats", {N, 4}, at::kFloat, &means);
+    check_tensor(scales, "scales", {N, 3}, at::kFloat, &means);
+    check_tensor(viewmats, "world_to_camera", {B, 4, 4}, at::kFloat, &means);
+    check_tensor(Ks, "K", {B, 3, 3}, at::kFloat, &means);
+    check_tensor(radii, "radii", {B, N}, at::kInt, &means);
+    check_tensor(v_means2d, "v_means2d", {B, N, 2}, at::kFloat, &means);
+    check_tensor(v_conics, "v_conics", {B, N, 3}, at::kFloat, &means);
+    check_tensor(v_depths, "v_depths", {B, N}, at::kFloat, &means);
     const at::cuda::OptionalCUDAGuard guard(device_of(means));
     Tensor v_means = torch::empty_like(means), v_quats = torch::empty_like(quats);
     Tensor v_scales = torch::empty_like(scales);
@@ -136,9 +158,9 @@ std::tuple<Tensor, Tensor, Tensor> project_bwd(const Tensor& means, const Tensor
 
 // ---- spherical harmonics ------------------------------------------------------------------------------
 Tensor sh_fwd(const Tensor& sh, const Tensor& means, const Tensor& viewmats, int64_t degree) {
-    check_tensor(sh, "sh");
-    check_tensor(means, "means");
-    check_tensor(viewmats, "world_to_camera");
+    check_tensor(means, "means", {-1, 3});
+    check_tensor(sh, "sh", {means.size(0), -1, 3}, at::kFloat, &means);
+    check_tensor(viewmats, "world_to_camera", {-1, 4, 4}, at::kFloat, &means);
     TORCH_CHECK(degree >= 0 && degree <= 3 && (degree + 1) * (degree + 1) <= sh.size(1), "bad sh_degree ", degree);
     const at::cuda::OptionalCUDAGuard guard(device_of(means));
     const int64_t B = viewmats.size(0), N = means.size(0);
@@ -158,10 +180,11 @@ Tensor sh_fwd(const Tensor& sh, const Tensor& means, const Tensor& viewmats, int
 
 std::tuple<Tensor, Tensor> sh_bwd(const Tensor& sh, const Tensor& means, const Tensor& viewmats, int64_t degree,
                                   const Tensor& v_colors) {
-    check_tensor(sh, "sh");
-    check_tensor(means, "means");
-    check_tensor(viewmats, "world_to_camera");
-    check_tensor(v_colors, "v_colors");
+    check_tensor(means, "means", {-1, 3});
+    check_tensor(sh, "sh", {means.size(0), -1, 3}, at::kFloat, &means);
+    check_tensor(viewmats, "world_to_camera", {-1, 4, 4}, at::kFloat, &means);
+    check_tensor(v_colors, "v_colors", {viewmats.size(0), means.size(0), 3}, at::kFloat, &means);
+    TORCH_CHECK(degree >= 0 && degree <= 3 && (degree + 1) * (degree + 1) <= sh.size(1), "bad sh_degree ", degree);
     const at::cuda::OptionalCUDAGuard guard(device_of(means));
     Tensor v_sh = torch::empty_like(sh), v_means = torch::empty_like(means);
     fit3d::ShArgs a = {};
@@ -209,14 +232,21 @@ std::tuple<Tensor, Tensor> sort_by_key(const Tensor& keys, const Tensor& values,
 std::tuple<Tensor, Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tensor& conics, const Tensor& opacities,
                                                const Tensor& depths, const Tensor& radii, int64_t width,
                                                int64_t height, int64_t capacity) {
-    check_tensor(means2d, "means2d");
-    check_tensor(conics, "conics");
-    check_tensor(opacities, "opacities");
-    check_tensor(depths, "depths");
-    check_tensor(radii, "radii", at::kInt);
-    const at::cuda::OptionalCUDAGuard guard(device_of(means2d));
+    check_tensor(means2d, "means2d", {-1, -1, 2});
     const int64_t B = means2d.size(0), N = means2d.size(1);
+    check_tensor(conics, "conics", {B, N, 3}, at::kFloat, &means2d);
+    check_tensor(opacities, "opacities", {N}, at::kFloat, &means2d);
+    check_tensor(depths, "depths", {B, N}, at::kFloat, &means2d);
+    check_tensor(radii, "radii", {B, N}, at::kInt, &means2d);
+    check_cameras(B);
+    TORCH_CHECK(width > 0 && height > 0 && width <= INT_MAX - fit3d::TILE_SIZE && height <= INT_MAX - fit3d::TILE_SIZE,
+                "fit3d rasterizer: bad image size ", width, " x ", height);
+    const at::cuda::OptionalCUDAGuard guard(device_of(means2d));
     const int tiles_x = tiles_along(int(width)), tiles_y = tiles_along(int(height));
+    // a pair's key is camera * tiles + tile, and B * tiles marks "no tile": all must fit 32 bits
+    TORCH_CHECK(B * int64_t(tiles_x) * tiles_y < int64_t(UINT32_MAX), "fit3d rasterizer: ", B, " cameras x ",
+                int64_t(tiles_x) * tiles_y, " tiles of ", fit3d::TILE_SIZE, " px overflow the 32-bit tile keys; "
+                "render fewer cameras per call or smaller images");
     auto int_opts = means2d.options().dtype(at::kInt);
     Tensor ranges = torch::zeros({B * tiles_x * tiles_y, 2}, int_opts);
     TORCH_CHECK(B * N < INT_MAX, "fit3d rasterizer: ", B, " cameras x ", N, " Gaussians exceed the int32 limit");
@@ -293,14 +323,21 @@ fit3d::RasterizeArgs rasterize_args(const Tensor& means2d, const Tensor& conics,
                                     const Tensor& colors, const Tensor& depths, const Tensor& features,
                                     const OptTensor& background, const Tensor& tile_ranges,
                                     const Tensor& gaussian_ids, int64_t width, int64_t height) {
-    check_tensor(means2d, "means2d");
-    check_tensor(conics, "conics");
-    check_tensor(opacities, "opacities");
-    check_tensor(colors, "colors");
-    check_tensor(depths, "depths");
-    check_tensor(features, "features");
-    check_tensor(tile_ranges, "tile_ranges", at::kInt);
-    check_tensor(gaussian_ids, "gaussian_ids", at::kInt);
+    check_tensor(means2d, "means2d", {-1, -1, 2});
+    const int64_t B = means2d.size(0), N = means2d.size(1);
+    check_tensor(conics, "conics", {B, N, 3}, at::kFloat, &means2d);
+    check_tensor(opacities, "opacities", {N}, at::kFloat, &means2d);
+    if (colors.dim() == 3)
+        check_tensor(colors, "colors", {B, N, 3}, at::kFloat, &means2d);
+    else
+        check_tensor(colors, "colors", {N, 3}, at::kFloat, &means2d);
+    check_tensor(depths, "depths", {B, N}, at::kFloat, &means2d);
+    check_tensor(features, "features", {N, -1}, at::kFloat, &means2d);
+    check_cameras(B);
+    TORCH_CHECK(width > 0 && height > 0, "fit3d rasterizer: bad image size ", width, " x ", height);
+    check_tensor(tile_ranges, "tile_ranges", {B * tiles_along(int(width)) * tiles_along(int(height)), 2}, at::kInt,
+                 &means2d);
+    check_tensor(gaussian_ids, "gaussian_ids", {-1}, at::kInt, &means2d);
     fit3d::RasterizeArgs a = {};
     a.B = int(means2d.size(0));
     a.N = int(means2d.size(1));
@@ -309,7 +346,6 @@ fit3d::RasterizeArgs rasterize_args(const Tensor& means2d, const Tensor& conics,
     a.height = int(height);
     a.tiles_x = tiles_along(a.width);
     a.tiles_y = tiles_along(a.height);
-    TORCH_CHECK(tile_ranges.size(0) == int64_t(a.B) * a.tiles_x * a.tiles_y, "tile_ranges has the wrong size");
     a.means2d = means2d.data_ptr<float>();
     a.conics = conics.data_ptr<float>();
     a.opacities = opacities.data_ptr<float>();
@@ -317,7 +353,7 @@ fit3d::RasterizeArgs rasterize_args(const Tensor& means2d, const Tensor& conics,
     a.colors_camera_stride = colors.dim() == 3 ? int64_t(a.N) * 3 : 0;
     a.depths = depths.data_ptr<float>();
     a.features = features.data_ptr<float>();
-    a.background = optional_ptr(background, "background");
+    a.background = optional_ptr(background, "background", {3}, means2d);
     a.tile_ranges = tile_ranges.data_ptr<int32_t>();
     a.gaussian_ids = gaussian_ids.data_ptr<int32_t>();
     return a;
@@ -363,14 +399,15 @@ std::vector<Tensor> rasterize_bwd(const Tensor& means2d, const Tensor& conics, c
     const at::cuda::OptionalCUDAGuard guard(device_of(means2d));
     fit3d::RasterizeArgs a = rasterize_args(means2d, conics, opacities, colors, depths, features, background,
                                             tile_ranges, gaussian_ids, width, height);
-    check_tensor(final_t, "final_t");
-    check_tensor(last_ids, "last_ids", at::kInt);
+    const int64_t B = a.B, F = a.F, H = height, W = width;
+    check_tensor(final_t, "final_t", {B, H, W}, at::kFloat, &means2d);
+    check_tensor(last_ids, "last_ids", {B, H, W}, at::kInt, &means2d);
     a.final_t = final_t.data_ptr<float>();
     a.last_ids = last_ids.data_ptr<int32_t>();
-    a.v_rgb = optional_ptr(v_rgb, "v_rgb");
-    a.v_depth = optional_ptr(v_depth, "v_depth");
-    a.v_features = optional_ptr(v_features, "v_features");
-    a.v_alpha = optional_ptr(v_alpha, "v_alpha");
+    a.v_rgb = optional_ptr(v_rgb, "v_rgb", {B, 3, H, W}, means2d);
+    a.v_depth = optional_ptr(v_depth, "v_depth", {B, 1, H, W}, means2d);
+    a.v_features = optional_ptr(v_features, "v_features", {B, F, H, W}, means2d);
+    a.v_alpha = optional_ptr(v_alpha, "v_alpha", {B, 1, H, W}, means2d);
     a.alpha_clamp_grad = alpha_clamp_grad;
     Tensor v_means2d = torch::zeros_like(means2d), v_conics = torch::zeros_like(conics);
     Tensor v_opacities = torch::zeros_like(opacities), v_colors = torch::zeros_like(colors);
@@ -412,7 +449,10 @@ fit3d::FeatureL1Args feature_l1_args(const Tensor& decoded, const Tensor& target
         TORCH_CHECK(t->is_contiguous(at::MemoryFormat::ChannelsLast), name, " must be channels-last contiguous");
     }
     TORCH_CHECK(target.size(0) == decoded.size(0) && target.size(1) == decoded.size(1),
-                "target must have the batch size and channels of decoded");
+                "fit3d feature loss: target ", target.sizes(), " must have the batch size and channels of decoded ",
+                decoded.sizes());
+    TORCH_CHECK(target.device() == decoded.device(), "fit3d feature loss: target is on ", target.device(),
+                " but decoded is on ", decoded.device());
     fit3d::FeatureL1Args a = {};
     a.B = int(decoded.size(0));
     a.D = int(decoded.size(1));
@@ -427,9 +467,12 @@ fit3d::FeatureL1Args feature_l1_args(const Tensor& decoded, const Tensor& target
     a.decoded = decoded.data_ptr();
     a.target = target.data_ptr();
     if (mask.has_value() && mask->defined()) {
-        TORCH_CHECK(mask->is_cuda() && mask->scalar_type() == at::kBool && mask->is_contiguous() &&
-                        mask->numel() == int64_t(a.B) * a.H * a.W,
-                    "mask must be a contiguous CUDA bool tensor of B x 1 x H x W");
+        TORCH_CHECK(mask->device() == decoded.device() && mask->scalar_type() == at::kBool && mask->is_contiguous() &&
+                        mask->dim() == 4 && mask->size(0) == a.B && mask->size(1) == 1 && mask->size(2) == a.H &&
+                        mask->size(3) == a.W,
+                    "fit3d feature loss: mask must be a contiguous bool tensor of shape [", a.B, ", 1, ", a.H, ", ",
+                    a.W, "] on ", decoded.device(), ", got ", mask->sizes(), " ", mask->scalar_type(), " on ",
+                    mask->device());
         a.mask = mask->data_ptr<bool>();
     }
     a.inv_count = 1.f / float(decoded.numel());
@@ -450,8 +493,7 @@ Tensor feature_l1_fwd(const Tensor& decoded, const Tensor& target, const OptTens
 
 Tensor feature_l1_bwd(const Tensor& decoded, const Tensor& target, const OptTensor& mask, const Tensor& grad_output) {
     const at::cuda::OptionalCUDAGuard guard(device_of(decoded));
-    check_tensor(grad_output, "grad_output");
-    TORCH_CHECK(grad_output.numel() == 1, "grad_output must hold one value");
+    check_tensor(grad_output, "grad_output", {1}, at::kFloat, &decoded);
     fit3d::FeatureL1Args a = feature_l1_args(decoded, target, mask);
     Tensor grad = torch::empty_like(decoded, at::MemoryFormat::ChannelsLast);
     a.grad_output = grad_output.data_ptr<float>();

@@ -90,9 +90,18 @@ def project(
     ):
         check_tensor(t, name, shape, dims, _F32, means.device)
         _on_cuda(name, t)
+    _check_image_and_planes(width, height, near_plane, far_plane)
     return _apply_project(
         means, quats, scales, opacities, world_to_camera, K, width, height, near_plane, far_plane
     )
+
+
+def _check_image_and_planes(width, height, near_plane: float, far_plane: float) -> None:
+    for name, size in (("width", width), ("height", height)):
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise ValueError(f"{name} must be a positive int, got {size!r}")
+    if not 0 < near_plane < far_plane:  # also refuses NaN
+        raise ValueError(f"need 0 < near_plane < far_plane, got near_plane={near_plane}, far_plane={far_plane}")
 
 
 def _apply_project(means, quats, scales, opacities, world_to_camera, K, width, height, near_plane, far_plane):
