@@ -205,29 +205,45 @@ std::tuple<Tensor, Tensor> sh_bwd(const Tensor& sh, const Tensor& means, const T
 // ---- isect_tiles --------------------------------------------------------------------------------------
 namespace {
 
-// Stable radix sort of (uint32 key, int32 value) pairs held in int32 tensors; returns the sorted pair.
-std::tuple<Tensor, Tensor> sort_by_key(const Tensor& keys, const Tensor& values, int end_bit) {
-    Tensor sorted_keys = torch::empty_like(keys), sorted_values = torch::empty_like(values);
-    const auto* keys_in = reinterpret_cast<const uint32_t*>(keys.data_ptr<int32_t>());
-    auto* keys_out = reinterpret_cast<uint32_t*>(sorted_keys.data_ptr<int32_t>());
-    size_t temp_bytes = 0;
-    check_cuda(fit3d::sort_pairs(nullptr, temp_bytes, keys_in, keys_out, values.data_ptr<int32_t>(),
-                                 sorted_values.data_ptr<int32_t>(), keys.numel(), end_bit, stream()),
-               "radix sort (size query)");
-    Tensor temp = torch::empty({int64_t(temp_bytes)}, keys.options().dtype(at::kByte));
-    check_cuda(fit3d::sort_pairs(temp.data_ptr(), temp_bytes, keys_in, keys_out, values.data_ptr<int32_t>(),
-                                 sorted_values.data_ptr<int32_t>(), keys.numel(), end_bit, stream()),
-               "radix sort");
-    return {sorted_keys, sorted_values};
+// Aligned slices of one byte buffer, so that the binning's dozen temporary arrays cost one allocation (the
+// host time of a render is mostly allocations and launches): `reserve` each array, `allocate`, then `get`.
+class Workspace {
+  public:
+    size_t reserve(size_t bytes) {
+        const size_t offset = size_;
+        size_ += (bytes + 255) / 256 * 256;
+        return offset;
+    }
+    void allocate(const at::TensorOptions& options) { buffer_ = torch::empty({int64_t(size_)}, options.dtype(at::kByte)); }
+    template <typename T>
+    T* get(size_t offset) {
+        return reinterpret_cast<T*>(buffer_.data_ptr<uint8_t>() + offset);
+    }
+
+  private:
+    size_t size_ = 0;
+    Tensor buffer_;
+};
+
+// The pinned host slot that receives the pair count, one per device and thread: reused from call to call
+// (a call reads it before it returns, see _wrapper._isect_and_rasterize) rather than allocated each time.
+Tensor pinned_total(int device) {
+    // never destroyed: freeing pinned memory at thread exit could run after CUDA has shut down
+    thread_local auto* slots = new std::vector<Tensor>();
+    if (int(slots->size()) <= device) slots->resize(device + 1);
+    if (!(*slots)[device].defined())
+        (*slots)[device] = torch::zeros({1}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+    return (*slots)[device];
 }
 
 }  // namespace
 
 // Returns (tile ranges, Gaussian ids, total): `total` is the number of (tile, Gaussian) pairs, a pinned CPU
-// tensor. With capacity <= 0 the pair buffers are sized exactly, which needs the count on the host: a sync in
-// the middle of the forward, during which the GPU idles while the host launches the rest. With a capacity the
-// buffers have that many slots and nothing waits: the count is copied to `total` asynchronously, pairs past
-// the capacity are dropped, and the caller must check `total <= capacity` (after an event recorded once this
+// tensor (reused by the next call on this device and thread: read it before calling again). With
+// capacity <= 0 the pair buffers are sized exactly, which needs the count on the host: a sync in the middle
+// of the forward, during which the GPU idles while the host launches the rest. With a capacity the buffers
+// have that many slots and nothing waits: the count is copied to `total` asynchronously, pairs past the
+// capacity are dropped, and the caller must check `total <= capacity` (after an event recorded once this
 // returns has completed) and call again with a larger capacity if not. Unused slots sort last.
 std::tuple<Tensor, Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tensor& conics, const Tensor& opacities,
                                                const Tensor& depths, const Tensor& radii, int64_t width,
@@ -247,22 +263,35 @@ std::tuple<Tensor, Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tens
     TORCH_CHECK(B * int64_t(tiles_x) * tiles_y < int64_t(UINT32_MAX), "fit3d rasterizer: ", B, " cameras x ",
                 int64_t(tiles_x) * tiles_y, " tiles of ", fit3d::TILE_SIZE, " px overflow the 32-bit tile keys; "
                 "render fewer cameras per call or smaller images");
-    auto int_opts = means2d.options().dtype(at::kInt);
-    Tensor ranges = torch::zeros({B * tiles_x * tiles_y, 2}, int_opts);
     TORCH_CHECK(B * N < INT_MAX, "fit3d rasterizer: ", B, " cameras x ", N, " Gaussians exceed the int32 limit");
     TORCH_CHECK(capacity < INT_MAX, "fit3d rasterizer: a capacity of ", capacity, " pairs exceeds the int32 limit");
-    Tensor total = torch::zeros({1}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-    if (B * N == 0) return {ranges, torch::empty({0}, int_opts), total};
+    auto int_opts = means2d.options().dtype(at::kInt);
+    Tensor ranges = torch::zeros({B * tiles_x * tiles_y, 2}, int_opts);
+    Tensor total = pinned_total(means2d.get_device());
+    if (B * N == 0) {
+        total.zero_();
+        return {ranges, torch::empty({0}, int_opts), total};
+    }
+    const int64_t entries = B * N;
+    const size_t e4 = sizeof(int32_t) * entries, e8 = sizeof(int64_t) * entries;
 
-    // 1. all (camera, Gaussian) entries in depth order
-    Tensor depth_keys = torch::empty({B * N}, int_opts), entries = torch::empty({B * N}, int_opts);
-    check_cuda(fit3d::launch_depth_keys(depths.data_ptr<float>(), B * N,
-                                        reinterpret_cast<uint32_t*>(depth_keys.data_ptr<int32_t>()),
-                                        entries.data_ptr<int32_t>(), stream()),
+    // 1. all (camera, Gaussian) entries in depth order; 2. tiles per entry; 3. offsets
+    size_t depth_sort_bytes = 0, scan_bytes = 0;
+    check_cuda(fit3d::sort_pairs(nullptr, depth_sort_bytes, nullptr, nullptr, nullptr, nullptr, entries, 32, stream()),
+               "radix sort (size query)");
+    check_cuda(fit3d::inclusive_sum(nullptr, scan_bytes, nullptr, nullptr, entries, stream()), "prefix sum (size query)");
+    Workspace first;
+    const size_t o_depth_keys = first.reserve(e4), o_entries = first.reserve(e4), o_sorted_keys = first.reserve(e4);
+    const size_t o_order = first.reserve(e4), o_sort_temp = first.reserve(depth_sort_bytes);
+    const size_t o_counts = first.reserve(e8), o_ends = first.reserve(e8), o_scan_temp = first.reserve(scan_bytes);
+    first.allocate(means2d.options());
+    check_cuda(fit3d::launch_depth_keys(depths.data_ptr<float>(), entries, first.get<uint32_t>(o_depth_keys),
+                                        first.get<int32_t>(o_entries), stream()),
                "depth_keys");
-    Tensor depth_order = std::get<1>(sort_by_key(depth_keys, entries, 32));
-
-    // 2. tiles per entry, 3. offsets
+    check_cuda(fit3d::sort_pairs(first.get<void>(o_sort_temp), depth_sort_bytes, first.get<uint32_t>(o_depth_keys),
+                                 first.get<uint32_t>(o_sorted_keys), first.get<int32_t>(o_entries),
+                                 first.get<int32_t>(o_order), entries, 32, stream()),
+               "radix sort");
     fit3d::IsectArgs a = {};
     a.B = int(B);
     a.N = int(N);
@@ -274,44 +303,53 @@ std::tuple<Tensor, Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tens
     a.conics = conics.data_ptr<float>();
     a.opacities = opacities.data_ptr<float>();
     a.radii = radii.data_ptr<int32_t>();
-    a.depth_order = depth_order.data_ptr<int32_t>();
-    auto long_opts = means2d.options().dtype(at::kLong);
-    Tensor counts = torch::empty({B * N}, long_opts), ends = torch::empty({B * N}, long_opts);
-    a.counts = counts.data_ptr<int64_t>();
+    a.depth_order = first.get<int32_t>(o_order);
+    a.counts = first.get<int64_t>(o_counts);
+    int64_t* ends = first.get<int64_t>(o_ends);
     check_cuda(fit3d::launch_isect_count(a, stream()), "isect_count");
-    size_t scan_bytes = 0;
-    check_cuda(fit3d::inclusive_sum(nullptr, scan_bytes, a.counts, ends.data_ptr<int64_t>(), B * N, stream()),
-               "prefix sum (size query)");
-    Tensor scan_temp = torch::empty({int64_t(scan_bytes)}, means2d.options().dtype(at::kByte));
-    check_cuda(fit3d::inclusive_sum(scan_temp.data_ptr(), scan_bytes, a.counts, ends.data_ptr<int64_t>(), B * N,
-                                    stream()),
+    check_cuda(fit3d::inclusive_sum(first.get<void>(o_scan_temp), scan_bytes, a.counts, ends, entries, stream()),
                "prefix sum");
-    Tensor device_total = ends.narrow(0, B * N - 1, 1);
+    const int64_t* device_total = ends + entries - 1;
     const bool exact = capacity <= 0;
     if (exact) {
-        capacity = device_total.item<int64_t>();  // host sync
-        total.fill_(capacity);
+        check_cuda(cudaMemcpyAsync(total.data_ptr<int64_t>(), device_total, sizeof(int64_t), cudaMemcpyDeviceToHost,
+                                   stream()),
+                   "pair count copy");
+        check_cuda(cudaStreamSynchronize(stream()), "pair count sync");  // host sync
+        capacity = *total.data_ptr<int64_t>();
         TORCH_CHECK(capacity < INT_MAX, "fit3d rasterizer: ", capacity, " (Gaussian, tile) pairs exceed the int32 limit");
         if (capacity == 0) return {ranges, torch::empty({0}, int_opts), total};
     } else {
-        total.copy_(device_total, /*non_blocking=*/true);
+        check_cuda(cudaMemcpyAsync(total.data_ptr<int64_t>(), device_total, sizeof(int64_t), cudaMemcpyDeviceToHost,
+                                   stream()),
+                   "pair count copy");
     }
 
     // 4. (tile, Gaussian) pairs in depth order, 5. stable sort by tile, 6. per-tile ranges
     const uint32_t no_tile = uint32_t(B * tiles_x * tiles_y);
-    Tensor keys = torch::empty({capacity}, int_opts), values = torch::empty({capacity}, int_opts);
-    a.ends = ends.data_ptr<int64_t>();
+    const int key_bits = fit3d::tile_key_bits(int(B), tiles_x * tiles_y);
+    size_t tile_sort_bytes = 0;
+    check_cuda(fit3d::sort_pairs(nullptr, tile_sort_bytes, nullptr, nullptr, nullptr, nullptr, capacity, key_bits,
+                                 stream()),
+               "radix sort (size query)");
+    const size_t p4 = sizeof(int32_t) * capacity;
+    Workspace second;
+    const size_t o_keys = second.reserve(p4), o_values = second.reserve(p4), o_sorted = second.reserve(p4);
+    const size_t o_tile_temp = second.reserve(tile_sort_bytes);
+    second.allocate(means2d.options());
+    Tensor sorted_values = torch::empty({capacity}, int_opts);
+    a.ends = ends;
     a.capacity = capacity;
-    a.keys = reinterpret_cast<uint32_t*>(keys.data_ptr<int32_t>());
-    a.values = values.data_ptr<int32_t>();
+    a.keys = second.get<uint32_t>(o_keys);
+    a.values = second.get<int32_t>(o_values);
     check_cuda(fit3d::launch_isect_emit(a, stream()), "isect_emit");
     if (!exact)
-        check_cuda(fit3d::launch_fill_unused(device_total.data_ptr<int64_t>(), capacity, no_tile, a.keys, a.values,
-                                             stream()),
-                   "fill_unused");
-    auto [sorted_keys, sorted_values] = sort_by_key(keys, values, fit3d::tile_key_bits(int(B), tiles_x * tiles_y));
-    check_cuda(fit3d::launch_tile_ranges(reinterpret_cast<const uint32_t*>(sorted_keys.data_ptr<int32_t>()),
-                                         int(capacity), no_tile, ranges.data_ptr<int32_t>(), stream()),
+        check_cuda(fit3d::launch_fill_unused(device_total, capacity, no_tile, a.keys, a.values, stream()), "fill_unused");
+    uint32_t* sorted_keys = second.get<uint32_t>(o_sorted);
+    check_cuda(fit3d::sort_pairs(second.get<void>(o_tile_temp), tile_sort_bytes, a.keys, sorted_keys, a.values,
+                                 sorted_values.data_ptr<int32_t>(), capacity, key_bits, stream()),
+               "radix sort");
+    check_cuda(fit3d::launch_tile_ranges(sorted_keys, int(capacity), no_tile, ranges.data_ptr<int32_t>(), stream()),
                "tile_ranges");
     return {ranges, sorted_values, total};
 }
