@@ -31,8 +31,11 @@ void check_tensor(const Tensor& t, const char* name, std::initializer_list<int64
                 t.scalar_type());
     TORCH_CHECK(t.is_contiguous(), "fit3d rasterizer: ", name, " must be contiguous");
     bool ok = t.dim() == int64_t(shape.size());
-    int64_t i = 0;
-    for (const int64_t size : shape) ok = ok && (size < 0 || t.size(i++) == size);
+    int64_t dim = 0;
+    for (const int64_t size : shape) {
+        ok = ok && (size < 0 || t.size(dim) == size);
+        ++dim;
+    }
     TORCH_CHECK(ok, "fit3d rasterizer: ", name, " must have shape ", c10::IntArrayRef(shape), " (-1: any), got ",
                 t.sizes());
 }
