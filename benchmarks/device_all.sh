@@ -12,24 +12,27 @@ mkdir -p "$OUT"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" PYTHONUNBUFFERED=1
 export FIT3D_HF_NO_JIT=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PY="${PYTHON:-python3}"
-STAGES="${STAGES:-tests raster profile finetune lift}"
+STAGES="${STAGES:-smoke tests raster profile finetune lift}"
 if ls .whl/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >"$OUT/pip.log" 2>&1 \
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >>"$OUT/setup.log" 2>&1 \
         && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/env.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$OUT/setup.log"
 start=$(date +%s)
-if ! "$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then tail -n 60 "$OUT/build.log"; echo BUILD FAILED; exit 1; fi
+if ! "$PY" setup.py build_ext --inplace >>"$OUT/setup.log" 2>&1; then tail -n 60 "$OUT/setup.log"; echo BUILD FAILED; exit 1; fi
 echo "== built in $(( $(date +%s) - start )) s"
 for stage in $STAGES; do
     t0=$(date +%s)
     echo "== $stage"
     case "$stage" in
+        smoke)
+            "$PY" -X faulthandler benchmarks/smoke_cuda.py 2>&1 | tail -n 25 ;;
         tests)
-            "$PY" -m pytest -m cuda tests -q -p no:cacheprovider -x 2>&1 | tee "$OUT/tests.log" | tail -n 12
+            "$PY" -m pytest -m cuda tests -q -p no:cacheprovider -rf 2>&1 | tee "$OUT/tests.log" \
+                | grep -v -E "^  File|^Extension modules" | tail -n 25
             if "$PY" -c "import timm" 2>/dev/null && ls tests/test_timm*.py >/dev/null 2>&1; then
-                "$PY" -m pytest tests/test_timm*.py -q -p no:cacheprovider 2>&1 | tee "$OUT/timm.log" | tail -n 6
+                "$PY" -m pytest tests/test_timm*.py -q -p no:cacheprovider 2>&1 | tee -a "$OUT/tests.log" | tail -n 6
             fi ;;
         raster)
             # shellcheck disable=SC2086
