@@ -5,7 +5,8 @@
 #   profile  per-kernel times, host time per call (benchmarks/profile_rasterizer.py)
 #   finetune benchmarks/finetune.py (Stage II step, 1 process; needs the datasets wheels in .whl/)
 #   lift     benchmarks/profile_lift.py at LIFT_N Gaussians (Stage I iteration time split)
-# Options: RASTER_ARGS (default --quick), FINETUNE_ARGS, LIFT_N (default 1000000). Logs and JSON lines go to $OUT.
+# Options: RASTER_ARGS (default --quick), TESTS (test paths) and TESTS_TIMEOUT, FINETUNE_ARGS and FINETUNE_TIMEOUT,
+# LIFT_N (default 1000000). Logs and JSON lines go to $OUT.
 set -uo pipefail
 OUT="${OUT:-benchmarks/results/device_all}"
 mkdir -p "$OUT"
@@ -29,21 +30,22 @@ for stage in $STAGES; do
         smoke)
             "$PY" -X faulthandler benchmarks/smoke_cuda.py 2>&1 | tail -n 25 ;;
         tests)
-            "$PY" -m pytest -m cuda tests -q -p no:cacheprovider -rf 2>&1 | tee "$OUT/tests.log" \
+            # shellcheck disable=SC2086
+            timeout "${TESTS_TIMEOUT:-600}" "$PY" -m pytest -m cuda ${TESTS:-tests} -q -p no:cacheprovider -rf 2>&1 | tee "$OUT/tests.log" \
                 | grep -v -E "^  File|^Extension modules" | tail -n 25
             if "$PY" -c "import timm" 2>/dev/null && ls tests/test_timm*.py >/dev/null 2>&1; then
                 "$PY" -m pytest tests/test_timm*.py -q -p no:cacheprovider 2>&1 | tee -a "$OUT/tests.log" | tail -n 6
             fi ;;
         raster)
             # shellcheck disable=SC2086
-            "$PY" benchmarks/rasterizer.py --lib both ${RASTER_ARGS:---quick} 2>&1 | tee "$OUT/rasterizer.jsonl" | tail -n 14 ;;
+            "$PY" benchmarks/rasterizer.py ${RASTER_ARGS:---lib both --quick} 2>&1 | tee "$OUT/rasterizer.jsonl" | tail -n 14 ;;
         profile)
             "$PY" benchmarks/profile_rasterizer.py --n 1000000 --ch 64 >"$OUT/profile.txt" 2>&1
             head -n 30 "$OUT/profile.txt"; grep -E "^forward" "$OUT/profile.txt"
             "$PY" benchmarks/profile_rasterizer.py --host 2>&1 | tee "$OUT/host.txt" ;;
         finetune)
             # shellcheck disable=SC2086
-            "$PY" benchmarks/finetune.py ${FINETUNE_ARGS:---batch 32 --loader_workers} 2>"$OUT/finetune.log" \
+            timeout "${FINETUNE_TIMEOUT:-600}" "$PY" benchmarks/finetune.py ${FINETUNE_ARGS:---batch 32 --loader_workers} 2>"$OUT/finetune.log" \
                 | tee "$OUT/finetune.jsonl" || tail -n 30 "$OUT/finetune.log" ;;
         lift)
             "$PY" benchmarks/profile_lift.py --gaussians "${LIFT_N:-1000000}" --steps 50 >"$OUT/lift_profile.txt" 2>&1
