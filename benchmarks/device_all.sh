@@ -36,6 +36,11 @@ for stage in $STAGES; do
             if "$PY" -c "import timm" 2>/dev/null && ls tests/test_timm*.py >/dev/null 2>&1; then
                 "$PY" -m pytest tests/test_timm*.py -q -p no:cacheprovider 2>&1 | tee -a "$OUT/tests.log" | tail -n 6
             fi ;;
+        timm)
+            # the timm parity tests, optionally from a snapshot of another checkout (TIMM_TREE) carried along
+            tree="${TIMM_TREE:-.}"
+            (cd "$tree" && PYTHONPATH="$PWD:$PYTHONPATH" timeout 120 "$PY" -m pytest tests/test_timm_parity.py -q \
+                -p no:cacheprovider -rf 2>&1 | tee -a "$OUT/tests.log" | tail -n 8) ;;
         raster)
             # shellcheck disable=SC2086
             "$PY" benchmarks/rasterizer.py ${RASTER_ARGS:---lib both --quick} 2>&1 | tee "$OUT/rasterizer.jsonl" | tail -n 14 ;;
