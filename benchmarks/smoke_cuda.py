@@ -1,5 +1,5 @@
 """A first look at a fresh GPU machine: the extension loads, renders a small scene forward and backward, and a
-bad argument reaches Python as a RuntimeError from the C++ checks (run with python -X faulthandler)."""
+bad argument reaches Python as a ValueError from the C++ checks (run with python -X faulthandler)."""
 
 import sys
 
@@ -28,7 +28,7 @@ def main() -> int:
     try:
         ext.project_fwd(params[0].detach(), params[1].detach()[:10].contiguous(), params[2].detach(),
                         params[3].detach(), w2c.cuda(), K.cuda(), 64, 48, 0.01, 1e10)  # fmt: skip
-    except RuntimeError as error:
+    except ValueError as error:
         print("C++ check reached Python:", str(error).splitlines()[0], flush=True)  # noqa: T201
     return 0
 

@@ -8,6 +8,9 @@
 #include <algorithm>
 #include <climits>
 #include <optional>
+#include <sstream>
+#include <stdexcept>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -20,23 +23,37 @@ using OptTensor = std::optional<Tensor>;
 
 namespace {
 
+// Argument errors are thrown as std::invalid_argument (Python: ValueError, through pybind11's own translation)
+// rather than with TORCH_CHECK: on the lent H100/H200 build (torch 2.11, CUDA 13, 2026-12-06) a c10::Error
+// thrown from this extension crashed the interpreter (segmentation fault) instead of raising RuntimeError.
+template <typename... Args>
+std::string message(const Args&... args) {
+    std::ostringstream out;
+    (out << ... << args);
+    return out.str();
+}
+#define FIT3D_CHECK(cond, ...)                                                                      \
+    do {                                                                                             \
+        if (!(cond)) throw std::invalid_argument(message(__VA_ARGS__));       \
+    } while (0)
+
 // Dtype, device, layout and shape of an argument. `shape` holds the expected sizes, -1 for "any"; `like` (when
 // given) is the tensor whose device every argument of the op must share.
 void check_tensor(const Tensor& t, const char* name, std::initializer_list<int64_t> shape,
                   at::ScalarType dtype = at::kFloat, const Tensor* like = nullptr) {
-    TORCH_CHECK(t.is_cuda(), "fit3d rasterizer: ", name, " must be a CUDA tensor, got one on ", t.device());
-    TORCH_CHECK(like == nullptr || t.device() == like->device(), "fit3d rasterizer: ", name, " is on ", t.device(),
+    FIT3D_CHECK(t.is_cuda(), "fit3d rasterizer: ", name, " must be a CUDA tensor, got one on ", t.device());
+    FIT3D_CHECK(like == nullptr || t.device() == like->device(), "fit3d rasterizer: ", name, " is on ", t.device(),
                 " but the other arguments are on ", like->device());
-    TORCH_CHECK(t.scalar_type() == dtype, "fit3d rasterizer: ", name, " must have dtype ", dtype, ", got ",
+    FIT3D_CHECK(t.scalar_type() == dtype, "fit3d rasterizer: ", name, " must have dtype ", dtype, ", got ",
                 t.scalar_type());
-    TORCH_CHECK(t.is_contiguous(), "fit3d rasterizer: ", name, " must be contiguous");
+    FIT3D_CHECK(t.is_contiguous(), "fit3d rasterizer: ", name, " must be contiguous");
     bool ok = t.dim() == int64_t(shape.size());
     int64_t dim = 0;
     for (const int64_t size : shape) {
         ok = ok && (size < 0 || t.size(dim) == size);
         ++dim;
     }
-    TORCH_CHECK(ok, "fit3d rasterizer: ", name, " must have shape ", c10::IntArrayRef(shape), " (-1: any), got ",
+    FIT3D_CHECK(ok, "fit3d rasterizer: ", name, " must have shape ", c10::IntArrayRef(shape), " (-1: any), got ",
                 t.sizes());
 }
 
@@ -49,12 +66,12 @@ const float* optional_ptr(const OptTensor& t, const char* name, std::initializer
 
 // The launches put cameras on the grid's y dimension (at most 65535 blocks).
 void check_cameras(int64_t B) {
-    TORCH_CHECK(B <= 65535, "fit3d rasterizer: ", B, " cameras in one call exceed the CUDA launch grid (65535); "
+    FIT3D_CHECK(B <= 65535, "fit3d rasterizer: ", B, " cameras in one call exceed the CUDA launch grid (65535); "
                 "render them in batches of at most 65535");
 }
 
 void check_cuda(cudaError_t err, const char* what) {
-    TORCH_CHECK(err == cudaSuccess, "fit3d rasterizer: ", what, " failed: ", cudaGetErrorString(err));
+    if (err != cudaSuccess) throw std::runtime_error(message("fit3d rasterizer: ", what, " failed: ", cudaGetErrorString(err)));
 }
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
@@ -69,7 +86,7 @@ std::vector<std::pair<int, int>> plan_passes(int channels, int max_width, size_t
     check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
                "cudaDeviceGetAttribute");
     while (max_width > 4 && shared_bytes(max_width) > size_t(optin)) max_width -= 4;
-    TORCH_CHECK(shared_bytes(std::min(max_width, channels)) <= size_t(optin),
+    FIT3D_CHECK(shared_bytes(std::min(max_width, channels)) <= size_t(optin),
                 "fit3d rasterizer: the device offers ", optin, " bytes of shared memory per block, fewer than ",
                 shared_bytes(std::min(max_width, channels)), " needed");
     const int n_passes = (channels + max_width - 1) / max_width;
@@ -93,8 +110,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> project_fwd(const Tensor& means, cons
     check_tensor(opacities, "opacities", {N}, at::kFloat, &means);
     check_tensor(viewmats, "world_to_camera", {B, 4, 4}, at::kFloat, &means);
     check_tensor(Ks, "K", {B, 3, 3}, at::kFloat, &means);
-    TORCH_CHECK(width > 0 && height > 0, "fit3d rasterizer: bad image size ", width, " x ", height);
-    TORCH_CHECK(near_plane > 0.0 && near_plane < far_plane, "fit3d rasterizer: need 0 < near_plane < far_plane, got ",
+    FIT3D_CHECK(width > 0 && height > 0, "fit3d rasterizer: bad image size ", width, " x ", height);
+    FIT3D_CHECK(near_plane > 0.0 && near_plane < far_plane, "fit3d rasterizer: need 0 < near_plane < far_plane, got ",
                 near_plane, " and ", far_plane);
     const at::cuda::OptionalCUDAGuard guard(device_of(means));
     auto opts = means.options();
@@ -164,7 +181,7 @@ Tensor sh_fwd(const Tensor& sh, const Tensor& means, const Tensor& viewmats, int
     check_tensor(means, "means", {-1, 3});
     check_tensor(sh, "sh", {means.size(0), -1, 3}, at::kFloat, &means);
     check_tensor(viewmats, "world_to_camera", {-1, 4, 4}, at::kFloat, &means);
-    TORCH_CHECK(degree >= 0 && degree <= 3 && (degree + 1) * (degree + 1) <= sh.size(1), "bad sh_degree ", degree);
+    FIT3D_CHECK(degree >= 0 && degree <= 3 && (degree + 1) * (degree + 1) <= sh.size(1), "fit3d rasterizer: bad sh_degree ", degree);
     const at::cuda::OptionalCUDAGuard guard(device_of(means));
     const int64_t B = viewmats.size(0), N = means.size(0);
     Tensor colors = torch::empty({B, N, 3}, means.options());
@@ -187,7 +204,7 @@ std::tuple<Tensor, Tensor> sh_bwd(const Tensor& sh, const Tensor& means, const T
     check_tensor(sh, "sh", {means.size(0), -1, 3}, at::kFloat, &means);
     check_tensor(viewmats, "world_to_camera", {-1, 4, 4}, at::kFloat, &means);
     check_tensor(v_colors, "v_colors", {viewmats.size(0), means.size(0), 3}, at::kFloat, &means);
-    TORCH_CHECK(degree >= 0 && degree <= 3 && (degree + 1) * (degree + 1) <= sh.size(1), "bad sh_degree ", degree);
+    FIT3D_CHECK(degree >= 0 && degree <= 3 && (degree + 1) * (degree + 1) <= sh.size(1), "fit3d rasterizer: bad sh_degree ", degree);
     const at::cuda::OptionalCUDAGuard guard(device_of(means));
     Tensor v_sh = torch::empty_like(sh), v_means = torch::empty_like(means);
     fit3d::ShArgs a = {};
@@ -258,16 +275,16 @@ std::tuple<Tensor, Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tens
     check_tensor(depths, "depths", {B, N}, at::kFloat, &means2d);
     check_tensor(radii, "radii", {B, N}, at::kInt, &means2d);
     check_cameras(B);
-    TORCH_CHECK(width > 0 && height > 0 && width <= INT_MAX - fit3d::TILE_SIZE && height <= INT_MAX - fit3d::TILE_SIZE,
+    FIT3D_CHECK(width > 0 && height > 0 && width <= INT_MAX - fit3d::TILE_SIZE && height <= INT_MAX - fit3d::TILE_SIZE,
                 "fit3d rasterizer: bad image size ", width, " x ", height);
     const at::cuda::OptionalCUDAGuard guard(device_of(means2d));
     const int tiles_x = tiles_along(int(width)), tiles_y = tiles_along(int(height));
     // a pair's key is camera * tiles + tile, and B * tiles marks "no tile": all must fit 32 bits
-    TORCH_CHECK(B * int64_t(tiles_x) * tiles_y < int64_t(UINT32_MAX), "fit3d rasterizer: ", B, " cameras x ",
+    FIT3D_CHECK(B * int64_t(tiles_x) * tiles_y < int64_t(UINT32_MAX), "fit3d rasterizer: ", B, " cameras x ",
                 int64_t(tiles_x) * tiles_y, " tiles of ", fit3d::TILE_SIZE, " px overflow the 32-bit tile keys; "
                 "render fewer cameras per call or smaller images");
-    TORCH_CHECK(B * N < INT_MAX, "fit3d rasterizer: ", B, " cameras x ", N, " Gaussians exceed the int32 limit");
-    TORCH_CHECK(capacity < INT_MAX, "fit3d rasterizer: a capacity of ", capacity, " pairs exceeds the int32 limit");
+    FIT3D_CHECK(B * N < INT_MAX, "fit3d rasterizer: ", B, " cameras x ", N, " Gaussians exceed the int32 limit");
+    FIT3D_CHECK(capacity < INT_MAX, "fit3d rasterizer: a capacity of ", capacity, " pairs exceeds the int32 limit");
     auto int_opts = means2d.options().dtype(at::kInt);
     Tensor ranges = torch::zeros({B * tiles_x * tiles_y, 2}, int_opts);
     Tensor total = pinned_total(means2d.get_device());
@@ -320,7 +337,7 @@ std::tuple<Tensor, Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tens
                    "pair count copy");
         check_cuda(cudaStreamSynchronize(stream()), "pair count sync");  // host sync
         capacity = *total.data_ptr<int64_t>();
-        TORCH_CHECK(capacity < INT_MAX, "fit3d rasterizer: ", capacity, " (Gaussian, tile) pairs exceed the int32 limit");
+        FIT3D_CHECK(capacity < INT_MAX, "fit3d rasterizer: ", capacity, " (Gaussian, tile) pairs exceed the int32 limit");
         if (capacity == 0) return {ranges, torch::empty({0}, int_opts), total};
     } else {
         check_cuda(cudaMemcpyAsync(total.data_ptr<int64_t>(), device_total, sizeof(int64_t), cudaMemcpyDeviceToHost,
@@ -375,7 +392,7 @@ fit3d::RasterizeArgs rasterize_args(const Tensor& means2d, const Tensor& conics,
     check_tensor(depths, "depths", {B, N}, at::kFloat, &means2d);
     check_tensor(features, "features", {N, -1}, at::kFloat, &means2d);
     check_cameras(B);
-    TORCH_CHECK(width > 0 && height > 0, "fit3d rasterizer: bad image size ", width, " x ", height);
+    FIT3D_CHECK(width > 0 && height > 0, "fit3d rasterizer: bad image size ", width, " x ", height);
     check_tensor(tile_ranges, "tile_ranges", {B * tiles_along(int(width)) * tiles_along(int(height)), 2}, at::kInt,
                  &means2d);
     check_tensor(gaussian_ids, "gaussian_ids", {-1}, at::kInt, &means2d);
@@ -480,19 +497,22 @@ fit3d::ScalarType scalar_type(const Tensor& t, const char* name) {
         case at::kFloat: return fit3d::ScalarType::Float32;
         case at::kHalf: return fit3d::ScalarType::Float16;
         case at::kBFloat16: return fit3d::ScalarType::BFloat16;
-        default: TORCH_CHECK(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+        default:
+            throw std::invalid_argument(
+                message("fit3d feature loss: ", name, " must be float32, float16 or bfloat16, got ", t.scalar_type()));
     }
 }
 
 fit3d::FeatureL1Args feature_l1_args(const Tensor& decoded, const Tensor& target, const OptTensor& mask) {
     for (const auto& [t, name] : {std::pair{&decoded, "decoded"}, std::pair{&target, "target"}}) {
-        TORCH_CHECK(t->is_cuda() && t->dim() == 4, name, " must be a 4-d CUDA tensor");
-        TORCH_CHECK(t->is_contiguous(at::MemoryFormat::ChannelsLast), name, " must be channels-last contiguous");
+        FIT3D_CHECK(t->is_cuda() && t->dim() == 4, "fit3d feature loss: ", name, " must be a 4-d CUDA tensor");
+        FIT3D_CHECK(t->is_contiguous(at::MemoryFormat::ChannelsLast), "fit3d feature loss: ", name,
+                    " must be channels-last contiguous");
     }
-    TORCH_CHECK(target.size(0) == decoded.size(0) && target.size(1) == decoded.size(1),
+    FIT3D_CHECK(target.size(0) == decoded.size(0) && target.size(1) == decoded.size(1),
                 "fit3d feature loss: target ", target.sizes(), " must have the batch size and channels of decoded ",
                 decoded.sizes());
-    TORCH_CHECK(target.device() == decoded.device(), "fit3d feature loss: target is on ", target.device(),
+    FIT3D_CHECK(target.device() == decoded.device(), "fit3d feature loss: target is on ", target.device(),
                 " but decoded is on ", decoded.device());
     fit3d::FeatureL1Args a = {};
     a.B = int(decoded.size(0));
@@ -508,7 +528,7 @@ fit3d::FeatureL1Args feature_l1_args(const Tensor& decoded, const Tensor& target
     a.decoded = decoded.data_ptr();
     a.target = target.data_ptr();
     if (mask.has_value() && mask->defined()) {
-        TORCH_CHECK(mask->device() == decoded.device() && mask->scalar_type() == at::kBool && mask->is_contiguous() &&
+        FIT3D_CHECK(mask->device() == decoded.device() && mask->scalar_type() == at::kBool && mask->is_contiguous() &&
                         mask->dim() == 4 && mask->size(0) == a.B && mask->size(1) == 1 && mask->size(2) == a.H &&
                         mask->size(3) == a.W,
                     "fit3d feature loss: mask must be a contiguous bool tensor of shape [", a.B, ", 1, ", a.H, ", ",
