@@ -13,7 +13,7 @@ mkdir -p "$OUT"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" PYTHONUNBUFFERED=1
 export FIT3D_HF_NO_JIT=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PY="${PYTHON:-python3}"
-STAGES="${STAGES:-smoke tests raster profile finetune lift}"
+STAGES="${STAGES:-smoke tests timm raster profile finetune lift}"
 if ls .whl/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >>"$OUT/setup.log" 2>&1 \
         && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"

@@ -142,26 +142,7 @@ class Step:
             self.optimize()
 
 
-def _prefetched_steps(step: Step, batch, cache, flips, count: int) -> None:
-    """`count` steps as the trainer runs them with prefetching: batch k + 1's inputs are prepared on a side
-    stream while step k trains, and step k's loss is read only once step k + 1 is queued."""
-    from fit3d_hf.prefetch import prefetch_inputs
-
-    previous = None
-    batches = (batch for _ in range(count))
-    for _, inputs in prefetch_inputs(batches, lambda b: step.inputs(b, cache, flips), step.accelerator.device):
-        with step.accelerator.accumulate(step.model):
-            loss = step.forward(*inputs)
-            step.backward(loss)
-            step.optimize()
-        if previous is not None:
-            previous.item()
-        previous = loss.detach()
-    if previous is not None:
-        previous.item()
-
-
-def images_per_s(step: Step, batch, cache, flips, warmup: int, steps: int, prefetch: bool = False) -> float:
+def images_per_s(step: Step, batch, cache, flips, warmup: int, steps: int) -> float:
     """Global images/s of `steps` consecutive steps, with no synchronisation inside the timed region."""
     accelerator, device = step.accelerator, step.accelerator.device
     for _ in range(warmup):
@@ -169,11 +150,8 @@ def images_per_s(step: Step, batch, cache, flips, warmup: int, steps: int, prefe
     synchronize(device)
     accelerator.wait_for_everyone()
     start = time.perf_counter()
-    if prefetch:
-        _prefetched_steps(step, batch, cache, flips, steps)
-    else:
-        for _ in range(steps):
-            step(batch, cache, flips)
+    for _ in range(steps):
+        step(batch, cache, flips)
     synchronize(device)
     accelerator.wait_for_everyone()  # the slowest process ends the timed region
     return accelerator.num_processes * len(batch["image"]) * steps / (time.perf_counter() - start)
@@ -291,9 +269,6 @@ def main() -> None:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default="bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone")
-    parser.add_argument(
-        "--prefetch", type=int, nargs="+", default=[0], help="0: inputs prepared in the step; 1: on a side stream ahead"
-    )
     parser.add_argument("--pin", action="store_true", help="pinned CPU batches (as a DataLoader with pin_memory)")
     parser.add_argument(
         "--loader_workers", type=int, nargs="*", default=[4, 8, 16],
@@ -329,38 +304,36 @@ def main() -> None:
             flips = _flip_table(b, 0.5, 0, 0)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            for prefetch in args.prefetch:
-                rate = images_per_s(step, batch, cache, flips, args.warmup, args.steps, bool(prefetch))
-                split = time_split(step, batch, cache, flips, args.profile_steps) if args.profile_steps else None
-                if lora_rank == 0:
-                    best_full = max(best_full or 0.0, rate)
-                record = {
-                    "benchmark": "finetune_step",
-                    "device": device_name,
-                    "gpus": accelerator.num_processes if device.type == "cuda" else 0,
-                    "processes": accelerator.num_processes,
-                    "backbone": f"dinov2-{args.backbone}-sized (random)",
-                    "lora_rank": lora_rank,
-                    "trainable_params": step.num_trainable,
-                    "frozen_unused": step.frozen_unused,
-                    "mixed_precision": args.mixed_precision,
-                    "compiled": args.compile,
-                    "prefetch": bool(prefetch),
-                    "pinned": args.pin,
-                    "n": args.n,
-                    "feature_dim": FEATURE_DIM,
-                    "width": args.width,
-                    "height": args.height,
-                    "batch": b,  # per process
-                    "images_per_s": round(rate, 1),  # all processes together
-                    # per image of one process (its own batch), from the synchronised pass
-                    "ms_per_image": {phase: round(1000 * split[phase] / b, 3) for phase in PHASES} if split else None,
-                    "profiled_ms_per_image": round(1000 * sum(split.values()) / b, 3) if split else None,
-                    "step_ms_per_image": round(1000 * accelerator.num_processes / rate, 3),  # undisturbed, one process
-                    "peak_mib": round(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None,
-                }
-                if accelerator.is_main_process:
-                    print(json.dumps(record), flush=True)  # noqa: T201
+            rate = images_per_s(step, batch, cache, flips, args.warmup, args.steps)
+            split = time_split(step, batch, cache, flips, args.profile_steps) if args.profile_steps else None
+            if lora_rank == 0:
+                best_full = max(best_full or 0.0, rate)
+            record = {
+                "benchmark": "finetune_step",
+                "device": device_name,
+                "gpus": accelerator.num_processes if device.type == "cuda" else 0,
+                "processes": accelerator.num_processes,
+                "backbone": f"dinov2-{args.backbone}-sized (random)",
+                "lora_rank": lora_rank,
+                "trainable_params": step.num_trainable,
+                "frozen_unused": step.frozen_unused,
+                "mixed_precision": args.mixed_precision,
+                "compiled": args.compile,
+                "pinned": args.pin,
+                "n": args.n,
+                "feature_dim": FEATURE_DIM,
+                "width": args.width,
+                "height": args.height,
+                "batch": b,  # per process
+                "images_per_s": round(rate, 1),  # all processes together
+                # per image of one process (its own batch), from the synchronised pass
+                "ms_per_image": {phase: round(1000 * split[phase] / b, 3) for phase in PHASES} if split else None,
+                "profiled_ms_per_image": round(1000 * sum(split.values()) / b, 3) if split else None,
+                "step_ms_per_image": round(1000 * accelerator.num_processes / rate, 3),  # undisturbed, one process
+                "peak_mib": round(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None,
+            }
+            if accelerator.is_main_process:
+                print(json.dumps(record), flush=True)  # noqa: T201
         del step
         accelerator.free_memory()  # drops the accelerator's references to the prepared model and optimizer
 
