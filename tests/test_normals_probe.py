@@ -112,20 +112,22 @@ def test_synthetic_normals_are_analytic_and_agree_with_their_depth():
     np.testing.assert_allclose(up.T, np.broadcast_to(room.room_to_world[:3, 2], up.T.shape), atol=1e-6)
 
 
+def _normal_field(height: int, width: int, offsets: list[float]) -> torch.Tensor:
+    """`[3, H, W]` unit normals varying smoothly over the image (sampled at pixel centres)."""
+    a, b, c = offsets
+    y, x = torch.meshgrid((torch.arange(height) + 0.5) / height, (torch.arange(width) + 0.5) / width, indexing="ij")
+    return F.normalize(torch.stack([0.8 * x + a, 0.6 * y + b, -1.0 + 0.3 * c * x]), dim=0)
+
+
 def _smooth_normal_set(count: int, seed: int, grid=(8, 10), upsample: int = 4, noise: float = 0.0):
     """Features = a smooth normal field at the patch centres (+ 3 empty channels); targets = the field at 4x."""
     generator = torch.Generator().manual_seed(seed)
     raw, targets = [], []
     for _ in range(count):
-        a, b, c = (torch.rand(3, generator=generator) - 0.5).tolist()
-
-        def field(height, width):
-            y, x = torch.meshgrid((torch.arange(height) + 0.5) / height, (torch.arange(width) + 0.5) / width, indexing="ij")
-            return F.normalize(torch.stack([0.8 * x + a, 0.6 * y + b, -1.0 + 0.3 * c * x]), dim=0)
-
-        features = torch.cat([field(*grid), torch.zeros(3, *grid)]) + noise * torch.randn(6, *grid, generator=generator)
-        raw.append({"original": features})
-        targets.append(field(grid[0] * upsample, grid[1] * upsample))
+        offsets = (torch.rand(3, generator=generator) - 0.5).tolist()
+        features = torch.cat([_normal_field(*grid, offsets), torch.zeros(3, *grid)])
+        raw.append({"original": features + noise * torch.randn(6, *grid, generator=generator)})
+        targets.append(_normal_field(grid[0] * upsample, grid[1] * upsample, offsets))
     return CachedFeatureDataset(raw, targets)
 
 

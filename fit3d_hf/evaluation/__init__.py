@@ -21,7 +21,14 @@ from .heads import (
     sig_loss,
 )
 from .metrics import depth_errors, depth_scores, segmentation_areas, segmentation_scores
-from .normals import LinearNormalsHead, NormalsHeads, angular_errors, angular_loss, normals_rows, normals_scores
+from .normals import (
+    LinearNormalsHead,
+    NormalsHeads,
+    angular_errors,
+    angular_loss,
+    normals_rows,
+    normals_scores,
+)
 from .probes import (
     FrozenFeatures,
     ModelArguments,

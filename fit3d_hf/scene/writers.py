@@ -18,7 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from fit3d_hf.errors import InputError
-from fit3d_hf.scene.camera import colmap_to_scannetpp_nerfstudio, opencv_to_opengl_camera_to_world, rotmat_to_qvec
+from fit3d_hf.scene.camera import (
+    colmap_to_scannetpp_nerfstudio,
+    opencv_to_opengl_camera_to_world,
+    rotmat_to_qvec,
+)
 from fit3d_hf.scene.scene import Frame, Scene
 from fit3d_hf.scene.undistort import AUX_DIRS
 from fit3d_hf.utils import atomic_path, atomic_write_text
