@@ -119,6 +119,10 @@ def normals_to_tensor(value, column: str = "normals", *, axes: str = "x,y,z") ->
 class LinearNormalsHead(nn.Module):
     """BatchNorm + 1x1 conv on `[B, C, h, w]` features -> `[B, 3, H, W]` unit normals (bilinear upsampling).
 
+    The conv starts at (0, 0, -1), facing the camera, the direction every visible surface leans towards: a fresh
+    head is then within 90 degrees of almost every target, instead of pointing anywhere (zero weights and bias
+    would leave the direction to the noise of the initial weights).
+
     Args:
         in_channels: C, the feature channels.
     """
@@ -131,7 +135,8 @@ class LinearNormalsHead(nn.Module):
         self.norm = nn.BatchNorm2d(in_channels)
         self.conv = nn.Conv2d(in_channels, 3, kernel_size=1)
         nn.init.normal_(self.conv.weight, std=0.01)
-        nn.init.zeros_(self.conv.bias)
+        with torch.no_grad():
+            self.conv.bias.copy_(torch.tensor([0.0, 0.0, -1.0]))
 
     def forward(self, features: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
         """Unit normals `[B, 3, H, W]` at `output_size` (None keeps `h x w`), camera frame, OpenCV axes."""
