@@ -162,7 +162,7 @@ def _train_and_evaluate(train_set, test_set, steps: int):
 
 def test_features_that_encode_the_normals_give_near_zero_error():
     scores, losses = _train_and_evaluate(_smooth_normal_set(16, seed=0), _smooth_normal_set(8, seed=1), steps=300)
-    assert losses[-1] < 0.1 * losses[0]
+    assert losses[-1] < 0.2 * losses[0]
     assert scores["num_pixels"] == 8 * 32 * 40
     assert scores["mean"] < 2.0 and scores["median"] < 1.5, scores
     assert scores["within_11.25"] > 0.99, scores
