@@ -382,12 +382,19 @@ def test_convert_original_command(tmp_path, capsys):
         torch.testing.assert_close(
             output.finetuned_features, DenseFeatureExtractor(finetuned)(images), rtol=1e-5, atol=1e-5
         )
-    with pytest.raises(FileExistsError, match="--overwrite"):
-        fit3d_main(argv)
+    capsys.readouterr()
+    assert fit3d_main(argv) == 2  # an existing output is a usage error: the remedy is --overwrite
+    assert capsys.readouterr().err == (
+        f"fit3d convert-original: error: --output_dir {tmp_path / 'out'} already holds files; pass --overwrite "
+        "to replace them\n"
+    )
     bad = tmp_path / "bad.pth"
     torch.save({"args": "not a tensor"}, bad)
-    with pytest.raises(ValueError, match="does not hold a state dict"):
-        fit3d_main([*argv[:3], "--weights", str(bad), "--output_dir", str(tmp_path / "out2"), *argv[-2:]])
+    assert fit3d_main([*argv[:3], "--weights", str(bad), "--output_dir", str(tmp_path / "out2"), *argv[-2:]]) == 1
+    assert capsys.readouterr().err == (
+        f"fit3d convert-original: error: {bad} does not hold a state dict (a mapping of parameter names to "
+        "tensors)\n"
+    )
     assert not (tmp_path / "out2").exists()
 
 

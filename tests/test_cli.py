@@ -55,8 +55,8 @@ def test_export_dataset_writes_standalone_parquet(tmp_path, capsys):
 
     # an existing output is not touched without --overwrite
     shutil.move(tmp_path / "moved", root)
-    assert main(argv) == 1
-    assert "already exists" in capsys.readouterr().err
+    assert main(argv) == 2  # a usage error: the remedy is --overwrite
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"fit3d export-dataset: error: {out} already exists")
     assert len(list((out / "data").iterdir())) == 6
     assert main(argv + ["--overwrite", "--config", "points"]) == 0
     points = load_dataset(str(out), cache_dir=str(tmp_path / "cache3"))

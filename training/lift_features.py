@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 
 from accelerate import Accelerator
 
-from fit3d_hf.cli import parse_args
+from fit3d_hf.cli import parse_args, run_command
 from fit3d_hf.lifting import LiftingArguments, lift_many, resolve_scene_list
 
 
@@ -21,8 +21,8 @@ class ScenesArguments:
     )
 
 
-def main() -> None:
-    scenes_args, lift_args = parse_args("lift_features.py", __doc__, [ScenesArguments, LiftingArguments], sys.argv[1:])
+def main(argv: list[str]) -> None:
+    scenes_args, lift_args = parse_args("lift_features.py", __doc__, [ScenesArguments, LiftingArguments], argv)
     accelerator = Accelerator()
     lift_args = replace(lift_args, device=str(accelerator.device))
     scene_paths = resolve_scene_list(scenes_args.scenes)
@@ -34,4 +34,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("lift_features.py", main, sys.argv[1:]))

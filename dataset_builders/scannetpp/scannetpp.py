@@ -36,6 +36,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
+from fit3d_hf.errors import UsageError
 from fit3d_hf.scene.readers import SCANNETPP_SPLITS, read_scannetpp_scene, read_scannetpp_split
 
 __all__ = [
@@ -292,11 +293,9 @@ def export_parquet(
     """
     output_dir = Path(output_dir)
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not overwrite:
-        raise FileExistsError(
-            f"{output_dir} already exists and is not empty; pass overwrite=True (--overwrite)"
-        )
+        raise UsageError(f"{output_dir} already exists and is not empty; pass overwrite=True (--overwrite)")
     if config_name not in ("frames", "points"):
-        raise ValueError(f"unknown config {config_name!r}; expected 'frames' or 'points'")
+        raise UsageError(f"unknown config {config_name!r}; expected 'frames' or 'points'")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     try:

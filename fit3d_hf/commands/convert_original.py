@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from fit3d_hf.errors import CorruptFileError, InputError, MissingInputError, UsageError
+
 DESCRIPTION = "Convert the original FiT3D release's timm weights (<name>_finetuned.pth) into a FiT3DModel"
 
 logger = logging.getLogger(__name__)
@@ -83,14 +85,14 @@ def load_timm_state_dict(path: str | os.PathLike):
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
+        raise MissingInputError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
         state_dict = load_file(str(path))
     else:
         try:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-            raise ValueError(
+            raise CorruptFileError(
                 f"{path} cannot be read as a weights-only torch file ({error}). If it is a training "
                 "checkpoint holding more than tensors, save its 'model' state dict on its own first."
             ) from error
@@ -100,7 +102,7 @@ def load_timm_state_dict(path: str | os.PathLike):
                 state_dict = state_dict[key]
                 break
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise ValueError(f"{path} does not hold a state dict (a mapping of parameter names to tensors)")
+        raise InputError(f"{path} does not hold a state dict (a mapping of parameter names to tensors)")
     if state_dict and all(key.startswith("module.") for key in state_dict):
         state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
     return state_dict
@@ -135,11 +137,12 @@ def convert_original_weights(
     from fit3d_hf.modeling_fit3d import FiT3DModel
 
     if via not in _VIAS:
-        raise ValueError(f"--via must be one of {_VIAS}, got {via!r}")
+        raise UsageError(f"--via must be one of {_VIAS}, got {via!r}")
     known = ORIGINAL_TIMM_IDS if via == "timm" else BACKBONE_SHORT_NAMES
     if original is None and backbone not in known:
-        raise ValueError(
-            f"unknown backbone {backbone!r}: expected one of {sorted(known)}, or pass --original"
+        raise UsageError(
+            f"--backbone {backbone!r} is not a backbone of the original release: expected one of "
+            f"{sorted(known)}, or pass --original"
         )
     source = str(original) if original is not None else known[backbone]
     state_dict = load_timm_state_dict(weights)
@@ -149,20 +152,20 @@ def convert_original_weights(
     model_type = original_model.config.model_type
     if via == "transformers":
         if model_type not in ("dinov2", "dinov2_with_registers"):
-            raise ValueError(
+            raise UsageError(
                 f"{source} is a {model_type!r} model; timm weights map onto native transformers models only "
                 "for DINOv2 backbones. Use --via timm (pip install fit3d-hf[timm]) for this backbone."
             )
         finetuned.load_state_dict(convert_timm_dinov2_state_dict(state_dict, original_model))
     else:
         if model_type != "timm_wrapper":
-            raise ValueError(
+            raise UsageError(
                 f"--via timm needs a timm model as the original backbone, but {source} is {model_type!r}"
             )
         try:
             finetuned.timm_model.load_state_dict(state_dict)
         except RuntimeError as error:
-            raise ValueError(f"{weights} does not fit the timm model {source}: {error}") from error
+            raise InputError(f"{weights} does not fit the timm model {source}: {error}") from error
 
     reference = original_model.state_dict()
     changed = sum(not torch.equal(value, reference[key]) for key, value in finetuned.state_dict().items())
@@ -182,7 +185,7 @@ def save_checkpoint_atomically(
 
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{output_dir} already holds files; pass --overwrite to replace them")
+        raise UsageError(f"--output_dir {output_dir} already holds files; pass --overwrite to replace them")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
@@ -205,7 +208,7 @@ def main(argv: list[str]) -> int:
     (args,) = parse_args("fit3d convert-original", DESCRIPTION, [ConvertArguments], argv)
     output_dir = Path(args.output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"{output_dir} already holds files; pass --overwrite to replace them")
+        raise UsageError(f"--output_dir {output_dir} already holds files; pass --overwrite to replace them")
     model, changed = convert_original_weights(
         args.backbone, args.weights, original=args.original, via=args.via
     )

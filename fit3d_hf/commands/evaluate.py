@@ -42,18 +42,10 @@ def main(argv: list[str]) -> int:
     from fit3d_hf.evaluation.probes import ModelArguments, ProbeArguments, run_probe
     from fit3d_hf.evaluation.report import metric_columns
 
-    try:
-        model_args, data_args, probe_args = parse_args(
-            "fit3d evaluate", _HELP, [ModelArguments, ProbeDataArguments, ProbeArguments], argv
-        )
-    except ValueError as error:  # the options' own checks (__post_init__), as argparse reports its errors
-        sys.stderr.write(f"fit3d evaluate: error: {error}\n")
-        return 2
-    try:
-        results = run_probe(model_args, data_args, probe_args)
-    except FileNotFoundError as error:  # a missing model, data set or file: no traceback needed
-        sys.stderr.write(f"fit3d evaluate: error: {error}\n")
-        return 1
+    model_args, data_args, probe_args = parse_args(
+        "fit3d evaluate", _HELP, [ModelArguments, ProbeDataArguments, ProbeArguments], argv
+    )
+    results = run_probe(model_args, data_args, probe_args)
     keys = [key for key, _, _ in metric_columns(results)]
     summary = {row["name"]: {key: row.get(key) for key in keys} for row in results["rows"]}
     sys.stdout.write(

@@ -34,17 +34,13 @@ def main(argv: list[str]) -> int:
 
     (args,) = parse_args("fit3d preprocess-scannetpp", DESCRIPTION, [PreprocessScanNetppArguments], argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        folders = preprocess_scannetpp(
-            args.raw,
-            args.out,
-            args.scenes,
-            downscale=args.downscale,
-            jpeg_quality=args.jpeg_quality,
-            overwrite=args.overwrite,
-        )
-    except (FileNotFoundError, ValueError) as error:
-        sys.stderr.write(f"fit3d preprocess-scannetpp: error: {error}\n")
-        return 1
+    folders = preprocess_scannetpp(
+        args.raw,
+        args.out,
+        args.scenes,
+        downscale=args.downscale,
+        jpeg_quality=args.jpeg_quality,
+        overwrite=args.overwrite,
+    )
     sys.stdout.write(json.dumps({"out": args.out, "scenes": [folder.name for folder in folders]}) + "\n")
     return 0
