@@ -9,9 +9,12 @@ saved FiT3D checkpoints as remote code); this module adds loading, normalisation
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import logging
 import os
 import re
+from pathlib import Path
 from collections.abc import Mapping
 
 import torch
@@ -19,6 +22,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from .configuration_fit3d import IMAGENET_MEAN, IMAGENET_STD
+from .errors import HubUnavailableError, InputError, MissingInputError, UsageError
 from .modeling_fit3d import (
     SUPPORTED_BACKBONE_TYPES,
     backbone_dense_features,
@@ -87,16 +91,72 @@ def load_backbone(name_or_path: str | os.PathLike, **kwargs) -> PreTrainedModel:
     """
     path = resolve_backbone_name(name_or_path)
     hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
-    config = AutoConfig.from_pretrained(path, **hub_kwargs)
+    with _explain_load_errors(name_or_path, path):
+        config = AutoConfig.from_pretrained(path, **hub_kwargs)
     if config.model_type in SUPPORTED_BACKBONE_TYPES:
-        return AutoModel.from_pretrained(path, config=prepare_backbone_config(config), **kwargs)
+        with _explain_load_errors(name_or_path, path):
+            return AutoModel.from_pretrained(path, config=prepare_backbone_config(config), **kwargs)
     if getattr(config, "vision_config", None) is None:
-        raise ValueError(
+        raise InputError(
             f"{path} holds a {config.model_type!r} model, which is not a supported vision backbone "
             f"({', '.join(SUPPORTED_BACKBONE_TYPES)}, or a CLIP/SigLIP-style model with a vision tower)"
         )
     logger.info("Taking the vision tower of the %s model in %s", config.model_type, path)
-    return extract_vision_tower(AutoModel.from_pretrained(path, config=config, **kwargs))
+    with _explain_load_errors(name_or_path, path):
+        model = AutoModel.from_pretrained(path, config=config, **kwargs)
+    return extract_vision_tower(model)
+
+
+def _looks_like_local_path(name: str) -> bool:
+    # Hub ids are "name" or "namespace/name"; anything else with a separator or a leading dot or tilde is a path.
+    return name.startswith((".", "~", os.sep)) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+
+
+@contextlib.contextmanager
+def _explain_load_errors(name: str | os.PathLike, path: str):
+    """Turns transformers' loading errors into messages that say what was tried: a short name (with a
+    suggestion for typos), a local folder, or a Hub id (and whether the Hub could be reached)."""
+    try:
+        yield
+    except (OSError, ValueError) as error:  # transformers: OSError for files, ValueError for a bad config
+        raise _load_error(str(name), str(path), error) from error
+
+
+def _load_error(name: str, path: str, error: Exception) -> Exception:
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    from .hub import is_network_error
+
+    short_names = ", ".join(BACKBONE_SHORT_NAMES)
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return MissingInputError(
+            f"backbone folder {local} cannot be loaded ({first_line}): is it a save_pretrained folder with "
+            "config.json and the weights?"
+        )
+    close = difflib.get_close_matches(name, BACKBONE_SHORT_NAMES, n=1, cutoff=0.75)
+    if close and name not in BACKBONE_SHORT_NAMES and "/" not in name:
+        return InputError(f"unknown backbone {name!r}; did you mean {close[0]}? Short names: {short_names}")
+    if _looks_like_local_path(name) or local.exists():
+        return MissingInputError(f"backbone folder {name} does not exist")
+    cause = error.__cause__
+    if isinstance(cause, LocalEntryNotFoundError) or is_network_error(error):
+        from huggingface_hub import constants
+
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "no connection"
+        hub_id = f"{name!r}" if name == path else f"{name!r} (Hub id {path})"
+        return HubUnavailableError(
+            f"backbone {hub_id} is not a local folder and the Hub is unreachable ({why}), and it is not in the "
+            f"local cache ({constants.HF_HUB_CACHE}). Pass a local folder written by save_pretrained, or connect "
+            f"and try again. Short names: {short_names}"
+        )
+    if isinstance(cause, RepositoryNotFoundError) or "is not a local folder and is not a valid model" in first_line:
+        hint = f"; did you mean {close[0]}?" if close else "."
+        return InputError(
+            f"backbone {name!r} is neither a local folder nor a model on the Hub{hint} Short names: {short_names}"
+        )
+    return InputError(f"backbone {name!r} ({path}) cannot be loaded: {first_line}")
 
 
 class DenseFeatureExtractor(nn.Module):
@@ -177,7 +237,7 @@ class DenseFeatureExtractor(nn.Module):
             The extractor, with the backbone in eval mode.
         """
         if normalization not in _NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r}")
+            raise UsageError(f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r}")
         model = load_backbone(name_or_path, **kwargs)
         if normalization == "processor":
             hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import logging
 import os
 import sys
 import traceback
@@ -108,6 +109,29 @@ def known_error(error: BaseException) -> BaseException | None:
     return None
 
 
+class _StatusHandler(logging.Handler):
+    """Shows the library's status lines (INFO) and warnings on stderr, one line each, without breaking the
+    progress bars (written through tqdm)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        try:
+            prefix = "warning: " if record.levelno >= logging.WARNING else ""
+            tqdm.write(prefix + record.getMessage(), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+def show_status_lines() -> None:
+    """Shows the INFO messages of `fit3d_hf` (phases, skipped scenes, ...) on stderr; called once per run."""
+    package_logger = logging.getLogger("fit3d_hf")
+    if not any(isinstance(handler, _StatusHandler) for handler in package_logger.handlers):
+        package_logger.addHandler(_StatusHandler())
+    if package_logger.level == logging.NOTSET or package_logger.level > logging.INFO:
+        package_logger.setLevel(logging.INFO)
+
+
 def _debug_requested(argv: Sequence[str]) -> bool:
     return DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
@@ -127,6 +151,7 @@ def run_command(prog: str, command: Callable[[list[str]], int | None], argv: Seq
     """
     argv = list(argv)
     debug = _debug_requested(argv)
+    show_status_lines()
     try:
         return int(command(argv) or 0)
     except KeyboardInterrupt:

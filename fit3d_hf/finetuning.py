@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .errors import MissingInputError, UsageError
 from .gaussians import BundleMismatchError, GaussianBundle, load_bundle
 from .gaussians.bundle import BUNDLE_FILENAME
 from .losses import masked_l1
@@ -47,11 +48,15 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
+# accelerate's trackers (accelerate.utils.LoggerType), listed here so that --help needs no accelerate import.
+TRACKERS = ("none", "all", "tensorboard", "wandb", "trackio", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab")
+
 
 @dataclass
 class ModelArguments:
     backbone: str = field(metadata={"help": "Backbone to fine-tune: Hub id, local folder or short name (dinov2_small, ...)."})
-    normalization: str = field(default="imagenet", metadata={"help": "'imagenet' (FiT3D) or 'processor' input normalisation."})
+    normalization: str = field(default="imagenet", metadata={"help": "'imagenet' (FiT3D) or 'processor' input normalisation.", "choices": ["imagenet", "processor"]})
     lora_rank: int = field(default=0, metadata={"help": "Fine-tune rank-R LoRA adapters (peft) instead of all weights (0: full fine-tuning)."})
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: equal to the rank)."})
     lora_target_modules: str = field(
@@ -69,6 +74,10 @@ class DataArguments:
     max_validation_samples: int | None = field(default=64, metadata={"help": "Validate on at most N frames."})
     consistency_pairs: int = field(default=8, metadata={"help": "View pairs per validation scene for the multi-view consistency measure."})
     gaussian_cache_gb: float = field(default=8.0, metadata={"help": "Memory budget of the scene Gaussians kept loaded on the device."})
+    skip_scenes_without_bundles: bool = field(
+        default=False,
+        metadata={"help": "Leave out the frames of scenes that have no Gaussian bundle in --gaussians (default: refuse to start)."},
+    )
 
 
 @dataclass
@@ -81,14 +90,14 @@ class FinetuningArguments:
     max_train_steps: int | None = field(default=None, metadata={"help": "Stop after N optimisation steps (overrides epochs)."})
     train_batch_size: int = field(default=2, metadata={"help": "Frames per device per step."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches accumulated per optimisation step."})
-    mixed_precision: str = field(default="no", metadata={"help": "'no', 'bf16' or 'fp16' (autocast of the backbone)."})
+    mixed_precision: str = field(default="no", metadata={"help": "Autocast of the backbone (fp16 does nothing on a CPU).", "choices": list(MIXED_PRECISIONS)})
     dataloader_num_workers: int = field(default=0, metadata={"help": "Data loading worker processes."})
     seed: int = field(default=42, metadata={"help": "Seed of the weights' data order and flips."})
     flip_probability: float = field(default=0.5, metadata={"help": "Probability of a horizontal flip of image, target and mask."})
     checkpointing_steps: int = field(default=500, metadata={"help": "Save a resumable checkpoint every N steps (0: never)."})
     checkpoints_total_limit: int | None = field(default=None, metadata={"help": "Keep at most N checkpoints."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint folder, or 'latest'."})
-    report_to: str = field(default="tensorboard", metadata={"help": "Tracker: 'tensorboard', 'wandb', ... or 'none'."})
+    report_to: str = field(default="tensorboard", metadata={"help": "Tracker of the losses and metrics ('all': every installed one).", "choices": list(TRACKERS)})
     tracker_project_name: str = field(default="fit3d-finetune", metadata={"help": "Project name for the trackers."})
     logging_steps: int = field(default=10, metadata={"help": "Log the loss every N steps."})
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the fine-tuned backbone and the FiT3DModel."})
@@ -96,16 +105,27 @@ class FinetuningArguments:
     hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
 
     def __post_init__(self) -> None:
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"--mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
-        if self.train_batch_size < 1 or self.gradient_accumulation_steps < 1:
-            raise ValueError("--train_batch_size and --gradient_accumulation_steps must be at least 1")
+        # `fit3d_hf.cli.parse_args` reports these as argparse does (usage line, exit 2).
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise UsageError(f"--mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}; got {self.mixed_precision!r}")
+        if self.report_to not in TRACKERS:
+            raise UsageError(f"--report_to must be one of {', '.join(TRACKERS)}; got {self.report_to!r}")
+        for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_train_steps", "checkpoints_total_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UsageError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0 or self.weight_decay < 0 or self.max_grad_norm <= 0:
+            raise UsageError("--learning_rate and --max_grad_norm must be positive and --weight_decay 0 or more")
+        if self.checkpointing_steps < 0 or self.dataloader_num_workers < 0:
+            raise UsageError("--checkpointing_steps and --dataloader_num_workers must be 0 or more")
         if not 0 <= self.flip_probability <= 1:
-            raise ValueError(f"--flip_probability must be in [0, 1], got {self.flip_probability}")
+            raise UsageError(f"--flip_probability must be in [0, 1], got {self.flip_probability}")
         if self.push_to_hub and not self.hub_model_id:
-            raise ValueError("--push_to_hub needs --hub_model_id")
+            raise UsageError("--push_to_hub needs --hub_model_id")
         if self.report_to == "wandb" and self.hub_token is not None:
-            raise ValueError("Refusing --report_to wandb with --hub_token: the token would be logged. Use `hf auth login`.")
+            raise UsageError("Refusing --report_to wandb with --hub_token: the token would be logged. Use `hf auth login`.")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -135,15 +155,34 @@ def bundle_path(gaussians_dir: str | Path, scene_id: str) -> Path:
     return Path(gaussians_dir) / scene_id / BUNDLE_FILENAME
 
 
+def check_gaussians_dir(gaussians_dir) -> None:
+    """Refuses a `--gaussians` folder that does not exist (before anything is loaded)."""
+    path = Path(gaussians_dir)
+    if not path.is_dir():
+        what = "is a file, not a folder" if path.exists() else "does not exist"
+        raise MissingInputError(
+            f"--gaussians {path} {what}: pass the output folder of Stage I (`fit3d lift --out` or "
+            "training/lift_features.py --out), which holds <scene_id>/gaussians.safetensors"
+        )
+
+
+def scenes_without_bundles(scene_ids, gaussians_dir) -> list[str]:
+    """The scene ids (sorted) that have no bundle in `gaussians_dir`."""
+    return sorted({s for s in scene_ids if not bundle_path(gaussians_dir, s).is_file()})
+
+
 def check_frames_against_gaussians(scene_ids, gaussians_dir, backbone_dim: int, feature_dim: int | None = None) -> None:
     """Refuses, before training, frames whose scene has no bundle or a bundle for another backbone size."""
     from .gaussians import read_bundle_metadata
 
-    missing = sorted({s for s in scene_ids if not bundle_path(gaussians_dir, s).is_file()})
+    check_gaussians_dir(gaussians_dir)
+    missing = scenes_without_bundles(scene_ids, gaussians_dir)
     if missing:
-        raise FileNotFoundError(
-            f"{gaussians_dir} has no Gaussian bundle for {len(missing)} scene(s) of the frames, e.g. {missing[:5]}; "
-            f"run Stage I (`fit3d lift`) on them or drop their frames"
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise MissingInputError(
+            f"{gaussians_dir} has no Gaussian bundle for {len(missing)} of the {len(set(scene_ids))} scenes of the "
+            f"frames ({', '.join(missing[:5])}{more}); lift them first (`fit3d lift`), or pass "
+            "--skip_scenes_without_bundles to train on the other scenes' frames"
         )
     for scene_id in sorted(set(scene_ids)):
         metadata = read_bundle_metadata(bundle_path(gaussians_dir, scene_id))
@@ -158,8 +197,10 @@ def check_frames_against_gaussians(scene_ids, gaussians_dir, backbone_dim: int, 
 
 
 def _to_tensor_image(value, mode: str) -> torch.Tensor:
-    """A datasets Image value (PIL) -> uint8 `[C, H, W]`."""
-    array = np.asarray(value.convert(mode))
+    """A datasets Image value (PIL) -> uint8 `[C, H, W]` (16-bit grey scaled by its bit depth)."""
+    from .images import to_8bit
+
+    array = np.asarray(to_8bit(value).convert(mode))
     if array.ndim == 2:
         array = array[:, :, None]
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
@@ -308,7 +349,7 @@ def multiview_consistency(extractor, frames, cache: GaussianCache, pairs_per_sce
     for index, scene_id in enumerate(frames["scene_id"]):
         by_scene.setdefault(scene_id, []).append(index)
     scores = []
-    for scene_id, indices in sorted(by_scene.items()):
+    for scene_id, indices in tqdm(sorted(by_scene.items()), desc="multi-view consistency", unit="scene", leave=False):
         for a, b in list(zip(indices, indices[1:], strict=False))[:pairs_per_scene]:
             rows = [frames[a], frames[b]]
             images = torch.stack([image_to_tensor(r["image"]) for r in rows]).to(device)
@@ -420,6 +461,7 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: Finetunin
     from .backbones import DenseFeatureExtractor
 
     output_dir = Path(args.output_dir)
+    check_gaussians_dir(data_args.gaussians)  # before anything loads: a wrong path is the commonest mistake
     tracker = _check_trackers(args.report_to)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -449,6 +491,8 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: Finetunin
                 logger.warning("no validation split %r (%s): skipping validation", data_args.validation_split, error)
             if validation_frames is not None and data_args.max_validation_samples:
                 validation_frames = validation_frames.select(range(min(data_args.max_validation_samples, len(validation_frames))))
+    if data_args.skip_scenes_without_bundles:
+        train_frames, validation_frames = _drop_scenes_without_bundles(train_frames, validation_frames, data_args.gaussians)
     scene_ids = set(train_frames["scene_id"]) | (set(validation_frames["scene_id"]) if validation_frames is not None else set())
     check_frames_against_gaussians(scene_ids, data_args.gaussians, extractor.hidden_size)
 
@@ -543,13 +587,30 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: Finetunin
     return metrics
 
 
+def _drop_scenes_without_bundles(train_frames, validation_frames, gaussians_dir):
+    """`--skip_scenes_without_bundles`: the frames whose scene has a bundle (at least one training frame)."""
+    kept = []
+    for name, frames in (("training", train_frames), ("validation", validation_frames)):
+        if frames is None:
+            kept.append(None)
+            continue
+        missing = set(scenes_without_bundles(frames["scene_id"], gaussians_dir))
+        if missing:
+            frames = frames.filter(lambda scene_id: scene_id not in missing, input_columns="scene_id")
+            logger.info("leaving out the %s frames of %d scene(s) without a bundle: %s", name, len(missing), ", ".join(sorted(missing)[:5]))
+        kept.append(frames)
+    if len(kept[0]) == 0:
+        raise MissingInputError(f"{gaussians_dir} has a Gaussian bundle for none of the training frames' scenes")
+    return kept[0], kept[1]
+
+
 @torch.no_grad()
 def _validation_loss(extractor, frames, cache, accelerator, args) -> float:
     loader = torch.utils.data.DataLoader(FrameDataset(frames), batch_size=args.train_batch_size, collate_fn=collate_frames)
     loader = accelerator.prepare_data_loader(loader)
     no_flips = torch.zeros(len(frames), dtype=torch.bool)
     total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
-    for batch in loader:
+    for batch in tqdm(loader, desc="validation loss", leave=False, disable=not accelerator.is_local_main_process):
         images, targets, masks = training_step_inputs(batch, cache, extractor, no_flips, accelerator.device)
         with accelerator.autocast():
             predictions = extractor(images)

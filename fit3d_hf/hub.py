@@ -191,6 +191,21 @@ def model_card_for_checkpoint(folder: str | os.PathLike, **kwargs) -> ModelCard:
     return make_model_card(base_model, **kwargs)
 
 
+def write_image_processor(folder: str | os.PathLike) -> Path:
+    """Writes the image processor (`preprocessor_config.json`) of the FiT3D checkpoint in `folder`, for
+    checkpoints saved before `FiT3DModel.save_pretrained` wrote it."""
+    from .configuration_fit3d import FiT3DConfig
+    from .modeling_fit3d import fit3d_image_processor
+
+    config_path = Path(folder) / "config.json"
+    try:
+        config = FiT3DConfig.from_pretrained(folder)
+    except (OSError, ValueError) as error:
+        raise InputError(f"{config_path} is not the config of a FiT3D checkpoint: {error}") from error
+    fit3d_image_processor(config).save_pretrained(folder)
+    return Path(folder) / "preprocessor_config.json"
+
+
 def save_model_card(card: ModelCard, folder: str | os.PathLike) -> Path:
     """Writes `card` to `folder/README.md` through a temporary file, so no half-written card is left."""
     folder = Path(folder)
@@ -295,4 +310,5 @@ __all__ = [
     "model_card_for_checkpoint",
     "push_to_hub",
     "save_model_card",
+    "write_image_processor",
 ]

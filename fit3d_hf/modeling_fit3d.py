@@ -19,8 +19,68 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
+from transformers.utils import logging as transformers_logging
 
 from .configuration_fit3d import FiT3DConfig
+
+logger = transformers_logging.get_logger(__name__)
+
+# Float input outside this range is almost surely not an image in [0, 1] (0-255 values, or already normalised).
+_PIXEL_RANGE_TOLERATED = (-0.5, 1.5)
+
+
+def fit3d_image_processor(config: FiT3DConfig):
+    """The image processor that prepares images the way a FiT3D model takes them: RGB, channels first,
+    scaled to [0, 1], neither resized nor normalised (the model resizes down to a patch multiple and
+    normalises inside, so images of any size work).
+
+    It is a `ViTImageProcessor` set up so, which any transformers installation loads without remote code;
+    its `image_mean`/`image_std` record the statistics the model applies itself (with `do_normalize=False`).
+
+    Args:
+        config: The model's configuration.
+
+    Returns:
+        The processor; `processor(images=..., return_tensors="pt")` gives the model's `pixel_values`.
+    """
+    from transformers import ViTImageProcessor  # imported here: the image-processing stack is slow to import
+
+    return ViTImageProcessor(
+        do_resize=False,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=False,
+        image_mean=list(config.image_mean),
+        image_std=list(config.image_std),
+    )
+
+
+def check_pixel_values(pixel_values: torch.Tensor) -> None:
+    """Refuses what is not a batch of images in [0, 1], and warns once about floats far outside that range.
+
+    Args:
+        pixel_values: `[B, 3, H, W]` images; float, values in [0, 1].
+    """
+    if not torch.is_tensor(pixel_values):
+        raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+    if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+        raise ValueError(
+            f"pixel_values must be [B, 3, H, W] images in [0, 1], got shape {tuple(pixel_values.shape)}"
+        )
+    if not pixel_values.is_floating_point():
+        raise ValueError(
+            f"pixel_values are {pixel_values.dtype}, but the model takes float images in [0, 1]: convert them "
+            "with `pixel_values.float() / 255` (8-bit) or `/ 65535` (16-bit), or prepare them with the image "
+            "processor saved beside the model (AutoImageProcessor.from_pretrained)"
+        )
+    if pixel_values.numel() and not torch.compiler.is_compiling():
+        low, high = (float(v) for v in torch.aminmax(pixel_values.detach()))
+        if low < _PIXEL_RANGE_TOLERATED[0] or high > _PIXEL_RANGE_TOLERATED[1]:
+            # One fixed message, so that warning_once shows it once per process whatever the values.
+            logger.warning_once(
+                "pixel_values fall far outside [0, 1], but the model takes images in [0, 1] and normalises them "
+                "itself: divide 0-255 values by 255, and do not normalise them beforehand"
+            )
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -370,6 +430,19 @@ class FiT3DModel(FiT3DPreTrainedModel):
         """Patch side p of both backbones, in pixels."""
         return backbone_patch_size(self.original)
 
+    def image_processor(self):
+        """The image processor of this model (see `fit3d_image_processor`)."""
+        return fit3d_image_processor(self.config)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus the image processor (`preprocessor_config.json`), so that
+        `AutoImageProcessor.from_pretrained` and `pipeline("image-feature-extraction")` work on the folder."""
+        if kwargs.get("is_main_process", True):
+            os.makedirs(save_directory, exist_ok=True)
+            # Written first, so that an upload (push_to_hub=True) includes it.
+            self.image_processor().save_pretrained(save_directory)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     @property
     def hidden_size(self) -> int:
         """Channels D of each backbone's features (the FiT3D features have 2D)."""
@@ -464,10 +537,7 @@ class FiT3DModel(FiT3DPreTrainedModel):
         """
         if kwargs:
             raise TypeError(f"FiT3DModel.forward got unexpected arguments: {sorted(kwargs)}")
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
-            raise ValueError(
-                f"pixel_values must be [B, 3, H, W] images in [0, 1], got shape {tuple(pixel_values.shape)}"
-            )
+        check_pixel_values(pixel_values)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         pixel_values = resize_to_patch_multiple(pixel_values, self.patch_size)
         pixel_values = (pixel_values - self.image_mean) / self.image_std
@@ -554,7 +624,9 @@ __all__ = [
     "backbone_hidden_size",
     "backbone_num_prefix_tokens",
     "backbone_patch_size",
+    "check_pixel_values",
     "extract_vision_tower",
+    "fit3d_image_processor",
     "prepare_backbone_config",
     "processor_mean_std",
     "resize_to_patch_multiple",

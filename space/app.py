@@ -25,6 +25,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from fit3d_hf import FiT3DConfig, FiT3DModel
+from fit3d_hf.images import to_8bit
 from fit3d_hf.visualization import cosine_similarity_map, heatmap_rgb, kmeans_segments, label_colors, pca_rgb
 
 __all__ = [
@@ -255,10 +256,11 @@ def load_models(
 def prepare_image(image: Image.Image | np.ndarray, max_side: int) -> Image.Image:
     """Any PIL image or array -> an RGB image whose long side is at most `max_side`.
 
-    Transparent pixels are composited onto white; grayscale, palette, CMYK and 16-bit images become RGB.
+    Transparent pixels are composited onto white; grayscale, palette, CMYK and 16-bit images become RGB
+    (16-bit ones scaled by their bit depth, as the scene readers do, not stretched to their maximum).
 
     Args:
-        image: PIL image, or `[H, W]` / `[H, W, 3|4]` array (uint8, or float in [0, 1]).
+        image: PIL image, or `[H, W]` / `[H, W, 3|4]` array (uint8, uint16, or float in [0, 1]).
         max_side: cap on the long side in pixels (larger images are downscaled, aspect kept).
 
     Returns:
@@ -266,7 +268,9 @@ def prepare_image(image: Image.Image | np.ndarray, max_side: int) -> Image.Image
     """
     if isinstance(image, np.ndarray):
         array = image
-        if array.dtype != np.uint8:
+        if array.dtype == np.uint16:  # scaled by the bit depth, like 16-bit files
+            array = (array.astype(np.float64) * (255.0 / 65535.0)).round().astype(np.uint8)
+        elif array.dtype != np.uint8:
             array = (np.clip(array.astype(np.float64), 0.0, 1.0) * 255).round().astype(np.uint8)
         if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
             raise gr.Error(
@@ -274,11 +278,9 @@ def prepare_image(image: Image.Image | np.ndarray, max_side: int) -> Image.Image
             )
         image = Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array)
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        # High-bit-depth grayscale: stretch to 8 bits by the maximum (PIL's convert would clip at 255).
-        values = np.asarray(image, dtype=np.float64)
-        peak = values.max() if values.size and values.max() > 0 else 1.0
-        image = Image.fromarray((np.clip(values / peak, 0, 1) * 255).round().astype(np.uint8))
+    # High-bit-depth grey pictures: scaled by their bit depth, as the scene readers do (PIL's convert would
+    # clip them at 255), so an 8-bit and a 16-bit copy of a picture give the same features.
+    image = to_8bit(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

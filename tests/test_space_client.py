@@ -228,8 +228,13 @@ def test_prepare_image_converts_modes_and_caps_size():
     gray = app.prepare_image(Image.fromarray(np.full((8, 8), 77, np.uint8), "L"), 1024)
     assert gray.mode == "RGB" and tuple(np.asarray(gray)[3, 3]) == (77, 77, 77)
 
-    deep = Image.fromarray(np.array([[0, 2000], [4000, 1000]], np.int32), "I")  # e.g. a 16-bit PNG
-    assert np.asarray(app.prepare_image(deep, 1024))[:, :, 0].tolist() == [[0, 128], [255, 64]]
+    # 16-bit grey pictures are scaled by their bit depth (65535 -> 255), not stretched to their maximum.
+    deep = Image.fromarray(np.array([[0, 65535], [128 * 257, 257]], np.int32), "I")  # e.g. a 16-bit PNG
+    assert np.asarray(app.prepare_image(deep, 1024))[:, :, 0].tolist() == [[0, 255], [128, 1]]
+    dim = Image.fromarray(np.array([[0, 2000], [4000, 1000]], np.int32), "I")  # a dark picture stays dark
+    assert np.asarray(app.prepare_image(dim, 1024))[:, :, 0].tolist() == [[0, 8], [16, 4]]
+    array16 = np.array([[0, 65535], [128 * 257, 257]], np.uint16)
+    assert np.asarray(app.prepare_image(array16, 1024))[:, :, 0].tolist() == [[0, 255], [128, 1]]
 
     big = app.prepare_image(np.zeros((3000, 1500, 3), np.uint8), 1024)
     assert big.size == (512, 1024)

@@ -14,7 +14,6 @@ import os
 import pickle
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -182,12 +181,12 @@ def save_checkpoint_atomically(
 ) -> Path:
     """`save_pretrained` into a temporary folder beside `output_dir`, then rename it into place."""
     from fit3d_hf.hub import save_model_card
+    from fit3d_hf.utils import make_staging_dir
 
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise UsageError(f"--output_dir {output_dir} already holds files; pass --overwrite to replace them")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    staging = make_staging_dir(output_dir)  # gets the umask's permissions, unlike mkdtemp
     try:
         model.save_pretrained(staging)
         if card is not None:

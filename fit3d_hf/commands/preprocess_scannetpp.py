@@ -27,13 +27,10 @@ class PreprocessScanNetppArguments:
 
 
 def main(argv: list[str]) -> int:
-    import logging
-
     from fit3d_hf.cli import parse_args
     from fit3d_hf.scene.preprocess_scannetpp import preprocess_scannetpp
 
     (args,) = parse_args("fit3d preprocess-scannetpp", DESCRIPTION, [PreprocessScanNetppArguments], argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     folders = preprocess_scannetpp(
         args.raw,
         args.out,

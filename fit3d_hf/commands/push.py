@@ -38,7 +38,7 @@ class PushArguments:
 def main(argv: list[str]) -> int:
     from fit3d_hf.cli import parse_args
     from fit3d_hf.errors import InputError, MissingInputError
-    from fit3d_hf.hub import model_card_for_checkpoint, push_to_hub, save_model_card
+    from fit3d_hf.hub import model_card_for_checkpoint, push_to_hub, save_model_card, write_image_processor
 
     (args,) = parse_args("fit3d push", DESCRIPTION, [PushArguments], argv)
     model_dir = Path(args.model_dir)
@@ -57,6 +57,9 @@ def main(argv: list[str]) -> int:
         card = model_card_for_checkpoint(model_dir, repo_id=args.repo_id, metrics=metrics)
         save_model_card(card, model_dir)
         sys.stdout.write(f"wrote the model card {model_dir / 'README.md'}\n")
+    if not (model_dir / "preprocessor_config.json").is_file() and (model_dir / "config.json").is_file():
+        write_image_processor(model_dir)
+        sys.stdout.write(f"wrote the image processor {model_dir / 'preprocessor_config.json'}\n")
     commit = push_to_hub(model_dir, args.repo_id, private=args.private, commit_message=args.commit_message)
     sys.stdout.write(
         json.dumps({"repo_id": args.repo_id, "commit_url": str(getattr(commit, "commit_url", commit))}) + "\n"

@@ -286,9 +286,11 @@ def _as_array(value, column: str) -> np.ndarray:
 
 
 def image_to_tensor(value, column: str = "image") -> torch.Tensor:
-    """An RGB image value -> `[3, H, W]` float in [0, 1]."""
+    """An RGB image value -> `[3, H, W]` float in [0, 1] (16-bit grey pictures scaled by their bit depth)."""
     if hasattr(value, "mode") and value.mode != "RGB":
-        value = value.convert("RGB")
+        from fit3d_hf.images import to_8bit
+
+        value = to_8bit(value).convert("RGB")
     array = _as_array(value, column)
     if array.ndim == 3 and array.shape[0] == 3 and array.shape[-1] != 3:  # channel-first arrays
         array = array.transpose(1, 2, 0)

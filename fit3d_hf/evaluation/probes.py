@@ -104,8 +104,8 @@ _SIG_LOSS_WARMUP_STEPS = 100  # the reference SigLoss's warm-up, out of 38400 it
 class ModelArguments:
     model: str | None = field(default=None, metadata={"help": "FiT3DModel to evaluate (folder or Hub id): gives the rows original, fine-tuned and FiT3D."})
     baseline: str | None = field(default=None, metadata={"help": "A plain backbone (Hub id, folder or short name like dinov2_small): adds a 'baseline' row."})
-    normalization: str = field(default="imagenet", metadata={"help": "Input normalisation of --baseline: 'imagenet' or 'processor'."})
-    backbone_dtype: str = field(default="float32", metadata={"help": "dtype of the frozen backbones: float32, bfloat16 or float16 (heads train in float32)."})
+    normalization: str = field(default="imagenet", metadata={"help": "Input normalisation of --baseline: 'imagenet' or 'processor'.", "choices": ["imagenet", "processor"]})
+    backbone_dtype: str = field(default="float32", metadata={"help": "dtype of the frozen backbones: float32, bfloat16 or float16 (heads train in float32).", "choices": ["float32", "bfloat16", "float16"]})
 
     def __post_init__(self) -> None:
         if not self.model and not self.baseline:
@@ -124,7 +124,7 @@ class ProbeArguments:
     eval_batch_size: int = field(default=1, metadata={"help": "Images per device at evaluation (images of different sizes need 1)."})
     learning_rate: float | None = field(default=None, metadata={"help": "AdamW learning rate (reference: 1e-3 segmentation, 1e-4 depth)."})
     weight_decay: float | None = field(default=None, metadata={"help": "AdamW weight decay (reference: 1e-4 segmentation, 0.01 depth)."})
-    lr_schedule: str | None = field(default=None, metadata={"help": "poly, cosine or constant (reference: poly segmentation, cosine depth)."})
+    lr_schedule: str | None = field(default=None, metadata={"help": "poly, cosine or constant (reference: poly segmentation, cosine depth).", "choices": ["poly", "cosine", "constant"]})
     warmup_steps: int | None = field(default=None, metadata={"help": "Linear warm-up iterations (default: the reference's share of max_steps, 1500/40000 or 12800/38400)."})
     warmup_ratio: float | None = field(default=None, metadata={"help": "Learning-rate factor at the start of the warm-up (reference: 1e-6 / 1e-3)."})
     max_grad_norm: float | None = field(default=None, metadata={"help": "Gradient clipping per head, 0 = off (reference: off segmentation, 35 depth)."})
@@ -135,7 +135,7 @@ class ProbeArguments:
     train_short_side: int | None = field(default=None, metadata={"help": "Shorter image side before the random rescale (reference: 512 segmentation; none for depth)."})
     flip_probability: float = field(default=0.5, metadata={"help": "Probability of a horizontal flip in training."})
     photometric_distortion: bool | None = field(default=None, metadata={"help": "With augmentation, mmseg's PhotoMetricDistortion of the training images after the crop and flip: random brightness, contrast, saturation, hue (reference: on for segmentation, off for depth). Pass true/false."})
-    eval_mode: str | None = field(default=None, metadata={"help": "Segmentation inference: 'slide' windows (reference) or 'whole' image."})
+    eval_mode: str | None = field(default=None, metadata={"help": "Segmentation inference: 'slide' windows (reference) or 'whole' image.", "choices": ["slide", "whole"]})
     eval_crop_size: str | None = field(default=None, metadata={"help": "Sliding-window size (default: crop_size)."})
     eval_stride: str | None = field(default=None, metadata={"help": "Sliding-window stride (default: 2/3 of the window, 341 for 512)."})
     eval_short_side: int | None = field(default=None, metadata={"help": "Resize images to this shorter side for inference (default: train_short_side with augmentation); scores are at label size."})
@@ -144,8 +144,8 @@ class ProbeArguments:
     min_depth: float = field(default=1e-3, metadata={"help": "Smallest depth (first bin centre; evaluation ignores ground truth below it)."})
     max_depth: float = field(default=10.0, metadata={"help": "Largest depth (last bin centre; evaluation ignores ground truth beyond it): 10 NYU, 20 ScanNet++, 80 KITTI."})
     n_bins: int = field(default=256, metadata={"help": "Depth classes of the depth head."})
-    bins_strategy: str = field(default="UD", metadata={"help": "Depth bin centres: UD (uniform, reference) or SID (log-uniform)."})
-    norm_strategy: str = field(default="linear", metadata={"help": "Bin score normalisation: linear (reference), softmax or sigmoid."})
+    bins_strategy: str = field(default="UD", metadata={"help": "Depth bin centres: UD (uniform, reference) or SID (log-uniform).", "choices": ["UD", "SID"]})
+    norm_strategy: str = field(default="linear", metadata={"help": "Bin score normalisation: linear (reference), softmax or sigmoid.", "choices": ["linear", "softmax", "sigmoid"]})
     depth_upsample: int = field(default=4, metadata={"help": "Upsampling of the features before the depth head's conv."})
     gradient_loss_weight: float = field(default=0.5, metadata={"help": "Weight of the gradient loss next to SigLoss."})
     thresholds: str = field(default="5,10,20", metadata={"help": "Correspondence: pixel thresholds of the recall."})

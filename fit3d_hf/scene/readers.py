@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fit3d_hf.errors import MissingInputError
 from fit3d_hf.scene.camera import (
     Camera,
     intrinsics_matrix,
@@ -360,6 +361,37 @@ def _resolve_file(base: Path, relative: str, where: str, what: str, try_extensio
     raise FileNotFoundError(f"{where}: {what} {path} does not exist")
 
 
+class _MissingFiles:
+    """Resolves the files a scene's listing names, collecting those that do not exist, so that one error
+    counts them all and names the first few (a scene copied without half its images should not take a run
+    per missing file to find out)."""
+
+    SHOWN = 5
+
+    def __init__(self, listing: Path, num_frames: int):
+        self.listing, self.num_frames = listing, num_frames
+        self.missing: list[tuple[str, Path]] = []  # (message, path)
+
+    def resolve(self, base: Path, relative: str, where: str, what: str, try_extensions: bool = False) -> Path | None:
+        try:
+            return _resolve_file(base, relative, where, what, try_extensions)
+        except FileNotFoundError as error:
+            self.missing.append((str(error), base / relative))
+            return None
+
+    def check(self) -> None:
+        """Raises `MissingInputError` when any file was missing: its own message for one, else a count."""
+        if len(self.missing) == 1:
+            raise MissingInputError(self.missing[0][0])
+        if self.missing:
+            shown = ", ".join(str(path) for _, path in self.missing[: self.SHOWN])
+            more = f" and {len(self.missing) - self.SHOWN} more" if len(self.missing) > self.SHOWN else ""
+            raise MissingInputError(
+                f"{self.listing}: {len(self.missing)} files it lists for its {self.num_frames} frames do not "
+                f"exist: {shown}{more}"
+            )
+
+
 def _frame_entries(meta: dict, json_path: Path) -> tuple[list[tuple[dict, str]], set[str]]:
     """`frames` + `test_frames` (ScanNet++), deduplicated by file path (ScanNet++'s downscaling step left
     the test frames in `frames` too). Returns `(frame, where)` pairs and the test file paths."""
@@ -411,6 +443,7 @@ def read_scannetpp_scene(scene_dir: Path | str, *, cache_dir: Path | str | None 
     relative_paths = [frame["file_path"] for frame, _ in entries]
     image_ids = _unique_image_ids(relative_paths)
     raw_frames, test_ids = [], set()
+    missing = _MissingFiles(json_path, len(entries))
     for (frame, where), image_id in zip(entries, image_ids, strict=True):
         relative = frame["file_path"]
         # ScanNet++ names images relative to images/; accept paths relative to the scene folder too.
@@ -419,14 +452,17 @@ def read_scannetpp_scene(scene_dir: Path | str, *, cache_dir: Path | str | None 
             if (scene_dir / relative).is_file() and not (images_dir / relative).is_file()
             else images_dir
         )
-        image_path = _resolve_file(base, relative, where, "image")
-        K, width, height, distortion = _transforms_intrinsics(meta, frame, where, image_path)
+        image_path = missing.resolve(base, relative, where, "image")
+        mask_path = None
         if frame.get("mask_path"):
             mask_base = scene_dir / "masks"
             if not (mask_base / frame["mask_path"]).is_file() and (scene_dir / frame["mask_path"]).is_file():
                 mask_base = scene_dir
-            mask_path = _resolve_file(mask_base, frame["mask_path"], where, "mask")
-        else:
+            mask_path = missing.resolve(mask_base, frame["mask_path"], where, "mask")
+        if image_path is None or (frame.get("mask_path") and mask_path is None):
+            continue
+        K, width, height, distortion = _transforms_intrinsics(meta, frame, where, image_path)
+        if not frame.get("mask_path"):
             mask_path = _aux_path(images_dir, Path(relative).name, "mask")
         raw_frames.append(
             RawFrame(
@@ -445,6 +481,7 @@ def read_scannetpp_scene(scene_dir: Path | str, *, cache_dir: Path | str | None 
         )
         if relative in test_paths:
             test_ids.add(image_id)
+    missing.check()
     points = read_colmap_points(points_path)
     if len(points[0]) == 0:
         raise ValueError(f"{points_path} holds no points; a ScanNet++ scene needs its sparse points")
@@ -479,10 +516,15 @@ def read_nerfstudio_scene(transforms_path: Path | str, *, cache_dir: Path | str 
     entries, test_paths = _frame_entries(meta, json_path)
     test_filenames = meta.get("test_filenames") or []
     test_paths |= {os.path.normpath(name) for name in test_filenames}
+    missing = _MissingFiles(json_path, len(entries))
     image_paths = [
-        _resolve_file(root, frame["file_path"], where, "image", try_extensions=True)
-        for frame, where in entries
+        missing.resolve(root, frame["file_path"], where, "image", try_extensions=True) for frame, where in entries
     ]
+    for frame, where in entries:
+        for kind, key in (("mask", "mask_path"), ("depth", "depth_file_path"), ("label", "label_path")):
+            if frame.get(key):
+                missing.resolve(root, frame[key], where, kind)
+    missing.check()
     relative_paths = [os.path.relpath(path, root) for path in image_paths]
     image_ids = _unique_image_ids(relative_paths)
     raw_frames, test_ids = [], set()
@@ -557,16 +599,17 @@ def _colmap_camera(model: str, params: list[float]) -> tuple[np.ndarray, Distort
     return K, distortion
 
 
-def _colmap_lines(path: Path) -> list[str]:
+def _colmap_lines(path: Path) -> list[tuple[int, str]]:
+    """The lines of a COLMAP text file that are not comments, each with its line number in the file."""
     if not path.is_file():
         raise FileNotFoundError(f"COLMAP file {path} does not exist")
     with open(path) as handle:
-        return [line.rstrip("\r\n") for line in handle if not line.startswith("#")]
+        return [(number, line.rstrip("\r\n")) for number, line in enumerate(handle, 1) if not line.startswith("#")]
 
 
 def _read_colmap_cameras(path: Path) -> dict[int, tuple[str, int, int, np.ndarray, Distortion | None]]:
     cameras = {}
-    for number, line in enumerate(_colmap_lines(path), start=1):
+    for number, line in _colmap_lines(path):
         tokens = line.split()
         if not tokens:
             continue
@@ -647,14 +690,14 @@ def read_colmap_scene(
     lines = _colmap_lines(images_path)
     index = 0
     while index < len(lines):
-        if not lines[index].strip():
-            index += 1
-            continue
-        headers.append((index + 1, lines[index].split()))
+        number, line = lines[index]
         index += 1
+        if not line.strip():
+            continue
+        headers.append((number, line.split()))
         # Each record is a header and a POINTS2D line, which is empty for an image without points; a
         # hand-written file may leave it out, so only a blank or all-numeric line is taken as one.
-        if index < len(lines) and _is_points2d_line(lines[index]):
+        if index < len(lines) and _is_points2d_line(lines[index][1]):
             index += 1
     names = []
     for number, tokens in headers:
@@ -664,6 +707,7 @@ def read_colmap_scene(
     image_ids = _unique_image_ids(names)
 
     raw_frames = []
+    missing = _MissingFiles(images_path, len(headers))
     for (number, tokens), name, image_id in zip(headers, names, image_ids, strict=True):
         where = f"{images_path}, image line {number} ({name})"
         try:
@@ -683,10 +727,13 @@ def read_colmap_scene(
         except ValueError as error:
             raise ValueError(f"{where}: invalid camera: {error}") from error
         world_to_camera[:3, 3] = tvec
+        image_path = missing.resolve(images_dir, name, where, "image")
+        if image_path is None:
+            continue
         raw_frames.append(
             RawFrame(
                 image_id,
-                _resolve_file(images_dir, name, where, "image"),
+                image_path,
                 K,
                 world_to_camera,
                 width,
@@ -698,6 +745,7 @@ def read_colmap_scene(
                 label_path=_aux_path(images_dir, name, "label"),
             )
         )
+    missing.check()
     if not raw_frames:
         raise ValueError(f"{images_path} lists no images")
     points_path = model_dir / "points3D.txt"

@@ -113,8 +113,10 @@ def load_image(path: Path | str) -> np.ndarray:
         FileNotFoundError: the file does not exist.
         ValueError: the file is not a readable image.
     """
-    image = _open(path, "image")
-    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    from fit3d_hf.images import to_float_rgb
+
+    # 16-bit grey pictures are scaled by their bit depth (Pillow's convert("RGB") would clip them at 255).
+    return to_float_rgb(_open(path, "image"))
 
 
 def load_mask(path: Path | str) -> np.ndarray:
