@@ -306,7 +306,7 @@ def _first_present(candidates: list[str], keys: Mapping[str, torch.Tensor]) -> s
     for name in candidates:
         if name in keys:
             return name
-    raise ValueError(f"the target model has none of the parameters {candidates}")
+    raise InputError(f"the target model has none of the parameters {candidates}")
 
 
 def convert_timm_dinov2_state_dict(
@@ -338,11 +338,11 @@ def convert_timm_dinov2_state_dict(
     def put(name: str | list[str], value: torch.Tensor, source: str) -> None:
         name = _first_present(name, reference) if isinstance(name, list) else name
         if name not in reference:
-            raise ValueError(
+            raise InputError(
                 f"timm key {source!r} maps to {name!r}, which {type(target).__name__} does not have"
             )
         if tuple(reference[name].shape) != tuple(value.shape):
-            raise ValueError(
+            raise InputError(
                 f"timm key {source!r} has shape {tuple(value.shape)}, but {name!r} in "
                 f"{type(target).__name__} has shape {tuple(reference[name].shape)}: is this checkpoint for "
                 "another model size?"
@@ -393,13 +393,13 @@ def convert_timm_dinov2_state_dict(
             elif rest.split(".")[0] in ("norm1", "norm2", "mlp"):
                 put(layer + rest, value, key)
             else:
-                raise ValueError(f"unexpected timm key {key!r} (not a DINOv2 ViT block parameter)")
+                raise InputError(f"unexpected timm key {key!r} (not a DINOv2 ViT block parameter)")
         else:
-            raise ValueError(f"unexpected timm key {key!r}: is this a timm DINOv2 ViT state dict?")
+            raise InputError(f"unexpected timm key {key!r}: is this a timm DINOv2 ViT state dict?")
 
     missing = sorted(set(reference) - set(converted) - {"embeddings.mask_token"})
     if missing:
-        raise ValueError(
+        raise InputError(
             f"the timm state dict lacks weights for {missing[:8]}{' ...' if len(missing) > 8 else ''}"
         )
     return {**{k: v.clone() for k, v in reference.items() if k not in converted}, **converted}

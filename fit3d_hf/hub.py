@@ -195,15 +195,14 @@ def write_image_processor(folder: str | os.PathLike) -> Path:
     """Writes the image processor (`preprocessor_config.json`) of the FiT3D checkpoint in `folder`, for
     checkpoints saved before `FiT3DModel.save_pretrained` wrote it."""
     from .configuration_fit3d import FiT3DConfig
-    from .modeling_fit3d import fit3d_image_processor
+    from .modeling_fit3d import IMAGE_PROCESSOR_FILENAME, fit3d_image_processor_dict
 
     config_path = Path(folder) / "config.json"
     try:
         config = FiT3DConfig.from_pretrained(folder)
     except (OSError, ValueError) as error:
         raise InputError(f"{config_path} is not the config of a FiT3D checkpoint: {error}") from error
-    fit3d_image_processor(config).save_pretrained(folder)
-    return Path(folder) / "preprocessor_config.json"
+    return atomic_write_text(Path(folder) / IMAGE_PROCESSOR_FILENAME, json.dumps(fit3d_image_processor_dict(config), indent=2) + "\n")
 
 
 def save_model_card(card: ModelCard, folder: str | os.PathLike) -> Path:

@@ -10,6 +10,7 @@ and `configuration_fit3d`; `fit3d_hf.backbones` builds on it.
 from __future__ import annotations
 
 import copy
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,30 +30,37 @@ logger = transformers_logging.get_logger(__name__)
 _PIXEL_RANGE_TOLERATED = (-0.5, 1.5)
 
 
-def fit3d_image_processor(config: FiT3DConfig):
-    """The image processor that prepares images the way a FiT3D model takes them: RGB, channels first,
-    scaled to [0, 1], neither resized nor normalised (the model resizes down to a patch multiple and
-    normalises inside, so images of any size work).
+IMAGE_PROCESSOR_FILENAME = "preprocessor_config.json"
 
-    It is a `ViTImageProcessor` set up so, which any transformers installation loads without remote code;
-    its `image_mean`/`image_std` record the statistics the model applies itself (with `do_normalize=False`).
 
-    Args:
-        config: The model's configuration.
+def fit3d_image_processor_dict(config: FiT3DConfig) -> dict:
+    """The `preprocessor_config.json` of a FiT3D model: images to RGB, channels first, scaled to [0, 1],
+    neither resized nor normalised (the model resizes down to a patch multiple and normalises inside, so
+    images of any size work).
 
-    Returns:
-        The processor; `processor(images=..., return_tensors="pt")` gives the model's `pixel_values`.
+    It names transformers' own `ViTImageProcessor`, which any installation loads without remote code; its
+    `image_mean`/`image_std` record the statistics the model applies itself (`do_normalize` is off).
     """
+    return {
+        "image_processor_type": "ViTImageProcessor",
+        "do_convert_rgb": True,
+        "do_resize": False,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": False,
+        "image_mean": [float(v) for v in config.image_mean],
+        "image_std": [float(v) for v in config.image_std],
+    }
+
+
+def fit3d_image_processor(config: FiT3DConfig):
+    """The image processor of a FiT3D model (see `fit3d_image_processor_dict`):
+    `processor(images=..., return_tensors="pt")` gives the model's `pixel_values`."""
     from transformers import ViTImageProcessor  # imported here: the image-processing stack is slow to import
 
-    return ViTImageProcessor(
-        do_resize=False,
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=False,
-        image_mean=list(config.image_mean),
-        image_std=list(config.image_std),
-    )
+    settings = fit3d_image_processor_dict(config)
+    settings.pop("image_processor_type")
+    return ViTImageProcessor(**settings)
 
 
 def check_pixel_values(pixel_values: torch.Tensor) -> None:
@@ -440,7 +448,9 @@ class FiT3DModel(FiT3DPreTrainedModel):
         if kwargs.get("is_main_process", True):
             os.makedirs(save_directory, exist_ok=True)
             # Written first, so that an upload (push_to_hub=True) includes it.
-            self.image_processor().save_pretrained(save_directory)
+            with open(os.path.join(save_directory, IMAGE_PROCESSOR_FILENAME), "w", encoding="utf-8") as handle:
+                json.dump(fit3d_image_processor_dict(self.config), handle, indent=2)
+                handle.write("\n")
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     @property
@@ -627,6 +637,7 @@ __all__ = [
     "check_pixel_values",
     "extract_vision_tower",
     "fit3d_image_processor",
+    "fit3d_image_processor_dict",
     "prepare_backbone_config",
     "processor_mean_std",
     "resize_to_patch_multiple",

@@ -27,19 +27,21 @@ logger = logging.getLogger(__name__)
 _VIAS = ("transformers", "timm")
 
 
-@dataclass
+@dataclass(kw_only=True)  # lets --backbone/--weights be optional (--from_hub) before the required --output_dir
 class ConvertArguments:
-    backbone: str = field(
+    backbone: str | None = field(
+        default=None,
         metadata={
             "help": "The release's backbone name: dinov2_small, dinov2_base, dinov2_reg_small, clip_base, "
-            "mae_base or deit3_base."
-        }
+            "mae_base or deit3_base (with --weights)."
+        },
     )
-    weights: str = field(
+    weights: str | None = field(
+        default=None,
         metadata={
             "help": "The release's fine-tuned weights, e.g. dinov2_small_finetuned.pth (a timm state dict; "
             "read with torch.load(weights_only=True)) or a .safetensors file."
-        }
+        },
     )
     output_dir: str = field(
         metadata={
@@ -65,6 +67,21 @@ class ConvertArguments:
         default=None, metadata={"help": "Hub repo the checkpoint is meant for; named in its model card."}
     )
     overwrite: bool = field(default=False, metadata={"help": "Replace output_dir if it already holds files."})
+    from_hub: str | None = field(
+        default=None,
+        metadata={
+            "help": "Instead of --backbone and --weights: download <name>_finetuned.pth of the original release "
+            "(yuanwenyue/FiT3D on the Hub; the Hub cache is reused) for this backbone name, e.g. dinov2_small.",
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.from_hub is not None:
+            if self.weights is not None or (self.backbone is not None and self.backbone != self.from_hub):
+                raise UsageError("--from_hub names the backbone and its weights: leave out --backbone and --weights")
+            self.backbone = self.from_hub
+        elif self.backbone is None or self.weights is None:
+            raise UsageError("pass --backbone and --weights, or --from_hub <name> to download the release's weights")
 
 
 def load_timm_state_dict(path: str | os.PathLike):
@@ -208,9 +225,8 @@ def main(argv: list[str]) -> int:
     output_dir = Path(args.output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite:
         raise UsageError(f"--output_dir {output_dir} already holds files; pass --overwrite to replace them")
-    model, changed = convert_original_weights(
-        args.backbone, args.weights, original=args.original, via=args.via
-    )
+    weights = args.weights if args.from_hub is None else _release_weights(args.from_hub)
+    model, changed = convert_original_weights(args.backbone, weights, original=args.original, via=args.via)
     card = make_model_card(
         model.config.backbone,
         repo_id=args.repo_id,
@@ -227,6 +243,12 @@ def main(argv: list[str]) -> int:
     }
     sys.stdout.write(json.dumps(summary) + "\n")
     return 0
+
+
+def _release_weights(name: str) -> str:
+    from fit3d_hf.release import download_release_weights
+
+    return str(download_release_weights(name))
 
 
 __all__ = [
