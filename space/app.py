@@ -187,6 +187,10 @@ def read_model_entries(path: str | Path) -> list[ModelEntry]:
 def _load_fit3d(source: str, device: torch.device) -> FiT3DModel:
     from transformers import AutoConfig, AutoModel
 
+    from fit3d_hf.errors import MissingInputError
+
+    if Path(source).is_absolute() and not Path(source).exists():  # not a Hub id: say so, not "bad repo id"
+        raise MissingInputError(f"folder {source} does not exist")
     config = AutoConfig.from_pretrained(source)
     if config.model_type != FiT3DConfig.model_type:
         raise ValueError(f"{source} holds a {config.model_type!r} model, not a FiT3D model ('fit3d')")

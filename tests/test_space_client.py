@@ -254,21 +254,18 @@ def test_models_fall_back_to_the_demo_model_then_to_random_weights(space, tmp_pa
     assert list(registry.models) == [app.RANDOM_MODEL_LABEL]
     assert registry.models[app.RANDOM_MODEL_LABEL].random_weights
     status = app._status_markdown(registry)
-    assert (
-        "random weights — for testing the app only" in status
-        and "**Gone**" in status
-        and "did not load" in status
-    )
+    assert "random weights — for testing the app only" in status
+    assert f"✗ Model **Gone** did not load: folder {tmp_path / 'no-such-folder'} does not exist" in status
 
-    # The served page of the app built on the test models.json reports the entry that cannot load (an
-    # offline Hub id) and offers only the model that loaded.
+    # The served page of the app built on the test models.json says in one short notice that the Hub model
+    # is unavailable offline (no raw error), and offers only the model that loaded.
     import httpx
 
     config = httpx.get(client.src.rstrip("/") + "/config", timeout=10).json()
     props = {c["props"].get("elem_id"): c["props"] for c in config["components"] if c["props"].get("elem_id")}
-    assert (
-        f"**{MISSING_LABEL}** (`no-such-org/no-such-fit3d-model`) did not load: OSError"
-        in props["model-status"]["value"]
+    assert props["model-status"]["value"] == (
+        f"ℹ️ The Hugging Face Hub cannot be reached, so the Hub models ({MISSING_LABEL}) are not available here; "
+        f"using the local model(s): **{TINY_LABEL}**."
     )
     assert "random weights" not in props["model-status"]["value"]
     assert [choice[0] for choice in props["model-choice"]["choices"]] == [TINY_LABEL]
@@ -292,7 +289,14 @@ def test_random_model_is_deterministic_and_leaves_the_global_rng_alone():
 def test_read_model_entries(tmp_path):
     app = load_space_app()
     entries = app.read_model_entries(SPACE_DIR / "models.json")
-    assert entries and all(entry.label and entry.source for entry in entries)
+    # The shipped list builds real models from the original release (no Hub ids that do not exist).
+    assert [(entry.label, entry.source, entry.release) for entry in entries] == [
+        ("FiT3D DINOv2-small", None, "dinov2_small"),
+        ("FiT3D DINOv2-reg-small", None, "dinov2_reg_small"),
+    ]
+    (tmp_path / "bad.json").write_text(json.dumps({"models": [{"label": "a", "release": "dinov2_large"}]}))
+    with pytest.raises(ValueError, match="names release 'dinov2_large'; the original release has dinov2_small"):
+        app.read_model_entries(tmp_path / "bad.json")
 
     (tmp_path / "local-model").mkdir()
     path = tmp_path / "models.json"
@@ -308,7 +312,7 @@ def test_read_model_entries(tmp_path):
     with pytest.raises(ValueError, match=r"models\.json is not valid JSON"):
         app.read_model_entries(path)
     path.write_text(json.dumps({"models": [{"label": "a"}]}))
-    with pytest.raises(ValueError, match=r"entry 0 needs string 'label' and 'source'"):
+    with pytest.raises(ValueError, match=r"entry 0 needs a string 'label' and a 'source' and/or 'release'"):
         app.read_model_entries(path)
 
 
