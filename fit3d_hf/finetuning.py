@@ -139,6 +139,9 @@ def load_frames(path: str | Path, split: str):
     if (path / "metadata").is_dir():
         from dataset_builders.scannetpp import load_scannetpp
 
+        if split == "validation" and not (path / "metadata" / "validation_samples.txt").is_file():
+            split = "val"  # ScanNet++'s name (exported Parquet calls it "validation")
+
         return load_scannetpp(str(path), config_name="frames", split=split)
     shards = sorted(path.glob(f"**/{split}*.parquet")) or sorted(path.glob(f"**/{split}/*.parquet"))
     if not shards:

@@ -117,8 +117,8 @@ class LiftingArguments:
         default="compressed",
         metadata={
             "help": "How the bundle stores the SH colours: 'compressed' (8-bit DC + a k-means codebook of the higher "
-            "orders, 161 B per Gaussian in all at F = 64) or 'fp16' (exact to half precision, 252 B; RGB renders keep "
-            "view-dependent detail). Stage II reads neither.",
+            "orders; the whole file is about 164 B per Gaussian at F = 64) or 'fp16' (exact to half precision, about "
+            "252 B; RGB renders keep view-dependent detail). Stage II reads neither.",
             "choices": list(SH_STORAGES),
         },
     )

@@ -4,6 +4,7 @@ or FIT3D_DEBUG=1, argument checks in the parser, readable --help, backbone loadi
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -247,3 +248,18 @@ def test_training_script_reports_known_errors_in_one_line(tmp_path):
     result = subprocess.run(argv, env={**env, "FIT3D_DEBUG": "1"}, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "Traceback (most recent call last)" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_lift_help_gives_sizing_advice_and_the_readme_agrees(capsys):
+    with pytest.raises(SystemExit):
+        main(["lift", "--help"])
+    raw = capsys.readouterr().out
+    text = " ".join(raw.split())
+    for flag in ("--iterations 2000", "--image_scale 0.25", "--random_init_points 20000", "--overwrite"):
+        assert flag in text
+    readme = " ".join((REPO / "README.md").read_text().split())
+    bundle_help = _option_help(raw, "--bundle_sh")
+    sizes = re.findall(r"about (\d+) B", bundle_help)
+    assert sizes == ["164", "252"], bundle_help
+    assert "about 164 B per Gaussian" in readme and "252 B per Gaussian" in readme
+    assert "fit3d finetune" in readme  # the single-process Stage II command is documented

@@ -2,7 +2,9 @@
 --scenes LIST --backbone ID --out DIR [Stage I options]`.
 
 Each process lifts every N-th scene on its own GPU; finished scenes are skipped and an interrupted
-scene resumes from its last checkpoint, so the same command can simply be launched again.
+scene resumes from its last checkpoint, so the same command can simply be launched again. Each scene records
+the settings that determine it (<out>/<scene_id>/settings.json): a relaunch with other settings is refused,
+naming them, unless --overwrite. Sizing advice: `fit3d lift --help`.
 """
 
 import sys
