@@ -601,7 +601,7 @@ def _drop_scenes_without_bundles(train_frames, validation_frames, gaussians_dir)
         if missing:
             frames = frames.filter(lambda scene_id: scene_id not in missing, input_columns="scene_id")
             logger.info("leaving out the %s frames of %d scene(s) without a bundle: %s", name, len(missing), ", ".join(sorted(missing)[:5]))
-        kept.append(frames)
+        kept.append(frames if len(frames) or name == "training" else None)  # no validation frames: no validation
     if len(kept[0]) == 0:
         raise MissingInputError(f"{gaussians_dir} has a Gaussian bundle for none of the training frames' scenes")
     return kept[0], kept[1]

@@ -87,6 +87,7 @@ def test_finetuning_lowers_the_loss_improves_consistency_and_saves_models(worksp
     expected = DenseFeatureExtractor(finetuned)(images)
     torch.testing.assert_close(output.finetuned_features, expected, rtol=1e-4, atol=1e-4)
     assert (tmp_path / "run" / "fit3d" / "README.md").is_file()
+    assert (tmp_path / "run" / "fit3d" / "preprocessor_config.json").is_file()  # AutoImageProcessor / pipeline
 
 
 def test_lora_finetuning_improves_and_saves_merged_weights(workspace, tmp_path):

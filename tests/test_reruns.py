@@ -118,3 +118,18 @@ def test_results_without_recorded_settings_are_not_reused_silently(tmp_path):
         check_previous_result(tmp_path, {"iterations": 1}, finished=True, unfinished=False, overwrite=False)
     assert check_previous_result(tmp_path, {"iterations": 1}, finished=True, unfinished=False, overwrite=True) == "overwrite"
     assert check_previous_result(tmp_path, {}, finished=False, unfinished=False, overwrite=False) == "new"
+
+
+def test_every_phase_of_a_lift_shows_progress_or_a_status_line(setup, tmp_path, capsys):
+    argv = ["lift", "--scene", setup["scene"], "--backbone", setup["backbone"], "--out", str(tmp_path / "out"),
+            "--iterations", "4", "--feature_dim", "4", "--densify_from", "100", "--checkpoint_interval", "0",
+            "--no_previews", "--holdout_every", "2", "--bundle_sh_refine_steps", "2", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    scene = setup["scene_id"]
+    phases = ["target features", "initial evaluation", "lifting", "evaluating the training views",
+              "evaluating the held-out views", "compressing the SH colours", "refining the compressed colours",
+              "writing the bundle", "evaluating the saved bundle"]  # fmt: skip
+    positions = [err.find(f"{scene}: {phase}") for phase in phases]
+    assert -1 not in positions, [phase for phase, at in zip(phases, positions) if at == -1]
+    assert positions == sorted(positions)  # in the order they run
