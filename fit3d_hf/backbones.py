@@ -14,8 +14,8 @@ import difflib
 import logging
 import os
 import re
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 from torch import nn

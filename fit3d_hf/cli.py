@@ -69,7 +69,9 @@ def _build_parser(prog: str, description: str, dataclass_types: Sequence[type]):
     return parser
 
 
-def parse_args(prog: str, description: str, dataclass_types: Sequence[type], argv: Sequence[str]) -> tuple[Any, ...]:
+def parse_args(
+    prog: str, description: str, dataclass_types: Sequence[type], argv: Sequence[str]
+) -> tuple[Any, ...]:
     """Parses `argv` into instances of `dataclass_types` with HfArgumentParser.
 
     A single argument ending in `.json`, `.yaml` or `.yml` is read as a config file holding the options.

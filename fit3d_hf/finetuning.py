@@ -599,7 +599,7 @@ def _drop_scenes_without_bundles(train_frames, validation_frames, gaussians_dir)
             continue
         missing = set(scenes_without_bundles(frames["scene_id"], gaussians_dir))
         if missing:
-            frames = frames.filter(lambda scene_id: scene_id not in missing, input_columns="scene_id")
+            frames = frames.filter(lambda scene_id, missing=missing: scene_id not in missing, input_columns="scene_id")
             logger.info("leaving out the %s frames of %d scene(s) without a bundle: %s", name, len(missing), ", ".join(sorted(missing)[:5]))
         kept.append(frames if len(frames) or name == "training" else None)  # no validation frames: no validation
     if len(kept[0]) == 0:

@@ -79,7 +79,9 @@ def download_release_weights(name: str, *, revision: str | None = None) -> Path:
         raise InputError(f"{RELEASE_REPO} on the Hub has no file {filename}: {error}") from error
     except Exception as error:
         if is_network_error(error):
-            raise HubUnavailableError(f"cannot download {filename} from {RELEASE_REPO}: the Hub is unreachable") from error
+            raise HubUnavailableError(
+                f"cannot download {filename} from {RELEASE_REPO}: the Hub is unreachable"
+            ) from error
         raise
 
 

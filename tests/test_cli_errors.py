@@ -4,8 +4,8 @@ or FIT3D_DEBUG=1, argument checks in the parser, readable --help, backbone loadi
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,8 +33,16 @@ def _raiser(error):
 @pytest.mark.parametrize(
     ("error", "code", "line"),
     [
-        (UsageError("--image_scale must be in (0, 1], got 2.0"), 2, "--image_scale must be in (0, 1], got 2.0"),
-        (InputError("a/b.json: frames[3]: no 'transform_matrix'"), 1, "a/b.json: frames[3]: no 'transform_matrix'"),
+        (
+            UsageError("--image_scale must be in (0, 1], got 2.0"),
+            2,
+            "--image_scale must be in (0, 1], got 2.0",
+        ),
+        (
+            InputError("a/b.json: frames[3]: no 'transform_matrix'"),
+            1,
+            "a/b.json: frames[3]: no 'transform_matrix'",
+        ),
         (MissingInputError("scene s does not exist"), 1, "scene s does not exist"),
         (HubUnavailableError("the Hub is unreachable"), 1, "the Hub is unreachable"),
         (FileNotFoundError("x.txt does not exist"), 1, "x.txt does not exist"),  # always a missing input
@@ -47,7 +55,9 @@ def test_known_errors_are_one_line_with_their_exit_code(error, code, line, capsy
     assert captured.err == f"fit3d lift: error: {line}\n" and captured.out == ""
 
 
-def test_a_known_error_behind_a_wrapper_is_reported_and_unknown_errors_keep_their_traceback(capsys, monkeypatch):
+def test_a_known_error_behind_a_wrapper_is_reported_and_unknown_errors_keep_their_traceback(
+    capsys, monkeypatch
+):
     monkeypatch.delenv("FIT3D_DEBUG", raising=False)
 
     def wrapped(argv):  # datasets wraps its builders' errors; the cause is what a person needs
@@ -57,7 +67,10 @@ def test_a_known_error_behind_a_wrapper_is_reported_and_unknown_errors_keep_thei
             raise RuntimeError("An error occurred while generating the dataset") from cause
 
     assert run_command("fit3d export-dataset", wrapped, []) == 1
-    assert capsys.readouterr().err == "fit3d export-dataset: error: scene_a/transforms.json: frames[1]: 'w' is nan\n"
+    assert (
+        capsys.readouterr().err
+        == "fit3d export-dataset: error: scene_a/transforms.json: frames[1]: 'w' is nan\n"
+    )
     with pytest.raises(ZeroDivisionError):  # a bug is not a known error
         run_command("fit3d lift", _raiser(ZeroDivisionError("bug")), [])
     with pytest.raises(ValueError, match="plain"):  # nor is a bare ValueError
@@ -66,7 +79,10 @@ def test_a_known_error_behind_a_wrapper_is_reported_and_unknown_errors_keep_thei
 
 def test_debug_flag_and_environment_show_the_traceback(capsys, monkeypatch):
     monkeypatch.delenv("FIT3D_DEBUG", raising=False)
-    assert run_command("fit3d push", _raiser(MissingInputError("--model_dir m is not a folder")), ["--debug"]) == 1
+    assert (
+        run_command("fit3d push", _raiser(MissingInputError("--model_dir m is not a folder")), ["--debug"])
+        == 1
+    )
     err = capsys.readouterr().err
     assert err.startswith("Traceback (most recent call last):") and "MissingInputError" in err
     assert err.endswith("fit3d push: error: --model_dir m is not a folder\n")
@@ -92,7 +108,21 @@ def test_option_checks_are_argparse_errors_with_exit_2(capsys, tmp_path):
         err = capsys.readouterr().err
         assert err.startswith("usage: fit3d lift") and err.splitlines()[-1] == message
     with pytest.raises(SystemExit) as exit_info:
-        main(["finetune", "--backbone", "b", "--frames", "f", "--gaussians", "g", "--output_dir", "o", "--mixed_precision", "fp4"])
+        main(
+            [
+                "finetune",
+                "--backbone",
+                "b",
+                "--frames",
+                "f",
+                "--gaussians",
+                "g",
+                "--output_dir",
+                "o",
+                "--mixed_precision",
+                "fp4",
+            ]
+        )
     assert exit_info.value.code == 2
     assert "invalid choice: 'fp4' (choose from 'no', 'bf16', 'fp16')" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -106,13 +136,20 @@ def test_option_checks_are_argparse_errors_with_exit_2(capsys, tmp_path):
     config.write_text(json.dumps({"out": "o"}))
     with pytest.raises(SystemExit) as exit_info:
         parse_args("fit3d lift", "", [LiftingArguments], [str(config)])
-    assert exit_info.value.code == 2 and "missing 1 required positional argument: 'backbone'" in capsys.readouterr().err
+    assert (
+        exit_info.value.code == 2
+        and "missing 1 required positional argument: 'backbone'" in capsys.readouterr().err
+    )
 
 
 def _option_help(help_text: str, flag: str) -> str:
     """The help block of one option in argparse's --help output."""
     lines = help_text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.strip().startswith(flag + " ") or line.strip() == flag or line.strip().startswith(flag + ","))
+    start = next(
+        i
+        for i, line in enumerate(lines)
+        if line.strip().startswith(flag + " ") or line.strip() == flag or line.strip().startswith(flag + ",")
+    )
     block = [lines[start]]
     for line in lines[start + 1 :]:
         if line.strip().startswith("-"):
@@ -130,7 +167,10 @@ def test_help_lists_choices_without_misleading_defaults(capsys):
     assert "{imagenet,processor}" in _option_help(text, "--normalization")
     assert "{no,bf16}" in _option_help(text, "--mixed_precision")
     assert "{compressed,fp16}" in _option_help(text, "--bundle_sh")
-    assert _option_help(text, "--no_previews") == "--no_previews, --no-previews Turn --previews off (it is on by default)."
+    assert (
+        _option_help(text, "--no_previews")
+        == "--no_previews, --no-previews Turn --previews off (it is on by default)."
+    )
     assert "(default: 30000)" in _option_help(text, "--iterations")
     assert "FIT3D_DEBUG=1" in _option_help(text, "--debug")
     with pytest.raises(SystemExit):
@@ -139,12 +179,18 @@ def test_help_lists_choices_without_misleading_defaults(capsys):
     for flag in ("--backbone", "--frames", "--gaussians", "--output_dir"):
         assert "default" not in _option_help(text, flag)
     assert "{none,all,tensorboard,wandb" in _option_help(text, "--report_to")
-    assert "--skip_scenes_without_bundles" in _option_help(text, "--gaussians") or "--skip_scenes_without_bundles" in text
+    assert (
+        "--skip_scenes_without_bundles" in _option_help(text, "--gaussians")
+        or "--skip_scenes_without_bundles" in text
+    )
 
 
 def test_unknown_command_suggests_the_closest(capsys):
     assert main(["lfit"]) == 2
-    assert capsys.readouterr().err.splitlines()[-1] == "fit3d: error: unknown command 'lfit'; did you mean 'lift'?"
+    assert (
+        capsys.readouterr().err.splitlines()[-1]
+        == "fit3d: error: unknown command 'lfit'; did you mean 'lift'?"
+    )
 
 
 # ---- backbone loading names what it tried -------------------------------------------------------------------
@@ -152,7 +198,10 @@ def test_unknown_command_suggests_the_closest(capsys):
 
 def test_backbone_errors_name_what_was_tried(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(InputError, match=r"^unknown backbone 'dinov2_smal'; did you mean dinov2_small\? Short names: dinov2_small, dinov2_base"):
+    with pytest.raises(
+        InputError,
+        match=r"^unknown backbone 'dinov2_smal'; did you mean dinov2_small\? Short names: dinov2_small, dinov2_base",
+    ):
         load_backbone("dinov2_smal")
     with pytest.raises(MissingInputError, match=rf"^backbone folder {tmp_path}/missing does not exist$"):
         load_backbone(str(tmp_path / "missing"))
@@ -161,8 +210,13 @@ def test_backbone_errors_name_what_was_tried(tmp_path, monkeypatch):
     with pytest.raises(HubUnavailableError) as error_info:
         load_backbone("facebook/dinov2-small", cache_dir=str(tmp_path / "empty-cache"))
     message = str(error_info.value)
-    assert message.startswith("backbone 'facebook/dinov2-small' is not a local folder and the Hub is unreachable")
-    assert "HF_HUB_OFFLINE" in message and "dinov2_small, dinov2_base, dinov2_reg_small, clip_base, mae_base, deit3_base" in message
+    assert message.startswith(
+        "backbone 'facebook/dinov2-small' is not a local folder and the Hub is unreachable"
+    )
+    assert (
+        "HF_HUB_OFFLINE" in message
+        and "dinov2_small, dinov2_base, dinov2_reg_small, clip_base, mae_base, deit3_base" in message
+    )
     with pytest.raises(HubUnavailableError, match=r"^backbone 'mae_base' \(Hub id facebook/vit-mae-base\)"):
         load_backbone("mae_base", cache_dir=str(tmp_path / "empty-cache"))
     (tmp_path / "empty").mkdir()
@@ -176,7 +230,14 @@ def test_backbone_errors_name_what_was_tried(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_backbone(tmp_path_factory):
     folder = tmp_path_factory.mktemp("backbone")
-    config = Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, patch_size=4, image_size=32)
+    config = Dinov2Config(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        patch_size=4,
+        image_size=32,
+    )
     torch.manual_seed(0)
     Dinov2Model(config).save_pretrained(folder)
     return str(folder)
@@ -186,14 +247,26 @@ def test_lift_failures_are_one_line_and_leave_no_output_folder(tmp_path, capsys,
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from fit3d_hf.scene.synthetic import SyntheticSceneConfig, generate_dataset
 
-    generate_dataset(tmp_path / "data", num_scenes=1, num_val_scenes=0, config=SyntheticSceneConfig(seed=1, num_views=4, width=32, height=24, num_points=200))
+    generate_dataset(
+        tmp_path / "data",
+        num_scenes=1,
+        num_val_scenes=0,
+        config=SyntheticSceneConfig(seed=1, num_views=4, width=32, height=24, num_points=200),
+    )
     scene = next((tmp_path / "data" / "scenes").iterdir())
     out = tmp_path / "runs" / "lifted"
     base = ["lift", "--scene", str(scene), "--out", str(out), "--iterations", "2"]
     assert main([*base, "--backbone", "dinov2_smal"]) == 1
-    assert capsys.readouterr().err.splitlines()[-1].startswith("fit3d lift: error: unknown backbone 'dinov2_smal'; did you mean dinov2_small?")
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .startswith("fit3d lift: error: unknown backbone 'dinov2_smal'; did you mean dinov2_small?")
+    )
     assert main([*base, "--backbone", str(tmp_path / "no-backbone")]) == 1
-    assert capsys.readouterr().err.splitlines()[-1] == f"fit3d lift: error: backbone folder {tmp_path / 'no-backbone'} does not exist"
+    assert (
+        capsys.readouterr().err.splitlines()[-1]
+        == f"fit3d lift: error: backbone folder {tmp_path / 'no-backbone'} does not exist"
+    )
     assert main(["lift", "--scene", str(tmp_path / "no-scene"), "--out", str(out), "--backbone", "b"]) == 1
     assert "Traceback" not in capsys.readouterr().err
     if not torch.cuda.is_available():
@@ -241,11 +314,15 @@ def test_training_script_reports_known_errors_in_one_line(tmp_path):
         f"lift_features.py: error: scene list '{tmp_path / 'none'}' is neither a file nor a folder"
     )
     assert "Traceback" not in result.stderr
-    result = subprocess.run([*argv, "--iterations", "0"], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [*argv, "--iterations", "0"], env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
         "lift_features.py: error: --iterations must be positive, got 0"
     )
-    result = subprocess.run(argv, env={**env, "FIT3D_DEBUG": "1"}, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        argv, env={**env, "FIT3D_DEBUG": "1"}, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 1 and "Traceback (most recent call last)" in result.stderr
     assert not (tmp_path / "out").exists()
 

@@ -50,7 +50,14 @@ print(results)
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fit3d")
-    backbone = Dinov2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, patch_size=7, image_size=28)
+    backbone = Dinov2Config(
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        patch_size=7,
+        image_size=28,
+    )
     torch.manual_seed(0)
     model = FiT3DModel(FiT3DConfig(backbone_config=backbone, backbone=None)).eval()
     model.save_pretrained(folder / "model")
@@ -71,7 +78,9 @@ def test_save_pretrained_writes_an_image_processor_that_feeds_the_model(saved):
     with torch.no_grad():
         torch.testing.assert_close(saved["model"](**inputs).features, saved["model"](expected).features)
     # In-process pipeline (fit3d_hf imported: no remote code needed); images of any size.
-    features = pipeline("image-feature-extraction", model=str(saved["folder"]))(saved["image"], return_tensors=True)
+    features = pipeline("image-feature-extraction", model=str(saved["folder"]))(
+        saved["image"], return_tensors=True
+    )
     assert tuple(features.shape) == (1, 32, 30 // 7, 37 // 7)
 
 
@@ -100,7 +109,9 @@ def test_bfloat16_and_device_map_auto(saved):
         assert features.dtype == torch.bfloat16
         torch.testing.assert_close(features.float(), reference, rtol=0.05, atol=0.05)
         mapped = AutoModel.from_pretrained(saved["folder"], device_map="auto").eval()
-        assert {p.device.type for p in mapped.parameters()} == {"cuda" if torch.cuda.is_available() else "cpu"}
+        assert {p.device.type for p in mapped.parameters()} == {
+            "cuda" if torch.cuda.is_available() else "cpu"
+        }
         torch.testing.assert_close(mapped(pixel_values.to(mapped.device)).features.cpu(), reference)
 
 
@@ -110,5 +121,7 @@ def test_older_checkpoints_get_the_processor_written(saved, tmp_path):
     for name in ("config.json", "model.safetensors"):
         (old / name).write_bytes((saved["folder"] / name).read_bytes())
     path = write_image_processor(old)
-    assert json.loads(path.read_text()) == json.loads((saved["folder"] / "preprocessor_config.json").read_text())
+    assert json.loads(path.read_text()) == json.loads(
+        (saved["folder"] / "preprocessor_config.json").read_text()
+    )
     assert AutoImageProcessor.from_pretrained(old).do_normalize is False

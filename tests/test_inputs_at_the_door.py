@@ -32,7 +32,9 @@ def test_a_scene_with_many_missing_images_counts_them_and_names_the_first_few(tm
     # One missing file keeps its own message (frame and file named).
     make_scannetpp_scene(tmp_path / "t", np.random.default_rng(0), num_frames=3, with_extras=False)
     (tmp_path / "t" / "masks" / "DSC00001.png").unlink()
-    with pytest.raises(MissingInputError, match=r"frames\[1\] \(DSC00001.JPG\): mask .*DSC00001.png does not exist"):
+    with pytest.raises(
+        MissingInputError, match=r"frames\[1\] \(DSC00001.JPG\): mask .*DSC00001.png does not exist"
+    ):
         read_scene(tmp_path / "t")
 
 
@@ -46,7 +48,9 @@ def test_colmap_errors_give_the_line_number_in_the_file(tmp_path):
     with pytest.raises(ValueError, match=r"cameras.txt, camera line 5: PINHOLE takes 4 parameters, got 3"):
         read_scene(tmp_path)
     (tmp_path / "cameras.txt").write_text(header + "1 PINHOLE 40 30 30 30 20 15\n")
-    (tmp_path / "images.txt").write_text("# Image list\n#\n#\n1 1 0 0 0 0 0 0 1 a.png\n\n2 1 0 0 0 0 0 0 7 a.png\n\n")
+    (tmp_path / "images.txt").write_text(
+        "# Image list\n#\n#\n1 1 0 0 0 0 0 0 1 a.png\n\n2 1 0 0 0 0 0 0 7 a.png\n\n"
+    )
     with pytest.raises(ValueError, match=r"images.txt, image line 6 \(a.png\): camera 7 is not in"):
         read_scene(tmp_path)
 
@@ -55,25 +59,38 @@ def test_16_bit_pictures_are_scaled_by_their_bit_depth(tmp_path):
     rng = np.random.default_rng(0)
     grey8 = rng.integers(0, 256, size=(12, 16), dtype=np.uint8)
     Image.fromarray(grey8).save(tmp_path / "grey8.png")
-    Image.fromarray(grey8.astype(np.uint16) * 257).save(tmp_path / "grey16.png")  # the same picture in 16 bits
+    Image.fromarray(grey8.astype(np.uint16) * 257).save(
+        tmp_path / "grey16.png"
+    )  # the same picture in 16 bits
     assert Image.open(tmp_path / "grey16.png").mode.startswith("I")
     np.testing.assert_array_equal(load_image(tmp_path / "grey16.png"), load_image(tmp_path / "grey8.png"))
     dark = Image.fromarray(np.array([[0, 1000], [2000, 4000]], np.uint16))  # a dark picture stays dark
-    np.testing.assert_allclose(to_float_rgb(dark)[:, :, 0], np.array([[0, 1000], [2000, 4000]]) / 65535, rtol=1e-6)
+    np.testing.assert_allclose(
+        to_float_rgb(dark)[:, :, 0], np.array([[0, 1000], [2000, 4000]]) / 65535, rtol=1e-6
+    )
     assert np.asarray(to_8bit(dark)).tolist() == [[0, 4], [8, 16]]
     assert to_8bit(Image.fromarray(grey8)).mode == "L"  # 8-bit pictures pass unchanged
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    backbone = Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, patch_size=7, image_size=28)
+    backbone = Dinov2Config(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        patch_size=7,
+        image_size=28,
+    )
     torch.manual_seed(0)
     return FiT3DModel(FiT3DConfig(backbone_config=backbone, backbone=None)).eval()
 
 
 def test_pixel_values_must_be_float_images_in_0_1(tiny_model, caplog):
     images = torch.rand(1, 3, 28, 35)
-    with pytest.raises(ValueError, match=r"pixel_values are torch.uint8, .*convert them with `pixel_values.float\(\) / 255`"):
+    with pytest.raises(
+        ValueError, match=r"pixel_values are torch.uint8, .*convert them with `pixel_values.float\(\) / 255`"
+    ):
         tiny_model((images * 255).to(torch.uint8))
     with pytest.raises(ValueError, match=r"must be \[B, 3, H, W\]"):
         tiny_model(images[:, :2])

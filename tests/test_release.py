@@ -87,26 +87,40 @@ def fake_hub(tmp_path_factory):
 
 def test_space_builds_missing_models_from_the_release_offline(fake_hub):
     work = fake_hub["work"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(fake_hub["cache"]), "PYTHONPATH": str(REPO)}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": str(fake_hub["cache"]),
+        "PYTHONPATH": str(REPO),
+    }
     result = subprocess.run(
         [sys.executable, "-c", _SCRIPT, str(REPO / "tests"), str(work), str(fake_hub["release_file"])],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     results = json.loads(result.stdout.strip().splitlines()[-1])
-    assert results["labels"] == ["FiT3D DINOv2-small"] and results["failures"] == [] and results["offline"] == []
+    assert (
+        results["labels"] == ["FiT3D DINOv2-small"] and results["failures"] == [] and results["offline"] == []
+    )
     assert results["status"] == ""  # nothing to report: the real model loaded
     assert results["original"] < 1e-5 and results["finetuned"] < 1e-5  # the release's weights, converted
-    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= set(results["cached"])
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= set(
+        results["cached"]
+    )
     assert results["again"] == ["FiT3D DINOv2-small"]  # from the cache, without the release file
-    assert results["cli_missing_file"] == 1  # dinov2_reg_small is not in the fake cache, and the Hub is offline
+    assert (
+        results["cli_missing_file"] == 1
+    )  # dinov2_reg_small is not in the fake cache, and the Hub is offline
 
 
 def test_convert_original_from_hub_command(fake_hub, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(fake_hub["cache"])}
     env.pop("FIT3D_DEBUG", None)
     if not fake_hub["release_file"].exists():  # the Space test removed it to prove the cache is used
-        torch.save(_to_timm_state_dict(Dinov2Model.from_pretrained(fake_hub["work"] / "finetuned")), fake_hub["release_file"])
+        torch.save(
+            _to_timm_state_dict(Dinov2Model.from_pretrained(fake_hub["work"] / "finetuned")),
+            fake_hub["release_file"],
+        )
     fit3d = [sys.executable, "-m", "fit3d_hf.cli", "convert-original"]
     result = subprocess.run([*fit3d, "--from-hub", "dinov2_small", "--output_dir", str(tmp_path / "out")],
                             env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
@@ -135,6 +149,12 @@ def test_from_hub_replaces_backbone_and_weights(capsys):
 
 
 def test_release_names_are_checked_before_any_download():
-    assert list(RELEASE_BACKBONES) == ["dinov2_small", "dinov2_reg_small", "clip_base", "mae_base", "deit3_base"]
+    assert list(RELEASE_BACKBONES) == [
+        "dinov2_small",
+        "dinov2_reg_small",
+        "clip_base",
+        "mae_base",
+        "deit3_base",
+    ]
     with pytest.raises(UsageError, match="'dinov2_large' is not a backbone of the original FiT3D release"):
         release_filename("dinov2_large")

@@ -21,8 +21,20 @@ from fit3d_hf.scene.synthetic import SyntheticSceneConfig, generate_dataset
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("reruns")
-    generate_dataset(root / "data", num_scenes=1, num_val_scenes=0, config=SyntheticSceneConfig(seed=2, num_views=4, width=32, height=24, num_points=300))
-    config = Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, patch_size=4, image_size=32)
+    generate_dataset(
+        root / "data",
+        num_scenes=1,
+        num_val_scenes=0,
+        config=SyntheticSceneConfig(seed=2, num_views=4, width=32, height=24, num_points=300),
+    )
+    config = Dinov2Config(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        patch_size=4,
+        image_size=32,
+    )
     torch.manual_seed(0)
     Dinov2Model(config).save_pretrained(root / "backbone")
     scene = next((root / "data" / "scenes").iterdir())
@@ -42,7 +54,9 @@ def test_settings_are_the_dataclass_fields_minus_an_explicit_list():
     assert {"backbone", "iterations", "feature_dim", "image_scale", "seed", "normalization"} <= set(settings)
     assert not {"out", "device", "previews", "overwrite"} & set(settings)
     # one backbone, two spellings: the same settings
-    assert settings == lifting_settings(LiftingArguments(backbone="facebook/dinov2-small", out="elsewhere", device="cpu"))
+    assert settings == lifting_settings(
+        LiftingArguments(backbone="facebook/dinov2-small", out="elsewhere", device="cpu")
+    )
 
     # A field added to the options later is recorded (and compared) with no list to edit.
     @dataclasses.dataclass
@@ -50,7 +64,9 @@ def test_settings_are_the_dataclass_fields_minus_an_explicit_list():
         near_plane: float = 0.2
 
     assert lifting_settings(Extended(backbone="b", out="o"))["near_plane"] == 0.2
-    assert settings_differences({"iterations": 10, "seed": 0}, {"iterations": 20, "seed": 0, "near_plane": 0.2}) == [
+    assert settings_differences(
+        {"iterations": 10, "seed": 0}, {"iterations": 20, "seed": 0, "near_plane": 0.2}
+    ) == [
         "iterations: 10 -> 20",
         "near_plane: (not recorded) -> 0.2",
     ]
@@ -105,7 +121,9 @@ def test_unfinished_scene_resumes_only_with_equal_settings(setup, tmp_path):
     assert lift_scene(setup["scene"], args, max_iterations_this_run=2, progress=False) is None
     folder = out / setup["scene_id"]
     assert (folder / "checkpoint.pt").is_file()
-    with pytest.raises(UsageError, match=r"holds an unfinished lifted scene made with other settings \(feature_dim: 4 -> 8\)"):
+    with pytest.raises(
+        UsageError, match=r"holds an unfinished lifted scene made with other settings \(feature_dim: 4 -> 8\)"
+    ):
         lift_scene(setup["scene"], dataclasses.replace(args, feature_dim=8), progress=False)
     assert (folder / "checkpoint.pt").is_file()  # the refused run left the checkpoint alone
     resumed = lift_scene(setup["scene"], args, progress=False)
@@ -116,7 +134,10 @@ def test_results_without_recorded_settings_are_not_reused_silently(tmp_path):
     (tmp_path / "metrics.json").write_text("{}")
     with pytest.raises(UsageError, match="whose settings were not recorded"):
         check_previous_result(tmp_path, {"iterations": 1}, finished=True, unfinished=False, overwrite=False)
-    assert check_previous_result(tmp_path, {"iterations": 1}, finished=True, unfinished=False, overwrite=True) == "overwrite"
+    assert (
+        check_previous_result(tmp_path, {"iterations": 1}, finished=True, unfinished=False, overwrite=True)
+        == "overwrite"
+    )
     assert check_previous_result(tmp_path, {}, finished=False, unfinished=False, overwrite=False) == "new"
 
 
@@ -131,5 +152,5 @@ def test_every_phase_of_a_lift_shows_progress_or_a_status_line(setup, tmp_path, 
               "evaluating the held-out views", "compressing the SH colours", "refining the compressed colours",
               "writing the bundle", "evaluating the saved bundle"]  # fmt: skip
     positions = [err.find(f"{scene}: {phase}") for phase in phases]
-    assert -1 not in positions, [phase for phase, at in zip(phases, positions) if at == -1]
+    assert -1 not in positions, [phase for phase, at in zip(phases, positions, strict=True) if at == -1]
     assert positions == sorted(positions)  # in the order they run

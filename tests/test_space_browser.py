@@ -85,7 +85,7 @@ def _check_model_names(page, expected: list[str]) -> None:
         }""",
         expected,
     )
-    assert all(fits), f"cut off in the picker: {[label for label, ok in zip(expected, fits) if not ok]}"
+    assert all(fits), f"cut off in the picker: {[label for label, ok in zip(expected, fits, strict=True) if not ok]}"
 
 
 def _check_captions(page) -> None:

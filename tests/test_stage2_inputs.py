@@ -17,8 +17,20 @@ from fit3d_hf.scene.synthetic import SyntheticSceneConfig, generate_dataset
 def half_lifted(tmp_path_factory):
     """One training and one validation scene; only the training scene is lifted (a short run)."""
     root = tmp_path_factory.mktemp("half-lifted")
-    generate_dataset(root / "data", num_scenes=1, num_val_scenes=1, config=SyntheticSceneConfig(seed=4, num_views=4, width=32, height=24, num_points=300))
-    config = Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, patch_size=8, image_size=32)
+    generate_dataset(
+        root / "data",
+        num_scenes=1,
+        num_val_scenes=1,
+        config=SyntheticSceneConfig(seed=4, num_views=4, width=32, height=24, num_points=300),
+    )
+    config = Dinov2Config(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        patch_size=8,
+        image_size=32,
+    )
     torch.manual_seed(0)
     Dinov2Model(config).save_pretrained(root / "backbone")
     train_scene = load_frames(root / "data", "train")["scene_id"][0]
@@ -36,15 +48,26 @@ def _arguments(setup, output_dir, **data):
     return (
         ModelArguments(backbone=str(root / "backbone")),
         DataArguments(frames=str(root / "data"), gaussians=str(root / "lifted"), consistency_pairs=1, **data),
-        FinetuningArguments(output_dir=str(output_dir), max_train_steps=1, train_batch_size=1, checkpointing_steps=0, report_to="none"),
+        FinetuningArguments(
+            output_dir=str(output_dir),
+            max_train_steps=1,
+            train_batch_size=1,
+            checkpointing_steps=0,
+            report_to="none",
+        ),
     )
 
 
 def test_scenes_without_bundles_are_named_or_skipped_on_request(half_lifted, tmp_path):
     scene = half_lifted["validation_scene"]
-    with pytest.raises(MissingInputError, match=rf"no Gaussian bundle for 1 of the 2 scenes of the frames \({scene}\); lift them first .*--skip_scenes_without_bundles"):
+    with pytest.raises(
+        MissingInputError,
+        match=rf"no Gaussian bundle for 1 of the 2 scenes of the frames \({scene}\); lift them first .*--skip_scenes_without_bundles",
+    ):
         train(*_arguments(half_lifted, tmp_path / "refused"))
     assert not (tmp_path / "refused").exists()  # a refused start leaves no empty output folder
     metrics = train(*_arguments(half_lifted, tmp_path / "skipped", skip_scenes_without_bundles=True))
-    assert metrics["steps"] == 1 and "validation_loss" not in metrics  # its only validation scene was left out
+    assert (
+        metrics["steps"] == 1 and "validation_loss" not in metrics
+    )  # its only validation scene was left out
     assert (tmp_path / "skipped" / "fit3d" / "preprocessor_config.json").is_file()
