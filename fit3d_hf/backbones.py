@@ -91,10 +91,10 @@ def load_backbone(name_or_path: str | os.PathLike, **kwargs) -> PreTrainedModel:
     """
     path = resolve_backbone_name(name_or_path)
     hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
-    with _explain_load_errors(name_or_path, path):
+    with explain_load_errors(name_or_path, path):
         config = AutoConfig.from_pretrained(path, **hub_kwargs)
     if config.model_type in SUPPORTED_BACKBONE_TYPES:
-        with _explain_load_errors(name_or_path, path):
+        with explain_load_errors(name_or_path, path):
             return AutoModel.from_pretrained(path, config=prepare_backbone_config(config), **kwargs)
     if getattr(config, "vision_config", None) is None:
         raise InputError(
@@ -102,7 +102,7 @@ def load_backbone(name_or_path: str | os.PathLike, **kwargs) -> PreTrainedModel:
             f"({', '.join(SUPPORTED_BACKBONE_TYPES)}, or a CLIP/SigLIP-style model with a vision tower)"
         )
     logger.info("Taking the vision tower of the %s model in %s", config.model_type, path)
-    with _explain_load_errors(name_or_path, path):
+    with explain_load_errors(name_or_path, path):
         model = AutoModel.from_pretrained(path, config=config, **kwargs)
     return extract_vision_tower(model)
 
@@ -113,33 +113,41 @@ def _looks_like_local_path(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def _explain_load_errors(name: str | os.PathLike, path: str):
+def explain_load_errors(name: str | os.PathLike, path: str | os.PathLike | None = None, what: str = "backbone"):
     """Turns transformers' loading errors into messages that say what was tried: a short name (with a
-    suggestion for typos), a local folder, or a Hub id (and whether the Hub could be reached)."""
+    suggestion for typos), a local folder, or a Hub id (and whether the Hub could be reached).
+
+    Args:
+        name: The name as the user gave it.
+        path: What it resolved to (a short name's Hub id); `name` by default.
+        what: How messages call it ("backbone", "--model", ...).
+    """
     try:
         yield
     except (OSError, ValueError) as error:  # transformers: OSError for files, ValueError for a bad config
-        raise _load_error(str(name), str(path), error) from error
+        raise _load_error(str(name), str(path if path is not None else name), error, what) from error
 
 
-def _load_error(name: str, path: str, error: Exception) -> Exception:
+def _load_error(name: str, path: str, error: Exception, what: str = "backbone") -> Exception:
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
 
     from .hub import is_network_error
 
-    short_names = ", ".join(BACKBONE_SHORT_NAMES)
+    # Short names only mean something for backbones; other models (a FiT3DModel for --model) get no list.
+    backbone = what == "backbone"
+    short_names = f" Short names: {', '.join(BACKBONE_SHORT_NAMES)}" if backbone else ""
     first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
     local = Path(path).expanduser()
     if local.is_dir():
         return MissingInputError(
-            f"backbone folder {local} cannot be loaded ({first_line}): is it a save_pretrained folder with "
+            f"{what} folder {local} cannot be loaded ({first_line}): is it a save_pretrained folder with "
             "config.json and the weights?"
         )
-    close = difflib.get_close_matches(name, BACKBONE_SHORT_NAMES, n=1, cutoff=0.75)
+    close = difflib.get_close_matches(name, BACKBONE_SHORT_NAMES, n=1, cutoff=0.75) if backbone else []
     if close and name not in BACKBONE_SHORT_NAMES and "/" not in name:
-        return InputError(f"unknown backbone {name!r}; did you mean {close[0]}? Short names: {short_names}")
+        return InputError(f"unknown {what} {name!r}; did you mean {close[0]}?{short_names}")
     if _looks_like_local_path(name) or local.exists():
-        return MissingInputError(f"backbone folder {name} does not exist")
+        return MissingInputError(f"{what} folder {name} does not exist")
     cause = error.__cause__
     if isinstance(cause, LocalEntryNotFoundError) or is_network_error(error):
         from huggingface_hub import constants
@@ -147,16 +155,16 @@ def _load_error(name: str, path: str, error: Exception) -> Exception:
         why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "no connection"
         hub_id = f"{name!r}" if name == path else f"{name!r} (Hub id {path})"
         return HubUnavailableError(
-            f"backbone {hub_id} is not a local folder and the Hub is unreachable ({why}), and it is not in the "
+            f"{what} {hub_id} is not a local folder and the Hub is unreachable ({why}), and it is not in the "
             f"local cache ({constants.HF_HUB_CACHE}). Pass a local folder written by save_pretrained, or connect "
-            f"and try again. Short names: {short_names}"
+            f"and try again.{short_names}"
         )
     if isinstance(cause, RepositoryNotFoundError) or "is not a local folder and is not a valid model" in first_line:
         hint = f"; did you mean {close[0]}?" if close else "."
         return InputError(
-            f"backbone {name!r} is neither a local folder nor a model on the Hub{hint} Short names: {short_names}"
+            f"{what} {name!r} is neither a local folder nor a model on the Hub{hint}{short_names}"
         )
-    return InputError(f"backbone {name!r} ({path}) cannot be loaded: {first_line}")
+    return InputError(f"{what} {name!r} ({path}) cannot be loaded: {first_line}")
 
 
 class DenseFeatureExtractor(nn.Module):
@@ -410,6 +418,7 @@ __all__ = [
     "DenseFeatureExtractor",
     "ORIGINAL_TIMM_IDS",
     "convert_timm_dinov2_state_dict",
+    "explain_load_errors",
     "load_backbone",
     "processor_mean_std",
     "resolve_backbone_name",

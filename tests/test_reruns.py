@@ -154,3 +154,20 @@ def test_every_phase_of_a_lift_shows_progress_or_a_status_line(setup, tmp_path, 
     positions = [err.find(f"{scene}: {phase}") for phase in phases]
     assert -1 not in positions, [phase for phase, at in zip(phases, positions, strict=True) if at == -1]
     assert positions == sorted(positions)  # in the order they run
+
+
+def test_atomic_outputs_get_the_permissions_the_umask_gives(tmp_path):
+    from fit3d_hf.utils import atomic_path, atomic_write_text, make_staging_dir
+
+    previous = os.umask(0o027)  # a cluster setting: group may read, others nothing
+    try:
+        written = atomic_write_text(tmp_path / "metrics.json", "{}")
+        with atomic_path(tmp_path / "model.safetensors") as temporary:
+            temporary.write_bytes(b"weights")
+        staging = make_staging_dir(tmp_path / "checkpoint")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(written.stat().st_mode) == 0o640  # mkstemp alone would leave 0o600
+    assert stat.S_IMODE((tmp_path / "model.safetensors").stat().st_mode) == 0o640
+    assert stat.S_IMODE(staging.stat().st_mode) == 0o750  # mkdtemp alone would leave 0o700
+    assert staging.parent == tmp_path and staging.name.startswith(".checkpoint.")

@@ -287,7 +287,7 @@ def load_frozen_features(
     """
     from transformers import AutoConfig, AutoModel
 
-    from ..backbones import DenseFeatureExtractor
+    from ..backbones import DenseFeatureExtractor, explain_load_errors
     from ..modeling_fit3d import FiT3DModel
 
     torch_dtype = getattr(torch, dtype)
@@ -296,7 +296,8 @@ def load_frozen_features(
             check_local_path(str(name), option)
     fit3d_model = None
     if model:
-        config = AutoConfig.from_pretrained(model)
+        with explain_load_errors(model, what="--model"):
+            config = AutoConfig.from_pretrained(model)
         if config.model_type != "fit3d":
             raise ValueError(
                 f"--model {model} holds a {config.model_type!r} model, not a FiT3DModel; pass a plain backbone as --baseline"
