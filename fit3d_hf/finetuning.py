@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .errors import MissingInputError, UsageError
+from .errors import InputError, MissingInputError, UsageError
 from .gaussians import BundleMismatchError, GaussianBundle, load_bundle
 from .gaussians.bundle import BUNDLE_FILENAME
 from .losses import masked_l1
@@ -242,7 +242,7 @@ class FrameDataset(torch.utils.data.Dataset):
 def collate_frames(samples: list[dict]) -> dict:
     sizes = {tuple(s["image"].shape) for s in samples}
     if len(sizes) > 1:
-        raise ValueError(f"frames of one batch must share their size, got {sorted(sizes)}; use --train_batch_size 1")
+        raise InputError(f"frames of one batch must share their size, got {sorted(sizes)}; use --train_batch_size 1")
     return {
         "index": torch.tensor([s["index"] for s in samples]),
         "scene_id": [s["scene_id"] for s in samples],
@@ -429,7 +429,7 @@ def _lora_wrap(extractor, model_args: ModelArguments):
         targets = [name.strip() for name in model_args.lora_target_modules.split(",") if name.strip()]
         unknown = [t for t in targets if t not in present]
         if unknown or not targets:
-            raise ValueError(f"--lora_target_modules {unknown or targets} are not linear layers of the backbone; it has {sorted(present)}")
+            raise UsageError(f"--lora_target_modules {unknown or targets} are not linear layers of the backbone; it has {sorted(present)}")
     config = LoraConfig(r=model_args.lora_rank, lora_alpha=model_args.lora_alpha or model_args.lora_rank, target_modules=targets, lora_dropout=0.0)
     extractor.model = get_peft_model(extractor.model, config)
     return extractor
@@ -509,7 +509,7 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: Finetunin
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
     loader = build_train_dataloader(train_frames, args)
     if len(loader) == 0:
-        raise ValueError(f"{len(train_frames)} training frames are fewer than one batch of {args.train_batch_size}")
+        raise UsageError(f"{len(train_frames)} training frames are fewer than one batch of --train_batch_size {args.train_batch_size}")
     extractor, optimizer, loader = accelerator.prepare(extractor, optimizer, loader)
     steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or steps_per_epoch * args.num_train_epochs

@@ -25,6 +25,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from fit3d_hf import FiT3DConfig, FiT3DModel
+from fit3d_hf.errors import InputError, MissingInputError
 from fit3d_hf.images import to_8bit
 from fit3d_hf.visualization import cosine_similarity_map, heatmap_rgb, kmeans_segments, label_colors, pca_rgb
 
@@ -143,14 +144,14 @@ def read_model_entries(path: str | Path) -> list[ModelEntry]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"model list {path} does not exist")
+        raise MissingInputError(f"model list {path} does not exist")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"model list {path} is not valid JSON: {error}") from error
+        raise InputError(f"model list {path} is not valid JSON: {error}") from error
     items = data.get("models") if isinstance(data, dict) else None
     if not isinstance(items, list):
-        raise ValueError(f'model list {path} must hold {{"models": [{{"label": ..., "source": ...}}, ...]}}')
+        raise InputError(f'model list {path} must hold {{"models": [{{"label": ..., "source": ...}}, ...]}}')
     from fit3d_hf.release import RELEASE_BACKBONES
 
     entries = []
@@ -162,13 +163,13 @@ def read_model_entries(path: str | Path) -> list[ModelEntry]:
             or not isinstance(item.get("release", ""), str)
             or not (item.get("source") or item.get("release"))
         ):
-            raise ValueError(
+            raise InputError(
                 f"model list {path}: entry {index} needs a string 'label' and a 'source' and/or 'release', "
                 f"got {item!r}"
             )
         release = item.get("release") or None
         if release is not None and release not in RELEASE_BACKBONES:
-            raise ValueError(
+            raise InputError(
                 f"model list {path}: entry {index} names release {release!r}; the original release has "
                 f"{', '.join(RELEASE_BACKBONES)}"
             )
@@ -180,20 +181,18 @@ def read_model_entries(path: str | Path) -> list[ModelEntry]:
         entries.append(ModelEntry(item["label"], source, str(item.get("description", "")), release))
     labels = [entry.label for entry in entries]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"model list {path} repeats a label: {labels}")
+        raise InputError(f"model list {path} repeats a label: {labels}")
     return entries
 
 
 def _load_fit3d(source: str, device: torch.device) -> FiT3DModel:
     from transformers import AutoConfig, AutoModel
 
-    from fit3d_hf.errors import MissingInputError
-
     if Path(source).is_absolute() and not Path(source).exists():  # not a Hub id: say so, not "bad repo id"
         raise MissingInputError(f"folder {source} does not exist")
     config = AutoConfig.from_pretrained(source)
     if config.model_type != FiT3DConfig.model_type:
-        raise ValueError(f"{source} holds a {config.model_type!r} model, not a FiT3D model ('fit3d')")
+        raise InputError(f"{source} holds a {config.model_type!r} model, not a FiT3D model ('fit3d')")
     return AutoModel.from_pretrained(source, config=config).to(device).eval()
 
 
