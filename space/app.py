@@ -225,19 +225,15 @@ def _load_entry(entry: ModelEntry, device: torch.device, release_cache: str | Pa
     """The entry's model: from its source, else built from the original release's weights (cached)."""
     from fit3d_hf.release import converted_release_model
 
-    error = None
     if entry.source:
         try:
             return _load_fit3d(entry.source, device)
         except Exception as source_error:  # noqa: BLE001 - the release (if any) gets its chance below
             if not entry.release:
                 raise
-            error = source_error
             logger.info("%s: %s did not load (%s); building it from the original release", entry.label, entry.source, source_error)
-    try:
-        return _load_fit3d(str(converted_release_model(entry.release, release_cache)), device)
-    except Exception as release_error:
-        raise release_error from error
+    # A failure here is reported with its own cause (an unreachable Hub, a conversion problem, ...).
+    return _load_fit3d(str(converted_release_model(entry.release, release_cache)), device)
 
 
 def _short_reason(error: Exception) -> str:
