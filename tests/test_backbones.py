@@ -367,6 +367,7 @@ def test_convert_original_command(tmp_path, capsys):
     assert fit3d_main(argv) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["backbone"] == "facebook/dinov2-small" and summary["changed_tensors"] > 0
+    assert summary["pos_embed_interpolation"] == "timm"  # the original's timm resampling, by default
 
     model = AutoModel.from_pretrained(tmp_path / "out").eval()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
@@ -377,10 +378,16 @@ def test_convert_original_command(tmp_path, capsys):
     with torch.no_grad():
         output = model(images)
         torch.testing.assert_close(
-            output.original_features, DenseFeatureExtractor(original)(images), rtol=1e-5, atol=1e-5
+            output.original_features,
+            DenseFeatureExtractor(original, pos_embed_interpolation="timm")(images),
+            rtol=1e-5,
+            atol=1e-5,
         )
         torch.testing.assert_close(
-            output.finetuned_features, DenseFeatureExtractor(finetuned)(images), rtol=1e-5, atol=1e-5
+            output.finetuned_features,
+            DenseFeatureExtractor(finetuned, pos_embed_interpolation="timm")(images),
+            rtol=1e-5,
+            atol=1e-5,
         )
     with pytest.raises(FileExistsError, match="--overwrite"):
         fit3d_main(argv)
