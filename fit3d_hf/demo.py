@@ -86,11 +86,12 @@ def lift_scenes(args: DemoArguments, data: Path, backbone: str, output_dir: Path
     from fit3d_hf.backbones import DenseFeatureExtractor
     from fit3d_hf.lifting import LiftingArguments, lift_scene, resolve_scene_list
 
-    # A short schedule: 800 iterations instead of 30k, hence larger learning rates and a Gaussian cap.
+    # A short schedule: 800 iterations instead of 30k, hence larger learning rates decaying over the run and a
+    # Gaussian cap.
     lift_args = LiftingArguments(
         backbone=backbone, out=str(output_dir / "gaussians"), feature_dim=16, iterations=args.lift_iterations,
         holdout_every=4, feature_lr=0.01, decoder_lr=0.01, sh_dc_lr=0.01, position_lr_init=1.6e-3,
-        position_lr_final=1.6e-5, scaling_lr=0.01, densify_from=50, densify_until=int(0.8 * args.lift_iterations),
+        position_lr_final=1.6e-5, position_lr_max_steps=0, scaling_lr=0.01, densify_from=50, densify_until=int(0.8 * args.lift_iterations),
         densify_interval=100, opacity_reset_interval=100_000, sh_increase_interval=250, max_gaussians=6000,
         checkpoint_interval=0, seed=args.seed,
     )  # fmt: skip
