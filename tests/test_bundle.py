@@ -286,3 +286,36 @@ def test_bundle_refuses_other_backbone_and_bad_files(tmp_path):
         load_bundle(junk)
     with pytest.raises(ValueError, match="decoder_weight"):
         save_bundle(tmp_path / "x", _gaussians(), torch.randn(16, 4, 3, 3), scene_id="s", backbone="b")
+
+
+def test_check_provenance_compares_what_changes_the_targets():
+    from fit3d_hf.gaussians.bundle import check_provenance
+
+    lifted = {
+        "backbone": "dinov2_small", "backbone_id": "facebook/dinov2-small", "backbone_model_type": "dinov2",
+        "backbone_dim": 384, "patch_size": 14, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+        "resize": "bilinear down to a patch multiple, then normalise", "pos_embed_interpolation": "timm",
+        "weights_sha256": "a" * 64,
+    }  # fmt: skip
+    metadata = {"backbone": "dinov2_small", "provenance": dict(lifted)}
+    assert check_provenance(metadata, lifted) == []
+    # the same weights under another name are the same backbone; other weights are not, whatever the name
+    assert check_provenance(metadata, {**lifted, "backbone": "/models/dinov2-small", "backbone_id": "/models/dinov2-small"}) == []
+    assert check_provenance(metadata, {**lifted, "weights_sha256": "b" * 64})[0].startswith("backbone weights differ")
+    assert check_provenance(metadata, {**lifted, "pos_embed_interpolation": "native"}) == ["pos_embed_interpolation 'timm' vs 'native'"]
+    assert check_provenance(metadata, {**lifted, "image_mean": [0.5, 0.5, 0.5]})[0].startswith("image_mean")
+    # a bundle written before provenance existed: compared by the backbone it names
+    old = {"backbone": "dinov2_small", "provenance": {}}
+    assert check_provenance(old, lifted) == []
+    assert check_provenance(old, {**lifted, "backbone": "facebook/dinov2-with-registers-small", "backbone_id": "facebook/dinov2-with-registers-small"}) == [
+        "backbone 'dinov2_small' vs 'facebook/dinov2-with-registers-small'"
+    ]
+
+
+def test_provenance_is_stored_in_the_bundle_header(tmp_path):
+    gaussians = _gaussians()
+    provenance = {"backbone_id": "facebook/dinov2-small", "weights_sha256": "c" * 64, "patch_size": 14}
+    path = save_bundle(tmp_path, gaussians, torch.randn(16, 8, 3, 3), scene_id="s", backbone="b", provenance=provenance)
+    assert read_bundle_metadata(path)["provenance"] == provenance
+    plain = save_bundle(tmp_path / "plain", gaussians, torch.randn(16, 8, 3, 3), scene_id="s", backbone="b")
+    assert read_bundle_metadata(plain)["provenance"] == {}

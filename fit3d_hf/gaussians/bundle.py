@@ -51,6 +51,7 @@ __all__ = [
     "BundleMismatchError",
     "GaussianBundle",
     "bundle_bytes_per_gaussian",
+    "check_provenance",
     "load_bundle",
     "load_compressed_sh",
     "read_bundle_metadata",
@@ -152,6 +153,7 @@ def save_bundle(
     sh_codebook_size: int | None = None,
     sh_kmeans_iterations: int = 10,
     seed: int = 0,
+    provenance: dict | None = None,
 ) -> Path:
     """Writes a bundle atomically (temp file in the same folder, then rename) and returns its path.
 
@@ -175,6 +177,9 @@ def save_bundle(
             the largest power of two <= N / 100 in [16, 4096], so that it amortises over the scene).
         sh_kmeans_iterations: k-means iterations fitting that codebook.
         seed: seed of the k-means initialisation.
+        provenance: how the target features were made (`DenseFeatureExtractor.provenance()`: backbone id and
+            revision, weights fingerprint, normalisation, resize rule, position-embedding resampling), stored as
+            JSON under the "provenance" key; `check_provenance` compares it with Stage II's backbone.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -220,6 +225,8 @@ def save_bundle(
         "num_gaussians": str(len(gaussians)),
         "extra": json.dumps(extra_metadata or {}),
     }
+    if provenance:
+        metadata["provenance"] = json.dumps(provenance, sort_keys=True)
     with atomic_path(path) as temporary:
         save_file(tensors, str(temporary), metadata=metadata)
         _sort_header(temporary)
@@ -268,7 +275,42 @@ def read_bundle_metadata(path: str | Path) -> dict:
             f"{READABLE_VERSIONS}: upgrade fit3d_hf or lift the scene again"
         )
     metadata["extra"] = json.loads(metadata.get("extra", "{}"))
+    metadata["provenance"] = json.loads(metadata.get("provenance", "{}"))
     return metadata
+
+
+# Provenance entries that must agree between a bundle and the backbone Stage II trains: each changes the
+# target features. A key missing on either side (older bundles) is not compared.
+_PROVENANCE_KEYS = (
+    "backbone_model_type", "backbone_dim", "patch_size", "image_mean", "image_std", "resize", "pos_embed_interpolation",
+)  # fmt: skip
+
+
+def check_provenance(metadata: dict, expected: dict) -> list[str]:
+    """How a bundle's recorded backbone differs from `expected` (both `DenseFeatureExtractor.provenance()`
+    dicts; `metadata` as `read_bundle_metadata` returns it). Empty when they agree.
+
+    The backbone is the same when the weights fingerprints agree (whatever the id it was loaded by), or, when
+    either side lacks one, when the ids agree (a bundle without provenance is compared by its "backbone" key).
+    """
+    recorded = dict(metadata.get("provenance") or {})
+    differences = []
+    ours, theirs = expected.get("weights_sha256"), recorded.get("weights_sha256")
+    if ours and theirs:
+        if ours != theirs:
+            differences.append(
+                f"backbone weights differ (lifted with {recorded.get('backbone_id') or metadata.get('backbone')!r}, "
+                f"fingerprint {theirs[:12]}; this backbone {expected.get('backbone_id')!r}, {ours[:12]})"
+            )
+    else:
+        lifted_with = recorded.get("backbone_id") or metadata.get("backbone")
+        names = {expected.get("backbone"), expected.get("backbone_id")} - {None, ""}
+        if lifted_with and names and lifted_with not in names:
+            differences.append(f"backbone {lifted_with!r} vs {expected.get('backbone_id') or expected.get('backbone')!r}")
+    for key in _PROVENANCE_KEYS:
+        if key in recorded and key in expected and recorded[key] != expected[key]:
+            differences.append(f"{key} {recorded[key]!r} vs {expected[key]!r}")
+    return differences
 
 
 def load_bundle(
