@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .gaussians import BundleMismatchError, GaussianBundle, load_bundle
-from .gaussians.bundle import BUNDLE_FILENAME
+from .gaussians.bundle import BUNDLE_FILENAME, check_provenance
 from .losses import masked_l1
 from .targets import decode_at_patch_grid
 from .utils import deterministic_algorithms
@@ -42,6 +42,7 @@ __all__ = [
     "check_frames_against_gaussians",
     "load_frames",
     "build_train_dataloader",
+    "scaled_learning_rate",
     "train",
 ]
 
@@ -52,6 +53,15 @@ logger = logging.getLogger(__name__)
 class ModelArguments:
     backbone: str = field(metadata={"help": "Backbone to fine-tune: Hub id, local folder or short name (dinov2_small, ...)."})
     normalization: str = field(default="imagenet", metadata={"help": "'imagenet' (FiT3D) or 'processor' input normalisation."})
+    pos_embed_interpolation: str | None = field(
+        default=None,
+        metadata={
+            "help": "Position-embedding resampling to the frames' patch grid: 'timm' (bicubic with antialiasing, as the "
+            "original FiT3D's timm backbones) or 'native' (transformers'). Default: 'timm' for the short names "
+            "(dinov2_small, ...), else what the backbone's config records, else 'native'. Use the one Stage I used.",
+            "choices": ["timm", "native"],
+        },
+    )
     lora_rank: int = field(default=0, metadata={"help": "Fine-tune rank-R LoRA adapters (peft) instead of all weights (0: full fine-tuning)."})
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: equal to the rank)."})
     lora_target_modules: str = field(
@@ -69,22 +79,50 @@ class DataArguments:
     max_validation_samples: int | None = field(default=64, metadata={"help": "Validate on at most N frames."})
     consistency_pairs: int = field(default=8, metadata={"help": "View pairs per validation scene for the multi-view consistency measure."})
     gaussian_cache_gb: float = field(default=8.0, metadata={"help": "Memory budget of the scene Gaussians kept loaded on the device."})
+    allow_backbone_mismatch: bool = field(
+        default=False,
+        metadata={
+            "help": "Train even if the bundles were lifted with another backbone (other weights, model type, "
+            "normalisation, resize rule or position-embedding resampling than --backbone), with a warning. By default "
+            "such bundles are refused, since their targets are another model's features."
+        },
+    )
 
 
 @dataclass
 class FinetuningArguments:
     output_dir: str = field(metadata={"help": "Where checkpoints, logs and the final models go."})
-    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate."})
+    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate (FiT3D: 1e-5 at a global batch of 2)."})
+    scale_lr: str = field(
+        default="none",
+        metadata={
+            "help": "Rescale --learning_rate for the global batch (train_batch_size x processes x accumulation) "
+            "relative to FiT3D's 2: 'none' (use it as given), 'linear' (x batch/2) or 'sqrt' (x sqrt(batch/2), the "
+            "usual rule for Adam). Not validated against the paper's numbers: its recipe is batch 2 at 1e-5.",
+            "choices": ["none", "linear", "sqrt"],
+        },
+    )
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
     max_grad_norm: float = field(default=0.1, metadata={"help": "Gradient clipping norm."})
     num_train_epochs: int = field(default=1, metadata={"help": "Epochs over the training frames."})
     max_train_steps: int | None = field(default=None, metadata={"help": "Stop after N optimisation steps (overrides epochs)."})
     train_batch_size: int = field(default=2, metadata={"help": "Frames per device per step."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches accumulated per optimisation step."})
-    mixed_precision: str = field(default="no", metadata={"help": "'no', 'bf16' or 'fp16' (autocast of the backbone)."})
+    mixed_precision: str | None = field(
+        default=None,
+        metadata={
+            "help": "'no' (fp32, FiT3D), 'bf16' or 'fp16' (autocast of the backbone). Default: the `accelerate launch` "
+            "setting (its config file or --mixed_precision), else 'no'. The precision used is printed at the start and "
+            "written to metrics.json."
+        },
+    )
     dataloader_num_workers: int = field(default=0, metadata={"help": "Data loading worker processes."})
     seed: int = field(default=42, metadata={"help": "Seed of the weights' data order and flips."})
     flip_probability: float = field(default=0.5, metadata={"help": "Probability of a horizontal flip of image, target and mask."})
+    near_plane: float = field(
+        default=0.2,
+        metadata={"help": "Gaussians closer to the camera than this (camera z, scene units) are not rendered (FiT3D's rasterizer: 0.2)."},
+    )
     checkpointing_steps: int = field(default=500, metadata={"help": "Save a resumable checkpoint every N steps (0: never)."})
     checkpoints_total_limit: int | None = field(default=None, metadata={"help": "Keep at most N checkpoints."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint folder, or 'latest'."})
@@ -96,8 +134,12 @@ class FinetuningArguments:
     hub_token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)."})
 
     def __post_init__(self) -> None:
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
+        if self.mixed_precision not in (None, "no", "bf16", "fp16"):
             raise ValueError(f"--mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        if self.scale_lr not in ("none", "linear", "sqrt"):
+            raise ValueError(f"--scale_lr must be 'none', 'linear' or 'sqrt', got {self.scale_lr!r}")
+        if self.near_plane <= 0:
+            raise ValueError(f"--near_plane must be positive, got {self.near_plane}")
         if self.train_batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ValueError("--train_batch_size and --gradient_accumulation_steps must be at least 1")
         if not 0 <= self.flip_probability <= 1:
@@ -135,8 +177,13 @@ def bundle_path(gaussians_dir: str | Path, scene_id: str) -> Path:
     return Path(gaussians_dir) / scene_id / BUNDLE_FILENAME
 
 
-def check_frames_against_gaussians(scene_ids, gaussians_dir, backbone_dim: int, feature_dim: int | None = None) -> None:
-    """Refuses, before training, frames whose scene has no bundle or a bundle for another backbone size."""
+def check_frames_against_gaussians(
+    scene_ids, gaussians_dir, backbone_dim: int, feature_dim: int | None = None, *, provenance: dict | None = None,
+    allow_backbone_mismatch: bool = False,
+) -> None:
+    """Refuses, before training, frames whose scene has no bundle or a bundle for another backbone: another size,
+    or (with `provenance`, `DenseFeatureExtractor.provenance()`) other weights, model type, normalisation, resize
+    rule or position-embedding resampling. `allow_backbone_mismatch` turns the latter into a warning."""
     from .gaussians import read_bundle_metadata
 
     missing = sorted({s for s in scene_ids if not bundle_path(gaussians_dir, s).is_file()})
@@ -145,6 +192,7 @@ def check_frames_against_gaussians(scene_ids, gaussians_dir, backbone_dim: int, 
             f"{gaussians_dir} has no Gaussian bundle for {len(missing)} scene(s) of the frames, e.g. {missing[:5]}; "
             f"run Stage I (`fit3d lift`) on them or drop their frames"
         )
+    warned = False
     for scene_id in sorted(set(scene_ids)):
         metadata = read_bundle_metadata(bundle_path(gaussians_dir, scene_id))
         found = int(metadata["backbone_dim"])
@@ -155,6 +203,17 @@ def check_frames_against_gaussians(scene_ids, gaussians_dir, backbone_dim: int, 
             )
         if feature_dim is not None and int(metadata["feature_dim"]) != feature_dim:
             raise BundleMismatchError(f"{bundle_path(gaussians_dir, scene_id)} has feature dim {metadata['feature_dim']}, expected {feature_dim}")
+        differences = check_provenance(metadata, provenance) if provenance else []
+        if differences:
+            message = (
+                f"{bundle_path(gaussians_dir, scene_id)} was lifted with another backbone than the one being "
+                f"fine-tuned: {'; '.join(differences)}"
+            )
+            if not allow_backbone_mismatch:
+                raise BundleMismatchError(f"{message}. Lift the scenes with this backbone, or pass --allow_backbone_mismatch")
+            if not warned:  # once, for the first such scene
+                logger.warning("%s (--allow_backbone_mismatch: training anyway)", message)
+                warned = True
 
 
 def _to_tensor_image(value, mode: str) -> torch.Tensor:
@@ -238,7 +297,7 @@ class GaussianCache:
 
 
 @torch.no_grad()
-def render_targets(batch: dict, cache: GaussianCache, grid_size: tuple[int, int], device) -> torch.Tensor:
+def render_targets(batch: dict, cache: GaussianCache, grid_size: tuple[int, int], device, near_plane: float = 0.2) -> torch.Tensor:
     """`[B, D, h, w]` targets: each frame's decoded feature render sampled on the patch grid. Frames of
     the same scene are rendered together, all their cameras in one rasterizer launch."""
     from .render import render
@@ -254,6 +313,7 @@ def render_targets(batch: dict, cache: GaussianCache, grid_size: tuple[int, int]
         out = render(
             bundle.means, bundle.quats, bundle.scales, bundle.opacities, bundle.metadata["colors"], bundle.features,
             batch["K"][index].to(device), batch["world_to_camera"][index].to(device), width, height, render_depth=False,
+            near_plane=near_plane,
         )  # fmt: skip
         decoded = decode_at_patch_grid(out.features, bundle.decoder_weight, grid_size)
         for row, i in enumerate(indices):
@@ -277,12 +337,12 @@ def _flip_table(num_frames: int, probability: float, seed: int, epoch: int) -> t
     return torch.rand(num_frames, generator=generator) < probability
 
 
-def training_step_inputs(batch, cache, extractor, flips: torch.Tensor, device):
+def training_step_inputs(batch, cache, extractor, flips: torch.Tensor, device, near_plane: float = 0.2):
     """Images `[B, 3, H, W]` in [0, 1], targets `[B, D, h, w]` and soft masks `[B, 1, h, w]`, flipped."""
     images = batch["image"].to(device).float() / 255.0
     height, width = images.shape[-2:]
     grid = (height // extractor.patch_size, width // extractor.patch_size)
-    targets = render_targets(batch, cache, grid, device)
+    targets = render_targets(batch, cache, grid, device, near_plane)
     masks = F.interpolate(batch["mask"].to(device), size=grid, mode="bilinear", align_corners=False)
     flip = flips[batch["index"].cpu()].to(device)[:, None, None, None]
     images = torch.where(flip, images.flip(-1), images)
@@ -296,7 +356,7 @@ def training_step_inputs(batch, cache, extractor, flips: torch.Tensor, device):
 
 
 @torch.no_grad()
-def multiview_consistency(extractor, frames, cache: GaussianCache, pairs_per_scene: int, device) -> float:
+def multiview_consistency(extractor, frames, cache: GaussianCache, pairs_per_scene: int, device, near_plane: float = 0.2) -> float:
     """Mean cosine similarity of the backbone's features at ground-truth correspondences between nearby
     views of each validation scene. Depth comes from the frames' `depth` column when they have one
     (synthetic scenes), otherwise from the scene's Gaussians (expected depth / alpha)."""
@@ -323,6 +383,7 @@ def multiview_consistency(extractor, frames, cache: GaussianCache, pairs_per_sce
                     out = render(
                         bundle.means, bundle.quats, bundle.scales, bundle.opacities, bundle.metadata["colors"], None,
                         K[None].float().to(device), pose[None].float().to(device), images.shape[-1], images.shape[-2],
+                        near_plane=near_plane,
                     )  # fmt: skip
                     alpha = out.alpha[0, 0]
                     depths.append(torch.where(alpha > 0.5, out.depth[0, 0] / alpha.clamp_min(1e-6), 0).cpu())
@@ -337,6 +398,28 @@ def multiview_consistency(extractor, frames, cache: GaussianCache, pairs_per_sce
 
 # ----------------------------------------------------------------------------------------------------
 # Training
+
+
+def scaled_learning_rate(learning_rate: float, global_batch: int, rule: str, reference_batch: int = 2) -> float:
+    """The learning rate for a global batch under `rule`: "none" (unchanged), "linear" (x batch / 2) or "sqrt"
+    (x sqrt(batch / 2)), relative to FiT3D's batch of 2. Neither rule is validated against the paper."""
+    if rule == "none":
+        return learning_rate
+    ratio = global_batch / reference_batch
+    if rule == "linear":
+        return learning_rate * ratio
+    if rule == "sqrt":
+        return learning_rate * math.sqrt(ratio)
+    raise ValueError(f"--scale_lr must be 'none', 'linear' or 'sqrt', got {rule!r}")
+
+
+def extractor_interpolation(extractor) -> str:
+    """The position-embedding resampling of a (possibly LoRA-wrapped) extractor's backbone."""
+    backbone = extractor.model
+    backbone = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+    from .modeling_fit3d import pos_embed_interpolation_of
+
+    return pos_embed_interpolation_of(backbone)
 
 
 def _latest_checkpoint(output_dir: Path) -> Path | None:
@@ -431,9 +514,23 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: Finetunin
     set_seed(args.seed)
     device = accelerator.device
 
+    precision = accelerator.mixed_precision
+    accelerator.print(f"Stage II precision: {'fp32' if precision == 'no' else precision} (--mixed_precision {precision})")
+    learning_rate = scaled_learning_rate(
+        args.learning_rate, args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps, args.scale_lr
+    )
+    if learning_rate != args.learning_rate:
+        accelerator.print(f"--scale_lr {args.scale_lr}: learning rate {args.learning_rate:g} -> {learning_rate:g}")
+
     # Models: the trainable backbone and a frozen copy of the original (for the FiT3DModel and the
     # "before" measurements).
-    extractor = DenseFeatureExtractor.from_pretrained(model_args.backbone, normalization=model_args.normalization)
+    extractor = DenseFeatureExtractor.from_pretrained(
+        model_args.backbone, normalization=model_args.normalization, pos_embed_interpolation=model_args.pos_embed_interpolation
+    )
+    provenance = extractor.provenance()
+    # Every weight trains, as in FiT3D (timm models have no frozen weights; transformers' ViT-MAE freezes its
+    # position embeddings, which timm's MAE, and so the original, fine-tunes).
+    extractor.model.requires_grad_(True)
     original = copy.deepcopy(extractor).eval().requires_grad_(False)
 
     # Data, checked against the Gaussians before anything trains.
@@ -450,7 +547,10 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: Finetunin
             if validation_frames is not None and data_args.max_validation_samples:
                 validation_frames = validation_frames.select(range(min(data_args.max_validation_samples, len(validation_frames))))
     scene_ids = set(train_frames["scene_id"]) | (set(validation_frames["scene_id"]) if validation_frames is not None else set())
-    check_frames_against_gaussians(scene_ids, data_args.gaussians, extractor.hidden_size)
+    check_frames_against_gaussians(
+        scene_ids, data_args.gaussians, extractor.hidden_size, provenance=provenance,
+        allow_backbone_mismatch=data_args.allow_backbone_mismatch,
+    )  # fmt: skip
 
     if model_args.lora_rank > 0:
         extractor = _lora_wrap(extractor, model_args)
@@ -459,7 +559,7 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: Finetunin
         logger.info("frozen (they get no gradient from dense features): %s", ", ".join(unused))
     extractor.train()
     trainable = [p for p in extractor.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=args.weight_decay)
     loader = build_train_dataloader(train_frames, args)
     if len(loader) == 0:
         raise ValueError(f"{len(train_frames)} training frames are fewer than one batch of {args.train_batch_size}")
@@ -477,7 +577,7 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: Finetunin
         original.to(device)
         metrics["validation_loss_before"] = _validation_loss(original, validation_frames, cache, accelerator, args)
         if accelerator.is_main_process:
-            metrics["consistency_before"] = multiview_consistency(original, validation_frames, cache, data_args.consistency_pairs, device)
+            metrics["consistency_before"] = multiview_consistency(original, validation_frames, cache, data_args.consistency_pairs, device, args.near_plane)
 
     global_step, first_epoch, resume_batches = 0, 0, 0
     if args.resume_from_checkpoint:
@@ -500,7 +600,7 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: Finetunin
         epoch_loader = accelerator.skip_first_batches(loader, resume_batches) if epoch == first_epoch and resume_batches else loader
         for batch in epoch_loader:
             with accelerator.accumulate(extractor):
-                images, targets, masks = training_step_inputs(batch, cache, unwrapped, flips, device)
+                images, targets, masks = training_step_inputs(batch, cache, unwrapped, flips, device, args.near_plane)
                 with accelerator.autocast():
                     predictions = extractor(images)
                 loss = masked_l1(predictions.float(), targets, masks)
@@ -532,10 +632,11 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: Finetunin
     unwrapped = accelerator.unwrap_model(extractor)
     unwrapped.eval()
     metrics.update({"train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None, "steps": global_step})
+    metrics.update({"mixed_precision": precision, "learning_rate": learning_rate, "pos_embed_interpolation": extractor_interpolation(unwrapped)})
     if validation_frames is not None:
         metrics["validation_loss"] = _validation_loss(unwrapped, validation_frames, cache, accelerator, args)
         if accelerator.is_main_process:
-            metrics["consistency_after"] = multiview_consistency(unwrapped, validation_frames, cache, data_args.consistency_pairs, device)
+            metrics["consistency_after"] = multiview_consistency(unwrapped, validation_frames, cache, data_args.consistency_pairs, device, args.near_plane)
     if accelerator.is_main_process:
         _save_outputs(unwrapped, original, model_args, data_args, args, metrics)
     accelerator.log({k: v for k, v in metrics.items() if isinstance(v, float)}, step=global_step)
@@ -550,7 +651,7 @@ def _validation_loss(extractor, frames, cache, accelerator, args) -> float:
     no_flips = torch.zeros(len(frames), dtype=torch.bool)
     total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
     for batch in loader:
-        images, targets, masks = training_step_inputs(batch, cache, extractor, no_flips, accelerator.device)
+        images, targets, masks = training_step_inputs(batch, cache, extractor, no_flips, accelerator.device, args.near_plane)
         with accelerator.autocast():
             predictions = extractor(images)
         total += masked_l1(predictions.float(), targets, masks) * len(images)
@@ -576,7 +677,7 @@ def _save_outputs(extractor, original, model_args, data_args, args, metrics) -> 
         base_model=model_args.backbone,
         datasets=[str(data_args.frames)],
         metrics={k: v for k, v in metrics.items() if isinstance(v, float)},
-        training={"lora_rank": model_args.lora_rank, "learning_rate": args.learning_rate, "steps": metrics.get("steps")},
+        training={"lora_rank": model_args.lora_rank, "learning_rate": metrics.get("learning_rate", args.learning_rate), "steps": metrics.get("steps")},
         repo_id=args.hub_model_id,
     )
     card.save(fit3d_dir / "README.md")
