@@ -28,11 +28,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .checkpoints import load_torch_checkpoint, save_torch_checkpoint
 from .gaussians import DensificationConfig, Densifier, FeatureGaussians, load_bundle, save_bundle
 from .gaussians.bundle import BUNDLE_FILENAME, SH_STORAGES
 from .gaussians.sh_codec import CompressedSH, assemble_sh, encode_sh
 from .losses import psnr, ssim, upsampled_feature_l1
-from .checkpoints import load_torch_checkpoint, save_torch_checkpoint
 from .utils import atomic_write_text, deterministic_algorithms
 
 __all__ = ["LiftingArguments", "SceneData", "lift_many", "lift_scene", "load_scene_data", "resolve_scene_list", "scene_extent"]
