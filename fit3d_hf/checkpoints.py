@@ -137,8 +137,9 @@ def save_state_atomically(accelerator, folder: str | os.PathLike) -> Path:
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        manifest = json.dumps(_manifest(partial), indent=1, sort_keys=True)  # before the manifest's own temp file exists
         with atomic_path(partial / MANIFEST_FILENAME) as temporary:
-            temporary.write_text(json.dumps(_manifest(partial), indent=1, sort_keys=True))
+            temporary.write_text(manifest)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(partial, folder)

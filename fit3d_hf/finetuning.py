@@ -459,6 +459,8 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: Finetunin
     from .checkpoints import save_state_atomically
 
     output_dir = Path(args.output_dir)
+    # A checkpoint asked for that does not exist is refused before anything loads (not a silent fresh run).
+    resume_path = _resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
     tracker = _check_trackers(args.report_to)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -520,7 +522,7 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: Finetunin
 
     global_step, first_epoch, resume_batches = 0, 0, 0
     if args.resume_from_checkpoint:
-        path = _resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint)
+        path = resume_path
         if path is None:
             accelerator.print(f"no checkpoint in {output_dir} yet: starting a new run")
         else:
