@@ -8,6 +8,10 @@ its size, as a crash in the middle of writing it would leave it) or `call:MODULE
 of that function or method, e.g. a step's gradient clipping, between its backward and its optimizer step).
 At the pause the hook writes MARKER (its pid and what it paused in) and sleeps until it is killed.
 
+`trace:MODULE:ATTRIBUTE` (N unused) pauses nowhere: it appends one JSON line per call of that method to
+`MARKER.<pid>`: the length of the object it is called on (when it has one) and the other arguments, e.g.
+which frames a dataset served to which process.
+
 Nothing in the library knows about this: the hook patches the running process from outside, so the code
 under test is the code users run.
 """
@@ -69,6 +73,22 @@ def _hook_call(marker: str, module_name: str, attribute: str, occurrence: int) -
     setattr(owner, name, wrapper)
 
 
+def _hook_trace(marker: str, module_name: str, attribute: str) -> None:
+    owner = importlib.import_module(module_name)
+    *path, name = attribute.split(".")
+    for part in path:
+        owner = getattr(owner, part)
+    real = getattr(owner, name)
+
+    def wrapper(self, *args, **kwargs):
+        record = {"len": len(self) if hasattr(self, "__len__") else None, "args": [a if isinstance(a, (int, float, str)) else repr(a) for a in args]}
+        with open(f"{marker}.{os.getpid()}", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        return real(self, *args, **kwargs)
+
+    setattr(owner, name, wrapper)
+
+
 def main() -> None:
     marker, where, occurrence, separator, *command = sys.argv[1:]
     assert separator == "--", "usage: crash_hook.py MARKER WHERE N -- (-m MODULE | SCRIPT) ARGS..."
@@ -78,6 +98,9 @@ def main() -> None:
     elif kind == "call":
         module_name, _, attribute = spec.partition(":")
         _hook_call(marker, module_name, attribute, int(occurrence))
+    elif kind == "trace":
+        module_name, _, attribute = spec.partition(":")
+        _hook_trace(marker, module_name, attribute)
     elif kind != "none":
         raise SystemExit(f"unknown pause point {where!r}")
     if command[0] == "-m":
