@@ -6,7 +6,11 @@ Every launch has a hard timeout; a hang at teardown fails with a message naming 
 """
 
 import json
+import re
+import subprocess
+import sys
 from collections import defaultdict
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -158,3 +162,29 @@ def test_two_machines_split_stage1_scenes_and_match_one_process(workspace):
     assert len(set(owners.values())) == 2, owners  # each machine lifted one of the two scenes
     for scene in scenes:  # the same bundles as the single-process lifting of the fixture
         assert (out / scene / "gaussians.safetensors").read_bytes() == (workspace / "gaussians" / scene / "gaussians.safetensors").read_bytes(), scene
+
+
+def test_multi_node_config_and_slurm_example_are_valid():
+    """The multi-node accelerate config loads as a 2-machine MULTI_GPU config, and every option the SLURM
+    example passes to the two training scripts exists in their argument dataclasses."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(REPO / "training" / "accelerate_configs" / "multi_node.yaml"))
+    assert (config.distributed_type, config.num_machines, config.num_processes) == ("MULTI_GPU", 2, 16)
+    script = REPO / "training" / "slurm" / "fit3d_multinode.sbatch"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    sys_path = str(REPO / "training")
+    sys.path.insert(0, sys_path)
+    try:
+        from lift_features import ScenesArguments
+    finally:
+        sys.path.remove(sys_path)
+    known = {
+        "lift_features.py": {f.name for cls in (ScenesArguments, LiftingArguments) for f in fields(cls)},
+        "finetune.py": {f.name for cls in (ModelArguments, DataArguments, FinetuningArguments) for f in fields(cls)},
+    }
+    for script_name, names in known.items():
+        call = text[text.index(f"launch training/{script_name}") :].split("\n\n")[0]
+        flags = re.findall(r"--(\w+)", call)
+        assert flags and set(flags) <= names, (script_name, set(flags) - names)
