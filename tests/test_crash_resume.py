@@ -264,3 +264,48 @@ def test_a_missing_resume_checkpoint_is_an_error(workspace, tmp_path):
     # "latest" in an empty folder is a new run, as in the diffusers scripts
     metrics = train(*_arguments(workspace, tmp_path / "new", max_train_steps=1, checkpointing_steps=0, resume_from_checkpoint="latest"))
     assert metrics["steps"] == 1
+
+
+# --------------------------------------------------------------------------------------------------------
+# Stage II from Parquet frames, Stage I over several scenes with resume
+
+
+def test_stage2_reads_parquet_frames_like_the_scene_folders(workspace, tmp_path):
+    """`fit3d export-dataset` output trains exactly as the ScanNet++-layout folders it came from."""
+    from fit3d_hf.cli import main as fit3d_main
+
+    parquet = tmp_path / "parquet"
+    assert fit3d_main(["export-dataset", "--data_dir", str(workspace["data"]), "--output_dir", str(parquet)]) == 0
+    assert "train-00000-of-00001.parquet" in [p.name for p in (parquet / "data").glob("*.parquet")]
+    model, data, training = _arguments(workspace, tmp_path / "folders", max_train_steps=3, checkpointing_steps=0)
+    from_folders = train(model, data, training)
+    from_parquet = train(model, replace(data, frames=str(parquet)), replace(training, output_dir=str(tmp_path / "parquet_run")))
+    assert from_parquet["train_loss_first"] == from_folders["train_loss_first"]
+    _assert_same_weights(_weights(tmp_path / "parquet_run"), _weights(tmp_path / "folders"))
+
+
+def test_lift_many_over_several_scenes_resumes(tmp_path):
+    """Three scenes, the run stopped in the middle of the second: the rerun skips the first (its metrics as
+    saved), resumes the second from its checkpoint, lifts the third, and ends with the uninterrupted bundles."""
+    from fit3d_hf.lifting import lift_many
+
+    root = tmp_path
+    generate_dataset(root / "data", num_scenes=3, num_val_scenes=0, config=SyntheticSceneConfig(seed=9, num_views=6, width=32, height=24, num_points=300))
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, patch_size=4, image_size=32)
+    Dinov2Model(config).save_pretrained(root / "backbone")
+    scenes = resolve_scene_list(str(root / "data"))
+    options = {**_lift_options(root, root / "a"), "iterations": 20, "checkpoint_interval": 10, "densify_until": 15}
+    lift_many(scenes, LiftingArguments(**options), progress=False)
+
+    interrupted = LiftingArguments(**{**options, "out": str(root / "b")})
+    first = lift_scene(scenes[0], interrupted, progress=False)
+    assert lift_scene(scenes[1], interrupted, max_iterations_this_run=10, progress=False) is None  # "killed" at 10
+    assert load_torch_checkpoint(root / "b" / scenes[1].name / "checkpoint.pt")["iteration"] == 10
+    results = lift_many(scenes, interrupted, progress=False)
+    assert [r["scene_id"] for r in results] == [s.name for s in scenes]
+    assert results[0]["seconds_training"] == first["seconds_training"]  # skipped: the saved metrics
+    for scene in scenes:
+        name = scene.name
+        assert (root / "b" / name / "gaussians.safetensors").read_bytes() == (root / "a" / name / "gaussians.safetensors").read_bytes()
+        assert not (root / "b" / name / "checkpoint.pt").exists()

@@ -12,6 +12,8 @@ import json
 import sys
 from dataclasses import dataclass, field
 
+__all__ = ["DESCRIPTION", "VerifyArguments", "main"]
+
 DESCRIPTION = "Check Gaussian bundles and training checkpoints against their checksums (in bulk)"
 
 
