@@ -309,3 +309,25 @@ def test_lift_many_over_several_scenes_resumes(tmp_path):
         name = scene.name
         assert (root / "b" / name / "gaussians.safetensors").read_bytes() == (root / "a" / name / "gaussians.safetensors").read_bytes()
         assert not (root / "b" / name / "checkpoint.pt").exists()
+
+
+def test_stage2_verifies_each_bundle_once_and_refuses_a_damaged_one(workspace, reference_run, tmp_path):
+    import shutil
+
+    from fit3d_hf.errors import CorruptFileError
+
+    metrics = json.loads((reference_run / "metrics.json").read_text())
+    scene = workspace["scene"].name
+    assert list(metrics["bundle_verify_seconds_per_scene"]) == [scene]  # one scene, verified once
+    gaussians = tmp_path / "gaussians"
+    shutil.copytree(workspace["gaussians"], gaussians)
+    bundle = gaussians / scene / "gaussians.safetensors"
+    data = bytearray(bundle.read_bytes())
+    header_length = int.from_bytes(data[:8], "little")
+    begin, end = json.loads(data[8 : 8 + header_length])["features"]["data_offsets"]
+    data[8 + header_length + (begin + end) // 2] ^= 0x08  # inside the features: safetensors alone would not notice
+    bundle.write_bytes(bytes(data))
+    model, data_args, training = _arguments(workspace, tmp_path / "run", max_train_steps=1, checkpointing_steps=0)
+    with pytest.raises(CorruptFileError, match=rf"{scene}/gaussians.safetensors: tensor 'features' fails its checksum"):
+        train(model, replace(data_args, gaussians=str(gaussians)), training)
+    assert not (tmp_path / "run" / "finetuned").exists()

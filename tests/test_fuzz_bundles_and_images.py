@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from fit3d_hf.errors import Fit3DError
 from fit3d_hf.gaussians import FeatureGaussians, load_bundle, save_bundle
-from fit3d_hf.gaussians.bundle import CHECKSUMS_KEY, tensor_checksums
+from fit3d_hf.gaussians.bundle import CHECKSUMS_KEY, tensor_checksums, verify_bundle
 
 BUNDLE_NAMES = ("means", "quats", "log_scales", "opacities", "features", "decoder_weight", "sh")
 
@@ -147,6 +147,14 @@ def test_fuzzed_bundles_get_a_named_error(bundle_bytes, data):
             n = len(loaded)
             assert loaded.quats.shape == (n, 4) and loaded.features.shape[0] == n and loaded.sh.shape[0] == n
             assert loaded.decoder_weight.shape[1] == loaded.features.shape[1]
+        if op == "forged":  # the bulk check reads every value: NaN and inf are refused there
+            try:
+                verify_bundle(path)
+            except Fit3DError as error:
+                assert "gaussians.safetensors" in str(error), str(error)
+            else:  # what the bulk check passes, the loader takes, and it holds only finite values
+                assert not refused
+                assert all(torch.isfinite(t).all() for t in (loaded.means, loaded.features, loaded.decoder_weight))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     count("bundle loader", refused)

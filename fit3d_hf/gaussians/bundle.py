@@ -402,6 +402,7 @@ def verify_bundle(path: str | Path) -> dict:
     tensors = _read_tensors(path, names)
     checksummed = _verify_tensors(path, metadata, tensors, all_tensors=True)
     _check_tensors(path, metadata, tensors)
+    _check_finite(path, tensors)
     required = STAGE2_KEYS + _sh_keys(metadata)
     missing = [key for key in required if key not in tensors]
     if missing:
@@ -492,9 +493,14 @@ def _check_tensors(path: Path, metadata: dict, tensors: dict[str, torch.Tensor])
         fail(f"tensor 'sh' has shape {tuple(tensors[SH_KEY].shape)}, expected ({n}, K, 3)")
     if SH_PREFIX + "rest_codes" in tensors:
         _check_compressed_sh(path, n, {k[len(SH_PREFIX) :]: v for k, v in tensors.items() if k.startswith(SH_PREFIX)}, fail)
+
+
+def _check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuses NaN or infinite geometry, features or decoder weights (reads every value: `verify_bundle` only;
+    `load_bundle` stays lazy, its tensors memory-mapped until used)."""
     for name in ("means", "quats", "log_scales", "opacities", "features", "decoder.weight"):
         if name in tensors and tensors[name].is_floating_point() and not torch.isfinite(tensors[name]).all():
-            fail(f"tensor {name!r} holds NaN or infinite values")
+            raise CorruptFileError(file_problem(path, f"tensor {name!r} holds NaN or infinite values"))
 
 
 def _check_compressed_sh(path: Path, n: int, sh: dict[str, torch.Tensor], fail) -> None:
