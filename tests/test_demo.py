@@ -8,6 +8,8 @@ from transformers import AutoModel
 import fit3d_hf  # noqa: F401
 from fit3d_hf.cli import main
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):

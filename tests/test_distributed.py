@@ -103,6 +103,7 @@ def one_machine_two_processes(workspace):
     return output_dir, _traced(trace)
 
 
+@pytest.mark.slow
 def test_stage2_on_two_processes_validates_exactly_and_splits_the_frames(workspace, one_machine_two_processes, tmp_path):
     output_dir, served = one_machine_two_processes
     _assert_frames_split(served)
@@ -116,6 +117,7 @@ def test_stage2_on_two_processes_validates_exactly_and_splits_the_frames(workspa
     assert (output_dir / "checkpoint-3" / "random_states_1.pkl").is_file()  # both processes saved their state
 
 
+@pytest.mark.slow
 def test_two_machines_split_stage2_frames_and_match_one_machine(workspace, one_machine_two_processes):
     output_dir = workspace / "two_machines"
     trace = workspace / "two_machines_trace"
@@ -137,6 +139,7 @@ def test_two_machines_split_stage2_frames_and_match_one_machine(workspace, one_m
     assert metrics[0]["validation_loss"] == metrics[1]["validation_loss"]
 
 
+@pytest.mark.slow
 def test_two_machines_split_stage1_scenes_and_match_one_process(workspace):
     out = workspace / "lift_two_machines"
     options = _lift_options(workspace, out)

@@ -103,6 +103,7 @@ def _wait(process, log, timeout=300):
         pytest.fail(f"lift_features.py did not finish in {timeout} s:\n{Path(log).read_text()[-3000:]}")
 
 
+@pytest.mark.slow
 def test_three_processes_one_killed_mid_scene_finish_every_scene_once(many_scenes, tmp_path):
     root = many_scenes
     reference = tmp_path / "reference"
