@@ -142,7 +142,26 @@ class Step:
             self.optimize()
 
 
-def images_per_s(step: Step, batch, cache, flips, warmup: int, steps: int) -> float:
+def _prefetched_steps(step: Step, batch, cache, flips, count: int) -> None:
+    """`count` steps as the trainer runs them with prefetching: batch k + 1's inputs are prepared on a side
+    stream while step k trains, and step k's loss is read only once step k + 1 is queued."""
+    from fit3d_hf.prefetch import prefetch_inputs
+
+    previous = None
+    batches = (batch for _ in range(count))
+    for _, inputs in prefetch_inputs(batches, lambda b: step.inputs(b, cache, flips), step.accelerator.device):
+        with step.accelerator.accumulate(step.model):
+            loss = step.forward(*inputs)
+            step.backward(loss)
+            step.optimize()
+        if previous is not None:
+            previous.item()
+        previous = loss.detach()
+    if previous is not None:
+        previous.item()
+
+
+def images_per_s(step: Step, batch, cache, flips, warmup: int, steps: int, prefetch: bool = False) -> float:
     """Global images/s of `steps` consecutive steps, with no synchronisation inside the timed region."""
     accelerator, device = step.accelerator, step.accelerator.device
     for _ in range(warmup):
@@ -150,8 +169,11 @@ def images_per_s(step: Step, batch, cache, flips, warmup: int, steps: int) -> fl
     synchronize(device)
     accelerator.wait_for_everyone()
     start = time.perf_counter()
-    for _ in range(steps):
-        step(batch, cache, flips)
+    if prefetch:
+        _prefetched_steps(step, batch, cache, flips, steps)
+    else:
+        for _ in range(steps):
+            step(batch, cache, flips)
     synchronize(device)
     accelerator.wait_for_everyone()  # the slowest process ends the timed region
     return accelerator.num_processes * len(batch["image"]) * steps / (time.perf_counter() - start)
@@ -270,6 +292,10 @@ def main() -> None:
     parser.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default="bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone")
     parser.add_argument(
+        "--prefetch", type=int, nargs="+", default=[0], help="0: inputs prepared in the step; 1: on a side stream ahead"
+    )
+    parser.add_argument("--pin", action="store_true", help="pinned CPU batches (as a DataLoader with pin_memory)")
+    parser.add_argument(
         "--loader_workers", type=int, nargs="*", default=[4, 8, 16],
         help="worker counts of the data loading measurement (0: in the main process; none: skip it)",
     )  # fmt: skip
@@ -293,6 +319,8 @@ def main() -> None:
     cache = GaussianCache(work, device, 8e9)
     # Each process its own views, as the sharded loader would give it.
     batches = {b: batch_of(b, args.width, args.height, first_view=accelerator.process_index * b) for b in args.batch}
+    if args.pin and device.type == "cuda":
+        batches = {b: {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()} for b, batch in batches.items()}
 
     best_full = None
     for lora_rank in args.lora_rank:
@@ -301,35 +329,38 @@ def main() -> None:
             flips = _flip_table(b, 0.5, 0, 0)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            rate = images_per_s(step, batch, cache, flips, args.warmup, args.steps)
-            split = time_split(step, batch, cache, flips, args.profile_steps) if args.profile_steps else None
-            if lora_rank == 0:
-                best_full = max(best_full or 0.0, rate)
-            record = {
-                "benchmark": "finetune_step",
-                "device": device_name,
-                "gpus": accelerator.num_processes if device.type == "cuda" else 0,
-                "processes": accelerator.num_processes,
-                "backbone": f"dinov2-{args.backbone}-sized (random)",
-                "lora_rank": lora_rank,
-                "trainable_params": step.num_trainable,
-                "frozen_unused": step.frozen_unused,
-                "mixed_precision": args.mixed_precision,
-                "compiled": args.compile,
-                "n": args.n,
-                "feature_dim": FEATURE_DIM,
-                "width": args.width,
-                "height": args.height,
-                "batch": b,  # per process
-                "images_per_s": round(rate, 1),  # all processes together
-                # per image of one process (its own batch), from the synchronised pass
-                "ms_per_image": {phase: round(1000 * split[phase] / b, 3) for phase in PHASES} if split else None,
-                "profiled_ms_per_image": round(1000 * sum(split.values()) / b, 3) if split else None,
-                "step_ms_per_image": round(1000 * accelerator.num_processes / rate, 3),  # undisturbed, one process
-                "peak_mib": round(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None,
-            }
-            if accelerator.is_main_process:
-                print(json.dumps(record), flush=True)  # noqa: T201
+            for prefetch in args.prefetch:
+                rate = images_per_s(step, batch, cache, flips, args.warmup, args.steps, bool(prefetch))
+                split = time_split(step, batch, cache, flips, args.profile_steps) if args.profile_steps else None
+                if lora_rank == 0:
+                    best_full = max(best_full or 0.0, rate)
+                record = {
+                    "benchmark": "finetune_step",
+                    "device": device_name,
+                    "gpus": accelerator.num_processes if device.type == "cuda" else 0,
+                    "processes": accelerator.num_processes,
+                    "backbone": f"dinov2-{args.backbone}-sized (random)",
+                    "lora_rank": lora_rank,
+                    "trainable_params": step.num_trainable,
+                    "frozen_unused": step.frozen_unused,
+                    "mixed_precision": args.mixed_precision,
+                    "compiled": args.compile,
+                    "prefetch": bool(prefetch),
+                    "pinned": args.pin,
+                    "n": args.n,
+                    "feature_dim": FEATURE_DIM,
+                    "width": args.width,
+                    "height": args.height,
+                    "batch": b,  # per process
+                    "images_per_s": round(rate, 1),  # all processes together
+                    # per image of one process (its own batch), from the synchronised pass
+                    "ms_per_image": {phase: round(1000 * split[phase] / b, 3) for phase in PHASES} if split else None,
+                    "profiled_ms_per_image": round(1000 * sum(split.values()) / b, 3) if split else None,
+                    "step_ms_per_image": round(1000 * accelerator.num_processes / rate, 3),  # undisturbed, one process
+                    "peak_mib": round(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None,
+                }
+                if accelerator.is_main_process:
+                    print(json.dumps(record), flush=True)  # noqa: T201
         del step
         accelerator.free_memory()  # drops the accelerator's references to the prepared model and optimizer
 

@@ -177,12 +177,15 @@ def test_render_with_background_and_routing(route):
     )
 
 
-@pytest.mark.parametrize("n_features", [3, 80])
-def test_degenerate_gaussians(n_features):
+@pytest.mark.parametrize("n_features,alpha_clamp_grad", [(3, True), (80, True), (3, False), (80, False)])
+def test_degenerate_gaussians(n_features, alpha_clamp_grad):
+    """Includes Gaussians of opacity 1 (alpha clamped at 0.99): both gradient rules through the clamp."""
     width, height = 70, 50
     params = _scene(1000, n_features, seed=11, device="cuda", degenerate=True)
     K, w2c = _cameras(2, width, height, "cuda")
-    out, grads = _compare_render(params, K, w2c, width, height, seed=11, feature_grad_to_geometry=True)
+    out, grads = _compare_render(
+        params, K, w2c, width, height, seed=11, feature_grad_to_geometry=True, alpha_clamp_grad=alpha_clamp_grad
+    )
     assert (out.radii[:, 200:250] == 0).all()  # the ones behind the camera (k = 50: slots 200..249)
     for name, g in zip(NAMES, grads, strict=True):
         assert torch.isfinite(g).all(), name
@@ -348,3 +351,140 @@ def test_bad_input_on_cuda():
         render(*params, K, w2c[:, :3], 32, 32)
     with pytest.raises(ValueError, match=r"rasterize needs CUDA tensors|CUDA backend needs CUDA tensors"):
         _wrapper.project(*[p.cpu() for p in params[:4]], w2c.cpu(), K.cpu(), 32, 32)
+
+
+# ---- guardrails and boundaries -------------------------------------------------------------------------
+
+
+def test_extension_checks_shapes_and_devices():
+    """The C++ backstop: every op refuses a wrong shape, dtype or device by name, even called directly."""
+    ext = load_extension()
+    params = _scene(50, 4, seed=2, device="cuda")
+    means, quats, scales, opacities, colors, features = params
+    K, w2c = _cameras(2, 40, 30, "cuda")
+    with pytest.raises(RuntimeError, match=r"quats must have shape \[50, 4\]"):
+        ext.project_fwd(means, quats[:49].contiguous(), scales, opacities, w2c, K, 40, 30, 0.01, 1e10)
+    with pytest.raises(RuntimeError, match=r"K must have shape \[2, 3, 3\]"):
+        ext.project_fwd(means, quats, scales, opacities, w2c, K[:1].contiguous(), 40, 30, 0.01, 1e10)
+    with pytest.raises(RuntimeError, match=r"near_plane < far_plane"):
+        ext.project_fwd(means, quats, scales, opacities, w2c, K, 40, 30, 0.0, 1e10)
+    m2d, con, dep, radii = ext.project_fwd(means, quats, scales, opacities, w2c, K, 40, 30, 0.01, 1e10)
+    with pytest.raises(RuntimeError, match=r"radii must have shape \[2, 50\]"):
+        ext.isect_tiles(m2d, con, opacities, dep, radii[:1].contiguous(), 40, 30, 0)
+    with pytest.raises(RuntimeError, match=r"opacities must have dtype Float"):
+        ext.isect_tiles(m2d, con, opacities.double(), dep, radii, 40, 30, 0)
+    ranges, ids, _ = ext.isect_tiles(m2d, con, opacities, dep, radii, 40, 30, 0)
+    with pytest.raises(RuntimeError, match=r"tile_ranges must have shape \[12, 2\]"):
+        ext.rasterize_fwd(m2d, con, opacities, colors, dep, features, None, ranges[:5].contiguous(), ids, 40, 30)
+    with pytest.raises(RuntimeError, match=r"background must have shape \[3\]"):
+        ext.rasterize_fwd(m2d, con, opacities, colors, dep, features, torch.zeros(4, device="cuda"), ranges, ids, 40, 30)
+    if torch.cuda.device_count() > 1:
+        with pytest.raises(RuntimeError, match=r"features is on cuda:1 but the other arguments are on cuda:0"):
+            ext.rasterize_fwd(m2d, con, opacities, colors, dep, features.to("cuda:1"), None, ranges, ids, 40, 30)
+    images = ext.rasterize_fwd(m2d, con, opacities, colors, dep, features, None, ranges, ids, 40, 30)
+    final_t, last_ids = images[4], images[5]
+    v_features = torch.ones(2, 4, 30, 40, device="cuda")
+    with pytest.raises(RuntimeError, match=r"v_features must have shape \[2, 4, 30, 40\]"):
+        ext.rasterize_bwd(
+            m2d, con, opacities, colors, dep, features, None, ranges, ids, final_t, last_ids, 40, 30,
+            None, None, v_features.transpose(2, 3).contiguous(), None, False, True,
+        )  # fmt: skip
+
+
+def test_feature_loss_refuses_a_transposed_mask():
+    from fit3d_hf.losses import upsampled_feature_l1
+
+    decoded = torch.randn(2, 8, 20, 30, device="cuda")
+    target = torch.randn(2, 8, 4, 6, device="cuda")
+    mask = torch.rand(2, 1, 30, 20, device="cuda") > 0.5  # the right element count, the wrong shape
+    with pytest.raises(RuntimeError, match=r"mask must be a contiguous bool tensor of shape \[2, 1, 20, 30\]"):
+        upsampled_feature_l1(decoded, target, mask)
+
+
+def test_tile_keys_and_launch_grid_limits_are_clear_errors():
+    ext = load_extension()
+    one = torch.ones(1, 1, device="cuda")
+    means2d, conics = torch.zeros(1, 1, 2, device="cuda"), torch.ones(1, 1, 3, device="cuda")
+    radii = torch.ones(1, 1, dtype=torch.int32, device="cuda")
+    with pytest.raises(RuntimeError, match=r"overflow the 32-bit tile keys"):
+        ext.isect_tiles(means2d, conics, one[0], one, radii, 1_100_000, 1_100_000, 0)
+    B = 70_000
+    with pytest.raises(RuntimeError, match=r"70000 cameras in one call exceed the CUDA launch grid"):
+        ext.isect_tiles(
+            means2d.expand(B, 1, 2).contiguous(), conics.expand(B, 1, 3).contiguous(), one[0],
+            one.expand(B, 1).contiguous(), radii.expand(B, 1).contiguous(), 16, 16, 0,
+        )  # fmt: skip
+
+
+def test_project_validates_the_planes():
+    params = _scene(10, 0, seed=3, device="cuda")
+    K, w2c = _cameras(1, 32, 32, "cuda")
+    for near, far in ((0.0, 10.0), (-1.0, 10.0), (2.0, 1.0), (float("nan"), 10.0)):
+        with pytest.raises(ValueError, match=r"need 0 < near_plane < far_plane"):
+            _wrapper.project(*params[:4], w2c, K, 32, 32, near_plane=near, far_plane=far)
+
+
+def test_forced_pair_buffer_overflow_is_redone_exactly():
+    """A capacity far below the pair count: the call must notice the overflow and redo the binning exactly."""
+    width, height = 96, 64
+    params = _scene(2000, 16, seed=21, device="cuda")
+    K, w2c = _cameras(2, width, height, "cuda")
+    _wrapper._PAIR_CAPACITY.clear()
+    exact = render(*params, K, w2c, width, height, backend="cuda")
+    key = (torch.device("cuda").index or 0, 2, 2000, width, height)
+    pairs = _wrapper._PAIR_CAPACITY[key]
+    assert pairs > 2000
+    _wrapper._PAIR_CAPACITY[key] = 100  # overflow on the next call
+    redone = render(*params, K, w2c, width, height, backend="cuda")
+    for name in ("rgb", "depth", "features", "alpha"):
+        assert torch.equal(getattr(redone, name), getattr(exact, name)), name
+    assert _wrapper._PAIR_CAPACITY[key] >= 0.99 * pairs  # the exact count was learnt again
+
+
+# Feature counts F whose 4 + F channels sit at each edge of the forward's compiled capacities (4 ... 72) and
+# of the passes of both directions (forward passes of <= 72 channels, backward passes of <= 68).
+PASS_EDGES = [1, 4, 5, 8, 9, 12, 13, 20, 21, 28, 29, 44, 45, 60, 61, 64, 65, 68, 69, 132, 133, 140, 141]
+
+
+@pytest.mark.parametrize("n_features", PASS_EDGES)
+def test_channel_capacities_at_every_pass_boundary(n_features):
+    width, height = 40, 34
+    params = _scene(300, n_features, seed=100 + n_features, device="cuda")
+    K, w2c = _cameras(2, width, height, "cuda")
+    _compare_render(params, K, w2c, width, height, seed=n_features, feature_grad_to_geometry=n_features % 2 == 1)
+
+
+@pytest.mark.parametrize("decoded_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("target_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels", [24, 13])  # 13: not a multiple of 8, the one-channel path
+def test_feature_loss_dtypes_and_scalar_path(decoded_dtype, target_dtype, channels):
+    import torch.nn.functional as F
+
+    from fit3d_hf.losses import upsampled_feature_l1
+
+    g = torch.Generator().manual_seed(channels)
+    decoded = torch.randn(2, channels, 23, 37, generator=g).to("cuda", decoded_dtype).requires_grad_(True)
+    target = torch.randn(2, channels, 5, 7, generator=g).to("cuda", target_dtype)
+    mask = (torch.rand(2, 1, 23, 37, generator=g) > 0.3).cuda()
+    loss = upsampled_feature_l1(decoded, target, mask)
+    up = F.interpolate(target.float(), size=(23, 37), mode="bilinear", align_corners=False)
+    diff = decoded.detach().float() - up
+    expected = (diff.abs() * mask).sum() / decoded.numel()
+    assert float(loss) == pytest.approx(float(expected), rel=2e-3 if decoded_dtype != torch.float32 else 1e-5)
+    loss.backward()
+    decided = diff.abs() > 1e-2
+    expected_grad = (torch.sign(diff) * mask / decoded.numel()).to(decoded_dtype).float()
+    assert torch.equal(decoded.grad.float()[decided], expected_grad[decided])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA device")
+def test_second_device_renders_the_same():
+    width, height = 64, 48
+    params = _scene(800, 20, seed=31, device="cuda:0")
+    K, w2c = _cameras(2, width, height, "cuda:0")
+    first = render(*params, K, w2c, width, height, backend="cuda")
+    with torch.cuda.device(0):  # the current device stays cuda:0: the op must follow its tensors
+        second = render(*[p.to("cuda:1") for p in params], K.to("cuda:1"), w2c.to("cuda:1"), width, height)
+    assert second.backend == "cuda" and second.rgb.device == torch.device("cuda:1")
+    for name in ("rgb", "depth", "features", "alpha"):
+        assert torch.equal(getattr(second, name).cpu(), getattr(first, name).cpu()), name

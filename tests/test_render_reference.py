@@ -295,6 +295,33 @@ def test_gradcheck_project_with_frustum_clamp():
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("clamp_grad", [True, False])
+def test_gradient_through_the_alpha_clamp(clamp_grad):
+    """A head-on Gaussian of opacity 1: alpha = min(0.99, o G) is clamped at its centre pixel, where G = 1.
+
+    3DGS (graphdeco's backward.cu, which FiT3D forks) differentiates o G there: d alpha / d o = G = 1.
+    gsplat passes no gradient through the clamp: 0. One pixel off the centre o G < 0.99 and both agree on
+    d alpha / d o = exp(-sigma) with sigma = 1 / (2 var).
+    """
+    f, z, s = 20.0, 2.0, 0.1
+    K, w2c = _camera(f=f)
+    means = torch.tensor([[0.0, 0.0, z]], dtype=torch.float64)
+    quats = torch.tensor([[1.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    scales = torch.full((1, 3), s, dtype=torch.float64)
+    opacity = torch.ones(1, dtype=torch.float64, requires_grad=True)
+    colors = torch.zeros(1, 3, dtype=torch.float64)
+
+    def alpha_grad(row, col):
+        out = render(means, quats, scales, opacity, colors, None, K, w2c, 9, 9, alpha_clamp_grad=clamp_grad)
+        assert out.alpha[0, 0, 4, 4].item() == pytest.approx(MAX_ALPHA)
+        (grad,) = torch.autograd.grad(out.alpha[0, 0, row, col], opacity)
+        return grad.item()
+
+    var = (f * s / z) ** 2 + 0.3
+    assert alpha_grad(4, 4) == pytest.approx(1.0 if clamp_grad else 0.0, abs=1e-12)
+    assert alpha_grad(4, 6) == pytest.approx(math.exp(-2.0 / var), rel=1e-9)  # dx = 2 px: o G = 0.21, unclamped
+
+
 def _feature_loss_grads(route: bool):
     means, quats, scales, opacities, colors, features = _scene(n=4, n_features=3)
     K, w2c = _camera()

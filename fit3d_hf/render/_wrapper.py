@@ -90,9 +90,18 @@ def project(
     ):
         check_tensor(t, name, shape, dims, _F32, means.device)
         _on_cuda(name, t)
+    _check_image_and_planes(width, height, near_plane, far_plane)
     return _apply_project(
         means, quats, scales, opacities, world_to_camera, K, width, height, near_plane, far_plane
     )
+
+
+def _check_image_and_planes(width, height, near_plane: float, far_plane: float) -> None:
+    for name, size in (("width", width), ("height", height)):
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise ValueError(f"{name} must be a positive int, got {size!r}")
+    if not 0 < near_plane < far_plane:  # also refuses NaN
+        raise ValueError(f"need 0 < near_plane < far_plane, got near_plane={near_plane}, far_plane={far_plane}")
 
 
 def _apply_project(means, quats, scales, opacities, world_to_camera, K, width, height, near_plane, far_plane):
@@ -178,7 +187,8 @@ def _isect_and_rasterize(ext, means2d, conics, depths, colors, opacities, featur
 class _Rasterize(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, means2d, conics, depths, colors, opacities, features, background, radii, width, height, route
+        ctx, means2d, conics, depths, colors, opacities, features, background, radii, width, height, route,
+        clamp_grad,
     ):
         tile_ranges, gaussian_ids, images = _isect_and_rasterize(
             require_extension(), means2d, conics, depths, colors, opacities, features, background, radii, width, height
@@ -197,7 +207,7 @@ class _Rasterize(torch.autograd.Function):
             final_t,
             last_ids,
         )
-        ctx.config = (width, height, route)
+        ctx.config = (width, height, route, clamp_grad)
         ctx.set_materialize_grads(False)  # an unused image costs no gradient work
         return rgb, depth, feats, alpha
 
@@ -216,7 +226,7 @@ class _Rasterize(torch.autograd.Function):
             final_t,
             last_ids,
         ) = ctx.saved_tensors
-        width, height, route = ctx.config
+        width, height, route, clamp_grad = ctx.config
         v_means2d, v_conics, v_opacities, v_colors, v_depths, v_features = require_extension().rasterize_bwd(
             means2d,
             conics,
@@ -236,6 +246,7 @@ class _Rasterize(torch.autograd.Function):
             _contiguous(v_feats),
             _contiguous(v_alpha),
             route,
+            clamp_grad,
         )
         v_background = None
         if background is not None and ctx.needs_input_grad[6] and v_rgb is not None:
@@ -250,6 +261,7 @@ class _Rasterize(torch.autograd.Function):
             v_opacities,
             v_features,
             v_background,
+            None,
             None,
             None,
             None,
@@ -269,6 +281,7 @@ def rasterize(
     height: int,
     background: Tensor | None = None,  # [3]
     feature_grad_to_geometry: bool = False,
+    alpha_clamp_grad: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Alpha compositing of rgb, depth and F feature channels on the GPU, in one pass over the tile lists.
 
@@ -302,6 +315,7 @@ def rasterize(
         height,
         background,
         feature_grad_to_geometry,
+        alpha_clamp_grad,
     )
 
 
@@ -317,6 +331,7 @@ def _apply_rasterize(
     height,
     background,
     feature_grad_to_geometry,
+    alpha_clamp_grad=True,
 ):
     args = [t.contiguous() for t in (means2d, conics, depths, colors, opacities, features)]
     return _Rasterize.apply(
@@ -326,4 +341,5 @@ def _apply_rasterize(
         int(width),
         int(height),
         bool(feature_grad_to_geometry),
+        bool(alpha_clamp_grad),
     )

@@ -170,6 +170,7 @@ def render(
     sh_degree: int | None = None,
     background: Tensor | None = None,  # [3]
     feature_grad_to_geometry: bool = False,
+    alpha_clamp_grad: bool = True,
     near_plane: float = 0.01,
     far_plane: float = 1e10,
     render_depth: bool = True,
@@ -199,6 +200,8 @@ def render(
         background: optional `[3]` colour added to `rgb` as T_final * background.
         feature_grad_to_geometry: False (FiT3D semantics): a loss on `features` reaches only `features`;
             True: it also reaches the geometry (means, quats, scales, opacities), as RGB and depth always do.
+        alpha_clamp_grad: True (3DGS's rasterizer, which FiT3D forks): alpha = min(0.99, o G) is
+            differentiated as o G even where the clamp holds it at 0.99; False (gsplat): no gradient there.
         near_plane: Gaussians closer than this (camera z) are culled.
         far_plane: Gaussians farther than this are culled.
         render_depth: return the depth image (it is composited in the same pass either way).
@@ -257,6 +260,7 @@ def render(
         height,
         background,
         feature_grad_to_geometry,
+        alpha_clamp_grad,
     )
     if means2d.requires_grad:
         means2d.retain_grad()
