@@ -84,7 +84,9 @@ def load_torch_checkpoint(path: str | os.PathLike) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises RuntimeError / UnpicklingError / zip errors for damaged files
-        raise CorruptFileError(file_problem(path, f"not a readable checkpoint ({type(error).__name__}: {error})")) from error
+        raise CorruptFileError(
+            file_problem(path, f"not a readable checkpoint ({type(error).__name__}: {error}); delete it to start that work afresh")
+        ) from error
     if not isinstance(state, dict):
         raise CorruptFileError(file_problem(path, f"holds a {type(state).__name__}, not a checkpoint's dict"))
     if CHECKSUMS_KEY not in state:  # written before checksums existed
@@ -98,7 +100,9 @@ def load_torch_checkpoint(path: str | os.PathLike) -> dict:
         raise CorruptFileError(file_problem(path, f"holds tensors {sorted(found)} but records checksums of {sorted(expected)}"))
     damaged = [name for name in found if found[name] != expected[name]]
     if damaged:
-        raise CorruptFileError(file_problem(path, f"tensors {damaged[:5]} fail their checksums: the file is damaged"))
+        raise CorruptFileError(
+            file_problem(path, f"tensors {damaged[:5]} fail their checksums: the file is damaged; delete it to start that work afresh")
+        )
     return state
 
 
