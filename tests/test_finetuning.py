@@ -90,9 +90,10 @@ def test_finetuning_lowers_the_loss_improves_consistency_and_saves_models(worksp
 
 def test_lora_finetuning_improves_and_saves_merged_weights(workspace, tmp_path):
     metrics = train(*_arguments(workspace, tmp_path / "lora", lora_rank=8, learning_rate=1e-2))
-    print("LORA", metrics["validation_loss"] / metrics["validation_loss_before"], metrics)  # noqa: T201
-    assert metrics["validation_loss"] < 0.97 * metrics["validation_loss_before"], metrics
-    assert metrics["consistency_after"] > metrics["consistency_before"], metrics
+    # A real decrease, as for full fine-tuning (measured 2026-12-06 on the 2-core CPU: 0.822 x the starting
+    # loss, consistency 0.69 -> 0.94)
+    assert metrics["validation_loss"] < 0.9 * metrics["validation_loss_before"], metrics
+    assert metrics["consistency_after"] > metrics["consistency_before"] + 0.02, metrics
     state = AutoModel.from_pretrained(tmp_path / "lora" / "finetuned").state_dict()
     assert not any("lora" in key for key in state)  # merged: loading needs no peft
     original = AutoModel.from_pretrained(workspace["backbone"]).state_dict()
