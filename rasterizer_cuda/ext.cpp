@@ -32,7 +32,10 @@ void check_tensor(const Tensor& t, const char* name, std::initializer_list<int64
     TORCH_CHECK(t.is_contiguous(), "fit3d rasterizer: ", name, " must be contiguous");
     bool ok = t.dim() == int64_t(shape.size());
     int64_t i = 0;
-    for (const int64_t size : shape) ok = ok && (size < 0 || t.size(i++) == size);
+    for (const int64_t size : shape) {  // i must advance on "any" (-1) axes too
+        ok = ok && (size < 0 || t.size(i) == size);
+        ++i;
+    }
     TORCH_CHECK(ok, "fit3d rasterizer: ", name, " must have shape ", c10::IntArrayRef(shape), " (-1: any), got ",
                 t.sizes());
 }
