@@ -77,12 +77,13 @@ def get_cpu_build_parameters() -> dict:
         dict with `sources` (absolute paths), `include_dirs`, `extra_cflags` and `extra_ldflags`.
         `-ffp-contract=off`: the compiler fuses no multiply-add on its own, so the forward and the backward
         round alpha identically wherever they are inlined (splat_alpha's explicit fmaf stay fused).
+        `-fno-math-errno`: sqrtf and the like become instructions (no errno to set); values do not change.
         `-fopenmp`: at::parallel_for is inlined from torch's headers and runs on torch's OpenMP pool.
     """
     return {
         "sources": [str(SOURCE_DIR / name) for name in CPU_SOURCES],
         "include_dirs": [str(SOURCE_DIR)],
-        "extra_cflags": ["-O3", "-DFIT3D_CPU_ONLY", "-ffp-contract=off", "-fopenmp"],
+        "extra_cflags": ["-O3", "-DFIT3D_CPU_ONLY", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"],
         "extra_ldflags": ["-fopenmp"],
     }
 

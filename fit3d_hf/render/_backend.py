@@ -140,8 +140,10 @@ def _load_cpu() -> tuple[ModuleType | None, str | None]:
 
     params = build.get_cpu_build_parameters()
     if prebuilt_error is not None:
-        logger.warning("The prebuilt CPU rasterizer does not load (%s); compiling it for this machine.", prebuilt_error)
-    logger.warning("Compiling the CPU rasterizer for this machine (first use only; about a minute)...")
+        logger.warning(
+            "The prebuilt CPU rasterizer does not load (%s); compiling it for this machine.", prebuilt_error
+        )
+    logger.warning("Building the CPU rasterizer for this machine if needed (first use only; about a minute)...")
     try:
         module = load(
             name=build.CPU_JIT_NAME,

@@ -170,7 +170,9 @@ _CAPACITY_ENTRIES = 64
 def _isect_and_rasterize_exact(ext, means2d, conics, depths, colors, opacities, features, background, radii, width,
                                height):  # fmt: skip
     """The CPU path: its binning always sizes the pair list exactly (there is no device to keep busy)."""
-    tile_ranges, gaussian_ids, _ = ext.isect_tiles(means2d, conics, opacities, depths, radii, width, height, 0)
+    tile_ranges, gaussian_ids, _ = ext.isect_tiles(
+        means2d, conics, opacities, depths, radii, width, height, 0
+    )
     images = ext.rasterize_fwd(
         means2d, conics, opacities, colors, depths, features, background, tile_ranges, gaussian_ids, width, height
     )  # fmt: skip
@@ -244,7 +246,8 @@ class _Rasterize(torch.autograd.Function):
             last_ids,
         ) = ctx.saved_tensors
         width, height, route, clamp_grad = ctx.config
-        v_means2d, v_conics, v_opacities, v_colors, v_depths, v_features = extension_for(means2d.device).rasterize_bwd(
+        ext = extension_for(means2d.device)
+        v_means2d, v_conics, v_opacities, v_colors, v_depths, v_features = ext.rasterize_bwd(
             means2d,
             conics,
             opacities,

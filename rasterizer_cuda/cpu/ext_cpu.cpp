@@ -329,7 +329,7 @@ std::vector<Tensor> rasterize_bwd(const Tensor& means2d, const Tensor& conics, c
 namespace {
 
 struct FeatureL1Inputs {
-    fit3d::FeatureL1Args args;
+    fit3d::FeatureL1Args args = {};  // zeroed: a null mask and grad unless set
     Tensor decoded, target;  // float32 (converted when given in another dtype)
     fit3d::cpu::Strides4 decoded_strides, target_strides;
 };
@@ -348,7 +348,10 @@ FeatureL1Inputs feature_l1_inputs(const Tensor& decoded, const Tensor& target, c
                 "fit3d feature loss: target ", target.sizes(), " must have the batch size and channels of decoded ",
                 decoded.sizes());
     FeatureL1Inputs in;
+    // float32, in its own layout when that is dense (the gradient is allocated like it)
     in.decoded = decoded.scalar_type() == at::kFloat ? decoded : decoded.to(at::kFloat);
+    if (!in.decoded.is_contiguous() && !in.decoded.is_contiguous(at::MemoryFormat::ChannelsLast))
+        in.decoded = in.decoded.contiguous();
     in.target = target.to(at::kFloat);
     in.decoded_strides = strides_of(in.decoded);
     in.target_strides = strides_of(in.target);
@@ -387,9 +390,11 @@ Tensor feature_l1_fwd(const Tensor& decoded, const Tensor& target, const OptTens
 Tensor feature_l1_bwd(const Tensor& decoded, const Tensor& target, const OptTensor& mask, const Tensor& grad_output) {
     check_tensor(grad_output, "grad_output", {1});
     FeatureL1Inputs in = feature_l1_inputs(decoded, target, mask);
-    Tensor grad = at::empty_like(in.decoded);  // the layout (strides) of decoded
+    Tensor grad = at::empty_like(in.decoded);  // dense: the strides of in.decoded, which the kernel writes by
     in.args.grad = grad.data_ptr();
-    fit3d::cpu::feature_l1_bwd(in.args, in.decoded_strides, in.target_strides, grad_output.item<float>());
+    // the composed ops' rounding: (gradient / count) in float32, as mean()'s backward
+    const float scale = grad_output.item<float>() / float(decoded.numel());
+    fit3d::cpu::feature_l1_bwd(in.args, in.decoded_strides, in.target_strides, scale);
     return grad.scalar_type() == decoded.scalar_type() ? grad : grad.to(decoded.scalar_type());
 }
 

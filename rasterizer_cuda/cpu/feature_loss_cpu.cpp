@@ -66,9 +66,8 @@ double feature_l1_fwd(const FeatureL1Args& a, Strides4 ds, Strides4 ts) {
     return total * double(a.inv_count);
 }
 
-void feature_l1_bwd(const FeatureL1Args& a, Strides4 ds, Strides4 ts, float grad_output) {
+void feature_l1_bwd(const FeatureL1Args& a, Strides4 ds, Strides4 ts, float scale) {
     const Columns cols(a);
-    const float scale = grad_output * a.inv_count;
     float* grad = static_cast<float*>(a.grad);
     parallel_for(int64_t(a.B) * a.H, 1, [&](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
