@@ -7,8 +7,9 @@ average, since the 2-core machine is shared):
     alternating, median of --repeats;
   * lift: one Stage I iteration (render, SSIM + L1, the 3x3 decoder conv 64 -> D, the feature loss, backward,
     Adam) at 270x480 (portrait, as the issue's phone capture at scale 0.25) with 100k Gaussians and 64-d
-    features, for D = 64 and D = 384 (DINOv2-small); median over --lift_steps, reference over fewer. A
-    profile of the CPU backend's iteration says where the time goes (`profile` lines: self CPU ms per op).
+    features, for D = 64 and D = 384 (DINOv2-small), with two kinds of Gaussians (see make_lifter); median
+    over --lift_steps, reference over fewer. A profile of the CPU backend's iteration says where the time goes
+    (`lift_profile` lines: self CPU ms per op and iteration).
 
     python benchmarks/cpu_backend.py [--targets fwdbwd lift] [--repeats 5]
 """
@@ -108,7 +109,11 @@ def bench_fwdbwd(repeats: int, reference_repeats: int) -> None:
     )
 
 
-def make_lifter(decoder_dim: int, n: int, width: int, height: int, views: int = 8) -> _Lifter:
+def make_lifter(decoder_dim: int, n: int, width: int, height: int, scene: str, views: int = 8) -> _Lifter:
+    """A Stage I lifter on random views of the 6 x 4 x 6 m room. scene "init": the Gaussians as Stage I
+    initialises them from 100k points (3DGS: isotropic, scale = distance to the nearest points, opacity 0.1;
+    large and translucent, so each pixel blends hundreds); "room": the same means with the rasterizer
+    benchmark's sizes and opacities (log-uniform 5 mm .. 8 cm, anisotropic; sigmoid(2 N(0, 1)))."""
     data = random_scene(n, views, width, height, decoder_dim, torch.device("cpu"))
     args = LiftingArguments(
         backbone="random", out="/tmp/unused", iterations=30_000, densify_until=0, checkpoint_interval=0,
@@ -116,6 +121,11 @@ def make_lifter(decoder_dim: int, n: int, width: int, height: int, views: int = 
     )  # fmt: skip
     lifter = _Lifter(args, data, list(range(views)), torch.device("cpu"))
     lifter.gaussians.active_sh_degree = lifter.gaussians.max_sh_degree  # the full cost, as late in training
+    if scene == "room":
+        _, _, scales, opacities = make_scene(n, "cpu")
+        with torch.no_grad():
+            lifter.gaussians.log_scales.copy_(scales.log())
+            lifter.gaussians.opacity_logits.copy_(torch.logit(opacities.clamp(1e-6, 1 - 1e-6)))
     return lifter
 
 
@@ -139,22 +149,22 @@ def time_steps(lifter: _Lifter, steps: int) -> list[float]:
     return times
 
 
-def bench_lift(steps: int, reference_steps: int, decoder_dims: list[int]) -> None:
+def bench_lift(steps: int, reference_steps: int, decoder_dims: list[int], scene: str) -> None:
     n, width, height = 100_000, 270, 480
     for dim in decoder_dims:
         results = {}
-        lifter = make_lifter(dim, n, width, height)
+        lifter = make_lifter(dim, n, width, height, scene)
         time_steps(lifter, 1)  # warm-up
         results["cpu"] = time_steps(lifter, steps)
-        profile_steps(lifter, dim)
+        profile_steps(lifter, dim, scene)
         if reference_steps > 0:
             with without_cpu_extension():
-                lifter = make_lifter(dim, n, width, height)
+                lifter = make_lifter(dim, n, width, height, scene)
                 time_steps(lifter, 1)
                 results["reference"] = time_steps(lifter, reference_steps)
         cpu_s = statistics.median(results["cpu"])
         record = header(
-            target="lift_iteration", n=n, w=width, h=height, feature_dim=64, decoder_dim=dim,
+            target="lift_iteration", scene=scene, n=n, w=width, h=height, feature_dim=64, decoder_dim=dim,
             cpu_s=round(cpu_s, 3), cpu_best_s=round(min(results["cpu"]), 3), steps=steps,
         )  # fmt: skip
         if "reference" in results:
@@ -167,7 +177,7 @@ def bench_lift(steps: int, reference_steps: int, decoder_dims: list[int]) -> Non
         emit(record)
 
 
-def profile_steps(lifter: _Lifter, dim: int, steps: int = 3) -> None:
+def profile_steps(lifter: _Lifter, dim: int, scene: str, steps: int = 3) -> None:
     """Self CPU time per op of the CPU backend's iterations (ms per iteration), the largest first."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -176,7 +186,9 @@ def profile_steps(lifter: _Lifter, dim: int, steps: int = 3) -> None:
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events) / 1000 / steps
     top = {e.key: round(e.self_cpu_time_total / 1000 / steps, 1) for e in events[:12]}
-    emit(header(target="lift_profile", decoder_dim=dim, total_ms=round(total, 1), self_cpu_ms=top))
+    emit(
+        header(target="lift_profile", scene=scene, decoder_dim=dim, total_ms=round(total, 1), self_cpu_ms=top)
+    )
 
 
 def main(argv=None):
@@ -193,12 +205,14 @@ def main(argv=None):
         "--reference_lift_steps", type=int, default=1, help="... with the reference (0: skip)"
     )
     parser.add_argument("--decoder_dims", type=int, nargs="+", default=[64, 384])
+    parser.add_argument("--lift_scenes", nargs="+", choices=("room", "init"), default=["room", "init"])
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     if "fwdbwd" in args.targets:
         bench_fwdbwd(args.repeats, args.reference_repeats)
     if "lift" in args.targets:
-        bench_lift(args.lift_steps, args.reference_lift_steps, args.decoder_dims)
+        for scene in args.lift_scenes:
+            bench_lift(args.lift_steps, args.reference_lift_steps, args.decoder_dims, scene)
 
 
 if __name__ == "__main__":
