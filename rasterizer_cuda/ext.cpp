@@ -8,6 +8,9 @@
 #include <algorithm>
 #include <climits>
 #include <optional>
+#include <sstream>
+#include <stdexcept>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -20,23 +23,37 @@ using OptTensor = std::optional<Tensor>;
 
 namespace {
 
+// Argument errors are thrown as std::invalid_argument (Python: ValueError, through pybind11's own translation)
+// rather than with TORCH_CHECK: on the lent H100/H200 build (torch 2.11, CUDA 13, 2026-12-06) a c10::Error
+// thrown from this extension crashed the interpreter (segmentation fault) instead of raising RuntimeError.
+template <typename... Args>
+std::string message(const Args&... args) {
+    std::ostringstream out;
+    (out << ... << args);
+    return out.str();
+}
+#define FIT3D_CHECK(cond, ...)                                                                      \
+    do {                                                                                             \
+        if (!(cond)) throw std::invalid_argument(message(__VA_ARGS__));       \
+    } while (0)
+
 // Dtype, device, layout and shape of an argument. `shape` holds the expected sizes, -1 for "any"; `like` (when
 // given) is the tensor whose device every argument of the op must share.
 void check_tensor(const Tensor& t, const char* name, std::initializer_list<int64_t> shape,
                   at::ScalarType dtype = at::kFloat, const Tensor* like = nullptr) {
-    TORCH_CHECK(t.is_cuda(), "fit3d rasterizer: ", name, " must be a CUDA tensor, got one on ", t.device());
-    TORCH_CHECK(like == nullptr || t.device() == like->device(), "fit3d rasterizer: ", name, " is on ", t.device(),
+    FIT3D_CHECK(t.is_cuda(), "fit3d rasterizer: ", name, " must be a CUDA tensor, got one on ", t.device());
+    FIT3D_CHECK(like == nullptr || t.device() == like->device(), "fit3d rasterizer: ", name, " is on ", t.device(),
                 " but the other arguments are on ", like->device());
-    TORCH_CHECK(t.scalar_type() == dtype, "fit3d rasterizer: ", name, " must have dtype ", dtype, ", got ",
+    FIT3D_CHECK(t.scalar_type() == dtype, "fit3d rasterizer: ", name, " must have dtype ", dtype, ", got ",
                 t.scalar_type());
-    TORCH_CHECK(t.is_contiguous(), "fit3d rasterizer: ", name, " must be contiguous");
+    FIT3D_CHECK(t.is_contiguous(), "fit3d rasterizer: ", name, " must be contiguous");
     bool ok = t.dim() == int64_t(shape.size());
-    int64_t i = 0;
-    for (const int64_t size : shape) {  // i must advance on "any" (-1) axes too
-        ok = ok && (size < 0 || t.size(i) == size);
-        ++i;
+    int64_t dim = 0;
+    for (const int64_t size : shape) {
+        ok = ok && (size < 0 || t.size(dim) == size);
+        ++dim;
     }
-    TORCH_CHECK(ok, "fit3d rasterizer: ", name, " must have shape ", c10::IntArrayRef(shape), " (-1: any), got ",
+    FIT3D_CHECK(ok, "fit3d rasterizer: ", name, " must have shape ", c10::IntArrayRef(shape), " (-1: any), got ",
                 t.sizes());
 }
 
@@ -49,12 +66,12 @@ const float* optional_ptr(const OptTensor& t, const char* name, std::initializer
 
 // The launches put cameras on the grid's y dimension (at most 65535 blocks).
 void check_cameras(int64_t B) {
-    TORCH_CHECK(B <= 65535, "fit3d rasterizer: ", B, " cameras in one call exceed the CUDA launch grid (65535); "
+    FIT3D_CHECK(B <= 65535, "fit3d rasterizer: ", B, " cameras in one call exceed the CUDA launch grid (65535); "
                 "render them in batches of at most 65535");
 }
 
 void check_cuda(cudaError_t err, const char* what) {
-    TORCH_CHECK(err == cudaSuccess, "fit3d rasterizer: ", what, " failed: ", cudaGetErrorString(err));
+    if (err != cudaSuccess) throw std::runtime_error(message("fit3d rasterizer: ", what, " failed: ", cudaGetErrorString(err)));
 }
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
@@ -69,7 +86,7 @@ std::vector<std::pair<int, int>> plan_passes(int channels, int max_width, size_t
     check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
                "cudaDeviceGetAttribute");
     while (max_width > 4 && shared_bytes(max_width) > size_t(optin)) max_width -= 4;
-    TORCH_CHECK(shared_bytes(std::min(max_width, channels)) <= size_t(optin),
+    FIT3D_CHECK(shared_bytes(std::min(max_width, channels)) <= size_t(optin),
                 "fit3d rasterizer: the device offers ", optin, " bytes of shared memory per block, fewer than ",
                 shared_bytes(std::min(max_width, channels)), " needed");
     const int n_passes = (channels + max_width - 1) / max_width;
@@ -93,8 +110,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> project_fwd(const Tensor& means, cons
     check_tensor(opacities, "opacities", {N}, at::kFloat, &means);
     check_tensor(viewmats, "world_to_camera", {B, 4, 4}, at::kFloat, &means);
     check_tensor(Ks, "K", {B, 3, 3}, at::kFloat, &means);
-    TORCH_CHECK(width > 0 && height > 0, "fit3d rasterizer: bad image size ", width, " x ", height);
-    TORCH_CHECK(near_plane > 0.0 && near_plane < far_plane, "fit3d rasterizer: need 0 < near_plane < far_plane, got ",
+    FIT3D_CHECK(width > 0 && height > 0, "fit3d rasterizer: bad image size ", width, " x ", height);
+    FIT3D_CHECK(near_plane > 0.0 && near_plane < far_plane, "fit3d rasterizer: need 0 < near_plane < far_plane, got ",
                 near_plane, " and ", far_plane);
     const at::cuda::OptionalCUDAGuard guard(device_of(means));
     auto opts = means.options();
@@ -164,7 +181,7 @@ Tensor sh_fwd(const Tensor& sh, const Tensor& means, const Tensor& viewmats, int
     check_tensor(means, "means", {-1, 3});
     check_tensor(sh, "sh", {means.size(0), -1, 3}, at::kFloat, &means);
     check_tensor(viewmats, "world_to_camera", {-1, 4, 4}, at::kFloat, &means);
-    TORCH_CHECK(degree >= 0 && degree <= 3 && (degree + 1) * (degree + 1) <= sh.size(1), "bad sh_degree ", degree);
+    FIT3D_CHECK(degree >= 0 && degree <= 3 && (degree + 1) * (degree + 1) <= sh.size(1), "fit3d rasterizer: bad sh_degree ", degree);
     const at::cuda::OptionalCUDAGuard guard(device_of(means));
     const int64_t B = viewmats.size(0), N = means.size(0);
     Tensor colors = torch::empty({B, N, 3}, means.options());
@@ -187,7 +204,7 @@ std::tuple<Tensor, Tensor> sh_bwd(const Tensor& sh, const Tensor& means, const T
     check_tensor(sh, "sh", {means.size(0), -1, 3}, at::kFloat, &means);
     check_tensor(viewmats, "world_to_camera", {-1, 4, 4}, at::kFloat, &means);
     check_tensor(v_colors, "v_colors", {viewmats.size(0), means.size(0), 3}, at::kFloat, &means);
-    TORCH_CHECK(degree >= 0 && degree <= 3 && (degree + 1) * (degree + 1) <= sh.size(1), "bad sh_degree ", degree);
+    FIT3D_CHECK(degree >= 0 && degree <= 3 && (degree + 1) * (degree + 1) <= sh.size(1), "fit3d rasterizer: bad sh_degree ", degree);
     const at::cuda::OptionalCUDAGuard guard(device_of(means));
     Tensor v_sh = torch::empty_like(sh), v_means = torch::empty_like(means);
     fit3d::ShArgs a = {};
@@ -208,29 +225,45 @@ std::tuple<Tensor, Tensor> sh_bwd(const Tensor& sh, const Tensor& means, const T
 // ---- isect_tiles --------------------------------------------------------------------------------------
 namespace {
 
-// Stable radix sort of (uint32 key, int32 value) pairs held in int32 tensors; returns the sorted pair.
-std::tuple<Tensor, Tensor> sort_by_key(const Tensor& keys, const Tensor& values, int end_bit) {
-    Tensor sorted_keys = torch::empty_like(keys), sorted_values = torch::empty_like(values);
-    const auto* keys_in = reinterpret_cast<const uint32_t*>(keys.data_ptr<int32_t>());
-    auto* keys_out = reinterpret_cast<uint32_t*>(sorted_keys.data_ptr<int32_t>());
-    size_t temp_bytes = 0;
-    check_cuda(fit3d::sort_pairs(nullptr, temp_bytes, keys_in, keys_out, values.data_ptr<int32_t>(),
-                                 sorted_values.data_ptr<int32_t>(), keys.numel(), end_bit, stream()),
-               "radix sort (size query)");
-    Tensor temp = torch::empty({int64_t(temp_bytes)}, keys.options().dtype(at::kByte));
-    check_cuda(fit3d::sort_pairs(temp.data_ptr(), temp_bytes, keys_in, keys_out, values.data_ptr<int32_t>(),
-                                 sorted_values.data_ptr<int32_t>(), keys.numel(), end_bit, stream()),
-               "radix sort");
-    return {sorted_keys, sorted_values};
+// Aligned slices of one byte buffer, so that the binning's dozen temporary arrays cost one allocation (the
+// host time of a render is mostly allocations and launches): `reserve` each array, `allocate`, then `get`.
+class Workspace {
+  public:
+    size_t reserve(size_t bytes) {
+        const size_t offset = size_;
+        size_ += (bytes + 255) / 256 * 256;
+        return offset;
+    }
+    void allocate(const at::TensorOptions& options) { buffer_ = torch::empty({int64_t(size_)}, options.dtype(at::kByte)); }
+    template <typename T>
+    T* get(size_t offset) {
+        return reinterpret_cast<T*>(buffer_.data_ptr<uint8_t>() + offset);
+    }
+
+  private:
+    size_t size_ = 0;
+    Tensor buffer_;
+};
+
+// The pinned host slot that receives the pair count, one per device and thread: reused from call to call
+// (a call reads it before it returns, see _wrapper._isect_and_rasterize) rather than allocated each time.
+Tensor pinned_total(int device) {
+    // never destroyed: freeing pinned memory at thread exit could run after CUDA has shut down
+    thread_local auto* slots = new std::vector<Tensor>();
+    if (int(slots->size()) <= device) slots->resize(device + 1);
+    if (!(*slots)[device].defined())
+        (*slots)[device] = torch::zeros({1}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+    return (*slots)[device];
 }
 
 }  // namespace
 
 // Returns (tile ranges, Gaussian ids, total): `total` is the number of (tile, Gaussian) pairs, a pinned CPU
-// tensor. With capacity <= 0 the pair buffers are sized exactly, which needs the count on the host: a sync in
-// the middle of the forward, during which the GPU idles while the host launches the rest. With a capacity the
-// buffers have that many slots and nothing waits: the count is copied to `total` asynchronously, pairs past
-// the capacity are dropped, and the caller must check `total <= capacity` (after an event recorded once this
+// tensor (reused by the next call on this device and thread: read it before calling again). With
+// capacity <= 0 the pair buffers are sized exactly, which needs the count on the host: a sync in the middle
+// of the forward, during which the GPU idles while the host launches the rest. With a capacity the buffers
+// have that many slots and nothing waits: the count is copied to `total` asynchronously, pairs past the
+// capacity are dropped, and the caller must check `total <= capacity` (after an event recorded once this
 // returns has completed) and call again with a larger capacity if not. Unused slots sort last.
 std::tuple<Tensor, Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tensor& conics, const Tensor& opacities,
                                                const Tensor& depths, const Tensor& radii, int64_t width,
@@ -242,30 +275,43 @@ std::tuple<Tensor, Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tens
     check_tensor(depths, "depths", {B, N}, at::kFloat, &means2d);
     check_tensor(radii, "radii", {B, N}, at::kInt, &means2d);
     check_cameras(B);
-    TORCH_CHECK(width > 0 && height > 0 && width <= INT_MAX - fit3d::TILE_SIZE && height <= INT_MAX - fit3d::TILE_SIZE,
+    FIT3D_CHECK(width > 0 && height > 0 && width <= INT_MAX - fit3d::TILE_SIZE && height <= INT_MAX - fit3d::TILE_SIZE,
                 "fit3d rasterizer: bad image size ", width, " x ", height);
     const at::cuda::OptionalCUDAGuard guard(device_of(means2d));
     const int tiles_x = tiles_along(int(width)), tiles_y = tiles_along(int(height));
     // a pair's key is camera * tiles + tile, and B * tiles marks "no tile": all must fit 32 bits
-    TORCH_CHECK(B * int64_t(tiles_x) * tiles_y < int64_t(UINT32_MAX), "fit3d rasterizer: ", B, " cameras x ",
+    FIT3D_CHECK(B * int64_t(tiles_x) * tiles_y < int64_t(UINT32_MAX), "fit3d rasterizer: ", B, " cameras x ",
                 int64_t(tiles_x) * tiles_y, " tiles of ", fit3d::TILE_SIZE, " px overflow the 32-bit tile keys; "
                 "render fewer cameras per call or smaller images");
+    FIT3D_CHECK(B * N < INT_MAX, "fit3d rasterizer: ", B, " cameras x ", N, " Gaussians exceed the int32 limit");
+    FIT3D_CHECK(capacity < INT_MAX, "fit3d rasterizer: a capacity of ", capacity, " pairs exceeds the int32 limit");
     auto int_opts = means2d.options().dtype(at::kInt);
     Tensor ranges = torch::zeros({B * tiles_x * tiles_y, 2}, int_opts);
-    TORCH_CHECK(B * N < INT_MAX, "fit3d rasterizer: ", B, " cameras x ", N, " Gaussians exceed the int32 limit");
-    TORCH_CHECK(capacity < INT_MAX, "fit3d rasterizer: a capacity of ", capacity, " pairs exceeds the int32 limit");
-    Tensor total = torch::zeros({1}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-    if (B * N == 0) return {ranges, torch::empty({0}, int_opts), total};
+    Tensor total = pinned_total(means2d.get_device());
+    if (B * N == 0) {
+        total.zero_();
+        return {ranges, torch::empty({0}, int_opts), total};
+    }
+    const int64_t entries = B * N;
+    const size_t e4 = sizeof(int32_t) * entries, e8 = sizeof(int64_t) * entries;
 
-    // 1. all (camera, Gaussian) entries in depth order
-    Tensor depth_keys = torch::empty({B * N}, int_opts), entries = torch::empty({B * N}, int_opts);
-    check_cuda(fit3d::launch_depth_keys(depths.data_ptr<float>(), B * N,
-                                        reinterpret_cast<uint32_t*>(depth_keys.data_ptr<int32_t>()),
-                                        entries.data_ptr<int32_t>(), stream()),
+    // 1. all (camera, Gaussian) entries in depth order; 2. tiles per entry; 3. offsets
+    size_t depth_sort_bytes = 0, scan_bytes = 0;
+    check_cuda(fit3d::sort_pairs(nullptr, depth_sort_bytes, nullptr, nullptr, nullptr, nullptr, entries, 32, stream()),
+               "radix sort (size query)");
+    check_cuda(fit3d::inclusive_sum(nullptr, scan_bytes, nullptr, nullptr, entries, stream()), "prefix sum (size query)");
+    Workspace first;
+    const size_t o_depth_keys = first.reserve(e4), o_entries = first.reserve(e4), o_sorted_keys = first.reserve(e4);
+    const size_t o_order = first.reserve(e4), o_sort_temp = first.reserve(depth_sort_bytes);
+    const size_t o_counts = first.reserve(e8), o_ends = first.reserve(e8), o_scan_temp = first.reserve(scan_bytes);
+    first.allocate(means2d.options());
+    check_cuda(fit3d::launch_depth_keys(depths.data_ptr<float>(), entries, first.get<uint32_t>(o_depth_keys),
+                                        first.get<int32_t>(o_entries), stream()),
                "depth_keys");
-    Tensor depth_order = std::get<1>(sort_by_key(depth_keys, entries, 32));
-
-    // 2. tiles per entry, 3. offsets
+    check_cuda(fit3d::sort_pairs(first.get<void>(o_sort_temp), depth_sort_bytes, first.get<uint32_t>(o_depth_keys),
+                                 first.get<uint32_t>(o_sorted_keys), first.get<int32_t>(o_entries),
+                                 first.get<int32_t>(o_order), entries, 32, stream()),
+               "radix sort");
     fit3d::IsectArgs a = {};
     a.B = int(B);
     a.N = int(N);
@@ -277,44 +323,53 @@ std::tuple<Tensor, Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tens
     a.conics = conics.data_ptr<float>();
     a.opacities = opacities.data_ptr<float>();
     a.radii = radii.data_ptr<int32_t>();
-    a.depth_order = depth_order.data_ptr<int32_t>();
-    auto long_opts = means2d.options().dtype(at::kLong);
-    Tensor counts = torch::empty({B * N}, long_opts), ends = torch::empty({B * N}, long_opts);
-    a.counts = counts.data_ptr<int64_t>();
+    a.depth_order = first.get<int32_t>(o_order);
+    a.counts = first.get<int64_t>(o_counts);
+    int64_t* ends = first.get<int64_t>(o_ends);
     check_cuda(fit3d::launch_isect_count(a, stream()), "isect_count");
-    size_t scan_bytes = 0;
-    check_cuda(fit3d::inclusive_sum(nullptr, scan_bytes, a.counts, ends.data_ptr<int64_t>(), B * N, stream()),
-               "prefix sum (size query)");
-    Tensor scan_temp = torch::empty({int64_t(scan_bytes)}, means2d.options().dtype(at::kByte));
-    check_cuda(fit3d::inclusive_sum(scan_temp.data_ptr(), scan_bytes, a.counts, ends.data_ptr<int64_t>(), B * N,
-                                    stream()),
+    check_cuda(fit3d::inclusive_sum(first.get<void>(o_scan_temp), scan_bytes, a.counts, ends, entries, stream()),
                "prefix sum");
-    Tensor device_total = ends.narrow(0, B * N - 1, 1);
+    const int64_t* device_total = ends + entries - 1;
     const bool exact = capacity <= 0;
     if (exact) {
-        capacity = device_total.item<int64_t>();  // host sync
-        total.fill_(capacity);
-        TORCH_CHECK(capacity < INT_MAX, "fit3d rasterizer: ", capacity, " (Gaussian, tile) pairs exceed the int32 limit");
+        check_cuda(cudaMemcpyAsync(total.data_ptr<int64_t>(), device_total, sizeof(int64_t), cudaMemcpyDeviceToHost,
+                                   stream()),
+                   "pair count copy");
+        check_cuda(cudaStreamSynchronize(stream()), "pair count sync");  // host sync
+        capacity = *total.data_ptr<int64_t>();
+        FIT3D_CHECK(capacity < INT_MAX, "fit3d rasterizer: ", capacity, " (Gaussian, tile) pairs exceed the int32 limit");
         if (capacity == 0) return {ranges, torch::empty({0}, int_opts), total};
     } else {
-        total.copy_(device_total, /*non_blocking=*/true);
+        check_cuda(cudaMemcpyAsync(total.data_ptr<int64_t>(), device_total, sizeof(int64_t), cudaMemcpyDeviceToHost,
+                                   stream()),
+                   "pair count copy");
     }
 
     // 4. (tile, Gaussian) pairs in depth order, 5. stable sort by tile, 6. per-tile ranges
     const uint32_t no_tile = uint32_t(B * tiles_x * tiles_y);
-    Tensor keys = torch::empty({capacity}, int_opts), values = torch::empty({capacity}, int_opts);
-    a.ends = ends.data_ptr<int64_t>();
+    const int key_bits = fit3d::tile_key_bits(int(B), tiles_x * tiles_y);
+    size_t tile_sort_bytes = 0;
+    check_cuda(fit3d::sort_pairs(nullptr, tile_sort_bytes, nullptr, nullptr, nullptr, nullptr, capacity, key_bits,
+                                 stream()),
+               "radix sort (size query)");
+    const size_t p4 = sizeof(int32_t) * capacity;
+    Workspace second;
+    const size_t o_keys = second.reserve(p4), o_values = second.reserve(p4), o_sorted = second.reserve(p4);
+    const size_t o_tile_temp = second.reserve(tile_sort_bytes);
+    second.allocate(means2d.options());
+    Tensor sorted_values = torch::empty({capacity}, int_opts);
+    a.ends = ends;
     a.capacity = capacity;
-    a.keys = reinterpret_cast<uint32_t*>(keys.data_ptr<int32_t>());
-    a.values = values.data_ptr<int32_t>();
+    a.keys = second.get<uint32_t>(o_keys);
+    a.values = second.get<int32_t>(o_values);
     check_cuda(fit3d::launch_isect_emit(a, stream()), "isect_emit");
     if (!exact)
-        check_cuda(fit3d::launch_fill_unused(device_total.data_ptr<int64_t>(), capacity, no_tile, a.keys, a.values,
-                                             stream()),
-                   "fill_unused");
-    auto [sorted_keys, sorted_values] = sort_by_key(keys, values, fit3d::tile_key_bits(int(B), tiles_x * tiles_y));
-    check_cuda(fit3d::launch_tile_ranges(reinterpret_cast<const uint32_t*>(sorted_keys.data_ptr<int32_t>()),
-                                         int(capacity), no_tile, ranges.data_ptr<int32_t>(), stream()),
+        check_cuda(fit3d::launch_fill_unused(device_total, capacity, no_tile, a.keys, a.values, stream()), "fill_unused");
+    uint32_t* sorted_keys = second.get<uint32_t>(o_sorted);
+    check_cuda(fit3d::sort_pairs(second.get<void>(o_tile_temp), tile_sort_bytes, a.keys, sorted_keys, a.values,
+                                 sorted_values.data_ptr<int32_t>(), capacity, key_bits, stream()),
+               "radix sort");
+    check_cuda(fit3d::launch_tile_ranges(sorted_keys, int(capacity), no_tile, ranges.data_ptr<int32_t>(), stream()),
                "tile_ranges");
     return {ranges, sorted_values, total};
 }
@@ -337,7 +392,7 @@ fit3d::RasterizeArgs rasterize_args(const Tensor& means2d, const Tensor& conics,
     check_tensor(depths, "depths", {B, N}, at::kFloat, &means2d);
     check_tensor(features, "features", {N, -1}, at::kFloat, &means2d);
     check_cameras(B);
-    TORCH_CHECK(width > 0 && height > 0, "fit3d rasterizer: bad image size ", width, " x ", height);
+    FIT3D_CHECK(width > 0 && height > 0, "fit3d rasterizer: bad image size ", width, " x ", height);
     check_tensor(tile_ranges, "tile_ranges", {B * tiles_along(int(width)) * tiles_along(int(height)), 2}, at::kInt,
                  &means2d);
     check_tensor(gaussian_ids, "gaussian_ids", {-1}, at::kInt, &means2d);
@@ -442,19 +497,22 @@ fit3d::ScalarType scalar_type(const Tensor& t, const char* name) {
         case at::kFloat: return fit3d::ScalarType::Float32;
         case at::kHalf: return fit3d::ScalarType::Float16;
         case at::kBFloat16: return fit3d::ScalarType::BFloat16;
-        default: TORCH_CHECK(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+        default:
+            throw std::invalid_argument(
+                message("fit3d feature loss: ", name, " must be float32, float16 or bfloat16, got ", t.scalar_type()));
     }
 }
 
 fit3d::FeatureL1Args feature_l1_args(const Tensor& decoded, const Tensor& target, const OptTensor& mask) {
     for (const auto& [t, name] : {std::pair{&decoded, "decoded"}, std::pair{&target, "target"}}) {
-        TORCH_CHECK(t->is_cuda() && t->dim() == 4, name, " must be a 4-d CUDA tensor");
-        TORCH_CHECK(t->is_contiguous(at::MemoryFormat::ChannelsLast), name, " must be channels-last contiguous");
+        FIT3D_CHECK(t->is_cuda() && t->dim() == 4, "fit3d feature loss: ", name, " must be a 4-d CUDA tensor");
+        FIT3D_CHECK(t->is_contiguous(at::MemoryFormat::ChannelsLast), "fit3d feature loss: ", name,
+                    " must be channels-last contiguous");
     }
-    TORCH_CHECK(target.size(0) == decoded.size(0) && target.size(1) == decoded.size(1),
+    FIT3D_CHECK(target.size(0) == decoded.size(0) && target.size(1) == decoded.size(1),
                 "fit3d feature loss: target ", target.sizes(), " must have the batch size and channels of decoded ",
                 decoded.sizes());
-    TORCH_CHECK(target.device() == decoded.device(), "fit3d feature loss: target is on ", target.device(),
+    FIT3D_CHECK(target.device() == decoded.device(), "fit3d feature loss: target is on ", target.device(),
                 " but decoded is on ", decoded.device());
     fit3d::FeatureL1Args a = {};
     a.B = int(decoded.size(0));
@@ -470,7 +528,7 @@ fit3d::FeatureL1Args feature_l1_args(const Tensor& decoded, const Tensor& target
     a.decoded = decoded.data_ptr();
     a.target = target.data_ptr();
     if (mask.has_value() && mask->defined()) {
-        TORCH_CHECK(mask->device() == decoded.device() && mask->scalar_type() == at::kBool && mask->is_contiguous() &&
+        FIT3D_CHECK(mask->device() == decoded.device() && mask->scalar_type() == at::kBool && mask->is_contiguous() &&
                         mask->dim() == 4 && mask->size(0) == a.B && mask->size(1) == 1 && mask->size(2) == a.H &&
                         mask->size(3) == a.W,
                     "fit3d feature loss: mask must be a contiguous bool tensor of shape [", a.B, ", 1, ", a.H, ", ",

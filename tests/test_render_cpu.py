@@ -400,20 +400,20 @@ def test_extension_checks_shapes():
     ext = _backend.load_cpu_extension()
     means, quats, scales, opacities, colors, features = scene(50, 4, seed=2, device="cpu")
     K, w2c = cameras(2, 40, 30, "cpu")
-    with pytest.raises(RuntimeError, match=r"quats must have shape \[50, 4\]"):
+    with pytest.raises(ValueError, match=r"quats must have shape \[50, 4\]"):
         ext.project_fwd(means, quats[:49].contiguous(), scales, opacities, w2c, K, 40, 30, 0.01, 1e10)
-    with pytest.raises(RuntimeError, match=r"near_plane < far_plane"):
+    with pytest.raises(ValueError, match=r"near_plane < far_plane"):
         ext.project_fwd(means, quats, scales, opacities, w2c, K, 40, 30, 0.0, 1e10)
     m2d, con, dep, radii = ext.project_fwd(means, quats, scales, opacities, w2c, K, 40, 30, 0.01, 1e10)
-    with pytest.raises(RuntimeError, match=r"opacities must have dtype Float"):
+    with pytest.raises(ValueError, match=r"opacities must have dtype Float"):
         ext.isect_tiles(m2d, con, opacities.double(), dep, radii, 40, 30, 0)
     ranges, ids, _ = ext.isect_tiles(m2d, con, opacities, dep, radii, 40, 30, 0)
-    with pytest.raises(RuntimeError, match=r"tile_ranges must have shape \[12, 2\]"):
+    with pytest.raises(ValueError, match=r"tile_ranges must have shape \[12, 2\]"):
         ext.rasterize_fwd(
             m2d, con, opacities, colors, dep, features, None, ranges[:5].contiguous(), ids, 40, 30
         )
     with pytest.raises(
-        RuntimeError, match=r"mask must be a contiguous bool CPU tensor of shape \[1, 1, 20, 30\]"
+        ValueError, match=r"mask must be a contiguous bool CPU tensor of shape \[1, 1, 20, 30\]"
     ):
         ext.feature_l1_fwd(
             torch.randn(1, 8, 20, 30), torch.randn(1, 8, 4, 6), torch.ones(1, 1, 30, 20, dtype=torch.bool)

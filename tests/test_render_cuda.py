@@ -238,64 +238,89 @@ def test_bad_input_on_cuda():
 # ---- guardrails and boundaries -------------------------------------------------------------------------
 
 
-def test_extension_checks_shapes_and_devices():
-    """The C++ backstop: every op refuses a wrong shape, dtype or device by name, even called directly."""
+def _extension_checks_shapes_and_devices():
     ext = load_extension()
     params = _scene(50, 4, seed=2, device="cuda")
     means, quats, scales, opacities, colors, features = params
     K, w2c = _cameras(2, 40, 30, "cuda")
-    with pytest.raises(RuntimeError, match=r"quats must have shape \[50, 4\]"):
+    with pytest.raises(ValueError, match=r"quats must have shape \[50, 4\]"):
         ext.project_fwd(means, quats[:49].contiguous(), scales, opacities, w2c, K, 40, 30, 0.01, 1e10)
-    with pytest.raises(RuntimeError, match=r"K must have shape \[2, 3, 3\]"):
+    with pytest.raises(ValueError, match=r"K must have shape \[2, 3, 3\]"):
         ext.project_fwd(means, quats, scales, opacities, w2c, K[:1].contiguous(), 40, 30, 0.01, 1e10)
-    with pytest.raises(RuntimeError, match=r"near_plane < far_plane"):
+    with pytest.raises(ValueError, match=r"near_plane < far_plane"):
         ext.project_fwd(means, quats, scales, opacities, w2c, K, 40, 30, 0.0, 1e10)
     m2d, con, dep, radii = ext.project_fwd(means, quats, scales, opacities, w2c, K, 40, 30, 0.01, 1e10)
-    with pytest.raises(RuntimeError, match=r"radii must have shape \[2, 50\]"):
+    with pytest.raises(ValueError, match=r"radii must have shape \[2, 50\]"):
         ext.isect_tiles(m2d, con, opacities, dep, radii[:1].contiguous(), 40, 30, 0)
-    with pytest.raises(RuntimeError, match=r"opacities must have dtype Float"):
+    with pytest.raises(ValueError, match=r"opacities must have dtype Float"):
         ext.isect_tiles(m2d, con, opacities.double(), dep, radii, 40, 30, 0)
     ranges, ids, _ = ext.isect_tiles(m2d, con, opacities, dep, radii, 40, 30, 0)
-    with pytest.raises(RuntimeError, match=r"tile_ranges must have shape \[12, 2\]"):
+    with pytest.raises(ValueError, match=r"tile_ranges must have shape \[12, 2\]"):
         ext.rasterize_fwd(m2d, con, opacities, colors, dep, features, None, ranges[:5].contiguous(), ids, 40, 30)
-    with pytest.raises(RuntimeError, match=r"background must have shape \[3\]"):
+    with pytest.raises(ValueError, match=r"background must have shape \[3\]"):
         ext.rasterize_fwd(m2d, con, opacities, colors, dep, features, torch.zeros(4, device="cuda"), ranges, ids, 40, 30)
     if torch.cuda.device_count() > 1:
-        with pytest.raises(RuntimeError, match=r"features is on cuda:1 but the other arguments are on cuda:0"):
+        with pytest.raises(ValueError, match=r"features is on cuda:1 but the other arguments are on cuda:0"):
             ext.rasterize_fwd(m2d, con, opacities, colors, dep, features.to("cuda:1"), None, ranges, ids, 40, 30)
     images = ext.rasterize_fwd(m2d, con, opacities, colors, dep, features, None, ranges, ids, 40, 30)
     final_t, last_ids = images[4], images[5]
     v_features = torch.ones(2, 4, 30, 40, device="cuda")
-    with pytest.raises(RuntimeError, match=r"v_features must have shape \[2, 4, 30, 40\]"):
+    with pytest.raises(ValueError, match=r"v_features must have shape \[2, 4, 30, 40\]"):
         ext.rasterize_bwd(
             m2d, con, opacities, colors, dep, features, None, ranges, ids, final_t, last_ids, 40, 30,
             None, None, v_features.transpose(2, 3).contiguous(), None, False, True,
         )  # fmt: skip
 
 
-def test_feature_loss_refuses_a_transposed_mask():
+def _feature_loss_refuses_a_transposed_mask():
     from fit3d_hf.losses import upsampled_feature_l1
 
     decoded = torch.randn(2, 8, 20, 30, device="cuda")
     target = torch.randn(2, 8, 4, 6, device="cuda")
     mask = torch.rand(2, 1, 30, 20, device="cuda") > 0.5  # the right element count, the wrong shape
-    with pytest.raises(RuntimeError, match=r"mask must be a contiguous bool tensor of shape \[2, 1, 20, 30\]"):
+    with pytest.raises(ValueError, match=r"mask must be a contiguous bool tensor of shape \[2, 1, 20, 30\]"):
         upsampled_feature_l1(decoded, target, mask)
 
 
-def test_tile_keys_and_launch_grid_limits_are_clear_errors():
+def _tile_keys_and_launch_grid_limits_are_clear_errors():
     ext = load_extension()
     one = torch.ones(1, 1, device="cuda")
     means2d, conics = torch.zeros(1, 1, 2, device="cuda"), torch.ones(1, 1, 3, device="cuda")
     radii = torch.ones(1, 1, dtype=torch.int32, device="cuda")
-    with pytest.raises(RuntimeError, match=r"overflow the 32-bit tile keys"):
+    with pytest.raises(ValueError, match=r"overflow the 32-bit tile keys"):
         ext.isect_tiles(means2d, conics, one[0], one, radii, 1_100_000, 1_100_000, 0)
     B = 70_000
-    with pytest.raises(RuntimeError, match=r"70000 cameras in one call exceed the CUDA launch grid"):
+    with pytest.raises(ValueError, match=r"70000 cameras in one call exceed the CUDA launch grid"):
         ext.isect_tiles(
             means2d.expand(B, 1, 2).contiguous(), conics.expand(B, 1, 3).contiguous(), one[0],
             one.expand(B, 1).contiguous(), radii.expand(B, 1).contiguous(), 16, 16, 0,
         )  # fmt: skip
+
+
+def _run_isolated(function) -> None:
+    """Runs a module-level function of this file in a fresh interpreter, so that a crash on the C++ error path
+    (a c10::Error thrown from the extension once killed the interpreter on the lent machines) fails this test
+    rather than the whole run."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import {Path(__file__).stem} as m; m.{function.__name__}()"
+    result = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{function.__name__} failed (exit {result.returncode}):\n{result.stderr[-3000:]}"
+
+
+def test_extension_checks_shapes_and_devices():
+    """The C++ backstop: every op refuses a wrong shape, dtype or device by name (ValueError), even called directly."""
+    _run_isolated(_extension_checks_shapes_and_devices)
+
+
+def test_feature_loss_refuses_a_transposed_mask():
+    _run_isolated(_feature_loss_refuses_a_transposed_mask)
+
+
+def test_tile_keys_and_launch_grid_limits_are_clear_errors():
+    _run_isolated(_tile_keys_and_launch_grid_limits_are_clear_errors)
 
 
 def test_project_validates_the_planes():

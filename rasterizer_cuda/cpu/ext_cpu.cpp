@@ -17,6 +17,9 @@
 #include <atomic>
 #include <climits>
 #include <optional>
+#include <sstream>
+#include <stdexcept>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -46,20 +49,32 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
 
 namespace {
 
+// Argument errors are thrown as std::invalid_argument (Python: ValueError), as by the CUDA extension's ext.cpp.
+template <typename... Args>
+std::string message(const Args&... args) {
+    std::ostringstream out;
+    (out << ... << args);
+    return out.str();
+}
+#define FIT3D_CHECK(cond, ...)                                                 \
+    do {                                                                       \
+        if (!(cond)) throw std::invalid_argument(message(__VA_ARGS__));       \
+    } while (0)
+
 // Dtype, device, layout and shape of an argument; `shape` holds the expected sizes, -1 for "any".
 void check_tensor(const Tensor& t, const char* name, std::initializer_list<int64_t> shape,
                   at::ScalarType dtype = at::kFloat) {
-    TORCH_CHECK(t.device().is_cpu(), "fit3d CPU rasterizer: ", name, " must be a CPU tensor, got one on ", t.device());
-    TORCH_CHECK(t.scalar_type() == dtype, "fit3d CPU rasterizer: ", name, " must have dtype ", dtype, ", got ",
+    FIT3D_CHECK(t.device().is_cpu(), "fit3d CPU rasterizer: ", name, " must be a CPU tensor, got one on ", t.device());
+    FIT3D_CHECK(t.scalar_type() == dtype, "fit3d CPU rasterizer: ", name, " must have dtype ", dtype, ", got ",
                 t.scalar_type());
-    TORCH_CHECK(t.is_contiguous(), "fit3d CPU rasterizer: ", name, " must be contiguous");
+    FIT3D_CHECK(t.is_contiguous(), "fit3d CPU rasterizer: ", name, " must be contiguous");
     bool ok = t.dim() == int64_t(shape.size());
     int64_t i = 0;
     for (const int64_t size : shape) {  // i must advance on "any" (-1) axes too
         ok = ok && (size < 0 || t.size(i) == size);
         ++i;
     }
-    TORCH_CHECK(ok, "fit3d CPU rasterizer: ", name, " must have shape ", c10::IntArrayRef(shape), " (-1: any), got ",
+    FIT3D_CHECK(ok, "fit3d CPU rasterizer: ", name, " must have shape ", c10::IntArrayRef(shape), " (-1: any), got ",
                 t.sizes());
 }
 
@@ -70,7 +85,7 @@ const float* optional_ptr(const OptTensor& t, const char* name, std::initializer
 }
 
 void check_image(int64_t width, int64_t height) {
-    TORCH_CHECK(width > 0 && height > 0 && width <= INT_MAX - fit3d::TILE_SIZE && height <= INT_MAX - fit3d::TILE_SIZE,
+    FIT3D_CHECK(width > 0 && height > 0 && width <= INT_MAX - fit3d::TILE_SIZE && height <= INT_MAX - fit3d::TILE_SIZE,
                 "fit3d CPU rasterizer: bad image size ", width, " x ", height);
 }
 
@@ -91,9 +106,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> project_fwd(const Tensor& means, cons
     check_tensor(viewmats, "world_to_camera", {B, 4, 4});
     check_tensor(Ks, "K", {B, 3, 3});
     check_image(width, height);
-    TORCH_CHECK(near_plane > 0.0 && near_plane < far_plane,
+    FIT3D_CHECK(near_plane > 0.0 && near_plane < far_plane,
                 "fit3d CPU rasterizer: need 0 < near_plane < far_plane, got ", near_plane, " and ", far_plane);
-    TORCH_CHECK(B * N < INT_MAX, "fit3d CPU rasterizer: ", B, " cameras x ", N, " Gaussians exceed the int32 limit");
+    FIT3D_CHECK(B * N < INT_MAX, "fit3d CPU rasterizer: ", B, " cameras x ", N, " Gaussians exceed the int32 limit");
     auto opts = means.options();
     Tensor means2d = at::empty({B, N, 2}, opts), conics = at::empty({B, N, 3}, opts);
     Tensor depths = at::empty({B, N}, opts), radii = at::empty({B, N}, opts.dtype(at::kInt));
@@ -162,7 +177,7 @@ fit3d::ShArgs sh_args(const Tensor& sh, const Tensor& means, const Tensor& viewm
     check_tensor(means, "means", {-1, 3});
     check_tensor(sh, "sh", {means.size(0), -1, 3});
     check_tensor(viewmats, "world_to_camera", {-1, 4, 4});
-    TORCH_CHECK(degree >= 0 && degree <= 3 && (degree + 1) * (degree + 1) <= sh.size(1),
+    FIT3D_CHECK(degree >= 0 && degree <= 3 && (degree + 1) * (degree + 1) <= sh.size(1),
                 "fit3d CPU rasterizer: bad sh_degree ", degree, " for ", sh.size(1), " coefficients");
     fit3d::ShArgs a = {};
     a.B = int(viewmats.size(0));
@@ -210,7 +225,7 @@ std::tuple<Tensor, Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tens
     check_tensor(depths, "depths", {B, N});
     check_tensor(radii, "radii", {B, N}, at::kInt);
     check_image(width, height);
-    TORCH_CHECK(B * N < INT_MAX, "fit3d CPU rasterizer: ", B, " cameras x ", N, " Gaussians exceed the int32 limit");
+    FIT3D_CHECK(B * N < INT_MAX, "fit3d CPU rasterizer: ", B, " cameras x ", N, " Gaussians exceed the int32 limit");
     fit3d::IsectArgs a = {};
     a.B = int(B);
     a.N = int(N);
@@ -223,7 +238,7 @@ std::tuple<Tensor, Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tens
     a.opacities = opacities.data_ptr<float>();
     a.radii = radii.data_ptr<int32_t>();
     const fit3d::cpu::IsectPlan plan = fit3d::cpu::isect_count(a, depths.data_ptr<float>());
-    TORCH_CHECK(plan.total < INT_MAX, "fit3d CPU rasterizer: ", plan.total,
+    FIT3D_CHECK(plan.total < INT_MAX, "fit3d CPU rasterizer: ", plan.total,
                 " (Gaussian, tile) pairs exceed the int32 limit");
     auto int_opts = means2d.options().dtype(at::kInt);
     Tensor ranges = at::zeros({B * a.tiles_x * a.tiles_y, 2}, int_opts), ids = at::empty({plan.total}, int_opts);
@@ -346,13 +361,13 @@ fit3d::cpu::Strides4 strides_of(const Tensor& t) { return {t.stride(0), t.stride
 
 FeatureL1Inputs feature_l1_inputs(const Tensor& decoded, const Tensor& target, const OptTensor& mask) {
     for (const auto& [t, name] : {std::pair{&decoded, "decoded"}, std::pair{&target, "target"}}) {
-        TORCH_CHECK(t->device().is_cpu() && t->dim() == 4, "fit3d feature loss: ", name,
+        FIT3D_CHECK(t->device().is_cpu() && t->dim() == 4, "fit3d feature loss: ", name,
                     " must be a 4-d CPU tensor, got ", t->sizes(), " on ", t->device());
-        TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kHalf ||
+        FIT3D_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kHalf ||
                         t->scalar_type() == at::kBFloat16,
                     "fit3d feature loss: ", name, " must be float32, float16 or bfloat16, got ", t->scalar_type());
     }
-    TORCH_CHECK(target.size(0) == decoded.size(0) && target.size(1) == decoded.size(1),
+    FIT3D_CHECK(target.size(0) == decoded.size(0) && target.size(1) == decoded.size(1),
                 "fit3d feature loss: target ", target.sizes(), " must have the batch size and channels of decoded ",
                 decoded.sizes());
     FeatureL1Inputs in;
@@ -376,7 +391,7 @@ FeatureL1Inputs feature_l1_inputs(const Tensor& decoded, const Tensor& target, c
     a.decoded = in.decoded.data_ptr();
     a.target = in.target.data_ptr();
     if (mask.has_value() && mask->defined()) {
-        TORCH_CHECK(mask->device().is_cpu() && mask->scalar_type() == at::kBool && mask->is_contiguous() &&
+        FIT3D_CHECK(mask->device().is_cpu() && mask->scalar_type() == at::kBool && mask->is_contiguous() &&
                         mask->dim() == 4 && mask->size(0) == a.B && mask->size(1) == 1 && mask->size(2) == a.H &&
                         mask->size(3) == a.W,
                     "fit3d feature loss: mask must be a contiguous bool CPU tensor of shape [", a.B, ", 1, ", a.H,
