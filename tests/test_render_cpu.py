@@ -420,3 +420,18 @@ def test_extension_checks_shapes():
         )
     with pytest.raises(RuntimeError, match=r"No compiled rasterizer for meta tensors"):
         _backend.extension_for("meta")
+
+
+def test_build_recipe_makes_the_cpu_extension_without_cuda():
+    """setup.py with BUILD_NO_CUDA=1 still builds the CPU extension (optional: a failed compile leaves the
+    install without it), from the recipe that the JIT build uses too."""
+    from pathlib import Path
+
+    build = _backend._load_build_module()
+    ext_modules, cmdclass = build.get_setuptools_extension(cuda=False)
+    assert [e.name for e in ext_modules] == ["fit3d_hf._C_cpu"] and "build_ext" in cmdclass
+    (extension,) = ext_modules
+    assert extension.optional and "-DFIT3D_CPU_ONLY" in extension.extra_compile_args
+    params = build.get_cpu_build_parameters()
+    assert [str(Path(build.SOURCE_DIR.parent, s)) for s in extension.sources] == params["sources"]
+    assert all(Path(s).is_file() for s in params["sources"])
