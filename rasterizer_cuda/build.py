@@ -24,6 +24,7 @@ __all__ = [
     "get_build_parameters",
     "get_cpu_build_parameters",
     "get_setuptools_extension",
+    "optional_build_ext",
 ]
 
 SOURCE_DIR = Path(__file__).resolve().parent
@@ -154,9 +155,30 @@ def get_setuptools_extension(cuda: bool = True) -> tuple[list, dict]:
         )
     if not extensions:
         return [], {}
+    return extensions, {"build_ext": optional_build_ext()}
+
+
+def optional_build_ext():
+    """torch's BuildExtension, except that a failed build of an `optional` extension (the CPU one) only warns.
+
+    setuptools skips failed optional extensions only on its own compiler errors; torch's ninja build raises a
+    RuntimeError instead, which would fail the whole install.
+    """
     from torch.utils.cpp_extension import BuildExtension
 
-    return extensions, {"build_ext": BuildExtension}
+    class BuildOptionalExtension(BuildExtension):
+        def build_extension(self, ext) -> None:
+            try:
+                super().build_extension(ext)
+            except Exception as exc:
+                if not getattr(ext, "optional", False):
+                    raise
+                self.warn(
+                    f"building {ext.name} failed, the package installs without it (a JIT build or the PyTorch "
+                    f"reference will serve): {exc}"
+                )
+
+    return BuildOptionalExtension
 
 
 def _relative(paths: list[str]) -> list[str]:

@@ -435,3 +435,24 @@ def test_build_recipe_makes_the_cpu_extension_without_cuda():
     params = build.get_cpu_build_parameters()
     assert [str(Path(build.SOURCE_DIR.parent, s)) for s in extension.sources] == params["sources"]
     assert all(Path(s).is_file() for s in params["sources"])
+
+
+def test_a_failed_optional_build_only_warns(monkeypatch):
+    """torch's ninja build raises RuntimeError on a compile error, which setuptools' `optional` does not catch:
+    the build command must, for the CPU extension only."""
+    from setuptools import Distribution
+    from torch.utils.cpp_extension import BuildExtension
+
+    def fail(self, ext):
+        raise RuntimeError("Error building extension: compiler exploded")
+
+    monkeypatch.setattr(BuildExtension, "build_extension", fail)
+    command = _backend._load_build_module().optional_build_ext()(Distribution())
+    warnings = []
+    monkeypatch.setattr(command, "warn", warnings.append)
+    ext_modules, _ = _backend._load_build_module().get_setuptools_extension(cuda=False)
+    command.build_extension(ext_modules[0])  # optional: warns
+    assert "fit3d_hf._C_cpu failed" in warnings[0] and "compiler exploded" in warnings[0]
+    ext_modules[0].optional = False
+    with pytest.raises(RuntimeError, match="compiler exploded"):
+        command.build_extension(ext_modules[0])

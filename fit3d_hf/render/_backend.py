@@ -129,7 +129,12 @@ def _load_cpu() -> tuple[ModuleType | None, str | None]:
         except ImportError as exc:  # present but unloadable (e.g. built against another torch)
             prebuilt_error = str(exc)
     if os.environ.get("FIT3D_HF_NO_JIT", "0") == "1":
-        return None, "no prebuilt CPU extension and FIT3D_HF_NO_JIT=1 disables the JIT build"
+        prebuilt = (
+            "no prebuilt CPU extension"
+            if prebuilt_error is None
+            else f"the prebuilt CPU extension does not load ({prebuilt_error})"
+        )
+        return None, f"{prebuilt} and FIT3D_HF_NO_JIT=1 disables the JIT build"
     build = _load_build_module()
     if build is None:
         return None, f"no prebuilt CPU extension (fit3d_hf._C_cpu) and no sources at {_BUILD_FILE.parent}"
@@ -143,7 +148,9 @@ def _load_cpu() -> tuple[ModuleType | None, str | None]:
         logger.warning(
             "The prebuilt CPU rasterizer does not load (%s); compiling it for this machine.", prebuilt_error
         )
-    logger.warning("Building the CPU rasterizer for this machine if needed (first use only; about a minute)...")
+    logger.warning(
+        "Building the CPU rasterizer for this machine if needed (first use only; about a minute)..."
+    )
     try:
         module = load(
             name=build.CPU_JIT_NAME,
