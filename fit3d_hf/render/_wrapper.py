@@ -26,7 +26,7 @@ _F32 = (torch.float32,)
 
 
 def _on_cuda(name: str, t: Tensor) -> None:
-    """The compiled ops take CUDA or CPU tensors (float32); anything else goes to the reference."""
+    """The compiled ops take CUDA or CPU tensors; tensors on other devices need render(..., backend="reference")."""
     if t.device.type not in ("cuda", "cpu"):
         raise ValueError(f"the compiled backends need CUDA or CPU tensors, but {name} is on {t.device}")
 
