@@ -90,8 +90,13 @@ class _UpsampledFeatureL1(torch.autograd.Function):
         return extension_for(decoded.device).feature_l1_bwd(decoded, target, mask, grad_output), None, None
 
 
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _use_feature_l1_kernel(decoded: torch.Tensor, target: torch.Tensor) -> bool:
     if target.requires_grad or decoded.device != target.device:
+        return False
+    if decoded.dtype not in _KERNEL_DTYPES or target.dtype not in _KERNEL_DTYPES:  # float64: the composed ops
         return False
     from .render._backend import load_cpu_extension, load_extension
 

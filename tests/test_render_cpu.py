@@ -456,3 +456,16 @@ def test_a_failed_optional_build_only_warns(monkeypatch):
     ext_modules[0].optional = False
     with pytest.raises(RuntimeError, match="compiler exploded"):
         command.build_extension(ext_modules[0])
+
+
+def test_feature_loss_in_float64_takes_the_composed_ops():
+    from fit3d_hf.losses import upsampled_feature_l1
+
+    decoded = torch.randn(1, 4, 10, 12, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(1, 4, 2, 3, dtype=torch.float64)
+    loss = upsampled_feature_l1(decoded, target)
+    assert float(loss.detach()) == pytest.approx(
+        float(_composed_feature_l1(decoded.detach(), target, None)), rel=1e-6
+    )
+    loss.backward()
+    assert decoded.grad.dtype == torch.float64
