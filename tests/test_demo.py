@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 def demo(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("demo") / "out"
     argv = ["demo", "--output_dir", str(output_dir), "--seed", "0", "--num_views", "16", "--lift_iterations", "400",
-            "--finetune_steps", "24", "--probe_steps", "40"]  # fmt: skip
+            "--finetune_steps", "24", "--probe_steps", "40", "--width", "64", "--height", "48"]  # fmt: skip
     assert main(argv) == 0
     return output_dir
 
