@@ -269,6 +269,7 @@ def main() -> None:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default="bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone")
+    parser.add_argument("--pin", action="store_true", help="pinned CPU batches (as a DataLoader with pin_memory)")
     parser.add_argument(
         "--loader_workers", type=int, nargs="*", default=[4, 8, 16],
         help="worker counts of the data loading measurement (0: in the main process; none: skip it)",
@@ -293,6 +294,8 @@ def main() -> None:
     cache = GaussianCache(work, device, 8e9)
     # Each process its own views, as the sharded loader would give it.
     batches = {b: batch_of(b, args.width, args.height, first_view=accelerator.process_index * b) for b in args.batch}
+    if args.pin and device.type == "cuda":
+        batches = {b: {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()} for b, batch in batches.items()}
 
     best_full = None
     for lora_rank in args.lora_rank:
@@ -316,6 +319,7 @@ def main() -> None:
                 "frozen_unused": step.frozen_unused,
                 "mixed_precision": args.mixed_precision,
                 "compiled": args.compile,
+                "pinned": args.pin,
                 "n": args.n,
                 "feature_dim": FEATURE_DIM,
                 "width": args.width,

@@ -64,7 +64,11 @@ def main(argv=None):
         lifter.step()
     torch.cuda.synchronize()
     ms = 1000 * (time.perf_counter() - start) / args.steps
-    print(f"{len(lifter.gaussians)} Gaussians, {args.width}x{args.height}: {ms:.2f} ms / iteration")  # noqa: T201
+    peak = torch.cuda.max_memory_allocated() / 2**20
+    print(  # noqa: T201
+        f"{len(lifter.gaussians)} Gaussians, {args.width}x{args.height}: {ms:.2f} ms / iteration, "
+        f"30k iterations: {30 * ms / 60:.2f} min, peak {peak:.0f} MiB ({torch.cuda.get_device_name()})"
+    )
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(10):
             lifter.step()

@@ -23,6 +23,9 @@ def main(argv=None):
     parser.add_argument("--ch", type=int, default=64)
     parser.add_argument("--cams", type=int, default=1)
     parser.add_argument("--host", action="store_true", help="only the host time per call of each forward step")
+    parser.add_argument(
+        "--plain", type=int, default=0, metavar="K", help="only run K forward+backward calls (for ncu / nsys)"
+    )
     parser.add_argument("--width", type=int, default=876)
     parser.add_argument("--height", type=int, default=584)
     args = parser.parse_args(argv)
@@ -40,6 +43,12 @@ def main(argv=None):
         out = render(*params, ks, viewmats, w, h, backend="cuda")
         images = (out.rgb, out.depth, out.features)
         sum((image * weight).sum() for image, weight in zip(images, weights, strict=True)).backward()
+
+    if args.plain:
+        for _ in range(args.plain):
+            fwdbwd()
+        torch.cuda.synchronize()
+        return None
 
     with torch.no_grad():  # binning statistics
         m2d, con, dep, radii = _wrapper.project(means, quats, scales, opac, viewmats, ks, w, h)

@@ -76,8 +76,10 @@ def peak_memory(fn):
     return round(peak / 2**20), round((peak - before) / 2**20)
 
 
-def bench_gsplat(scene, n, ncam, ch, width, height, dev):
-    """The inner loop of the anchors' gsplat_bench.py, unchanged."""
+def bench_gsplat(scene, n, ncam, ch, width, height, dev, channel_chunk=32):
+    """The inner loop of the anchors' gsplat_bench.py, unchanged but for `channel_chunk`: gsplat's default 32
+    renders the ch + 1 channels of "RGB+ED" in ceil((ch + 1) / 32) passes; ch + 1 renders them in one (gsplat
+    compiles kernels for 65 and 129 channels, among others, and pads other counts to a power of two)."""
     from gsplat import rasterization
 
     means, quats, scales, opac = scene
@@ -99,6 +101,7 @@ def bench_gsplat(scene, n, ncam, ch, width, height, dev):
                 height,
                 packed=False,
                 render_mode="RGB+ED",
+                channel_chunk=channel_chunk,
             )
         return out
 
@@ -107,7 +110,7 @@ def bench_gsplat(scene, n, ncam, ch, width, height, dev):
     def fwdbwd():
         m, q, s, o, f = params
         out, alpha, meta = rasterization(
-            m, q, s, o, f, viewmats, ks, width, height, packed=False, render_mode="RGB+ED"
+            m, q, s, o, f, viewmats, ks, width, height, packed=False, render_mode="RGB+ED", channel_chunk=channel_chunk
         )
         (out * w).sum().backward()
 
@@ -115,7 +118,13 @@ def bench_gsplat(scene, n, ncam, ch, width, height, dev):
     tb = timeit(fwdbwd)
     peak, extra = peak_memory(fwdbwd)
     return dict(
-        lib="gsplat-1.5.3", fwd_ms=round(tf, 3), fwdbwd_ms=round(tb, 3), peak_mib=peak, extra_mib=extra
+        lib="gsplat-1.5.3",
+        channel_chunk=channel_chunk,
+        gsplat_passes=math.ceil((ch + 1) / channel_chunk),
+        fwd_ms=round(tf, 3),
+        fwdbwd_ms=round(tb, 3),
+        peak_mib=peak,
+        extra_mib=extra,
     )
 
 
@@ -168,6 +177,12 @@ def main(argv=None):
     parser.add_argument("--width", type=int, default=876)
     parser.add_argument("--height", type=int, default=584)
     parser.add_argument("--feature-grad-to-geometry", action="store_true", help="fit3d: route feature grads")
+    parser.add_argument(
+        "--gsplat-chunks",
+        default="32,one",
+        help="gsplat channel_chunk values, comma-separated: numbers, or 'one' for ch + 1 (a single pass)",
+    )
+    parser.add_argument("--channels", default=None, help="comma-separated channel counts (overrides the matrix)")
     args = parser.parse_args(argv)
 
     dev = "cuda"
@@ -176,15 +191,22 @@ def main(argv=None):
     counts, cam_counts, channels = (100_000, 500_000, 1_000_000), (1, 4), (3, 32, 64, 128, 384)
     if args.quick:
         counts, cam_counts, channels = (1_000_000,), (1,), (3, 64, 384)
+    if args.channels:
+        channels = tuple(int(c) for c in args.channels.split(","))
+    chunks = args.gsplat_chunks.split(",")
     for n in counts:
         scene = make_scene(n, dev)
         for ncam in cam_counts:
             for ch in channels:
-                for lib in libs:
+                runs = [(lib, None) for lib in libs if lib == "fit3d"]
+                runs += [("gsplat", ch + 1 if c == "one" else int(c)) for c in chunks if "gsplat" in libs]
+                for lib, chunk in runs:
+                    if lib == "gsplat" and chunk != 32 and math.ceil((ch + 1) / chunk) == math.ceil((ch + 1) / 32):
+                        continue  # the same passes as the default chunk: measured once
                     head = dict(device=device_name, n=n, cams=ncam, ch=ch, w=args.width, h=args.height)
                     try:
                         if lib == "gsplat":
-                            rec = bench_gsplat(scene, n, ncam, ch, args.width, args.height, dev)
+                            rec = bench_gsplat(scene, n, ncam, ch, args.width, args.height, dev, chunk)
                         else:
                             rec = bench_fit3d(
                                 scene,
@@ -198,7 +220,7 @@ def main(argv=None):
                             )
                         rec = {"lib": rec.pop("lib"), **head, **rec}
                     except (RuntimeError, ImportError) as exc:  # e.g. out of memory, gsplat not installed
-                        rec = dict(lib={"gsplat": "gsplat-1.5.3"}.get(lib, lib), **head, error=str(exc)[:300])
+                        rec = dict(lib={"gsplat": "gsplat-1.5.3"}.get(lib, lib), **head, channel_chunk=chunk, error=str(exc)[:300])
                     print(json.dumps(rec), flush=True)  # noqa: T201 (benchmark output)
                     torch.cuda.empty_cache()
 

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import shutil
+import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .errors import InputError, MissingInputError, UsageError
 from .gaussians import BundleMismatchError, GaussianBundle, load_bundle
 from .gaussians.bundle import BUNDLE_FILENAME, check_provenance
 from .losses import masked_l1
@@ -137,9 +139,9 @@ class FinetuningArguments:
         if self.mixed_precision not in (None, "no", "bf16", "fp16"):
             raise ValueError(f"--mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
         if self.scale_lr not in ("none", "linear", "sqrt"):
-            raise ValueError(f"--scale_lr must be 'none', 'linear' or 'sqrt', got {self.scale_lr!r}")
+            raise UsageError(f"--scale_lr must be 'none', 'linear' or 'sqrt', got {self.scale_lr!r}")
         if self.near_plane <= 0:
-            raise ValueError(f"--near_plane must be positive, got {self.near_plane}")
+            raise UsageError(f"--near_plane must be positive, got {self.near_plane}")
         if self.train_batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ValueError("--train_batch_size and --gradient_accumulation_steps must be at least 1")
         if not 0 <= self.flip_probability <= 1:
@@ -272,9 +274,13 @@ class GaussianCache:
     """Scenes' Stage II tensors on the device, loaded on first use, least recently used evicted first
     once their total size passes the budget."""
 
-    def __init__(self, gaussians_dir: str | Path, device: torch.device, budget_bytes: float):
+    def __init__(self, gaussians_dir: str | Path, device: torch.device, budget_bytes: float, verify: bool = True):
         self.gaussians_dir, self.device, self.budget_bytes = Path(gaussians_dir), device, budget_bytes
         self._entries: OrderedDict[str, GaussianBundle] = OrderedDict()
+        # Each bundle's checksums are checked the first time it is loaded (not again after an eviction):
+        # scene id -> seconds the check took.
+        self.verify = verify
+        self.verify_seconds: dict[str, float] = {}
 
     @staticmethod
     def _size(bundle: GaussianBundle) -> int:
@@ -285,7 +291,12 @@ class GaussianCache:
         if scene_id in self._entries:
             self._entries.move_to_end(scene_id)
             return self._entries[scene_id]
-        bundle = load_bundle(bundle_path(self.gaussians_dir, scene_id)).to(self.device)
+        verify = self.verify and scene_id not in self.verify_seconds
+        start = time.perf_counter()
+        bundle = load_bundle(bundle_path(self.gaussians_dir, scene_id), verify=verify)
+        if verify:
+            self.verify_seconds[scene_id] = time.perf_counter() - start  # the read and the check
+        bundle = bundle.to(self.device)
         bundle.metadata["colors"] = torch.zeros(len(bundle), 3, device=self.device)
         self._entries[scene_id] = bundle
         while len(self._entries) > 1 and sum(self._size(b) for b in self._entries.values()) > self.budget_bytes:
@@ -410,7 +421,7 @@ def scaled_learning_rate(learning_rate: float, global_batch: int, rule: str, ref
         return learning_rate * ratio
     if rule == "sqrt":
         return learning_rate * math.sqrt(ratio)
-    raise ValueError(f"--scale_lr must be 'none', 'linear' or 'sqrt', got {rule!r}")
+    raise UsageError(f"--scale_lr must be 'none', 'linear' or 'sqrt', got {rule!r}")
 
 
 def extractor_interpolation(extractor) -> str:
@@ -422,16 +433,43 @@ def extractor_interpolation(extractor) -> str:
     return pos_embed_interpolation_of(backbone)
 
 
+def _checkpoints(output_dir: Path) -> list[Path]:
+    """The complete `checkpoint-<step>` folders, oldest first (a folder left half-written by a crash of an
+    older version, without its model file, is ignored)."""
+    from .checkpoints import is_complete_checkpoint
+
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
+    return sorted((p for p in found if is_complete_checkpoint(p)), key=lambda p: int(p.name.split("-")[1]))
+
+
 def _latest_checkpoint(output_dir: Path) -> Path | None:
-    checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    checkpoints = _checkpoints(output_dir)
     return checkpoints[-1] if checkpoints else None
 
 
 def _rotate_checkpoints(output_dir: Path, keep: int) -> None:
     """Deletes the oldest checkpoints so that at most `keep` remain."""
-    checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    checkpoints = _checkpoints(output_dir)
     for old in checkpoints[: max(len(checkpoints) - keep, 0)]:
         shutil.rmtree(old)
+
+
+def _resolve_resume_checkpoint(output_dir: Path, value: str) -> Path | None:
+    """`--resume_from_checkpoint`: "latest" (None when the output folder holds no checkpoint yet: a new
+    run) or a checkpoint folder, which must exist and be complete."""
+    from .checkpoints import is_complete_checkpoint
+
+    if value == "latest":
+        return _latest_checkpoint(output_dir)
+    path = Path(value)
+    if not path.is_dir():
+        raise MissingInputError(
+            f"--resume_from_checkpoint {value}: no such checkpoint folder; pass an existing checkpoint-<step> folder, "
+            f"or 'latest' to resume from the newest one in {output_dir} (or start afresh when there is none)"
+        )
+    if not path.name.split("-", 1)[-1].isdigit() or not is_complete_checkpoint(path):
+        raise InputError(f"--resume_from_checkpoint {value}: not a complete checkpoint-<step> folder written by this trainer")
+    return path
 
 
 def freeze_unused_parameters(extractor) -> list[str]:
@@ -501,8 +539,11 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: Finetunin
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
     from .backbones import DenseFeatureExtractor
+    from .checkpoints import save_state_atomically
 
     output_dir = Path(args.output_dir)
+    # A checkpoint asked for that does not exist is refused before anything loads (not a silent fresh run).
+    resume_path = _resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
     tracker = _check_trackers(args.report_to)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -581,9 +622,9 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: Finetunin
 
     global_step, first_epoch, resume_batches = 0, 0, 0
     if args.resume_from_checkpoint:
-        path = _latest_checkpoint(output_dir) if args.resume_from_checkpoint == "latest" else Path(args.resume_from_checkpoint)
-        if path is None or not path.is_dir():
-            accelerator.print(f"checkpoint {args.resume_from_checkpoint!r} not found: starting a new run")
+        path = resume_path
+        if path is None:
+            accelerator.print(f"no checkpoint in {output_dir} yet: starting a new run")
         else:
             accelerator.load_state(str(path))
             global_step = int(path.name.split("-")[1])
@@ -621,7 +662,7 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: Finetunin
                     accelerator.wait_for_everyone()
                     if accelerator.is_main_process and args.checkpoints_total_limit:
                         _rotate_checkpoints(output_dir, args.checkpoints_total_limit - 1)  # room for the new one
-                    accelerator.save_state(str(output_dir / f"checkpoint-{global_step}"))
+                    save_state_atomically(accelerator, output_dir / f"checkpoint-{global_step}")
                 if global_step >= max_steps:
                     break
         if global_step >= max_steps:
@@ -633,6 +674,8 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: Finetunin
     unwrapped.eval()
     metrics.update({"train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None, "steps": global_step})
     metrics.update({"mixed_precision": precision, "learning_rate": learning_rate, "pos_embed_interpolation": extractor_interpolation(unwrapped)})
+    if cache.verify_seconds:  # what checking each bundle's checksums once cost (read included), per scene
+        metrics["bundle_verify_seconds_per_scene"] = {k: round(v, 4) for k, v in sorted(cache.verify_seconds.items())}
     if validation_frames is not None:
         metrics["validation_loss"] = _validation_loss(unwrapped, validation_frames, cache, accelerator, args)
         if accelerator.is_main_process:
@@ -644,20 +687,35 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: Finetunin
     return metrics
 
 
+def per_frame_masked_l1(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`[B]`: `masked_l1` of each frame on its own (the validation loss averages frames, not batches)."""
+    error = (prediction - target).abs() * mask.to(prediction.dtype)
+    return error.sum(dim=(1, 2, 3)) / (mask.sum(dim=(1, 2, 3)) * prediction.shape[1]).clamp_min(1e-8)
+
+
 @torch.no_grad()
 def _validation_loss(extractor, frames, cache, accelerator, args) -> float:
+    """Mean over the validation frames of each frame's masked L1: every frame counted once, whatever the
+    number of processes (`gather_for_metrics` drops the duplicates that pad the last batches), summed in
+    frame order in float64 so that any process count gives the same value."""
     loader = torch.utils.data.DataLoader(FrameDataset(frames), batch_size=args.train_batch_size, collate_fn=collate_frames)
     loader = accelerator.prepare_data_loader(loader)
     no_flips = torch.zeros(len(frames), dtype=torch.bool)
-    total, count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
+    losses, indices = [], []
     for batch in loader:
         images, targets, masks = training_step_inputs(batch, cache, extractor, no_flips, accelerator.device, args.near_plane)
         with accelerator.autocast():
             predictions = extractor(images)
-        total += masked_l1(predictions.float(), targets, masks) * len(images)
-        count += len(images)
-    total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
-    return float(total / count.clamp_min(1))
+        frame_losses = per_frame_masked_l1(predictions.float(), targets, masks)
+        frame_losses, frame_indices = accelerator.gather_for_metrics((frame_losses, batch["index"].to(accelerator.device)))
+        losses.append(frame_losses.cpu())
+        indices.append(frame_indices.cpu())
+    if not losses:
+        return float("nan")
+    losses, indices = torch.cat(losses).double(), torch.cat(indices)
+    if len(indices) != len(frames) or len(set(indices.tolist())) != len(frames):  # an internal invariant
+        raise RuntimeError(f"validation saw frames {sorted(indices.tolist())} of {len(frames)}")
+    return float(losses[torch.argsort(indices)].sum() / len(frames))
 
 
 def _save_outputs(extractor, original, model_args, data_args, args, metrics) -> None:

@@ -28,11 +28,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .checkpoints import load_torch_checkpoint, save_torch_checkpoint
+from .errors import UsageError
 from .gaussians import DensificationConfig, Densifier, FeatureGaussians, load_bundle, save_bundle
 from .gaussians.bundle import BUNDLE_FILENAME, SH_STORAGES
 from .gaussians.sh_codec import CompressedSH, assemble_sh, encode_sh
 from .losses import psnr, ssim, upsampled_feature_l1
-from .utils import atomic_path, atomic_write_text, deterministic_algorithms
+from .utils import atomic_write_text, deterministic_algorithms
 
 __all__ = ["LiftingArguments", "SceneData", "lift_many", "lift_scene", "load_scene_data", "resolve_scene_list", "scene_extent"]
 
@@ -142,9 +144,9 @@ class LiftingArguments:
         if self.normalization not in ("imagenet", "processor"):
             raise ValueError(f"--normalization must be 'imagenet' or 'processor', got {self.normalization!r}")
         if self.position_lr_max_steps < 0:
-            raise ValueError(f"--position_lr_max_steps must be positive (or 0: --iterations), got {self.position_lr_max_steps}")
+            raise UsageError(f"--position_lr_max_steps must be positive (or 0: --iterations), got {self.position_lr_max_steps}")
         if self.near_plane <= 0:
-            raise ValueError(f"--near_plane must be positive, got {self.near_plane}")
+            raise UsageError(f"--near_plane must be positive, got {self.near_plane}")
 
     def densification(self) -> DensificationConfig:
         return DensificationConfig(
@@ -531,7 +533,7 @@ def _lift(scene, args, extractor, folder, device, max_iterations_this_run, progr
     lifter = _Lifter(args, data, train, device)
     checkpoint_path = folder / CHECKPOINT_FILENAME
     if checkpoint_path.is_file():
-        lifter.load_state_dict(torch.load(checkpoint_path, map_location="cpu", weights_only=True))
+        lifter.load_state_dict(load_torch_checkpoint(checkpoint_path))
         logger.info("%s: resumed from %s at iteration %d", scene.scene_id, checkpoint_path, lifter.iteration)
         initial = json.loads((folder / "initial_metrics.json").read_text())
     else:
@@ -549,8 +551,7 @@ def _lift(scene, args, extractor, folder, device, max_iterations_this_run, progr
             bar.set_postfix(loss=f"{float(losses['loss']):.4f}", gaussians=len(lifter.gaussians))
         interval = args.checkpoint_interval
         if interval and lifter.iteration % interval == 0 and lifter.iteration < args.iterations:
-            with atomic_path(checkpoint_path) as temporary:
-                torch.save(lifter.state_dict(), temporary)
+            save_torch_checkpoint(lifter.state_dict(), checkpoint_path)  # atomic, with tensor checksums
             if max_iterations_this_run is not None and steps_this_run >= max_iterations_this_run:
                 bar.close()
                 return None
@@ -655,15 +656,22 @@ def lift_many(
     process_index: int = 0,
     num_processes: int = 1,
     progress: bool = True,
+    claims=None,
 ) -> list[dict]:
     """Lifts this process's share of the scenes (every `num_processes`-th, from `process_index`), one
-    after the other; finished scenes are skipped and unfinished ones resume (see `lift_scene`)."""
+    after the other; finished scenes are skipped and unfinished ones resume (see `lift_scene`).
+
+    With `claims` (a `fit3d_hf.scene_claims.SceneClaims`), the processes claim scenes one at a time instead
+    (balanced, and a dead process's scenes are taken over once its lease expires); the index and count
+    are then unused."""
     from .backbones import DenseFeatureExtractor
 
-    share = list(scene_paths)[process_index::num_processes]
     extractor = DenseFeatureExtractor.from_pretrained(
         args.backbone, normalization=args.normalization, pos_embed_interpolation=args.pos_embed_interpolation
     )
+    if claims is not None:
+        return [lift_scene(path, args, extractor, progress=progress) for path in claims.scenes(list(scene_paths))]
+    share = list(scene_paths)[process_index::num_processes]
     results = []
     for path in tqdm(share, desc=f"scenes (process {process_index})", disable=not progress or len(share) < 2):
         results.append(lift_scene(path, args, extractor, progress=progress))

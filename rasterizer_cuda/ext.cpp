@@ -8,6 +8,9 @@
 #include <algorithm>
 #include <climits>
 #include <optional>
+#include <sstream>
+#include <stdexcept>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -20,20 +23,55 @@ using OptTensor = std::optional<Tensor>;
 
 namespace {
 
-void check_tensor(const Tensor& t, const char* name, at::ScalarType dtype = at::kFloat) {
-    TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
-    TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
-    TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+// Argument errors are thrown as std::invalid_argument (Python: ValueError, through pybind11's own translation)
+// rather than with TORCH_CHECK: on the lent H100/H200 build (torch 2.11, CUDA 13, 2026-12-06) a c10::Error
+// thrown from this extension crashed the interpreter (segmentation fault) instead of raising RuntimeError.
+template <typename... Args>
+std::string message(const Args&... args) {
+    std::ostringstream out;
+    (out << ... << args);
+    return out.str();
+}
+#define FIT3D_CHECK(cond, ...)                                                                      \
+    do {                                                                                             \
+        if (!(cond)) throw std::invalid_argument(message(__VA_ARGS__));       \
+    } while (0)
+
+// Dtype, device, layout and shape of an argument. `shape` holds the expected sizes, -1 for "any"; `like` (when
+// given) is the tensor whose device every argument of the op must share.
+void check_tensor(const Tensor& t, const char* name, std::initializer_list<int64_t> shape,
+                  at::ScalarType dtype = at::kFloat, const Tensor* like = nullptr) {
+    FIT3D_CHECK(t.is_cuda(), "fit3d rasterizer: ", name, " must be a CUDA tensor, got one on ", t.device());
+    FIT3D_CHECK(like == nullptr || t.device() == like->device(), "fit3d rasterizer: ", name, " is on ", t.device(),
+                " but the other arguments are on ", like->device());
+    FIT3D_CHECK(t.scalar_type() == dtype, "fit3d rasterizer: ", name, " must have dtype ", dtype, ", got ",
+                t.scalar_type());
+    FIT3D_CHECK(t.is_contiguous(), "fit3d rasterizer: ", name, " must be contiguous");
+    bool ok = t.dim() == int64_t(shape.size());
+    int64_t dim = 0;
+    for (const int64_t size : shape) {
+        ok = ok && (size < 0 || t.size(dim) == size);
+        ++dim;
+    }
+    FIT3D_CHECK(ok, "fit3d rasterizer: ", name, " must have shape ", c10::IntArrayRef(shape), " (-1: any), got ",
+                t.sizes());
 }
 
-const float* optional_ptr(const OptTensor& t, const char* name) {
+const float* optional_ptr(const OptTensor& t, const char* name, std::initializer_list<int64_t> shape,
+                          const Tensor& like) {
     if (!t.has_value() || !t->defined()) return nullptr;
-    check_tensor(*t, name);
+    check_tensor(*t, name, shape, at::kFloat, &like);
     return t->data_ptr<float>();
 }
 
+// The launches put cameras on the grid's y dimension (at most 65535 blocks).
+void check_cameras(int64_t B) {
+    FIT3D_CHECK(B <= 65535, "fit3d rasterizer: ", B, " cameras in one call exceed the CUDA launch grid (65535); "
+                "render them in batches of at most 65535");
+}
+
 void check_cuda(cudaError_t err, const char* what) {
-    TORCH_CHECK(err == cudaSuccess, "fit3d rasterizer: ", what, " failed: ", cudaGetErrorString(err));
+    if (err != cudaSuccess) throw std::runtime_error(message("fit3d rasterizer: ", what, " failed: ", cudaGetErrorString(err)));
 }
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
@@ -48,7 +86,7 @@ std::vector<std::pair<int, int>> plan_passes(int channels, int max_width, size_t
     check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
                "cudaDeviceGetAttribute");
     while (max_width > 4 && shared_bytes(max_width) > size_t(optin)) max_width -= 4;
-    TORCH_CHECK(shared_bytes(std::min(max_width, channels)) <= size_t(optin),
+    FIT3D_CHECK(shared_bytes(std::min(max_width, channels)) <= size_t(optin),
                 "fit3d rasterizer: the device offers ", optin, " bytes of shared memory per block, fewer than ",
                 shared_bytes(std::min(max_width, channels)), " needed");
     const int n_passes = (channels + max_width - 1) / max_width;
@@ -65,14 +103,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> project_fwd(const Tensor& means, cons
                                                        const Tensor& scales, const Tensor& opacities,
                                                        const Tensor& viewmats, const Tensor& Ks, int64_t width,
                                                        int64_t height, double near_plane, double far_plane) {
-    check_tensor(means, "means");
-    check_tensor(quats, "quats");
-    check_tensor(scales, "scales");
-    check_tensor(opacities, "opacities");
-    check_tensor(viewmats, "world_to_camera");
-    check_tensor(Ks, "K");
+    check_tensor(means, "means", {-1, 3});
+    const int64_t N = means.size(0), B = viewmats.dim() == 3 ? viewmats.size(0) : -1;
+    check_tensor(quats, "quats", {N, 4}, at::kFloat, &means);
+    check_tensor(scales, "scales", {N, 3}, at::kFloat, &means);
+    check_tensor(opacities, "opacities", {N}, at::kFloat, &means);
+    check_tensor(viewmats, "world_to_camera", {B, 4, 4}, at::kFloat, &means);
+    check_tensor(Ks, "K", {B, 3, 3}, at::kFloat, &means);
+    FIT3D_CHECK(width > 0 && height > 0, "fit3d rasterizer: bad image size ", width, " x ", height);
+    FIT3D_CHECK(near_plane > 0.0 && near_plane < far_plane, "fit3d rasterizer: need 0 < near_plane < far_plane, got ",
+                near_plane, " and ", far_plane);
     const at::cuda::OptionalCUDAGuard guard(device_of(means));
-    const int64_t N = means.size(0), B = viewmats.size(0);
     auto opts = means.options();
     Tensor means2d = torch::empty({B, N, 2}, opts), conics = torch::empty({B, N, 3}, opts);
     Tensor depths = torch::empty({B, N}, opts), radii = torch::empty({B, N}, opts.dtype(at::kInt));
@@ -101,15 +142,16 @@ std::tuple<Tensor, Tensor, Tensor> project_bwd(const Tensor& means, const Tensor
                                                const Tensor& viewmats, const Tensor& Ks, const Tensor& radii,
                                                int64_t width, int64_t height, const Tensor& v_means2d,
                                                const Tensor& v_conics, const Tensor& v_depths) {
-    check_tensor(means, "means");
-    check_tensor(quats, "quats");
-    check_tensor(scales, "scales");
-    check_tensor(viewmats, "world_to_camera");
-    check_tensor(Ks, "K");
-    check_tensor(radii, "radii", at::kInt);
-    check_tensor(v_means2d, "v_means2d");
-    check_tensor(v_conics, "v_conics");
-    check_tensor(v_depths, "v_depths");
+    check_tensor(means, "means", {-1, 3});
+    const int64_t N = means.size(0), B = viewmats.dim() == 3 ? viewmats.size(0) : -1;
+    check_tensor(quats, "quats", {N, 4}, at::kFloat, &means);
+    check_tensor(scales, "scales", {N, 3}, at::kFloat, &means);
+    check_tensor(viewmats, "world_to_camera", {B, 4, 4}, at::kFloat, &means);
+    check_tensor(Ks, "K", {B, 3, 3}, at::kFloat, &means);
+    check_tensor(radii, "radii", {B, N}, at::kInt, &means);
+    check_tensor(v_means2d, "v_means2d", {B, N, 2}, at::kFloat, &means);
+    check_tensor(v_conics, "v_conics", {B, N, 3}, at::kFloat, &means);
+    check_tensor(v_depths, "v_depths", {B, N}, at::kFloat, &means);
     const at::cuda::OptionalCUDAGuard guard(device_of(means));
     Tensor v_means = torch::empty_like(means), v_quats = torch::empty_like(quats);
     Tensor v_scales = torch::empty_like(scales);
@@ -136,10 +178,10 @@ std::tuple<Tensor, Tensor, Tensor> project_bwd(const Tensor& means, const Tensor
 
 // ---- spherical harmonics ------------------------------------------------------------------------------
 Tensor sh_fwd(const Tensor& sh, const Tensor& means, const Tensor& viewmats, int64_t degree) {
-    check_tensor(sh, "sh");
-    check_tensor(means, "means");
-    check_tensor(viewmats, "world_to_camera");
-    TORCH_CHECK(degree >= 0 && degree <= 3 && (degree + 1) * (degree + 1) <= sh.size(1), "bad sh_degree ", degree);
+    check_tensor(means, "means", {-1, 3});
+    check_tensor(sh, "sh", {means.size(0), -1, 3}, at::kFloat, &means);
+    check_tensor(viewmats, "world_to_camera", {-1, 4, 4}, at::kFloat, &means);
+    FIT3D_CHECK(degree >= 0 && degree <= 3 && (degree + 1) * (degree + 1) <= sh.size(1), "fit3d rasterizer: bad sh_degree ", degree);
     const at::cuda::OptionalCUDAGuard guard(device_of(means));
     const int64_t B = viewmats.size(0), N = means.size(0);
     Tensor colors = torch::empty({B, N, 3}, means.options());
@@ -158,10 +200,11 @@ Tensor sh_fwd(const Tensor& sh, const Tensor& means, const Tensor& viewmats, int
 
 std::tuple<Tensor, Tensor> sh_bwd(const Tensor& sh, const Tensor& means, const Tensor& viewmats, int64_t degree,
                                   const Tensor& v_colors) {
-    check_tensor(sh, "sh");
-    check_tensor(means, "means");
-    check_tensor(viewmats, "world_to_camera");
-    check_tensor(v_colors, "v_colors");
+    check_tensor(means, "means", {-1, 3});
+    check_tensor(sh, "sh", {means.size(0), -1, 3}, at::kFloat, &means);
+    check_tensor(viewmats, "world_to_camera", {-1, 4, 4}, at::kFloat, &means);
+    check_tensor(v_colors, "v_colors", {viewmats.size(0), means.size(0), 3}, at::kFloat, &means);
+    FIT3D_CHECK(degree >= 0 && degree <= 3 && (degree + 1) * (degree + 1) <= sh.size(1), "fit3d rasterizer: bad sh_degree ", degree);
     const at::cuda::OptionalCUDAGuard guard(device_of(means));
     Tensor v_sh = torch::empty_like(sh), v_means = torch::empty_like(means);
     fit3d::ShArgs a = {};
@@ -182,57 +225,93 @@ std::tuple<Tensor, Tensor> sh_bwd(const Tensor& sh, const Tensor& means, const T
 // ---- isect_tiles --------------------------------------------------------------------------------------
 namespace {
 
-// Stable radix sort of (uint32 key, int32 value) pairs held in int32 tensors; returns the sorted pair.
-std::tuple<Tensor, Tensor> sort_by_key(const Tensor& keys, const Tensor& values, int end_bit) {
-    Tensor sorted_keys = torch::empty_like(keys), sorted_values = torch::empty_like(values);
-    const auto* keys_in = reinterpret_cast<const uint32_t*>(keys.data_ptr<int32_t>());
-    auto* keys_out = reinterpret_cast<uint32_t*>(sorted_keys.data_ptr<int32_t>());
-    size_t temp_bytes = 0;
-    check_cuda(fit3d::sort_pairs(nullptr, temp_bytes, keys_in, keys_out, values.data_ptr<int32_t>(),
-                                 sorted_values.data_ptr<int32_t>(), keys.numel(), end_bit, stream()),
-               "radix sort (size query)");
-    Tensor temp = torch::empty({int64_t(temp_bytes)}, keys.options().dtype(at::kByte));
-    check_cuda(fit3d::sort_pairs(temp.data_ptr(), temp_bytes, keys_in, keys_out, values.data_ptr<int32_t>(),
-                                 sorted_values.data_ptr<int32_t>(), keys.numel(), end_bit, stream()),
-               "radix sort");
-    return {sorted_keys, sorted_values};
+// Aligned slices of one byte buffer, so that the binning's dozen temporary arrays cost one allocation (the
+// host time of a render is mostly allocations and launches): `reserve` each array, `allocate`, then `get`.
+class Workspace {
+  public:
+    size_t reserve(size_t bytes) {
+        const size_t offset = size_;
+        size_ += (bytes + 255) / 256 * 256;
+        return offset;
+    }
+    void allocate(const at::TensorOptions& options) { buffer_ = torch::empty({int64_t(size_)}, options.dtype(at::kByte)); }
+    template <typename T>
+    T* get(size_t offset) {
+        return reinterpret_cast<T*>(buffer_.data_ptr<uint8_t>() + offset);
+    }
+
+  private:
+    size_t size_ = 0;
+    Tensor buffer_;
+};
+
+// The pinned host slot that receives the pair count, one per device and thread: reused from call to call
+// (a call reads it before it returns, see _wrapper._isect_and_rasterize) rather than allocated each time.
+Tensor pinned_total(int device) {
+    // never destroyed: freeing pinned memory at thread exit could run after CUDA has shut down
+    thread_local auto* slots = new std::vector<Tensor>();
+    if (int(slots->size()) <= device) slots->resize(device + 1);
+    if (!(*slots)[device].defined())
+        (*slots)[device] = torch::zeros({1}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+    return (*slots)[device];
 }
 
 }  // namespace
 
 // Returns (tile ranges, Gaussian ids, total): `total` is the number of (tile, Gaussian) pairs, a pinned CPU
-// tensor. With capacity <= 0 the pair buffers are sized exactly, which needs the count on the host: a sync in
-// the middle of the forward, during which the GPU idles while the host launches the rest. With a capacity the
-// buffers have that many slots and nothing waits: the count is copied to `total` asynchronously, pairs past
-// the capacity are dropped, and the caller must check `total <= capacity` (after an event recorded once this
+// tensor (reused by the next call on this device and thread: read it before calling again). With
+// capacity <= 0 the pair buffers are sized exactly, which needs the count on the host: a sync in the middle
+// of the forward, during which the GPU idles while the host launches the rest. With a capacity the buffers
+// have that many slots and nothing waits: the count is copied to `total` asynchronously, pairs past the
+// capacity are dropped, and the caller must check `total <= capacity` (after an event recorded once this
 // returns has completed) and call again with a larger capacity if not. Unused slots sort last.
 std::tuple<Tensor, Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tensor& conics, const Tensor& opacities,
                                                const Tensor& depths, const Tensor& radii, int64_t width,
                                                int64_t height, int64_t capacity) {
-    check_tensor(means2d, "means2d");
-    check_tensor(conics, "conics");
-    check_tensor(opacities, "opacities");
-    check_tensor(depths, "depths");
-    check_tensor(radii, "radii", at::kInt);
-    const at::cuda::OptionalCUDAGuard guard(device_of(means2d));
+    check_tensor(means2d, "means2d", {-1, -1, 2});
     const int64_t B = means2d.size(0), N = means2d.size(1);
+    check_tensor(conics, "conics", {B, N, 3}, at::kFloat, &means2d);
+    check_tensor(opacities, "opacities", {N}, at::kFloat, &means2d);
+    check_tensor(depths, "depths", {B, N}, at::kFloat, &means2d);
+    check_tensor(radii, "radii", {B, N}, at::kInt, &means2d);
+    check_cameras(B);
+    FIT3D_CHECK(width > 0 && height > 0 && width <= INT_MAX - fit3d::TILE_SIZE && height <= INT_MAX - fit3d::TILE_SIZE,
+                "fit3d rasterizer: bad image size ", width, " x ", height);
+    const at::cuda::OptionalCUDAGuard guard(device_of(means2d));
     const int tiles_x = tiles_along(int(width)), tiles_y = tiles_along(int(height));
+    // a pair's key is camera * tiles + tile, and B * tiles marks "no tile": all must fit 32 bits
+    FIT3D_CHECK(B * int64_t(tiles_x) * tiles_y < int64_t(UINT32_MAX), "fit3d rasterizer: ", B, " cameras x ",
+                int64_t(tiles_x) * tiles_y, " tiles of ", fit3d::TILE_SIZE, " px overflow the 32-bit tile keys; "
+                "render fewer cameras per call or smaller images");
+    FIT3D_CHECK(B * N < INT_MAX, "fit3d rasterizer: ", B, " cameras x ", N, " Gaussians exceed the int32 limit");
+    FIT3D_CHECK(capacity < INT_MAX, "fit3d rasterizer: a capacity of ", capacity, " pairs exceeds the int32 limit");
     auto int_opts = means2d.options().dtype(at::kInt);
     Tensor ranges = torch::zeros({B * tiles_x * tiles_y, 2}, int_opts);
-    TORCH_CHECK(B * N < INT_MAX, "fit3d rasterizer: ", B, " cameras x ", N, " Gaussians exceed the int32 limit");
-    TORCH_CHECK(capacity < INT_MAX, "fit3d rasterizer: a capacity of ", capacity, " pairs exceeds the int32 limit");
-    Tensor total = torch::zeros({1}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-    if (B * N == 0) return {ranges, torch::empty({0}, int_opts), total};
+    Tensor total = pinned_total(means2d.get_device());
+    if (B * N == 0) {
+        total.zero_();
+        return {ranges, torch::empty({0}, int_opts), total};
+    }
+    const int64_t entries = B * N;
+    const size_t e4 = sizeof(int32_t) * entries, e8 = sizeof(int64_t) * entries;
 
-    // 1. all (camera, Gaussian) entries in depth order
-    Tensor depth_keys = torch::empty({B * N}, int_opts), entries = torch::empty({B * N}, int_opts);
-    check_cuda(fit3d::launch_depth_keys(depths.data_ptr<float>(), B * N,
-                                        reinterpret_cast<uint32_t*>(depth_keys.data_ptr<int32_t>()),
-                                        entries.data_ptr<int32_t>(), stream()),
+    // 1. all (camera, Gaussian) entries in depth order; 2. tiles per entry; 3. offsets
+    size_t depth_sort_bytes = 0, scan_bytes = 0;
+    check_cuda(fit3d::sort_pairs(nullptr, depth_sort_bytes, nullptr, nullptr, nullptr, nullptr, entries, 32, stream()),
+               "radix sort (size query)");
+    check_cuda(fit3d::inclusive_sum(nullptr, scan_bytes, nullptr, nullptr, entries, stream()), "prefix sum (size query)");
+    Workspace first;
+    const size_t o_depth_keys = first.reserve(e4), o_entries = first.reserve(e4), o_sorted_keys = first.reserve(e4);
+    const size_t o_order = first.reserve(e4), o_sort_temp = first.reserve(depth_sort_bytes);
+    const size_t o_counts = first.reserve(e8), o_ends = first.reserve(e8), o_scan_temp = first.reserve(scan_bytes);
+    first.allocate(means2d.options());
+    check_cuda(fit3d::launch_depth_keys(depths.data_ptr<float>(), entries, first.get<uint32_t>(o_depth_keys),
+                                        first.get<int32_t>(o_entries), stream()),
                "depth_keys");
-    Tensor depth_order = std::get<1>(sort_by_key(depth_keys, entries, 32));
-
-    // 2. tiles per entry, 3. offsets
+    check_cuda(fit3d::sort_pairs(first.get<void>(o_sort_temp), depth_sort_bytes, first.get<uint32_t>(o_depth_keys),
+                                 first.get<uint32_t>(o_sorted_keys), first.get<int32_t>(o_entries),
+                                 first.get<int32_t>(o_order), entries, 32, stream()),
+               "radix sort");
     fit3d::IsectArgs a = {};
     a.B = int(B);
     a.N = int(N);
@@ -244,44 +323,53 @@ std::tuple<Tensor, Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tens
     a.conics = conics.data_ptr<float>();
     a.opacities = opacities.data_ptr<float>();
     a.radii = radii.data_ptr<int32_t>();
-    a.depth_order = depth_order.data_ptr<int32_t>();
-    auto long_opts = means2d.options().dtype(at::kLong);
-    Tensor counts = torch::empty({B * N}, long_opts), ends = torch::empty({B * N}, long_opts);
-    a.counts = counts.data_ptr<int64_t>();
+    a.depth_order = first.get<int32_t>(o_order);
+    a.counts = first.get<int64_t>(o_counts);
+    int64_t* ends = first.get<int64_t>(o_ends);
     check_cuda(fit3d::launch_isect_count(a, stream()), "isect_count");
-    size_t scan_bytes = 0;
-    check_cuda(fit3d::inclusive_sum(nullptr, scan_bytes, a.counts, ends.data_ptr<int64_t>(), B * N, stream()),
-               "prefix sum (size query)");
-    Tensor scan_temp = torch::empty({int64_t(scan_bytes)}, means2d.options().dtype(at::kByte));
-    check_cuda(fit3d::inclusive_sum(scan_temp.data_ptr(), scan_bytes, a.counts, ends.data_ptr<int64_t>(), B * N,
-                                    stream()),
+    check_cuda(fit3d::inclusive_sum(first.get<void>(o_scan_temp), scan_bytes, a.counts, ends, entries, stream()),
                "prefix sum");
-    Tensor device_total = ends.narrow(0, B * N - 1, 1);
+    const int64_t* device_total = ends + entries - 1;
     const bool exact = capacity <= 0;
     if (exact) {
-        capacity = device_total.item<int64_t>();  // host sync
-        total.fill_(capacity);
-        TORCH_CHECK(capacity < INT_MAX, "fit3d rasterizer: ", capacity, " (Gaussian, tile) pairs exceed the int32 limit");
+        check_cuda(cudaMemcpyAsync(total.data_ptr<int64_t>(), device_total, sizeof(int64_t), cudaMemcpyDeviceToHost,
+                                   stream()),
+                   "pair count copy");
+        check_cuda(cudaStreamSynchronize(stream()), "pair count sync");  // host sync
+        capacity = *total.data_ptr<int64_t>();
+        FIT3D_CHECK(capacity < INT_MAX, "fit3d rasterizer: ", capacity, " (Gaussian, tile) pairs exceed the int32 limit");
         if (capacity == 0) return {ranges, torch::empty({0}, int_opts), total};
     } else {
-        total.copy_(device_total, /*non_blocking=*/true);
+        check_cuda(cudaMemcpyAsync(total.data_ptr<int64_t>(), device_total, sizeof(int64_t), cudaMemcpyDeviceToHost,
+                                   stream()),
+                   "pair count copy");
     }
 
     // 4. (tile, Gaussian) pairs in depth order, 5. stable sort by tile, 6. per-tile ranges
     const uint32_t no_tile = uint32_t(B * tiles_x * tiles_y);
-    Tensor keys = torch::empty({capacity}, int_opts), values = torch::empty({capacity}, int_opts);
-    a.ends = ends.data_ptr<int64_t>();
+    const int key_bits = fit3d::tile_key_bits(int(B), tiles_x * tiles_y);
+    size_t tile_sort_bytes = 0;
+    check_cuda(fit3d::sort_pairs(nullptr, tile_sort_bytes, nullptr, nullptr, nullptr, nullptr, capacity, key_bits,
+                                 stream()),
+               "radix sort (size query)");
+    const size_t p4 = sizeof(int32_t) * capacity;
+    Workspace second;
+    const size_t o_keys = second.reserve(p4), o_values = second.reserve(p4), o_sorted = second.reserve(p4);
+    const size_t o_tile_temp = second.reserve(tile_sort_bytes);
+    second.allocate(means2d.options());
+    Tensor sorted_values = torch::empty({capacity}, int_opts);
+    a.ends = ends;
     a.capacity = capacity;
-    a.keys = reinterpret_cast<uint32_t*>(keys.data_ptr<int32_t>());
-    a.values = values.data_ptr<int32_t>();
+    a.keys = second.get<uint32_t>(o_keys);
+    a.values = second.get<int32_t>(o_values);
     check_cuda(fit3d::launch_isect_emit(a, stream()), "isect_emit");
     if (!exact)
-        check_cuda(fit3d::launch_fill_unused(device_total.data_ptr<int64_t>(), capacity, no_tile, a.keys, a.values,
-                                             stream()),
-                   "fill_unused");
-    auto [sorted_keys, sorted_values] = sort_by_key(keys, values, fit3d::tile_key_bits(int(B), tiles_x * tiles_y));
-    check_cuda(fit3d::launch_tile_ranges(reinterpret_cast<const uint32_t*>(sorted_keys.data_ptr<int32_t>()),
-                                         int(capacity), no_tile, ranges.data_ptr<int32_t>(), stream()),
+        check_cuda(fit3d::launch_fill_unused(device_total, capacity, no_tile, a.keys, a.values, stream()), "fill_unused");
+    uint32_t* sorted_keys = second.get<uint32_t>(o_sorted);
+    check_cuda(fit3d::sort_pairs(second.get<void>(o_tile_temp), tile_sort_bytes, a.keys, sorted_keys, a.values,
+                                 sorted_values.data_ptr<int32_t>(), capacity, key_bits, stream()),
+               "radix sort");
+    check_cuda(fit3d::launch_tile_ranges(sorted_keys, int(capacity), no_tile, ranges.data_ptr<int32_t>(), stream()),
                "tile_ranges");
     return {ranges, sorted_values, total};
 }
@@ -293,14 +381,21 @@ fit3d::RasterizeArgs rasterize_args(const Tensor& means2d, const Tensor& conics,
                                     const Tensor& colors, const Tensor& depths, const Tensor& features,
                                     const OptTensor& background, const Tensor& tile_ranges,
                                     const Tensor& gaussian_ids, int64_t width, int64_t height) {
-    check_tensor(means2d, "means2d");
-    check_tensor(conics, "conics");
-    check_tensor(opacities, "opacities");
-    check_tensor(colors, "colors");
-    check_tensor(depths, "depths");
-    check_tensor(features, "features");
-    check_tensor(tile_ranges, "tile_ranges", at::kInt);
-    check_tensor(gaussian_ids, "gaussian_ids", at::kInt);
+    check_tensor(means2d, "means2d", {-1, -1, 2});
+    const int64_t B = means2d.size(0), N = means2d.size(1);
+    check_tensor(conics, "conics", {B, N, 3}, at::kFloat, &means2d);
+    check_tensor(opacities, "opacities", {N}, at::kFloat, &means2d);
+    if (colors.dim() == 3)
+        check_tensor(colors, "colors", {B, N, 3}, at::kFloat, &means2d);
+    else
+        check_tensor(colors, "colors", {N, 3}, at::kFloat, &means2d);
+    check_tensor(depths, "depths", {B, N}, at::kFloat, &means2d);
+    check_tensor(features, "features", {N, -1}, at::kFloat, &means2d);
+    check_cameras(B);
+    FIT3D_CHECK(width > 0 && height > 0, "fit3d rasterizer: bad image size ", width, " x ", height);
+    check_tensor(tile_ranges, "tile_ranges", {B * tiles_along(int(width)) * tiles_along(int(height)), 2}, at::kInt,
+                 &means2d);
+    check_tensor(gaussian_ids, "gaussian_ids", {-1}, at::kInt, &means2d);
     fit3d::RasterizeArgs a = {};
     a.B = int(means2d.size(0));
     a.N = int(means2d.size(1));
@@ -309,7 +404,6 @@ fit3d::RasterizeArgs rasterize_args(const Tensor& means2d, const Tensor& conics,
     a.height = int(height);
     a.tiles_x = tiles_along(a.width);
     a.tiles_y = tiles_along(a.height);
-    TORCH_CHECK(tile_ranges.size(0) == int64_t(a.B) * a.tiles_x * a.tiles_y, "tile_ranges has the wrong size");
     a.means2d = means2d.data_ptr<float>();
     a.conics = conics.data_ptr<float>();
     a.opacities = opacities.data_ptr<float>();
@@ -317,7 +411,7 @@ fit3d::RasterizeArgs rasterize_args(const Tensor& means2d, const Tensor& conics,
     a.colors_camera_stride = colors.dim() == 3 ? int64_t(a.N) * 3 : 0;
     a.depths = depths.data_ptr<float>();
     a.features = features.data_ptr<float>();
-    a.background = optional_ptr(background, "background");
+    a.background = optional_ptr(background, "background", {3}, means2d);
     a.tile_ranges = tile_ranges.data_ptr<int32_t>();
     a.gaussian_ids = gaussian_ids.data_ptr<int32_t>();
     return a;
@@ -359,18 +453,20 @@ std::vector<Tensor> rasterize_bwd(const Tensor& means2d, const Tensor& conics, c
                                   const Tensor& gaussian_ids, const Tensor& final_t, const Tensor& last_ids,
                                   int64_t width, int64_t height, const OptTensor& v_rgb, const OptTensor& v_depth,
                                   const OptTensor& v_features, const OptTensor& v_alpha,
-                                  bool feature_grad_to_geometry) {
+                                  bool feature_grad_to_geometry, bool alpha_clamp_grad) {
     const at::cuda::OptionalCUDAGuard guard(device_of(means2d));
     fit3d::RasterizeArgs a = rasterize_args(means2d, conics, opacities, colors, depths, features, background,
                                             tile_ranges, gaussian_ids, width, height);
-    check_tensor(final_t, "final_t");
-    check_tensor(last_ids, "last_ids", at::kInt);
+    const int64_t B = a.B, F = a.F, H = height, W = width;
+    check_tensor(final_t, "final_t", {B, H, W}, at::kFloat, &means2d);
+    check_tensor(last_ids, "last_ids", {B, H, W}, at::kInt, &means2d);
     a.final_t = final_t.data_ptr<float>();
     a.last_ids = last_ids.data_ptr<int32_t>();
-    a.v_rgb = optional_ptr(v_rgb, "v_rgb");
-    a.v_depth = optional_ptr(v_depth, "v_depth");
-    a.v_features = optional_ptr(v_features, "v_features");
-    a.v_alpha = optional_ptr(v_alpha, "v_alpha");
+    a.v_rgb = optional_ptr(v_rgb, "v_rgb", {B, 3, H, W}, means2d);
+    a.v_depth = optional_ptr(v_depth, "v_depth", {B, 1, H, W}, means2d);
+    a.v_features = optional_ptr(v_features, "v_features", {B, F, H, W}, means2d);
+    a.v_alpha = optional_ptr(v_alpha, "v_alpha", {B, 1, H, W}, means2d);
+    a.alpha_clamp_grad = alpha_clamp_grad;
     Tensor v_means2d = torch::zeros_like(means2d), v_conics = torch::zeros_like(conics);
     Tensor v_opacities = torch::zeros_like(opacities), v_colors = torch::zeros_like(colors);
     Tensor v_depths = torch::zeros_like(depths), v_feats = torch::zeros_like(features);
@@ -401,17 +497,23 @@ fit3d::ScalarType scalar_type(const Tensor& t, const char* name) {
         case at::kFloat: return fit3d::ScalarType::Float32;
         case at::kHalf: return fit3d::ScalarType::Float16;
         case at::kBFloat16: return fit3d::ScalarType::BFloat16;
-        default: TORCH_CHECK(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+        default:
+            throw std::invalid_argument(
+                message("fit3d feature loss: ", name, " must be float32, float16 or bfloat16, got ", t.scalar_type()));
     }
 }
 
 fit3d::FeatureL1Args feature_l1_args(const Tensor& decoded, const Tensor& target, const OptTensor& mask) {
     for (const auto& [t, name] : {std::pair{&decoded, "decoded"}, std::pair{&target, "target"}}) {
-        TORCH_CHECK(t->is_cuda() && t->dim() == 4, name, " must be a 4-d CUDA tensor");
-        TORCH_CHECK(t->is_contiguous(at::MemoryFormat::ChannelsLast), name, " must be channels-last contiguous");
+        FIT3D_CHECK(t->is_cuda() && t->dim() == 4, "fit3d feature loss: ", name, " must be a 4-d CUDA tensor");
+        FIT3D_CHECK(t->is_contiguous(at::MemoryFormat::ChannelsLast), "fit3d feature loss: ", name,
+                    " must be channels-last contiguous");
     }
-    TORCH_CHECK(target.size(0) == decoded.size(0) && target.size(1) == decoded.size(1),
-                "target must have the batch size and channels of decoded");
+    FIT3D_CHECK(target.size(0) == decoded.size(0) && target.size(1) == decoded.size(1),
+                "fit3d feature loss: target ", target.sizes(), " must have the batch size and channels of decoded ",
+                decoded.sizes());
+    FIT3D_CHECK(target.device() == decoded.device(), "fit3d feature loss: target is on ", target.device(),
+                " but decoded is on ", decoded.device());
     fit3d::FeatureL1Args a = {};
     a.B = int(decoded.size(0));
     a.D = int(decoded.size(1));
@@ -426,9 +528,12 @@ fit3d::FeatureL1Args feature_l1_args(const Tensor& decoded, const Tensor& target
     a.decoded = decoded.data_ptr();
     a.target = target.data_ptr();
     if (mask.has_value() && mask->defined()) {
-        TORCH_CHECK(mask->is_cuda() && mask->scalar_type() == at::kBool && mask->is_contiguous() &&
-                        mask->numel() == int64_t(a.B) * a.H * a.W,
-                    "mask must be a contiguous CUDA bool tensor of B x 1 x H x W");
+        FIT3D_CHECK(mask->device() == decoded.device() && mask->scalar_type() == at::kBool && mask->is_contiguous() &&
+                        mask->dim() == 4 && mask->size(0) == a.B && mask->size(1) == 1 && mask->size(2) == a.H &&
+                        mask->size(3) == a.W,
+                    "fit3d feature loss: mask must be a contiguous bool tensor of shape [", a.B, ", 1, ", a.H, ", ",
+                    a.W, "] on ", decoded.device(), ", got ", mask->sizes(), " ", mask->scalar_type(), " on ",
+                    mask->device());
         a.mask = mask->data_ptr<bool>();
     }
     a.inv_count = 1.f / float(decoded.numel());
@@ -449,8 +554,7 @@ Tensor feature_l1_fwd(const Tensor& decoded, const Tensor& target, const OptTens
 
 Tensor feature_l1_bwd(const Tensor& decoded, const Tensor& target, const OptTensor& mask, const Tensor& grad_output) {
     const at::cuda::OptionalCUDAGuard guard(device_of(decoded));
-    check_tensor(grad_output, "grad_output");
-    TORCH_CHECK(grad_output.numel() == 1, "grad_output must hold one value");
+    check_tensor(grad_output, "grad_output", {1}, at::kFloat, &decoded);
     fit3d::FeatureL1Args a = feature_l1_args(decoded, target, mask);
     Tensor grad = torch::empty_like(decoded, at::MemoryFormat::ChannelsLast);
     a.grad_output = grad_output.data_ptr<float>();

@@ -7,7 +7,8 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <cuda_runtime.h>
+
+#include "host_device.h"
 
 namespace fit3d {
 
@@ -95,6 +96,7 @@ struct RasterizeArgs {
     int channel_begin, channel_count;
     int routed_count;              // backward: leading channels of this launch whose gradient reaches geometry
     bool first_pass;               // forward: write alpha/T/last ids; backward: add background and alpha terms
+    bool alpha_clamp_grad;         // backward: the gradient passes the 0.99 alpha clamp (3DGS) or stops (gsplat)
     const float* means2d;          // [B, N, 2]
     const float* conics;           // [B, N, 3]
     const float* opacities;        // [N]

@@ -141,7 +141,8 @@ __global__ void __launch_bounds__(BLOCK_SIZE, 2) rasterize_bwd_kernel(RasterizeA
                         }
                         const float v_alpha = t_before * q - S / one_minus;
                         S += w * q;
-                        if (raw <= MAX_ALPHA) v_sigma = -raw * v_alpha;  // the clamp passes no gradient
+                        // 3DGS differentiates alpha = o G through the min(0.99, .) clamp; gsplat stops there
+                        if (a.alpha_clamp_grad || raw <= MAX_ALPHA) v_sigma = -raw * v_alpha;
                     }
                     T = t_before;
                 }

@@ -13,7 +13,6 @@ from fit3d_hf.finetuning import (
     DataArguments,
     FinetuningArguments,
     ModelArguments,
-    build_train_dataloader,
     check_frames_against_gaussians,
     freeze_unused_parameters,
     load_frames,
@@ -91,8 +90,10 @@ def test_finetuning_lowers_the_loss_improves_consistency_and_saves_models(worksp
 
 def test_lora_finetuning_improves_and_saves_merged_weights(workspace, tmp_path):
     metrics = train(*_arguments(workspace, tmp_path / "lora", lora_rank=8, learning_rate=1e-2))
-    assert metrics["validation_loss"] < 0.97 * metrics["validation_loss_before"], metrics
-    assert metrics["consistency_after"] > metrics["consistency_before"], metrics
+    # A real decrease, as for full fine-tuning (measured 2026-12-06 on the 2-core CPU: 0.822 x the starting
+    # loss, consistency 0.69 -> 0.94)
+    assert metrics["validation_loss"] < 0.9 * metrics["validation_loss_before"], metrics
+    assert metrics["consistency_after"] > metrics["consistency_before"] + 0.02, metrics
     state = AutoModel.from_pretrained(tmp_path / "lora" / "finetuned").state_dict()
     assert not any("lora" in key for key in state)  # merged: loading needs no peft
     original = AutoModel.from_pretrained(workspace["backbone"]).state_dict()
@@ -121,34 +122,6 @@ def test_mismatched_gaussians_are_refused_before_training(workspace, tmp_path):
     with pytest.raises(BundleMismatchError, match="decodes to 32 channels but the backbone has 48"):
         train(*_arguments(workspace, tmp_path / "x", backbone=other_backbone))
     assert not (tmp_path / "x" / "finetuned").exists()
-
-
-def _shard_indices(frames_dir):
-    """Runs in each of 2 processes: the frame indices this process sees in one epoch."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    # The forked process inherits this test process's (non-distributed) accelerate state: start afresh.
-    AcceleratorState._reset_state(reset_partial_state=True)
-    accelerator = Accelerator(cpu=True)
-    frames = load_frames(frames_dir, "train")
-    loader = accelerator.prepare(build_train_dataloader(frames, FinetuningArguments(output_dir="unused", train_batch_size=2)))
-    seen = torch.cat([batch["index"] for batch in loader])
-    gathered = accelerator.gather(seen[None])
-    if accelerator.is_main_process:
-        torch.save(gathered, f"{frames_dir}/shards.pt")
-
-
-def test_two_processes_see_disjoint_frames_covering_the_epoch(workspace):
-    from accelerate import debug_launcher
-
-    debug_launcher(_shard_indices, args=(workspace["data"],), num_processes=2)
-    shards = torch.load(f"{workspace['data']}/shards.pt", weights_only=True)
-    assert shards.shape[0] == 2
-    first, second = set(shards[0].tolist()), set(shards[1].tolist())
-    assert not first & second
-    total = len(load_frames(workspace["data"], "train"))
-    assert len(first | second) == total - total % 4  # whole batches of 2 on each of 2 processes
 
 
 def test_training_script_under_accelerate_launch(workspace, tmp_path):
@@ -198,13 +171,17 @@ def test_gaussian_cache_loads_lazily_and_evicts_least_recently_used(tmp_path):
     import numpy as np
 
     from fit3d_hf.finetuning import GaussianCache
-    from fit3d_hf.gaussians import FeatureGaussians, save_bundle
+    from fit3d_hf.gaussians import FeatureGaussians, load_bundle, save_bundle
 
     rng = np.random.default_rng(0)
     for scene in ("a", "b", "c"):
         gaussians = FeatureGaussians.from_points(rng.normal(size=(100, 3)), rng.integers(0, 255, (100, 3), dtype=np.uint8), 8)
         save_bundle(tmp_path / scene, gaussians, torch.randn(16, 8, 3, 3), scene_id=scene, backbone="b")
-    one_scene = 100 * (12 + 16 + 12 + 4 + 32) + 16 * 8 * 9 * 4  # fp32 on the device: means..features + decoder
+    # One scene's size measured from the storage the tensors occupy once on the device (not the cache's formula).
+    loaded = load_bundle(tmp_path / "a").to("cpu")
+    tensors = (loaded.means, loaded.quats, loaded.log_scales, loaded.opacities, loaded.features, loaded.decoder_weight)
+    one_scene = sum(t.untyped_storage().nbytes() for t in tensors)
+    assert one_scene == 100 * 4 * (3 + 4 + 3 + 1 + 8) + 16 * 8 * 9 * 4  # all float32 on the device
     cache = GaussianCache(tmp_path, torch.device("cpu"), budget_bytes=2.5 * one_scene)
     assert len(cache) == 0  # nothing is read before it is needed
     first = cache.get("a")

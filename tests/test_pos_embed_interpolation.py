@@ -74,7 +74,9 @@ def test_resampling_matches_an_independent_antialiased_bicubic():
     table = torch.randn(1, 1 + 37 * 37, 8)
     for grid in [(41, 62), (20, 30), (37, 37), (12, 12), (50, 20)]:
         expected = _timm_resample(table, grid, 1)
-        torch.testing.assert_close(resample_position_table(table, grid, (37, 37), 1), expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            resample_position_table(table, grid, (37, 37), 1), expected, rtol=1e-4, atol=1e-4
+        )
     # bicubic without antialiasing (a = -0.75, clamped borders) is far from it, even when upsampling
     patches = table[:, 1:].reshape(1, 37, 37, 8).permute(0, 3, 1, 2)
     plain = torch.nn.functional.interpolate(patches, size=(41, 62), mode="bicubic", align_corners=False)
@@ -95,8 +97,14 @@ ARCHITECTURES = {
     "deit": (lambda: DeiTConfig(**TINY, image_size=64, patch_size=16), 2),
     "vit_mae": (
         lambda: ViTMAEConfig(
-            **TINY, image_size=64, patch_size=16, mask_ratio=0.0, decoder_hidden_size=32, decoder_num_hidden_layers=1,
-            decoder_num_attention_heads=2, decoder_intermediate_size=64,
+            **TINY,
+            image_size=64,
+            patch_size=16,
+            mask_ratio=0.0,
+            decoder_hidden_size=32,
+            decoder_num_hidden_layers=1,
+            decoder_num_attention_heads=2,
+            decoder_intermediate_size=64,
         ),
         1,
     ),  # fmt: skip
@@ -122,7 +130,9 @@ def test_timm_mode_resamples_every_architecture_as_timm(name):
         set_pos_embed_interpolation(model, "timm")
         assert pos_embed_interpolation_of(model) == "timm" and model.config.pos_embed_interpolation == "timm"
         timm = embeddings.interpolate_pos_encoding(dummy, height, width)
-        torch.testing.assert_close(timm, _timm_resample(stored.detach(), (5, 7), prefix), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            timm, _timm_resample(stored.detach(), (5, 7), prefix), rtol=1e-5, atol=1e-5
+        )
         if name != "dinov2_with_registers":  # transformers already antialiases there; elsewhere it does not
             assert (timm - native).abs().max() > 1e-2
         set_pos_embed_interpolation(model, "native")
@@ -147,10 +157,14 @@ def test_extractor_features_use_the_timm_position_embeddings():
     extractor = DenseFeatureExtractor(model, pos_embed_interpolation="timm")
     reference = Dinov2Model(Dinov2Config(**TINY, image_size=20 * 14, patch_size=14)).eval()
     state = {k: v for k, v in model.state_dict().items() if "position_embeddings" not in k}
-    state["embeddings.position_embeddings"] = _timm_resample(model.embeddings.position_embeddings.detach(), (20, 20), 1)
+    state["embeddings.position_embeddings"] = _timm_resample(
+        model.embeddings.position_embeddings.detach(), (20, 20), 1
+    )
     reference.load_state_dict(state)
     with torch.no_grad():
-        torch.testing.assert_close(extractor(images), DenseFeatureExtractor(reference)(images), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            extractor(images), DenseFeatureExtractor(reference)(images), rtol=1e-4, atol=1e-4
+        )
 
 
 def test_timm_and_native_differ_at_fit3d_grid():
@@ -170,7 +184,9 @@ def test_defaults_short_names_timm_others_native(tmp_path):
     assert default_pos_embed_interpolation("dinov2_small") == "timm"
     assert default_pos_embed_interpolation("mae_base") == "timm"
     assert default_pos_embed_interpolation("facebook/dinov2-small") == "native"
-    assert default_pos_embed_interpolation("some/model", Dinov2Config(pos_embed_interpolation="timm")) == "timm"
+    assert (
+        default_pos_embed_interpolation("some/model", Dinov2Config(pos_embed_interpolation="timm")) == "timm"
+    )
     # A backbone saved by fit3d-hf keeps its choice (recorded in its config.json).
     model = _dinov2_small_like()
     DenseFeatureExtractor(model, pos_embed_interpolation="timm").model.save_pretrained(tmp_path / "saved")
@@ -202,6 +218,11 @@ def test_fit3d_model_round_trip_keeps_the_interpolation(tmp_path):
         expected = DenseFeatureExtractor(_dinov2_small_like(), pos_embed_interpolation="timm")(images)
         torch.testing.assert_close(out.original_features, expected, rtol=1e-5, atol=1e-5)
     # A config without the key (saved before the option existed) means transformers' own resampling.
-    assert FiT3DConfig.from_dict({k: v for k, v in model.config.to_dict().items() if k != "pos_embed_interpolation"}).pos_embed_interpolation == "native"
+    assert (
+        FiT3DConfig.from_dict(
+            {k: v for k, v in model.config.to_dict().items() if k != "pos_embed_interpolation"}
+        ).pos_embed_interpolation
+        == "native"
+    )
     with pytest.raises(ValueError, match="pos_embed_interpolation"):
         FiT3DConfig(pos_embed_interpolation="bilinear")

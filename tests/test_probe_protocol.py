@@ -10,9 +10,21 @@ from accelerate import Accelerator
 from transformers import Dinov2Config, Dinov2Model
 
 from fit3d_hf.backbones import DenseFeatureExtractor
-from fit3d_hf.evaluation.data import CachedFeatureDataset, ComposeTransforms, ProbeDataArguments, RandomScaleCropFlip, collate_cached
+from fit3d_hf.evaluation.data import (
+    CachedFeatureDataset,
+    ComposeTransforms,
+    ProbeDataArguments,
+    RandomScaleCropFlip,
+    collate_cached,
+)
 from fit3d_hf.evaluation.heads import build_probe_heads
-from fit3d_hf.evaluation.probes import FrozenFeatures, ProbeArguments, _probe_losses, build_train_transform, train_probe
+from fit3d_hf.evaluation.probes import (
+    FrozenFeatures,
+    ProbeArguments,
+    _probe_losses,
+    build_train_transform,
+    train_probe,
+)
 from fit3d_hf.evaluation.protocol import (
     ColorAug,
     FixedCrop,
@@ -100,7 +112,9 @@ def test_onecycle_momentum_follows_mmcv():
         [{"original": torch.randn(4, 4, 4, generator=generator), "original_cls": torch.randn(4, generator=generator)} for _ in range(4)],
         [torch.rand(16, 16, generator=generator) * 5 + 0.5 for _ in range(4)],
     )  # fmt: skip
-    args = ProbeArguments(probe="depth", output_dir="unused", max_steps=7, train_batch_size=2, report_to="none")
+    args = ProbeArguments(
+        probe="depth", output_dir="unused", max_steps=7, train_batch_size=2, report_to="none"
+    )
     assert args.resolved().momentum_schedule == "onecycle"  # the depth reference
     heads = build_probe_heads("depth", {"original": (4, 4)}, max_depth=10.0)
     seen = []
@@ -129,21 +143,38 @@ def test_cross_entropy_is_averaged_over_all_pixels_like_mmseg_027():
     valid_only = F.cross_entropy(logits, target, ignore_index=255)
     torch.testing.assert_close(all_pixels, 0.5 * valid_only)
     args = ProbeArguments(probe="segmentation", output_dir="unused", ce_average="valid").resolved()
-    torch.testing.assert_close(_probe_losses("segmentation", {"v": logits}, target, 0, args, 0)["v"], valid_only)
+    torch.testing.assert_close(
+        _probe_losses("segmentation", {"v": logits}, target, 0, args, 0)["v"], valid_only
+    )
 
 
 def test_presets_fill_what_is_not_given():
     depth = ProbeArguments(probe="depth", output_dir="o")
     data, args = apply_preset(ProbeDataArguments(dataset="d", preset="nyuv2"), depth)
-    assert (data.depth_scale, args.max_depth, args.fixed_crop, args.eval_crop) == (1000.0, 10.0, "nyu", "eigen")
+    assert (data.depth_scale, args.max_depth, args.fixed_crop, args.eval_crop) == (
+        1000.0,
+        10.0,
+        "nyu",
+        "eigen",
+    )
     data, args = apply_preset(ProbeDataArguments(dataset="d", preset="kitti"), depth)
-    assert (data.depth_scale, args.max_depth, args.crop_size, args.color_aug_brightness) == (256.0, 80.0, "352,704", "0.9,1.1")
-    data, args = apply_preset(ProbeDataArguments(dataset="d", preset="scannetpp"), ProbeArguments(probe="depth", output_dir="o", max_depth=15.0))
+    assert (data.depth_scale, args.max_depth, args.crop_size, args.color_aug_brightness) == (
+        256.0,
+        80.0,
+        "352,704",
+        "0.9,1.1",
+    )
+    data, args = apply_preset(
+        ProbeDataArguments(dataset="d", preset="scannetpp"),
+        ProbeArguments(probe="depth", output_dir="o", max_depth=15.0),
+    )
     assert args.max_depth == 15.0 and data.depth_scale == 1000.0  # an explicit flag wins
     segmentation = ProbeArguments(probe="segmentation", output_dir="o")
     data, _ = apply_preset(ProbeDataArguments(dataset="d", preset="ade20k"), segmentation)
     assert data.reduce_zero_label is True and data.num_classes == 150
-    data, _ = apply_preset(ProbeDataArguments(dataset="d", preset="scannetpp", reduce_zero_label=False), segmentation)
+    data, _ = apply_preset(
+        ProbeDataArguments(dataset="d", preset="scannetpp", reduce_zero_label=False), segmentation
+    )
     assert data.reduce_zero_label is False and data.num_classes == 100
     data, args = apply_preset(ProbeDataArguments(dataset="d"), depth)  # no preset: generic defaults
     assert (data.depth_scale, data.reduce_zero_label, args.resolved().max_depth) == (1000.0, False, 10.0)
@@ -152,7 +183,9 @@ def test_presets_fill_what_is_not_given():
 
 
 def test_depth_training_transform_follows_the_reference_pipeline():
-    _, args = apply_preset(ProbeDataArguments(dataset="d", preset="nyuv2"), ProbeArguments(probe="depth", output_dir="o"))
+    _, args = apply_preset(
+        ProbeDataArguments(dataset="d", preset="nyuv2"), ProbeArguments(probe="depth", output_dir="o")
+    )
     transform = build_train_transform(args.resolved())
     assert isinstance(transform, ComposeTransforms)
     kinds = [type(step) for step in transform.transforms]

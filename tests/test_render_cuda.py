@@ -1,18 +1,19 @@
 """The CUDA rasterizer equals the PyTorch reference: forward values and every gradient, op by op, end to end.
 
-The reference runs in float64 on the same GPU; the CUDA backend in float32. Comparisons use
-`_assert_matches`: the relative L2 error of the whole tensor must be small, and at most a tiny fraction of
-elements may leave an element-wise band. The fraction exists because a float32 alpha that lands within
-rounding of the 1/255 skip threshold (or the 0.99 clamp) legitimately flips a (pixel, Gaussian) pair;
-a real bug moves many elements or the norm.
+The reference runs in float64 on the same GPU; the CUDA backend in float32. The scenes and comparisons are
+shared with the CPU backend's tests (tests/render_helpers.py, whose docstring explains the two criteria of
+`assert_matches`).
 """
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from render_helpers import FWD, GRAD, NAMES, compare_render
+from render_helpers import assert_matches as _assert_matches
+from render_helpers import cameras as _cameras
+from render_helpers import loss_weights as _loss_weights
+from render_helpers import scene as _scene
 
 from fit3d_hf.render import _reference, _wrapper, render
 from fit3d_hf.render._backend import load_extension
@@ -21,11 +22,6 @@ pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
-
-# Tolerances: float32 CUDA vs float64 reference, calibrated on an H100 (torch 2.11 + CUDA 13.0). Seen there:
-# forward rel L2 <= 6.5e-5 (one pixel whose alpha flipped at the 1/255 threshold, |err| 3e-3, dominates).
-FWD = dict(rtol=1e-4, atol=1e-5, max_bad=1e-3, max_rel_l2=3e-4)
-GRAD = dict(rtol=2e-3, atol=1e-4, max_bad=2e-3, max_rel_l2=1e-3)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,122 +32,8 @@ def _extension():
         pytest.skip(f"CUDA rasterizer unavailable: {extension_error()}")
 
 
-def _assert_matches(name, actual, expected, rtol, atol, max_bad, max_rel_l2):
-    """`atol` is relative to the largest |expected|; see the module docstring for the two criteria."""
-    assert actual is not None, f"{name}: no gradient"
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    actual, expected = actual.detach().double(), expected.detach().double()
-    assert torch.isfinite(actual).all(), f"{name}: {int((~torch.isfinite(actual)).sum())} non-finite values"
-    if expected.numel() == 0:
-        return
-    err = (actual - expected).abs()
-    scale = expected.abs().max().clamp_min(1e-30)
-    bad = err > atol * scale + rtol * expected.abs()
-    bad_fraction = bad.double().mean().item()
-    rel_l2 = (err.norm() / expected.norm().clamp_min(1e-30)).item()
-    worst = int(err.argmax())
-    detail = (
-        f"{name}: rel L2 {rel_l2:.2e} (max {max_rel_l2:.0e}), {int(bad.sum())}/{bad.numel()} outside "
-        f"rtol={rtol}, atol={atol}*{scale.item():.3g} (max fraction {max_bad}); worst |err| "
-        f"{err.flatten()[worst].item():.3e} at {worst}: {actual.flatten()[worst].item():.6g} vs "
-        f"{expected.flatten()[worst].item():.6g}"
-    )
-    assert rel_l2 <= max_rel_l2 and bad_fraction <= max_bad, detail
-
-
-def _cameras(batch, width, height, device):
-    poses, Ks = [], []
-    for b in range(batch):
-        angle = 0.12 * b
-        pose = torch.eye(4)
-        pose[:3, :3] = torch.tensor(
-            [[math.cos(angle), 0, math.sin(angle)], [0, 1, 0], [-math.sin(angle), 0, math.cos(angle)]]
-        )
-        pose[:3, 3] = torch.tensor([0.05 * b, -0.03 * b, 0.1 * b])
-        poses.append(pose)
-        f = 0.9 * width * (1 + 0.05 * b)
-        Ks.append(torch.tensor([[f, 0, width / 2 + b], [0, f * 1.02, height / 2 - b], [0, 0, 1]]))
-    return torch.stack(Ks).to(device), torch.stack(poses).to(device)
-
-
-def _scene(n, n_features, seed, device, degenerate=False, sh_coeffs=None):
-    """Random Gaussians in front of the cameras; `degenerate` adds tiny, huge, near-plane, off-screen and
-    behind-the-camera ones, opacities at 1 (alpha clamp) and below 1/255."""
-    g = torch.Generator().manual_seed(seed)
-    means = (torch.rand(n, 3, generator=g) - 0.5) * torch.tensor([3.0, 2.0, 4.0]) + torch.tensor(
-        [0.0, 0.0, 3.0]
-    )
-    quats = torch.randn(n, 4, generator=g)
-    scales = torch.exp(torch.rand(n, 3, generator=g) * (math.log(0.15) - math.log(0.005)) + math.log(0.005))
-    opacities = torch.sigmoid(2.0 * torch.randn(n, generator=g))
-    colors = (
-        torch.rand(n, 3, generator=g)
-        if sh_coeffs is None
-        else 0.4 * torch.randn(n, sh_coeffs, 3, generator=g)
-    )
-    features = 0.5 * torch.randn(n, n_features, generator=g)
-    if degenerate:
-        k = max(n // 20, 1)
-        scales[0:k] = 1e-6  # tiny: only the 0.3 px low-pass remains
-        scales[k : 2 * k] = 2.5  # huge: covers the whole image
-        means[2 * k : 3 * k, 2] = torch.linspace(0.0102, 0.05, k)  # just beyond the near plane
-        means[3 * k : 4 * k, 0] = torch.linspace(-30.0, 30.0, k)  # far off-screen (frustum clamp)
-        means[4 * k : 5 * k, 2] = -2.0  # behind the camera
-        opacities[5 * k : 6 * k] = 1.0  # alpha clamped at 0.99
-        opacities[6 * k : 7 * k] = 0.002  # below 1/255: culled
-    return [t.to(device) for t in (means, quats, scales, opacities, colors, features)]
-
-
-def _loss_weights(batch, n_features, width, height, device, seed):
-    g = torch.Generator().manual_seed(seed + 100)
-    shapes = (
-        (batch, 3, height, width),
-        (batch, 1, height, width),
-        (batch, n_features, height, width),
-        (batch, 1, height, width),
-    )
-    return [torch.randn(s, generator=g).to(device) for s in shapes]
-
-
-def _render_and_grads(params, K, w2c, width, height, weights, backend, **kwargs):
-    leaves = [p.detach().clone().requires_grad_(True) for p in params]
-    out = render(*leaves, K, w2c, width, height, backend=backend, **kwargs)
-    images = (out.rgb, out.depth, out.features, out.alpha)
-    loss = sum((image * w).sum() for image, w in zip(images, weights, strict=True))
-    loss.backward()
-    return out, images, [p.grad for p in leaves]
-
-
-NAMES = ("means", "quats", "scales", "opacities", "colors", "features")
-
-
 def _compare_render(params, K, w2c, width, height, seed, **kwargs):
-    batch, n_features = K.shape[0], params[5].shape[1]
-    weights = _loss_weights(batch, n_features, width, height, K.device, seed)
-    out, images, grads = _render_and_grads(params, K, w2c, width, height, weights, "cuda", **kwargs)
-    params64 = [p.double() for p in params]
-    ref_kwargs = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
-    ref, ref_images, ref_grads = _render_and_grads(
-        params64,
-        K.double(),
-        w2c.double(),
-        width,
-        height,
-        [w.double() for w in weights],
-        "reference",
-        **ref_kwargs,
-    )
-    assert out.backend == "cuda" and ref.backend == "reference"
-    radii_equal = (out.radii == ref.radii).double().mean().item()
-    assert radii_equal >= 0.999 and (out.radii - ref.radii).abs().max() <= 1, (
-        f"radii agree on {radii_equal:.4%}"
-    )
-    for name, a, b in zip(("rgb", "depth", "features", "alpha"), images, ref_images, strict=True):
-        _assert_matches(name, a, b, **FWD)
-    for name, a, b in zip(NAMES, grads, ref_grads, strict=True):
-        _assert_matches(f"grad {name}", a, b, **GRAD)
-    _assert_matches("grad means2d", out.means2d.grad, ref.means2d.grad, **GRAD)
-    return out, grads
+    return compare_render(params, K, w2c, width, height, seed, backend="cuda", **kwargs)
 
 
 # ---- end to end ---------------------------------------------------------------------------------------
@@ -177,12 +59,15 @@ def test_render_with_background_and_routing(route):
     )
 
 
-@pytest.mark.parametrize("n_features", [3, 80])
-def test_degenerate_gaussians(n_features):
+@pytest.mark.parametrize("n_features,alpha_clamp_grad", [(3, True), (80, True), (3, False), (80, False)])
+def test_degenerate_gaussians(n_features, alpha_clamp_grad):
+    """Includes Gaussians of opacity 1 (alpha clamped at 0.99): both gradient rules through the clamp."""
     width, height = 70, 50
     params = _scene(1000, n_features, seed=11, device="cuda", degenerate=True)
     K, w2c = _cameras(2, width, height, "cuda")
-    out, grads = _compare_render(params, K, w2c, width, height, seed=11, feature_grad_to_geometry=True)
+    out, grads = _compare_render(
+        params, K, w2c, width, height, seed=11, feature_grad_to_geometry=True, alpha_clamp_grad=alpha_clamp_grad
+    )
     assert (out.radii[:, 200:250] == 0).all()  # the ones behind the camera (k = 50: slots 200..249)
     for name, g in zip(NAMES, grads, strict=True):
         assert torch.isfinite(g).all(), name
@@ -346,5 +231,167 @@ def test_bad_input_on_cuda():
         render(params[0], params[1], params[2].half(), *params[3:], K, w2c, 32, 32)
     with pytest.raises(ValueError, match=r"world_to_camera must have shape \(1, 4, 4\)"):
         render(*params, K, w2c[:, :3], 32, 32)
-    with pytest.raises(ValueError, match=r"rasterize needs CUDA tensors|CUDA backend needs CUDA tensors"):
-        _wrapper.project(*[p.cpu() for p in params[:4]], w2c.cpu(), K.cpu(), 32, 32)
+    with pytest.raises(ValueError, match=r"quats is on cuda:0, but the Gaussians are on cpu"):
+        _wrapper.project(params[0].cpu(), *params[1:4], w2c, K, 32, 32)
+
+
+# ---- guardrails and boundaries -------------------------------------------------------------------------
+
+
+def _extension_checks_shapes_and_devices():
+    ext = load_extension()
+    params = _scene(50, 4, seed=2, device="cuda")
+    means, quats, scales, opacities, colors, features = params
+    K, w2c = _cameras(2, 40, 30, "cuda")
+    with pytest.raises(ValueError, match=r"quats must have shape \[50, 4\]"):
+        ext.project_fwd(means, quats[:49].contiguous(), scales, opacities, w2c, K, 40, 30, 0.01, 1e10)
+    with pytest.raises(ValueError, match=r"K must have shape \[2, 3, 3\]"):
+        ext.project_fwd(means, quats, scales, opacities, w2c, K[:1].contiguous(), 40, 30, 0.01, 1e10)
+    with pytest.raises(ValueError, match=r"near_plane < far_plane"):
+        ext.project_fwd(means, quats, scales, opacities, w2c, K, 40, 30, 0.0, 1e10)
+    m2d, con, dep, radii = ext.project_fwd(means, quats, scales, opacities, w2c, K, 40, 30, 0.01, 1e10)
+    with pytest.raises(ValueError, match=r"radii must have shape \[2, 50\]"):
+        ext.isect_tiles(m2d, con, opacities, dep, radii[:1].contiguous(), 40, 30, 0)
+    with pytest.raises(ValueError, match=r"opacities must have dtype Float"):
+        ext.isect_tiles(m2d, con, opacities.double(), dep, radii, 40, 30, 0)
+    ranges, ids, _ = ext.isect_tiles(m2d, con, opacities, dep, radii, 40, 30, 0)
+    with pytest.raises(ValueError, match=r"tile_ranges must have shape \[12, 2\]"):
+        ext.rasterize_fwd(m2d, con, opacities, colors, dep, features, None, ranges[:5].contiguous(), ids, 40, 30)
+    with pytest.raises(ValueError, match=r"background must have shape \[3\]"):
+        ext.rasterize_fwd(m2d, con, opacities, colors, dep, features, torch.zeros(4, device="cuda"), ranges, ids, 40, 30)
+    if torch.cuda.device_count() > 1:
+        with pytest.raises(ValueError, match=r"features is on cuda:1 but the other arguments are on cuda:0"):
+            ext.rasterize_fwd(m2d, con, opacities, colors, dep, features.to("cuda:1"), None, ranges, ids, 40, 30)
+    images = ext.rasterize_fwd(m2d, con, opacities, colors, dep, features, None, ranges, ids, 40, 30)
+    final_t, last_ids = images[4], images[5]
+    v_features = torch.ones(2, 4, 30, 40, device="cuda")
+    with pytest.raises(ValueError, match=r"v_features must have shape \[2, 4, 30, 40\]"):
+        ext.rasterize_bwd(
+            m2d, con, opacities, colors, dep, features, None, ranges, ids, final_t, last_ids, 40, 30,
+            None, None, v_features.transpose(2, 3).contiguous(), None, False, True,
+        )  # fmt: skip
+
+
+def _feature_loss_refuses_a_transposed_mask():
+    from fit3d_hf.losses import upsampled_feature_l1
+
+    decoded = torch.randn(2, 8, 20, 30, device="cuda")
+    target = torch.randn(2, 8, 4, 6, device="cuda")
+    mask = torch.rand(2, 1, 30, 20, device="cuda") > 0.5  # the right element count, the wrong shape
+    with pytest.raises(ValueError, match=r"mask must be a contiguous bool tensor of shape \[2, 1, 20, 30\]"):
+        upsampled_feature_l1(decoded, target, mask)
+
+
+def _tile_keys_and_launch_grid_limits_are_clear_errors():
+    ext = load_extension()
+    one = torch.ones(1, 1, device="cuda")
+    means2d, conics = torch.zeros(1, 1, 2, device="cuda"), torch.ones(1, 1, 3, device="cuda")
+    radii = torch.ones(1, 1, dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match=r"overflow the 32-bit tile keys"):
+        ext.isect_tiles(means2d, conics, one[0], one, radii, 1_100_000, 1_100_000, 0)
+    B = 70_000
+    with pytest.raises(ValueError, match=r"70000 cameras in one call exceed the CUDA launch grid"):
+        ext.isect_tiles(
+            means2d.expand(B, 1, 2).contiguous(), conics.expand(B, 1, 3).contiguous(), one[0],
+            one.expand(B, 1).contiguous(), radii.expand(B, 1).contiguous(), 16, 16, 0,
+        )  # fmt: skip
+
+
+def _run_isolated(function) -> None:
+    """Runs a module-level function of this file in a fresh interpreter, so that a crash on the C++ error path
+    (a c10::Error thrown from the extension once killed the interpreter on the lent machines) fails this test
+    rather than the whole run."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import {Path(__file__).stem} as m; m.{function.__name__}()"
+    result = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{function.__name__} failed (exit {result.returncode}):\n{result.stderr[-3000:]}"
+
+
+def test_extension_checks_shapes_and_devices():
+    """The C++ backstop: every op refuses a wrong shape, dtype or device by name (ValueError), even called directly."""
+    _run_isolated(_extension_checks_shapes_and_devices)
+
+
+def test_feature_loss_refuses_a_transposed_mask():
+    _run_isolated(_feature_loss_refuses_a_transposed_mask)
+
+
+def test_tile_keys_and_launch_grid_limits_are_clear_errors():
+    _run_isolated(_tile_keys_and_launch_grid_limits_are_clear_errors)
+
+
+def test_project_validates_the_planes():
+    params = _scene(10, 0, seed=3, device="cuda")
+    K, w2c = _cameras(1, 32, 32, "cuda")
+    for near, far in ((0.0, 10.0), (-1.0, 10.0), (2.0, 1.0), (float("nan"), 10.0)):
+        with pytest.raises(ValueError, match=r"need 0 < near_plane < far_plane"):
+            _wrapper.project(*params[:4], w2c, K, 32, 32, near_plane=near, far_plane=far)
+
+
+def test_forced_pair_buffer_overflow_is_redone_exactly():
+    """A capacity far below the pair count: the call must notice the overflow and redo the binning exactly."""
+    width, height = 96, 64
+    params = _scene(2000, 16, seed=21, device="cuda")
+    K, w2c = _cameras(2, width, height, "cuda")
+    _wrapper._PAIR_CAPACITY.clear()
+    exact = render(*params, K, w2c, width, height, backend="cuda")
+    key = (torch.device("cuda").index or 0, 2, 2000, width, height)
+    pairs = _wrapper._PAIR_CAPACITY[key]
+    assert pairs > 2000
+    _wrapper._PAIR_CAPACITY[key] = 100  # overflow on the next call
+    redone = render(*params, K, w2c, width, height, backend="cuda")
+    for name in ("rgb", "depth", "features", "alpha"):
+        assert torch.equal(getattr(redone, name), getattr(exact, name)), name
+    assert _wrapper._PAIR_CAPACITY[key] >= 0.99 * pairs  # the exact count was learnt again
+
+
+# Feature counts F whose 4 + F channels sit at each edge of the forward's compiled capacities (4 ... 72) and
+# of the passes of both directions (forward passes of <= 72 channels, backward passes of <= 68).
+PASS_EDGES = [1, 4, 5, 8, 9, 12, 13, 20, 21, 28, 29, 44, 45, 60, 61, 64, 65, 68, 69, 132, 133, 140, 141]
+
+
+@pytest.mark.parametrize("n_features", PASS_EDGES)
+def test_channel_capacities_at_every_pass_boundary(n_features):
+    width, height = 40, 34
+    params = _scene(300, n_features, seed=100 + n_features, device="cuda")
+    K, w2c = _cameras(2, width, height, "cuda")
+    _compare_render(params, K, w2c, width, height, seed=n_features, feature_grad_to_geometry=n_features % 2 == 1)
+
+
+@pytest.mark.parametrize("decoded_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("target_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels", [24, 13])  # 13: not a multiple of 8, the one-channel path
+def test_feature_loss_dtypes_and_scalar_path(decoded_dtype, target_dtype, channels):
+    import torch.nn.functional as F
+
+    from fit3d_hf.losses import upsampled_feature_l1
+
+    g = torch.Generator().manual_seed(channels)
+    decoded = torch.randn(2, channels, 23, 37, generator=g).to("cuda", decoded_dtype).requires_grad_(True)
+    target = torch.randn(2, channels, 5, 7, generator=g).to("cuda", target_dtype)
+    mask = (torch.rand(2, 1, 23, 37, generator=g) > 0.3).cuda()
+    loss = upsampled_feature_l1(decoded, target, mask)
+    up = F.interpolate(target.float(), size=(23, 37), mode="bilinear", align_corners=False)
+    diff = decoded.detach().float() - up
+    expected = (diff.abs() * mask).sum() / decoded.numel()
+    assert float(loss) == pytest.approx(float(expected), rel=2e-3 if decoded_dtype != torch.float32 else 1e-5)
+    loss.backward()
+    decided = diff.abs() > 1e-2
+    expected_grad = (torch.sign(diff) * mask / decoded.numel()).to(decoded_dtype).float()
+    assert torch.equal(decoded.grad.float()[decided], expected_grad[decided])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA device")
+def test_second_device_renders_the_same():
+    width, height = 64, 48
+    params = _scene(800, 20, seed=31, device="cuda:0")
+    K, w2c = _cameras(2, width, height, "cuda:0")
+    first = render(*params, K, w2c, width, height, backend="cuda")
+    with torch.cuda.device(0):  # the current device stays cuda:0: the op must follow its tensors
+        second = render(*[p.to("cuda:1") for p in params], K.to("cuda:1"), w2c.to("cuda:1"), width, height)
+    assert second.backend == "cuda" and second.rgb.device == torch.device("cuda:1")
+    for name in ("rgb", "depth", "features", "alpha"):
+        assert torch.equal(getattr(second, name).cpu(), getattr(first, name).cpu()), name

@@ -26,7 +26,11 @@ def _timm_dinov2_small(seed: int):
     layer scales and position embeddings drawn so that every block and every position matters."""
     torch.manual_seed(seed)
     model = timm.create_model(
-        "vit_small_patch14_dinov2", pretrained=False, num_classes=0, dynamic_img_size=True, dynamic_img_pad=False
+        "vit_small_patch14_dinov2",
+        pretrained=False,
+        num_classes=0,
+        dynamic_img_size=True,
+        dynamic_img_pad=False,
     ).eval()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -85,5 +89,9 @@ def test_convert_original_equals_timm(tmp_path, images):
     assert model.config.pos_embed_interpolation == "timm"
     with torch.no_grad():
         output = model(images)
-        torch.testing.assert_close(output.original_features, _timm_features(original, images), rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(output.finetuned_features, _timm_features(finetuned, images), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            output.original_features, _timm_features(original, images), rtol=1e-4, atol=1e-4
+        )
+        torch.testing.assert_close(
+            output.finetuned_features, _timm_features(finetuned, images), rtol=1e-4, atol=1e-4
+        )

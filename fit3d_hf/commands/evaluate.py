@@ -22,6 +22,8 @@ from __future__ import annotations
 import json
 import sys
 
+__all__ = ["DESCRIPTION", "main"]
+
 DESCRIPTION = (
     "Probe original vs fine-tuned vs FiT3D features: segmentation, depth or multi-view correspondence"
 )

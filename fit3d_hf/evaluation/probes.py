@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import UsageError
 from ..utils import atomic_path
 from .correspondence import CorrespondenceProbeOptions, correspondence_probe, parse_floats
 from .data import (
@@ -58,7 +59,15 @@ from .data import (
 )
 from .heads import ProbeHeads, build_probe_heads, gradient_loss, sig_loss, variant_inputs
 from .metrics import depth_errors, depth_scores, segmentation_areas, segmentation_scores
-from .protocol import ColorAug, FixedCrop, RandomRotate, apply_eval_crop, apply_preset, center_pad, onecycle_momentum
+from .protocol import (
+    ColorAug,
+    FixedCrop,
+    RandomRotate,
+    apply_eval_crop,
+    apply_preset,
+    center_pad,
+    onecycle_momentum,
+)
 from .report import VARIANT_LABELS, build_results, write_report
 
 __all__ = [
@@ -188,7 +197,7 @@ class ProbeArguments:
                               ("eval_crop", (None, "none", "eigen", "garg")), ("momentum_schedule", (None, "none", "onecycle")),
                               ("ce_average", (None, "all", "valid"))):  # fmt: skip
             if getattr(self, name) not in choices:
-                raise ValueError(f"--{name} must be one of {[c for c in choices if c]}, got {getattr(self, name)!r}")
+                raise UsageError(f"--{name} must be one of {[c for c in choices if c]}, got {getattr(self, name)!r}")
 
     def resolved(self) -> ProbeArguments:
         """A copy with every probe-dependent default (None) set to the reference protocol's value."""

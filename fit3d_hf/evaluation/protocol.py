@@ -14,6 +14,8 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+from ..errors import UsageError
+
 __all__ = [
     "DATASET_PRESETS",
     "ColorAug",
@@ -59,7 +61,7 @@ def preset_values(preset: str | None, task: str) -> dict:
     if not preset:
         return {}
     if preset not in DATASET_PRESETS:
-        raise ValueError(f"--preset must be one of {sorted(DATASET_PRESETS)}, got {preset!r}")
+        raise UsageError(f"--preset must be one of {sorted(DATASET_PRESETS)}, got {preset!r}")
     return dict(DATASET_PRESETS[preset].get(task, {}))
 
 
@@ -74,10 +76,14 @@ def apply_preset(data_args, probe_args):
     """
     values = {**preset_values(getattr(data_args, "preset", None), probe_args.probe)}
     data_updates = {
-        key: value for key, value in values.items() if hasattr(data_args, key) and getattr(data_args, key) is None
+        key: value
+        for key, value in values.items()
+        if hasattr(data_args, key) and getattr(data_args, key) is None
     }
     probe_updates = {
-        key: value for key, value in values.items() if hasattr(probe_args, key) and getattr(probe_args, key) is None
+        key: value
+        for key, value in values.items()
+        if hasattr(probe_args, key) and getattr(probe_args, key) is None
     }
     data_args = replace(data_args, **data_updates)
     defaults = {key: value for key, value in _DATA_DEFAULTS.items() if getattr(data_args, key) is None}
@@ -100,19 +106,28 @@ class RandomRotate:
         self.probability, self.degrees = float(probability), float(degrees)
 
     @staticmethod
-    def rotate(image: torch.Tensor, target: torch.Tensor, degrees: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotate(
+        image: torch.Tensor, target: torch.Tensor, degrees: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """`image [3, H, W]`, `target [H, W]` rotated by `degrees` about ((W - 1) / 2, (H - 1) / 2)."""
         height, width = image.shape[-2:]
         angle = math.radians(degrees)
         cos, sin = math.cos(angle), math.sin(angle)
         # Source pixel = R (output pixel - centre) + centre, written in align_corners=True normalised coordinates.
         theta = torch.tensor(
-            [[cos, -sin * (height - 1) / max(width - 1, 1), 0.0], [sin * (width - 1) / max(height - 1, 1), cos, 0.0]],
+            [
+                [cos, -sin * (height - 1) / max(width - 1, 1), 0.0],
+                [sin * (width - 1) / max(height - 1, 1), cos, 0.0],
+            ],
             dtype=torch.float32,
         )[None]
         grid = F.affine_grid(theta, [1, 1, height, width], align_corners=True)
-        rotated = F.grid_sample(image[None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-        moved = F.grid_sample(target[None, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=True)
+        rotated = F.grid_sample(
+            image[None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True
+        )
+        moved = F.grid_sample(
+            target[None, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=True
+        )
         return rotated[0].to(image.dtype), moved[0, 0].to(target.dtype)
 
     def __call__(self, image: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,7 +152,11 @@ class ColorAug:
         brightness_range: tuple[float, float] = (0.75, 1.25),
         color_range: tuple[float, float] = (0.9, 1.1),
     ):
-        for name, (low, high) in (("gamma", gamma_range), ("brightness", brightness_range), ("color", color_range)):
+        for name, (low, high) in (
+            ("gamma", gamma_range),
+            ("brightness", brightness_range),
+            ("color", color_range),
+        ):
             if not 0 < low <= high:
                 raise ValueError(f"{name} range must be (min, max) with 0 < min <= max, got {(low, high)}")
         if not 0 <= probability <= 1:

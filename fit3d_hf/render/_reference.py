@@ -291,14 +291,21 @@ def _segment_exclusive_cumsum(values: Tensor, pixels: Tensor) -> Tensor:
     return exclusive - exclusive[torch.nonzero(starts)[:, 0]][segment]
 
 
-def _pair_alpha(gids, pixels, width, means2d, conics, opacities) -> tuple[Tensor, Tensor]:
-    """sigma = d^T conic d / 2 and alpha = min(0.99, o exp(-sigma)) of (Gaussian, pixel) pairs, `[P]` each."""
+def _pair_alpha(gids, pixels, width, means2d, conics, opacities, clamp_grad=True) -> tuple[Tensor, Tensor]:
+    """sigma = d^T conic d / 2 and alpha = min(0.99, o exp(-sigma)) of (Gaussian, pixel) pairs, `[P]` each.
+
+    With `clamp_grad` (3DGS) the gradient of alpha is that of o exp(-sigma) even where the clamp holds it at
+    0.99; without (gsplat) it is zero there.
+    """
     m = means2d[gids]  # [P, 2]
     con = conics[gids]  # [P, 3]
     dx = (pixels % width).to(m.dtype) + 0.5 - m[:, 0]
     dy = (pixels // width).to(m.dtype) + 0.5 - m[:, 1]
     sigma = 0.5 * (con[:, 0] * dx * dx + con[:, 2] * dy * dy) + con[:, 1] * dx * dy
-    return sigma, torch.clamp(opacities[gids] * torch.exp(-sigma), max=MAX_ALPHA)
+    raw = opacities[gids] * torch.exp(-sigma)
+    if clamp_grad:  # the value of the clamp, the gradient of the identity
+        return sigma, raw - (raw - MAX_ALPHA).clamp_min(0.0).detach()
+    return sigma, torch.clamp(raw, max=MAX_ALPHA)
 
 
 @torch.no_grad()
@@ -316,7 +323,7 @@ def _composited_pairs(gids, pixels, width, means2d, conics, opacities) -> Tensor
 
 
 def _composite(
-    gids, pixels, row_start, row_end, width, means2d, conics, opacities, geo_channels, features, route
+    gids, pixels, row_start, row_end, width, means2d, conics, opacities, geo_channels, features, route, clamp_grad
 ):
     """Front-to-back compositing of the composited (Gaussian, pixel) pairs of a band of rows.
 
@@ -329,7 +336,7 @@ def _composite(
     """
     n = (row_end - row_start) * width
     local = pixels - row_start * width
-    _, alpha = _pair_alpha(gids, pixels, width, means2d, conics, opacities)
+    _, alpha = _pair_alpha(gids, pixels, width, means2d, conics, opacities, clamp_grad)
     log_one_minus = torch.log1p(-alpha.double())
     before = torch.exp(_segment_exclusive_cumsum(log_one_minus, pixels)).to(alpha.dtype)
     weights = (alpha * before)[:, None]  # [P, 1]
@@ -359,7 +366,9 @@ def _row_bands(boxes: tuple[Tensor, ...], height: int) -> list[tuple[int, int]]:
     return bands
 
 
-def _rasterize_camera(means2d, conics, depths, colors, opacities, features, radii, width, height, route):
+def _rasterize_camera(
+    means2d, conics, depths, colors, opacities, features, radii, width, height, route, clamp_grad
+):
     """One camera: returns geometry channels `[4, H, W]`, features `[F, H, W]`, final T `[H, W]`."""
     geo_channels = torch.cat([colors, depths[:, None]], dim=1)  # [N, 4]
     with torch.no_grad():
@@ -389,6 +398,7 @@ def _rasterize_camera(means2d, conics, depths, colors, opacities, features, radi
             geo_channels,
             features,
             route,
+            clamp_grad,
         )
         if torch.is_grad_enabled() and len(bands) > 1:  # recompute in the backward pass, don't store
             band = checkpoint(_composite, *args, use_reentrant=False)
@@ -414,6 +424,7 @@ def _rasterize(
     height: int,
     background: Tensor | None = None,
     feature_grad_to_geometry: bool = False,
+    alpha_clamp_grad: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Pytorch implementation of `fit3d_hf.render._wrapper.rasterize()`.
 
@@ -432,6 +443,8 @@ def _rasterize(
         background: optional `[3]` colour added to RGB as T_final * background.
         feature_grad_to_geometry: if False, the gradient of the feature image reaches only `features`
             (the blending weights are constants for it); if True it reaches the geometry too.
+        alpha_clamp_grad: if True (3DGS, which FiT3D forks), alpha = min(0.99, o G) is differentiated as
+            o G, also where the clamp holds it; if False (gsplat) its gradient is zero there.
 
     Returns:
         rgb `[B, 3, H, W]`, depth `[B, 1, H, W]` (sum of w_i z_i, not normalised), features
@@ -452,6 +465,7 @@ def _rasterize(
             width,
             height,
             feature_grad_to_geometry,
+            alpha_clamp_grad,
         )
         image = geo[:3]
         if background is not None:

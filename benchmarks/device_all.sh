@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The GPU issue's runs in one device call, from the repository root. Stages (env STAGES, space-separated):
+#   tests    CUDA tests (rasterizer, feature loss, pipeline) and, where timm is installed, the timm parity tests
+#   raster   benchmarks/rasterizer.py against gsplat 1.5.3 (default chunk and one pass) when .whl/ holds its wheel
+#   profile  per-kernel times, host time per call (benchmarks/profile_rasterizer.py)
+#   finetune benchmarks/finetune.py (Stage II step, 1 process; needs the datasets wheels in .whl/)
+#   lift     benchmarks/profile_lift.py at LIFT_N Gaussians (Stage I iteration time split)
+# Options: RASTER_ARGS (default --quick), TESTS (test paths) and TESTS_TIMEOUT, FINETUNE_ARGS and FINETUNE_TIMEOUT,
+# LIFT_N (default 1000000). Logs and JSON lines go to $OUT.
+set -uo pipefail
+OUT="${OUT:-benchmarks/results/device_all}"
+mkdir -p "$OUT"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" PYTHONUNBUFFERED=1
+export FIT3D_HF_NO_JIT=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+PY="${PYTHON:-python3}"
+STAGES="${STAGES:-smoke tests timm raster profile finetune lift}"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >>"$OUT/setup.log" 2>&1 \
+        && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$OUT/setup.log"
+start=$(date +%s)
+if ! "$PY" setup.py build_ext --inplace >>"$OUT/setup.log" 2>&1; then tail -n 60 "$OUT/setup.log"; echo BUILD FAILED; exit 1; fi
+echo "== built in $(( $(date +%s) - start )) s"
+for stage in $STAGES; do
+    t0=$(date +%s)
+    echo "== $stage"
+    case "$stage" in
+        smoke)
+            "$PY" -X faulthandler benchmarks/smoke_cuda.py 2>&1 | tail -n 25 ;;
+        tests)
+            # shellcheck disable=SC2086
+            timeout "${TESTS_TIMEOUT:-600}" "$PY" -m pytest -m cuda ${TESTS:-tests} -q -p no:cacheprovider -rf 2>&1 | tee "$OUT/tests.log" \
+                | grep -v -E "^  File|^Extension modules" | tail -n 25
+            if "$PY" -c "import timm" 2>/dev/null && ls tests/test_timm*.py >/dev/null 2>&1; then
+                "$PY" -m pytest tests/test_timm*.py -q -p no:cacheprovider 2>&1 | tee -a "$OUT/tests.log" | tail -n 6
+            fi ;;
+        timm)
+            # the timm parity tests, optionally from a snapshot of another checkout (TIMM_TREE) carried along
+            tree="${TIMM_TREE:-.}"
+            (cd "$tree" && PYTHONPATH="$PWD:$PYTHONPATH" timeout 120 "$PY" -m pytest tests/test_timm_parity.py -q \
+                -p no:cacheprovider -rf 2>&1 | tee -a "$OUT/tests.log" | tail -n 8) ;;
+        raster)
+            # shellcheck disable=SC2086
+            "$PY" benchmarks/rasterizer.py ${RASTER_ARGS:---lib both --quick} 2>&1 | tee "$OUT/rasterizer.jsonl" | tail -n 14 ;;
+        profile)
+            "$PY" benchmarks/profile_rasterizer.py --n 1000000 --ch 64 >"$OUT/profile.txt" 2>&1
+            head -n 30 "$OUT/profile.txt"; grep -E "^forward" "$OUT/profile.txt"
+            "$PY" benchmarks/profile_rasterizer.py --host 2>&1 | tee "$OUT/host.txt" ;;
+        finetune)
+            # shellcheck disable=SC2086
+            timeout "${FINETUNE_TIMEOUT:-600}" "$PY" benchmarks/finetune.py ${FINETUNE_ARGS:---batch 32 --loader_workers} 2>"$OUT/finetune.log" \
+                | tee "$OUT/finetune.jsonl" || tail -n 30 "$OUT/finetune.log" ;;
+        lift)
+            "$PY" benchmarks/profile_lift.py --gaussians "${LIFT_N:-1000000}" --steps 50 >"$OUT/lift_profile.txt" 2>&1
+            head -n 45 "$OUT/lift_profile.txt" ;;
+    esac
+    echo "== $stage took $(( $(date +%s) - t0 )) s"
+done
+echo "== done in $(( $(date +%s) - start )) s"
