@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import hashlib
 import logging
 import os
 import re
@@ -24,15 +25,18 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 from .configuration_fit3d import IMAGENET_MEAN, IMAGENET_STD
 from .errors import HubUnavailableError, InputError, MissingInputError, UsageError
 from .modeling_fit3d import (
+    POS_EMBED_INTERPOLATIONS,
     SUPPORTED_BACKBONE_TYPES,
     backbone_dense_features,
     backbone_hidden_size,
     backbone_num_prefix_tokens,
     backbone_patch_size,
     extract_vision_tower,
+    pos_embed_interpolation_of,
     prepare_backbone_config,
     processor_mean_std,
     resize_to_patch_multiple,
+    set_pos_embed_interpolation,
 )
 
 logger = logging.getLogger(__name__)
@@ -68,6 +72,19 @@ _HUB_KWARGS = (
     "force_download",
     "trust_remote_code",
 )
+
+
+def default_pos_embed_interpolation(name_or_path: str | os.PathLike, config=None) -> str:
+    """The position-embedding resampling a backbone gets when none is asked for.
+
+    `"timm"` for the original release's short names (`dinov2_small`, ...: FiT3D ran them through timm), else what
+    the backbone's saved config records (`pos_embed_interpolation`, written by fit3d-hf when it saves a backbone),
+    else `"native"` (transformers' own).
+    """
+    if str(name_or_path) in BACKBONE_SHORT_NAMES:
+        return "timm"
+    recorded = getattr(config, "pos_embed_interpolation", None)
+    return recorded if recorded in POS_EMBED_INTERPOLATIONS else "native"
 
 
 def resolve_backbone_name(name_or_path: str | os.PathLike) -> str:
@@ -183,6 +200,10 @@ class DenseFeatureExtractor(nn.Module):
             before it (FiT3D's depth probe).
         return_cls: Default for `forward`: also return the CLS token.
         normalization: Label of where the statistics came from (`"imagenet"`, `"processor"`, `"custom"`).
+        pos_embed_interpolation: `"timm"` (timm's bicubic-with-antialias resampling of the position embeddings,
+            as the original FiT3D's backbones) or `"native"` (transformers'); None: what the model's config
+            records (`config.pos_embed_interpolation`, written when fit3d-hf saves a backbone), else native.
+            See `fit3d_hf.modeling_fit3d.set_pos_embed_interpolation`.
     """
 
     def __init__(
@@ -194,9 +215,14 @@ class DenseFeatureExtractor(nn.Module):
         final_norm: bool = True,
         return_cls: bool = False,
         normalization: str = "imagenet",
+        pos_embed_interpolation: str | None = None,
     ):
         super().__init__()
         model = extract_vision_tower(model)
+        if pos_embed_interpolation is None:  # a backbone saved by fit3d-hf records its choice in its config
+            pos_embed_interpolation = getattr(model.config, "pos_embed_interpolation", None)
+        if pos_embed_interpolation is not None:
+            set_pos_embed_interpolation(model, pos_embed_interpolation)
         if getattr(model.config, "mask_ratio", 0.0) != 0.0:
             # The embeddings read the ratio from this same config object at every forward.
             logger.info("Switching off ViT-MAE token masking (mask_ratio %s -> 0.0)", model.config.mask_ratio)
@@ -214,6 +240,9 @@ class DenseFeatureExtractor(nn.Module):
         self.final_norm = final_norm
         self.return_cls = return_cls
         self.normalization = normalization
+        # What the backbone was loaded by (`from_pretrained` sets them), for `provenance`.
+        self.name_or_path = str(getattr(model.config, "_name_or_path", "") or "")
+        self.revision: str | None = None
         self.register_buffer(
             "image_mean", torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
         )
@@ -229,6 +258,7 @@ class DenseFeatureExtractor(nn.Module):
         normalization: str = "imagenet",
         final_norm: bool = True,
         return_cls: bool = False,
+        pos_embed_interpolation: str | None = None,
         **kwargs,
     ) -> DenseFeatureExtractor:
         """Loads a backbone by short name (`dinov2_small`, ...), Hub id or local folder.
@@ -239,6 +269,9 @@ class DenseFeatureExtractor(nn.Module):
                 in the backbone's `preprocessor_config.json`).
             final_norm: Default for `forward` (see the class docstring).
             return_cls: Default for `forward`.
+            pos_embed_interpolation: `"timm"` or `"native"`; None: `default_pos_embed_interpolation` (`"timm"`
+                for the short names, as the original FiT3D, else what the saved config records, else
+                `"native"`).
             **kwargs: Passed to `AutoModel.from_pretrained` (e.g. `dtype`, `attn_implementation`).
 
         Returns:
@@ -246,20 +279,67 @@ class DenseFeatureExtractor(nn.Module):
         """
         if normalization not in _NORMALIZATIONS:
             raise UsageError(f"normalization must be one of {_NORMALIZATIONS}, got {normalization!r}")
+        if pos_embed_interpolation not in (None, *POS_EMBED_INTERPOLATIONS):
+            raise UsageError(
+                f"pos_embed_interpolation must be one of {POS_EMBED_INTERPOLATIONS}, got {pos_embed_interpolation!r}"
+            )
         model = load_backbone(name_or_path, **kwargs)
+        if pos_embed_interpolation is None:
+            pos_embed_interpolation = default_pos_embed_interpolation(name_or_path, model.config)
         if normalization == "processor":
             hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
             mean, std = processor_mean_std(resolve_backbone_name(name_or_path), **hub_kwargs)
         else:
             mean, std = IMAGENET_MEAN, IMAGENET_STD
-        return cls(
+        extractor = cls(
             model,
             image_mean=mean,
             image_std=std,
             final_norm=final_norm,
             return_cls=return_cls,
             normalization=normalization,
+            pos_embed_interpolation=pos_embed_interpolation,
         )
+        extractor.name_or_path = str(name_or_path)
+        extractor.revision = kwargs.get("revision") or getattr(model.config, "_commit_hash", None)
+        return extractor
+
+    def weights_fingerprint(self) -> str:
+        """SHA-256 of the backbone's weights (state dict, sorted by name, as float32 bytes): the same for the same
+        weights whatever they were loaded by."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+    def provenance(self) -> dict:
+        """What makes this extractor's features what they are, as JSON-serialisable values: recorded in Stage I
+        bundles and compared by Stage II (`fit3d_hf.gaussians.bundle.check_provenance`).
+
+        Keys: backbone (as given), backbone_id (short names resolved to Hub ids), revision (when known),
+        backbone_model_type, backbone_dim, patch_size, normalization, image_mean, image_std, resize (the rule
+        that brings images to a patch multiple), pos_embed_interpolation, weights_sha256.
+        """
+        return {
+            "backbone": self.name_or_path,
+            "backbone_id": resolve_backbone_name(self.name_or_path) if self.name_or_path else "",
+            "revision": self.revision,
+            "backbone_model_type": self.model.config.model_type,
+            "backbone_dim": self.hidden_size,
+            "patch_size": self.patch_size,
+            "normalization": self.normalization,
+            "image_mean": [round(float(v), 6) for v in self.image_mean.flatten()],
+            "image_std": [round(float(v), 6) for v in self.image_std.flatten()],
+            "resize": "bilinear down to a patch multiple, then normalise",
+            "pos_embed_interpolation": self.pos_embed_interpolation,
+            "weights_sha256": self.weights_fingerprint(),
+        }
+
+    @property
+    def pos_embed_interpolation(self) -> str:
+        """`"timm"` or `"native"`: how the backbone resamples its position embeddings (see the class docstring)."""
+        return pos_embed_interpolation_of(self.model)
 
     @property
     def patch_size(self) -> int:
@@ -419,6 +499,7 @@ __all__ = [
     "ORIGINAL_TIMM_IDS",
     "convert_timm_dinov2_state_dict",
     "explain_load_errors",
+    "default_pos_embed_interpolation",
     "load_backbone",
     "processor_mean_std",
     "resolve_backbone_name",

@@ -37,6 +37,7 @@ COMMANDS: dict[str, str] = {
     "lift": "lift",
     "finetune": "finetune",
     "evaluate": "evaluate",
+    "verify": "verify",
 }
 
 

@@ -28,12 +28,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .checkpoints import load_torch_checkpoint, save_torch_checkpoint
 from .errors import MissingInputError, UsageError
 from .gaussians import DensificationConfig, Densifier, FeatureGaussians, load_bundle, save_bundle
 from .gaussians.bundle import BUNDLE_FILENAME, SH_STORAGES
 from .gaussians.sh_codec import CompressedSH, assemble_sh, encode_sh
 from .losses import psnr, ssim, upsampled_feature_l1
-from .utils import atomic_path, atomic_write_text, deterministic_algorithms
+from .utils import atomic_write_text, deterministic_algorithms
 
 __all__ = ["LiftingArguments", "SceneData", "lift_many", "lift_scene", "load_scene_data", "resolve_scene_list", "scene_extent"]
 
@@ -94,6 +95,13 @@ class LiftingArguments:
     feature_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the feature L1 loss."})
     position_lr_init: float = field(default=1.6e-4, metadata={"help": "Initial lr of the means (x scene extent)."})
     position_lr_final: float = field(default=1.6e-6, metadata={"help": "Final lr of the means (x scene extent)."})
+    position_lr_max_steps: int = field(
+        default=30_000,
+        metadata={
+            "help": "Length of the means' lr decay, in iterations (FiT3D/3DGS: 30,000 whatever --iterations; after it "
+            "the lr stays at the final value). 0: decay over --iterations, so that a short run ends at the final lr."
+        },
+    )
     sh_dc_lr: float = field(default=0.0025, metadata={"help": "lr of the SH DC coefficients."})
     sh_rest_lr: float = field(default=0.0025 / 20, metadata={"help": "lr of the higher SH coefficients."})
     feature_lr: float = field(default=0.0025 / 40, metadata={"help": "lr of the Gaussians' features."})
@@ -106,7 +114,28 @@ class LiftingArguments:
     densify_interval: int = field(default=100, metadata={"help": "Densify every N iterations."})
     opacity_reset_interval: int = field(default=3000, metadata={"help": "Reset opacities every N iterations."})
     densify_grad_threshold: float = field(default=2e-4, metadata={"help": "Screen-space gradient threshold (NDC)."})
+    prune_screen_size: bool = field(
+        default=False,
+        metadata={
+            "help": "Also prune Gaussians whose screen radius exceeded 20 px since the last densification (after the "
+            "first opacity reset). 3DGS/FiT3D's code has this test but it never fires there (the radii are reset just "
+            "before it); enabling it prunes more aggressively than 3DGS does."
+        },
+    )
+    near_plane: float = field(
+        default=0.2,
+        metadata={"help": "Gaussians closer to the camera than this (camera z, scene units) are not rendered (FiT3D's rasterizer: 0.2)."},
+    )
     normalization: str = field(default="imagenet", metadata={"help": "Backbone input normalisation: 'imagenet' (FiT3D) or 'processor'.", "choices": list(NORMALIZATIONS)})
+    pos_embed_interpolation: str | None = field(
+        default=None,
+        metadata={
+            "help": "Position-embedding resampling of the backbone: 'timm' (bicubic with antialiasing, as the original "
+            "FiT3D's timm backbones) or 'native' (transformers'). Default: 'timm' for the short names (dinov2_small, "
+            "...), else what the backbone's config records, else 'native'. Stage II must use the same (it checks).",
+            "choices": ["timm", "native"],
+        },
+    )
     checkpoint_interval: int = field(default=1000, metadata={"help": "Save a resumable checkpoint every N iterations (0: never)."})
     device: str = field(default="auto", metadata={"help": "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."})
     mixed_precision: str = field(
@@ -160,6 +189,10 @@ class LiftingArguments:
         _check_choice("mixed_precision", self.mixed_precision, ("no", "bf16"))
         _check_choice("normalization", self.normalization, NORMALIZATIONS)
         check_device_name(self.device)
+        if self.position_lr_max_steps < 0:
+            raise UsageError(f"--position_lr_max_steps must be positive (or 0: --iterations), got {self.position_lr_max_steps}")
+        if self.near_plane <= 0:
+            raise UsageError(f"--near_plane must be positive, got {self.near_plane}")
 
     def densification(self) -> DensificationConfig:
         return DensificationConfig(
@@ -168,6 +201,7 @@ class LiftingArguments:
             densify_interval=self.densify_interval,
             opacity_reset_interval=self.opacity_reset_interval,
             grad_threshold=self.densify_grad_threshold,
+            prune_screen_size=self.prune_screen_size,
             max_gaussians=self.max_gaussians,
         )
 
@@ -345,7 +379,7 @@ class _Lifter:
             return render(
                 g.means, g.quats, g.scales, g.opacities, g.active_sh(), g.features,
                 self.data.K[view : view + 1], self.data.world_to_camera[view : view + 1],
-                self.data.width, self.data.height, sh_degree=g.active_sh_degree,
+                self.data.width, self.data.height, sh_degree=g.active_sh_degree, near_plane=self.args.near_plane,
             )  # fmt: skip
 
     def target_features(self, view: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -359,7 +393,8 @@ class _Lifter:
         it = self.iteration
         for group in self.optimizer.param_groups:
             if group["name"] == "means":
-                group["lr"] = self.extent * _exponential_lr(it, args.position_lr_init, args.position_lr_final, args.iterations)
+                decay_steps = args.position_lr_max_steps or args.iterations
+                group["lr"] = self.extent * _exponential_lr(it, args.position_lr_init, args.position_lr_final, decay_steps)
         if it % args.sh_increase_interval == 0:
             self.gaussians.raise_sh_degree()
 
@@ -377,14 +412,18 @@ class _Lifter:
         loss = args.rgb_loss_weight * loss_rgb + args.feature_loss_weight * l1_features
         loss.backward()
 
+        # 3DGS's order: densify first, then step. Parameters that densification (or an opacity reset) just
+        # replaced have no gradient, so Adam skips them this once; the decoder always steps. The last
+        # iteration takes no step (3DGS steps only while iteration < iterations).
         with torch.no_grad():
             if it < args.densify_until:
                 self.densifier.update_stats(out.means2d.grad[0], out.radii[0], data.width, data.height)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
             for key, value in self.densifier.step(it, self.gaussians, self.optimizer).items():
                 if key in self.densification_totals:
                     self.densification_totals[key] += value
+            if it < args.iterations:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         # Detached tensors, not floats: reading a value would wait for the GPU at every step.
         return {"loss": loss.detach(), "l1_rgb": l1_rgb.detach(), "l1_features": l1_features.detach()}
 
@@ -420,7 +459,7 @@ class _Lifter:
                 colours = torch.cat([dc, codebook[codes].view(len(codes), -1, 3)], dim=1)
                 out = render(
                     *geometry, colours, None, data.K[view : view + 1], data.world_to_camera[view : view + 1],
-                    data.width, data.height, sh_degree=g.active_sh_degree, render_depth=False,
+                    data.width, data.height, sh_degree=g.active_sh_degree, render_depth=False, near_plane=args.near_plane,
                 )  # fmt: skip
                 optimizer.zero_grad(set_to_none=True)
                 self.rgb_loss(out.rgb, view)[0].backward()
@@ -557,7 +596,9 @@ def lift_scene(
     if extractor is None:
         from .backbones import DenseFeatureExtractor
 
-        extractor = DenseFeatureExtractor.from_pretrained(args.backbone, normalization=args.normalization)
+        extractor = DenseFeatureExtractor.from_pretrained(
+            args.backbone, normalization=args.normalization, pos_embed_interpolation=args.pos_embed_interpolation
+        )
     if previous == "overwrite":
         logger.info("%s: replacing the earlier result in %s (--overwrite)", scene.scene_id, folder)
         _remove_outputs(folder)
@@ -600,7 +641,7 @@ def _lift(scene, args, extractor, folder, device, max_iterations_this_run, progr
     lifter = _Lifter(args, data, train, device)
     checkpoint_path = folder / CHECKPOINT_FILENAME
     if checkpoint_path.is_file():
-        lifter.load_state_dict(torch.load(checkpoint_path, map_location="cpu", weights_only=True))
+        lifter.load_state_dict(load_torch_checkpoint(checkpoint_path))
         logger.info("%s: resumed from %s at iteration %d", scene.scene_id, checkpoint_path, lifter.iteration)
         initial = json.loads((folder / INITIAL_METRICS_FILENAME).read_text())
     else:
@@ -618,8 +659,7 @@ def _lift(scene, args, extractor, folder, device, max_iterations_this_run, progr
             bar.set_postfix(loss=f"{float(losses['loss']):.4f}", gaussians=len(lifter.gaussians))
         interval = args.checkpoint_interval
         if interval and lifter.iteration % interval == 0 and lifter.iteration < args.iterations:
-            with atomic_path(checkpoint_path) as temporary:
-                torch.save(lifter.state_dict(), temporary)
+            save_torch_checkpoint(lifter.state_dict(), checkpoint_path)  # atomic, with tensor checksums
             if max_iterations_this_run is not None and steps_this_run >= max_iterations_this_run:
                 bar.close()
                 return None
@@ -640,7 +680,7 @@ def _lift(scene, args, extractor, folder, device, max_iterations_this_run, progr
         folder / BUNDLE_FILENAME, lifter.gaussians, lifter.decoder.weight.detach(),
         scene_id=scene.scene_id, backbone=args.backbone,
         extra_metadata={"image_size": [data.width, data.height], "iterations": args.iterations}, seed=args.seed,
-        sh_storage=args.bundle_sh, compressed_sh=compressed,
+        sh_storage=args.bundle_sh, compressed_sh=compressed, provenance=extractor.provenance(),
     )  # fmt: skip
     # Held-out PSNR of the bundle as saved (fp16 geometry, compressed SH): one more pass over the held-out views.
     saved_holdout = {}
@@ -729,13 +769,22 @@ def lift_many(
     process_index: int = 0,
     num_processes: int = 1,
     progress: bool = True,
+    claims=None,
 ) -> list[dict]:
     """Lifts this process's share of the scenes (every `num_processes`-th, from `process_index`), one
-    after the other; finished scenes are skipped and unfinished ones resume (see `lift_scene`)."""
+    after the other; finished scenes are skipped and unfinished ones resume (see `lift_scene`).
+
+    With `claims` (a `fit3d_hf.scene_claims.SceneClaims`), the processes claim scenes one at a time instead
+    (balanced, and a dead process's scenes are taken over once its lease expires); the index and count
+    are then unused."""
     from .backbones import DenseFeatureExtractor
 
+    extractor = DenseFeatureExtractor.from_pretrained(
+        args.backbone, normalization=args.normalization, pos_embed_interpolation=args.pos_embed_interpolation
+    )
+    if claims is not None:
+        return [lift_scene(path, args, extractor, progress=progress) for path in claims.scenes(list(scene_paths))]
     share = list(scene_paths)[process_index::num_processes]
-    extractor = DenseFeatureExtractor.from_pretrained(args.backbone, normalization=args.normalization)
     results = []
     for path in tqdm(share, desc=f"scenes (process {process_index})", disable=not progress or len(share) < 2):
         results.append(lift_scene(path, args, extractor, progress=progress))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -123,6 +124,9 @@ class _BackboneSpec:
     num_prefix_tokens: Callable[[nn.Module], int]  # CLS, distillation and register tokens before the patches
     forward_kwargs: Callable[[nn.Module, torch.Tensor, int], dict] = field(default=_no_kwargs)
     output_is_normed: bool = True  # whether `last_hidden_state` already went through `final_norm`
+    # Positions before the patch grid in the stored absolute position table (resampled as they are); None: the
+    # architecture has no table transformers resamples (RoPE, or timm models, which resample as timm does).
+    position_prefix: int | None = None
 
 
 def _config_patch_size(model: nn.Module) -> int:
@@ -131,9 +135,11 @@ def _config_patch_size(model: nn.Module) -> int:
 
 
 _BACKBONE_SPECS: dict[str, _BackboneSpec] = {
-    "dinov2": _BackboneSpec(final_norm=lambda m: m.layernorm, num_prefix_tokens=lambda m: 1),
+    "dinov2": _BackboneSpec(final_norm=lambda m: m.layernorm, num_prefix_tokens=lambda m: 1, position_prefix=1),
     "dinov2_with_registers": _BackboneSpec(
-        final_norm=lambda m: m.layernorm, num_prefix_tokens=lambda m: 1 + m.config.num_register_tokens
+        final_norm=lambda m: m.layernorm,
+        num_prefix_tokens=lambda m: 1 + m.config.num_register_tokens,
+        position_prefix=1,  # the registers have no position
     ),
     "dinov3_vit": _BackboneSpec(
         final_norm=lambda m: m.norm, num_prefix_tokens=lambda m: 1 + m.config.num_register_tokens
@@ -142,15 +148,20 @@ _BACKBONE_SPECS: dict[str, _BackboneSpec] = {
         final_norm=lambda m: m.layernorm,
         num_prefix_tokens=lambda m: 1,
         forward_kwargs=_interpolate_pos_encoding,
+        position_prefix=1,
     ),
     # DeiT (distilled) carries a CLS and a distillation token.
     "deit": _BackboneSpec(
         final_norm=lambda m: m.layernorm,
         num_prefix_tokens=lambda m: 2,
         forward_kwargs=_interpolate_pos_encoding,
+        position_prefix=2,
     ),
     "vit_mae": _BackboneSpec(
-        final_norm=lambda m: m.layernorm, num_prefix_tokens=lambda m: 1, forward_kwargs=_mae_identity_order
+        final_norm=lambda m: m.layernorm,
+        num_prefix_tokens=lambda m: 1,
+        forward_kwargs=_mae_identity_order,
+        position_prefix=1,
     ),
     # CLIP applies its post-layernorm to the pooled CLS token only; timm (and FiT3D) normalise every token.
     "clip_vision_model": _BackboneSpec(
@@ -158,12 +169,14 @@ _BACKBONE_SPECS: dict[str, _BackboneSpec] = {
         num_prefix_tokens=lambda m: 1,
         forward_kwargs=_interpolate_pos_encoding,
         output_is_normed=False,
+        position_prefix=1,
     ),
     # SigLIP has no CLS token: every output token is a patch.
     "siglip_vision_model": _BackboneSpec(
         final_norm=lambda m: _unwrap(m).post_layernorm,
         num_prefix_tokens=lambda m: 0,
         forward_kwargs=_interpolate_pos_encoding,
+        position_prefix=0,
     ),
     "timm_wrapper": _BackboneSpec(
         final_norm=lambda m: m.timm_model.norm,
@@ -229,6 +242,96 @@ def extract_vision_tower(model: PreTrainedModel) -> PreTrainedModel:
     wrapper.vision_model = tower
     _backbone_spec(wrapper)
     return wrapper
+
+
+POS_EMBED_INTERPOLATIONS = ("timm", "native")
+
+
+def resample_position_table(
+    table: torch.Tensor, grid: tuple[int, int], stored_grid: tuple[int, int], num_prefix: int
+) -> torch.Tensor:
+    """timm's `resample_abs_pos_embed`: the patch part of an absolute position table resampled to a new grid.
+
+    Bicubic *with* antialiasing (PyTorch's antialiased bicubic kernel, a = -0.5, also when upsampling), computed
+    in float32 from the stored grid; prefix positions (CLS, ...) are kept as they are. Unchanged when the grid
+    is square and already has the stored number of positions, as in timm.
+
+    Args:
+        table: `[1, num_prefix + h0 * w0, D]` stored position embeddings.
+        grid: `(h, w)` patch grid of the input.
+        stored_grid: `(h0, w0)` grid the table was trained for.
+        num_prefix: positions before the patch grid in `table`.
+
+    Returns:
+        `[1, num_prefix + h * w, D]` in the table's dtype.
+    """
+    height, width = grid
+    if height * width + num_prefix == table.shape[1] and height == width:
+        return table
+    prefix, patches = table[:, :num_prefix], table[:, num_prefix:]
+    dim = table.shape[-1]
+    patches = patches.float().reshape(1, stored_grid[0], stored_grid[1], dim).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, size=(height, width), mode="bicubic", antialias=True)
+    patches = patches.permute(0, 2, 3, 1).reshape(1, height * width, dim).to(table.dtype)
+    return torch.cat([prefix, patches], dim=1)
+
+
+def _position_table(embeddings: nn.Module) -> torch.Tensor:
+    # DINOv2, ViT, DeiT, ViT-MAE keep a parameter; CLIP and SigLIP an nn.Embedding.
+    table = getattr(embeddings, "position_embeddings", None)
+    if isinstance(table, torch.Tensor):
+        return table
+    return embeddings.position_embedding.weight.unsqueeze(0)
+
+
+def _timm_interpolate_pos_encoding(self, embeddings: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    # Bound to a backbone's embeddings module in place of transformers' `interpolate_pos_encoding`.
+    table = _position_table(self)
+    num_prefix, patch_size = self._fit3d_position_prefix, self._fit3d_patch_size
+    stored = int(round((table.shape[1] - num_prefix) ** 0.5))
+    grid = (height // patch_size, width // patch_size)
+    return resample_position_table(table, grid, (stored, stored), num_prefix)
+
+
+def set_pos_embed_interpolation(model: nn.Module, mode: str) -> None:
+    """Chooses how a backbone resamples its absolute position embeddings to a non-native patch grid.
+
+    - ``"timm"``: as timm does (`resample_position_table`: bicubic with antialiasing), i.e. as the original
+      FiT3D's timm backbones do. At FiT3D's 41 x 62 grid it changes DINOv2's position embeddings by 3-9 %
+      against transformers' own resampling.
+    - ``"native"``: transformers' own `interpolate_pos_encoding` (bicubic without antialiasing for DINOv2, ViT,
+      DeiT, ViT-MAE, CLIP, SigLIP; DINOv2 with registers already antialiases).
+
+    Architectures without a resampled table (DINOv3's RoPE, timm models, which always resample as timm) are
+    the same either way. The choice is recorded in `model.config.pos_embed_interpolation`, so that a saved
+    backbone keeps it.
+
+    Args:
+        model: A supported backbone (see `SUPPORTED_BACKBONE_TYPES`), modified in place.
+        mode: ``"timm"`` or ``"native"``.
+    """
+    if mode not in POS_EMBED_INTERPOLATIONS:
+        raise ValueError(f"pos_embed_interpolation must be one of {POS_EMBED_INTERPOLATIONS}, got {mode!r}")
+    spec = _backbone_spec(model)
+    model.config.pos_embed_interpolation = mode
+    if spec.position_prefix is None:
+        return
+    embeddings = _unwrap(model).embeddings
+    if mode == "native":
+        embeddings.__dict__.pop("interpolate_pos_encoding", None)  # back to the class's method
+        return
+    embeddings._fit3d_position_prefix = spec.position_prefix
+    embeddings._fit3d_patch_size = backbone_patch_size(model)
+    embeddings.interpolate_pos_encoding = types.MethodType(_timm_interpolate_pos_encoding, embeddings)
+
+
+def pos_embed_interpolation_of(model: nn.Module) -> str:
+    """The position-embedding resampling a backbone uses now (see `set_pos_embed_interpolation`)."""
+    spec = _backbone_spec(model)
+    if spec.position_prefix is None:  # the same either way: report what was asked for
+        return getattr(model.config, "pos_embed_interpolation", "native")
+    patched = "interpolate_pos_encoding" in _unwrap(model).embeddings.__dict__
+    return "timm" if patched else "native"
 
 
 def backbone_patch_size(model: nn.Module) -> int:
@@ -392,7 +495,7 @@ _NON_ARCHITECTURE_KEYS = frozenset(
         "label2id", "_attn_implementation", "_attn_implementation_autoset", "attn_implementation",
         "initializer_range", "hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout",
         "drop_path_rate", "mask_ratio", "output_hidden_states", "output_attentions", "return_dict",
-        "pretrained_cfg", "label_names", "num_labels", "problem_type", "use_cache",
+        "pretrained_cfg", "label_names", "num_labels", "problem_type", "use_cache", "pos_embed_interpolation",
     }
 )  # fmt: skip
 
@@ -429,6 +532,8 @@ class FiT3DModel(FiT3DPreTrainedModel):
         self.original = AutoModel.from_config(backbone_config)
         self.finetuned = AutoModel.from_config(backbone_config)
         _backbone_spec(self.original)  # fail early on an unsupported architecture
+        for backbone in (self.original, self.finetuned):
+            set_pos_embed_interpolation(backbone, config.pos_embed_interpolation)
         self.register_buffer("image_mean", torch.tensor(config.image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(config.image_std).view(1, 3, 1, 1), persistent=False)
         self.post_init()
@@ -473,6 +578,7 @@ class FiT3DModel(FiT3DPreTrainedModel):
         normalization: str | None = None,
         image_mean: list[float] | None = None,
         image_std: list[float] | None = None,
+        pos_embed_interpolation: str | None = None,
     ) -> FiT3DModel:
         """Builds a FiT3D model from two loaded backbones of the same architecture (weights are copied).
 
@@ -487,6 +593,8 @@ class FiT3DModel(FiT3DPreTrainedModel):
                 `image_std` reads them from the image processor of `backbone`.
             image_mean: Per-channel mean when normalization is not `"imagenet"`.
             image_std: Per-channel std when normalization is not `"imagenet"`.
+            pos_embed_interpolation: `"timm"` or `"native"` (see `FiT3DConfig`); defaults to what `original`
+                uses (`set_pos_embed_interpolation`).
 
         Returns:
             A `FiT3DModel` in eval mode on the CPU, holding copies of both backbones' weights.
@@ -494,6 +602,8 @@ class FiT3DModel(FiT3DPreTrainedModel):
         extractor_stats = _extractor_normalization(original)
         original = _as_backbone(original, "original")
         finetuned = _as_backbone(finetuned, "finetuned")
+        if pos_embed_interpolation is None:
+            pos_embed_interpolation = pos_embed_interpolation_of(original)
         differences = _architecture_differences(original, finetuned)
         if differences:
             raise ValueError(
@@ -515,6 +625,7 @@ class FiT3DModel(FiT3DPreTrainedModel):
             image_mean=image_mean,
             image_std=image_std,
             feature_dim=2 * backbone_hidden_size(original),
+            pos_embed_interpolation=pos_embed_interpolation,
         )
         model = cls(config)
         model.original.load_state_dict(original.state_dict())
@@ -638,7 +749,11 @@ __all__ = [
     "extract_vision_tower",
     "fit3d_image_processor",
     "fit3d_image_processor_dict",
+    "POS_EMBED_INTERPOLATIONS",
+    "pos_embed_interpolation_of",
     "prepare_backbone_config",
     "processor_mean_std",
+    "resample_position_table",
     "resize_to_patch_multiple",
+    "set_pos_embed_interpolation",
 ]

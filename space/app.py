@@ -410,6 +410,16 @@ def open_image(value) -> Image.Image | np.ndarray | None:
     return image
 
 
+def _downscale_notice(given_size: tuple[int, int], shown_size: tuple[int, int]) -> str:
+    """A visible line when the upload was larger than the Space computes on (empty otherwise)."""
+    if tuple(given_size) == tuple(shown_size):
+        return ""
+    return (
+        f"**Note: your {given_size[0]}×{given_size[1]} image was downscaled to {shown_size[0]}×{shown_size[1]} px** "
+        "(the Space's size limit). · "
+    )
+
+
 def _upscale(picture: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """uint8 `[h, w, 3]` patch picture -> `[H, W, 3]` for `size` = (W, H), each patch a solid block."""
     return np.asarray(Image.fromarray(picture).resize(size, Image.Resampling.NEAREST))
@@ -512,7 +522,7 @@ class _FeatureService:
                 f"{MAX_CLUSTERS}, got {n_clusters}."
             )
         n_clusters = int(n_clusters)
-        features, _ = self.features(image, label)
+        features, given_size = self.features(image, label)
         if shared_pca:
             pca_original, pca_finetuned = pca_rgb(features.original, features.finetuned)
         else:
@@ -532,7 +542,7 @@ class _FeatureService:
             f"{n_clusters} clusters, cosine distance"
         )
         pictures = [pca_original, pca_finetuned, *segments]
-        return (*(_upscale(p, size) for p in pictures), info)
+        return (*(_upscale(p, size) for p in pictures), _downscale_notice(given_size, size) + info)
 
     def similarity(self, image, label: str, x, y):
         """Cosine similarity of every patch to the patch under the point (x, y), in both models.
@@ -564,7 +574,7 @@ class _FeatureService:
             _draw_marker(_upscale(heatmap_rgb(m, low, 1.0, SIMILARITY_CMAP), size), px, py, radius)
             for m in maps
         ]
-        info = (
+        info = _downscale_notice((given_w, given_h), size) + (
             f"Point ({x:.0f}, {y:.0f}) → patch row {row}, column {col} of {grid_h}×{grid_w}. Colour scale "
             f"shared by both maps: black = {low:.2f} (lowest), yellow = 1 (the clicked patch). Mean "
             f"similarity: original {float(maps[0].mean()):.2f}, 3D-aware {float(maps[1].mean()):.2f}."

@@ -341,3 +341,22 @@ def test_space_metadata_and_requirements():
     }
     assert needed <= listed, f"space/requirements.txt lacks {sorted(needed - listed)}"
     assert "matplotlib" in listed
+
+
+def test_oversized_cmyk_and_16_bit_uploads_run_with_a_notice(space):
+    """An 8000x6000 photo is downscaled before anything else (the caption says so); CMYK and 16-bit files run."""
+    app, demo, client, folder = space
+    big = folder / "huge.png"
+    gradient = np.linspace(0, 255, 8000, dtype=np.float32).astype(np.uint8)
+    Image.fromarray(np.broadcast_to(gradient[None, :, None], (6000, 8000, 3)).copy()).save(big, compress_level=1)
+    pictures, info = visualize(client, big)
+    assert [p.shape for p in pictures] == [(168, 224, 3)] * 4
+    assert "your 8000×6000 image was downscaled to 224×168 px" in info
+    cmyk = folder / "print.jpg"
+    example("room_1.png").convert("CMYK").save(cmyk)
+    deep = folder / "deep.png"
+    Image.fromarray((np.asarray(example("room_2.png").convert("L"), np.uint16) * 257), "I;16").save(deep)
+    for path in (cmyk, deep):
+        pictures, info = visualize(client, path)
+        assert [p.shape for p in pictures] == [(224 * 240 // 320, 224, 3)] * 4, path
+        assert "downscaled to 224×168" in info  # the examples are 320x240

@@ -63,6 +63,13 @@ class ConvertArguments:
             "fit3d-hf[timm])."
         },
     )
+    pos_embed_interpolation: Literal["timm", "native"] = field(
+        default="timm",
+        metadata={
+            "help": "How the converted model resamples position embeddings to non-native grids: 'timm' (bicubic with "
+            "antialiasing, as the original's timm backbones: reproduces its features) or 'native' (transformers')."
+        },
+    )
     repo_id: str | None = field(
         default=None, metadata={"help": "Hub repo the checkpoint is meant for; named in its model card."}
     )
@@ -130,6 +137,7 @@ def convert_original_weights(
     *,
     original: str | os.PathLike | None = None,
     via: str = "transformers",
+    pos_embed_interpolation: str = "timm",
 ):
     """Builds a FiT3DModel from the original backbone and the release's fine-tuned timm weights.
 
@@ -138,6 +146,7 @@ def convert_original_weights(
         weights: The fine-tuned timm state dict file.
         original: Hub id or local folder of the original backbone; defaults to the one for `backbone`.
         via: `"transformers"` (native Dinov2 models) or `"timm"` (`TimmWrapperModel`).
+        pos_embed_interpolation: `"timm"` (the original's features) or `"native"` (see `FiT3DConfig`).
 
     Returns:
         `(model, changed)`: the `FiT3DModel` and how many fine-tuned tensors differ from the original's.
@@ -190,7 +199,10 @@ def convert_original_weights(
             "the weights in %s equal the original backbone's: is this the fine-tuned file?", weights
         )
     hub_id = known.get(backbone) or source
-    return FiT3DModel.from_backbones(original_model, finetuned, backbone=hub_id), changed
+    model = FiT3DModel.from_backbones(
+        original_model, finetuned, backbone=hub_id, pos_embed_interpolation=pos_embed_interpolation
+    )
+    return model, changed
 
 
 def save_checkpoint_atomically(
@@ -226,7 +238,10 @@ def main(argv: list[str]) -> int:
     if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite:
         raise UsageError(f"--output_dir {output_dir} already holds files; pass --overwrite to replace them")
     weights = args.weights if args.from_hub is None else _release_weights(args.from_hub)
-    model, changed = convert_original_weights(args.backbone, weights, original=args.original, via=args.via)
+    model, changed = convert_original_weights(
+        args.backbone, weights, original=args.original, via=args.via,
+        pos_embed_interpolation=args.pos_embed_interpolation,
+    )
     card = make_model_card(
         model.config.backbone,
         repo_id=args.repo_id,
@@ -239,6 +254,7 @@ def main(argv: list[str]) -> int:
         "backbone": model.config.backbone,
         "architecture": type(model.original).__name__,
         "feature_dim": model.config.feature_dim,
+        "pos_embed_interpolation": model.config.pos_embed_interpolation,
         "changed_tensors": changed,
     }
     sys.stdout.write(json.dumps(summary) + "\n")

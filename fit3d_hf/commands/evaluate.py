@@ -7,11 +7,12 @@ Examples::
     fit3d evaluate --model out/fit3d --probe segmentation --dataset scannetpp:data/synth --output_dir eval/seg \\
         --max_steps 500 --crop_size 112 --train_short_side 120
     fit3d evaluate --model out/fit3d --probe depth --dataset sayakpaul/nyu_depth_v2 --depth_column depth_map \\
-        --depth_scale 1 --max_depth 10 --output_dir eval/nyu-depth
+        --preset nyuv2 --depth_scale 1 --output_dir eval/nyu-depth
     fit3d evaluate --model out/fit3d --probe correspondence --dataset scannetpp:data/synth --output_dir eval/corr
 
 Defaults follow FiT3D's linear-probing protocol (40000 / 38400 iterations at 8 GPUs x 2 images, crops of
-512 / 416x544, ...); pass small values (--max_steps, --crop_size, --train_short_side) for a quick run, and
+512 / 416x544, ...; `--preset nyuv2|ade20k|scannetpp|kitti` adds the data set's own settings: label reduction,
+depth range, crops); pass small values (--max_steps, --crop_size, --train_short_side) for a quick run, and
 --no_augment to cache the frozen features once (much faster, above all on CPU). Writes results.md,
 results.json, PNG plots and the probe heads to --output_dir.
 """
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import json
 import sys
+
+__all__ = ["DESCRIPTION", "main"]
 
 DESCRIPTION = (
     "Probe original vs fine-tuned vs FiT3D features: segmentation, depth or multi-view correspondence"

@@ -6,6 +6,8 @@ import json
 import sys
 from dataclasses import dataclass, field
 
+__all__ = ["DESCRIPTION", "SceneArguments", "main"]
+
 DESCRIPTION = "Stage I: lift a backbone's features of one scene into 3D feature Gaussians"
 _HELP = (
     DESCRIPTION

@@ -6,6 +6,8 @@ import json
 import sys
 from dataclasses import dataclass, field
 
+__all__ = ["DESCRIPTION", "PreprocessScanNetppArguments", "main"]
+
 DESCRIPTION = "Downscale and undistort raw ScanNet++ DSLR scenes into the FiT3D scene layout (resumable)"
 
 
