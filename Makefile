@@ -6,17 +6,22 @@ PY := $(VENV)/bin/python
 # The CPU wheel of torch 2.13.0 lies on local disk; an unpinned torch would pull a multi-GB
 # CUDA build. No torchvision: PyPI's build breaks beside this wheel and takes transformers down.
 TORCH_PIN ?= torch==2.13.0
-STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml setup.py | cksum | cut -d' ' -f1)
+# The install builds the CPU rasterizer (fit3d_hf._C_cpu) in place, so its C++ sources are part of the stamp:
+# editing them rebuilds it on the next `make test` instead of testing a stale build.
+RASTERIZER_SOURCES := $(wildcard rasterizer_cuda/*.h rasterizer_cuda/*.py rasterizer_cuda/cpu/*)
+STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml setup.py $(RASTERIZER_SOURCES) | cksum | cut -d' ' -f1)
 export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 export GRADIO_ANALYTICS_ENABLED ?= False
 export TOKENIZERS_PARALLELISM ?= false
+# ninja (installed into the venv) compiles the extension's sources in parallel
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: demo test install quality style clean
 
-$(STAMP): setup.cfg pyproject.toml setup.py
+$(STAMP): setup.cfg pyproject.toml setup.py $(RASTERIZER_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade "pip>=24" setuptools wheel
+	$(PY) -m pip install -q --upgrade "pip>=24" setuptools wheel ninja
 	BUILD_NO_CUDA=1 $(PY) -m pip install -q --no-build-isolation "$(TORCH_PIN)" -e ".[test,space]"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
@@ -39,4 +44,4 @@ style: $(STAMP)
 	$(VENV)/bin/ruff format fit3d_hf dataset_builders training tests benchmarks space
 
 clean:
-	rm -rf $(VENV) build *.egg-info demo_output
+	rm -rf $(VENV) build *.egg-info demo_output fit3d_hf/_C*.so

@@ -1,8 +1,12 @@
-"""Build script: the Python package always, the CUDA rasterizer extension only where it can be built.
+"""Build script: the Python package always, the rasterizer's extensions where they can be built.
 
-The extension (`fit3d_hf._C`) is built when torch with CUDA support and nvcc are present and
-`BUILD_NO_CUDA` is not set to 1. Otherwise the package installs without it and the pure-PyTorch
-reference renderer is used (or the extension is compiled on first use, see fit3d_hf/render/_backend.py).
+* the CPU extension (`fit3d_hf._C_cpu`) wherever torch and a C++ compiler are present (optional: a failed
+  compile leaves the install without it);
+* the CUDA extension (`fit3d_hf._C`) when torch with CUDA support and nvcc are present and `BUILD_NO_CUDA`
+  is not set to 1.
+
+A missing extension is compiled on first use where possible, else the pure-PyTorch reference renderer serves
+(see fit3d_hf/render/_backend.py). The recipe is rasterizer_cuda/build.py.
 """
 
 import importlib.util
@@ -22,12 +26,10 @@ def _load_build_module():
 
 
 def get_ext_modules_and_cmdclass():
-    if os.environ.get("BUILD_NO_CUDA", "0") == "1":
-        return [], {}
     build_file = ROOT / "rasterizer_cuda" / "build.py"
     if not build_file.exists():
         return [], {}
-    return _load_build_module().get_setuptools_extension()
+    return _load_build_module().get_setuptools_extension(cuda=os.environ.get("BUILD_NO_CUDA", "0") != "1")
 
 
 ext_modules, cmdclass = get_ext_modules_and_cmdclass()

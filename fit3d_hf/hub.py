@@ -6,6 +6,7 @@ that tests can intercept completely (`upload_folder` reaches the network even wh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ from typing import Any
 
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 
+from .errors import HubUnavailableError, InputError, MissingInputError, UsageError
 from .utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -43,7 +45,7 @@ def _check_metric_rows(metrics: Sequence[Mapping[str, Any]]) -> list[dict[str, A
     for index, row in enumerate(metrics):
         missing = [key for key in _METRIC_KEYS if key not in row]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"metrics row {index} ({dict(row)}) lacks {missing}; every row needs {list(_METRIC_KEYS)}"
             )
         rows.append(dict(row))
@@ -175,18 +177,32 @@ def model_card_for_checkpoint(folder: str | os.PathLike, **kwargs) -> ModelCard:
     """
     config_path = Path(folder) / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} does not exist: is {folder} a saved FiT3D checkpoint?")
+        raise MissingInputError(f"{config_path} does not exist: is {folder} a saved FiT3D checkpoint?")
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"{config_path} is not valid JSON: {error}") from error
+        raise InputError(f"{config_path} is not valid JSON: {error}") from error
     if config.get("model_type") != "fit3d":
-        raise ValueError(f"{config_path} has model_type {config.get('model_type')!r}, expected 'fit3d'")
+        raise InputError(f"{config_path} has model_type {config.get('model_type')!r}, expected 'fit3d'")
     base_model = config.get("backbone") or config.get("backbone_config", {}).get("_name_or_path")
     if not base_model:
-        raise ValueError(f"{config_path} names no original backbone ('backbone'); pass base_model explicitly")
+        raise InputError(f"{config_path} names no original backbone ('backbone'); pass base_model explicitly")
     kwargs.setdefault("feature_dim", config.get("feature_dim"))
     return make_model_card(base_model, **kwargs)
+
+
+def write_image_processor(folder: str | os.PathLike) -> Path:
+    """Writes the image processor (`preprocessor_config.json`) of the FiT3D checkpoint in `folder`, for
+    checkpoints saved before `FiT3DModel.save_pretrained` wrote it."""
+    from .configuration_fit3d import FiT3DConfig
+    from .modeling_fit3d import IMAGE_PROCESSOR_FILENAME, fit3d_image_processor_dict
+
+    config_path = Path(folder) / "config.json"
+    try:
+        config = FiT3DConfig.from_pretrained(folder)
+    except (OSError, ValueError) as error:
+        raise InputError(f"{config_path} is not the config of a FiT3D checkpoint: {error}") from error
+    return atomic_write_text(Path(folder) / IMAGE_PROCESSOR_FILENAME, json.dumps(fit3d_image_processor_dict(config), indent=2) + "\n")
 
 
 def save_model_card(card: ModelCard, folder: str | os.PathLike) -> Path:
@@ -204,10 +220,10 @@ def _files_to_upload(folder: Path) -> list[Path]:
         if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)
     )
     if not files:
-        raise ValueError(f"{folder} holds no files to upload")
+        raise InputError(f"{folder} holds no files to upload")
     pickles = [str(path.relative_to(folder)) for path in files if path.suffix.lower() in _PICKLE_SUFFIXES]
     if pickles:
-        raise ValueError(
+        raise InputError(
             f"{folder} holds pickle-format files {pickles}; FiT3D checkpoints are uploaded as safetensors "
             "only (save_pretrained writes model.safetensors). Remove them and try again."
         )
@@ -236,24 +252,62 @@ def push_to_hub(
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder")
+        raise MissingInputError(f"{folder} is not a folder")
     files = _files_to_upload(folder)
     api = HfApi(token=token)
-    api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
     operations = [
         CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
         for path in files
     ]
-    logger.info("Committing %d files from %s to %s", len(operations), folder, repo_id)
-    return api.create_commit(
-        repo_id=repo_id, operations=operations, commit_message=commit_message, token=token, repo_type="model"
-    )
+    with _hub_errors(repo_id):
+        api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
+        logger.info("Committing %d files from %s to %s", len(operations), folder, repo_id)
+        return api.create_commit(
+            repo_id=repo_id, operations=operations, commit_message=commit_message, token=token, repo_type="model"
+        )
+
+
+@contextlib.contextmanager
+def _hub_errors(repo_id: str):
+    """The Hub's failures a person can act on, as the project's known errors."""
+    from huggingface_hub.errors import LocalTokenNotFoundError, OfflineModeIsEnabled
+
+    try:
+        yield
+    except OfflineModeIsEnabled as error:
+        raise HubUnavailableError(
+            f"cannot upload to {repo_id}: the Hub is unreachable because HF_HUB_OFFLINE is set; unset it and "
+            "try again"
+        ) from error
+    except LocalTokenNotFoundError as error:
+        raise UsageError(
+            f"cannot upload to {repo_id}: no Hub token; run `hf auth login` or set HF_TOKEN"
+        ) from error
+    except Exception as error:
+        if is_network_error(error):
+            raise HubUnavailableError(f"cannot upload to {repo_id}: the Hub is unreachable ({error})") from error
+        raise
+
+
+def is_network_error(error: BaseException) -> bool:
+    """Whether `error` (or its cause) means the Hub could not be reached: offline mode, no connection, a
+    time-out. Checked by class name for the HTTP clients' errors, so that no client needs importing."""
+    network_names = {"TransportError", "NetworkError", "ConnectError", "ConnectTimeout", "TimeoutException"}
+    while error is not None:
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            return True
+        if any(cls.__name__ in network_names for cls in type(error).__mro__):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 __all__ = [
     "FIT3D_CITATION",
+    "is_network_error",
     "make_model_card",
     "model_card_for_checkpoint",
     "push_to_hub",
     "save_model_card",
+    "write_image_processor",
 ]

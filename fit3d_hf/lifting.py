@@ -28,12 +28,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .checkpoints import load_torch_checkpoint, save_torch_checkpoint
+from .errors import UsageError
 from .gaussians import DensificationConfig, Densifier, FeatureGaussians, load_bundle, save_bundle
 from .gaussians.bundle import BUNDLE_FILENAME, SH_STORAGES
 from .gaussians.sh_codec import CompressedSH, assemble_sh, encode_sh
 from .losses import psnr, ssim, upsampled_feature_l1
 from .scene.specs import heldout_view_indices, resolve_scene_list  # noqa: F401  (resolve_scene_list: re-exported)
-from .utils import atomic_path, atomic_write_text, deterministic_algorithms
+from .utils import atomic_write_text, deterministic_algorithms
 
 __all__ = ["LiftingArguments", "SceneData", "lift_many", "lift_scene", "load_scene_data", "resolve_scene_list", "scene_extent"]
 
@@ -41,6 +43,37 @@ logger = logging.getLogger(__name__)
 
 METRICS_FILENAME = "metrics.json"
 CHECKPOINT_FILENAME = "checkpoint.pt"
+INITIAL_METRICS_FILENAME = "initial_metrics.json"
+PREVIEW_FILENAMES = ("preview_rgb.png", "preview_features.png")
+# Fields of LiftingArguments that do not change a scene's result, so a rerun that differs only in them reuses
+# (or resumes) it. Every other field, including any added later, is recorded in the scene's settings.json
+# and must match; add a field here only when its value cannot change the bundle or the metrics.
+NON_RESULT_FIELDS = frozenset(
+    {
+        "out",  # where the result goes, not what it is
+        "device",  # where it is computed (CPU and CUDA agree up to rounding; resuming on another device is fine)
+        "checkpoint_interval",  # a resumed run ends with the same Gaussians as an uninterrupted one
+        "previews",  # extra PNGs only
+        "keep_checkpoint",  # what is kept afterwards
+        "overwrite",  # what to do with an earlier result
+    }
+)
+NORMALIZATIONS = ("imagenet", "processor")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise UsageError(f"--{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def check_device_name(name: str) -> None:
+    """Refuses a `--device` value torch cannot parse ('auto' is ours: CUDA when available)."""
+    if name == "auto":
+        return
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError) as error:
+        raise UsageError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from error
 
 
 @dataclass
@@ -63,6 +96,13 @@ class LiftingArguments:
     feature_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the feature L1 loss."})
     position_lr_init: float = field(default=1.6e-4, metadata={"help": "Initial lr of the means (x scene extent)."})
     position_lr_final: float = field(default=1.6e-6, metadata={"help": "Final lr of the means (x scene extent)."})
+    position_lr_max_steps: int = field(
+        default=30_000,
+        metadata={
+            "help": "Length of the means' lr decay, in iterations (FiT3D/3DGS: 30,000 whatever --iterations; after it "
+            "the lr stays at the final value). 0: decay over --iterations, so that a short run ends at the final lr."
+        },
+    )
     sh_dc_lr: float = field(default=0.0025, metadata={"help": "lr of the SH DC coefficients."})
     sh_rest_lr: float = field(default=0.0025 / 20, metadata={"help": "lr of the higher SH coefficients."})
     feature_lr: float = field(default=0.0025 / 40, metadata={"help": "lr of the Gaussians' features."})
@@ -75,18 +115,41 @@ class LiftingArguments:
     densify_interval: int = field(default=100, metadata={"help": "Densify every N iterations."})
     opacity_reset_interval: int = field(default=3000, metadata={"help": "Reset opacities every N iterations."})
     densify_grad_threshold: float = field(default=2e-4, metadata={"help": "Screen-space gradient threshold (NDC)."})
-    normalization: str = field(default="imagenet", metadata={"help": "Backbone input normalisation: 'imagenet' (FiT3D) or 'processor'."})
+    prune_screen_size: bool = field(
+        default=False,
+        metadata={
+            "help": "Also prune Gaussians whose screen radius exceeded 20 px since the last densification (after the "
+            "first opacity reset). 3DGS/FiT3D's code has this test but it never fires there (the radii are reset just "
+            "before it); enabling it prunes more aggressively than 3DGS does."
+        },
+    )
+    near_plane: float = field(
+        default=0.2,
+        metadata={"help": "Gaussians closer to the camera than this (camera z, scene units) are not rendered (FiT3D's rasterizer: 0.2)."},
+    )
+    normalization: str = field(default="imagenet", metadata={"help": "Backbone input normalisation: 'imagenet' (FiT3D) or 'processor'.", "choices": list(NORMALIZATIONS)})
+    pos_embed_interpolation: str | None = field(
+        default=None,
+        metadata={
+            "help": "Position-embedding resampling of the backbone: 'timm' (bicubic with antialiasing, as the original "
+            "FiT3D's timm backbones) or 'native' (transformers'). Default: 'timm' for the short names (dinov2_small, "
+            "...), else what the backbone's config records, else 'native'. Stage II must use the same (it checks).",
+            "choices": ["timm", "native"],
+        },
+    )
     checkpoint_interval: int = field(default=1000, metadata={"help": "Save a resumable checkpoint every N iterations (0: never)."})
     device: str = field(default="auto", metadata={"help": "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."})
     mixed_precision: str = field(
-        default="no", metadata={"help": "'bf16': decode the features and compute their loss in bfloat16 (faster on GPUs; FiT3D: fp32)."}
+        default="no",
+        metadata={"help": "'bf16': decode the features and compute their loss in bfloat16 (faster on GPUs; FiT3D: fp32).", "choices": ["no", "bf16"]},
     )
     bundle_sh: str = field(
         default="compressed",
         metadata={
             "help": "How the bundle stores the SH colours: 'compressed' (8-bit DC + a k-means codebook of the higher "
-            "orders, 161 B per Gaussian in all at F = 64) or 'fp16' (exact to half precision, 252 B; RGB renders keep "
-            "view-dependent detail). Stage II reads neither."
+            "orders; the whole file is about 164 B per Gaussian at F = 64) or 'fp16' (exact to half precision, about "
+            "252 B; RGB renders keep view-dependent detail). Stage II reads neither.",
+            "choices": list(SH_STORAGES),
         },
     )
     bundle_sh_refine_steps: int | None = field(
@@ -98,22 +161,39 @@ class LiftingArguments:
     )
     previews: bool = field(default=True, metadata={"help": "Write preview PNGs (RGB render, PCA of features)."})
     keep_checkpoint: bool = field(default=False, metadata={"help": "Keep the last checkpoint after the scene is finished."})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Redo a scene whose earlier result (finished or not) was made with other settings (see settings.json)."},
+    )
 
     def __post_init__(self) -> None:
-        if self.feature_dim <= 0:
-            raise ValueError(f"--feature_dim must be positive, got {self.feature_dim}")
-        if self.iterations <= 0:
-            raise ValueError(f"--iterations must be positive, got {self.iterations}")
+        # Range checks; `fit3d_hf.cli.parse_args` reports them as argparse does (usage line, exit 2).
+        for name in ("feature_dim", "iterations", "random_init_points", "sh_increase_interval", "densify_interval"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--{name} must be positive, got {getattr(self, name)}")
+        for name in ("checkpoint_interval", "opacity_reset_interval", "densify_from", "densify_until"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"--{name} must be 0 or more, got {getattr(self, name)}")
+        if self.max_gaussians is not None and self.max_gaussians <= 0:
+            raise UsageError(f"--max_gaussians must be positive, got {self.max_gaussians}")
         if not 0 < self.image_scale <= 1:
-            raise ValueError(f"--image_scale must be in (0, 1], got {self.image_scale}")
+            raise UsageError(f"--image_scale must be in (0, 1], got {self.image_scale}")
         if self.holdout_every < 0 or self.holdout_every == 1:
-            raise ValueError(f"--holdout_every must be 0 or at least 2, got {self.holdout_every}")
-        if self.bundle_sh not in SH_STORAGES:
-            raise ValueError(f"--bundle_sh must be one of {SH_STORAGES}, got {self.bundle_sh!r}")
-        if self.mixed_precision not in ("no", "bf16"):
-            raise ValueError(f"--mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
-        if self.normalization not in ("imagenet", "processor"):
-            raise ValueError(f"--normalization must be 'imagenet' or 'processor', got {self.normalization!r}")
+            raise UsageError(f"--holdout_every must be 0 or at least 2, got {self.holdout_every}")
+        if not 0 <= self.sh_degree <= 3:
+            raise UsageError(f"--sh_degree must be 0 to 3, got {self.sh_degree}")
+        if not 0 <= self.lambda_dssim <= 1:
+            raise UsageError(f"--lambda_dssim must be in [0, 1], got {self.lambda_dssim}")
+        if self.bundle_sh_refine_steps is not None and self.bundle_sh_refine_steps < 0:
+            raise UsageError(f"--bundle_sh_refine_steps must be 0 or more, got {self.bundle_sh_refine_steps}")
+        _check_choice("bundle_sh", self.bundle_sh, SH_STORAGES)
+        _check_choice("mixed_precision", self.mixed_precision, ("no", "bf16"))
+        _check_choice("normalization", self.normalization, NORMALIZATIONS)
+        check_device_name(self.device)
+        if self.position_lr_max_steps < 0:
+            raise UsageError(f"--position_lr_max_steps must be positive (or 0: --iterations), got {self.position_lr_max_steps}")
+        if self.near_plane <= 0:
+            raise UsageError(f"--near_plane must be positive, got {self.near_plane}")
 
     def densification(self) -> DensificationConfig:
         return DensificationConfig(
@@ -122,6 +202,7 @@ class LiftingArguments:
             densify_interval=self.densify_interval,
             opacity_reset_interval=self.opacity_reset_interval,
             grad_threshold=self.densify_grad_threshold,
+            prune_screen_size=self.prune_screen_size,
             max_gaussians=self.max_gaussians,
         )
 
@@ -163,9 +244,17 @@ def scene_extent(camera_centers: np.ndarray) -> float:
 
 
 def _resolve_device(name: str) -> torch.device:
+    """The device of `--device`, refused (before anything is written) when this machine lacks it."""
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: this machine has no CUDA device (torch sees none); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 @torch.no_grad()
@@ -291,7 +380,7 @@ class _Lifter:
             return render(
                 g.means, g.quats, g.scales, g.opacities, g.active_sh(), g.features,
                 self.data.K[view : view + 1], self.data.world_to_camera[view : view + 1],
-                self.data.width, self.data.height, sh_degree=g.active_sh_degree,
+                self.data.width, self.data.height, sh_degree=g.active_sh_degree, near_plane=self.args.near_plane,
             )  # fmt: skip
 
     def target_features(self, view: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -305,7 +394,8 @@ class _Lifter:
         it = self.iteration
         for group in self.optimizer.param_groups:
             if group["name"] == "means":
-                group["lr"] = self.extent * _exponential_lr(it, args.position_lr_init, args.position_lr_final, args.iterations)
+                decay_steps = args.position_lr_max_steps or args.iterations
+                group["lr"] = self.extent * _exponential_lr(it, args.position_lr_init, args.position_lr_final, decay_steps)
         if it % args.sh_increase_interval == 0:
             self.gaussians.raise_sh_degree()
 
@@ -323,14 +413,18 @@ class _Lifter:
         loss = args.rgb_loss_weight * loss_rgb + args.feature_loss_weight * l1_features
         loss.backward()
 
+        # 3DGS's order: densify first, then step. Parameters that densification (or an opacity reset) just
+        # replaced have no gradient, so Adam skips them this once; the decoder always steps. The last
+        # iteration takes no step (3DGS steps only while iteration < iterations).
         with torch.no_grad():
             if it < args.densify_until:
                 self.densifier.update_stats(out.means2d.grad[0], out.radii[0], data.width, data.height)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
             for key, value in self.densifier.step(it, self.gaussians, self.optimizer).items():
                 if key in self.densification_totals:
                     self.densification_totals[key] += value
+            if it < args.iterations:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         # Detached tensors, not floats: reading a value would wait for the GPU at every step.
         return {"loss": loss.detach(), "l1_rgb": l1_rgb.detach(), "l1_features": l1_features.detach()}
 
@@ -341,7 +435,7 @@ class _Lifter:
         l1 = (rgb - target).abs().mean()
         return (1 - self.args.lambda_dssim) * l1 + self.args.lambda_dssim * (1.0 - ssim(rgb, target)), l1
 
-    def fit_compressed_colours(self, steps: int) -> CompressedSH:
+    def fit_compressed_colours(self, steps: int, progress: bool = False) -> CompressedSH:
         """The SH colours compressed for the bundle, with the DC terms and the codebook then refined by
         rendering the training views for `steps` iterations (RGB loss; geometry, features and each Gaussian's
         code fixed), as compact 3DGS methods do after vector quantisation: the k-means codebook alone keeps
@@ -351,6 +445,7 @@ class _Lifter:
         from .render import render
 
         args, data, g = self.args, self.data, self.gaussians
+        logger.info("%s: compressing the SH colours of %d Gaussians (k-means)", data.scene_id, len(g))
         compressed = encode_sh(g.sh, seed=args.seed)
         codes = compressed.rest_codes.to(torch.int32).long().to(self.device)
         codebook = torch.nn.Parameter(compressed.rest_codebook.float().to(self.device))
@@ -360,12 +455,12 @@ class _Lifter:
                 [{"params": [dc], "lr": args.sh_dc_lr}, {"params": [codebook], "lr": args.sh_rest_lr}], eps=1e-15
             )
             geometry = [t.detach() for t in (g.means, g.quats, g.scales, g.opacities)]
-            for _ in range(steps):
+            for _ in tqdm(range(steps), desc=f"{data.scene_id}: refining the compressed colours", disable=not progress):
                 view = self.next_view()
                 colours = torch.cat([dc, codebook[codes].view(len(codes), -1, 3)], dim=1)
                 out = render(
                     *geometry, colours, None, data.K[view : view + 1], data.world_to_camera[view : view + 1],
-                    data.width, data.height, sh_degree=g.active_sh_degree, render_depth=False,
+                    data.width, data.height, sh_degree=g.active_sh_degree, render_depth=False, near_plane=args.near_plane,
                 )  # fmt: skip
                 optimizer.zero_grad(set_to_none=True)
                 self.rgb_loss(out.rgb, view)[0].backward()
@@ -374,12 +469,12 @@ class _Lifter:
         return assemble_sh(dc.detach()[:, 0], codebook.detach(), codes)
 
     @torch.no_grad()
-    def evaluate(self, views: list[int]) -> dict[str, float]:
-        """Mean PSNR (valid pixels) and feature L1 over `views`."""
+    def evaluate(self, views: list[int], desc: str | None = None) -> dict[str, float]:
+        """Mean PSNR (valid pixels) and feature L1 over `views` (with a progress bar labelled `desc`, if given)."""
         if not views:
             return {}
         psnrs, l1s = [], []
-        for view in views:
+        for view in tqdm(views, desc=desc, disable=desc is None, leave=False):
             out = self.render(view, with_grad=False)
             mask = self.data.masks[view : view + 1]
             psnrs.append(psnr(out.rgb.clamp(0, 1), self.data.image(view), mask))
@@ -439,6 +534,28 @@ def _write_previews(lifter: _Lifter, view: int, folder: Path) -> None:
     save_image(folder / "preview_features.png", np.concatenate(pictures, axis=1))
 
 
+def lifting_settings(args: LiftingArguments) -> dict:
+    """The settings that determine a scene's Stage I result: every field of `args` except `NON_RESULT_FIELDS`,
+    with the backbone in one spelling (short names as Hub ids, local folders as absolute paths)."""
+    from .backbones import resolve_backbone_name
+    from .reruns import result_settings
+
+    def backbone_id(name: str) -> str:
+        name = resolve_backbone_name(name)
+        return str(Path(name).resolve()) if Path(name).exists() else name
+
+    return result_settings(args, NON_RESULT_FIELDS, canonical={"backbone": backbone_id})
+
+
+def _remove_outputs(folder: Path) -> None:
+    """Deletes the files a lift writes into `folder` (only those: `--out` may share a folder with anything)."""
+    from .reruns import SETTINGS_FILENAME
+
+    names = (METRICS_FILENAME, CHECKPOINT_FILENAME, INITIAL_METRICS_FILENAME, BUNDLE_FILENAME, SETTINGS_FILENAME)
+    for name in (*names, *PREVIEW_FILENAMES):
+        (folder / name).unlink(missing_ok=True)
+
+
 def lift_scene(
     scene,
     args: LiftingArguments,
@@ -447,35 +564,68 @@ def lift_scene(
     max_iterations_this_run: int | None = None,
     progress: bool = True,
 ) -> dict | None:
-    """Runs Stage I on one scene and writes `<out>/<scene_id>/` (bundle, metrics.json, previews).
+    """Runs Stage I on one scene and writes `<out>/<scene_id>/` (bundle, metrics.json, settings.json, previews).
 
-    A finished scene (its metrics.json exists) is skipped and its metrics returned. An unfinished one
-    resumes from its last checkpoint. `max_iterations_this_run` stops early after a checkpoint (used to
-    test resuming); the function then returns None.
+    An earlier result in that folder is reused when it was made with the same settings (`lifting_settings`):
+    a finished scene is skipped and its metrics returned, an unfinished one resumes from its last
+    checkpoint. With other settings the call is refused (`UsageError` naming them) unless `args.overwrite`.
+    `max_iterations_this_run` stops early after a checkpoint (used to test resuming); the function then
+    returns None. Nothing is written before the scene, the device and the backbone have loaded.
 
     Args:
         scene: a scene folder (any layout `fit3d_hf.scene.read_scene` reads) or a loaded `Scene`.
         args: the options.
         extractor: a `DenseFeatureExtractor` (built from `args.backbone` when None).
     """
+    from .reruns import check_previous_result, write_settings
     from .scene import read_scene
 
+    device = _resolve_device(args.device)
     if isinstance(scene, (str, os.PathLike)):
         scene = read_scene(scene)
     folder = Path(args.out) / scene.scene_id
     metrics_path = folder / METRICS_FILENAME
-    if metrics_path.is_file():
-        logger.info("%s is already lifted (%s exists): skipping", scene.scene_id, metrics_path)
+    settings = lifting_settings(args)
+    previous = check_previous_result(
+        folder, settings, finished=metrics_path.is_file(), unfinished=(folder / CHECKPOINT_FILENAME).is_file(),
+        overwrite=args.overwrite, what="lifted scene",
+    )  # fmt: skip
+    if previous == "finished":
+        logger.info("%s: already lifted with these settings (%s): skipping it; --overwrite redoes it", scene.scene_id, folder)
         return json.loads(metrics_path.read_text())
-    folder.mkdir(parents=True, exist_ok=True)
-    device = _resolve_device(args.device)
     torch.manual_seed(args.seed)
     if extractor is None:
         from .backbones import DenseFeatureExtractor
 
-        extractor = DenseFeatureExtractor.from_pretrained(args.backbone, normalization=args.normalization)
-    with deterministic_algorithms(device.type == "cpu"):
-        return _lift(scene, args, extractor, folder, device, max_iterations_this_run, progress)
+        extractor = DenseFeatureExtractor.from_pretrained(
+            args.backbone, normalization=args.normalization, pos_embed_interpolation=args.pos_embed_interpolation
+        )
+    if previous == "overwrite":
+        logger.info("%s: replacing the earlier result in %s (--overwrite)", scene.scene_id, folder)
+        _remove_outputs(folder)
+    created = _missing_ancestors(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_settings(folder, settings)
+    try:
+        with deterministic_algorithms(device.type == "cpu"):
+            return _lift(scene, args, extractor, folder, device, max_iterations_this_run, progress)
+    except BaseException:
+        if not (folder / CHECKPOINT_FILENAME).is_file():  # nothing to resume: leave no litter behind
+            _remove_outputs(folder)
+            for path in created:  # innermost first; only folders this call created, and only when empty
+                if path.is_dir() and not any(path.iterdir()):
+                    path.rmdir()
+        raise
+
+
+def _missing_ancestors(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist yet, innermost first."""
+    missing = []
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        missing.append(path)
+    return missing
 
 
 def _lift(scene, args, extractor, folder, device, max_iterations_this_run, progress) -> dict | None:
@@ -492,12 +642,12 @@ def _lift(scene, args, extractor, folder, device, max_iterations_this_run, progr
     lifter = _Lifter(args, data, train, device)
     checkpoint_path = folder / CHECKPOINT_FILENAME
     if checkpoint_path.is_file():
-        lifter.load_state_dict(torch.load(checkpoint_path, map_location="cpu", weights_only=True))
+        lifter.load_state_dict(load_torch_checkpoint(checkpoint_path))
         logger.info("%s: resumed from %s at iteration %d", scene.scene_id, checkpoint_path, lifter.iteration)
-        initial = json.loads((folder / "initial_metrics.json").read_text())
+        initial = json.loads((folder / INITIAL_METRICS_FILENAME).read_text())
     else:
-        initial = lifter.evaluate(train)
-        atomic_write_text(folder / "initial_metrics.json", json.dumps(initial))
+        initial = lifter.evaluate(train, desc=f"{scene.scene_id}: initial evaluation" if progress else None)
+        atomic_write_text(folder / INITIAL_METRICS_FILENAME, json.dumps(initial))
 
     bar = tqdm(total=args.iterations, initial=lifter.iteration, desc=f"{scene.scene_id}: lifting", disable=not progress)
     steps_this_run = 0
@@ -510,8 +660,7 @@ def _lift(scene, args, extractor, folder, device, max_iterations_this_run, progr
             bar.set_postfix(loss=f"{float(losses['loss']):.4f}", gaussians=len(lifter.gaussians))
         interval = args.checkpoint_interval
         if interval and lifter.iteration % interval == 0 and lifter.iteration < args.iterations:
-            with atomic_path(checkpoint_path) as temporary:
-                torch.save(lifter.state_dict(), temporary)
+            save_torch_checkpoint(lifter.state_dict(), checkpoint_path)  # atomic, with tensor checksums
             if max_iterations_this_run is not None and steps_this_run >= max_iterations_this_run:
                 bar.close()
                 return None
@@ -520,17 +669,19 @@ def _lift(scene, args, extractor, folder, device, max_iterations_this_run, progr
         torch.cuda.synchronize(device)
     train_seconds = time.perf_counter() - train_start
 
-    final_train = lifter.evaluate(train)
-    final_holdout = lifter.evaluate(holdout)
+    label = (lambda what: f"{scene.scene_id}: {what}") if progress else (lambda what: None)
+    final_train = lifter.evaluate(train, desc=label("evaluating the training views"))
+    final_holdout = lifter.evaluate(holdout, desc=label("evaluating the held-out views"))
     compressed = None
     if args.bundle_sh == "compressed":
         steps = args.bundle_sh_refine_steps
-        compressed = lifter.fit_compressed_colours(min(1000, args.iterations // 10) if steps is None else steps)
+        compressed = lifter.fit_compressed_colours(min(1000, args.iterations // 10) if steps is None else steps, progress)
+    logger.info("%s: writing the bundle (%d Gaussians)", scene.scene_id, len(lifter.gaussians))
     bundle_path = save_bundle(
         folder / BUNDLE_FILENAME, lifter.gaussians, lifter.decoder.weight.detach(),
         scene_id=scene.scene_id, backbone=args.backbone,
         extra_metadata={"image_size": [data.width, data.height], "iterations": args.iterations}, seed=args.seed,
-        sh_storage=args.bundle_sh, compressed_sh=compressed,
+        sh_storage=args.bundle_sh, compressed_sh=compressed, provenance=extractor.provenance(),
     )  # fmt: skip
     # Held-out PSNR of the bundle as saved (fp16 geometry, compressed SH): one more pass over the held-out views.
     saved_holdout = {}
@@ -538,7 +689,7 @@ def _lift(scene, args, extractor, folder, device, max_iterations_this_run, progr
         trained = lifter.gaussians
         saved = load_bundle(bundle_path, include_sh=True).to_gaussians(trained.active_sh_degree)
         lifter.gaussians = saved.to(device)
-        saved_holdout = lifter.evaluate(holdout)
+        saved_holdout = lifter.evaluate(holdout, desc=label("evaluating the saved bundle"))
         lifter.gaussians = trained
     if args.previews:
         _write_previews(lifter, holdout[0] if holdout else train[0], folder)
@@ -569,7 +720,7 @@ def _lift(scene, args, extractor, folder, device, max_iterations_this_run, progr
     atomic_write_text(metrics_path, json.dumps(metrics, indent=2))  # written last: marks the scene done
     if not args.keep_checkpoint:  # resume state, no longer needed once metrics.json marks the scene done
         checkpoint_path.unlink(missing_ok=True)
-        (folder / "initial_metrics.json").unlink(missing_ok=True)
+        (folder / INITIAL_METRICS_FILENAME).unlink(missing_ok=True)
     return metrics
 
 
@@ -580,13 +731,22 @@ def lift_many(
     process_index: int = 0,
     num_processes: int = 1,
     progress: bool = True,
+    claims=None,
 ) -> list[dict]:
     """Lifts this process's share of the scenes (every `num_processes`-th, from `process_index`), one
-    after the other; finished scenes are skipped and unfinished ones resume (see `lift_scene`)."""
+    after the other; finished scenes are skipped and unfinished ones resume (see `lift_scene`).
+
+    With `claims` (a `fit3d_hf.scene_claims.SceneClaims`), the processes claim scenes one at a time instead
+    (balanced, and a dead process's scenes are taken over once its lease expires); the index and count
+    are then unused."""
     from .backbones import DenseFeatureExtractor
 
+    extractor = DenseFeatureExtractor.from_pretrained(
+        args.backbone, normalization=args.normalization, pos_embed_interpolation=args.pos_embed_interpolation
+    )
+    if claims is not None:
+        return [lift_scene(path, args, extractor, progress=progress) for path in claims.scenes(list(scene_paths))]
     share = list(scene_paths)[process_index::num_processes]
-    extractor = DenseFeatureExtractor.from_pretrained(args.backbone, normalization=args.normalization)
     results = []
     for path in tqdm(share, desc=f"scenes (process {process_index})", disable=not progress or len(share) < 2):
         results.append(lift_scene(path, args, extractor, progress=progress))

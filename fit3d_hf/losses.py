@@ -71,31 +71,39 @@ def masked_l1(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
 
 
 class _UpsampledFeatureL1(torch.autograd.Function):
-    """The CUDA kernel of `upsampled_feature_l1` (rasterizer_cuda/feature_loss.cu); channels-last inputs."""
+    """The compiled kernel of `upsampled_feature_l1`: rasterizer_cuda/feature_loss.cu (channels-last inputs) or
+    its CPU twin rasterizer_cuda/cpu/feature_loss_cpu.cpp (any layout), by the tensors' device."""
 
     @staticmethod
     def forward(ctx, decoded, target, mask):
-        from .render._backend import require_extension
+        from .render._backend import extension_for
 
         ctx.save_for_backward(decoded, target, mask)
-        return require_extension().feature_l1_fwd(decoded, target, mask)
+        return extension_for(decoded.device).feature_l1_fwd(decoded, target, mask)
 
     @staticmethod
     def backward(ctx, grad_output):
-        from .render._backend import require_extension
+        from .render._backend import extension_for
 
         decoded, target, mask = ctx.saved_tensors
-        grad = require_extension().feature_l1_bwd(decoded, target, mask, grad_output.float().reshape(1).contiguous())
-        return grad, None, None
+        grad_output = grad_output.float().reshape(1).contiguous()
+        return extension_for(decoded.device).feature_l1_bwd(decoded, target, mask, grad_output), None, None
+
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _use_feature_l1_kernel(decoded: torch.Tensor, target: torch.Tensor) -> bool:
-    if not (decoded.is_cuda and target.is_cuda):
+    if target.requires_grad or decoded.device != target.device:
         return False
-    from .render._backend import load_extension
+    if decoded.dtype not in _KERNEL_DTYPES or target.dtype not in _KERNEL_DTYPES:  # float64: the composed ops
+        return False
+    from .render._backend import load_cpu_extension, load_extension
 
-    extension = load_extension()
-    return extension is not None and hasattr(extension, "feature_l1_fwd") and not target.requires_grad
+    if decoded.is_cuda:
+        extension = load_extension()
+        return extension is not None and hasattr(extension, "feature_l1_fwd")
+    return decoded.device.type == "cpu" and load_cpu_extension() is not None
 
 
 def upsampled_feature_l1(decoded: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -110,17 +118,15 @@ def upsampled_feature_l1(decoded: torch.Tensor, target: torch.Tensor, mask: torc
         mask: `[B, 1, H, W]` bool, or None.
 
     Returns:
-        The loss, a float32 scalar. On CUDA a fused kernel computes it (and its gradient) in one pass over
-        `decoded` (the composed ops below take about ten, see rasterizer_cuda/feature_loss.cu); elsewhere the
-        composed ops do.
+        The loss, a float32 scalar. Where a compiled rasterizer is available (CUDA, or the CPU extension), a
+        fused kernel computes it (and its gradient) in one pass over `decoded` (the composed ops below take
+        about ten, see rasterizer_cuda/feature_loss.cu); elsewhere the composed ops do.
     """
     if _use_feature_l1_kernel(decoded, target):
-        channels_last = torch.channels_last
-        return _UpsampledFeatureL1.apply(
-            decoded.contiguous(memory_format=channels_last),
-            target.contiguous(memory_format=channels_last),
-            None if mask is None else mask.contiguous(),
-        )
+        if decoded.is_cuda:  # the CUDA kernel reads channels last; the CPU one takes any layout
+            decoded = decoded.contiguous(memory_format=torch.channels_last)
+            target = target.contiguous(memory_format=torch.channels_last)
+        return _UpsampledFeatureL1.apply(decoded, target, None if mask is None else mask.contiguous())
     upsampled = F.interpolate(target.to(decoded.dtype), size=decoded.shape[-2:], mode="bilinear", align_corners=False)
     if mask is not None:
         upsampled = torch.where(mask, upsampled, decoded.detach())

@@ -10,7 +10,9 @@ and `configuration_fit3d`; `fit3d_hf.backbones` builds on it.
 from __future__ import annotations
 
 import copy
+import json
 import os
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -19,8 +21,75 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
+from transformers.utils import logging as transformers_logging
 
 from .configuration_fit3d import FiT3DConfig
+
+logger = transformers_logging.get_logger(__name__)
+
+# Float input outside this range is almost surely not an image in [0, 1] (0-255 values, or already normalised).
+_PIXEL_RANGE_TOLERATED = (-0.5, 1.5)
+
+
+IMAGE_PROCESSOR_FILENAME = "preprocessor_config.json"
+
+
+def fit3d_image_processor_dict(config: FiT3DConfig) -> dict:
+    """The `preprocessor_config.json` of a FiT3D model: images to RGB, channels first, scaled to [0, 1],
+    neither resized nor normalised (the model resizes down to a patch multiple and normalises inside, so
+    images of any size work).
+
+    It names transformers' own `ViTImageProcessor`, which any installation loads without remote code; its
+    `image_mean`/`image_std` record the statistics the model applies itself (`do_normalize` is off).
+    """
+    return {
+        "image_processor_type": "ViTImageProcessor",
+        "do_convert_rgb": True,
+        "do_resize": False,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": False,
+        "image_mean": [float(v) for v in config.image_mean],
+        "image_std": [float(v) for v in config.image_std],
+    }
+
+
+def fit3d_image_processor(config: FiT3DConfig):
+    """The image processor of a FiT3D model (see `fit3d_image_processor_dict`):
+    `processor(images=..., return_tensors="pt")` gives the model's `pixel_values`."""
+    from transformers import ViTImageProcessor  # imported here: the image-processing stack is slow to import
+
+    settings = fit3d_image_processor_dict(config)
+    settings.pop("image_processor_type")
+    return ViTImageProcessor(**settings)
+
+
+def check_pixel_values(pixel_values: torch.Tensor) -> None:
+    """Refuses what is not a batch of images in [0, 1], and warns once about floats far outside that range.
+
+    Args:
+        pixel_values: `[B, 3, H, W]` images; float, values in [0, 1].
+    """
+    if not torch.is_tensor(pixel_values):
+        raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+    if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+        raise ValueError(
+            f"pixel_values must be [B, 3, H, W] images in [0, 1], got shape {tuple(pixel_values.shape)}"
+        )
+    if not pixel_values.is_floating_point():
+        raise ValueError(
+            f"pixel_values are {pixel_values.dtype}, but the model takes float images in [0, 1]: convert them "
+            "with `pixel_values.float() / 255` (8-bit) or `/ 65535` (16-bit), or prepare them with the image "
+            "processor saved beside the model (AutoImageProcessor.from_pretrained)"
+        )
+    if pixel_values.numel() and not torch.compiler.is_compiling():
+        low, high = (float(v) for v in torch.aminmax(pixel_values.detach()))
+        if low < _PIXEL_RANGE_TOLERATED[0] or high > _PIXEL_RANGE_TOLERATED[1]:
+            # One fixed message, so that warning_once shows it once per process whatever the values.
+            logger.warning_once(
+                "pixel_values fall far outside [0, 1], but the model takes images in [0, 1] and normalises them "
+                "itself: divide 0-255 values by 255, and do not normalise them beforehand"
+            )
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -55,6 +124,9 @@ class _BackboneSpec:
     num_prefix_tokens: Callable[[nn.Module], int]  # CLS, distillation and register tokens before the patches
     forward_kwargs: Callable[[nn.Module, torch.Tensor, int], dict] = field(default=_no_kwargs)
     output_is_normed: bool = True  # whether `last_hidden_state` already went through `final_norm`
+    # Positions before the patch grid in the stored absolute position table (resampled as they are); None: the
+    # architecture has no table transformers resamples (RoPE, or timm models, which resample as timm does).
+    position_prefix: int | None = None
 
 
 def _config_patch_size(model: nn.Module) -> int:
@@ -63,9 +135,11 @@ def _config_patch_size(model: nn.Module) -> int:
 
 
 _BACKBONE_SPECS: dict[str, _BackboneSpec] = {
-    "dinov2": _BackboneSpec(final_norm=lambda m: m.layernorm, num_prefix_tokens=lambda m: 1),
+    "dinov2": _BackboneSpec(final_norm=lambda m: m.layernorm, num_prefix_tokens=lambda m: 1, position_prefix=1),
     "dinov2_with_registers": _BackboneSpec(
-        final_norm=lambda m: m.layernorm, num_prefix_tokens=lambda m: 1 + m.config.num_register_tokens
+        final_norm=lambda m: m.layernorm,
+        num_prefix_tokens=lambda m: 1 + m.config.num_register_tokens,
+        position_prefix=1,  # the registers have no position
     ),
     "dinov3_vit": _BackboneSpec(
         final_norm=lambda m: m.norm, num_prefix_tokens=lambda m: 1 + m.config.num_register_tokens
@@ -74,15 +148,20 @@ _BACKBONE_SPECS: dict[str, _BackboneSpec] = {
         final_norm=lambda m: m.layernorm,
         num_prefix_tokens=lambda m: 1,
         forward_kwargs=_interpolate_pos_encoding,
+        position_prefix=1,
     ),
     # DeiT (distilled) carries a CLS and a distillation token.
     "deit": _BackboneSpec(
         final_norm=lambda m: m.layernorm,
         num_prefix_tokens=lambda m: 2,
         forward_kwargs=_interpolate_pos_encoding,
+        position_prefix=2,
     ),
     "vit_mae": _BackboneSpec(
-        final_norm=lambda m: m.layernorm, num_prefix_tokens=lambda m: 1, forward_kwargs=_mae_identity_order
+        final_norm=lambda m: m.layernorm,
+        num_prefix_tokens=lambda m: 1,
+        forward_kwargs=_mae_identity_order,
+        position_prefix=1,
     ),
     # CLIP applies its post-layernorm to the pooled CLS token only; timm (and FiT3D) normalise every token.
     "clip_vision_model": _BackboneSpec(
@@ -90,12 +169,14 @@ _BACKBONE_SPECS: dict[str, _BackboneSpec] = {
         num_prefix_tokens=lambda m: 1,
         forward_kwargs=_interpolate_pos_encoding,
         output_is_normed=False,
+        position_prefix=1,
     ),
     # SigLIP has no CLS token: every output token is a patch.
     "siglip_vision_model": _BackboneSpec(
         final_norm=lambda m: _unwrap(m).post_layernorm,
         num_prefix_tokens=lambda m: 0,
         forward_kwargs=_interpolate_pos_encoding,
+        position_prefix=0,
     ),
     "timm_wrapper": _BackboneSpec(
         final_norm=lambda m: m.timm_model.norm,
@@ -161,6 +242,96 @@ def extract_vision_tower(model: PreTrainedModel) -> PreTrainedModel:
     wrapper.vision_model = tower
     _backbone_spec(wrapper)
     return wrapper
+
+
+POS_EMBED_INTERPOLATIONS = ("timm", "native")
+
+
+def resample_position_table(
+    table: torch.Tensor, grid: tuple[int, int], stored_grid: tuple[int, int], num_prefix: int
+) -> torch.Tensor:
+    """timm's `resample_abs_pos_embed`: the patch part of an absolute position table resampled to a new grid.
+
+    Bicubic *with* antialiasing (PyTorch's antialiased bicubic kernel, a = -0.5, also when upsampling), computed
+    in float32 from the stored grid; prefix positions (CLS, ...) are kept as they are. Unchanged when the grid
+    is square and already has the stored number of positions, as in timm.
+
+    Args:
+        table: `[1, num_prefix + h0 * w0, D]` stored position embeddings.
+        grid: `(h, w)` patch grid of the input.
+        stored_grid: `(h0, w0)` grid the table was trained for.
+        num_prefix: positions before the patch grid in `table`.
+
+    Returns:
+        `[1, num_prefix + h * w, D]` in the table's dtype.
+    """
+    height, width = grid
+    if height * width + num_prefix == table.shape[1] and height == width:
+        return table
+    prefix, patches = table[:, :num_prefix], table[:, num_prefix:]
+    dim = table.shape[-1]
+    patches = patches.float().reshape(1, stored_grid[0], stored_grid[1], dim).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, size=(height, width), mode="bicubic", antialias=True)
+    patches = patches.permute(0, 2, 3, 1).reshape(1, height * width, dim).to(table.dtype)
+    return torch.cat([prefix, patches], dim=1)
+
+
+def _position_table(embeddings: nn.Module) -> torch.Tensor:
+    # DINOv2, ViT, DeiT, ViT-MAE keep a parameter; CLIP and SigLIP an nn.Embedding.
+    table = getattr(embeddings, "position_embeddings", None)
+    if isinstance(table, torch.Tensor):
+        return table
+    return embeddings.position_embedding.weight.unsqueeze(0)
+
+
+def _timm_interpolate_pos_encoding(self, embeddings: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    # Bound to a backbone's embeddings module in place of transformers' `interpolate_pos_encoding`.
+    table = _position_table(self)
+    num_prefix, patch_size = self._fit3d_position_prefix, self._fit3d_patch_size
+    stored = int(round((table.shape[1] - num_prefix) ** 0.5))
+    grid = (height // patch_size, width // patch_size)
+    return resample_position_table(table, grid, (stored, stored), num_prefix)
+
+
+def set_pos_embed_interpolation(model: nn.Module, mode: str) -> None:
+    """Chooses how a backbone resamples its absolute position embeddings to a non-native patch grid.
+
+    - ``"timm"``: as timm does (`resample_position_table`: bicubic with antialiasing), i.e. as the original
+      FiT3D's timm backbones do. At FiT3D's 41 x 62 grid it changes DINOv2's position embeddings by 3-9 %
+      against transformers' own resampling.
+    - ``"native"``: transformers' own `interpolate_pos_encoding` (bicubic without antialiasing for DINOv2, ViT,
+      DeiT, ViT-MAE, CLIP, SigLIP; DINOv2 with registers already antialiases).
+
+    Architectures without a resampled table (DINOv3's RoPE, timm models, which always resample as timm) are
+    the same either way. The choice is recorded in `model.config.pos_embed_interpolation`, so that a saved
+    backbone keeps it.
+
+    Args:
+        model: A supported backbone (see `SUPPORTED_BACKBONE_TYPES`), modified in place.
+        mode: ``"timm"`` or ``"native"``.
+    """
+    if mode not in POS_EMBED_INTERPOLATIONS:
+        raise ValueError(f"pos_embed_interpolation must be one of {POS_EMBED_INTERPOLATIONS}, got {mode!r}")
+    spec = _backbone_spec(model)
+    model.config.pos_embed_interpolation = mode
+    if spec.position_prefix is None:
+        return
+    embeddings = _unwrap(model).embeddings
+    if mode == "native":
+        embeddings.__dict__.pop("interpolate_pos_encoding", None)  # back to the class's method
+        return
+    embeddings._fit3d_position_prefix = spec.position_prefix
+    embeddings._fit3d_patch_size = backbone_patch_size(model)
+    embeddings.interpolate_pos_encoding = types.MethodType(_timm_interpolate_pos_encoding, embeddings)
+
+
+def pos_embed_interpolation_of(model: nn.Module) -> str:
+    """The position-embedding resampling a backbone uses now (see `set_pos_embed_interpolation`)."""
+    spec = _backbone_spec(model)
+    if spec.position_prefix is None:  # the same either way: report what was asked for
+        return getattr(model.config, "pos_embed_interpolation", "native")
+    patched = "interpolate_pos_encoding" in _unwrap(model).embeddings.__dict__
+    return "timm" if patched else "native"
 
 
 def backbone_patch_size(model: nn.Module) -> int:
@@ -324,7 +495,7 @@ _NON_ARCHITECTURE_KEYS = frozenset(
         "label2id", "_attn_implementation", "_attn_implementation_autoset", "attn_implementation",
         "initializer_range", "hidden_dropout_prob", "attention_probs_dropout_prob", "attention_dropout",
         "drop_path_rate", "mask_ratio", "output_hidden_states", "output_attentions", "return_dict",
-        "pretrained_cfg", "label_names", "num_labels", "problem_type", "use_cache",
+        "pretrained_cfg", "label_names", "num_labels", "problem_type", "use_cache", "pos_embed_interpolation",
     }
 )  # fmt: skip
 
@@ -361,6 +532,8 @@ class FiT3DModel(FiT3DPreTrainedModel):
         self.original = AutoModel.from_config(backbone_config)
         self.finetuned = AutoModel.from_config(backbone_config)
         _backbone_spec(self.original)  # fail early on an unsupported architecture
+        for backbone in (self.original, self.finetuned):
+            set_pos_embed_interpolation(backbone, config.pos_embed_interpolation)
         self.register_buffer("image_mean", torch.tensor(config.image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(config.image_std).view(1, 3, 1, 1), persistent=False)
         self.post_init()
@@ -369,6 +542,21 @@ class FiT3DModel(FiT3DPreTrainedModel):
     def patch_size(self) -> int:
         """Patch side p of both backbones, in pixels."""
         return backbone_patch_size(self.original)
+
+    def image_processor(self):
+        """The image processor of this model (see `fit3d_image_processor`)."""
+        return fit3d_image_processor(self.config)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus the image processor (`preprocessor_config.json`), so that
+        `AutoImageProcessor.from_pretrained` and `pipeline("image-feature-extraction")` work on the folder."""
+        if kwargs.get("is_main_process", True):
+            os.makedirs(save_directory, exist_ok=True)
+            # Written first, so that an upload (push_to_hub=True) includes it.
+            with open(os.path.join(save_directory, IMAGE_PROCESSOR_FILENAME), "w", encoding="utf-8") as handle:
+                json.dump(fit3d_image_processor_dict(self.config), handle, indent=2)
+                handle.write("\n")
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @property
     def hidden_size(self) -> int:
@@ -390,6 +578,7 @@ class FiT3DModel(FiT3DPreTrainedModel):
         normalization: str | None = None,
         image_mean: list[float] | None = None,
         image_std: list[float] | None = None,
+        pos_embed_interpolation: str | None = None,
     ) -> FiT3DModel:
         """Builds a FiT3D model from two loaded backbones of the same architecture (weights are copied).
 
@@ -404,6 +593,8 @@ class FiT3DModel(FiT3DPreTrainedModel):
                 `image_std` reads them from the image processor of `backbone`.
             image_mean: Per-channel mean when normalization is not `"imagenet"`.
             image_std: Per-channel std when normalization is not `"imagenet"`.
+            pos_embed_interpolation: `"timm"` or `"native"` (see `FiT3DConfig`); defaults to what `original`
+                uses (`set_pos_embed_interpolation`).
 
         Returns:
             A `FiT3DModel` in eval mode on the CPU, holding copies of both backbones' weights.
@@ -411,6 +602,8 @@ class FiT3DModel(FiT3DPreTrainedModel):
         extractor_stats = _extractor_normalization(original)
         original = _as_backbone(original, "original")
         finetuned = _as_backbone(finetuned, "finetuned")
+        if pos_embed_interpolation is None:
+            pos_embed_interpolation = pos_embed_interpolation_of(original)
         differences = _architecture_differences(original, finetuned)
         if differences:
             raise ValueError(
@@ -432,6 +625,7 @@ class FiT3DModel(FiT3DPreTrainedModel):
             image_mean=image_mean,
             image_std=image_std,
             feature_dim=2 * backbone_hidden_size(original),
+            pos_embed_interpolation=pos_embed_interpolation,
         )
         model = cls(config)
         model.original.load_state_dict(original.state_dict())
@@ -464,10 +658,7 @@ class FiT3DModel(FiT3DPreTrainedModel):
         """
         if kwargs:
             raise TypeError(f"FiT3DModel.forward got unexpected arguments: {sorted(kwargs)}")
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
-            raise ValueError(
-                f"pixel_values must be [B, 3, H, W] images in [0, 1], got shape {tuple(pixel_values.shape)}"
-            )
+        check_pixel_values(pixel_values)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         pixel_values = resize_to_patch_multiple(pixel_values, self.patch_size)
         pixel_values = (pixel_values - self.image_mean) / self.image_std
@@ -554,8 +745,15 @@ __all__ = [
     "backbone_hidden_size",
     "backbone_num_prefix_tokens",
     "backbone_patch_size",
+    "check_pixel_values",
     "extract_vision_tower",
+    "fit3d_image_processor",
+    "fit3d_image_processor_dict",
+    "POS_EMBED_INTERPOLATIONS",
+    "pos_embed_interpolation_of",
     "prepare_backbone_config",
     "processor_mean_std",
+    "resample_position_table",
     "resize_to_patch_multiple",
+    "set_pos_embed_interpolation",
 ]

@@ -10,14 +10,41 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["atomic_path", "atomic_write_text", "deterministic_algorithms"]
+__all__ = ["atomic_path", "atomic_write_text", "deterministic_algorithms", "current_umask", "make_staging_dir"]
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system allows (Linux's /proc), else by setting
+    and restoring it."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_staging_dir(beside: str | os.PathLike) -> Path:
+    """A new hidden folder beside `beside`, to build an output in and rename into place. Unlike
+    `tempfile.mkdtemp` (always 0700) it gets the permissions the umask gives any new folder, so that the
+    renamed output can be read by the others that share it."""
+    beside = Path(beside)
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{beside.name}.", dir=beside.parent))
+    folder.chmod(0o777 & ~current_umask())
+    return folder
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary file beside `path` (same suffix, so writers that look at it pick the right format).
     When the block ends normally the temporary file replaces `path`; on an error it is deleted, so a failed
-    write never leaves a half-written `path`. The parent folder is created if needed."""
+    write never leaves a half-written `path`. The parent folder is created if needed. The result gets the
+    permissions the umask gives any new file (`mkstemp` alone would leave it 0600, unreadable to others)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".tmp")
@@ -25,6 +52,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     temporary = Path(name)
     try:
         yield temporary
+        temporary.chmod(0o666 & ~current_umask())
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)

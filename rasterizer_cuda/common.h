@@ -2,9 +2,9 @@
 #pragma once
 
 #include <cstdint>
-#include <cuda_runtime.h>
 
 #include "constants.h"
+#include "host_device.h"
 
 namespace fit3d {
 
@@ -75,11 +75,13 @@ __host__ __device__ inline bool pixel_box(float mx, float my, float a, float b, 
     return true;
 }
 
+#ifdef __CUDACC__
 __device__ inline float warp_sum(float v) {
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(FULL_MASK, v, offset);
     return v;
 }
+#endif
 
 __host__ __device__ inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 

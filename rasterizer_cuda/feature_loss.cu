@@ -12,6 +12,7 @@
 
 #include <cstdint>
 
+#include "feature_loss_math.h"
 #include "ops.h"
 
 namespace fit3d {
@@ -28,14 +29,6 @@ template <typename T> __device__ inline T from_float(float v);
 template <> __device__ inline float from_float<float>(float v) { return v; }
 template <> __device__ inline __half from_float<__half>(float v) { return __float2half(v); }
 template <> __device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
-
-// PyTorch's area_pixel_compute_source_index for align_corners=False, then its neighbour and weight choice.
-__device__ inline void source_index(int dst, float scale, int in_size, int& i0, int& i1, float& lambda1) {
-    const float real = fmaxf(scale * (dst + 0.5f) - 0.5f, 0.f);
-    i0 = int(real);
-    i1 = i0 + (i0 < in_size - 1 ? 1 : 0);
-    lambda1 = real - i0;
-}
 
 // The upsampled target at pixel (b, y, x), channel c, and whether the pixel counts.
 struct PixelSource {

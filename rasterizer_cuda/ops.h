@@ -7,7 +7,8 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <cuda_runtime.h>
+
+#include "host_device.h"
 
 namespace fit3d {
 

@@ -1,5 +1,6 @@
-// Helpers shared by rasterize_fwd.cu and rasterize_bwd.cu: where channel values, image planes and
-// gradient targets live for the channel order (r, g, b, depth, features...).
+// Helpers shared by rasterize_fwd.cu, rasterize_bwd.cu and the CPU rasterizer (cpu/rasterize_*.cpp): where
+// channel values, image planes and gradient targets live for the channel order (r, g, b, depth, features...),
+// and the alpha of a Gaussian at a pixel.
 #pragma once
 
 #include "common.h"
@@ -7,7 +8,7 @@
 
 namespace fit3d {
 
-__device__ inline Splat load_splat(const RasterizeArgs& a, int b, int g) {
+__host__ __device__ inline Splat load_splat(const RasterizeArgs& a, int b, int g) {
     const int64_t i = int64_t(b) * a.N + g;
     Splat s;
     s.x = a.means2d[i * 2 + 0];
@@ -17,27 +18,27 @@ __device__ inline Splat load_splat(const RasterizeArgs& a, int b, int g) {
     s.b = a.conics[i * 3 + 1];
     s.c = a.conics[i * 3 + 2];
     // alpha = o exp(-sigma) >= 1/255 needs sigma <= ln(255 o); the 1e-3 margin (0.1 % of alpha) is far above
-    // the rounding of __expf and the product, so no pixel that could pass the threshold is cut
+    // the rounding of fast_expf and the product, so no pixel that could pass the threshold is cut
     s.sigma_cut = logf(fmaxf(s.opacity / ALPHA_THRESHOLD, 1e-30f)) + 1e-3f;
     return s;
 }
 
 // Value of channel `c` of Gaussian `g` seen from camera `b`.
-__device__ inline float channel_value(const RasterizeArgs& a, int b, int g, int c) {
+__host__ __device__ inline float channel_value(const RasterizeArgs& a, int b, int g, int c) {
     if (c < 3) return a.colors[b * a.colors_camera_stride + int64_t(g) * 3 + c];
     if (c == 3) return a.depths[int64_t(b) * a.N + g];
     return a.features[int64_t(g) * a.F + (c - 4)];
 }
 
 // Where the gradient of channel `c` of Gaussian `g` (camera `b`) is accumulated.
-__device__ inline float* channel_grad(const RasterizeArgs& a, int b, int g, int c) {
+__host__ __device__ inline float* channel_grad(const RasterizeArgs& a, int b, int g, int c) {
     if (c < 3) return a.v_colors + b * a.colors_camera_stride + int64_t(g) * 3 + c;
     if (c == 3) return a.v_depths + int64_t(b) * a.N + g;
     return a.v_feats + int64_t(g) * a.F + (c - 4);
 }
 
 // Image plane (H x W) of channel `c` of camera `b` in the forward outputs.
-__device__ inline float* output_plane(const RasterizeArgs& a, int b, int c) {
+__host__ __device__ inline float* output_plane(const RasterizeArgs& a, int b, int c) {
     const int64_t hw = int64_t(a.width) * a.height;
     if (c < 3) return a.out_rgb + (int64_t(b) * 3 + c) * hw;
     if (c == 3) return a.out_depth + int64_t(b) * hw;
@@ -45,7 +46,7 @@ __device__ inline float* output_plane(const RasterizeArgs& a, int b, int c) {
 }
 
 // Gradient of the image value of channel `c`, camera `b`, at pixel index `pix` (0 where none was given).
-__device__ inline float image_grad(const RasterizeArgs& a, int b, int c, int64_t pix) {
+__host__ __device__ inline float image_grad(const RasterizeArgs& a, int b, int c, int64_t pix) {
     const int64_t hw = int64_t(a.width) * a.height;
     if (c < 3) return a.v_rgb ? a.v_rgb[(int64_t(b) * 3 + c) * hw + pix] : 0.f;
     if (c == 3) return a.v_depth ? a.v_depth[int64_t(b) * hw + pix] : 0.f;
@@ -56,8 +57,8 @@ __device__ inline float image_grad(const RasterizeArgs& a, int b, int c, int64_t
 // the backward kernel round it identically (they must agree on which Gaussians were composited). Most
 // (pixel, Gaussian) pairs of a tile lie outside the Gaussian's 1/255 ellipse: they return 0 without the
 // exponential, which would otherwise bound the kernels' speed (one per pair and pixel).
-__device__ inline float splat_alpha(const Splat& s, float px, float py, float& dx, float& dy, float& sigma,
-                                    float& gauss, float& raw) {
+__host__ __device__ inline float splat_alpha(const Splat& s, float px, float py, float& dx, float& dy,
+                                             float& sigma, float& gauss, float& raw) {
     dx = px - s.x;
     dy = py - s.y;
     sigma = fmaf(s.b * dx, dy, 0.5f * fmaf(s.a * dx, dx, (s.c * dy) * dy));
@@ -65,7 +66,7 @@ __device__ inline float splat_alpha(const Splat& s, float px, float py, float& d
         gauss = raw = 0.f;
         return 0.f;
     }
-    gauss = __expf(-sigma);
+    gauss = fast_expf(-sigma);
     raw = s.opacity * gauss;
     return fminf(MAX_ALPHA, raw);
 }

@@ -25,6 +25,8 @@ import torch
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from fit3d_hf import FiT3DConfig, FiT3DModel
+from fit3d_hf.errors import InputError, MissingInputError
+from fit3d_hf.images import to_8bit
 from fit3d_hf.visualization import cosine_similarity_map, heatmap_rgb, kmeans_segments, label_colors, pca_rgb
 
 __all__ = [
@@ -48,8 +50,9 @@ DEFAULT_MODELS_FILE = SPACE_DIR / "models.json"
 DEFAULT_DEMO_MODEL_DIR = SPACE_DIR.parent / "demo_output" / "fit3d"
 EXAMPLES_DIR = SPACE_DIR / "examples"
 
-RANDOM_MODEL_LABEL = "Random tiny FiT3D (random weights — for testing the app only)"
-DEMO_MODEL_LABEL = "FiT3D demo model (demo_output/fit3d, from `make demo`)"
+# Short labels: the model picker shows them in full (longer explanations go into each model's description).
+RANDOM_MODEL_LABEL = "Random weights (app test)"
+DEMO_MODEL_LABEL = "Demo model (make demo)"
 SIMILARITY_CMAP = "inferno"
 MARKER_COLOR = (0, 255, 255)  # cyan: absent from inferno, so the marker never reads as a similarity value
 MIN_CLUSTERS, MAX_CLUSTERS = 2, 40
@@ -91,8 +94,18 @@ class ModelEntry:
     """One entry of the model picker, as listed in `models.json`."""
 
     label: str
-    source: str  # Hub id, or local folder (relative paths are relative to models.json)
+    source: str | None  # Hub id, or local folder (relative paths are relative to models.json)
     description: str = ""
+    # A backbone of the original FiT3D release (yuanwenyue/FiT3D, e.g. "dinov2_small"): when `source` does not
+    # load (or is None), the model is built from the release's weights (download, convert, cache).
+    release: str | None = None
+
+    @property
+    def where(self) -> str:
+        """What the entry loads from, for messages."""
+        if self.source and self.release:
+            return f"{self.source}, else the original release's {self.release}"
+        return self.source or f"the original release's {self.release}"
 
 
 @dataclass
@@ -110,6 +123,7 @@ class ModelRegistry:
 
     models: dict[str, LoadedModel] = field(default_factory=dict)
     failures: list[tuple[ModelEntry, str]] = field(default_factory=list)
+    offline: list[ModelEntry] = field(default_factory=list)  # entries that needed the Hub, which is unreachable
 
     def get(self, label: str) -> LoadedModel:
         if label not in self.models:
@@ -130,41 +144,55 @@ def read_model_entries(path: str | Path) -> list[ModelEntry]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"model list {path} does not exist")
+        raise MissingInputError(f"model list {path} does not exist")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"model list {path} is not valid JSON: {error}") from error
+        raise InputError(f"model list {path} is not valid JSON: {error}") from error
     items = data.get("models") if isinstance(data, dict) else None
     if not isinstance(items, list):
-        raise ValueError(f'model list {path} must hold {{"models": [{{"label": ..., "source": ...}}, ...]}}')
+        raise InputError(f'model list {path} must hold {{"models": [{{"label": ..., "source": ...}}, ...]}}')
+    from fit3d_hf.release import RELEASE_BACKBONES
+
     entries = []
     for index, item in enumerate(items):
         if (
             not isinstance(item, dict)
             or not isinstance(item.get("label"), str)
-            or not isinstance(item.get("source"), str)
+            or not isinstance(item.get("source", ""), str)
+            or not isinstance(item.get("release", ""), str)
+            or not (item.get("source") or item.get("release"))
         ):
-            raise ValueError(
-                f"model list {path}: entry {index} needs string 'label' and 'source', got {item!r}"
+            raise InputError(
+                f"model list {path}: entry {index} needs a string 'label' and a 'source' and/or 'release', "
+                f"got {item!r}"
             )
-        source = item["source"]
-        local = (path.parent / source).resolve()
-        if not Path(source).is_absolute() and local.is_dir():
-            source = str(local)
-        entries.append(ModelEntry(item["label"], source, str(item.get("description", ""))))
+        release = item.get("release") or None
+        if release is not None and release not in RELEASE_BACKBONES:
+            raise InputError(
+                f"model list {path}: entry {index} names release {release!r}; the original release has "
+                f"{', '.join(RELEASE_BACKBONES)}"
+            )
+        source = item.get("source") or None
+        if source is not None:
+            local = (path.parent / source).resolve()
+            if not Path(source).is_absolute() and local.is_dir():
+                source = str(local)
+        entries.append(ModelEntry(item["label"], source, str(item.get("description", "")), release))
     labels = [entry.label for entry in entries]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"model list {path} repeats a label: {labels}")
+        raise InputError(f"model list {path} repeats a label: {labels}")
     return entries
 
 
 def _load_fit3d(source: str, device: torch.device) -> FiT3DModel:
     from transformers import AutoConfig, AutoModel
 
+    if Path(source).is_absolute() and not Path(source).exists():  # not a Hub id: say so, not "bad repo id"
+        raise MissingInputError(f"folder {source} does not exist")
     config = AutoConfig.from_pretrained(source)
     if config.model_type != FiT3DConfig.model_type:
-        raise ValueError(f"{source} holds a {config.model_type!r} model, not a FiT3D model ('fit3d')")
+        raise InputError(f"{source} holds a {config.model_type!r} model, not a FiT3D model ('fit3d')")
     return AutoModel.from_pretrained(source, config=config).to(device).eval()
 
 
@@ -193,20 +221,63 @@ def build_random_model(seed: int = 0) -> FiT3DModel:
     return model.eval()
 
 
+def _load_entry(entry: ModelEntry, device: torch.device, release_cache: str | Path | None) -> FiT3DModel:
+    """The entry's model: from its source, else built from the original release's weights (cached)."""
+    from fit3d_hf.release import converted_release_model
+
+    if entry.source:
+        try:
+            return _load_fit3d(entry.source, device)
+        except Exception as source_error:  # noqa: BLE001 - the release (if any) gets its chance below
+            if not entry.release:
+                raise
+            logger.info("%s: %s did not load (%s); building it from the original release", entry.label, entry.source, source_error)
+    # A failure here is reported with its own cause (an unreachable Hub, a conversion problem, ...).
+    return _load_fit3d(str(converted_release_model(entry.release, release_cache)), device)
+
+
+def _short_reason(error: Exception) -> str:
+    """One line for the page: the project's own messages as they are, others with their type."""
+    from fit3d_hf.errors import Fit3DError
+
+    first = (str(error).strip().splitlines() or [""])[0]
+    return first if isinstance(error, Fit3DError) else f"{type(error).__name__}: {first}"
+
+
+def _needs_unreachable_hub(error: BaseException) -> bool:
+    """Whether loading failed only because the Hub cannot be reached (offline, or no network)."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from fit3d_hf.errors import HubUnavailableError
+    from fit3d_hf.hub import is_network_error
+
+    while error is not None:
+        if isinstance(error, (HubUnavailableError, LocalEntryNotFoundError)) or is_network_error(error):
+            return True
+        error = error.__cause__
+    return False
+
+
 def load_models(
     entries: list[ModelEntry],
     demo_model_dir: str | Path | None = DEFAULT_DEMO_MODEL_DIR,
     device: torch.device | None = None,
+    release_cache: str | Path | None = None,
 ) -> ModelRegistry:
     """Loads every entry it can; failures are recorded, not raised.
 
-    The local demo model (`make demo`'s output) joins when its folder exists; when nothing loaded at all, a
-    random tiny model is added so the app still starts.
+    An entry whose Hub model is missing but that names a backbone of the original release is built from the
+    release's weights (downloaded once, converted, cached in `release_cache`). The local demo model (`make
+    demo`'s output) joins when its folder exists; when nothing loaded at all, a random tiny model is added so
+    the app still starts. Entries that needed the Hub while it is unreachable are listed in
+    `registry.offline` (the page shows one short notice for them).
 
     Args:
         entries: the picker entries.
         demo_model_dir: folder of the demo pipeline's FiT3DModel; None to skip it.
         device: where the models run; CUDA when available by default.
+        release_cache: where models built from the original release are kept (default:
+            `fit3d_hf.release.default_release_cache()`).
 
     Returns:
         The registry.
@@ -226,15 +297,19 @@ def load_models(
             )
     for entry in candidates:
         try:
-            model = _load_fit3d(entry.source, device)
+            model = _load_entry(entry, device, release_cache)
         # Any failure (no network, missing folder, wrong model type, broken weights) must leave the app
         # usable, with the reason shown next to the picker.
         except Exception as error:  # noqa: BLE001
-            message = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
-            logger.warning("Model %r (%s) did not load: %s", entry.label, entry.source, message)
+            if _needs_unreachable_hub(error):
+                logger.warning("Model %r (%s) needs the Hub, which is unreachable", entry.label, entry.where)
+                registry.offline.append(entry)
+                continue
+            message = _short_reason(error)
+            logger.warning("Model %r (%s) did not load: %s", entry.label, entry.where, message)
             registry.failures.append((entry, message))
             continue
-        registry.models[entry.label] = LoadedModel(entry.label, entry.source, entry.description, model)
+        registry.models[entry.label] = LoadedModel(entry.label, entry.where, entry.description, model)
     if not registry.models:
         logger.warning("No FiT3D model loaded; using a tiny model with random weights")
         registry.models[RANDOM_MODEL_LABEL] = LoadedModel(
@@ -255,10 +330,11 @@ def load_models(
 def prepare_image(image: Image.Image | np.ndarray, max_side: int) -> Image.Image:
     """Any PIL image or array -> an RGB image whose long side is at most `max_side`.
 
-    Transparent pixels are composited onto white; grayscale, palette, CMYK and 16-bit images become RGB.
+    Transparent pixels are composited onto white; grayscale, palette, CMYK and 16-bit images become RGB
+    (16-bit ones scaled by their bit depth, as the scene readers do, not stretched to their maximum).
 
     Args:
-        image: PIL image, or `[H, W]` / `[H, W, 3|4]` array (uint8, or float in [0, 1]).
+        image: PIL image, or `[H, W]` / `[H, W, 3|4]` array (uint8, uint16, or float in [0, 1]).
         max_side: cap on the long side in pixels (larger images are downscaled, aspect kept).
 
     Returns:
@@ -266,7 +342,9 @@ def prepare_image(image: Image.Image | np.ndarray, max_side: int) -> Image.Image
     """
     if isinstance(image, np.ndarray):
         array = image
-        if array.dtype != np.uint8:
+        if array.dtype == np.uint16:  # scaled by the bit depth, like 16-bit files
+            array = (array.astype(np.float64) * (255.0 / 65535.0)).round().astype(np.uint8)
+        elif array.dtype != np.uint8:
             array = (np.clip(array.astype(np.float64), 0.0, 1.0) * 255).round().astype(np.uint8)
         if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
             raise gr.Error(
@@ -274,11 +352,9 @@ def prepare_image(image: Image.Image | np.ndarray, max_side: int) -> Image.Image
             )
         image = Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array)
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        # High-bit-depth grayscale: stretch to 8 bits by the maximum (PIL's convert would clip at 255).
-        values = np.asarray(image, dtype=np.float64)
-        peak = values.max() if values.size and values.max() > 0 else 1.0
-        image = Image.fromarray((np.clip(values / peak, 0, 1) * 255).round().astype(np.uint8))
+    # High-bit-depth grey pictures: scaled by their bit depth, as the scene readers do (PIL's convert would
+    # clip them at 255), so an 8-bit and a 16-bit copy of a picture give the same features.
+    image = to_8bit(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -332,6 +408,16 @@ def open_image(value) -> Image.Image | np.ndarray | None:
     except (OSError, ValueError, SyntaxError) as error:  # truncated or corrupt files
         raise gr.Error(f"{name} could not be read as an image: {error}") from error
     return image
+
+
+def _downscale_notice(given_size: tuple[int, int], shown_size: tuple[int, int]) -> str:
+    """A visible line when the upload was larger than the Space computes on (empty otherwise)."""
+    if tuple(given_size) == tuple(shown_size):
+        return ""
+    return (
+        f"**Note: your {given_size[0]}×{given_size[1]} image was downscaled to {shown_size[0]}×{shown_size[1]} px** "
+        "(the Space's size limit). · "
+    )
 
 
 def _upscale(picture: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -436,7 +522,7 @@ class _FeatureService:
                 f"{MAX_CLUSTERS}, got {n_clusters}."
             )
         n_clusters = int(n_clusters)
-        features, _ = self.features(image, label)
+        features, given_size = self.features(image, label)
         if shared_pca:
             pca_original, pca_finetuned = pca_rgb(features.original, features.finetuned)
         else:
@@ -456,7 +542,7 @@ class _FeatureService:
             f"{n_clusters} clusters, cosine distance"
         )
         pictures = [pca_original, pca_finetuned, *segments]
-        return (*(_upscale(p, size) for p in pictures), info)
+        return (*(_upscale(p, size) for p in pictures), _downscale_notice(given_size, size) + info)
 
     def similarity(self, image, label: str, x, y):
         """Cosine similarity of every patch to the patch under the point (x, y), in both models.
@@ -471,8 +557,8 @@ class _FeatureService:
             Heat map original, heat map 3D-aware (one shared colour scale, the point circled) and a caption.
         """
         features, (given_w, given_h) = self.features(image, label)
-        x = given_w / 2 if x is None else float(x)
-        y = given_h / 2 if y is None else float(y)
+        x = given_w / 2 if _blank(x) else _coordinate(x, "x")
+        y = given_h / 2 if _blank(y) else _coordinate(y, "y")
         if not (0 <= x < given_w and 0 <= y < given_h):
             raise gr.Error(f"The point ({x:g}, {y:g}) lies outside the {given_w}×{given_h} image.")
         _, grid_h, grid_w = features.original.shape
@@ -488,7 +574,7 @@ class _FeatureService:
             _draw_marker(_upscale(heatmap_rgb(m, low, 1.0, SIMILARITY_CMAP), size), px, py, radius)
             for m in maps
         ]
-        info = (
+        info = _downscale_notice((given_w, given_h), size) + (
             f"Point ({x:.0f}, {y:.0f}) → patch row {row}, column {col} of {grid_h}×{grid_w}. Colour scale "
             f"shared by both maps: black = {low:.2f} (lowest), yellow = 1 (the clicked patch). Mean "
             f"similarity: original {float(maps[0].mean()):.2f}, 3D-aware {float(maps[1].mean()):.2f}."
@@ -496,8 +582,56 @@ class _FeatureService:
         return pictures[0], pictures[1], info
 
 
+def _blank(value) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def _coordinate(value, name: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError) as error:
+        raise gr.Error(f"The clicked {name} must be a number of pixels, got {value!r}.") from error
+
+
+def check_upload(value):
+    """Upload-time check of the input image: a file that is not an image is removed at once, with a message,
+    instead of staying as a broken preview. Returns the value unchanged (gradio skips the update) or None."""
+    if value is None:
+        return gr.skip()
+    try:
+        open_image(value)
+    except gr.Error as error:
+        gr.Warning(error.message)
+        return None
+    return gr.skip()
+
+
+def _captioned_image(caption: str, elem_id: str, **kwargs) -> gr.Image:
+    """An image with its caption above it, never over it (gradio floats labels over the picture's corner,
+    where they hide part of it and get cut off on narrow screens)."""
+    gr.Markdown(caption, elem_id=f"{elem_id}-caption", elem_classes=["picture-caption"])
+    return gr.Image(label=caption, show_label=False, elem_id=elem_id, **kwargs)
+
+
+def _picture_row(*pictures: tuple[str, str]) -> list[gr.Image]:
+    """Result pictures side by side, each `(elem_id, caption)` with its caption above it."""
+    images = []
+    with gr.Row():
+        for elem_id, caption in pictures:
+            with gr.Column():
+                images.append(_captioned_image(caption, elem_id, format="png"))
+    return images
+
+
 def _status_markdown(registry: ModelRegistry) -> str:
     lines = []
+    if registry.offline:
+        names = ", ".join(entry.label for entry in registry.offline)
+        local = ", ".join(f"**{label}**" for label in registry.models) or "none"
+        lines.append(
+            f"ℹ️ The Hugging Face Hub cannot be reached, so the Hub models ({names}) are not available here; "
+            f"using the local model(s): {local}."
+        )
     for loaded in registry.models.values():
         if loaded.random_weights:
             lines.append(
@@ -505,7 +639,7 @@ def _status_markdown(registry: ModelRegistry) -> str:
                 "for testing the app only**: its pictures say nothing about FiT3D."
             )
     for entry, message in registry.failures:
-        lines.append(f"✗ Model **{entry.label}** (`{entry.source}`) did not load: {message}")
+        lines.append(f"✗ Model **{entry.label}** did not load: {message}")
     return "\n\n".join(lines)
 
 
@@ -521,6 +655,7 @@ def build_demo(
     demo_model_dir: str | Path | None = DEFAULT_DEMO_MODEL_DIR,
     settings: SpaceSettings | None = None,
     registry: ModelRegistry | None = None,
+    release_cache: str | Path | None = None,
 ) -> gr.Blocks:
     """Loads the models and builds the app (not launched).
 
@@ -529,6 +664,7 @@ def build_demo(
         demo_model_dir: folder of `make demo`'s FiT3DModel, offered when it exists; None to skip.
         settings: size and concurrency limits.
         registry: already loaded models (overrides `models_file` and `demo_model_dir`).
+        release_cache: where models built from the original release's weights are kept (see `load_models`).
 
     Returns:
         The `gr.Blocks`, with its queue configured. API endpoints: `/visualize` (image, model, clusters,
@@ -537,7 +673,7 @@ def build_demo(
     settings = settings or SpaceSettings()
     if registry is None:
         entries = read_model_entries(models_file) if models_file is not None else []
-        registry = load_models(entries, demo_model_dir)
+        registry = load_models(entries, demo_model_dir, release_cache=release_cache)
     service = _FeatureService(registry, settings)
     labels = list(registry.models)
     examples = sorted(EXAMPLES_DIR.glob("*.png"))
@@ -547,10 +683,10 @@ def build_demo(
         gr.Markdown(_status_markdown(registry), elem_id="model-status")
         with gr.Row():
             with gr.Column(scale=1):
-                image_input = gr.Image(
-                    label="Input image (click a point for the similarity maps)",
+                image_input = _captioned_image(
+                    "**Input image** (click a point for the similarity maps)",
+                    "input-image",
                     sources=["upload", "webcam", "clipboard"],
-                    elem_id="input-image",
                 )
                 model_choice = gr.Dropdown(labels, value=labels[0], label="Model", elem_id="model-choice")
                 n_clusters = gr.Slider(
@@ -563,8 +699,9 @@ def build_demo(
                 )
                 run_button = gr.Button("Run", variant="primary", elem_id="run-button")
                 with gr.Row():
-                    point_x = gr.Number(None, label="Clicked x (px)", precision=0, elem_id="point-x")
-                    point_y = gr.Number(None, label="Clicked y (px)", precision=0, elem_id="point-y")
+                    # Text boxes, not gr.Number (which shows 0 before any click): empty until a point is clicked.
+                    point_x = gr.Textbox("", label="Clicked x (px)", placeholder="click the image", elem_id="point-x")
+                    point_y = gr.Textbox("", label="Clicked y (px)", placeholder="click the image", elem_id="point-y")
                 similarity_button = gr.Button("Similarity at this point", size="sm")
                 if examples:
                     gr.Examples(
@@ -574,30 +711,17 @@ def build_demo(
                     )
             with gr.Column(scale=2):
                 info = gr.Markdown(elem_id="run-info")
-                with gr.Row():
-                    pca_original = gr.Image(label="PCA · original", format="png", elem_id="pca-original")
-                    pca_finetuned = gr.Image(
-                        label="PCA · 3D-aware (FiT3D)", format="png", elem_id="pca-finetuned"
-                    )
-                with gr.Row():
-                    kmeans_original = gr.Image(
-                        label="K-Means · original", format="png", elem_id="kmeans-original"
-                    )
-                    kmeans_finetuned = gr.Image(
-                        label="K-Means · 3D-aware (FiT3D)", format="png", elem_id="kmeans-finetuned"
-                    )
+                pca_original, pca_finetuned = _picture_row(
+                    ("pca-original", "PCA · original"), ("pca-finetuned", "PCA · 3D-aware (FiT3D)")
+                )
+                kmeans_original, kmeans_finetuned = _picture_row(
+                    ("kmeans-original", "K-Means · original"), ("kmeans-finetuned", "K-Means · 3D-aware (FiT3D)")
+                )
                 similarity_info = gr.Markdown(elem_id="similarity-info")
-                with gr.Row():
-                    similarity_original = gr.Image(
-                        label="Similarity to the clicked patch · original",
-                        format="png",
-                        elem_id="similarity-original",
-                    )
-                    similarity_finetuned = gr.Image(
-                        label="Similarity to the clicked patch · 3D-aware (FiT3D)",
-                        format="png",
-                        elem_id="similarity-finetuned",
-                    )
+                similarity_original, similarity_finetuned = _picture_row(
+                    ("similarity-original", "Similarity to the clicked patch · original"),
+                    ("similarity-finetuned", "Similarity to the clicked patch · 3D-aware (FiT3D)"),
+                )
 
         visual_outputs = [pca_original, pca_finetuned, kmeans_original, kmeans_finetuned, info]
         similarity_inputs = [image_input, model_choice, point_x, point_y]
@@ -607,7 +731,7 @@ def build_demo(
             return event.index[0], event.index[1]
 
         def clear_point():
-            return None, None
+            return "", ""
 
         # Handlers get the raw upload (preprocess=False) and decode it in open_image, so that a file that is
         # not an image is refused with a message. The public endpoint is registered first so that it gets
@@ -639,6 +763,7 @@ def build_demo(
             **raw,
         )
         image_input.change(clear_point, None, [point_x, point_y], api_visibility="private")
+        image_input.upload(check_upload, image_input, image_input, api_visibility="private", **raw)
     demo.queue(default_concurrency_limit=settings.concurrency_limit, max_size=32)
     return demo
 

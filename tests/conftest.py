@@ -15,3 +15,15 @@ import torch  # noqa: E402
 def _seed_everything():
     torch.manual_seed(0)
     yield
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many inputs each property-based (fuzz) target was fed in this session."""
+    import sys
+
+    helpers = sys.modules.get("fuzz_helpers")
+    if helpers is not None and helpers.FUZZ_COUNTS:
+        counts = helpers.FUZZ_COUNTS
+        refused = helpers.FUZZ_REFUSED
+        targets = ", ".join(f"{name} {number} ({refused[name]} refused)" for name, number in sorted(counts.items()))
+        terminalreporter.write_line(f"fuzzing: {sum(counts.values())} inputs tried ({targets})")

@@ -71,7 +71,7 @@ def test_bundle_round_trip(tmp_path):
     assert torch.equal(sh[:100, 1:], torch.zeros(100, 15, 3))
     assert float((sh[100:, 1:] - original[100:, 1:]).abs().max()) < 5e-3
     metadata = read_bundle_metadata(path)
-    assert (metadata["format_version"], metadata["sh_codebook_size"]) == ("3", "64")
+    assert (metadata["format_version"], metadata["sh_codebook_size"]) == ("4", "64")
     assert torch.equal(load_compressed_sh(path).decode(), sh)
     assert bundle.features.dtype == torch.float16
     # As FeatureGaussians (what the held-out evaluation of Stage I renders).
@@ -120,7 +120,7 @@ def test_stage2_load_skips_sh_and_is_compact(tmp_path):
     without_sh = load_bundle(stripped)
     for name in ("means", "quats", "log_scales", "opacities", "features", "decoder_weight"):
         assert torch.equal(getattr(without_sh, name), getattr(bundle, name)), name
-    with pytest.raises(ValueError, match=r"no_sh.safetensors lacks the tensors \['sh.dc_codes'"):
+    with pytest.raises(ValueError, match=r"no_sh.safetensors: lacks the tensors \['sh.dc_codes'"):
         load_bundle(stripped, include_sh=True)
 
 
@@ -131,7 +131,7 @@ def _data_bytes(path):
 
 
 @pytest.mark.parametrize(
-    ("n", "codebook_size", "expected"), [(196_000, 1024, 163.73), (229_439, 2048, 163.74), (1_000_000, 4096, 161.81)]
+    ("n", "codebook_size", "expected"), [(196_000, 1024, 163.74), (229_439, 2048, 163.74), (1_000_000, 4096, 161.81)]
 )
 def test_bundle_byte_budget(tmp_path, n, codebook_size, expected):
     """At most 164 B per Gaussian (a third of FiT3D's 492), SH colours, decoder, codebook and header included,
@@ -153,15 +153,21 @@ def test_bundle_byte_budget(tmp_path, n, codebook_size, expected):
     )  # fmt: skip
     path = save_bundle(tmp_path, gaussians, torch.randn(backbone_dim, feature_dim, 3, 3), scene_id="s", backbone="b")
     assert int(read_bundle_metadata(path)["sh_codebook_size"]) == codebook_size
-    decoder_bytes = backbone_dim * feature_dim * 9 * 2  # fp16
-    codebook_bytes, dc_affine_bytes = codebook_size * 45 * 2, 2 * 3 * 4
-    per_gaussian = 12 + 8 + 6 + 2 + 2 * feature_dim + 3 + 2
-    assert per_gaussian == 161
-    assert _data_bytes(path) == per_gaussian * n + decoder_bytes + codebook_bytes + dc_affine_bytes
+    # The format as the module docstring specifies it, tensor by tensor (dtype, shape), read back from the file.
+    expected_layout = {
+        "means": (torch.float32, (n, 3)), "quats": (torch.float16, (n, 4)), "log_scales": (torch.float16, (n, 3)),
+        "opacities": (torch.float16, (n,)), "features": (torch.float16, (n, feature_dim)),
+        "decoder.weight": (torch.float16, (backbone_dim, feature_dim, 3, 3)), "sh.dc_codes": (torch.uint8, (n, 3)),
+        "sh.dc_offset": (torch.float32, (3,)), "sh.dc_step": (torch.float32, (3,)),
+        "sh.rest_codebook": (torch.float16, (codebook_size, 45)), "sh.rest_codes": (torch.uint16, (n,)),
+    }  # fmt: skip
+    with safe_open(str(path), framework="pt") as handle:
+        stored = {key: handle.get_tensor(key) for key in handle.keys()}
+    assert {key: (t.dtype, tuple(t.shape)) for key, t in stored.items()} == expected_layout
+    assert _data_bytes(path) == sum(t.numel() * t.element_size() for t in stored.values())  # nothing else in the data
     header_bytes = path.stat().st_size - _data_bytes(path)
     assert header_bytes < 2048
     value = bundle_bytes_per_gaussian(path)
-    assert value == path.stat().st_size / n
     print(f"{n} Gaussians, {codebook_size} codes: {value:.3f} B per Gaussian")  # noqa: T201
     assert value <= 164 and value == pytest.approx(expected, abs=0.005)
 
@@ -197,9 +203,9 @@ def test_version_1_bundles_still_load(tmp_path):
     compressed = load_compressed_sh(path)  # compressed on the fly (for the datasets builder)
     assert len(compressed) == 300 and compressed.rest_codebook.shape == (default_codebook_size(300), 45) == (16, 45)
     assert float((compressed.decode() - tensors["sh"].float()).abs().max()) < 0.02
-    metadata["format_version"] = "4"
+    metadata["format_version"] = "5"
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
-    with pytest.raises(ValueError, match="format version '4'"):
+    with pytest.raises(ValueError, match="format version '5'"):
         load_bundle(path)
 
 
@@ -286,3 +292,36 @@ def test_bundle_refuses_other_backbone_and_bad_files(tmp_path):
         load_bundle(junk)
     with pytest.raises(ValueError, match="decoder_weight"):
         save_bundle(tmp_path / "x", _gaussians(), torch.randn(16, 4, 3, 3), scene_id="s", backbone="b")
+
+
+def test_check_provenance_compares_what_changes_the_targets():
+    from fit3d_hf.gaussians.bundle import check_provenance
+
+    lifted = {
+        "backbone": "dinov2_small", "backbone_id": "facebook/dinov2-small", "backbone_model_type": "dinov2",
+        "backbone_dim": 384, "patch_size": 14, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+        "resize": "bilinear down to a patch multiple, then normalise", "pos_embed_interpolation": "timm",
+        "weights_sha256": "a" * 64,
+    }  # fmt: skip
+    metadata = {"backbone": "dinov2_small", "provenance": dict(lifted)}
+    assert check_provenance(metadata, lifted) == []
+    # the same weights under another name are the same backbone; other weights are not, whatever the name
+    assert check_provenance(metadata, {**lifted, "backbone": "/models/dinov2-small", "backbone_id": "/models/dinov2-small"}) == []
+    assert check_provenance(metadata, {**lifted, "weights_sha256": "b" * 64})[0].startswith("backbone weights differ")
+    assert check_provenance(metadata, {**lifted, "pos_embed_interpolation": "native"}) == ["pos_embed_interpolation 'timm' vs 'native'"]
+    assert check_provenance(metadata, {**lifted, "image_mean": [0.5, 0.5, 0.5]})[0].startswith("image_mean")
+    # a bundle written before provenance existed: compared by the backbone it names
+    old = {"backbone": "dinov2_small", "provenance": {}}
+    assert check_provenance(old, lifted) == []
+    assert check_provenance(old, {**lifted, "backbone": "facebook/dinov2-with-registers-small", "backbone_id": "facebook/dinov2-with-registers-small"}) == [
+        "backbone 'dinov2_small' vs 'facebook/dinov2-with-registers-small'"
+    ]
+
+
+def test_provenance_is_stored_in_the_bundle_header(tmp_path):
+    gaussians = _gaussians()
+    provenance = {"backbone_id": "facebook/dinov2-small", "weights_sha256": "c" * 64, "patch_size": 14}
+    path = save_bundle(tmp_path, gaussians, torch.randn(16, 8, 3, 3), scene_id="s", backbone="b", provenance=provenance)
+    assert read_bundle_metadata(path)["provenance"] == provenance
+    plain = save_bundle(tmp_path / "plain", gaussians, torch.randn(16, 8, 3, 3), scene_id="s", backbone="b")
+    assert read_bundle_metadata(plain)["provenance"] == {}

@@ -36,12 +36,12 @@ def test_export_dataset_writes_standalone_parquet(tmp_path, capsys):
     assert "train: 4 shard(s)" in capsys.readouterr().out
     shards = sorted(p.name for p in (out / "data").iterdir())
     assert shards == [f"train-{i:05d}-of-00004.parquet" for i in range(4)] + [
-        f"val-{i:05d}-of-00002.parquet" for i in range(2)
+        f"validation-{i:05d}-of-00002.parquet" for i in range(2)
     ]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export")]  # no temporary folder left
 
     shutil.move(root, tmp_path / "moved")  # the export must not need the source files any more
-    files = {split: str(out / "data" / f"{split}-*.parquet") for split in ("train", "val")}
+    files = {split: str(out / "data" / f"{split}-*.parquet") for split in ("train", "validation")}
     dataset = load_dataset("parquet", data_files=files, cache_dir=str(tmp_path / "cache"))
     assert dataset["train"].features == FRAME_FEATURES
     assert dataset["train"]["image_id"] == ["DSC00000", "DSC00001", "DSC00000", "DSC00001"]
@@ -50,19 +50,22 @@ def test_export_dataset_writes_standalone_parquet(tmp_path, capsys):
     np.testing.assert_allclose(first["world_to_camera"], info["scene_a"]["w2c"]["DSC00000"], atol=1e-6)
     raw = dataset["train"].with_format("arrow")[:1]["image"].to_pylist()[0]
     assert raw["bytes"] is not None and len(raw["bytes"]) > 100
-    # the README's configs header makes the folder loadable by name too
-    assert load_dataset(str(out), cache_dir=str(tmp_path / "cache2"))["val"]["scene_id"] == ["val_c", "val_c"]
+    # the README's configs header makes the folder loadable by name too, and ScanNet++'s "val" split is named
+    # "validation" however the files are loaded (datasets infers that name from val-* files)
+    assert load_dataset(str(out), cache_dir=str(tmp_path / "cache2"))["validation"]["scene_id"] == ["val_c", "val_c"]
+    inferred = load_dataset(str(out / "data"), cache_dir=str(tmp_path / "cache4"))
+    assert set(inferred) == {"train", "validation"}
 
     # an existing output is not touched without --overwrite
     shutil.move(tmp_path / "moved", root)
-    assert main(argv) == 1
-    assert "already exists" in capsys.readouterr().err
+    assert main(argv) == 2  # a usage error: the remedy is --overwrite
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"fit3d export-dataset: error: {out} already exists")
     assert len(list((out / "data").iterdir())) == 6
     assert main(argv + ["--overwrite", "--config", "points"]) == 0
     points = load_dataset(str(out), cache_dir=str(tmp_path / "cache3"))
     assert points["train"].features == POINT_FEATURES
     np.testing.assert_array_equal(
-        points["val"].with_format("numpy")[0]["xyz"], info["val_c"]["points"].astype(np.float32)
+        points["validation"].with_format("numpy")[0]["xyz"], info["val_c"]["points"].astype(np.float32)
     )
 
 

@@ -8,12 +8,14 @@ from transformers import AutoModel
 import fit3d_hf  # noqa: F401
 from fit3d_hf.cli import main
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("demo") / "out"
     argv = ["demo", "--output_dir", str(output_dir), "--seed", "0", "--num_views", "16", "--lift_iterations", "400",
-            "--finetune_steps", "24", "--probe_steps", "40"]  # fmt: skip
+            "--finetune_steps", "24", "--probe_steps", "40", "--width", "64", "--height", "48"]  # fmt: skip
     assert main(argv) == 0
     return output_dir
 
@@ -45,7 +47,12 @@ def test_report_numbers_come_from_the_run(demo):
         metrics = json.loads((demo / "gaussians" / scene["scene_id"] / "metrics.json").read_text())
         assert f"| {scene['scene_id']} | {metrics['num_gaussians']} | {metrics['psnr_train']:.2f} |" in text
     probe = json.loads((demo / "eval_segmentation" / "results.json").read_text())
-    assert probe == json.loads(json.dumps(report["evaluation"]["segmentation"], default=str)) or "segmentation" in text
+    reported = {row["variant"]: row for row in report["evaluation"]["segmentation"]["rows"]}
+    assert [row["variant"] for row in probe["rows"]] == list(reported) == ["original", "finetuned", "fit3d"]
+    for row in probe["rows"]:
+        assert (reported[row["variant"]]["mIoU"], reported[row["variant"]]["aAcc"]) == (row["mIoU"], row["aAcc"])
+    table = [line for line in (demo / "eval_segmentation" / "results.md").read_text().splitlines() if line.startswith("|")]
+    assert table and all(line in text for line in table)  # the probe's own table, in the report
 
 
 def test_report_includes_the_normals_probe(demo):

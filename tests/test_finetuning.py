@@ -13,7 +13,6 @@ from fit3d_hf.finetuning import (
     DataArguments,
     FinetuningArguments,
     ModelArguments,
-    build_train_dataloader,
     check_frames_against_gaussians,
     freeze_unused_parameters,
     load_frames,
@@ -43,7 +42,7 @@ def workspace(tmp_path_factory):
     extractor = DenseFeatureExtractor.from_pretrained(backbone)
     lift_args = LiftingArguments(
         backbone=backbone, out=str(root / "gaussians"), feature_dim=16, iterations=400, feature_lr=0.01, decoder_lr=0.01,
-        sh_dc_lr=0.01, position_lr_init=1.6e-3, position_lr_final=1.6e-5, densify_from=50, densify_until=300,
+        sh_dc_lr=0.01, position_lr_init=1.6e-3, position_lr_final=1.6e-5, position_lr_max_steps=0, densify_from=50, densify_until=300,
         densify_interval=100, max_gaussians=4000, checkpoint_interval=0, previews=False, device="cpu",
     )  # fmt: skip
     for scene in resolve_scene_list(str(data)):
@@ -87,12 +86,15 @@ def test_finetuning_lowers_the_loss_improves_consistency_and_saves_models(worksp
     expected = DenseFeatureExtractor(finetuned)(images)
     torch.testing.assert_close(output.finetuned_features, expected, rtol=1e-4, atol=1e-4)
     assert (tmp_path / "run" / "fit3d" / "README.md").is_file()
+    assert (tmp_path / "run" / "fit3d" / "preprocessor_config.json").is_file()  # AutoImageProcessor / pipeline
 
 
 def test_lora_finetuning_improves_and_saves_merged_weights(workspace, tmp_path):
     metrics = train(*_arguments(workspace, tmp_path / "lora", lora_rank=8, learning_rate=1e-2))
-    assert metrics["validation_loss"] < 0.97 * metrics["validation_loss_before"], metrics
-    assert metrics["consistency_after"] > metrics["consistency_before"], metrics
+    # A real decrease, as for full fine-tuning (measured 2026-12-06 on the 2-core CPU: 0.822 x the starting
+    # loss, consistency 0.69 -> 0.94)
+    assert metrics["validation_loss"] < 0.9 * metrics["validation_loss_before"], metrics
+    assert metrics["consistency_after"] > metrics["consistency_before"] + 0.02, metrics
     state = AutoModel.from_pretrained(tmp_path / "lora" / "finetuned").state_dict()
     assert not any("lora" in key for key in state)  # merged: loading needs no peft
     original = AutoModel.from_pretrained(workspace["backbone"]).state_dict()
@@ -121,34 +123,6 @@ def test_mismatched_gaussians_are_refused_before_training(workspace, tmp_path):
     with pytest.raises(BundleMismatchError, match="decodes to 32 channels but the backbone has 48"):
         train(*_arguments(workspace, tmp_path / "x", backbone=other_backbone))
     assert not (tmp_path / "x" / "finetuned").exists()
-
-
-def _shard_indices(frames_dir):
-    """Runs in each of 2 processes: the frame indices this process sees in one epoch."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    # The forked process inherits this test process's (non-distributed) accelerate state: start afresh.
-    AcceleratorState._reset_state(reset_partial_state=True)
-    accelerator = Accelerator(cpu=True)
-    frames = load_frames(frames_dir, "train")
-    loader = accelerator.prepare(build_train_dataloader(frames, FinetuningArguments(output_dir="unused", train_batch_size=2)))
-    seen = torch.cat([batch["index"] for batch in loader])
-    gathered = accelerator.gather(seen[None])
-    if accelerator.is_main_process:
-        torch.save(gathered, f"{frames_dir}/shards.pt")
-
-
-def test_two_processes_see_disjoint_frames_covering_the_epoch(workspace):
-    from accelerate import debug_launcher
-
-    debug_launcher(_shard_indices, args=(workspace["data"],), num_processes=2)
-    shards = torch.load(f"{workspace['data']}/shards.pt", weights_only=True)
-    assert shards.shape[0] == 2
-    first, second = set(shards[0].tolist()), set(shards[1].tolist())
-    assert not first & second
-    total = len(load_frames(workspace["data"], "train"))
-    assert len(first | second) == total - total % 4  # whole batches of 2 on each of 2 processes
 
 
 def test_training_script_under_accelerate_launch(workspace, tmp_path):
@@ -198,13 +172,17 @@ def test_gaussian_cache_loads_lazily_and_evicts_least_recently_used(tmp_path):
     import numpy as np
 
     from fit3d_hf.finetuning import GaussianCache
-    from fit3d_hf.gaussians import FeatureGaussians, save_bundle
+    from fit3d_hf.gaussians import FeatureGaussians, load_bundle, save_bundle
 
     rng = np.random.default_rng(0)
     for scene in ("a", "b", "c"):
         gaussians = FeatureGaussians.from_points(rng.normal(size=(100, 3)), rng.integers(0, 255, (100, 3), dtype=np.uint8), 8)
         save_bundle(tmp_path / scene, gaussians, torch.randn(16, 8, 3, 3), scene_id=scene, backbone="b")
-    one_scene = 100 * (12 + 16 + 12 + 4 + 32) + 16 * 8 * 9 * 4  # fp32 on the device: means..features + decoder
+    # One scene's size measured from the storage the tensors occupy once on the device (not the cache's formula).
+    loaded = load_bundle(tmp_path / "a").to("cpu")
+    tensors = (loaded.means, loaded.quats, loaded.log_scales, loaded.opacities, loaded.features, loaded.decoder_weight)
+    one_scene = sum(t.untyped_storage().nbytes() for t in tensors)
+    assert one_scene == 100 * 4 * (3 + 4 + 3 + 1 + 8) + 16 * 8 * 9 * 4  # all float32 on the device
     cache = GaussianCache(tmp_path, torch.device("cpu"), budget_bytes=2.5 * one_scene)
     assert len(cache) == 0  # nothing is read before it is needed
     first = cache.get("a")
@@ -214,3 +192,92 @@ def test_gaussian_cache_loads_lazily_and_evicts_least_recently_used(tmp_path):
     cache.get("c")  # over budget: "b" goes
     assert len(cache) == 2 and cache.get("a") is first
     assert "b" not in cache._entries and "c" in cache._entries
+
+
+def test_bundles_lifted_with_another_backbone_are_refused_unless_allowed(workspace, tmp_path):
+    """Same width is not enough: other weights, another model type or another position-embedding resampling
+    than the lifted backbone are refused (the targets would be another model's features)."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    scene_ids = set(load_frames(workspace["data"], "train")["scene_id"])
+    lifted = DenseFeatureExtractor.from_pretrained(workspace["backbone"])
+    check_frames_against_gaussians(scene_ids, workspace["gaussians"], 32, provenance=lifted.provenance())  # agrees
+
+    other_weights = DenseFeatureExtractor.from_pretrained(_save_backbone(tmp_path / "other", seed=1))
+    registers = DenseFeatureExtractor(Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=8, image_size=64,
+    )))  # fmt: skip
+    timm_resampling = DenseFeatureExtractor.from_pretrained(workspace["backbone"], pos_embed_interpolation="timm")
+    for extractor, reason in [
+        (other_weights, "backbone weights differ"),
+        (registers, "backbone_model_type 'dinov2' vs 'dinov2_with_registers'"),
+        (timm_resampling, "pos_embed_interpolation 'native' vs 'timm'"),
+    ]:
+        with pytest.raises(BundleMismatchError, match=reason):
+            check_frames_against_gaussians(scene_ids, workspace["gaussians"], 32, provenance=extractor.provenance())
+        check_frames_against_gaussians(
+            scene_ids, workspace["gaussians"], 32, provenance=extractor.provenance(), allow_backbone_mismatch=True
+        )
+    # the trainer refuses before training
+    with pytest.raises(BundleMismatchError, match="--allow_backbone_mismatch"):
+        train(*_arguments(workspace, tmp_path / "x", backbone=str(tmp_path / "other")))
+    assert not (tmp_path / "x" / "finetuned").exists()
+    # what the bundle records
+    from fit3d_hf.gaussians import read_bundle_metadata
+
+    recorded = read_bundle_metadata(f"{workspace['gaussians']}/{sorted(scene_ids)[0]}")["provenance"]
+    assert recorded == lifted.provenance()
+    assert recorded["normalization"] == "imagenet" and recorded["resize"].startswith("bilinear")
+
+
+def test_scaled_learning_rate_rules():
+    from fit3d_hf.finetuning import scaled_learning_rate
+
+    assert scaled_learning_rate(1e-5, 32, "none") == 1e-5
+    assert scaled_learning_rate(1e-5, 32, "linear") == pytest.approx(1.6e-4)
+    assert scaled_learning_rate(1e-5, 32, "sqrt") == pytest.approx(4e-5)
+    assert scaled_learning_rate(1e-5, 2, "sqrt") == 1e-5
+    with pytest.raises(ValueError, match="scale_lr"):
+        FinetuningArguments(output_dir="o", scale_lr="cubic")
+
+
+def test_stage2_trains_every_weight_with_fit3d_settings(workspace, tmp_path, monkeypatch):
+    """transformers' ViT-MAE freezes its position embeddings; timm's (and so FiT3D's) train them. Targets are
+    rendered with FiT3D's near plane (0.2). Without --mixed_precision the `accelerate launch` setting decides,
+    and the precision and learning rate used are recorded."""
+    from accelerate.state import AcceleratorState
+    from transformers import ViTMAEConfig, ViTMAEModel
+
+    import fit3d_hf.render
+
+    near_planes = []
+    real_render = fit3d_hf.render.render
+
+    def recording_render(*args, **kwargs):
+        near_planes.append(kwargs.get("near_plane"))
+        return real_render(*args, **kwargs)
+
+    monkeypatch.setattr(fit3d_hf.render, "render", recording_render)
+
+    config = ViTMAEConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=8, image_size=64,
+        mask_ratio=0.0, decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+        decoder_intermediate_size=64,
+    )  # fmt: skip
+    mae = ViTMAEModel(config)
+    assert not mae.embeddings.position_embeddings.requires_grad
+    mae.save_pretrained(tmp_path / "mae")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        metrics = train(*_arguments(
+            workspace, tmp_path / "run", backbone=str(tmp_path / "mae"), allow_backbone_mismatch=True,
+            max_train_steps=2, validation_split=None, gradient_accumulation_steps=2, scale_lr="sqrt", learning_rate=1e-3,
+        ))  # fmt: skip
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert near_planes and set(near_planes) == {0.2}
+    assert metrics["mixed_precision"] == "bf16"
+    assert metrics["learning_rate"] == pytest.approx(1e-3 * 2**0.5)  # global batch 2 x 2 accumulation = 4
+    trained = AutoModel.from_pretrained(tmp_path / "run" / "finetuned").embeddings.position_embeddings
+    assert not torch.equal(trained, mae.embeddings.position_embeddings)

@@ -113,3 +113,60 @@ def test_cap_limits_growth_to_highest_gradients():
     assert changes["cloned"] == 2 and len(gaussians) == 8
     # The two clones copy the two highest-gradient Gaussians (indices 4 and 5).
     torch.testing.assert_close(gaussians.means[6:], gaussians.means[4:6])
+
+
+def test_screen_size_prune_is_off_by_default_as_in_3dgs():
+    """3DGS's 20 px test never fires (its radii are reset right before it): only the world-scale test prunes
+    by size, unless prune_screen_size asks for the screen test."""
+    results = {}
+    for prune_screen_size in (False, True):
+        gaussians, optimizer = _model_and_optimizer()
+        config = DensificationConfig(grad_threshold=1e9, min_opacity=0.0, prune_screen_size=prune_screen_size)
+        densifier = Densifier(config, scene_extent=10.0, num_gaussians=len(gaussians))
+        radii = torch.tensor([100.0, 5, 5, 5, 5, 5])  # Gaussian 0 covered 100 px in some view
+        densifier.update_stats(torch.zeros(6, 2), radii, width=100, height=80)
+        kept_means = gaussians.means.detach()[1:].clone()
+        results[prune_screen_size] = densifier.densify_and_prune(gaussians, optimizer, prune_large=True)
+        if prune_screen_size:
+            torch.testing.assert_close(gaussians.means.detach(), kept_means)
+    assert results[False]["pruned"] == 0 and results[False]["total"] == 6
+    assert results[True]["pruned"] == 1 and results[True]["total"] == 5
+
+
+def _step_changes(gaussians, optimizer, extra):
+    """Runs one loss/backward/step over the Gaussians and `extra`; returns which parameters moved."""
+    before = {name: getattr(gaussians, name).detach().clone() for name in gaussians.PARAMETER_NAMES}
+    before_extra = extra.detach().clone()
+    loss = sum((getattr(gaussians, name) + 1).square().sum() for name in gaussians.PARAMETER_NAMES)
+    (loss + extra.square().sum()).backward()
+    return before, before_extra
+
+
+def test_replaced_parameters_skip_the_next_optimizer_step_as_in_3dgs():
+    """3DGS densifies between backward and step: the replaced parameters have no gradient, so Adam leaves them
+    alone for that one step while other groups (the decoder) step. An opacity reset replaces only the opacity."""
+    gaussians, optimizer = _model_and_optimizer()
+    decoder = torch.nn.Parameter(torch.ones(3))
+    optimizer.add_param_group({"params": [decoder], "lr": 0.01})
+    densifier = Densifier(DensificationConfig(grad_threshold=1e9, min_opacity=0.0), 1.0, len(gaussians))
+
+    before, before_decoder = _step_changes(gaussians, optimizer, decoder)
+    densifier.densify_and_prune(gaussians, optimizer, prune_large=False)  # nothing changes but every tensor is replaced
+    optimizer.step()
+    for name in gaussians.PARAMETER_NAMES:
+        assert torch.equal(getattr(gaussians, name), before[name]), name
+    assert not torch.equal(decoder, before_decoder)
+
+    optimizer.zero_grad(set_to_none=True)
+    before, before_decoder = _step_changes(gaussians, optimizer, decoder)
+    densifier.reset_opacity(gaussians, optimizer)
+    reset_opacity = gaussians.opacity_logits.detach().clone()
+    optimizer.step()
+    assert torch.equal(gaussians.opacity_logits, reset_opacity)  # skipped the step
+    for name in gaussians.PARAMETER_NAMES:
+        if name != "opacity_logits":
+            assert not torch.equal(getattr(gaussians, name), before[name]), name  # the others stepped
+    # The opacity moments restart from zero, the step counts are kept (3DGS's replace_tensor_to_optimizer).
+    state = optimizer.state[gaussians.opacity_logits]
+    assert torch.all(state["exp_avg"] == 0) and torch.all(state["exp_avg_sq"] == 0)
+    assert int(state["step"]) == int(optimizer.state[gaussians.means]["step"]) - 1

@@ -121,6 +121,7 @@ def test_push_to_hub_commits_exactly_the_checkpoint_files(checkpoint, hub):
         "configuration_fit3d.py",
         "model.safetensors",
         "modeling_fit3d.py",
+        "preprocessor_config.json",
         "sub/notes.txt",
     ]
     assert files["model.safetensors"] == str(checkpoint / "model.safetensors")
@@ -159,6 +160,7 @@ def test_push_command_writes_the_card_and_commits_it(checkpoint, tmp_path, hub, 
         "configuration_fit3d.py",
         "model.safetensors",
         "modeling_fit3d.py",
+        "preprocessor_config.json",
     ]
     assert hub[0].call_args.kwargs["private"] is True
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["repo_id"] == "user/fit3d"
@@ -167,3 +169,21 @@ def test_push_command_writes_the_card_and_commits_it(checkpoint, tmp_path, hub, 
     (checkpoint / "README.md").write_text("---\nlicense: apache-2.0\n---\nmine\n")
     assert fit3d_main(["push", "--model_dir", str(checkpoint), "--repo_id", "user/fit3d"]) == 0
     assert (checkpoint / "README.md").read_text().endswith("mine\n")
+
+
+def test_push_command_adds_a_missing_image_processor_and_reports_an_offline_hub(checkpoint, hub, capsys):
+    processor = checkpoint / "preprocessor_config.json"
+    expected = json.loads(processor.read_text())
+    processor.unlink()  # a checkpoint saved before FiT3DModel.save_pretrained wrote it
+    assert fit3d_main(["push", "--model_dir", str(checkpoint), "--repo_id", "user/fit3d"]) == 0
+    assert json.loads(processor.read_text()) == expected
+    assert "preprocessor_config.json" in _committed(hub[1])[1]
+
+
+def test_push_offline_is_one_line(checkpoint, capsys, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    assert fit3d_main(["push", "--model_dir", str(checkpoint), "--repo_id", "user/fit3d"]) == 1
+    assert capsys.readouterr().err == (
+        "fit3d push: error: cannot upload to user/fit3d: the Hub is unreachable because HF_HUB_OFFLINE is set; "
+        "unset it and try again\n"
+    )

@@ -34,10 +34,12 @@ def backbone_dir(tmp_path_factory):
 
 def _args(out, backbone, **overrides):
     # Short-run settings: 1,000 iterations instead of 30,000, so larger learning rates (FiT3D's feature and
-    # decoder lr of 6.25e-5 needs the full run), a compressed densification schedule and a Gaussian cap.
+    # decoder lr of 6.25e-5 needs the full run) decaying over the run, a compressed densification schedule and a
+    # Gaussian cap.
     base = LiftingArguments(
         backbone=backbone, out=str(out), feature_dim=16, iterations=1000, holdout_every=4, feature_lr=0.01,
-        decoder_lr=0.01, sh_dc_lr=0.01, position_lr_init=1.6e-3, position_lr_final=1.6e-5, scaling_lr=0.01,
+        decoder_lr=0.01, sh_dc_lr=0.01, position_lr_init=1.6e-3, position_lr_final=1.6e-5, position_lr_max_steps=0,
+        scaling_lr=0.01,
         densify_from=50, densify_until=800, densify_interval=100, opacity_reset_interval=10_000,
         sh_increase_interval=250, max_gaussians=6000, checkpoint_interval=250, previews=False, device="cpu",
     )  # fmt: skip
@@ -118,3 +120,53 @@ def test_refining_the_compressed_colours_recovers_held_out_psnr(scene_root, back
     assert plain["psnr_heldout_uncompressed"] == refined["psnr_heldout_uncompressed"]  # same training
     assert plain["psnr_heldout"] < plain["psnr_heldout_uncompressed"] - 0.3, plain  # the codebook costs colour
     assert refined["psnr_heldout"] > plain["psnr_heldout"] + 0.3, (plain, refined)
+
+
+def test_lifter_steps_as_3dgs_with_fixed_lr_schedule_and_near_plane(scene_root, backbone_dir, tmp_path, monkeypatch):
+    """3DGS's loop: densify, then step, so Gaussians skip Adam on densification iterations (the decoder does
+    not); no step on the last iteration; the position lr decays over 30,000 steps whatever the run length;
+    Gaussians nearer than 0.2 are culled."""
+    import math
+
+    import fit3d_hf.render
+    from fit3d_hf.gaussians import FeatureGaussians
+    from fit3d_hf.lifting import _exponential_lr, _Lifter, load_scene_data, scene_extent
+
+    near_planes = []
+    real_render = fit3d_hf.render.render
+
+    def recording_render(*args, **kwargs):
+        near_planes.append(kwargs.get("near_plane"))
+        return real_render(*args, **kwargs)
+
+    monkeypatch.setattr(fit3d_hf.render, "render", recording_render)
+    scene = read_scene(resolve_scene_list(str(scene_root))[0])
+    data = load_scene_data(scene, DenseFeatureExtractor.from_pretrained(backbone_dir), 1.0, torch.device("cpu"), progress=False)
+    args = LiftingArguments(
+        backbone=backbone_dir, out=str(tmp_path), feature_dim=8, iterations=4, densify_from=0, densify_interval=2,
+        densify_grad_threshold=1e9, device="cpu",
+    )  # fmt: skip
+    assert args.position_lr_max_steps == 30_000 and args.near_plane == 0.2 and not args.prune_screen_size
+    lifter = _Lifter(args, data, list(range(len(data.image_ids))), torch.device("cpu"))
+    with torch.no_grad():  # non-zero features, so that the decoder gets a gradient from the first step
+        lifter.gaussians.features.normal_()
+
+    def snapshot():
+        state = {name: getattr(lifter.gaussians, name).detach().clone() for name in FeatureGaussians.PARAMETER_NAMES}
+        return state, lifter.decoder.weight.detach().clone()
+
+    moved = []
+    for _ in range(4):
+        gaussians, decoder = snapshot()
+        lifter.step()
+        after, decoder_after = snapshot()
+        moved.append((not torch.equal(after["means"], gaussians["means"]), not torch.equal(decoder_after, decoder)))
+        if lifter.iteration in (2, 4):  # densification iterations: every Gaussian tensor was replaced
+            for name in FeatureGaussians.PARAMETER_NAMES:
+                assert torch.equal(after[name], gaussians[name]), (lifter.iteration, name)
+    # (means moved, decoder moved) per iteration; iteration 4 is the last: no step at all
+    assert moved == [(True, True), (False, True), (True, True), (False, False)]
+    means_lr = next(g["lr"] for g in lifter.optimizer.param_groups if g["name"] == "means")
+    expected = scene_extent(data.camera_centers) * _exponential_lr(4, 1.6e-4, 1.6e-6, 30_000)
+    assert math.isclose(means_lr, expected, rel_tol=1e-12) and means_lr > 0.99 * 1.6e-4 * scene_extent(data.camera_centers)
+    assert near_planes and set(near_planes) == {0.2}

@@ -614,7 +614,7 @@ def test_scene_model_validation(tmp_path):
 
 @pytest.fixture(scope="module")
 def synthetic_scene(tmp_path_factory):
-    synthetic = pytest.importorskip("fit3d_hf.scene.synthetic")
+    from fit3d_hf.scene import synthetic
     config = synthetic.SyntheticSceneConfig(num_views=5, width=64, height=48, num_points=200, test_every=2)
     root = tmp_path_factory.mktemp("synthetic")
     synthetic.generate_dataset(root, num_scenes=1, num_val_scenes=0, config=config)

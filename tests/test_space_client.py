@@ -228,8 +228,13 @@ def test_prepare_image_converts_modes_and_caps_size():
     gray = app.prepare_image(Image.fromarray(np.full((8, 8), 77, np.uint8), "L"), 1024)
     assert gray.mode == "RGB" and tuple(np.asarray(gray)[3, 3]) == (77, 77, 77)
 
-    deep = Image.fromarray(np.array([[0, 2000], [4000, 1000]], np.int32), "I")  # e.g. a 16-bit PNG
-    assert np.asarray(app.prepare_image(deep, 1024))[:, :, 0].tolist() == [[0, 128], [255, 64]]
+    # 16-bit grey pictures are scaled by their bit depth (65535 -> 255), not stretched to their maximum.
+    deep = Image.fromarray(np.array([[0, 65535], [128 * 257, 257]], np.int32), "I")  # e.g. a 16-bit PNG
+    assert np.asarray(app.prepare_image(deep, 1024))[:, :, 0].tolist() == [[0, 255], [128, 1]]
+    dim = Image.fromarray(np.array([[0, 2000], [4000, 1000]], np.int32), "I")  # a dark picture stays dark
+    assert np.asarray(app.prepare_image(dim, 1024))[:, :, 0].tolist() == [[0, 8], [16, 4]]
+    array16 = np.array([[0, 65535], [128 * 257, 257]], np.uint16)
+    assert np.asarray(app.prepare_image(array16, 1024))[:, :, 0].tolist() == [[0, 255], [128, 1]]
 
     big = app.prepare_image(np.zeros((3000, 1500, 3), np.uint8), 1024)
     assert big.size == (512, 1024)
@@ -249,21 +254,18 @@ def test_models_fall_back_to_the_demo_model_then_to_random_weights(space, tmp_pa
     assert list(registry.models) == [app.RANDOM_MODEL_LABEL]
     assert registry.models[app.RANDOM_MODEL_LABEL].random_weights
     status = app._status_markdown(registry)
-    assert (
-        "random weights — for testing the app only" in status
-        and "**Gone**" in status
-        and "did not load" in status
-    )
+    assert "random weights — for testing the app only" in status
+    assert f"✗ Model **Gone** did not load: folder {tmp_path / 'no-such-folder'} does not exist" in status
 
-    # The served page of the app built on the test models.json reports the entry that cannot load (an
-    # offline Hub id) and offers only the model that loaded.
+    # The served page of the app built on the test models.json says in one short notice that the Hub model
+    # is unavailable offline (no raw error), and offers only the model that loaded.
     import httpx
 
     config = httpx.get(client.src.rstrip("/") + "/config", timeout=10).json()
     props = {c["props"].get("elem_id"): c["props"] for c in config["components"] if c["props"].get("elem_id")}
-    assert (
-        f"**{MISSING_LABEL}** (`no-such-org/no-such-fit3d-model`) did not load: OSError"
-        in props["model-status"]["value"]
+    assert props["model-status"]["value"] == (
+        f"ℹ️ The Hugging Face Hub cannot be reached, so the Hub models ({MISSING_LABEL}) are not available here; "
+        f"using the local model(s): **{TINY_LABEL}**."
     )
     assert "random weights" not in props["model-status"]["value"]
     assert [choice[0] for choice in props["model-choice"]["choices"]] == [TINY_LABEL]
@@ -287,7 +289,14 @@ def test_random_model_is_deterministic_and_leaves_the_global_rng_alone():
 def test_read_model_entries(tmp_path):
     app = load_space_app()
     entries = app.read_model_entries(SPACE_DIR / "models.json")
-    assert entries and all(entry.label and entry.source for entry in entries)
+    # The shipped list builds real models from the original release (no Hub ids that do not exist).
+    assert [(entry.label, entry.source, entry.release) for entry in entries] == [
+        ("FiT3D DINOv2-small", None, "dinov2_small"),
+        ("FiT3D DINOv2-reg-small", None, "dinov2_reg_small"),
+    ]
+    (tmp_path / "bad.json").write_text(json.dumps({"models": [{"label": "a", "release": "dinov2_large"}]}))
+    with pytest.raises(ValueError, match="names release 'dinov2_large'; the original release has dinov2_small"):
+        app.read_model_entries(tmp_path / "bad.json")
 
     (tmp_path / "local-model").mkdir()
     path = tmp_path / "models.json"
@@ -303,7 +312,7 @@ def test_read_model_entries(tmp_path):
     with pytest.raises(ValueError, match=r"models\.json is not valid JSON"):
         app.read_model_entries(path)
     path.write_text(json.dumps({"models": [{"label": "a"}]}))
-    with pytest.raises(ValueError, match=r"entry 0 needs string 'label' and 'source'"):
+    with pytest.raises(ValueError, match=r"entry 0 needs a string 'label' and a 'source' and/or 'release'"):
         app.read_model_entries(path)
 
 
@@ -332,3 +341,22 @@ def test_space_metadata_and_requirements():
     }
     assert needed <= listed, f"space/requirements.txt lacks {sorted(needed - listed)}"
     assert "matplotlib" in listed
+
+
+def test_oversized_cmyk_and_16_bit_uploads_run_with_a_notice(space):
+    """An 8000x6000 photo is downscaled before anything else (the caption says so); CMYK and 16-bit files run."""
+    app, demo, client, folder = space
+    big = folder / "huge.png"
+    gradient = np.linspace(0, 255, 8000, dtype=np.float32).astype(np.uint8)
+    Image.fromarray(np.broadcast_to(gradient[None, :, None], (6000, 8000, 3)).copy()).save(big, compress_level=1)
+    pictures, info = visualize(client, big)
+    assert [p.shape for p in pictures] == [(168, 224, 3)] * 4
+    assert "your 8000×6000 image was downscaled to 224×168 px" in info
+    cmyk = folder / "print.jpg"
+    example("room_1.png").convert("CMYK").save(cmyk)
+    deep = folder / "deep.png"
+    Image.fromarray((np.asarray(example("room_2.png").convert("L"), np.uint16) * 257), "I;16").save(deep)
+    for path in (cmyk, deep):
+        pictures, info = visualize(client, path)
+        assert [p.shape for p in pictures] == [(224 * 240 // 320, 224, 3)] * 4, path
+        assert "downscaled to 224×168" in info  # the examples are 320x240

@@ -10,14 +10,14 @@ On a CPU machine, `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_proc
 
 import sys
 
-from fit3d_hf.cli import parse_args
+from fit3d_hf.cli import parse_args, run_command
 from fit3d_hf.evaluation.data import ProbeDataArguments
 from fit3d_hf.evaluation.probes import ModelArguments, ProbeArguments, run_probe
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
     model_args, data_args, probe_args = parse_args(
-        "evaluate_probe.py", __doc__, [ModelArguments, ProbeDataArguments, ProbeArguments], sys.argv[1:]
+        "evaluate_probe.py", __doc__, [ModelArguments, ProbeDataArguments, ProbeArguments], argv
     )
     results = run_probe(model_args, data_args, probe_args)
     from accelerate import PartialState
@@ -30,4 +30,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("evaluate_probe.py", main, sys.argv[1:]))

@@ -9,13 +9,13 @@ import sys
 
 from accelerate import PartialState
 
-from fit3d_hf.cli import parse_args
+from fit3d_hf.cli import parse_args, run_command
 from fit3d_hf.finetuning import DataArguments, FinetuningArguments, ModelArguments, train
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
     model_args, data_args, training_args = parse_args(
-        "finetune.py", __doc__, [ModelArguments, DataArguments, FinetuningArguments], sys.argv[1:]
+        "finetune.py", __doc__, [ModelArguments, DataArguments, FinetuningArguments], argv
     )
     metrics = train(model_args, data_args, training_args)
     if PartialState().is_main_process:  # one line, not one per process
@@ -23,4 +23,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("finetune.py", main, sys.argv[1:]))

@@ -37,6 +37,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
+from fit3d_hf.errors import UsageError
 from fit3d_hf.scene.readers import SCANNETPP_SPLITS, read_scannetpp_scene, read_scannetpp_split
 
 __all__ = [
@@ -273,6 +274,11 @@ shards, so the files stand alone. Load them with `datasets.load_dataset("<this f
 """
 
 
+# ScanNet++'s "val" is exported as "validation": datasets infers that name from files named val-*, so the split
+# gets the same name whether it is loaded through the README's configs, a data_dir or a glob of the files.
+EXPORTED_SPLIT_NAMES = {"val": "validation"}
+
+
 def export_parquet(
     data_dir: Path | str,
     output_dir: Path | str,
@@ -286,7 +292,8 @@ def export_parquet(
     """Writes one config of the dataset as self-contained Parquet shards, images embedded as bytes.
 
     Layout (the Hub's): `<output_dir>/data/<split>-00000-of-0000N.parquet` plus a `README.md` whose
-    `configs` header lets `load_dataset(output_dir)` find the splits. Everything is built in a temporary
+    `configs` header lets `load_dataset(output_dir)` find the splits. The "val" split is written as "validation"
+    (`EXPORTED_SPLIT_NAMES`), the name `datasets` gives it however the files are loaded. Everything is built in a temporary
     folder beside `output_dir` and renamed into place at the end.
 
     Args:
@@ -306,11 +313,9 @@ def export_parquet(
 
     output_dir = Path(output_dir)
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not overwrite:
-        raise FileExistsError(
-            f"{output_dir} already exists and is not empty; pass overwrite=True (--overwrite)"
-        )
+        raise UsageError(f"{output_dir} already exists and is not empty; pass overwrite=True (--overwrite)")
     if config_name not in ("frames", "points"):
-        raise ValueError(f"unknown config {config_name!r}; expected 'frames' or 'points'")
+        raise UsageError(f"unknown config {config_name!r}; expected 'frames' or 'points'")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     try:
@@ -331,11 +336,12 @@ def export_parquet(
             found = sorted(build_dir.glob(f"{prefix}.parquet")) + sorted(
                 build_dir.glob(f"{prefix}-*-of-*.parquet")
             )
-            shards[split] = [
-                export / "data" / f"{split}-{index:05d}-of-{len(found):05d}.parquet"
+            name = EXPORTED_SPLIT_NAMES.get(split, split)
+            shards[name] = [
+                export / "data" / f"{name}-{index:05d}-of-{len(found):05d}.parquet"
                 for index in range(len(found))
             ]
-            for source, target in zip(found, shards[split], strict=True):
+            for source, target in zip(found, shards[name], strict=True):
                 os.replace(source, target)
         data_files = "\n".join(f"  - split: {split}\n    path: data/{split}-*.parquet" for split in shards)
         columns = "\n".join(f"- `{name}`: `{feature}`" for name, feature in builder.info.features.items())

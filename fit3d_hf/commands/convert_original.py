@@ -14,10 +14,11 @@ import os
 import pickle
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from fit3d_hf.errors import CorruptFileError, InputError, MissingInputError, UsageError
 
 DESCRIPTION = "Convert the original FiT3D release's timm weights (<name>_finetuned.pth) into a FiT3DModel"
 
@@ -26,19 +27,21 @@ logger = logging.getLogger(__name__)
 _VIAS = ("transformers", "timm")
 
 
-@dataclass
+@dataclass(kw_only=True)  # lets --backbone/--weights be optional (--from_hub) before the required --output_dir
 class ConvertArguments:
-    backbone: str = field(
+    backbone: str | None = field(
+        default=None,
         metadata={
             "help": "The release's backbone name: dinov2_small, dinov2_base, dinov2_reg_small, clip_base, "
-            "mae_base or deit3_base."
-        }
+            "mae_base or deit3_base (with --weights)."
+        },
     )
-    weights: str = field(
+    weights: str | None = field(
+        default=None,
         metadata={
             "help": "The release's fine-tuned weights, e.g. dinov2_small_finetuned.pth (a timm state dict; "
             "read with torch.load(weights_only=True)) or a .safetensors file."
-        }
+        },
     )
     output_dir: str = field(
         metadata={
@@ -60,10 +63,32 @@ class ConvertArguments:
             "fit3d-hf[timm])."
         },
     )
+    pos_embed_interpolation: Literal["timm", "native"] = field(
+        default="timm",
+        metadata={
+            "help": "How the converted model resamples position embeddings to non-native grids: 'timm' (bicubic with "
+            "antialiasing, as the original's timm backbones: reproduces its features) or 'native' (transformers')."
+        },
+    )
     repo_id: str | None = field(
         default=None, metadata={"help": "Hub repo the checkpoint is meant for; named in its model card."}
     )
     overwrite: bool = field(default=False, metadata={"help": "Replace output_dir if it already holds files."})
+    from_hub: str | None = field(
+        default=None,
+        metadata={
+            "help": "Instead of --backbone and --weights: download <name>_finetuned.pth of the original release "
+            "(yuanwenyue/FiT3D on the Hub; the Hub cache is reused) for this backbone name, e.g. dinov2_small.",
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.from_hub is not None:
+            if self.weights is not None or (self.backbone is not None and self.backbone != self.from_hub):
+                raise UsageError("--from_hub names the backbone and its weights: leave out --backbone and --weights")
+            self.backbone = self.from_hub
+        elif self.backbone is None or self.weights is None:
+            raise UsageError("pass --backbone and --weights, or --from_hub <name> to download the release's weights")
 
 
 def load_timm_state_dict(path: str | os.PathLike):
@@ -83,14 +108,14 @@ def load_timm_state_dict(path: str | os.PathLike):
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
+        raise MissingInputError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
         state_dict = load_file(str(path))
     else:
         try:
             state_dict = torch.load(path, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
-            raise ValueError(
+            raise CorruptFileError(
                 f"{path} cannot be read as a weights-only torch file ({error}). If it is a training "
                 "checkpoint holding more than tensors, save its 'model' state dict on its own first."
             ) from error
@@ -100,7 +125,7 @@ def load_timm_state_dict(path: str | os.PathLike):
                 state_dict = state_dict[key]
                 break
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise ValueError(f"{path} does not hold a state dict (a mapping of parameter names to tensors)")
+        raise InputError(f"{path} does not hold a state dict (a mapping of parameter names to tensors)")
     if state_dict and all(key.startswith("module.") for key in state_dict):
         state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
     return state_dict
@@ -112,6 +137,7 @@ def convert_original_weights(
     *,
     original: str | os.PathLike | None = None,
     via: str = "transformers",
+    pos_embed_interpolation: str = "timm",
 ):
     """Builds a FiT3DModel from the original backbone and the release's fine-tuned timm weights.
 
@@ -120,6 +146,7 @@ def convert_original_weights(
         weights: The fine-tuned timm state dict file.
         original: Hub id or local folder of the original backbone; defaults to the one for `backbone`.
         via: `"transformers"` (native Dinov2 models) or `"timm"` (`TimmWrapperModel`).
+        pos_embed_interpolation: `"timm"` (the original's features) or `"native"` (see `FiT3DConfig`).
 
     Returns:
         `(model, changed)`: the `FiT3DModel` and how many fine-tuned tensors differ from the original's.
@@ -135,11 +162,12 @@ def convert_original_weights(
     from fit3d_hf.modeling_fit3d import FiT3DModel
 
     if via not in _VIAS:
-        raise ValueError(f"--via must be one of {_VIAS}, got {via!r}")
+        raise UsageError(f"--via must be one of {_VIAS}, got {via!r}")
     known = ORIGINAL_TIMM_IDS if via == "timm" else BACKBONE_SHORT_NAMES
     if original is None and backbone not in known:
-        raise ValueError(
-            f"unknown backbone {backbone!r}: expected one of {sorted(known)}, or pass --original"
+        raise UsageError(
+            f"--backbone {backbone!r} is not a backbone of the original release: expected one of "
+            f"{sorted(known)}, or pass --original"
         )
     source = str(original) if original is not None else known[backbone]
     state_dict = load_timm_state_dict(weights)
@@ -149,20 +177,20 @@ def convert_original_weights(
     model_type = original_model.config.model_type
     if via == "transformers":
         if model_type not in ("dinov2", "dinov2_with_registers"):
-            raise ValueError(
+            raise UsageError(
                 f"{source} is a {model_type!r} model; timm weights map onto native transformers models only "
                 "for DINOv2 backbones. Use --via timm (pip install fit3d-hf[timm]) for this backbone."
             )
         finetuned.load_state_dict(convert_timm_dinov2_state_dict(state_dict, original_model))
     else:
         if model_type != "timm_wrapper":
-            raise ValueError(
+            raise UsageError(
                 f"--via timm needs a timm model as the original backbone, but {source} is {model_type!r}"
             )
         try:
             finetuned.timm_model.load_state_dict(state_dict)
         except RuntimeError as error:
-            raise ValueError(f"{weights} does not fit the timm model {source}: {error}") from error
+            raise InputError(f"{weights} does not fit the timm model {source}: {error}") from error
 
     reference = original_model.state_dict()
     changed = sum(not torch.equal(value, reference[key]) for key, value in finetuned.state_dict().items())
@@ -171,7 +199,10 @@ def convert_original_weights(
             "the weights in %s equal the original backbone's: is this the fine-tuned file?", weights
         )
     hub_id = known.get(backbone) or source
-    return FiT3DModel.from_backbones(original_model, finetuned, backbone=hub_id), changed
+    model = FiT3DModel.from_backbones(
+        original_model, finetuned, backbone=hub_id, pos_embed_interpolation=pos_embed_interpolation
+    )
+    return model, changed
 
 
 def save_checkpoint_atomically(
@@ -179,12 +210,12 @@ def save_checkpoint_atomically(
 ) -> Path:
     """`save_pretrained` into a temporary folder beside `output_dir`, then rename it into place."""
     from fit3d_hf.hub import save_model_card
+    from fit3d_hf.utils import make_staging_dir
 
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{output_dir} already holds files; pass --overwrite to replace them")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+        raise UsageError(f"--output_dir {output_dir} already holds files; pass --overwrite to replace them")
+    staging = make_staging_dir(output_dir)  # gets the umask's permissions, unlike mkdtemp
     try:
         model.save_pretrained(staging)
         if card is not None:
@@ -205,9 +236,11 @@ def main(argv: list[str]) -> int:
     (args,) = parse_args("fit3d convert-original", DESCRIPTION, [ConvertArguments], argv)
     output_dir = Path(args.output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"{output_dir} already holds files; pass --overwrite to replace them")
+        raise UsageError(f"--output_dir {output_dir} already holds files; pass --overwrite to replace them")
+    weights = args.weights if args.from_hub is None else _release_weights(args.from_hub)
     model, changed = convert_original_weights(
-        args.backbone, args.weights, original=args.original, via=args.via
+        args.backbone, weights, original=args.original, via=args.via,
+        pos_embed_interpolation=args.pos_embed_interpolation,
     )
     card = make_model_card(
         model.config.backbone,
@@ -221,10 +254,17 @@ def main(argv: list[str]) -> int:
         "backbone": model.config.backbone,
         "architecture": type(model.original).__name__,
         "feature_dim": model.config.feature_dim,
+        "pos_embed_interpolation": model.config.pos_embed_interpolation,
         "changed_tensors": changed,
     }
     sys.stdout.write(json.dumps(summary) + "\n")
     return 0
+
+
+def _release_weights(name: str) -> str:
+    from fit3d_hf.release import download_release_weights
+
+    return str(download_release_weights(name))
 
 
 __all__ = [

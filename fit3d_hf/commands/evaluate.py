@@ -7,7 +7,7 @@ Examples::
     fit3d evaluate --model out/fit3d --probe segmentation --dataset scannetpp:data/synth --output_dir eval/seg \\
         --max_steps 500 --crop_size 112 --train_short_side 120
     fit3d evaluate --model out/fit3d --probe depth --dataset sayakpaul/nyu_depth_v2 --depth_column depth_map \\
-        --depth_scale 1 --max_depth 10 --output_dir eval/nyu-depth
+        --preset nyuv2 --depth_scale 1 --output_dir eval/nyu-depth
     fit3d evaluate --model out/fit3d --probe correspondence --dataset scannetpp:data/synth --output_dir eval/corr
     fit3d evaluate --model out/fit3d --probe normals --dataset data/synth/scenes --holdout_every 4 --no_augment \
         --max_steps 200 --output_dir eval/normals
@@ -15,7 +15,8 @@ Examples::
         --holdout_every 8 --output_dir eval/mine     # own captures: depth rendered from Stage I's Gaussians
 
 Defaults follow FiT3D's linear-probing protocol (40000 / 38400 iterations at 8 GPUs x 2 images, crops of
-512 / 416x544, ...); pass small values (--max_steps, --crop_size, --train_short_side) for a quick run, and
+512 / 416x544, ...; `--preset nyuv2|ade20k|scannetpp|kitti` adds the data set's own settings: label reduction,
+depth range, crops); pass small values (--max_steps, --crop_size, --train_short_side) for a quick run, and
 --no_augment to cache the frozen features once (much faster, above all on CPU). Writes results.md,
 results.json, PNG plots and the probe heads to --output_dir.
 """
@@ -24,6 +25,8 @@ from __future__ import annotations
 
 import json
 import sys
+
+__all__ = ["DESCRIPTION", "main"]
 
 DESCRIPTION = (
     "Probe original vs fine-tuned vs FiT3D features: segmentation, depth, surface normals or multi-view correspondence"
@@ -47,18 +50,10 @@ def main(argv: list[str]) -> int:
     from fit3d_hf.evaluation.probes import ModelArguments, ProbeArguments, run_probe
     from fit3d_hf.evaluation.report import metric_columns
 
-    try:
-        model_args, data_args, probe_args = parse_args(
-            "fit3d evaluate", _HELP, [ModelArguments, ProbeDataArguments, ProbeArguments], argv
-        )
-    except ValueError as error:  # the options' own checks (__post_init__), as argparse reports its errors
-        sys.stderr.write(f"fit3d evaluate: error: {error}\n")
-        return 2
-    try:
-        results = run_probe(model_args, data_args, probe_args)
-    except FileNotFoundError as error:  # a missing model, data set or file: no traceback needed
-        sys.stderr.write(f"fit3d evaluate: error: {error}\n")
-        return 1
+    model_args, data_args, probe_args = parse_args(
+        "fit3d evaluate", _HELP, [ModelArguments, ProbeDataArguments, ProbeArguments], argv
+    )
+    results = run_probe(model_args, data_args, probe_args)
     keys = [key for key, _, _ in metric_columns(results)]
     summary = {row["name"]: {key: row.get(key) for key in keys} for row in results["rows"]}
     sys.stdout.write(

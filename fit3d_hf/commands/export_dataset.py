@@ -48,28 +48,20 @@ class ExportArguments:
 
 
 def main(argv: list[str]) -> int:
-    from datasets.exceptions import DatasetGenerationError
-
     from dataset_builders.scannetpp import export_parquet
     from fit3d_hf.cli import parse_args
 
     (args,) = parse_args("fit3d export-dataset", DESCRIPTION, [ExportArguments], argv)
-    try:
-        shards = export_parquet(
-            args.data_dir,
-            args.output_dir,
-            args.config,
-            max_shard_size=args.max_shard_size,
-            writer_batch_size=args.writer_batch_size,
-            overwrite=args.overwrite,
-            holdout_every=args.holdout_every,
-        )
-    except DatasetGenerationError as error:  # the reader's message (file and problem) is the cause
-        sys.stderr.write(f"fit3d export-dataset: {error.__cause__ or error}\n")
-        return 1
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
-        sys.stderr.write(f"fit3d export-dataset: {error}\n")
-        return 1
+    # Errors reach `fit3d_hf.cli.run_command`, which reports a reader's error behind datasets' wrapper.
+    shards = export_parquet(
+        args.data_dir,
+        args.output_dir,
+        args.config,
+        max_shard_size=args.max_shard_size,
+        writer_batch_size=args.writer_batch_size,
+        overwrite=args.overwrite,
+        holdout_every=args.holdout_every,
+    )
     for split, paths in shards.items():
         sys.stdout.write(f"{split}: {len(paths)} shard(s) in {args.output_dir}/data\n")
     return 0

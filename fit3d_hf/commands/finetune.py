@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import sys
 
+__all__ = ["DESCRIPTION", "main"]
+
 DESCRIPTION = "Stage II: fine-tune a backbone against features rendered from Stage I's Gaussians"
 
 

@@ -6,6 +6,8 @@ import json
 import sys
 from dataclasses import dataclass, field
 
+__all__ = ["DESCRIPTION", "PreprocessScanNetppArguments", "main"]
+
 DESCRIPTION = "Downscale and undistort raw ScanNet++ DSLR scenes into the FiT3D scene layout (resumable)"
 
 
@@ -27,24 +29,17 @@ class PreprocessScanNetppArguments:
 
 
 def main(argv: list[str]) -> int:
-    import logging
-
     from fit3d_hf.cli import parse_args
     from fit3d_hf.scene.preprocess_scannetpp import preprocess_scannetpp
 
     (args,) = parse_args("fit3d preprocess-scannetpp", DESCRIPTION, [PreprocessScanNetppArguments], argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        folders = preprocess_scannetpp(
-            args.raw,
-            args.out,
-            args.scenes,
-            downscale=args.downscale,
-            jpeg_quality=args.jpeg_quality,
-            overwrite=args.overwrite,
-        )
-    except (FileNotFoundError, ValueError) as error:
-        sys.stderr.write(f"fit3d preprocess-scannetpp: error: {error}\n")
-        return 1
+    folders = preprocess_scannetpp(
+        args.raw,
+        args.out,
+        args.scenes,
+        downscale=args.downscale,
+        jpeg_quality=args.jpeg_quality,
+        overwrite=args.overwrite,
+    )
     sys.stdout.write(json.dumps({"out": args.out, "scenes": [folder.name for folder in folders]}) + "\n")
     return 0

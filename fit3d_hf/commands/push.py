@@ -37,25 +37,29 @@ class PushArguments:
 
 def main(argv: list[str]) -> int:
     from fit3d_hf.cli import parse_args
-    from fit3d_hf.hub import model_card_for_checkpoint, push_to_hub, save_model_card
+    from fit3d_hf.errors import InputError, MissingInputError
+    from fit3d_hf.hub import model_card_for_checkpoint, push_to_hub, save_model_card, write_image_processor
 
     (args,) = parse_args("fit3d push", DESCRIPTION, [PushArguments], argv)
     model_dir = Path(args.model_dir)
     if not model_dir.is_dir():
-        raise FileNotFoundError(f"--model_dir {model_dir} is not a folder")
+        raise MissingInputError(f"--model_dir {model_dir} is not a folder")
     if not (model_dir / "README.md").is_file():
         metrics = None
         if args.metrics_file:
             path = Path(args.metrics_file)
             if not path.is_file():
-                raise FileNotFoundError(f"--metrics_file {path} does not exist")
+                raise MissingInputError(f"--metrics_file {path} does not exist")
             try:
                 metrics = json.loads(path.read_text())
             except json.JSONDecodeError as error:
-                raise ValueError(f"--metrics_file {path} is not valid JSON: {error}") from error
+                raise InputError(f"--metrics_file {path} is not valid JSON: {error}") from error
         card = model_card_for_checkpoint(model_dir, repo_id=args.repo_id, metrics=metrics)
         save_model_card(card, model_dir)
         sys.stdout.write(f"wrote the model card {model_dir / 'README.md'}\n")
+    if not (model_dir / "preprocessor_config.json").is_file() and (model_dir / "config.json").is_file():
+        write_image_processor(model_dir)
+        sys.stdout.write(f"wrote the image processor {model_dir / 'preprocessor_config.json'}\n")
     commit = push_to_hub(model_dir, args.repo_id, private=args.private, commit_message=args.commit_message)
     sys.stdout.write(
         json.dumps({"repo_id": args.repo_id, "commit_url": str(getattr(commit, "commit_url", commit))}) + "\n"

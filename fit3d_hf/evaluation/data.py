@@ -124,8 +124,9 @@ class ProbeDataArguments:
     scene_column: str = field(default="scene_id", metadata={"help": "Column of scene ids (correspondence: pairs within a scene)."})
     intrinsics_column: str = field(default="K", metadata={"help": "Column of 3x3 intrinsics (correspondence)."})
     pose_column: str = field(default="world_to_camera", metadata={"help": "Column of 4x4 OpenCV world-to-camera poses (correspondence)."})
-    depth_scale: float = field(default=1000.0, metadata={"help": "Stored depth / depth_scale = metres (1000: mm PNGs, 256: KITTI, 1: metres)."})
-    reduce_zero_label: bool = field(default=False, metadata={"help": "ADE20k labels: 0 is 'other' (ignored), ids shift down by one."})
+    preset: str | None = field(default=None, metadata={"help": "Settings of FiT3D's config for a data set, for every option not given: nyuv2, ade20k, scannetpp or kitti (label reduction and classes; depth scale, range, crops and ColorAug brightness). See fit3d_hf/evaluation/protocol.py.", "choices": ["nyuv2", "ade20k", "scannetpp", "kitti"]})
+    depth_scale: float | None = field(default=None, metadata={"help": "Stored depth / depth_scale = metres (1000: mm PNGs, the default; 256: KITTI; 1: metres)."})
+    reduce_zero_label: bool | None = field(default=None, metadata={"help": "Labels with 0 = unlabelled (ADE20k, NYUv2 and ScanNet++ as FiT3D uses them: set by --preset): 0 is ignored, ids shift down by one. Default: off."})
     num_classes: int | None = field(default=None, metadata={"help": "Number of classes (default: from --class_names, else read from the labels)."})
     class_names: str | None = field(default=None, metadata={"help": "Class names: 'a,b,c', a .txt (one per line) or .json (list or id2label)."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Train on the first N samples only."})
@@ -134,7 +135,7 @@ class ProbeDataArguments:
     cache_dir: str | None = field(default=None, metadata={"help": "datasets cache folder."})
 
     def __post_init__(self) -> None:
-        if self.depth_scale <= 0:
+        if self.depth_scale is not None and self.depth_scale <= 0:
             raise ValueError(f"--depth_scale must be positive, got {self.depth_scale}")
         parse_size(self.image_size)  # fails early on a malformed size
 
@@ -326,9 +327,11 @@ def _as_array(value, column: str) -> np.ndarray:
 
 
 def image_to_tensor(value, column: str = "image") -> torch.Tensor:
-    """An RGB image value -> `[3, H, W]` float in [0, 1]."""
+    """An RGB image value -> `[3, H, W]` float in [0, 1] (16-bit grey pictures scaled by their bit depth)."""
     if hasattr(value, "mode") and value.mode != "RGB":
-        value = value.convert("RGB")
+        from fit3d_hf.images import to_8bit
+
+        value = to_8bit(value).convert("RGB")
     array = _as_array(value, column)
     if array.ndim == 3 and array.shape[0] == 3 and array.shape[-1] != 3:  # channel-first arrays
         array = array.transpose(1, 2, 0)

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import UsageError
 from ..utils import atomic_path
 from .correspondence import CorrespondenceProbeOptions, correspondence_probe, parse_floats
 from .data import (
@@ -61,6 +62,15 @@ from .data import (
 from .heads import ProbeHeads, build_probe_heads, gradient_loss, sig_loss, variant_inputs
 from .metrics import depth_errors, depth_scores, segmentation_areas, segmentation_scores
 from .normals import NORMALS_REFERENCE, angular_loss
+from .protocol import (
+    ColorAug,
+    FixedCrop,
+    RandomRotate,
+    apply_eval_crop,
+    apply_preset,
+    center_pad,
+    onecycle_momentum,
+)
 from .report import VARIANT_LABELS, build_results, write_report
 
 __all__ = [
@@ -88,11 +98,15 @@ _REFERENCE = {
         "max_steps": 40000, "learning_rate": 1e-3, "weight_decay": 1e-4, "warmup_steps": 1500, "warmup_ratio": 1e-6,
         "lr_schedule": "poly", "max_grad_norm": 0.0, "crop_size": "512", "scale_range": "0.5,2.0",
         "train_short_side": 512, "eval_mode": "slide", "eval_flip": False, "photometric_distortion": True,
+        "rotate_degrees": 0.0, "color_aug": False, "color_aug_brightness": "0.75,1.25", "fixed_crop": "none",
+        "eval_crop": "none", "momentum_schedule": "none", "ce_average": "all",
     },
     "depth": {
         "max_steps": 38400, "learning_rate": 1e-4, "weight_decay": 1e-2, "warmup_steps": 12800, "warmup_ratio": 1e-3,
         "lr_schedule": "cosine", "max_grad_norm": 35.0, "crop_size": "416,544", "scale_range": "1.0,1.0",
         "train_short_side": None, "eval_mode": "whole", "eval_flip": True, "photometric_distortion": False,
+        "rotate_degrees": 2.5, "color_aug": True, "color_aug_brightness": "0.75,1.25", "fixed_crop": "none",
+        "eval_crop": "none", "momentum_schedule": "onecycle", "ce_average": "all", "max_depth": 10.0,
     },
 }  # fmt: skip
 _REFERENCE["normals"] = NORMALS_REFERENCE  # after Probe3D's surface-normal probe (see fit3d_hf.evaluation.normals)
@@ -108,8 +122,8 @@ _SIG_LOSS_WARMUP_STEPS = 100  # the reference SigLoss's warm-up, out of 38400 it
 class ModelArguments:
     model: str | None = field(default=None, metadata={"help": "FiT3DModel to evaluate (folder or Hub id): gives the rows original, fine-tuned and FiT3D."})
     baseline: str | None = field(default=None, metadata={"help": "A plain backbone (Hub id, folder or short name like dinov2_small): adds a 'baseline' row."})
-    normalization: str = field(default="imagenet", metadata={"help": "Input normalisation of --baseline: 'imagenet' or 'processor'."})
-    backbone_dtype: str = field(default="float32", metadata={"help": "dtype of the frozen backbones: float32, bfloat16 or float16 (heads train in float32)."})
+    normalization: str = field(default="imagenet", metadata={"help": "Input normalisation of --baseline: 'imagenet' or 'processor'.", "choices": ["imagenet", "processor"]})
+    backbone_dtype: str = field(default="float32", metadata={"help": "dtype of the frozen backbones: float32, bfloat16 or float16 (heads train in float32).", "choices": ["float32", "bfloat16", "float16"]})
 
     def __post_init__(self) -> None:
         if not self.model and not self.baseline:
@@ -128,7 +142,7 @@ class ProbeArguments:
     eval_batch_size: int = field(default=1, metadata={"help": "Images per device at evaluation (images of different sizes need 1)."})
     learning_rate: float | None = field(default=None, metadata={"help": "AdamW learning rate (reference: 1e-3 segmentation, 1e-4 depth)."})
     weight_decay: float | None = field(default=None, metadata={"help": "AdamW weight decay (reference: 1e-4 segmentation, 0.01 depth)."})
-    lr_schedule: str | None = field(default=None, metadata={"help": "poly, cosine or constant (reference: poly segmentation, cosine depth)."})
+    lr_schedule: str | None = field(default=None, metadata={"help": "poly, cosine or constant (reference: poly segmentation, cosine depth).", "choices": ["poly", "cosine", "constant"]})
     warmup_steps: int | None = field(default=None, metadata={"help": "Linear warm-up iterations (default: the reference's share of max_steps, 1500/40000 or 12800/38400)."})
     warmup_ratio: float | None = field(default=None, metadata={"help": "Learning-rate factor at the start of the warm-up (reference: 1e-6 / 1e-3)."})
     max_grad_norm: float | None = field(default=None, metadata={"help": "Gradient clipping per head, 0 = off (reference: off segmentation, 35 depth)."})
@@ -139,17 +153,25 @@ class ProbeArguments:
     train_short_side: int | None = field(default=None, metadata={"help": "Shorter image side before the random rescale (reference: 512 segmentation; none for depth)."})
     flip_probability: float = field(default=0.5, metadata={"help": "Probability of a horizontal flip in training."})
     photometric_distortion: bool | None = field(default=None, metadata={"help": "With augmentation, mmseg's PhotoMetricDistortion of the training images after the crop and flip: random brightness, contrast, saturation, hue (reference: on for segmentation, off for depth). Pass true/false."})
-    eval_mode: str | None = field(default=None, metadata={"help": "Segmentation inference: 'slide' windows (reference) or 'whole' image."})
+    eval_mode: str | None = field(default=None, metadata={"help": "Segmentation inference: 'slide' windows (reference) or 'whole' image.", "choices": ["slide", "whole"]})
     eval_crop_size: str | None = field(default=None, metadata={"help": "Sliding-window size (default: crop_size)."})
     eval_stride: str | None = field(default=None, metadata={"help": "Sliding-window stride (default: 2/3 of the window, 341 for 512)."})
     eval_short_side: int | None = field(default=None, metadata={"help": "Resize images to this shorter side for inference (default: train_short_side with augmentation); scores are at label size."})
     eval_flip: bool | None = field(default=None, metadata={"help": "Average with the flipped image's prediction (reference: on for depth). Pass true/false."})
     ignore_index: int = field(default=255, metadata={"help": "Label value without ground truth."})
     min_depth: float = field(default=1e-3, metadata={"help": "Smallest depth (first bin centre; evaluation ignores ground truth below it)."})
-    max_depth: float = field(default=10.0, metadata={"help": "Largest depth (last bin centre; evaluation ignores ground truth beyond it): 10 NYU, 20 ScanNet++, 80 KITTI."})
+    max_depth: float | None = field(default=None, metadata={"help": "Largest depth (last bin centre; evaluation ignores ground truth beyond it): 10 NYU (default), 20 ScanNet++, 80 KITTI (set by --preset)."})
+    patch_fit: str = field(default="pad", metadata={"help": "How images reach a multiple of the patch size before the backbones: 'pad' (centred padding with the mean colour, FiT3D's probes: 512 -> 518) or 'resize' (bilinear down to the multiple below: 512 -> 504).", "choices": ["pad", "resize"]})
+    rotate_degrees: float | None = field(default=None, metadata={"help": "With augmentation, rotate image and target by up to this many degrees with probability 0.5 (reference: 2.5 depth, 0 segmentation)."})
+    color_aug: bool | None = field(default=None, metadata={"help": "With augmentation, the depth toolbox's ColorAug (p 0.5: gamma 0.9-1.1 on the 0-255 scale, brightness, colour 0.9-1.1 per channel) after the crop (reference: on for depth, off for segmentation). Pass true/false."})
+    color_aug_brightness: str | None = field(default=None, metadata={"help": "ColorAug's brightness range 'min,max' (reference: 0.75,1.25; KITTI 0.9,1.1)."})
+    fixed_crop: str | None = field(default=None, metadata={"help": "Fixed crop of image and target before augmentation: 'nyu' (NYUCrop of training images, rows 45:472, cols 43:608), 'kb' (KITTI's 352 x 1216 bottom-centre crop, training and evaluation) or 'none' (set by --preset).", "choices": ["none", "nyu", "kb"]})
+    eval_crop: str | None = field(default=None, metadata={"help": "Depth evaluation region: 'eigen' (NYU, rows 45:471, cols 41:601 of 480 x 640), 'garg' (KITTI) or 'none' (set by --preset).", "choices": ["none", "eigen", "garg"]})
+    momentum_schedule: str | None = field(default=None, metadata={"help": "AdamW beta1 schedule: 'onecycle' (mmcv's OneCycle, 0.95 -> 0.85 over 30%% of the run, then back; reference for depth) or 'none' (0.9; reference for segmentation).", "choices": ["none", "onecycle"]})
+    ce_average: str | None = field(default=None, metadata={"help": "Segmentation cross-entropy mean: 'all' (over every pixel, ignored ones counting 0: mmseg 0.27's default, the reference) or 'valid' (over labelled pixels only, PyTorch's).", "choices": ["all", "valid"]})
     n_bins: int = field(default=256, metadata={"help": "Depth classes of the depth head."})
-    bins_strategy: str = field(default="UD", metadata={"help": "Depth bin centres: UD (uniform, reference) or SID (log-uniform)."})
-    norm_strategy: str = field(default="linear", metadata={"help": "Bin score normalisation: linear (reference), softmax or sigmoid."})
+    bins_strategy: str = field(default="UD", metadata={"help": "Depth bin centres: UD (uniform, reference) or SID (log-uniform).", "choices": ["UD", "SID"]})
+    norm_strategy: str = field(default="linear", metadata={"help": "Bin score normalisation: linear (reference), softmax or sigmoid.", "choices": ["linear", "softmax", "sigmoid"]})
     depth_upsample: int = field(default=4, metadata={"help": "Upsampling of the features before the depth head's conv."})
     gradient_loss_weight: float = field(default=0.5, metadata={"help": "Weight of the gradient loss next to SigLoss."})
     thresholds: str = field(default="5,10,20", metadata={"help": "Correspondence: pixel thresholds of the recall."})
@@ -173,8 +195,13 @@ class ProbeArguments:
             raise ValueError(f"--eval_mode must be 'slide' or 'whole', got {self.eval_mode!r}")
         if self.lr_schedule not in (None, "poly", "cosine", "constant"):
             raise ValueError(f"--lr_schedule must be poly, cosine or constant, got {self.lr_schedule!r}")
-        if not 0 < self.min_depth < self.max_depth:
+        if self.max_depth is not None and not 0 < self.min_depth < self.max_depth:
             raise ValueError(f"need 0 < --min_depth < --max_depth, got {self.min_depth} and {self.max_depth}")
+        for name, choices in (("patch_fit", ("pad", "resize")), ("fixed_crop", (None, "none", "nyu", "kb")),
+                              ("eval_crop", (None, "none", "eigen", "garg")), ("momentum_schedule", (None, "none", "onecycle")),
+                              ("ce_average", (None, "all", "valid"))):  # fmt: skip
+            if getattr(self, name) not in choices:
+                raise UsageError(f"--{name} must be one of {[c for c in choices if c]}, got {getattr(self, name)!r}")
 
     def resolved(self) -> ProbeArguments:
         """A copy with every probe-dependent default (None) set to the reference protocol's value."""
@@ -207,12 +234,15 @@ class FrozenFeatures(nn.Module):
         baseline: a `DenseFeatureExtractor` (variant baseline), or None.
     """
 
-    def __init__(self, fit3d_model: nn.Module | None = None, baseline: nn.Module | None = None):
+    def __init__(self, fit3d_model: nn.Module | None = None, baseline: nn.Module | None = None, patch_fit: str = "pad"):
         super().__init__()
         if fit3d_model is None and baseline is None:
             raise ValueError("FrozenFeatures needs a FiT3D model and/or a baseline backbone")
+        if patch_fit not in ("pad", "resize"):
+            raise ValueError(f"patch_fit must be 'pad' or 'resize', got {patch_fit!r}")
         self.fit3d = fit3d_model.eval().requires_grad_(False) if fit3d_model is not None else None
         self.baseline = baseline.eval().requires_grad_(False) if baseline is not None else None
+        self.patch_fit = patch_fit
 
     @property
     def variants(self) -> list[str]:
@@ -243,23 +273,35 @@ class FrozenFeatures(nn.Module):
     def train(self, mode: bool = True) -> FrozenFeatures:
         return super().train(False)  # frozen: BatchNorm/dropout of the backbones never switch to training
 
+    def _fit(self, images: torch.Tensor, model: nn.Module, patch_fit: str) -> torch.Tensor:
+        # Centred padding with the model's mean colour = the original's zero padding of normalised images; the
+        # model then has nothing to resize. With "resize" the model resizes down to the multiple itself.
+        return center_pad(images, model.patch_size, model.image_mean.flatten()) if patch_fit == "pad" else images
+
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, *, depth_input: bool = False) -> dict[str, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, *, depth_input: bool = False, patch_fit: str | None = None
+    ) -> dict[str, torch.Tensor]:
         """Raw frozen outputs, float32.
 
         Args:
             images: `[B, 3, H, W]` in [0, 1].
             depth_input: features before the final norm plus the CLS tokens (the depth probe's input)
                 instead of the final normed features.
+            patch_fit: override of the instance's "pad" / "resize" (see `ProbeArguments.patch_fit`).
 
         Returns:
             `{"original", "finetuned" [B, D, h, w], "original_cls", "finetuned_cls" [B, D] (depth_input)}`
             for a FiT3D model and/or `{"baseline", "baseline_cls"}`.
         """
         raw: dict[str, torch.Tensor] = {}
+        patch_fit = patch_fit or self.patch_fit
         if self.fit3d is not None:
             output = self.fit3d(
-                images, output_cls_token=depth_input, final_norm=not depth_input, return_dict=True
+                self._fit(images, self.fit3d, patch_fit),
+                output_cls_token=depth_input,
+                final_norm=not depth_input,
+                return_dict=True,
             )
             raw["original"], raw["finetuned"] = output.original_features, output.finetuned_features
             if depth_input:
@@ -268,7 +310,9 @@ class FrozenFeatures(nn.Module):
                     output.finetuned_cls_token,
                 )
         if self.baseline is not None:
-            output = self.baseline(images, final_norm=not depth_input, return_cls=depth_input)
+            output = self.baseline(
+                self._fit(images, self.baseline, patch_fit), final_norm=not depth_input, return_cls=depth_input
+            )
             raw["baseline"], raw["baseline_cls"] = output if depth_input else (output, None)
         # Token grids reshape to channels-last strides; contiguous float32 keeps the heads' gradients dense.
         return {key: value.float().contiguous() for key, value in raw.items() if value is not None}
@@ -280,6 +324,7 @@ def load_frozen_features(
     *,
     normalization: str = "imagenet",
     dtype: str = "float32",
+    patch_fit: str = "pad",
 ) -> FrozenFeatures:
     """Loads the models of a comparison.
 
@@ -288,10 +333,11 @@ def load_frozen_features(
         baseline: a plain backbone for `DenseFeatureExtractor.from_pretrained`.
         normalization: the baseline's input normalisation.
         dtype: "float32", "bfloat16" or "float16".
+        patch_fit: "pad" (centred padding to a patch multiple, FiT3D's probes) or "resize".
     """
     from transformers import AutoConfig, AutoModel
 
-    from ..backbones import DenseFeatureExtractor
+    from ..backbones import DenseFeatureExtractor, explain_load_errors
     from ..modeling_fit3d import FiT3DModel
 
     torch_dtype = getattr(torch, dtype)
@@ -300,7 +346,8 @@ def load_frozen_features(
             check_local_path(str(name), option)
     fit3d_model = None
     if model:
-        config = AutoConfig.from_pretrained(model)
+        with explain_load_errors(model, what="--model"):
+            config = AutoConfig.from_pretrained(model)
         if config.model_type != "fit3d":
             raise ValueError(
                 f"--model {model} holds a {config.model_type!r} model, not a FiT3DModel; pass a plain backbone as --baseline"
@@ -313,11 +360,12 @@ def load_frozen_features(
         if baseline
         else None
     )
-    return FrozenFeatures(fit3d_model, extractor)
+    return FrozenFeatures(fit3d_model, extractor, patch_fit=patch_fit)
 
 
 def depth_head_options(args: ProbeArguments) -> dict:
     """The `LinearDepthHead` options held by probe options (for `build_probe_heads`)."""
+    args = args.resolved()
     return {
         "min_depth": args.min_depth, "max_depth": args.max_depth, "n_bins": args.n_bins,
         "bins_strategy": args.bins_strategy, "norm_strategy": args.norm_strategy, "upsample": args.depth_upsample,
@@ -366,7 +414,12 @@ def _probe_losses(
     losses = {}
     for variant, output in outputs.items():
         if task == "segmentation":
-            losses[variant] = F.cross_entropy(output, target.long(), ignore_index=args.ignore_index)
+            if args.ce_average == "valid":
+                losses[variant] = F.cross_entropy(output, target.long(), ignore_index=args.ignore_index)
+            else:  # mmseg 0.27 (avg_non_ignore=False): ignored pixels count 0 but stay in the mean
+                losses[variant] = F.cross_entropy(
+                    output, target.long(), ignore_index=args.ignore_index, reduction="none"
+                ).mean()
         elif task == "normals":
             losses[variant] = angular_loss(output, target)
         else:
@@ -460,6 +513,10 @@ def train_probe(
         range(args.max_steps), desc=f"{task} probe", disable=not accelerator.is_local_main_process
     )
     for step in progress:
+        if args.momentum_schedule == "onecycle":  # set before the iteration, as mmcv's hook does
+            beta1 = onecycle_momentum(step, args.max_steps)
+            for group in optimizer.param_groups:
+                group["betas"] = (beta1, group["betas"][1])
         batch = next(batches)
         raw = _batch_inputs(batch, features, task, accelerator.device)
         target = batch["target"].to(accelerator.device, non_blocking=True)
@@ -645,6 +702,7 @@ def evaluate_probe(
             predictions = _depth_predictions(
                 heads, features, batch, raw, tuple(target.shape[-2:]), args, accelerator.device
             )
+            target = apply_eval_crop(target, args.eval_crop)
             rows = {
                 v: depth_errors(out[:, 0], target, args.min_depth, args.max_depth)
                 for v, out in predictions.items()
@@ -669,7 +727,8 @@ def evaluate_correspondence(
     variants = features.variants
 
     def extract(images: torch.Tensor) -> dict[str, torch.Tensor]:
-        raw = features(images.to(accelerator.device))
+        # resized, not padded: the correspondence geometry maps patch cells onto the whole image
+        raw = features(images.to(accelerator.device), patch_fit="resize")
         return {variant: variant_inputs(raw, variant)[0] for variant in variants}
 
     options = CorrespondenceProbeOptions(
@@ -705,12 +764,15 @@ def _save_heads_atomic(heads: ProbeHeads, path: Path, metadata: dict[str, str]) 
 
 
 def build_train_transform(args: ProbeArguments):
-    """The training augmentation of resolved options: None without --augment, else `RandomScaleCropFlip`,
-    followed for segmentation (--photometric_distortion) by `PhotoMetricDistortion` of the image, in mmseg's
-    pipeline order. Random numbers come from torch's global generator (seeded by `set_seed`, per worker by the
-    DataLoader)."""
+    """The training transform of resolved options, in the reference pipelines' order: the fixed crop
+    (--fixed_crop), then with --augment the rotation (--rotate_degrees, depth), `RandomScaleCropFlip`,
+    `PhotoMetricDistortion` (segmentation) and `ColorAug` (depth). None when nothing applies. Random numbers come
+    from torch's global generator (seeded by `set_seed`, per worker by the DataLoader)."""
+    steps = [FixedCrop(args.fixed_crop)] if args.fixed_crop not in (None, "none") else []
     if not args.augment:
-        return None
+        return ComposeTransforms(steps) if steps else None
+    if args.rotate_degrees:
+        steps.append(RandomRotate(0.5, args.rotate_degrees))
     transform = RandomScaleCropFlip(
         parse_size(args.crop_size),
         tuple(parse_floats(args.scale_range, "scale_range")),
@@ -719,9 +781,13 @@ def build_train_transform(args: ProbeArguments):
         fill=args.ignore_index if args.probe == "segmentation" else 0,
         cat_max_ratio=0.75 if args.probe == "segmentation" else 1.0,
     )
+    steps.append(transform)
     if args.photometric_distortion:
-        transform = ComposeTransforms([transform, PhotoMetricDistortion()])
-    return transform
+        steps.append(PhotoMetricDistortion())
+    if args.color_aug:
+        brightness = tuple(parse_floats(args.color_aug_brightness, "color_aug_brightness"))
+        steps.append(ColorAug(0.5, brightness_range=brightness))
+    return steps[0] if len(steps) == 1 else ComposeTransforms(steps)
 
 
 def _train_and_score(features, splits, eval_split, data_args, args, accelerator, dataset_kwargs, class_names):
@@ -769,8 +835,9 @@ def _train_and_score(features, splits, eval_split, data_args, args, accelerator,
             collate_fn=collate_probe_samples, num_workers=args.dataloader_num_workers,
         )  # fmt: skip
     heads, history = train_probe(heads, loader, args, accelerator, features, loader_is_sharded=use_cache)
+    eval_transform = FixedCrop("kb") if args.fixed_crop == "kb" else None  # KITTI crops at evaluation too
     eval_loader = torch.utils.data.DataLoader(
-        ProbeDataset(eval_split, args.probe, **dataset_kwargs), batch_size=args.eval_batch_size,
+        ProbeDataset(eval_split, args.probe, transform=eval_transform, **dataset_kwargs), batch_size=args.eval_batch_size,
         collate_fn=collate_probe_samples, num_workers=args.dataloader_num_workers,
     )  # fmt: skip
     metrics = evaluate_probe(
@@ -788,6 +855,7 @@ def run_probe(model_args: ModelArguments, data_args: ProbeDataArguments, probe_a
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
+    data_args, probe_args = apply_preset(data_args, probe_args)
     args = probe_args.resolved()
     output_dir = Path(args.output_dir)
     tracker = _check_trackers(args.report_to)
@@ -804,6 +872,7 @@ def run_probe(model_args: ModelArguments, data_args: ProbeDataArguments, probe_a
         model_args.baseline,
         normalization=model_args.normalization,
         dtype=model_args.backbone_dtype,
+        patch_fit=args.patch_fit,
     )
     with accelerator.main_process_first():
         splits = load_probe_dataset(

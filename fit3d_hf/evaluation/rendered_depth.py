@@ -36,7 +36,9 @@ def _png_bytes(depth: np.ndarray) -> bytes:
 
 
 @torch.no_grad()
-def render_depth(bundle, K: torch.Tensor, world_to_camera: torch.Tensor, width: int, height: int) -> torch.Tensor:
+def render_depth(
+    bundle, K: torch.Tensor, world_to_camera: torch.Tensor, width: int, height: int, near_plane: float = 0.2
+) -> torch.Tensor:
     """`[H, W]` float32 depth (metres, camera z) of one view rendered from a scene's Gaussians; 0 where their
     accumulated opacity is at most 0.5.
 
@@ -46,6 +48,7 @@ def render_depth(bundle, K: torch.Tensor, world_to_camera: torch.Tensor, width: 
         world_to_camera: `[4, 4]` OpenCV pose.
         width: image width.
         height: image height.
+        near_plane: Gaussians nearer than this (camera z) are not rendered (FiT3D's 0.2, as Stage I and II).
     """
     from ..render import render
 
@@ -56,6 +59,7 @@ def render_depth(bundle, K: torch.Tensor, world_to_camera: torch.Tensor, width: 
     out = render(
         bundle.means, bundle.quats, bundle.scales, bundle.opacities, colors, None,
         K[None].float().to(device), world_to_camera[None].float().to(device), width, height,
+        near_plane=near_plane,
     )  # fmt: skip
     alpha = out.alpha[0, 0]
     return torch.where(alpha > _MIN_ALPHA, out.depth[0, 0] / alpha.clamp_min(1e-6), 0).float().cpu()

@@ -3,11 +3,19 @@
 The schedule and thresholds are those of 3DGS (and of FiT3D's `train_feat_gaussian.py`): densify from
 iteration 500 to 15,000 every 100 iterations when the mean screen-space gradient of a Gaussian's centre
 exceeds 2e-4 (in normalised device coordinates); clone small Gaussians, split large ones in two; prune
-those with opacity < 0.005 and, after the first opacity reset, those larger than 20 px on screen or
-0.1 x the scene extent in the world; reset opacities to at most 0.01 every 3,000 iterations.
+those with opacity < 0.005 and, after the first opacity reset, those larger than 0.1 x the scene extent in
+the world; reset opacities to at most 0.01 every 3,000 iterations.
+
+3DGS's code also tests a 20 px screen radius, but that test never fires there: `densification_postfix`,
+which clone and split run just before the prune, resets `max_radii2D` to zeros (graphdeco-inria/
+gaussian-splatting issues #123, #544, #643). So no Gaussian is pruned by screen size by default;
+`prune_screen_size=True` applies the test to the radii seen since the last densification, which prunes
+more than 3DGS does.
 
 Changing the number of Gaussians means replacing parameters, so the Adam moments are edited alongside
-(new Gaussians start with zero moments), which is why this module needs the optimizer.
+(new Gaussians start with zero moments), which is why this module needs the optimizer. A replaced
+parameter has no gradient, so an optimizer step taken right after a change skips it, as in 3DGS, whose
+training loop densifies before its optimizer step.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ class DensificationConfig:
     percent_dense: float = 0.01
     min_opacity: float = 0.005
     max_screen_size: float = 20.0
+    prune_screen_size: bool = False  # 3DGS's screen-size test is dead code there (see the module docstring)
     max_world_scale: float = 0.1
     max_gaussians: int | None = None
 
@@ -46,10 +55,12 @@ def _edit_parameters(
     optimizer: torch.optim.Optimizer,
     edit_value: Callable[[str, torch.Tensor], torch.Tensor],
     edit_moment: Callable[[torch.Tensor], torch.Tensor],
+    names: tuple[str, ...] = FeatureGaussians.PARAMETER_NAMES,
 ) -> None:
-    """Replaces every per-Gaussian parameter by `edit_value(name, old)` and its Adam moments by
-    `edit_moment(old_moment)`, keeping the optimizer pointing at the new parameters."""
-    for name in FeatureGaussians.PARAMETER_NAMES:
+    """Replaces the per-Gaussian parameters `names` by `edit_value(name, old)` and their Adam moments by
+    `edit_moment(old_moment)`, keeping the optimizer pointing at the new parameters (which have no
+    gradient: an optimizer step before the next backward leaves them alone)."""
+    for name in names:
         old = getattr(model, name)
         new = nn.Parameter(edit_value(name, old.data).contiguous())
         for group in optimizer.param_groups:
@@ -152,11 +163,11 @@ class Densifier:
         remove = torch.cat([split_mask, torch.zeros(n_new, dtype=torch.bool, device=split_mask.device)])
         prune = model.opacities.data < config.min_opacity
         if prune_large:
-            # Gaussians added just now have no screen statistics yet (radius 0), as in 3DGS.
-            radii = torch.cat([self.max_radii.to(prune.device), torch.zeros(n_new, device=prune.device)])
-            too_big_on_screen = radii > config.max_screen_size
-            too_big_in_world = model.scales.data.max(dim=1).values > config.max_world_scale * self.scene_extent
-            prune |= too_big_on_screen | too_big_in_world
+            prune |= model.scales.data.max(dim=1).values > config.max_world_scale * self.scene_extent
+            if config.prune_screen_size:
+                # Gaussians added just now have no screen statistics yet (radius 0).
+                radii = torch.cat([self.max_radii.to(prune.device), torch.zeros(n_new, device=prune.device)])
+                prune |= radii > config.max_screen_size
         remove |= prune
         self._keep(model, optimizer, ~remove)
         self._reset_stats(len(model), model.means.device)
@@ -176,21 +187,10 @@ class Densifier:
         return clone_mask & allowed, split_mask & allowed
 
     def reset_opacity(self, model: FeatureGaussians, optimizer: torch.optim.Optimizer) -> None:
+        """Opacities to at most 0.01, their Adam moments to zero; only the opacity parameter is replaced
+        (3DGS's `replace_tensor_to_optimizer`), so only it skips the next optimizer step."""
         target = inverse_sigmoid(torch.clamp_max(model.opacities.data, 0.01)).to(model.opacity_logits)
-
-        def edit_value(name, value):
-            return target if name == "opacity_logits" else value
-
-        def edit_moment(moment):
-            return moment
-
-        _edit_parameters(model, optimizer, edit_value, edit_moment)
-        # 3DGS restarts the opacity moments from zero after a reset.
-        state = optimizer.state.get(model.opacity_logits)
-        if state:
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in state:
-                    state[key].zero_()
+        _edit_parameters(model, optimizer, lambda name, value: target, torch.zeros_like, names=("opacity_logits",))
 
     def _append(self, model, optimizer, new: dict[str, torch.Tensor]) -> None:
         def edit_value(name, value):

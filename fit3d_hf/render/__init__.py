@@ -1,8 +1,8 @@
 """Differentiable rendering of RGB, depth, alpha and feature maps from 3D Gaussians.
 
-`render()` is the API; it runs the CUDA extension (`rasterizer_cuda/`, built by setup.py or compiled on
-first use) for CUDA tensors and the pure-PyTorch reference (`_reference.py`, the specification) elsewhere.
-Importing this package compiles nothing.
+`render()` is the API; it runs a compiled extension (`rasterizer_cuda/`, built by setup.py or compiled on
+first use) for float32 tensors, the CUDA one on CUDA devices and the CPU one on the CPU, and the pure-PyTorch
+reference (`_reference.py`, the specification) elsewhere. Importing this package compiles nothing.
 """
 
 from fit3d_hf.render.rasterize import RenderOutput, backend, render

@@ -1,23 +1,34 @@
-"""Finding the CUDA extension: the prebuilt `fit3d_hf._C`, else a JIT build, else None (reference backend).
+"""Finding the compiled rasterizers: the CUDA extension (`fit3d_hf._C`) and the CPU extension
+(`fit3d_hf._C_cpu`), each prebuilt by setup.py, else built on first use (JIT), else None (the PyTorch
+reference serves).
 
-Nothing is compiled at import: the first call of `load_extension()` tries, and its outcome (module or
-failure) is cached for the process, so a persistent build failure fails fast. The build recipe is
-`rasterizer_cuda/build.py` (shared with setup.py), so this only works from a source checkout or an
-editable install when no prebuilt extension exists.
+Nothing is compiled at import: the first call of `load_extension()` / `load_cpu_extension()` tries, and its
+outcome (module or failure) is cached for the process, so a persistent build failure fails fast. The build
+recipe is `rasterizer_cuda/build.py` (shared with setup.py), so the JIT build only works from a source
+checkout or an editable install. The two extensions expose the same functions with the same signatures;
+`extension_for(device)` picks the one for a tensor's device.
 
-Environment: `FIT3D_HF_NO_JIT=1` disables the JIT build.
+Environment: `FIT3D_HF_NO_JIT=1` disables the JIT builds.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import logging
 import os
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["extension_error", "load_extension", "require_extension"]
+__all__ = [
+    "cpu_extension_error",
+    "extension_error",
+    "extension_for",
+    "load_cpu_extension",
+    "load_extension",
+    "require_extension",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -100,3 +111,81 @@ def require_extension() -> ModuleType:
     if module is None:
         raise RuntimeError(f"The CUDA rasterizer is unavailable: {extension_error()}")
     return module
+
+
+_CPU_FIX = (
+    "To fix: install a C++ compiler (g++) and ninja, and build once with "
+    "`pip install --no-build-isolation -e .`; or call render(..., backend='reference')."
+)
+
+
+@functools.lru_cache(maxsize=1)
+def _load_cpu() -> tuple[ModuleType | None, str | None]:
+    """(module, None) or (None, reason) for the CPU extension; cached, so each process tries once."""
+    prebuilt_error = None
+    if importlib.util.find_spec("fit3d_hf._C_cpu") is not None:  # prebuilt by setup.py
+        try:
+            return importlib.import_module("fit3d_hf._C_cpu"), None
+        except ImportError as exc:  # present but unloadable (e.g. built against another torch)
+            prebuilt_error = str(exc)
+    if os.environ.get("FIT3D_HF_NO_JIT", "0") == "1":
+        prebuilt = (
+            "no prebuilt CPU extension"
+            if prebuilt_error is None
+            else f"the prebuilt CPU extension does not load ({prebuilt_error})"
+        )
+        return None, f"{prebuilt} and FIT3D_HF_NO_JIT=1 disables the JIT build"
+    build = _load_build_module()
+    if build is None:
+        return None, f"no prebuilt CPU extension (fit3d_hf._C_cpu) and no sources at {_BUILD_FILE.parent}"
+    problem = build.cpu_toolchain_problem()
+    if problem is not None:
+        return None, f"no prebuilt CPU extension and the JIT build is impossible: {problem}"
+    from torch.utils.cpp_extension import load
+
+    params = build.get_cpu_build_parameters()
+    if prebuilt_error is not None:
+        logger.warning(
+            "The prebuilt CPU rasterizer does not load (%s); compiling it for this machine.", prebuilt_error
+        )
+    logger.warning(
+        "Building the CPU rasterizer for this machine if needed (first use only; about a minute)..."
+    )
+    try:
+        module = load(
+            name=build.CPU_JIT_NAME,
+            sources=params["sources"],
+            extra_include_paths=params["include_dirs"],
+            extra_cflags=params["extra_cflags"],
+            extra_ldflags=params["extra_ldflags"],
+        )
+    except Exception as exc:  # any compiler/linker failure (or no ninja): report it once, use the reference
+        return None, f"the JIT build of the CPU rasterizer failed: {exc}"
+    return module, None
+
+
+def load_cpu_extension() -> ModuleType | None:
+    """The CPU extension module, or None where it is unavailable (see `cpu_extension_error()`)."""
+    return _load_cpu()[0]
+
+
+def cpu_extension_error() -> str | None:
+    """Why the CPU extension is unavailable, with how to fix it; None when it loaded."""
+    reason = _load_cpu()[1]
+    return None if reason is None else f"{reason}. {_CPU_FIX}"
+
+
+def extension_for(device) -> ModuleType:
+    """The compiled rasterizer for tensors on `device` (a torch.device or its name): the CUDA extension for
+    CUDA devices, the CPU extension for the CPU; a RuntimeError that says why when it is unavailable."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return require_extension()
+    if device.type == "cpu":
+        module = load_cpu_extension()
+        if module is None:
+            raise RuntimeError(f"The CPU rasterizer is unavailable: {cpu_extension_error()}")
+        return module
+    raise RuntimeError(f"No compiled rasterizer for {device} tensors; use render(..., backend='reference')")

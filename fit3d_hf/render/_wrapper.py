@@ -1,8 +1,12 @@
-"""The CUDA ops: one public function per op (checks, then an autograd Function that calls the extension).
+"""The compiled ops: one public function per op (checks, then an autograd Function that calls the extension).
+
+The autograd Functions serve both compiled backends: they call the extension of the tensors' device
+(`_backend.extension_for`: the CUDA extension for CUDA tensors, the CPU extension for CPU tensors), which
+expose the same functions with the same signatures.
 
 Each op has a pure-PyTorch twin of the same name and signature in `_reference.py` (`project` <->
-`_reference._project`, ...); `tests/test_render_cuda.py` compares forward values and gradients of both.
-Gradients are named `v_<input>`.
+`_reference._project`, ...); `tests/test_render_cuda.py` and `tests/test_render_cpu.py` compare forward
+values and gradients of both. Gradients are named `v_<input>`.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fit3d_hf.render._backend import require_extension
+from fit3d_hf.render._backend import extension_for
 from fit3d_hf.render._checks import check_tensor
 
 __all__ = ["project", "rasterize", "spherical_harmonics"]
@@ -22,8 +26,9 @@ _F32 = (torch.float32,)
 
 
 def _on_cuda(name: str, t: Tensor) -> None:
-    if not t.is_cuda:
-        raise ValueError(f"the CUDA backend needs CUDA tensors, but {name} is on {t.device}")
+    """The compiled ops take CUDA or CPU tensors; tensors on other devices need render(..., backend="reference")."""
+    if t.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"the compiled backends need CUDA or CPU tensors, but {name} is on {t.device}")
 
 
 def _contiguous(t: Tensor | None) -> Tensor | None:
@@ -35,7 +40,7 @@ class _Project(torch.autograd.Function):
     def forward(
         ctx, means, quats, scales, opacities, world_to_camera, K, width, height, near_plane, far_plane
     ):
-        means2d, conics, depths, radii = require_extension().project_fwd(
+        means2d, conics, depths, radii = extension_for(means.device).project_fwd(
             means, quats, scales, opacities, world_to_camera, K, width, height, near_plane, far_plane
         )
         ctx.save_for_backward(means, quats, scales, world_to_camera, K, radii)
@@ -46,7 +51,7 @@ class _Project(torch.autograd.Function):
     @staticmethod
     def backward(ctx, v_means2d, v_conics, v_depths, v_radii):
         means, quats, scales, world_to_camera, K, radii = ctx.saved_tensors
-        v_means, v_quats, v_scales = require_extension().project_bwd(
+        v_means, v_quats, v_scales = extension_for(means.device).project_bwd(
             means,
             quats,
             scales,
@@ -73,7 +78,7 @@ def project(
     near_plane: float = 0.01,
     far_plane: float = 1e10,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """EWA projection on the GPU; see `_reference._project` for the semantics.
+    """EWA projection by the compiled extension (CUDA or CPU); see `_reference._project` for the semantics.
 
     Returns:
         means2d `[B, N, 2]`, conics `[B, N, 3]`, depths `[B, N]`, radii `[B, N]` int32. Gradients reach
@@ -112,7 +117,7 @@ def _apply_project(means, quats, scales, opacities, world_to_camera, K, width, h
 class _SphericalHarmonics(torch.autograd.Function):
     @staticmethod
     def forward(ctx, sh, means, world_to_camera, sh_degree):
-        colors = require_extension().spherical_harmonics_fwd(sh, means, world_to_camera, sh_degree)
+        colors = extension_for(means.device).spherical_harmonics_fwd(sh, means, world_to_camera, sh_degree)
         ctx.save_for_backward(sh, means, world_to_camera)
         ctx.sh_degree = sh_degree
         return colors
@@ -120,7 +125,7 @@ class _SphericalHarmonics(torch.autograd.Function):
     @staticmethod
     def backward(ctx, v_colors):
         sh, means, world_to_camera = ctx.saved_tensors
-        v_sh, v_means = require_extension().spherical_harmonics_bwd(
+        v_sh, v_means = extension_for(means.device).spherical_harmonics_bwd(
             sh, means, world_to_camera, ctx.sh_degree, v_colors.contiguous()
         )
         return v_sh, v_means, None, None
@@ -132,7 +137,7 @@ def spherical_harmonics(
     world_to_camera: Tensor,  # [B, 4, 4]
     sh_degree: int,
 ) -> Tensor:
-    """View-dependent colours `[B, N, 3]` on the GPU; see `_reference._spherical_harmonics`."""
+    """View-dependent colours `[B, N, 3]` by the compiled extension; see `_reference._spherical_harmonics`."""
     dims: dict[str, int] = {}
     check_tensor(means, "means", ("N", 3), dims, _F32)
     check_tensor(sh, "colors (SH)", ("N", "K", 3), dims, _F32, means.device)
@@ -160,6 +165,18 @@ _PAIR_CAPACITY: dict[tuple, int] = {}
 _CAPACITY_MARGIN = 1.06  # slots per pair of the last call
 _CAPACITY_DECAY = 0.98  # lets the capacity shrink slowly after a large render
 _CAPACITY_ENTRIES = 64
+
+
+def _isect_and_rasterize_exact(ext, means2d, conics, depths, colors, opacities, features, background, radii, width,
+                               height):  # fmt: skip
+    """The CPU path: its binning always sizes the pair list exactly (there is no device to keep busy)."""
+    tile_ranges, gaussian_ids, _ = ext.isect_tiles(
+        means2d, conics, opacities, depths, radii, width, height, 0
+    )
+    images = ext.rasterize_fwd(
+        means2d, conics, opacities, colors, depths, features, background, tile_ranges, gaussian_ids, width, height
+    )  # fmt: skip
+    return tile_ranges, gaussian_ids, images
 
 
 def _isect_and_rasterize(ext, means2d, conics, depths, colors, opacities, features, background, radii, width, height):
@@ -190,8 +207,10 @@ class _Rasterize(torch.autograd.Function):
         ctx, means2d, conics, depths, colors, opacities, features, background, radii, width, height, route,
         clamp_grad,
     ):
-        tile_ranges, gaussian_ids, images = _isect_and_rasterize(
-            require_extension(), means2d, conics, depths, colors, opacities, features, background, radii, width, height
+        binning = _isect_and_rasterize if means2d.is_cuda else _isect_and_rasterize_exact
+        tile_ranges, gaussian_ids, images = binning(
+            extension_for(means2d.device), means2d, conics, depths, colors, opacities, features, background, radii,
+            width, height,
         )  # fmt: skip
         rgb, depth, feats, alpha, final_t, last_ids = images
         ctx.save_for_backward(
@@ -227,7 +246,8 @@ class _Rasterize(torch.autograd.Function):
             last_ids,
         ) = ctx.saved_tensors
         width, height, route, clamp_grad = ctx.config
-        v_means2d, v_conics, v_opacities, v_colors, v_depths, v_features = require_extension().rasterize_bwd(
+        ext = extension_for(means2d.device)
+        v_means2d, v_conics, v_opacities, v_colors, v_depths, v_features = ext.rasterize_bwd(
             means2d,
             conics,
             opacities,
@@ -283,7 +303,8 @@ def rasterize(
     feature_grad_to_geometry: bool = False,
     alpha_clamp_grad: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Alpha compositing of rgb, depth and F feature channels on the GPU, in one pass over the tile lists.
+    """Alpha compositing of rgb, depth and F feature channels by the compiled extension (CUDA or CPU), in one
+    pass over the tile lists.
 
     See `_reference._rasterize` for the semantics.
 

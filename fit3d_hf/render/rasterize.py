@@ -1,7 +1,9 @@
 """`render()`: differentiable rendering of RGB, depth, alpha and feature maps from 3D Gaussians.
 
-One API over two backends with the same semantics: the CUDA extension (for CUDA tensors, when it is
-built) and the pure-PyTorch reference (everywhere else). `backend()` says which one CUDA tensors get.
+One API over three backends with the same semantics: the CUDA extension (for CUDA tensors), the CPU
+extension (for float32 CPU tensors; both compiled from the same maths headers, see rasterizer_cuda/) and the
+pure-PyTorch reference (the specification: float64, other devices, or where no extension could be built).
+`backend(device)` says which one a device's tensors get.
 """
 
 from __future__ import annotations
@@ -15,14 +17,14 @@ import torch
 from torch import Tensor
 
 from fit3d_hf.render import _reference, _wrapper
-from fit3d_hf.render._backend import extension_error, load_extension
+from fit3d_hf.render._backend import cpu_extension_error, extension_error, load_cpu_extension, load_extension
 from fit3d_hf.render._checks import check_tensor
 
 __all__ = ["RenderOutput", "backend", "render"]
 
 logger = logging.getLogger(__name__)
 
-_BACKENDS = ("cuda", "reference")
+_BACKENDS = ("cuda", "cpu", "reference")
 
 
 @dataclass
@@ -40,7 +42,7 @@ class RenderOutput:
         means2d: `[B, N, 2]` projected centres (px). After `backward()`, `means2d.grad` holds the
             screen-space gradient used by densification (it has `retain_grad()` when it requires grad).
         depths: `[B, N]` camera-space depth of each centre (0 where culled).
-        backend: "cuda" or "reference", the backend that rendered.
+        backend: "cuda", "cpu" or "reference", the backend that rendered.
     """
 
     rgb: Tensor
@@ -53,12 +55,20 @@ class RenderOutput:
     backend: str
 
 
-def backend() -> str:
-    """The backend `render()` uses for CUDA tensors here: "cuda" if the extension loads, else "reference".
+def backend(device: str | torch.device = "cuda") -> str:
+    """The backend `render()` uses for float32 tensors on `device` (default: CUDA tensors).
 
-    The first call may compile the extension (JIT) when no prebuilt one is installed.
+    Returns:
+        "cuda" for CUDA devices and "cpu" for the CPU when their compiled extension loads, else "reference"
+        (which float64 tensors always get). The first call for a device may compile its extension (JIT) when
+        no prebuilt one is installed.
     """
-    return "cuda" if load_extension() is not None else "reference"
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "cuda" if load_extension() is not None else "reference"
+    if device.type == "cpu":
+        return "cpu" if load_cpu_extension() is not None else "reference"
+    return "reference"
 
 
 @functools.lru_cache(maxsize=1)
@@ -66,11 +76,24 @@ def _warn_fallback() -> None:
     logger.warning("Rendering CUDA tensors with the (slow) PyTorch reference: %s", extension_error())
 
 
-def _choose_backend(requested: str | None, device: torch.device) -> str:
+@functools.lru_cache(maxsize=1)
+def _warn_cpu_fallback() -> None:
+    logger.warning("Rendering CPU tensors with the (slow) PyTorch reference: %s", cpu_extension_error())
+
+
+def _choose_backend(requested: str | None, device: torch.device, dtype: torch.dtype) -> str:
     if requested is not None and requested not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS} or None, got {requested!r}")
     if requested == "reference":
         return "reference"
+    if requested == "cpu":
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors, but the Gaussians are on {device}")
+        if load_cpu_extension() is None:
+            raise RuntimeError(
+                f"backend='cpu' was requested but the CPU rasterizer is unavailable: {cpu_extension_error()}"
+            )
+        return "cpu"
     if requested == "cuda":
         if device.type != "cuda":
             raise ValueError(f"backend='cuda' needs CUDA tensors, but the Gaussians are on {device}")
@@ -83,6 +106,10 @@ def _choose_backend(requested: str | None, device: torch.device) -> str:
         if load_extension() is not None:
             return "cuda"
         _warn_fallback()
+    if device.type == "cpu" and dtype == torch.float32:  # float64 is the reference's alone, without a warning
+        if load_cpu_extension() is not None:
+            return "cpu"
+        _warn_cpu_fallback()
     return "reference"
 
 
@@ -205,7 +232,9 @@ def render(
         near_plane: Gaussians closer than this (camera z) are culled.
         far_plane: Gaussians farther than this are culled.
         render_depth: return the depth image (it is composited in the same pass either way).
-        backend: "cuda", "reference" or None (CUDA for CUDA tensors when the extension is available).
+        backend: "cuda", "cpu", "reference" or None: the compiled extension of the tensors' device for
+            float32 tensors when it is available (else the reference, with a one-time warning naming the
+            cause), the reference for float64 tensors.
 
     Returns:
         A `RenderOutput`. Gradients reach means, quats, scales, opacities, colors, features, background
@@ -215,7 +244,8 @@ def render(
         TypeError: an argument is not a tensor or has the wrong dtype (float32; the reference also takes
             float64).
         ValueError: wrong shapes, mismatched N or B, tensors on different devices, bad sizes or planes.
-        RuntimeError: `backend="cuda"` while the extension is unavailable (the message says how to fix).
+        RuntimeError: `backend="cuda"` or `"cpu"` while that extension is unavailable (the message says how
+            to fix).
     """
     features = _validate(
         means,
@@ -233,16 +263,17 @@ def render(
         far_plane,
     )
     sh_degree = _resolve_sh_degree(colors, sh_degree)
-    chosen = _choose_backend(backend, means.device)
-    if chosen == "cuda" and means.dtype != torch.float32:
+    chosen = _choose_backend(backend, means.device, means.dtype)
+    if chosen != "reference" and means.dtype != torch.float32:
         raise TypeError(
-            f"the CUDA backend renders float32 Gaussians, got {means.dtype}; use backend='reference'"
+            f"the {chosen.upper()} backend renders float32 Gaussians, got {means.dtype}; use backend='reference'"
         )
-    # the two backends' ops are twins with identical signatures (the CUDA ones without re-checking)
-    use_cuda = chosen == "cuda"
-    project = _wrapper._apply_project if use_cuda else _reference._project
-    spherical_harmonics = _wrapper._apply_spherical_harmonics if use_cuda else _reference._spherical_harmonics
-    rasterize = _wrapper._apply_rasterize if use_cuda else _reference._rasterize
+    # the compiled and the reference ops are twins with identical signatures (the compiled ones without
+    # re-checking)
+    compiled = chosen != "reference"
+    project = _wrapper._apply_project if compiled else _reference._project
+    spherical_harmonics = _wrapper._apply_spherical_harmonics if compiled else _reference._spherical_harmonics
+    rasterize = _wrapper._apply_rasterize if compiled else _reference._rasterize
 
     means2d, conics, depths, radii = project(
         means, quats, scales, opacities, world_to_camera, K, width, height, near_plane, far_plane

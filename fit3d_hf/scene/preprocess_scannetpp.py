@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fit3d_hf.errors import CorruptFileError, InputError, UsageError
 from fit3d_hf.utils import atomic_write_text
 
 __all__ = [
@@ -110,32 +111,32 @@ def read_raw_transforms(path: str | os.PathLike) -> dict:
     try:
         transforms = json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from error
+        raise InputError(f"{path}: not valid JSON ({error})") from error
     if not isinstance(transforms, dict):
-        raise ValueError(f"{path}: expected a JSON object at the top level")
+        raise InputError(f"{path}: expected a JSON object at the top level")
     model = transforms.get("camera_model")
     if model not in SUPPORTED_CAMERA_MODELS:
-        raise ValueError(
+        raise InputError(
             f"{path}: unknown camera model {model!r}; supported: {', '.join(SUPPORTED_CAMERA_MODELS)}"
         )
     missing = [key for key in _INTRINSIC_KEYS if key not in transforms]
     if missing:
-        raise ValueError(f"{path}: missing intrinsics {missing}")
+        raise InputError(f"{path}: missing intrinsics {missing}")
     for key in (*_INTRINSIC_KEYS, *(k for k in _DISTORTION_KEYS if k in transforms)):
         value = transforms[key]
         if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value):
-            raise ValueError(f"{path}: {key} must be a finite number, got {value!r}")
+            raise InputError(f"{path}: {key} must be a finite number, got {value!r}")
     if transforms["fl_x"] <= 0 or transforms["fl_y"] <= 0 or transforms["w"] < 1 or transforms["h"] < 1:
-        raise ValueError(f"{path}: focal lengths and image size must be positive")
+        raise InputError(f"{path}: focal lengths and image size must be positive")
     frames = transforms.get("frames")
     if not isinstance(frames, list) or not isinstance(transforms.get("test_frames", []), list):
-        raise ValueError(f"{path}: 'frames' (and 'test_frames' if present) must be lists")
+        raise InputError(f"{path}: 'frames' (and 'test_frames' if present) must be lists")
     for frame in frames + transforms.get("test_frames", []):
         if not isinstance(frame, dict) or "file_path" not in frame or "transform_matrix" not in frame:
-            raise ValueError(f"{path}: every frame needs 'file_path' and 'transform_matrix', got {frame!r}")
+            raise InputError(f"{path}: every frame needs 'file_path' and 'transform_matrix', got {frame!r}")
         per_frame = sorted(set(frame) & {*_INTRINSIC_KEYS, *_DISTORTION_KEYS, "camera_model"})
         if per_frame:
-            raise ValueError(
+            raise InputError(
                 f"{path}: per-frame intrinsics {per_frame} in frame {frame['file_path']} are not supported"
             )
     return transforms
@@ -239,10 +240,10 @@ def _read_image(path: Path, flags: int, expected_size: tuple[int, int], what: st
         raise FileNotFoundError(f"{path}: {what} referenced by transforms.json not found")
     image = cv2.imread(str(path), flags)
     if image is None:
-        raise ValueError(f"{path}: cannot be read as an image (corrupt or unsupported format)")
+        raise CorruptFileError(f"{path}: cannot be read as an image (corrupt or unsupported format)")
     height, width = image.shape[:2]
     if (width, height) != expected_size:
-        raise ValueError(
+        raise InputError(
             f"{path}: {what} is {width}x{height} but transforms.json says w x h = "
             f"{expected_size[0]}x{expected_size[1]}"
         )
@@ -299,7 +300,7 @@ def preprocess_scene(
 
     cv2 = _cv2()
     if downscale < 1.0:
-        raise ValueError(f"downscale must be >= 1, got {downscale}")
+        raise UsageError(f"--downscale must be >= 1, got {downscale}")
     raw_root, out_root = Path(raw_root), Path(out_root)
     scenes_dir = out_root / "scenes"
     target = scenes_dir / scene_id
@@ -332,7 +333,7 @@ def preprocess_scene(
         names = [Path(frame["file_path"]).name for frame in all_frames]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
-            raise ValueError(f"{transforms_path}: frames listed more than once: {duplicates[:5]}")
+            raise InputError(f"{transforms_path}: frames listed more than once: {duplicates[:5]}")
         out_frames: dict[str, list[dict]] = {key: [] for key in frame_lists}
         progress = tqdm(total=len(all_frames), desc=scene_id, unit="frame", leave=False)
         for key, frames in frame_lists.items():
@@ -464,8 +465,8 @@ def preprocess_scannetpp(
     else:
         unknown = [scene_id for scene_id in scene_ids if scene_id not in listed]
         if unknown:
-            raise ValueError(
-                f"scenes {unknown} are not listed in {raw_root / 'splits'}/nvs_sem_train.txt "
+            raise UsageError(
+                f"--scenes {unknown} are not listed in {raw_root / 'splits'}/nvs_sem_train.txt "
                 "or nvs_sem_val.txt"
             )
     folders = [

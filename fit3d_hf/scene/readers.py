@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fit3d_hf.errors import CorruptFileError, InputError, MissingInputError, UsageError
 from fit3d_hf.scene.camera import (
     Camera,
     intrinsics_matrix,
@@ -97,9 +98,9 @@ def detect_layout(path: Path | str, layout: str | None = None) -> tuple[str, Pat
     """
     path = Path(path)
     if layout is not None and layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+        raise UsageError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     if not path.exists():
-        raise FileNotFoundError(f"scene path {path} does not exist")
+        raise MissingInputError(f"scene path {path} does not exist")
     folder = path if path.is_dir() else path.parent
 
     if layout == "scannetpp":
@@ -112,7 +113,7 @@ def detect_layout(path: Path | str, layout: str | None = None) -> tuple[str, Pat
         for name in ("transforms.json", "transforms_train.json"):
             if (folder / name).is_file():
                 return layout, folder / name
-        raise FileNotFoundError(f"{folder} holds no transforms.json or transforms_train.json")
+        raise MissingInputError(f"{folder} holds no transforms.json or transforms_train.json")
 
     if path.is_file():
         if path.name == "transforms_train.json" and (folder / "points3D.txt").is_file():
@@ -121,7 +122,7 @@ def detect_layout(path: Path | str, layout: str | None = None) -> tuple[str, Pat
             return "nerfstudio", path
         if path.name in ("cameras.txt", "images.txt", "points3D.txt"):
             return "colmap", folder
-        raise FileNotFoundError(f"{path} is not a transforms json or a COLMAP text file")
+        raise MissingInputError(f"{path} is not a transforms json or a COLMAP text file")
     if (folder / "transforms_train.json").is_file() and (folder / "points3D.txt").is_file():
         return "scannetpp", folder
     if (folder / "transforms.json").is_file():
@@ -132,7 +133,7 @@ def detect_layout(path: Path | str, layout: str | None = None) -> tuple[str, Pat
         pass
     if (folder / "transforms_train.json").is_file():
         return "nerfstudio", folder / "transforms_train.json"
-    raise FileNotFoundError(
+    raise MissingInputError(
         f"{folder} holds no known scene layout: expected transforms_train.json + points3D.txt (ScanNet++), "
         "transforms.json (nerfstudio / instant-ngp) or cameras.txt + images.txt (COLMAP text, also in "
         "sparse/0 or sparse)"
@@ -145,12 +146,12 @@ def _find_colmap_model(folder: Path) -> Path:
             return candidate
     for candidate in (folder, folder / "sparse" / "0", folder / "sparse"):
         if (candidate / "cameras.bin").is_file():
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{candidate} holds a binary COLMAP model; only the text format is read. Convert it with "
                 f"`colmap model_converter --input_path {candidate} --output_path {candidate} "
                 "--output_type TXT`"
             )
-    raise FileNotFoundError(
+    raise MissingInputError(
         f"no COLMAP text model (cameras.txt + images.txt) in {folder}, sparse/0 or sparse"
     )
 
@@ -187,15 +188,17 @@ def read_scene(
 
 
 def _image_size(path: Path, where: str, what: str = "image") -> tuple[int, int]:
+    import struct
+
     from PIL import Image, UnidentifiedImageError
 
     if not path.is_file():
-        raise FileNotFoundError(f"{where}: {what} {path} does not exist")
+        raise MissingInputError(f"{where}: {what} {path} does not exist")
     try:
         with Image.open(path) as image:
             return image.size
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"{where}: {what} {path} cannot be read as an image: {error}") from error
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, struct.error, Image.DecompressionBombError) as error:
+        raise CorruptFileError(f"{where}: {what} {path} cannot be read as an image: {error}") from error
 
 
 def _validate(raw_frames: list[RawFrame]) -> list[Camera]:
@@ -204,7 +207,7 @@ def _validate(raw_frames: list[RawFrame]) -> list[Camera]:
     for raw in raw_frames:
         width, height = _image_size(raw.image_path, raw.where)
         if (width, height) != (raw.width, raw.height):
-            raise ValueError(
+            raise InputError(
                 f"{raw.where}: image {raw.image_path} is {width}x{height} but the intrinsics say "
                 f"{raw.width}x{raw.height} (w x h)"
             )
@@ -213,14 +216,14 @@ def _validate(raw_frames: list[RawFrame]) -> list[Camera]:
             if aux_path is not None:
                 aux_size = _image_size(aux_path, raw.where, kind)
                 if aux_size != (width, height):
-                    raise ValueError(
+                    raise InputError(
                         f"{raw.where}: {kind} {aux_path} is {aux_size[0]}x{aux_size[1]} but its image "
                         f"{raw.image_path} is {width}x{height}"
                     )
         try:
             cameras.append(Camera(raw.K, raw.world_to_camera, raw.width, raw.height))
         except ValueError as error:
-            raise ValueError(f"{raw.where}: invalid camera: {error}") from error
+            raise InputError(f"{raw.where}: invalid camera: {error}") from error
     return cameras
 
 
@@ -278,25 +281,44 @@ _TRANSFORMS_MODELS = ("PINHOLE", "SIMPLE_PINHOLE", "OPENCV", "OPENCV_FISHEYE")
 
 def _load_json(path: Path) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"transforms file {path} does not exist")
+        raise MissingInputError(f"transforms file {path} does not exist")
     try:
-        with open(path) as handle:
+        with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise CorruptFileError(f"{path} is not valid JSON: {error}") from error
     if not isinstance(data, dict) or not isinstance(data.get("frames"), list):
-        raise ValueError(f"{path} has no 'frames' list; it is not a nerfstudio / instant-ngp transforms file")
+        raise InputError(f"{path} has no 'frames' list; it is not a nerfstudio / instant-ngp transforms file")
     return data
 
 
 def _number(value, key: str, where: str) -> float:
+    if isinstance(value, str):  # "3.5" would pass float(); a transforms file stores numbers as numbers
+        raise InputError(f"{where}: '{key}' must be a number, got the string {value[:40]!r}")
     try:
         number = float(value)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{where}: '{key}' must be a number, got {value!r}") from error
+    except (TypeError, ValueError, OverflowError) as error:
+        raise InputError(f"{where}: '{key}' must be a number, got {_short(value)}") from error
     if not math.isfinite(number):
-        raise ValueError(f"{where}: '{key}' is {number}")
+        raise InputError(f"{where}: '{key}' is {number}")
     return number
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _relative_path(frame: dict, key: str, where: str) -> str | None:
+    """A file path key of a frame (or of the file's top level): a non-empty string, or None when absent."""
+    value = frame.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise InputError(f"{where}: '{key}' must be a file path string, got {_short(value)}")
+    if "\0" in value:
+        raise InputError(f"{where}: '{key}' holds a NUL character")
+    return value
 
 
 def _transforms_intrinsics(
@@ -316,7 +338,7 @@ def _transforms_intrinsics(
     elif get("camera_angle_x") is not None:
         fx = 0.5 * width / math.tan(0.5 * _number(get("camera_angle_x"), "camera_angle_x", where))
     else:
-        raise ValueError(f"{where}: no focal length (fl_x or camera_angle_x)")
+        raise InputError(f"{where}: no focal length (fl_x or camera_angle_x)")
     if get("fl_y") is not None:
         fy = _number(get("fl_y"), "fl_y", where)
     elif get("camera_angle_y") is not None:
@@ -332,7 +354,7 @@ def _transforms_intrinsics(
         model = "OPENCV_FISHEYE" if get("is_fisheye") else "OPENCV"
     model = str(model).upper()
     if model not in _TRANSFORMS_MODELS:
-        raise ValueError(
+        raise InputError(
             f"{where}: unknown camera_model {model!r}; supported: {', '.join(_TRANSFORMS_MODELS)}"
         )
     c = coefficients
@@ -352,13 +374,13 @@ def _transform_matrix(frame: dict, where: str) -> np.ndarray:
     try:
         matrix = np.asarray(frame["transform_matrix"], dtype=np.float64)
     except KeyError as error:
-        raise ValueError(f"{where}: no 'transform_matrix'") from error
+        raise InputError(f"{where}: no 'transform_matrix'") from error
     except (TypeError, ValueError) as error:
-        raise ValueError(f"{where}: 'transform_matrix' is not a numeric matrix") from error
+        raise InputError(f"{where}: 'transform_matrix' is not a numeric matrix") from error
     if matrix.shape == (3, 4):
         matrix = np.vstack([matrix, [0.0, 0.0, 0.0, 1.0]])
     if matrix.shape != (4, 4):
-        raise ValueError(f"{where}: 'transform_matrix' must be 4x4 (or 3x4), got shape {matrix.shape}")
+        raise InputError(f"{where}: 'transform_matrix' must be 4x4 (or 3x4), got shape {matrix.shape}")
     return matrix
 
 
@@ -370,7 +392,38 @@ def _resolve_file(base: Path, relative: str, where: str, what: str, try_extensio
         for extension in _IMAGE_EXTENSIONS:
             if path.with_suffix(extension).is_file():
                 return path.with_suffix(extension)
-    raise FileNotFoundError(f"{where}: {what} {path} does not exist")
+    raise MissingInputError(f"{where}: {what} {path} does not exist")
+
+
+class _MissingFiles:
+    """Resolves the files a scene's listing names, collecting those that do not exist, so that one error
+    counts them all and names the first few (a scene copied without half its images should not take a run
+    per missing file to find out)."""
+
+    SHOWN = 5
+
+    def __init__(self, listing: Path, num_frames: int):
+        self.listing, self.num_frames = listing, num_frames
+        self.missing: list[tuple[str, Path]] = []  # (message, path)
+
+    def resolve(self, base: Path, relative: str, where: str, what: str, try_extensions: bool = False) -> Path | None:
+        try:
+            return _resolve_file(base, relative, where, what, try_extensions)
+        except FileNotFoundError as error:
+            self.missing.append((str(error), base / relative))
+            return None
+
+    def check(self) -> None:
+        """Raises `MissingInputError` when any file was missing: its own message for one, else a count."""
+        if len(self.missing) == 1:
+            raise MissingInputError(self.missing[0][0])
+        if self.missing:
+            shown = ", ".join(str(path) for _, path in self.missing[: self.SHOWN])
+            more = f" and {len(self.missing) - self.SHOWN} more" if len(self.missing) > self.SHOWN else ""
+            raise MissingInputError(
+                f"{self.listing}: {len(self.missing)} files it lists for its {self.num_frames} frames do not "
+                f"exist: {shown}{more}"
+            )
 
 
 def _frame_entries(meta: dict, json_path: Path) -> tuple[list[tuple[dict, str]], set[str]]:
@@ -380,11 +433,13 @@ def _frame_entries(meta: dict, json_path: Path) -> tuple[list[tuple[dict, str]],
     for key in ("frames", "test_frames"):
         frames = meta.get(key) or []
         if not isinstance(frames, list):
-            raise ValueError(f"{json_path}: '{key}' must be a list")
+            raise InputError(f"{json_path}: '{key}' must be a list")
         for index, frame in enumerate(frames):
             where = f"{json_path}, {key}[{index}]"
-            if not isinstance(frame, dict) or not isinstance(frame.get("file_path"), str):
-                raise ValueError(f"{where}: frame has no 'file_path' string")
+            if not isinstance(frame, dict) or not isinstance(frame.get("file_path"), str) or not frame["file_path"].strip():
+                raise InputError(f"{where}: frame has no 'file_path' string")
+            if "\0" in frame["file_path"]:
+                raise InputError(f"{where}: 'file_path' holds a NUL character")
             file_path = frame["file_path"]
             if key == "test_frames":
                 test_paths.add(file_path)
@@ -393,7 +448,7 @@ def _frame_entries(meta: dict, json_path: Path) -> tuple[list[tuple[dict, str]],
             seen.add(file_path)
             entries.append((frame, f"{where} ({file_path})"))
     if not entries:
-        raise ValueError(f"{json_path} lists no frames")
+        raise InputError(f"{json_path} lists no frames")
     return entries, test_paths
 
 
@@ -415,7 +470,7 @@ def read_scannetpp_scene(scene_dir: Path | str, *, cache_dir: Path | str | None 
     json_path = scene_dir / "transforms_train.json"
     points_path = scene_dir / "points3D.txt"
     if not points_path.is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"ScanNet++ scene {scene_dir} has no points3D.txt (its sparse points are required)"
         )
     meta = _load_json(json_path)
@@ -424,6 +479,7 @@ def read_scannetpp_scene(scene_dir: Path | str, *, cache_dir: Path | str | None 
     relative_paths = [frame["file_path"] for frame, _ in entries]
     image_ids = _unique_image_ids(relative_paths)
     raw_frames, test_ids = [], set()
+    missing = _MissingFiles(json_path, len(entries))
     for (frame, where), image_id in zip(entries, image_ids, strict=True):
         relative = frame["file_path"]
         # ScanNet++ names images relative to images/; accept paths relative to the scene folder too.
@@ -432,14 +488,18 @@ def read_scannetpp_scene(scene_dir: Path | str, *, cache_dir: Path | str | None 
             if (scene_dir / relative).is_file() and not (images_dir / relative).is_file()
             else images_dir
         )
-        image_path = _resolve_file(base, relative, where, "image")
-        K, width, height, distortion = _transforms_intrinsics(meta, frame, where, image_path)
-        if frame.get("mask_path"):
+        image_path = missing.resolve(base, relative, where, "image")
+        mask_path = None
+        relative_mask = _relative_path(frame, "mask_path", where)
+        if relative_mask:
             mask_base = scene_dir / "masks"
-            if not (mask_base / frame["mask_path"]).is_file() and (scene_dir / frame["mask_path"]).is_file():
+            if not (mask_base / relative_mask).is_file() and (scene_dir / relative_mask).is_file():
                 mask_base = scene_dir
-            mask_path = _resolve_file(mask_base, frame["mask_path"], where, "mask")
-        else:
+            mask_path = missing.resolve(mask_base, relative_mask, where, "mask")
+        if image_path is None or (relative_mask and mask_path is None):
+            continue
+        K, width, height, distortion = _transforms_intrinsics(meta, frame, where, image_path)
+        if not relative_mask:
             mask_path = _aux_path(images_dir, Path(relative).name, "mask")
         raw_frames.append(
             RawFrame(
@@ -459,19 +519,20 @@ def read_scannetpp_scene(scene_dir: Path | str, *, cache_dir: Path | str | None 
         )
         if relative in test_paths:
             test_ids.add(image_id)
+    missing.check()
     points = read_colmap_points(points_path)
     if len(points[0]) == 0:
-        raise ValueError(f"{points_path} holds no points; a ScanNet++ scene needs its sparse points")
+        raise InputError(f"{points_path} holds no points; a ScanNet++ scene needs its sparse points")
     return _make_scene(scene_dir.name, scene_dir, raw_frames, points, test_ids, cache_dir)
 
 
 def _pose(convert, matrix: np.ndarray, where: str) -> np.ndarray:
     if not np.isfinite(matrix).all():
-        raise ValueError(f"{where}: invalid camera: pose contains NaN or infinite values")
+        raise InputError(f"{where}: invalid camera: pose contains NaN or infinite values")
     try:
         return convert(matrix)
     except ValueError as error:
-        raise ValueError(f"{where}: invalid camera: {error}") from error
+        raise InputError(f"{where}: invalid camera: {error}") from error
 
 
 def read_nerfstudio_scene(transforms_path: Path | str, *, cache_dir: Path | str | None = None) -> Scene:
@@ -492,11 +553,21 @@ def read_nerfstudio_scene(transforms_path: Path | str, *, cache_dir: Path | str 
     meta = _load_json(json_path)
     entries, test_paths = _frame_entries(meta, json_path)
     test_filenames = meta.get("test_filenames") or []
+    if not isinstance(test_filenames, list) or not all(isinstance(name, str) for name in test_filenames):
+        raise InputError(f"{json_path}: 'test_filenames' must be a list of file path strings")
     test_paths |= {os.path.normpath(name) for name in test_filenames}
+    missing = _MissingFiles(json_path, len(entries))
     image_paths = [
-        _resolve_file(root, frame["file_path"], where, "image", try_extensions=True)
-        for frame, where in entries
+        missing.resolve(root, frame["file_path"], where, "image", try_extensions=True) for frame, where in entries
     ]
+    for frame, where in entries:
+        for kind, key in (
+            ("mask", "mask_path"), ("depth", "depth_file_path"), ("label", "label_path"), ("normal", "normal_path")
+        ):  # fmt: skip
+            relative = _relative_path(frame, key, where)
+            if relative:
+                missing.resolve(root, relative, where, kind)
+    missing.check()
     relative_paths = [os.path.relpath(path, root) for path in image_paths]
     image_ids = _unique_image_ids(relative_paths)
     raw_frames, test_ids = [], set()
@@ -506,8 +577,9 @@ def read_nerfstudio_scene(transforms_path: Path | str, *, cache_dir: Path | str 
         for kind, key in (
             ("mask", "mask_path"), ("depth", "depth_file_path"), ("label", "label_path"), ("normal", "normal_path")
         ):  # fmt: skip
-            if frame.get(key):
-                extras[f"{kind}_path"] = _resolve_file(root, frame[key], where, kind)
+            relative = _relative_path(frame, key, where)
+            if relative:
+                extras[f"{kind}_path"] = _resolve_file(root, relative, where, kind)
         raw_frames.append(
             RawFrame(
                 image_id,
@@ -523,8 +595,9 @@ def read_nerfstudio_scene(transforms_path: Path | str, *, cache_dir: Path | str 
         )
         if frame["file_path"] in test_paths or os.path.normpath(frame["file_path"]) in test_paths:
             test_ids.add(image_id)
-    if meta.get("ply_file_path"):
-        ply_path = _resolve_file(root, meta["ply_file_path"], str(json_path), "point cloud (ply_file_path)")
+    ply_file = _relative_path(meta, "ply_file_path", str(json_path))
+    if ply_file:
+        ply_path = _resolve_file(root, ply_file, str(json_path), "point cloud (ply_file_path)")
         points = read_ply_points(ply_path)
     else:
         points = (np.zeros((0, 3)), np.zeros((0, 3), dtype=np.uint8))
@@ -573,33 +646,37 @@ def _colmap_camera(model: str, params: list[float]) -> tuple[np.ndarray, Distort
     return K, distortion
 
 
-def _colmap_lines(path: Path) -> list[str]:
+def _colmap_lines(path: Path) -> list[tuple[int, str]]:
+    """The lines of a COLMAP text file that are not comments, each with its line number in the file."""
     if not path.is_file():
-        raise FileNotFoundError(f"COLMAP file {path} does not exist")
-    with open(path) as handle:
-        return [line.rstrip("\r\n") for line in handle if not line.startswith("#")]
+        raise MissingInputError(f"COLMAP file {path} does not exist")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return [(number, line.rstrip("\r\n")) for number, line in enumerate(handle, 1) if not line.startswith("#")]
+    except UnicodeDecodeError as error:
+        raise CorruptFileError(f"{path} is not a COLMAP text file (not UTF-8 text: {error})") from error
 
 
 def _read_colmap_cameras(path: Path) -> dict[int, tuple[str, int, int, np.ndarray, Distortion | None]]:
     cameras = {}
-    for number, line in enumerate(_colmap_lines(path), start=1):
+    for number, line in _colmap_lines(path):
         tokens = line.split()
         if not tokens:
             continue
         where = f"{path}, camera line {number}"
         model = tokens[1] if len(tokens) > 1 else ""
         if model not in _COLMAP_MODELS:
-            raise ValueError(
+            raise InputError(
                 f"{where}: unknown camera model {model!r}; supported: {', '.join(_COLMAP_MODELS)}"
             )
         expected = _COLMAP_MODELS[model]
         if len(tokens) != 4 + expected:
-            raise ValueError(f"{where}: {model} takes {expected} parameters, got {len(tokens) - 4}")
+            raise InputError(f"{where}: {model} takes {expected} parameters, got {len(tokens) - 4}")
         try:
             camera_id, width, height = int(tokens[0]), int(tokens[2]), int(tokens[3])
             params = [float(value) for value in tokens[4:]]
         except ValueError as error:
-            raise ValueError(f"{where}: not a camera line ({error})") from error
+            raise InputError(f"{where}: not a camera line ({error})") from error
         cameras[camera_id] = (model, width, height, *_colmap_camera(model, params))
     return cameras
 
@@ -620,15 +697,15 @@ def read_colmap_points(path: Path | str) -> tuple[np.ndarray, np.ndarray]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"point file {path} does not exist")
+        raise MissingInputError(f"point file {path} does not exist")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # numpy warns on a file without data rows
             table = np.loadtxt(path, usecols=range(1, 7), comments="#", ndmin=2, dtype=np.float64)
     except ValueError as error:
-        raise ValueError(f"{path} is not a COLMAP points3D.txt: {error}") from error
+        raise InputError(f"{path} is not a COLMAP points3D.txt: {error}") from error
     if not np.isfinite(table).all():
-        raise ValueError(f"{path} holds NaN or infinite point coordinates")
+        raise InputError(f"{path} holds NaN or infinite point coordinates")
     return table[:, :3].copy(), np.clip(np.rint(table[:, 3:6]), 0, 255).astype(np.uint8)
 
 
@@ -651,7 +728,7 @@ def read_colmap_scene(
         candidates = [model_dir / "images", model_dir.parent / "images", model_dir.parent.parent / "images"]
         images_dir = next((c for c in candidates if c.is_dir()), None)
         if images_dir is None:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"no images folder for the COLMAP model {model_dir}: looked in "
                 f"{', '.join(str(c) for c in candidates)}; pass images_dir="
             )
@@ -663,23 +740,28 @@ def read_colmap_scene(
     lines = _colmap_lines(images_path)
     index = 0
     while index < len(lines):
-        if not lines[index].strip():
-            index += 1
-            continue
-        headers.append((index + 1, lines[index].split()))
+        number, line = lines[index]
         index += 1
+        if not line.strip():
+            continue
+        headers.append((number, line.split()))
         # Each record is a header and a POINTS2D line, which is empty for an image without points; a
         # hand-written file may leave it out, so only a blank or all-numeric line is taken as one.
-        if index < len(lines) and _is_points2d_line(lines[index]):
+        if index < len(lines) and _is_points2d_line(lines[index][1]):
             index += 1
-    names = []
+    names, seen = [], {}
     for number, tokens in headers:
         if len(tokens) < 10:
-            raise ValueError(f"{images_path}, image line {number}: expected 10 fields, got {len(tokens)}")
-        names.append(" ".join(tokens[9:]))
+            raise InputError(f"{images_path}, image line {number}: expected 10 fields, got {len(tokens)}")
+        name = " ".join(tokens[9:])
+        if name in seen:
+            raise InputError(f"{images_path}, image line {number}: image {name!r} is listed twice (also line {seen[name]})")
+        seen[name] = number
+        names.append(name)
     image_ids = _unique_image_ids(names)
 
     raw_frames = []
+    missing = _MissingFiles(images_path, len(headers))
     for (number, tokens), name, image_id in zip(headers, names, image_ids, strict=True):
         where = f"{images_path}, image line {number} ({name})"
         try:
@@ -687,22 +769,25 @@ def read_colmap_scene(
             tvec = np.array([float(v) for v in tokens[5:8]])
             camera_id = int(tokens[8])
         except ValueError as error:
-            raise ValueError(f"{where}: not an image line ({error})") from error
+            raise InputError(f"{where}: not an image line ({error})") from error
         if camera_id not in cameras:
-            raise ValueError(f"{where}: camera {camera_id} is not in {cameras_path}")
+            raise InputError(f"{where}: camera {camera_id} is not in {cameras_path}")
         _, width, height, K, distortion = cameras[camera_id]
         world_to_camera = np.eye(4)
         try:
             if not (np.isfinite(qvec).all() and np.isfinite(tvec).all()):
-                raise ValueError("pose contains NaN or infinite values")
+                raise InputError("pose contains NaN or infinite values")
             world_to_camera[:3, :3] = qvec_to_rotmat(qvec)
         except ValueError as error:
-            raise ValueError(f"{where}: invalid camera: {error}") from error
+            raise InputError(f"{where}: invalid camera: {error}") from error
         world_to_camera[:3, 3] = tvec
+        image_path = missing.resolve(images_dir, name, where, "image")
+        if image_path is None:
+            continue
         raw_frames.append(
             RawFrame(
                 image_id,
-                _resolve_file(images_dir, name, where, "image"),
+                image_path,
                 K,
                 world_to_camera,
                 width,
@@ -715,8 +800,9 @@ def read_colmap_scene(
                 normal_path=_aux_path(images_dir, name, "normal"),
             )
         )
+    missing.check()
     if not raw_frames:
-        raise ValueError(f"{images_path} lists no images")
+        raise InputError(f"{images_path} lists no images")
     points_path = model_dir / "points3D.txt"
     if points_path.is_file():
         points = read_colmap_points(points_path)
@@ -743,8 +829,11 @@ def read_scannetpp_split(root: Path | str, split: str) -> list[str]:
     """
     path = Path(root) / "metadata" / f"{split}_samples.txt"
     if not path.is_file():
-        raise FileNotFoundError(f"split file {path} does not exist (expected one sample id per line)")
-    samples = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        raise MissingInputError(f"split file {path} does not exist (expected one sample id per line)")
+    try:
+        samples = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as error:
+        raise CorruptFileError(f"{path} is not a text file of sample ids ({error})") from error
     if len(set(samples)) != len(samples):
-        raise ValueError(f"{path} lists some samples more than once")
+        raise InputError(f"{path} lists some samples more than once")
     return samples

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fit3d_hf.errors import CorruptFileError, InputError, MissingInputError
 from fit3d_hf.scene.camera import Camera
 
 __all__ = [
@@ -82,16 +83,16 @@ class Scene:
         self.points = np.asarray(self.points, dtype=np.float64).reshape(-1, 3)
         self.point_colors = np.asarray(self.point_colors, dtype=np.uint8).reshape(-1, 3)
         if len(self.points) != len(self.point_colors):
-            raise ValueError(
-                f"scene {self.scene_id}: {len(self.points)} points but {len(self.point_colors)} point colours"
+            raise InputError(
+                f"scene {self.scene_id} ({self.root}): {len(self.points)} points but {len(self.point_colors)} point colours"
             )
         ids = [frame.image_id for frame in self.frames]
         if len(set(ids)) != len(ids):
             duplicates = sorted({image_id for image_id in ids if ids.count(image_id) > 1})
-            raise ValueError(f"scene {self.scene_id}: duplicate image ids {duplicates[:5]}")
+            raise InputError(f"scene {self.scene_id} ({self.root}): duplicate image ids {duplicates[:5]}")
         unknown = set(self.test_image_ids) - set(ids)
         if unknown:
-            raise ValueError(f"scene {self.scene_id}: test image ids {sorted(unknown)[:5]} are not frames")
+            raise InputError(f"scene {self.scene_id} ({self.root}): test image ids {sorted(unknown)[:5]} are not frames")
 
     def frame(self, image_id: str) -> Frame:
         """The frame with id `image_id` (KeyError if absent)."""
@@ -106,16 +107,19 @@ class Scene:
 
 
 def _open(path: Path | str, what: str):
+    import struct
+
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
+        raise MissingInputError(f"{what} {path} does not exist")
     try:
         image = Image.open(path)
         image.load()
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"{what} {path} cannot be read as an image: {error}") from error
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, struct.error, Image.DecompressionBombError) as error:
+        # Pillow's decoders raise any of these for damaged files (truncated data, broken chunks)
+        raise CorruptFileError(f"{what} {path} cannot be read as an image: {error}") from error
     return image
 
 
@@ -132,8 +136,10 @@ def load_image(path: Path | str) -> np.ndarray:
         FileNotFoundError: the file does not exist.
         ValueError: the file is not a readable image.
     """
-    image = _open(path, "image")
-    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    from fit3d_hf.images import to_float_rgb
+
+    # 16-bit grey pictures are scaled by their bit depth (Pillow's convert("RGB") would clip them at 255).
+    return to_float_rgb(_open(path, "image"))
 
 
 def load_mask(path: Path | str) -> np.ndarray:
@@ -159,7 +165,7 @@ def load_depth(path: Path | str, scale: float = 1000.0) -> np.ndarray:
     image = _open(path, "depth map")
     depth = np.asarray(image)
     if depth.ndim != 2:
-        raise ValueError(f"depth map {path} must have a single channel, got shape {depth.shape}")
+        raise InputError(f"depth map {path} must have a single channel, got shape {depth.shape}")
     return depth.astype(np.float32) / scale
 
 
@@ -172,7 +178,7 @@ def load_labels(path: Path | str) -> np.ndarray:
     image = _open(path, "label map")
     labels = np.asarray(image)
     if labels.ndim != 2:
-        raise ValueError(f"label map {path} must have a single channel, got shape {labels.shape}")
+        raise InputError(f"label map {path} must have a single channel, got shape {labels.shape}")
     return labels.astype(np.int64)
 
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from fit3d_hf.errors import InputError
 from fit3d_hf.scene.camera import Camera
-from fit3d_hf.scene.scene import Frame
+from fit3d_hf.scene.scene import Frame, _open
 from fit3d_hf.utils import atomic_path, atomic_write_text
 
 __all__ = [
@@ -178,18 +178,15 @@ def _save_atomic(array: np.ndarray, path: Path) -> None:
 def _undistort_frame(raw: RawFrame, outputs: dict[str, Path]) -> tuple[np.ndarray, list[str]]:
     """Writes the undistorted files of one frame; returns the new K and the kinds of files written."""
     import cv2
-    from PIL import Image
 
     map_x, map_y, new_K = _undistortion_maps(raw.K, raw.distortion, raw.width, raw.height)
     written = {}
-    with Image.open(raw.image_path) as image:
-        rgb = np.asarray(image.convert("RGB"))
+    rgb = np.asarray(_open(raw.image_path, "image").convert("RGB"))
     written["image"] = cv2.remap(rgb, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
     # Pixels that sample outside the source (or an invalid source pixel) become invalid; the bilinear
     # interpolation of a 0/255 mask is thresholded strictly, like ScanNet++'s undistortion.
     if raw.mask_path is not None:
-        with Image.open(raw.mask_path) as image:
-            source_mask = np.where(np.asarray(image.convert("L")) >= 128, 255, 0).astype(np.uint8)
+        source_mask = np.where(np.asarray(_open(raw.mask_path, "mask").convert("L")) >= 128, 255, 0).astype(np.uint8)
     else:
         source_mask = np.full((raw.height, raw.width), 255, dtype=np.uint8)
     mask = cv2.remap(
@@ -203,8 +200,7 @@ def _undistort_frame(raw: RawFrame, outputs: dict[str, Path]) -> tuple[np.ndarra
     for kind in ("depth", "label", "normal"):
         source = getattr(raw, f"{kind}_path")
         if source is not None:
-            with Image.open(source) as image:
-                values = np.asarray(image)
+            values = np.asarray(_open(source, kind))
             written[kind] = cv2.remap(
                 values, map_x, map_y, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0
             )
@@ -216,6 +212,17 @@ def _undistort_frame(raw: RawFrame, outputs: dict[str, Path]) -> tuple[np.ndarra
     return new_K, sorted(written)
 
 
+def _cached_entry(entry: dict) -> tuple[np.ndarray | None, list | None]:
+    """K and files of a manifest entry, or (None, None) when the entry is damaged (the frame is redone)."""
+    try:
+        K = np.asarray(entry["K"], dtype=np.float64)
+    except (KeyError, TypeError, ValueError):
+        return None, None
+    if K.shape != (3, 3) or not np.isfinite(K).all():
+        return None, None
+    return K, entry["files"]
+
+
 def undistort_frames(raw_frames: list[RawFrame], cameras: list[Camera], cache: Path) -> list[Frame]:
     """Undistorts the frames into `cache` (reusing up-to-date outputs); returns pinhole frames."""
     from tqdm.auto import tqdm
@@ -225,8 +232,10 @@ def undistort_frames(raw_frames: list[RawFrame], cameras: list[Camera], cache: P
     if manifest_path.is_file():
         try:
             manifest = json.loads(manifest_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             logger.warning("ignoring the unreadable undistortion manifest %s", manifest_path)
+        if not isinstance(manifest, dict):  # a damaged cache is rebuilt, never trusted
+            manifest = {}
     frames, reused = [], 0
     pairs = list(zip(raw_frames, cameras, strict=True))
     try:
@@ -237,12 +246,15 @@ def undistort_frames(raw_frames: list[RawFrame], cameras: list[Camera], cache: P
             )
             signature = _signature(raw)
             entry = manifest.get(raw.image_id)
+            new_K, kinds = None, None
             if (
                 isinstance(entry, dict)
                 and entry.get("signature") == signature
-                and all(outputs[kind].is_file() for kind in entry.get("files", ["missing"]))
+                and isinstance(entry.get("files"), list)
+                and all(kind in outputs and outputs[kind].is_file() for kind in entry["files"])
             ):
-                new_K, kinds = np.asarray(entry["K"], dtype=np.float64), entry["files"]
+                new_K, kinds = _cached_entry(entry)
+            if new_K is not None:
                 reused += 1
             else:
                 new_K, kinds = _undistort_frame(raw, outputs)

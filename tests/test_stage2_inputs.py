@@ -1,0 +1,73 @@
+"""Stage II's inputs checked before it trains: scenes without a bundle are named (and can be skipped on request),
+and a refused start leaves no output folder behind."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Dinov2Config, Dinov2Model
+
+from fit3d_hf.errors import MissingInputError
+from fit3d_hf.finetuning import DataArguments, FinetuningArguments, ModelArguments, load_frames, train
+from fit3d_hf.lifting import LiftingArguments, lift_scene
+from fit3d_hf.scene.synthetic import SyntheticSceneConfig, generate_dataset
+
+
+@pytest.fixture(scope="module")
+def half_lifted(tmp_path_factory):
+    """One training and one validation scene; only the training scene is lifted (a short run)."""
+    root = tmp_path_factory.mktemp("half-lifted")
+    generate_dataset(
+        root / "data",
+        num_scenes=1,
+        num_val_scenes=1,
+        config=SyntheticSceneConfig(seed=4, num_views=4, width=32, height=24, num_points=300),
+    )
+    config = Dinov2Config(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        patch_size=8,
+        image_size=32,
+    )
+    torch.manual_seed(0)
+    Dinov2Model(config).save_pretrained(root / "backbone")
+    train_scene = load_frames(root / "data", "train")["scene_id"][0]
+    lift_args = LiftingArguments(
+        backbone=str(root / "backbone"), out=str(root / "lifted"), feature_dim=4, iterations=4, densify_from=100,
+        checkpoint_interval=0, previews=False, bundle_sh="fp16", device="cpu",
+    )  # fmt: skip
+    lift_scene(root / "data" / "scenes" / train_scene, lift_args, progress=False)
+    validation_scene = load_frames(root / "data", "val")["scene_id"][0]
+    return {"root": root, "validation_scene": validation_scene}
+
+
+def _arguments(setup, output_dir, **data):
+    root = setup["root"]
+    return (
+        ModelArguments(backbone=str(root / "backbone")),
+        DataArguments(frames=str(root / "data"), gaussians=str(root / "lifted"), consistency_pairs=1, **data),
+        FinetuningArguments(
+            output_dir=str(output_dir),
+            max_train_steps=1,
+            train_batch_size=1,
+            checkpointing_steps=0,
+            report_to="none",
+        ),
+    )
+
+
+def test_scenes_without_bundles_are_named_or_skipped_on_request(half_lifted, tmp_path):
+    scene = half_lifted["validation_scene"]
+    with pytest.raises(
+        MissingInputError,
+        match=rf"no Gaussian bundle for 1 of the 2 scenes of the frames \({scene}\); lift them first .*--skip_scenes_without_bundles",
+    ):
+        train(*_arguments(half_lifted, tmp_path / "refused"))
+    assert not (tmp_path / "refused").exists()  # a refused start leaves no empty output folder
+    metrics = train(*_arguments(half_lifted, tmp_path / "skipped", skip_scenes_without_bundles=True))
+    assert (
+        metrics["steps"] == 1 and "validation_loss" not in metrics
+    )  # its only validation scene was left out
+    assert (tmp_path / "skipped" / "fit3d" / "preprocessor_config.json").is_file()
