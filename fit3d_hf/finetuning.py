@@ -731,6 +731,15 @@ def _train(model_args: ModelArguments, data_args: DataArguments, args: Finetunin
     if accelerator.is_main_process:
         _save_outputs(unwrapped, original, model_args, data_args, args, metrics)
     accelerator.log({k: v for k, v in metrics.items() if isinstance(v, float)}, step=global_step)
+    # Teardown order, for gloo (CPU) runs: a gloo process group's destructor joins its worker threads while
+    # holding the GIL, and a worker still freeing the last all-gather's tensors needs the GIL, so destroying
+    # the group right after a collective can deadlock (torch 2.13; one run in two of the 2-process test hung in
+    # the DDP Reducer's destructor). A barrier (it waits without the GIL) lets the workers finish first, and
+    # dropping the DDP wrapper while the group is still registered keeps its Reducer from being the one that
+    # destroys the group.
+    accelerator.wait_for_everyone()
+    extractor = None
+    accelerator.free_memory()
     accelerator.end_training()
     return metrics
 
