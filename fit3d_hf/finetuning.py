@@ -186,7 +186,7 @@ def load_frames(path: str | Path, split: str, *, holdout_every: int = 0):
       a text file listing scenes, or a comma-separated list; `val` holds Stage I's held-out views when
       `holdout_every` > 0, else the scenes' own test frames.
     """
-    from dataset_builders.scenes import is_sample_list_root, load_scenes
+    from dataset_builders.scenes import is_sample_list_root, make_frames_builder
 
     spec = str(path)
     if "," not in spec and Path(spec).is_dir() and not is_sample_list_root(spec):
@@ -197,13 +197,16 @@ def load_frames(path: str | Path, split: str, *, holdout_every: int = 0):
             return load_dataset("parquet", data_files={split: [str(s) for s in shards]}, split=split)
         if any(Path(spec).glob("**/*.parquet")):
             raise MissingInputError(f"{spec}: no Parquet shards for split {split!r} (expected files like {split}-00000-of-00001.parquet)")
-    splits = load_scenes(spec, "frames", holdout_every=holdout_every)
-    if split not in splits:
+    builder = make_frames_builder(spec, "frames", holdout_every=holdout_every)
+    builder.download_and_prepare()
+    splits = {name: info.num_examples for name, info in (builder.info.splits or {}).items()}
+    if not splits.get(split):  # absent, or present with no frames (datasets cannot read an empty split)
+        what = f"an empty {split!r} split" if split in splits else f"no {split!r} split"
         raise MissingInputError(
-            f"--frames {spec}: no {split!r} split; it has {sorted(splits)}"
+            f"--frames {spec}: {what}; it has {', '.join(f'{k} ({v} frames)' for k, v in sorted(splits.items()))}"
             + ("" if holdout_every else " (pass --holdout_every K to hold out every K-th view of each scene, as Stage I does)")
         )
-    return splits[split]
+    return builder.as_dataset(split=split)
 
 
 def bundle_path(gaussians_dir: str | Path, scene_id: str) -> Path:

@@ -15,6 +15,7 @@ resumes where it stopped and ends with the same Gaussians. The bundle stores the
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -575,7 +576,8 @@ def lift_scene(
     Args:
         scene: a scene folder (any layout `fit3d_hf.scene.read_scene` reads) or a loaded `Scene`.
         args: the options.
-        extractor: a `DenseFeatureExtractor` (built from `args.backbone` when None).
+        extractor: a `DenseFeatureExtractor`, or a function returning one (called only when the scene needs
+            lifting); built from `args.backbone` when None.
     """
     from .reruns import check_previous_result, write_settings
     from .scene import read_scene
@@ -595,11 +597,9 @@ def lift_scene(
         return json.loads(metrics_path.read_text())
     torch.manual_seed(args.seed)
     if extractor is None:
-        from .backbones import DenseFeatureExtractor
-
-        extractor = DenseFeatureExtractor.from_pretrained(
-            args.backbone, normalization=args.normalization, pos_embed_interpolation=args.pos_embed_interpolation
-        )
+        extractor = _load_extractor(args)
+    elif not isinstance(extractor, torch.nn.Module):  # a loader (lift_many shares one backbone over scenes)
+        extractor = extractor()
     if previous == "overwrite":
         logger.info("%s: replacing the earlier result in %s (--overwrite)", scene.scene_id, folder)
         _remove_outputs(folder)
@@ -616,6 +616,14 @@ def lift_scene(
                 if path.is_dir() and not any(path.iterdir()):
                     path.rmdir()
         raise
+
+
+def _load_extractor(args: LiftingArguments):
+    from .backbones import DenseFeatureExtractor
+
+    return DenseFeatureExtractor.from_pretrained(
+        args.backbone, normalization=args.normalization, pos_embed_interpolation=args.pos_embed_interpolation
+    )
 
 
 def _missing_ancestors(folder: Path) -> list[Path]:
@@ -739,11 +747,11 @@ def lift_many(
     With `claims` (a `fit3d_hf.scene_claims.SceneClaims`), the processes claim scenes one at a time instead
     (balanced, and a dead process's scenes are taken over once its lease expires); the index and count
     are then unused."""
-    from .backbones import DenseFeatureExtractor
 
-    extractor = DenseFeatureExtractor.from_pretrained(
-        args.backbone, normalization=args.normalization, pos_embed_interpolation=args.pos_embed_interpolation
-    )
+    @functools.cache
+    def extractor():  # loaded once, for the first scene that needs it (a finished scene needs none)
+        return _load_extractor(args)
+
     if claims is not None:
         return [lift_scene(path, args, extractor, progress=progress) for path in claims.scenes(list(scene_paths))]
     share = list(scene_paths)[process_index::num_processes]

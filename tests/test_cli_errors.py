@@ -311,7 +311,7 @@ def test_training_script_reports_known_errors_in_one_line(tmp_path):
     result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        f"lift_features.py: error: scene list '{tmp_path / 'none'}' is neither a file nor a folder"
+        f"lift_features.py: error: scene spec '{tmp_path / 'none'}' is neither a file nor a folder"
     )
     assert "Traceback" not in result.stderr
     result = subprocess.run(

@@ -49,9 +49,9 @@ def test_colmap_errors_give_the_line_number_in_the_file(tmp_path):
         read_scene(tmp_path)
     (tmp_path / "cameras.txt").write_text(header + "1 PINHOLE 40 30 30 30 20 15\n")
     (tmp_path / "images.txt").write_text(
-        "# Image list\n#\n#\n1 1 0 0 0 0 0 0 1 a.png\n\n2 1 0 0 0 0 0 0 7 a.png\n\n"
+        "# Image list\n#\n#\n1 1 0 0 0 0 0 0 1 a.png\n\n2 1 0 0 0 0 0 0 7 b.png\n\n"
     )
-    with pytest.raises(ValueError, match=r"images.txt, image line 6 \(a.png\): camera 7 is not in"):
+    with pytest.raises(ValueError, match=r"images.txt, image line 6 \(b.png\): camera 7 is not in"):
         read_scene(tmp_path)
 
 

@@ -16,6 +16,7 @@ from fit3d_hf.evaluation.data import (
     rgb_to_hsv,
 )
 from fit3d_hf.evaluation.probes import ProbeArguments, build_train_transform
+from fit3d_hf.evaluation.protocol import ColorAug, RandomRotate
 
 
 def _pixels(values: list[list[float]]) -> torch.Tensor:
@@ -196,7 +197,8 @@ def test_probe_option_defaults_on_for_segmentation_only():
     assert steps(build_train_transform(segmentation)) == [RandomScaleCropFlip, PhotoMetricDistortion]
     depth = resolved("--probe", "depth")
     assert depth.photometric_distortion is False
-    assert steps(build_train_transform(depth)) == [RandomScaleCropFlip]
+    # depth: FiT3D's depth configs also rotate before and colour-augment after the crop
+    assert steps(build_train_transform(depth)) == [RandomRotate, RandomScaleCropFlip, ColorAug]
     switched_off = resolved("--probe", "segmentation", "--photometric_distortion", "false")
     assert switched_off.photometric_distortion is False
     assert steps(build_train_transform(switched_off)) == [RandomScaleCropFlip]

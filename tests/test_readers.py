@@ -210,7 +210,7 @@ def test_scannetpp_layout_detection_and_override(tmp_path):
         tmp_path / "s" / "transforms_train.json",
     )
     with pytest.raises(
-        FileNotFoundError, match=r"frames\[0\] \(DSC00000.JPG\): image .*s/DSC00000.JPG does not"
+        FileNotFoundError, match=r"transforms_train.json: 6 files it lists for its 3 frames do not exist: .*s/DSC00000.JPG, "
     ):
         read_scene(tmp_path / "s", layout="nerfstudio")
     # without points3D.txt the folder is a generic transforms_train.json scene (e.g. Blender's)

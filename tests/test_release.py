@@ -43,7 +43,8 @@ if model is not None:
     with torch.no_grad():
         output = model.model(images)
         for name in ("original", "finetuned"):
-            reference = DenseFeatureExtractor(AutoModel.from_pretrained(work / name))(images)
+            # the short name's backbones resample position embeddings as timm does (the original's)
+            reference = DenseFeatureExtractor(AutoModel.from_pretrained(work / name), pos_embed_interpolation="timm")(images)
             results[name] = float((getattr(output, name + "_features") - reference).abs().max())
 results["cached"] = sorted(p.name for p in (work / "converted" / "dinov2_small").iterdir())
 # A second start needs neither the release file nor the Hub: the converted model is cached.

@@ -82,11 +82,11 @@ def test_export_dataset_of_a_scene_spec(captures, tmp_path, capsys):
     assert main(argv) == 0
     assert "train: 1 shard(s)" in capsys.readouterr().out
     exported = load_dataset(str(out))
-    assert sorted(exported) == ["train", "val"] and len(exported["val"]) == 3 + 2
+    assert sorted(exported) == ["train", "validation"] and len(exported["validation"]) == 3 + 2
     source = load_scenes(str(captures / "own"), "frames", "val", holdout_every=2, cache_dir=tmp_path / "cache")
-    assert exported["val"]["image_id"] == source["image_id"]
+    assert exported["validation"]["image_id"] == source["image_id"]
     # self-contained: the undistorted image bytes are embedded
-    assert np.array_equal(np.asarray(exported["val"][0]["image"]), np.asarray(source[0]["image"]))
+    assert np.array_equal(np.asarray(exported["validation"][0]["image"]), np.asarray(source[0]["image"]))
     assert "fit3d-hf scenes (frames)" in (out / "README.md").read_text()
 
 
