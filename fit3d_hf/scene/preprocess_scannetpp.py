@@ -255,7 +255,7 @@ def preprocess_scene(
         FileNotFoundError: missing transforms.json, image, mask or points3D.txt (named in the message).
         ValueError: unreadable image, image size disagreeing with w/h, unknown camera model, bad JSON.
     """
-    _cv2()
+    _cv2()  # fails first, before any file is read, when OpenCV is missing
     if downscale < 1.0:
         raise UsageError(f"--downscale must be >= 1, got {downscale}")
     raw_root, out_root = Path(raw_root), Path(out_root)
