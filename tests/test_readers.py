@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fit3d_hf.errors import CorruptFileError, InputError
 from fit3d_hf.scene import (
     Camera,
     colmap_to_scannetpp_nerfstudio,
@@ -585,6 +586,23 @@ def test_ply_reader_handles_ascii_binary_and_writer_round_trip(tmp_path):
     (tmp_path / "d.ply").write_bytes(b"solid mesh\n")
     with pytest.raises(ValueError, match="d.ply is not a PLY file"):
         read_ply_points(tmp_path / "d.ply")
+
+
+def test_ply_reader_names_the_damage_plyfile_finds(tmp_path):
+    # a vertex element without properties (the old hand parser divided by its zero item size), a property
+    # line before any element, a value out of its type's range, a forged vertex count
+    header = "ply\nformat {fmt} 1.0\nelement vertex {count}\n{props}end_header\n"
+    xyz = "property float x\nproperty float y\nproperty float z\n"
+    cases = {
+        "no_properties.ply": (InputError, header.format(fmt="binary_little_endian", count=2, props="").encode() + bytes(24)),
+        "stray_property.ply": (CorruptFileError, b"ply\nformat ascii 1.0\nproperty float w\nelement vertex 1\n" + xyz.encode() + b"end_header\n1 2 3\n"),
+        "out_of_range.ply": (CorruptFileError, header.format(fmt="ascii", count=1, props=xyz + "property uchar red\n").encode() + b"1 2 3 300\n"),
+        "forged_count.ply": (CorruptFileError, header.format(fmt="binary_little_endian", count=10**15, props=xyz).encode() + bytes(24)),
+    }  # fmt: skip
+    for name, (error, content) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(error, match=name):
+            read_ply_points(tmp_path / name)
 
 
 def test_colmap_points_reader_skips_tracks_and_comments(tmp_path):

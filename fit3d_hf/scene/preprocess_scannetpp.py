@@ -33,14 +33,25 @@ import logging
 import os
 import shutil
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from fit3d_hf.errors import CorruptFileError, InputError, UsageError
+from fit3d_hf.errors import InputError, UsageError
+from fit3d_hf.scene.preprocess_images import (
+    UndistortionPlan,
+    _cv2,
+    _read_image,
+    _undistort_image,
+    _undistort_mask,
+    _write_image,
+    binarize_mask,
+    downscale_image,
+    make_undistortion_plan,
+)
 from fit3d_hf.utils import atomic_write_text
 
+# The image steps live in preprocess_images; their public names stay importable from here too.
 __all__ = [
     "DONE_MARKER",
     "SUPPORTED_CAMERA_MODELS",
@@ -63,36 +74,6 @@ DONE_MARKER = ".fit3d_preprocessed.json"
 SPLITS = ("train", "val")
 _INTRINSIC_KEYS = ("fl_x", "fl_y", "cx", "cy", "w", "h")
 _DISTORTION_KEYS = ("k1", "k2", "k3", "k4", "p1", "p2")
-
-
-def _cv2():
-    try:
-        import cv2
-    except ImportError as error:  # pragma: no cover - depends on the installation
-        raise ImportError(
-            "ScanNet++ preprocessing needs OpenCV. To fix: pip install 'fit3d-hf[preprocess]' "
-            "(or opencv-python-headless)"
-        ) from error
-    return cv2
-
-
-@dataclass(frozen=True, eq=False)
-class UndistortionPlan:
-    """How one scene's (downscaled) images become pinhole images.
-
-    Attributes:
-        K: `[3, 3]` intrinsics of the output images (library convention, pixel centres at half-integers).
-        width: output width (= downscaled width).
-        height: output height.
-        map_x: `[H, W]` float32 source column (OpenCV convention) of every output pixel, None for no remap.
-        map_y: `[H, W]` float32 source row, None for no remap.
-    """
-
-    K: np.ndarray
-    width: int
-    height: int
-    map_x: np.ndarray | None
-    map_y: np.ndarray | None
 
 
 def read_raw_transforms(path: str | os.PathLike) -> dict:
@@ -142,119 +123,6 @@ def read_raw_transforms(path: str | os.PathLike) -> dict:
     return transforms
 
 
-def downscale_image(image: np.ndarray, factor: float) -> np.ndarray:
-    """Bicubic downscale by `factor` to (int(w / factor), int(h / factor)) as ScanNet++'s `downscale.py`."""
-    cv2 = _cv2()
-    height, width = image.shape[:2]
-    size = (int(width / factor), int(height / factor))
-    if size == (width, height):
-        return image
-    return cv2.resize(image, size, interpolation=cv2.INTER_CUBIC)
-
-
-def binarize_mask(mask: np.ndarray) -> np.ndarray:
-    """uint8 mask: 255 where `mask` == 255 (valid), 0 elsewhere (anonymised or touched by interpolation)."""
-    return np.where(mask >= 255, 255, 0).astype(np.uint8)
-
-
-def make_undistortion_plan(
-    transforms: dict, width: int, height: int, scale_x: float, scale_y: float
-) -> UndistortionPlan:
-    """Plans the undistortion of images downscaled to `width` x `height` from a raw camera.
-
-    Args:
-        transforms: a checked raw `transforms.json` (see `read_raw_transforms`).
-        width: downscaled width.
-        height: downscaled height.
-        scale_x: downscaled width / raw width.
-        scale_y: downscaled height / raw height.
-
-    Returns:
-        The output intrinsics and remap tables.
-    """
-    model = transforms["camera_model"]
-    K = np.array(
-        [
-            [transforms["fl_x"] * scale_x, 0.0, transforms["cx"] * scale_x],
-            [0.0, transforms["fl_y"] * scale_y, transforms["cy"] * scale_y],
-            [0.0, 0.0, 1.0],
-        ],
-        dtype=np.float64,
-    )
-    if model == "PINHOLE":
-        return UndistortionPlan(K, width, height, None, None)
-    cv2 = _cv2()
-    # OpenCV puts pixel centres at integers; ScanNet++/COLMAP and this library at half-integers.
-    to_opencv = np.array([[1.0, 0.0, -0.5], [0.0, 1.0, -0.5], [0.0, 0.0, 1.0]])
-    K_cv = to_opencv @ K
-    identity = np.eye(3)
-    size = (width, height)
-    if model == "OPENCV_FISHEYE":
-        distortion = np.array([float(transforms.get(key, 0.0)) for key in ("k1", "k2", "k3", "k4")])
-        new_K_cv = cv2.fisheye.estimateNewCameraMatrixForUndistortRectify(
-            K_cv, distortion, size, identity, balance=0.0
-        )
-    else:  # OPENCV: radial-tangential (k1, k2, p1, p2[, k3])
-        distortion = np.array([float(transforms.get(key, 0.0)) for key in ("k1", "k2", "p1", "p2", "k3")])
-        new_K_cv, _ = cv2.getOptimalNewCameraMatrix(K_cv, distortion, size, 0.0, size)
-    new_K_cv = np.array(new_K_cv, dtype=np.float64)
-    # As in ScanNet++'s undistort.py: the principal point goes to the image centre (w/2, h/2 in the
-    # half-integer convention that the written transforms use).
-    new_K_cv[0, 2], new_K_cv[1, 2] = width / 2 - 0.5, height / 2 - 0.5
-    if model == "OPENCV_FISHEYE":
-        map_x, map_y = cv2.fisheye.initUndistortRectifyMap(
-            K_cv, distortion, identity, new_K_cv, size, cv2.CV_32FC1
-        )
-    else:
-        map_x, map_y = cv2.initUndistortRectifyMap(K_cv, distortion, identity, new_K_cv, size, cv2.CV_32FC1)
-    return UndistortionPlan(np.linalg.inv(to_opencv) @ new_K_cv, width, height, map_x, map_y)
-
-
-def _undistort_image(image: np.ndarray, plan: UndistortionPlan) -> np.ndarray:
-    if plan.map_x is None:
-        return image
-    cv2 = _cv2()
-    return cv2.remap(
-        image, plan.map_x, plan.map_y, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101
-    )
-
-
-def _undistort_mask(mask: np.ndarray, plan: UndistortionPlan) -> np.ndarray:
-    if plan.map_x is None:
-        return mask
-    cv2 = _cv2()
-    remapped = cv2.remap(
-        mask,
-        plan.map_x,
-        plan.map_y,
-        interpolation=cv2.INTER_LINEAR,
-        borderMode=cv2.BORDER_CONSTANT,
-        borderValue=255,
-    )
-    return binarize_mask(remapped)
-
-
-def _read_image(path: Path, flags: int, expected_size: tuple[int, int], what: str) -> np.ndarray:
-    cv2 = _cv2()
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: {what} referenced by transforms.json not found")
-    image = cv2.imread(str(path), flags)
-    if image is None:
-        raise CorruptFileError(f"{path}: cannot be read as an image (corrupt or unsupported format)")
-    height, width = image.shape[:2]
-    if (width, height) != expected_size:
-        raise InputError(
-            f"{path}: {what} is {width}x{height} but transforms.json says w x h = "
-            f"{expected_size[0]}x{expected_size[1]}"
-        )
-    return image
-
-
-def _write_image(path: Path, image: np.ndarray, params: list[int]) -> None:
-    if not _cv2().imwrite(str(path), image, params):
-        raise OSError(f"{path}: OpenCV could not write the image")
-
-
 def _marker_options(downscale: float, jpeg_quality: int) -> dict:
     return {"downscale": float(downscale), "jpeg_quality": int(jpeg_quality)}
 
@@ -268,6 +136,97 @@ def _is_finished(scene_dir: Path, options: dict) -> bool:
     except json.JSONDecodeError:
         return False
     return all(recorded.get(key) == value for key, value in options.items())
+
+
+def _staging_folder(scenes_dir: Path, scene_id: str) -> Path:
+    """A fresh temporary folder beside the scene's destination (stale ones of killed runs removed)."""
+    scenes_dir.mkdir(parents=True, exist_ok=True)
+    for stale in scenes_dir.glob(f".{scene_id}.tmp-*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
+    # mkdir (not mkdtemp, which makes it 0700) so the scene folder gets the usual umask permissions.
+    tmp = scenes_dir / f".{scene_id}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+def _frame_lists(transforms: dict, transforms_path: Path) -> dict[str, list[dict]]:
+    """`frames` and `test_frames` of a raw transforms file; refuses an image listed twice."""
+    frame_lists = {"frames": transforms["frames"], "test_frames": transforms.get("test_frames", [])}
+    names = [Path(frame["file_path"]).name for frames in frame_lists.values() for frame in frames]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise InputError(f"{transforms_path}: frames listed more than once: {duplicates[:5]}")
+    return frame_lists
+
+
+def _preprocess_frame(
+    frame: dict, dslr: Path, tmp: Path, raw_size: tuple[int, int], plan: UndistortionPlan, downscale: float, jpeg_quality: int
+) -> dict:
+    """Downscales and undistorts one frame's image and mask into `tmp`; returns its output frame entry."""
+    cv2 = _cv2()
+    image_name = Path(frame["file_path"]).name
+    image = _read_image(dslr / "resized_images" / image_name, cv2.IMREAD_COLOR, raw_size, "image")
+    image = _undistort_image(downscale_image(image, downscale), plan)
+    _write_image(tmp / "images" / image_name, image, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
+    mask_name = Path(frame.get("mask_path") or f"{Path(image_name).stem}.png").name
+    if "mask_path" in frame:
+        mask = _read_image(dslr / "resized_anon_masks" / mask_name, cv2.IMREAD_GRAYSCALE, raw_size, "mask")
+        mask = _undistort_mask(binarize_mask(downscale_image(mask, downscale)), plan)
+    else:  # nothing anonymised in this frame
+        mask = np.full((plan.height, plan.width), 255, dtype=np.uint8)
+    _write_image(tmp / "masks" / mask_name, mask, [])
+    return {**frame, "file_path": image_name, "mask_path": mask_name}
+
+
+def _pinhole_transforms(transforms: dict, plan: UndistortionPlan, out_frames: dict[str, list[dict]]) -> dict:
+    """The preprocessed scene's `transforms_train.json`: the raw file's other keys, PINHOLE intrinsics of
+    `plan`, zero distortion, and the output frames."""
+    out_transforms = {
+        key: value
+        for key, value in transforms.items()
+        if key not in (*_INTRINSIC_KEYS, *_DISTORTION_KEYS, "camera_model", "frames", "test_frames")
+    }
+    out_transforms.update(
+        {
+            "camera_model": "PINHOLE",
+            "fl_x": float(plan.K[0, 0]),
+            "fl_y": float(plan.K[1, 1]),
+            "cx": float(plan.K[0, 2]),
+            "cy": float(plan.K[1, 2]),
+            "w": plan.width,
+            "h": plan.height,
+            **{key: 0.0 for key in ("k1", "k2", "k3", "k4")},
+            **{key: 0.0 for key in ("p1", "p2") if key in transforms},
+            **out_frames,
+        }
+    )
+    return out_transforms
+
+
+def _fill_scene_folder(
+    tmp: Path, dslr: Path, transforms: dict, plan: UndistortionPlan, downscale: float, jpeg_quality: int
+) -> int:
+    """Writes the whole preprocessed scene into `tmp`, the done marker last; returns its number of frames."""
+    from tqdm.auto import tqdm
+
+    (tmp / "images").mkdir()
+    (tmp / "masks").mkdir()
+    frame_lists = _frame_lists(transforms, dslr / "nerfstudio" / "transforms.json")
+    raw_size = (int(transforms["w"]), int(transforms["h"]))
+    num_frames = sum(len(frames) for frames in frame_lists.values())
+    out_frames: dict[str, list[dict]] = {key: [] for key in frame_lists}
+    progress = tqdm(total=num_frames, desc=dslr.parent.name, unit="frame", leave=False)  # desc: the scene id
+    for key, frames in frame_lists.items():
+        for frame in frames:
+            out_frames[key].append(_preprocess_frame(frame, dslr, tmp, raw_size, plan, downscale, jpeg_quality))
+            progress.update()
+    progress.close()
+    shutil.copyfile(dslr / "colmap" / "points3D.txt", tmp / "points3D.txt")
+    out_transforms = _pinhole_transforms(transforms, plan, out_frames)
+    (tmp / "transforms_train.json").write_text(json.dumps(out_transforms, indent=2))
+    marker = {**_marker_options(downscale, jpeg_quality), "camera_model": transforms["camera_model"], "num_frames": num_frames}
+    (tmp / DONE_MARKER).write_text(json.dumps(marker, indent=2))
+    return num_frames
 
 
 def preprocess_scene(
@@ -296,9 +255,7 @@ def preprocess_scene(
         FileNotFoundError: missing transforms.json, image, mask or points3D.txt (named in the message).
         ValueError: unreadable image, image size disagreeing with w/h, unknown camera model, bad JSON.
     """
-    from tqdm.auto import tqdm
-
-    cv2 = _cv2()
+    _cv2()  # fails first, before any file is read, when OpenCV is missing
     if downscale < 1.0:
         raise UsageError(f"--downscale must be >= 1, got {downscale}")
     raw_root, out_root = Path(raw_root), Path(out_root)
@@ -319,64 +276,9 @@ def preprocess_scene(
     width, height = int(raw_size[0] / downscale), int(raw_size[1] / downscale)
     plan = make_undistortion_plan(transforms, width, height, width / raw_size[0], height / raw_size[1])
 
-    scenes_dir.mkdir(parents=True, exist_ok=True)
-    for stale in scenes_dir.glob(f".{scene_id}.tmp-*"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
-    # mkdir (not mkdtemp, which makes it 0700) so the scene folder gets the usual umask permissions.
-    tmp = scenes_dir / f".{scene_id}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp = _staging_folder(scenes_dir, scene_id)
     try:
-        (tmp / "images").mkdir()
-        (tmp / "masks").mkdir()
-        frame_lists = {"frames": transforms["frames"], "test_frames": transforms.get("test_frames", [])}
-        all_frames = [frame for frames in frame_lists.values() for frame in frames]
-        names = [Path(frame["file_path"]).name for frame in all_frames]
-        duplicates = sorted({name for name in names if names.count(name) > 1})
-        if duplicates:
-            raise InputError(f"{transforms_path}: frames listed more than once: {duplicates[:5]}")
-        out_frames: dict[str, list[dict]] = {key: [] for key in frame_lists}
-        progress = tqdm(total=len(all_frames), desc=scene_id, unit="frame", leave=False)
-        for key, frames in frame_lists.items():
-            for frame in frames:
-                image_name = Path(frame["file_path"]).name
-                image = _read_image(dslr / "resized_images" / image_name, cv2.IMREAD_COLOR, raw_size, "image")
-                image = _undistort_image(downscale_image(image, downscale), plan)
-                _write_image(tmp / "images" / image_name, image, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality])
-                mask_name = Path(frame.get("mask_path") or f"{Path(image_name).stem}.png").name
-                if "mask_path" in frame:
-                    mask = _read_image(
-                        dslr / "resized_anon_masks" / mask_name, cv2.IMREAD_GRAYSCALE, raw_size, "mask"
-                    )
-                    mask = _undistort_mask(binarize_mask(downscale_image(mask, downscale)), plan)
-                else:  # nothing anonymised in this frame
-                    mask = np.full((height, width), 255, dtype=np.uint8)
-                _write_image(tmp / "masks" / mask_name, mask, [])
-                out_frames[key].append({**frame, "file_path": image_name, "mask_path": mask_name})
-                progress.update()
-        progress.close()
-        shutil.copyfile(points_path, tmp / "points3D.txt")
-        out_transforms = {
-            key: value
-            for key, value in transforms.items()
-            if key not in (*_INTRINSIC_KEYS, *_DISTORTION_KEYS, "camera_model", "frames", "test_frames")
-        }
-        out_transforms.update(
-            {
-                "camera_model": "PINHOLE",
-                "fl_x": float(plan.K[0, 0]),
-                "fl_y": float(plan.K[1, 1]),
-                "cx": float(plan.K[0, 2]),
-                "cy": float(plan.K[1, 2]),
-                "w": width,
-                "h": height,
-                **{key: 0.0 for key in ("k1", "k2", "k3", "k4")},
-                **{key: 0.0 for key in ("p1", "p2") if key in transforms},
-                **out_frames,
-            }
-        )
-        (tmp / "transforms_train.json").write_text(json.dumps(out_transforms, indent=2))
-        marker = {**options, "camera_model": transforms["camera_model"], "num_frames": len(all_frames)}
-        (tmp / DONE_MARKER).write_text(json.dumps(marker, indent=2))
+        num_frames = _fill_scene_folder(tmp, dslr, transforms, plan, downscale, jpeg_quality)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -386,7 +288,7 @@ def preprocess_scene(
     logger.info(
         "scene %s: %d frames preprocessed (%s -> PINHOLE)",
         scene_id,
-        len(all_frames),
+        num_frames,
         transforms["camera_model"],
     )
     return target

@@ -27,14 +27,9 @@ import numpy as np
 
 from fit3d_hf.scene.camera import opencv_to_opengl_camera_to_world, rotmat_to_qvec
 from fit3d_hf.scene.scene import encode_normals
-from fit3d_hf.scene.synthetic import (
-    SyntheticSceneConfig,
-    _AtomicFolder,
-    _pixel_grid,
-    make_scene_spec,
-    render_rays,
-    sample_points,
-)
+from fit3d_hf.scene.synthetic import SyntheticSceneConfig, make_scene_spec, render_rays, sample_points
+from fit3d_hf.scene.synthetic.cameras import _pixel_grid
+from fit3d_hf.scene.synthetic.writers import _AtomicFolder
 from fit3d_hf.scene.writers import write_ply_points
 
 __all__ = ["CAPTURE_LAYOUTS", "distort", "generate_capture", "undistort_points"]

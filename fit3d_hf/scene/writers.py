@@ -15,14 +15,13 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 from fit3d_hf.errors import InputError
 from fit3d_hf.scene.camera import (
     colmap_to_scannetpp_nerfstudio,
     opencv_to_opengl_camera_to_world,
     rotmat_to_qvec,
 )
+from fit3d_hf.scene.ply import write_ply_points
 from fit3d_hf.scene.scene import Frame, Scene
 from fit3d_hf.scene.undistort import AUX_DIRS
 from fit3d_hf.utils import atomic_path, atomic_write_text
@@ -42,39 +41,6 @@ def _relative(path: Path, start: Path) -> str:
         return Path(os.path.relpath(Path(path).resolve(), Path(start).resolve())).as_posix()
     except ValueError:  # different drives on Windows
         return Path(path).resolve().as_posix()
-
-
-def write_ply_points(path: Path | str, points: np.ndarray, colors: np.ndarray) -> Path:
-    """Writes a binary little-endian PLY point cloud with double xyz and uchar rgb.
-
-    Args:
-        path: output file.
-        points: `[M, 3]` xyz (stored as float64 so that a round trip is exact).
-        colors: `[M, 3]` uint8 rgb.
-    """
-    path = Path(path)
-    points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
-    colors = np.asarray(colors, dtype=np.uint8).reshape(-1, 3)
-    if len(points) != len(colors):
-        raise ValueError(f"{len(points)} points but {len(colors)} colours")
-    dtype = np.dtype(
-        [("x", "<f8"), ("y", "<f8"), ("z", "<f8"), ("red", "u1"), ("green", "u1"), ("blue", "u1")]
-    )
-    vertices = np.empty(len(points), dtype=dtype)
-    for index, axis in enumerate("xyz"):
-        vertices[axis] = points[:, index]
-    for index, channel in enumerate(("red", "green", "blue")):
-        vertices[channel] = colors[:, index]
-    header = "\n".join(
-        ["ply", "format binary_little_endian 1.0", f"element vertex {len(points)}"]
-        + [f"property double {axis}" for axis in "xyz"]
-        + [f"property uchar {channel}" for channel in ("red", "green", "blue")]
-        + ["end_header", ""]
-    )
-    with atomic_path(path) as temporary, open(temporary, "wb") as handle:
-        handle.write(header.encode("ascii"))
-        handle.write(vertices.tobytes())
-    return path
 
 
 def _points3d_text(scene: Scene) -> str:
