@@ -50,7 +50,7 @@ from safetensors.torch import save_file
 
 from ..errors import BundleMismatchError, CorruptFileError, InputError, MissingInputError, file_problem
 from ..utils import atomic_path
-from .model import FeatureGaussians, inverse_sigmoid
+from .model import FeatureGaussians
 from .sh_codec import CompressedSH, encode_sh
 
 __all__ = [
@@ -142,7 +142,7 @@ class GaussianBundle:
         # fp16 opacities may be exactly 0 or 1: keep the logits finite.
         opacities = self.opacities.float().clamp(1e-6, 1 - 1e-6)
         gaussians = FeatureGaussians(
-            self.means.float(), self.quats.float(), self.log_scales.float(), inverse_sigmoid(opacities),
+            self.means.float(), self.quats.float(), self.log_scales.float(), torch.logit(opacities),
             self.sh.float(), self.features.float(), max_sh_degree=max_sh_degree,
         )  # fmt: skip
         gaussians.active_sh_degree = max_sh_degree if active_sh_degree is None else active_sh_degree
