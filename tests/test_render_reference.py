@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fit3d_hf.render import _constants, _reference, render
+from fit3d_hf.render import _constants, _reference, _reference_compositing, render
 from fit3d_hf.render._constants import ALPHA_THRESHOLD, MAX_ALPHA, TRANSMITTANCE_THRESHOLD
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,7 +210,7 @@ def test_row_bands_do_not_change_the_result(monkeypatch):
         return [out.rgb, out.features, out.alpha], torch.autograd.grad(loss, params)
 
     images, grads = run()
-    monkeypatch.setattr(_reference, "_CHUNK_PAIRS", 7)
+    monkeypatch.setattr(_reference_compositing, "_CHUNK_PAIRS", 7)
     images_banded, grads_banded = run()
     for a, b in zip(images + list(grads), images_banded + list(grads_banded), strict=True):
         torch.testing.assert_close(a, b)
