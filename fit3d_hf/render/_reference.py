@@ -226,7 +226,9 @@ def _feature_l1(decoded: Tensor, target: Tensor, mask: Tensor | None = None) -> 
     Returns:
         The loss, a float32 scalar (computed in the dtype of `decoded`).
     """
-    upsampled = F.interpolate(target.to(decoded.dtype), size=decoded.shape[-2:], mode="bilinear", align_corners=False)
+    upsampled = F.interpolate(
+        target.to(decoded.dtype), size=decoded.shape[-2:], mode="bilinear", align_corners=False
+    )
     if mask is not None:
         upsampled = torch.where(mask, upsampled, decoded.detach())
     return (decoded - upsampled).abs().mean().float()

@@ -20,7 +20,7 @@ from fit3d_hf.render._constants import ALPHA_THRESHOLD, TILE_SIZE
 __all__ = ["_isect_tiles", "pixel_box", "pixel_extents"]
 
 # The binning widens the alpha ellipse a little so that float rounding in the rasterizer's alpha never drops a
-# pair it composites: level * (1 + 1e-4) + 1e-4 (and 0.01 px on each side, below; rasterizer_cuda/isect_math.h).
+# pair it composites: level * (1 + 1e-4) + 1e-4, and 0.01 px on each side (rasterizer_cuda/isect_math.h).
 _LEVEL_SCALE, _LEVEL_OFFSET = 1e-4, 1e-4
 
 
@@ -56,8 +56,8 @@ def pixel_box(means2d: Tensor, conics: Tensor, opacities: Tensor) -> tuple[Tenso
 
 
 def _tile_footprints(means2d: Tensor, conics: Tensor, opacities: Tensor, width: int, height: int):
-    """Per Gaussian: whether it reaches the image, its pixel box clipped to the image, and the quantities of the
-    exact per-tile-row extent (`tile_rows` of isect_math.h), all `[G]`.
+    """Per Gaussian: whether it reaches the image, its pixel box clipped to the image, and the quantities
+    of the exact per-tile-row extent (`tile_rows` of isect_math.h), all `[G]`.
 
     `fmax`/`fmin` (not `clamp`) where isect_math.h has fmaxf/fminf: they ignore a NaN operand in the same way.
     """
@@ -103,7 +103,7 @@ def _tile_row_columns(means2d: Tensor, box: tuple, shape: tuple, tile_rows: Tens
 
 
 def _expand(starts: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
-    """For runs `starts[i], starts[i] + 1, ..., starts[i] + counts[i] - 1`: (run index, value) of every element."""
+    """(run index, value) of every element of the runs `starts[i], ..., starts[i] + counts[i] - 1`."""
     run = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
     offset = torch.arange(len(run), device=counts.device) - (torch.cumsum(counts, 0) - counts)[run]
     return run, starts[run] + offset
@@ -153,8 +153,8 @@ def _isect_tiles(
 
     Returns:
         tile_ranges `[B * tiles_y * tiles_x, 2]` int32 (camera-major, then row-major tiles): the range
-        `[start, end)` of each tile's Gaussians in gaussian_ids, `[0, 0]` for an empty tile; gaussian_ids `[P]`
-        int32, the Gaussian index of every (tile, Gaussian) pair.
+        `[start, end)` of each tile's Gaussians in gaussian_ids, `[0, 0]` for an empty tile;
+        gaussian_ids `[P]` int32, the Gaussian index of every (tile, Gaussian) pair.
     """
     n_tiles = math.ceil(width / TILE_SIZE) * math.ceil(height / TILE_SIZE)
     pairs = []
