@@ -17,7 +17,7 @@ from torch import Tensor
 
 from fit3d_hf.render._constants import ALPHA_THRESHOLD, TILE_SIZE
 
-__all__ = ["_isect_tiles", "pixel_box", "pixel_extents"]
+__all__ = ["_isect_tiles", "pixel_box", "pixel_extents", "sorted_visible"]
 
 # The binning widens the alpha ellipse a little so that float rounding in the rasterizer's alpha never drops a
 # pair it composites: level * (1 + 1e-4) + 1e-4, and 0.01 px on each side (rasterizer_cuda/isect_math.h).
@@ -53,6 +53,12 @@ def pixel_box(means2d: Tensor, conics: Tensor, opacities: Tensor) -> tuple[Tenso
         torch.ceil(y - ry - 0.5),
         torch.floor(y + ry - 0.5),
     )
+
+
+def sorted_visible(depths: Tensor, radii: Tensor) -> Tensor:
+    """Ids of the Gaussians with radius > 0, front to back (ties by index)."""
+    ids = torch.nonzero(radii > 0)[:, 0]
+    return ids[torch.argsort(depths[ids], stable=True)]
 
 
 def _tile_footprints(means2d: Tensor, conics: Tensor, opacities: Tensor, width: int, height: int):
@@ -112,8 +118,7 @@ def _expand(starts: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
 def _camera_tiles(means2d, conics, opacities, depths, radii, width: int, height: int) -> Tensor:
     """One camera's (tile, Gaussian) pairs, `[P, 2]` as (tile index, Gaussian id), grouped by tile with each
     tile's Gaussians front to back (ties by index)."""
-    ids = torch.nonzero(radii > 0)[:, 0]
-    ids = ids[torch.argsort(depths[ids], stable=True)]
+    ids = sorted_visible(depths, radii)
     reaches, box, shape = _tile_footprints(means2d[ids], conics[ids], opacities[ids], width, height)
     ids, box, shape = ids[reaches], tuple(v[reaches] for v in box), tuple(v[reaches] for v in shape)
     # (Gaussian, tile row) pairs, then (Gaussian, tile) pairs, in the Gaussians' order

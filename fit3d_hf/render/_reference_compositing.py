@@ -16,18 +16,12 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from fit3d_hf.render._constants import ALPHA_THRESHOLD, MAX_ALPHA, TRANSMITTANCE_THRESHOLD
-from fit3d_hf.render._reference_binning import pixel_box
+from fit3d_hf.render._reference_binning import pixel_box, sorted_visible
 
-__all__ = ["rasterize_camera", "sorted_visible"]
+__all__ = ["rasterize_camera"]
 
 # About this many (Gaussian, pixel) pairs are composited at once (memory bound of the reference).
 _CHUNK_PAIRS = 1 << 20
-
-
-def sorted_visible(depths: Tensor, radii: Tensor) -> Tensor:
-    """Ids of the Gaussians with radius > 0, front to back (ties by index)."""
-    ids = torch.nonzero(radii > 0)[:, 0]
-    return ids[torch.argsort(depths[ids], stable=True)]
 
 
 def _pixel_pairs(
