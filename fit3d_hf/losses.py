@@ -8,6 +8,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .render import feature_l1
+
 __all__ = ["masked_l1", "psnr", "ssim", "upsampled_feature_l1"]
 
 
@@ -70,42 +72,6 @@ def masked_l1(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     return (error * mask).sum() / (mask.sum() * prediction.shape[1]).clamp_min(1e-8)
 
 
-class _UpsampledFeatureL1(torch.autograd.Function):
-    """The compiled kernel of `upsampled_feature_l1`: rasterizer_cuda/feature_loss.cu (channels-last inputs) or
-    its CPU twin rasterizer_cuda/cpu/feature_loss_cpu.cpp (any layout), by the tensors' device."""
-
-    @staticmethod
-    def forward(ctx, decoded, target, mask):
-        from .render._backend import extension_for
-
-        ctx.save_for_backward(decoded, target, mask)
-        return extension_for(decoded.device).feature_l1_fwd(decoded, target, mask)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        from .render._backend import extension_for
-
-        decoded, target, mask = ctx.saved_tensors
-        grad_output = grad_output.float().reshape(1).contiguous()
-        return extension_for(decoded.device).feature_l1_bwd(decoded, target, mask, grad_output), None, None
-
-
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _use_feature_l1_kernel(decoded: torch.Tensor, target: torch.Tensor) -> bool:
-    if target.requires_grad or decoded.device != target.device:
-        return False
-    if decoded.dtype not in _KERNEL_DTYPES or target.dtype not in _KERNEL_DTYPES:  # float64: the composed ops
-        return False
-    from .render._backend import load_cpu_extension, load_extension
-
-    if decoded.is_cuda:
-        extension = load_extension()
-        return extension is not None and hasattr(extension, "feature_l1_fwd")
-    return decoded.device.type == "cpu" and load_cpu_extension() is not None
-
-
 def upsampled_feature_l1(decoded: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Stage I's feature loss: mean over channels and pixels of |decoded - up(target)|, where up() is bilinear
     upsampling (align_corners=False) of the patch-resolution target to the decoded map's size (as FiT3D), and
@@ -119,15 +85,8 @@ def upsampled_feature_l1(decoded: torch.Tensor, target: torch.Tensor, mask: torc
 
     Returns:
         The loss, a float32 scalar. Where a compiled rasterizer is available (CUDA, or the CPU extension), a
-        fused kernel computes it (and its gradient) in one pass over `decoded` (the composed ops below take
-        about ten, see rasterizer_cuda/feature_loss.cu); elsewhere the composed ops do.
+        fused kernel computes it (and its gradient) in one pass over `decoded` (the composed ops take about
+        ten, see rasterizer_cuda/feature_loss.cu); elsewhere the composed ops do. `fit3d_hf.render.feature_l1`
+        makes that choice and checks the shapes (a mask of another shape is refused by name).
     """
-    if _use_feature_l1_kernel(decoded, target):
-        if decoded.is_cuda:  # the CUDA kernel reads channels last; the CPU one takes any layout
-            decoded = decoded.contiguous(memory_format=torch.channels_last)
-            target = target.contiguous(memory_format=torch.channels_last)
-        return _UpsampledFeatureL1.apply(decoded, target, None if mask is None else mask.contiguous())
-    upsampled = F.interpolate(target.to(decoded.dtype), size=decoded.shape[-2:], mode="bilinear", align_corners=False)
-    if mask is not None:
-        upsampled = torch.where(mask, upsampled, decoded.detach())
-    return (decoded - upsampled).abs().mean().float()
+    return feature_l1(decoded, target, mask)

@@ -246,7 +246,7 @@ class Workspace {
 };
 
 // The pinned host slot that receives the pair count, one per device and thread: reused from call to call
-// (a call reads it before it returns, see _wrapper._isect_and_rasterize) rather than allocated each time.
+// (a call reads it before it returns, see fit3d_hf/render/_binning.py) rather than allocated each time.
 Tensor pinned_total(int device) {
     // never destroyed: freeing pinned memory at thread exit could run after CUDA has shut down
     thread_local auto* slots = new std::vector<Tensor>();

@@ -98,9 +98,10 @@ def _forged_tensors(draw) -> tuple[dict, dict]:
         tensors["sh.rest_codes"] = torch.full((n,), draw(st.integers(4, 65535)), dtype=torch.int32).to(torch.uint16)
     metadata = {"format": "fit3d-gaussian-bundle", "format_version": "4", "scene_id": "s", "backbone": "b", "feature_dim": str(f),
                 "backbone_dim": str(d), "sh_degree": "3", "sh_codec": "uint8-dc+vq-rest", "num_gaussians": str(n), "extra": "{}"}  # fmt: skip
-    from fit3d_hf.gaussians.bundle import METADATA_CHECKSUM, _metadata_digest
+    from fit3d_hf.gaussians.bundle_format import METADATA_CHECKSUM
+    from fit3d_hf.gaussians.bundle_integrity import metadata_digest
 
-    metadata[CHECKSUMS_KEY] = json.dumps({**tensor_checksums(tensors), METADATA_CHECKSUM: _metadata_digest(metadata)})
+    metadata[CHECKSUMS_KEY] = json.dumps({**tensor_checksums(tensors), METADATA_CHECKSUM: metadata_digest(metadata)})
     return tensors, metadata
 
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from fit3d_hf.gaussians import DensificationConfig, Densifier, FeatureGaussians, quat_to_rotmat, sh_dc_to_rgb
+from fit3d_hf.gaussians import DensificationConfig, Densifier, FeatureGaussians, sh_dc_to_rgb
+from fit3d_hf.geometry import quat_to_rotmat
 
 
 def _grid_points(spacing=0.5, n=4):

@@ -108,7 +108,7 @@ def test_300_randomly_corrupted_copies_never_load_as_something_else(tmp_path):
 
 
 def test_bundles_without_checksums_load_with_one_notice(tmp_path, caplog):
-    import fit3d_hf.gaussians.bundle as bundle_module
+    import fit3d_hf.gaussians.bundle_integrity as integrity_module
 
     for scene in ("a", "b"):
         path = _bundle(tmp_path / scene)
@@ -120,8 +120,8 @@ def test_bundles_without_checksums_load_with_one_notice(tmp_path, caplog):
             load_bundle(path, verify=True)  # version 4 always has them: their absence is damage
         metadata["format_version"] = "3"  # as written before checksums existed
         save_file(tensors, str(path), metadata=metadata)
-    bundle_module._notice_unverifiable.cache_clear()
-    with caplog.at_level(logging.WARNING, logger="fit3d_hf.gaussians.bundle"):
+    integrity_module._notice_unverifiable.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="fit3d_hf.gaussians.bundle_integrity"):
         first = load_bundle(tmp_path / "a", verify=True)
         load_bundle(tmp_path / "b", verify=True)
     notices = [r for r in caplog.records if "without verification" in r.getMessage()]

@@ -63,6 +63,24 @@ def test_upsampled_feature_l1_cpu_is_the_masked_mean():
     assert torch.allclose(decoded.grad, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # the fused op (CPU) and the composed ops
+def test_upsampled_feature_l1_refuses_inputs_of_the_wrong_shape(dtype):
+    """A mask `[B, 1, W, H]` holds as many elements as `[B, 1, H, W]`: refused by name, on every path."""
+    decoded = torch.randn(1, 8, 20, 30, dtype=dtype, requires_grad=True)
+    target = torch.randn(1, 8, 4, 6, dtype=dtype)
+    transposed = torch.ones(1, 1, 30, 20, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"mask must have shape \(1, 1, 20, 30\) \(H = 20 .*got \(1, 1, 30, 20\)"):
+        upsampled_feature_l1(decoded, target, transposed)
+    with pytest.raises(ValueError, match=r"mask must have shape \(1, 1, 20, 30\), got \(20, 30\)"):
+        upsampled_feature_l1(decoded, target, transposed[0, 0].T)
+    with pytest.raises(TypeError, match=r"mask must have dtype torch.bool, got torch.float32"):
+        upsampled_feature_l1(decoded, target, transposed.float().transpose(-1, -2))
+    with pytest.raises(ValueError, match=r"target must have shape \(1, 8, h, w\)"):
+        upsampled_feature_l1(decoded, target[:, :4], None)
+    with pytest.raises(ValueError, match=r"target is on meta, but the decoded features are on cpu"):
+        upsampled_feature_l1(decoded, target.to("meta"), None)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,4 +1,4 @@
-"""The host side of the CUDA binning's pair buffers (fit3d_hf/render/_wrapper.py): the first render of a size
+"""The host side of the CUDA binning's pair buffers (fit3d_hf/render/_binning.py): the first render of a size
 sizes them exactly, later ones reuse a capacity without waiting for the count, an overflow is redone exactly,
 and capacities are kept per size. A stand-in extension records the calls, so this runs without a GPU."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fit3d_hf.render import _wrapper
+from fit3d_hf.render import _binning
 
 
 class _Event:  # torch.cuda.Event without a GPU
@@ -37,12 +37,12 @@ class _Extension:
 def _no_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Event", _Event)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
-    monkeypatch.setattr(_wrapper, "_PAIR_CAPACITY", {})
+    monkeypatch.setattr(_binning, "_PAIR_CAPACITY", {})
 
 
 def _render(ext, n=1000, width=64, height=48):
     means2d = torch.zeros(1, n, 2)
-    return _wrapper._isect_and_rasterize(ext, means2d, None, None, None, None, None, None, None, width, height)
+    return _binning.isect_and_rasterize(ext, means2d, None, None, None, None, None, None, None, width, height)
 
 
 # Capacities as the wrapper's design states them, worked out by hand (not with its formula): 6 % headroom over
@@ -59,7 +59,7 @@ def test_first_render_is_exact_then_capacity_is_reused():
     _render(ext)
     assert ext.capacities == [0, CAPACITY_AFTER_10K, CAPACITY_AFTER_10K]  # no host sync after the first
     # a smaller count lets the capacity shrink only slowly (renders of one scene vary from view to view)
-    assert _wrapper._PAIR_CAPACITY[(0, 1, 1000, 64, 48)] == CAPACITY_AFTER_10K_THEN_9K
+    assert _binning._PAIR_CAPACITY[(0, 1, 1000, 64, 48)] == CAPACITY_AFTER_10K_THEN_9K
 
 
 def test_an_overflow_is_redone_with_exact_buffers():
@@ -80,8 +80,8 @@ def test_capacities_are_kept_per_size():
 
 
 def test_the_number_of_sizes_kept_is_bounded():
-    ext = _Extension([100] * (_wrapper._CAPACITY_ENTRIES + 1))
-    for n in range(1, _wrapper._CAPACITY_ENTRIES + 2):
+    ext = _Extension([100] * (_binning._CAPACITY_ENTRIES + 1))
+    for n in range(1, _binning._CAPACITY_ENTRIES + 2):
         _render(ext, n=n)
-    assert len(_wrapper._PAIR_CAPACITY) == _wrapper._CAPACITY_ENTRIES
-    assert (0, 1, 1, 64, 48) not in _wrapper._PAIR_CAPACITY  # the oldest size went first
+    assert len(_binning._PAIR_CAPACITY) == _binning._CAPACITY_ENTRIES
+    assert (0, 1, 1, 64, 48) not in _binning._PAIR_CAPACITY  # the oldest size went first

@@ -16,6 +16,7 @@ from render_helpers import FWD, GRAD, NAMES, assert_matches, cameras, compare_re
 from fit3d_hf.render import _backend, _reference, _wrapper, backend, render
 from fit3d_hf.render import rasterize as rasterize_module
 from fit3d_hf.render._constants import ALPHA_THRESHOLD, TILE_SIZE
+from fit3d_hf.render.spec import rasterize_per_pixel
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -298,6 +299,37 @@ def test_binning_lists_every_reachable_pair_front_to_back():
                 assert needed <= set(listed.tolist()), (b, ty, tx, needed - set(listed.tolist()))
 
 
+@pytest.mark.parametrize("width,height,n,seed", [(70, 50, 600, 31), (129, 97, 3000, 32), (33, 17, 200, 33)])
+def test_binning_matches_its_twin(width, height, n, seed):
+    """isect_tiles equals `_reference._isect_tiles` exactly: the same tiles (the CPU build fuses no
+    multiply-adds, so the float32 arithmetic of isect_math.h is the twin's), the same order in each tile."""
+    means, quats, scales, opacities, _, _ = scene(n, 0, seed=seed, device="cpu", degenerate=True)
+    K, w2c = cameras(3, width, height, "cpu")
+    projected = _wrapper.project(means, quats, scales, opacities, w2c, K, width, height)
+    means2d, conics, depths, radii = projected
+    ranges, ids = _wrapper.isect_tiles(means2d, conics, opacities, depths, radii, width, height)
+    want_ranges, want_ids = _reference._isect_tiles(means2d, conics, opacities, depths, radii, width, height)
+    assert ranges.dtype == want_ranges.dtype == ids.dtype == want_ids.dtype == torch.int32
+    assert len(ids) > n and torch.equal(ranges, want_ranges) and torch.equal(ids, want_ids)
+
+
+def test_rasterize_op_matches_the_per_pixel_spec():
+    """The compiled compositing against the literal loop of fit3d_hf/render/spec.py (forward values)."""
+    width, height = 29, 23
+    means, quats, scales, opacities, colors, features = scene(40, 3, seed=24, device="cpu")
+    K, w2c = cameras(2, width, height, "cpu")
+    means2d, conics, depths, radii = _wrapper.project(means, quats, scales, opacities, w2c, K, width, height)
+    background = torch.tensor([0.5, 0.25, 0.75])
+    got = _wrapper.rasterize(means2d, conics, depths, colors, opacities, features, radii, width, height, background)
+    want = rasterize_per_pixel(
+        means2d.double(), conics.double(), depths.double(), colors.double(), opacities.double(),
+        features.double(), radii, width, height, background.double(),
+    )  # fmt: skip
+    assert want[3].max() > 0.5  # the scene covers the image
+    for name, a, b in zip(("rgb", "depth", "features", "alpha"), got, want, strict=True):
+        assert_matches(name, a, b, **FWD)
+
+
 # ---- the fused feature loss -------------------------------------------------------------------------------
 
 
@@ -339,13 +371,36 @@ def test_feature_loss_kernel_matches_composed_ops(dtype, use_mask, channels_last
     assert decided.float().mean() > 0.99
 
 
+@pytest.mark.parametrize("use_mask", [True, False])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_feature_l1_op_matches_its_twin(use_mask, channels_last):
+    """The fused op (float32) against `_reference._feature_l1` (float64): the loss and its gradient."""
+    g = torch.Generator().manual_seed(1)
+    decoded = torch.randn(2, 16, 37, 53, generator=g)
+    if channels_last:
+        decoded = decoded.contiguous(memory_format=torch.channels_last)
+    target = torch.randn(2, 16, 3, 4, generator=g)
+    mask = torch.rand(2, 1, 37, 53, generator=g) > 0.3 if use_mask else None
+    leaf, leaf64 = decoded.clone().requires_grad_(True), decoded.double().requires_grad_(True)
+    loss = _wrapper.feature_l1(leaf, target, mask)
+    want = _reference._feature_l1(leaf64, target.double(), mask)
+    assert loss.dtype == want.dtype == torch.float32
+    assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-5)
+    (grad,) = torch.autograd.grad(loss * 3.0, leaf)
+    (grad64,) = torch.autograd.grad(want * 3.0, leaf64)
+    up = F.interpolate(target, size=(37, 53), mode="bilinear", align_corners=False)
+    decided = (decoded - up).abs() > 1e-3  # the sign may differ only where the two agree to rounding
+    assert decided.float().mean() > 0.99
+    torch.testing.assert_close(grad[decided], grad64.float()[decided])
+
+
 def test_feature_loss_kernel_is_used_on_the_cpu_and_deterministic(monkeypatch):
     from fit3d_hf import losses
 
     decoded, target = torch.randn(1, 16, 30, 40), torch.randn(1, 16, 3, 4)
     calls = []
-    real = losses._UpsampledFeatureL1.apply
-    monkeypatch.setattr(losses._UpsampledFeatureL1, "apply", lambda *a: calls.append(1) or real(*a))
+    real = _wrapper._FeatureL1.apply
+    monkeypatch.setattr(_wrapper._FeatureL1, "apply", lambda *a: calls.append(1) or real(*a))
     first = losses.upsampled_feature_l1(decoded, target)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

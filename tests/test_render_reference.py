@@ -1,4 +1,4 @@
-"""The pure-PyTorch renderer (the specification): known answers, a literal per-pixel oracle, gradchecks."""
+"""The pure-PyTorch renderer: known answers, the per-pixel spec (fit3d_hf/render/spec.py), gradchecks."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fit3d_hf.render import _constants, _reference, render
-from fit3d_hf.render._constants import ALPHA_THRESHOLD, MAX_ALPHA, TRANSMITTANCE_THRESHOLD
+from fit3d_hf.render import _constants, _reference, _reference_compositing, render
+from fit3d_hf.render._constants import MAX_ALPHA
+from fit3d_hf.render.spec import rasterize_per_pixel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,42 +44,6 @@ def _scene(n=4, n_features=3, dtype=torch.float64, seed=0, spread=0.25, sh_coeff
         colors = 0.3 * torch.randn(n, sh_coeffs, 3, generator=g)
     features = torch.randn(n, n_features, generator=g)
     return [t.to(dtype) for t in (means, quats, scales, opacities, colors, features)]
-
-
-def _brute_force(means2d, conics, depths, colors, opacities, features, radii, width, height, background):
-    """The 3DGS compositing loop, literally: every pixel walks all visible Gaussians front to back."""
-    batch = means2d.shape[0]
-    colors = colors.expand(batch, -1, 3)
-    channels = 4 + features.shape[1]
-    out = torch.zeros(batch, channels, height, width, dtype=torch.float64)
-    final_t = torch.ones(batch, height, width, dtype=torch.float64)
-    for b in range(batch):
-        order = sorted(
-            (i for i in range(means2d.shape[1]) if radii[b, i] > 0), key=lambda i: (float(depths[b, i]), i)
-        )
-        for row in range(height):
-            for col in range(width):
-                t = 1.0
-                for i in order:
-                    dx = col + 0.5 - float(means2d[b, i, 0])
-                    dy = row + 0.5 - float(means2d[b, i, 1])
-                    a, bb, c = (float(v) for v in conics[b, i])
-                    sigma = 0.5 * (a * dx * dx + c * dy * dy) + bb * dx * dy
-                    alpha = min(MAX_ALPHA, float(opacities[i]) * math.exp(-sigma))
-                    if sigma < 0 or alpha < ALPHA_THRESHOLD:
-                        continue
-                    if t * (1 - alpha) < TRANSMITTANCE_THRESHOLD:
-                        break
-                    value = torch.cat(
-                        [colors[b, i].double(), depths[b, i : i + 1].double(), features[i].double()]
-                    )
-                    out[b, :, row, col] += alpha * t * value
-                    t *= 1 - alpha
-                final_t[b, row, col] = t
-    rgb = out[:, :3]
-    if background is not None:
-        rgb = rgb + final_t[:, None] * background.double()[None, :, None, None]
-    return rgb, out[:, 3:4], out[:, 4:], 1 - final_t[:, None]
 
 
 # ---- known answers ------------------------------------------------------------------------------------
@@ -161,7 +126,7 @@ def test_sh_degree_zero_is_constant_colour():
     torch.testing.assert_close(side[0, 0, 0], torch.tensor(0.5, dtype=torch.float64))
 
 
-# ---- the literal 3DGS loop as oracle -------------------------------------------------------------------
+# ---- the spec (the literal 3DGS loop) as oracle --------------------------------------------------------
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -174,7 +139,7 @@ def test_matches_per_pixel_loop(seed):
     bg = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
     projected = _reference._project(means, quats, scales, opacities, w2c, K, 13, 11)
     got = _reference._rasterize(*projected[:3], colors, opacities, features, projected[3], 13, 11, bg)
-    want = _brute_force(*projected[:3], colors, opacities, features, projected[3], 13, 11, bg)
+    want = rasterize_per_pixel(*projected[:3], colors, opacities, features, projected[3], 13, 11, bg)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w)
 
@@ -191,7 +156,7 @@ def test_termination_matches_per_pixel_loop():
     K, w2c = _camera(f=10.0)
     projected = _reference._project(means, quats, scales, opacities, w2c, K, 9, 9)
     got = _reference._rasterize(*projected[:3], colors, opacities, features, projected[3], 9, 9)
-    want = _brute_force(*projected[:3], colors, opacities, features, projected[3], 9, 9, None)
+    want = rasterize_per_pixel(*projected[:3], colors, opacities, features, projected[3], 9, 9, None)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w)
     # 0.05^3 = 1.25e-4 >= 1e-4 but 0.05^4 < 1e-4: exactly three Gaussians at the centre pixel
@@ -210,7 +175,7 @@ def test_row_bands_do_not_change_the_result(monkeypatch):
         return [out.rgb, out.features, out.alpha], torch.autograd.grad(loss, params)
 
     images, grads = run()
-    monkeypatch.setattr(_reference, "_CHUNK_PAIRS", 7)
+    monkeypatch.setattr(_reference_compositing, "_CHUNK_PAIRS", 7)
     images_banded, grads_banded = run()
     for a, b in zip(images + list(grads), images_banded + list(grads_banded), strict=True):
         torch.testing.assert_close(a, b)

@@ -10,8 +10,8 @@ from .bundle import (
     read_bundle_metadata,
     save_bundle,
 )
-from .densify import DensificationConfig, Densifier, quat_to_rotmat
-from .model import FeatureGaussians, inverse_sigmoid, rgb_to_sh_dc, sh_dc_to_rgb
+from .densify import DensificationConfig, Densifier
+from .model import FeatureGaussians, rgb_to_sh_dc, sh_dc_to_rgb
 from .sh_codec import CompressedSH, decode_sh, default_codebook_size, encode_sh
 
 __all__ = [
@@ -30,8 +30,6 @@ __all__ = [
     "DensificationConfig",
     "Densifier",
     "FeatureGaussians",
-    "inverse_sigmoid",
-    "quat_to_rotmat",
     "rgb_to_sh_dc",
     "sh_dc_to_rgb",
 ]

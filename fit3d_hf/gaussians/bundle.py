@@ -2,45 +2,18 @@
 
 A bundle holds the Gaussians' geometry, their low-dimensional features in fp16, the per-scene decoder
 (a 3x3 convolution from the feature dimension F to the backbone dimension D) and the SH colours, plus
-metadata naming the backbone so that Stage II can refuse a bundle made for another one.
+metadata naming the backbone so that Stage II can refuse a bundle made for another one. This module writes
+and reads them (`save_bundle`, `load_bundle`, `verify_bundle`); the format itself (storage per Gaussian,
+versions, header) is described in `bundle_format.py`, the checksums and damage checks in
+`bundle_integrity.py`.
 
 Stage II needs only geometry, features and decoder: `load_bundle(..., include_sh=False)` reads just
 those tensors through safetensors' memory map and never touches the SH colours.
-
-Storage per Gaussian (format versions 3 and 4): means fp32 (12 B), quats/log-scales/opacities fp16 (16 B),
-features fp16 (2F B) -- 156 B at F = 64, all that Stage II reads -- and the SH colours compressed to 5 B
-(`sh_codec`: uint8 DC, 3 B; a uint16 code into a k-means codebook of the 45 higher-order values, 2 B):
-161 B in all, against the 492 B of FiT3D's fp32 pickle (a third of it is 164 B). Per scene on top: the
-fp16 decoder weight (D x F x 3 x 3: 442,368 B at D = 384, F = 64; loaded back as float32), the fp16
-codebook (C x 45 x 2 B, C = `sh_codec.default_codebook_size(N)`: 4096 rows, 368,640 B, at 1M Gaussians;
-2048 rows at 229k; 1024 at 196k) and the header (1.6 kB, 0.5 kB of it the checksums). Whole file / N at F = 64, D = 384: 161.81 B at
-1M Gaussians, 163.74 B at 229,439 and 163.74 B at 196,000 (`tests/test_bundle.py` writes these files).
-That is within 164 B from 178.8k Gaussians up, except from 204,800 (where the codebook doubles to 2048
-rows: 164.07 B) to about 209.5k; under 147k the decoder weight alone passes 3 B per Gaussian.
-`bundle_bytes_per_gaussian` gives the figure of a file.
-
-`save_bundle(..., sh_storage="fp16")` (`fit3d lift --bundle_sh fp16`) keeps all 48 SH values in fp16 instead
-(252 B per Gaussian). The codebook keeps only the dominant higher-order colour patterns; Stage I therefore
-refines the DC terms and the codebook by rendering before it saves (`_Lifter.fit_compressed_colours`). On the
-300-view synthetic benchmark scene the held-out PSNR of the bundle as saved is 41.0 dB, against 42.5 dB with
-exact colours (33.2 dB with the k-means codebook alone). Features and geometry are stored the same way either
-way, so Stage II is unaffected.
-
-Older bundles still load: version 2 (fp32 decoder weight, codebook of up to 4096 rows whatever N) and
-version 1 (also SH as one fp16 tensor, 252 B per Gaussian).
-
-Integrity: the metadata key "checksums" holds the SHA-256 of every tensor (name, dtype, shape and bytes), so
-that a flipped byte inside the tensor data, which safetensors cannot notice, is caught by
-`load_bundle(..., verify=True)` or `verify_bundle` (Stage II verifies each scene once; `fit3d verify` checks
-files in bulk). Bundles written before it existed load unverified, with a one-time notice.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,11 +21,30 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..errors import BundleMismatchError, CorruptFileError, InputError, MissingInputError, file_problem
+from ..errors import BundleMismatchError, CorruptFileError, file_problem
 from ..utils import atomic_path
-from .model import FeatureGaussians, inverse_sigmoid
+from .bundle_format import (
+    BUNDLE_FILENAME,
+    CHECKSUMS_KEY,
+    FORMAT_VERSION,
+    METADATA_CHECKSUM,
+    SH_KEY,
+    SH_PREFIX,
+    SH_STORAGES,
+    STAGE2_KEYS,
+    check_provenance,
+    read_bundle_metadata,
+    read_tensors,
+    resolve_bundle_path,
+    sh_is_fp16,
+    sh_tensor_keys,
+)
+from .bundle_integrity import check_finite, check_tensors, metadata_digest, tensor_checksums, verify_checksums
+from .bundle_integrity import tensor_digest as _tensor_digest  # noqa: F401 (fit3d_hf/checkpoints.py imports it here)
+from .model import FeatureGaussians
 from .sh_codec import CompressedSH, encode_sh
 
+# The format's names are re-exported: Stage I/II, the CLI and the builders import them from here.
 __all__ = [
     "BUNDLE_FILENAME",
     "FORMAT_VERSION",
@@ -67,26 +59,6 @@ __all__ = [
     "tensor_checksums",
     "verify_bundle",
 ]
-
-logger = logging.getLogger(__name__)
-
-BUNDLE_FILENAME = "gaussians.safetensors"
-# Version 3 stores the decoder weight in fp16: bumped so that a reader written for version 2 (which took
-# the weight as stored, float32) refuses the file with a clear message rather than mixing dtypes.
-# Version 4 adds the checksums (same tensors as version 3): a version-4 bundle without them is damaged, while
-# one of versions 1-3 simply predates them. A version-3 reader refuses it, which it need not; the safe side.
-FORMAT_VERSION = "4"
-READABLE_VERSIONS = ("1", "2", "3", "4")
-CHECKSUMMED_VERSIONS = ("4",)
-STAGE2_KEYS = ("means", "quats", "log_scales", "opacities", "features", "decoder.weight")
-SH_KEY = "sh"  # version 1: the SH as one fp16 [N, K, 3] tensor
-SH_PREFIX = "sh."  # versions 2 and 3: the `CompressedSH` tensors, e.g. "sh.rest_codes"
-SH_STORAGES = ("compressed", "fp16")  # the `sh_storage` choices of save_bundle
-# metadata: JSON {tensor name: the first 128 bits (32 hex digits) of the SHA-256 of its name, dtype, shape and
-# bytes}; 128 bits are ample against damage and keep the header small (the bundle's bytes per Gaussian count).
-CHECKSUMS_KEY = "checksums"
-CHECKSUM_HEX_DIGITS = 32
-METADATA_CHECKSUM = "__metadata__"  # the checksums' entry covering the other metadata strings
 
 
 @dataclass
@@ -142,7 +114,7 @@ class GaussianBundle:
         # fp16 opacities may be exactly 0 or 1: keep the logits finite.
         opacities = self.opacities.float().clamp(1e-6, 1 - 1e-6)
         gaussians = FeatureGaussians(
-            self.means.float(), self.quats.float(), self.log_scales.float(), inverse_sigmoid(opacities),
+            self.means.float(), self.quats.float(), self.log_scales.float(), torch.logit(opacities),
             self.sh.float(), self.features.float(), max_sh_degree=max_sh_degree,
         )  # fmt: skip
         gaussians.active_sh_degree = max_sh_degree if active_sh_degree is None else active_sh_degree
@@ -210,29 +182,9 @@ def save_bundle(
         raise ValueError(
             f"decoder_weight must have shape (D, {gaussians.feature_dim}, k, k), got {tuple(decoder_weight.shape)}"
         )
-    with torch.no_grad():
-        tensors = {
-            "means": gaussians.means.float(),
-            "quats": gaussians.normalized_quats.half(),
-            "log_scales": gaussians.log_scales.half(),
-            "opacities": gaussians.opacities.half(),
-            "features": gaussians.features.half(),
-            # fp16 halves the largest per-scene cost (0.44 MB at D = 384, F = 64); the decoder is a linear
-            # map, so its relative error stays that of half precision (~5e-4).
-            "decoder.weight": decoder_weight.half(),
-        }
-        tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
-        if sh_storage == "fp16":
-            tensors[SH_KEY] = gaussians.sh.detach().half().cpu().contiguous()
-            codec = {"sh_codec": "fp16"}
-        else:
-            sh = compressed_sh
-            if sh is None:
-                sh = encode_sh(gaussians.sh, codebook_size=sh_codebook_size, iterations=sh_kmeans_iterations, seed=seed)
-            if len(sh) != len(gaussians):
-                raise ValueError(f"compressed_sh holds {len(sh)} Gaussians, the bundle {len(gaussians)}")
-            tensors.update(sh.tensors(SH_PREFIX))
-            codec = {"sh_codec": "uint8-dc+vq-rest", "sh_codebook_size": str(len(sh.rest_codebook))}
+    tensors, codec = _stored_tensors(
+        gaussians, decoder_weight, sh_storage, compressed_sh, sh_codebook_size, sh_kmeans_iterations, seed
+    )
     metadata = {
         "format": "fit3d-gaussian-bundle",
         "format_version": FORMAT_VERSION,
@@ -247,12 +199,41 @@ def save_bundle(
     }
     if provenance:
         metadata["provenance"] = json.dumps(provenance, sort_keys=True)
-    checksums = {**tensor_checksums(tensors), METADATA_CHECKSUM: _metadata_digest(metadata)}
+    checksums = {**tensor_checksums(tensors), METADATA_CHECKSUM: metadata_digest(metadata)}
     metadata[CHECKSUMS_KEY] = json.dumps(checksums, sort_keys=True)
     with atomic_path(path) as temporary:
         save_file(tensors, str(temporary), metadata=metadata)
         _sort_header(temporary)
     return path
+
+
+@torch.no_grad()
+def _stored_tensors(gaussians, decoder_weight, sh_storage, compressed_sh, sh_codebook_size, sh_kmeans_iterations,
+                    seed) -> tuple[dict[str, torch.Tensor], dict[str, str]]:  # fmt: skip
+    """The tensors a bundle stores (CPU, contiguous, in their stored dtypes) and the metadata of its SH codec."""
+    tensors = {
+        "means": gaussians.means.float(),
+        "quats": gaussians.normalized_quats.half(),
+        "log_scales": gaussians.log_scales.half(),
+        "opacities": gaussians.opacities.half(),
+        "features": gaussians.features.half(),
+        # fp16 halves the largest per-scene cost (0.44 MB at D = 384, F = 64); the decoder is a linear
+        # map, so its relative error stays that of half precision (~5e-4).
+        "decoder.weight": decoder_weight.half(),
+    }
+    tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
+    if sh_storage == "fp16":
+        tensors[SH_KEY] = gaussians.sh.detach().half().cpu().contiguous()
+        codec = {"sh_codec": "fp16"}
+    else:
+        sh = compressed_sh
+        if sh is None:
+            sh = encode_sh(gaussians.sh, codebook_size=sh_codebook_size, iterations=sh_kmeans_iterations, seed=seed)
+        if len(sh) != len(gaussians):
+            raise ValueError(f"compressed_sh holds {len(sh)} Gaussians, the bundle {len(gaussians)}")
+        tensors.update(sh.tensors(SH_PREFIX))
+        codec = {"sh_codec": "uint8-dc+vq-rest", "sh_codebook_size": str(len(sh.rest_codebook))}
+    return tensors, codec
 
 
 def _sort_header(path: Path) -> None:
@@ -270,97 +251,6 @@ def _sort_header(path: Path) -> None:
             return
         handle.seek(8)
         handle.write(canonical.ljust(length, b" "))
-
-
-def tensor_checksums(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
-    """Checksum of each tensor: SHA-256 over its name, dtype, shape and raw bytes (any dtype), first 128 bits."""
-    return {name: _tensor_digest(name, tensor) for name, tensor in tensors.items()}
-
-
-def _tensor_digest(name: str, tensor: torch.Tensor) -> str:
-    digest = hashlib.sha256(f"{name}|{str(tensor.dtype).removeprefix('torch.')}|{list(tensor.shape)}|".encode())
-    if tensor.numel():
-        # A byte view works for every dtype (bfloat16 has no numpy twin) and copies nothing when contiguous.
-        digest.update(memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
-    return digest.hexdigest()[:CHECKSUM_HEX_DIGITS]
-
-
-def _metadata_digest(metadata: dict[str, str]) -> str:
-    """Checksum of the metadata strings as stored, the checksums themselves left out."""
-    canonical = json.dumps({k: v for k, v in metadata.items() if k != CHECKSUMS_KEY}, sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:CHECKSUM_HEX_DIGITS]
-
-
-def _resolve(path: str | Path) -> Path:
-    path = Path(path)
-    if path.is_dir():
-        path = path / BUNDLE_FILENAME
-    if not path.is_file():
-        raise MissingInputError(f"no Gaussian bundle at {path}")
-    return path
-
-
-def read_bundle_metadata(path: str | Path) -> dict:
-    """The metadata of a bundle (cheap: reads only the header)."""
-    path = _resolve(path)
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-    except Exception as error:  # safetensors raises its own error types for corrupt headers
-        raise CorruptFileError(file_problem(path, f"not a readable safetensors file ({error})")) from error
-    if metadata.get("format") != "fit3d-gaussian-bundle":
-        raise InputError(file_problem(path, f"not a fit3d Gaussian bundle (metadata format={metadata.get('format')!r})"))
-    if metadata.get("format_version") not in READABLE_VERSIONS:
-        raise InputError(
-            f"{path} has bundle format version {metadata.get('format_version')!r}; this fit3d_hf reads "
-            f"{READABLE_VERSIONS}: upgrade fit3d_hf or lift the scene again"
-        )
-    for key in ("extra", "provenance", CHECKSUMS_KEY):
-        if key in metadata:
-            try:
-                metadata[key] = json.loads(metadata[key])
-            except ValueError as error:
-                raise CorruptFileError(file_problem(path, f"metadata {key!r} is not valid JSON ({error})")) from error
-    metadata.setdefault("extra", {})
-    metadata.setdefault("provenance", {})
-    for key in ("backbone_dim", "feature_dim", "num_gaussians"):
-        if key in metadata and not str(metadata[key]).isdigit():
-            raise CorruptFileError(file_problem(path, f"metadata {key!r} is {metadata[key]!r}, not a whole number"))
-    return metadata
-
-
-# Provenance entries that must agree between a bundle and the backbone Stage II trains: each changes the
-# target features. A key missing on either side (older bundles) is not compared.
-_PROVENANCE_KEYS = (
-    "backbone_model_type", "backbone_dim", "patch_size", "image_mean", "image_std", "resize", "pos_embed_interpolation",
-)  # fmt: skip
-
-
-def check_provenance(metadata: dict, expected: dict) -> list[str]:
-    """How a bundle's recorded backbone differs from `expected` (both `DenseFeatureExtractor.provenance()`
-    dicts; `metadata` as `read_bundle_metadata` returns it). Empty when they agree.
-
-    The backbone is the same when the weights fingerprints agree (whatever the id it was loaded by), or, when
-    either side lacks one, when the ids agree (a bundle without provenance is compared by its "backbone" key).
-    """
-    recorded = dict(metadata.get("provenance") or {})
-    differences = []
-    ours, theirs = expected.get("weights_sha256"), recorded.get("weights_sha256")
-    if ours and theirs:
-        if ours != theirs:
-            differences.append(
-                f"backbone weights differ (lifted with {recorded.get('backbone_id') or metadata.get('backbone')!r}, "
-                f"fingerprint {theirs[:12]}; this backbone {expected.get('backbone_id')!r}, {ours[:12]})"
-            )
-    else:
-        lifted_with = recorded.get("backbone_id") or metadata.get("backbone")
-        names = {expected.get("backbone"), expected.get("backbone_id")} - {None, ""}
-        if lifted_with and names and lifted_with not in names:
-            differences.append(f"backbone {lifted_with!r} vs {expected.get('backbone_id') or expected.get('backbone')!r}")
-    for key in _PROVENANCE_KEYS:
-        if key in recorded and key in expected and recorded[key] != expected[key]:
-            differences.append(f"{key} {recorded[key]!r} vs {expected[key]!r}")
-    return differences
 
 
 def load_bundle(
@@ -389,7 +279,7 @@ def load_bundle(
             a failed checksum).
         InputError: not a bundle, or a format version this library does not read.
     """
-    path = _resolve(path)
+    path = resolve_bundle_path(path)
     metadata = read_bundle_metadata(path)
     checks = [
         ("backbone", expected_backbone, metadata.get("backbone")),
@@ -404,11 +294,11 @@ def load_bundle(
             )
     keys = STAGE2_KEYS
     if include_sh:
-        keys += _sh_keys(metadata)
-    tensors = _read_tensors(path, keys)
+        keys += sh_tensor_keys(metadata)
+    tensors = read_tensors(path, keys)
     if verify:
-        _verify_tensors(path, metadata, tensors)
-    _check_tensors(path, metadata, tensors)
+        verify_checksums(path, metadata, tensors)
+    check_tensors(path, metadata, tensors)
     if include_sh and SH_KEY not in tensors:
         tensors[SH_KEY] = CompressedSH.from_tensors(tensors, SH_PREFIX).decode()
     return GaussianBundle(
@@ -434,18 +324,18 @@ def verify_bundle(path: str | Path) -> dict:
     Raises:
         CorruptFileError / InputError / MissingInputError as `load_bundle`.
     """
-    path = _resolve(path)
+    path = resolve_bundle_path(path)
     metadata = read_bundle_metadata(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             names = tuple(handle.keys())
     except Exception as error:
         raise CorruptFileError(file_problem(path, f"not a readable safetensors file ({error})")) from error
-    tensors = _read_tensors(path, names)
-    checksummed = _verify_tensors(path, metadata, tensors, all_tensors=True)
-    _check_tensors(path, metadata, tensors)
-    _check_finite(path, tensors)
-    required = STAGE2_KEYS + _sh_keys(metadata)
+    tensors = read_tensors(path, names)
+    checksummed = verify_checksums(path, metadata, tensors, all_tensors=True)
+    check_tensors(path, metadata, tensors)
+    check_finite(path, tensors)
+    required = STAGE2_KEYS + sh_tensor_keys(metadata)
     missing = [key for key in required if key not in tensors]
     if missing:
         raise CorruptFileError(file_problem(path, f"lacks the tensors {missing}"))
@@ -455,145 +345,16 @@ def verify_bundle(path: str | Path) -> dict:
     return {"path": str(path), "tensors": len(tensors), "bytes": size, "checksummed": checksummed}
 
 
-@functools.cache
-def _notice_unverifiable() -> None:
-    # Once per process: a folder of old bundles would otherwise repeat it for every scene.
-    logger.warning(
-        "Gaussian bundles written before fit3d-hf recorded checksums load without verification "
-        "(lift the scenes again to add them); first one: see the debug log"
-    )
-
-
-def _verify_tensors(path: Path, metadata: dict, tensors: dict[str, torch.Tensor], all_tensors: bool = False) -> bool:
-    """Compares `tensors` with the stored checksums; False (and a notice) when the bundle has none."""
-    checksums = metadata.get(CHECKSUMS_KEY)
-    if checksums is None and metadata["format_version"] in CHECKSUMMED_VERSIONS:
-        raise CorruptFileError(file_problem(path, f"a version-{metadata['format_version']} bundle without its checksums: the header is damaged"))
-    if checksums is None:
-        logger.debug("%s has no checksums: loaded unverified", path)
-        _notice_unverifiable()
-        return False
-    if not isinstance(checksums, dict):
-        raise CorruptFileError(file_problem(path, "metadata 'checksums' is not a table of tensor digests"))
-    if all_tensors and set(checksums) - {METADATA_CHECKSUM} != set(tensors):
-        raise CorruptFileError(
-            file_problem(path, f"holds tensors {sorted(tensors)} but its checksums name {sorted(checksums)}")
-        )
-    if METADATA_CHECKSUM in checksums:
-        with safe_open(str(path), framework="pt") as handle:  # the header only: the strings as stored
-            raw = dict(handle.metadata() or {})
-        if _metadata_digest(raw) != checksums[METADATA_CHECKSUM]:
-            raise CorruptFileError(file_problem(path, "its metadata fails its checksum: the header is damaged"))
-    for name, tensor in tensors.items():
-        if name not in checksums:
-            raise CorruptFileError(file_problem(path, f"tensor {name!r} has no checksum"))
-        if _tensor_digest(name, tensor) != checksums[name]:
-            raise CorruptFileError(
-                file_problem(path, f"tensor {name!r} fails its checksum: the file is damaged; lift the scene again")
-            )
-    return True
-
-
-# dtypes each tensor may have been saved with (versions 1-3), and its shape as a function of N, F, D.
-_EXPECTED_DTYPES = {
-    "means": (torch.float32,),
-    "quats": (torch.float16, torch.float32),
-    "log_scales": (torch.float16, torch.float32),
-    "opacities": (torch.float16, torch.float32),
-    "features": (torch.float16, torch.float32),
-    "decoder.weight": (torch.float16, torch.float32),
-    SH_KEY: (torch.float16, torch.float32),
-    SH_PREFIX + "dc_codes": (torch.uint8,),
-    SH_PREFIX + "dc_offset": (torch.float16, torch.float32),
-    SH_PREFIX + "dc_step": (torch.float16, torch.float32),
-    SH_PREFIX + "rest_codebook": (torch.float16, torch.float32),
-    SH_PREFIX + "rest_codes": (torch.uint16, torch.int16, torch.int32, torch.int64),
-}
-
-
-def _check_tensors(path: Path, metadata: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Refuses tensors whose dtype or shape contradicts the bundle's metadata (a damaged or forged file),
-    so that no reader later fails with an IndexError or a shape error far from the file."""
-
-    def fail(problem: str):
-        raise CorruptFileError(file_problem(path, problem))
-
-    for name, tensor in tensors.items():
-        allowed = _EXPECTED_DTYPES.get(name)
-        if allowed is not None and tensor.dtype not in allowed:
-            fail(f"tensor {name!r} has dtype {tensor.dtype}, expected one of {[str(d) for d in allowed]}")
-    n = int(metadata.get("num_gaussians", tensors["means"].shape[0] if "means" in tensors else 0))
-    f, d = int(metadata.get("feature_dim", -1)), int(metadata.get("backbone_dim", -1))
-    shapes = {"means": (n, 3), "quats": (n, 4), "log_scales": (n, 3), "opacities": (n,), "features": (n, f)}
-    for name, shape in shapes.items():
-        if name in tensors and tuple(tensors[name].shape) != shape:
-            fail(f"tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {shape} (N = {n}, F = {f})")
-    weight = tensors.get("decoder.weight")
-    if weight is not None and (weight.ndim != 4 or weight.shape[:2] != (d, f) or weight.shape[2] != weight.shape[3]):
-        fail(f"tensor 'decoder.weight' has shape {tuple(weight.shape)}, expected ({d}, {f}, k, k)")
-    if SH_KEY in tensors and (tensors[SH_KEY].ndim != 3 or tensors[SH_KEY].shape[0] != n or tensors[SH_KEY].shape[2] != 3):
-        fail(f"tensor 'sh' has shape {tuple(tensors[SH_KEY].shape)}, expected ({n}, K, 3)")
-    if SH_PREFIX + "rest_codes" in tensors:
-        _check_compressed_sh(path, n, {k[len(SH_PREFIX) :]: v for k, v in tensors.items() if k.startswith(SH_PREFIX)}, fail)
-
-
-def _check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Refuses NaN or infinite geometry, features or decoder weights (reads every value: `verify_bundle` only;
-    `load_bundle` stays lazy, its tensors memory-mapped until used)."""
-    for name in ("means", "quats", "log_scales", "opacities", "features", "decoder.weight"):
-        if name in tensors and tensors[name].is_floating_point() and not torch.isfinite(tensors[name]).all():
-            raise CorruptFileError(file_problem(path, f"tensor {name!r} holds NaN or infinite values"))
-
-
-def _check_compressed_sh(path: Path, n: int, sh: dict[str, torch.Tensor], fail) -> None:
-    missing = [SH_PREFIX + name for name in CompressedSH.TENSOR_NAMES if name not in sh]
-    if missing:
-        fail(f"lacks the tensors {missing}")
-    codebook, codes = sh["rest_codebook"], sh["rest_codes"]
-    if sh["dc_codes"].shape != (n, 3) or codes.shape != (n,):
-        fail(f"compressed SH codes have shapes {tuple(sh['dc_codes'].shape)} and {tuple(codes.shape)}, expected ({n}, 3) and ({n},)")
-    if sh["dc_offset"].shape != (3,) or sh["dc_step"].shape != (3,):
-        fail("compressed SH DC offset and step must have shape (3,)")
-    if codebook.ndim != 2 or codebook.shape[0] < 1 or codebook.shape[1] % 3:
-        fail(f"tensor 'sh.rest_codebook' has shape {tuple(codebook.shape)}, expected (C, 3 * (K - 1))")
-    if n and (int(codes.to(torch.int64).max()) >= codebook.shape[0] or int(codes.to(torch.int64).min()) < 0):
-        fail(f"SH codes address rows past the {codebook.shape[0]}-row codebook")
-
-
-def _sh_is_fp16(metadata: dict) -> bool:
-    """Version 1 always stored the SH colours as one fp16 tensor; later versions do with sh_storage="fp16"."""
-    return metadata["format_version"] == "1" or metadata.get("sh_codec") == "fp16"
-
-
-def _sh_keys(metadata: dict) -> tuple[str, ...]:
-    if _sh_is_fp16(metadata):
-        return (SH_KEY,)
-    return tuple(SH_PREFIX + name for name in CompressedSH.TENSOR_NAMES)
-
-
-def _read_tensors(path: Path, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            missing = [key for key in keys if key not in handle.keys()]
-            if missing:
-                raise CorruptFileError(file_problem(path, f"lacks the tensors {missing}"))
-            return {key: handle.get_tensor(key) for key in keys}
-    except CorruptFileError:
-        raise
-    except Exception as error:  # safetensors' own errors for a damaged header or data
-        raise CorruptFileError(file_problem(path, f"its tensors cannot be read ({error})")) from error
-
-
 def load_compressed_sh(path: str | Path, *, device: torch.device | str | None = None) -> CompressedSH:
     """A bundle's SH colours in compressed form, as stored (CPU tensors).
 
     A version-1 bundle (fp16 SH) is compressed on the fly, on `device` (default: CUDA when available;
     k-means over a million Gaussians takes minutes on a CPU).
     """
-    path = _resolve(path)
+    path = resolve_bundle_path(path)
     metadata = read_bundle_metadata(path)
-    tensors = _read_tensors(path, _sh_keys(metadata))
-    if _sh_is_fp16(metadata):
+    tensors = read_tensors(path, sh_tensor_keys(metadata))
+    if sh_is_fp16(metadata):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         return encode_sh(tensors[SH_KEY].to(device))
     return CompressedSH.from_tensors(tensors, SH_PREFIX)
@@ -602,7 +363,7 @@ def load_compressed_sh(path: str | Path, *, device: torch.device | str | None = 
 def bundle_bytes_per_gaussian(path: str | Path) -> float:
     """File size of a bundle divided by its number of Gaussians: everything counted (header, decoder
     weight, SH codebook), the figure to hold against FiT3D's 492 B per Gaussian."""
-    path = _resolve(path)
+    path = resolve_bundle_path(path)
     count = int(read_bundle_metadata(path)["num_gaussians"])
     if count <= 0:
         raise ValueError(f"{path} holds no Gaussians")

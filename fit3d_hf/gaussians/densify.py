@@ -26,11 +26,11 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-# One rotation convention everywhere: the renderer reference's (wxyz, normalised first).
-from ..render._reference import quat_to_rotmat
-from .model import FeatureGaussians, inverse_sigmoid
+# One rotation convention everywhere (wxyz, normalised first): the renderer's, from the shared geometry maths.
+from ..geometry import quat_to_rotmat
+from .model import FeatureGaussians
 
-__all__ = ["DensificationConfig", "Densifier", "quat_to_rotmat"]
+__all__ = ["DensificationConfig", "Densifier"]
 
 
 @dataclass
@@ -189,7 +189,7 @@ class Densifier:
     def reset_opacity(self, model: FeatureGaussians, optimizer: torch.optim.Optimizer) -> None:
         """Opacities to at most 0.01, their Adam moments to zero; only the opacity parameter is replaced
         (3DGS's `replace_tensor_to_optimizer`), so only it skips the next optimizer step."""
-        target = inverse_sigmoid(torch.clamp_max(model.opacities.data, 0.01)).to(model.opacity_logits)
+        target = torch.logit(torch.clamp_max(model.opacities.data, 0.01).float()).to(model.opacity_logits)
         _edit_parameters(model, optimizer, lambda name, value: target, torch.zeros_like, names=("opacity_logits",))
 
     def _append(self, model, optimizer, new: dict[str, torch.Tensor]) -> None:

@@ -12,10 +12,9 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["SH_C0", "FeatureGaussians", "inverse_sigmoid", "rgb_to_sh_dc", "sh_dc_to_rgb"]
+from ..geometry import SH_C0
 
-# Zeroth-order real spherical harmonic, Y_0^0 = 1 / (2 sqrt(pi)).
-SH_C0 = 0.28209479177387814
+__all__ = ["FeatureGaussians", "rgb_to_sh_dc", "sh_dc_to_rgb"]
 
 
 def rgb_to_sh_dc(rgb: torch.Tensor) -> torch.Tensor:
@@ -25,11 +24,6 @@ def rgb_to_sh_dc(rgb: torch.Tensor) -> torch.Tensor:
 
 def sh_dc_to_rgb(sh_dc: torch.Tensor) -> torch.Tensor:
     return sh_dc * SH_C0 + 0.5
-
-
-def inverse_sigmoid(x: torch.Tensor | float) -> torch.Tensor:
-    x = torch.as_tensor(x, dtype=torch.float32)
-    return torch.log(x / (1 - x))
 
 
 def mean_distance_to_neighbours(points: np.ndarray, k: int = 3) -> np.ndarray:
@@ -138,7 +132,7 @@ class FeatureGaussians(nn.Module):
             torch.from_numpy(points).float(),
             quats,
             log_scales,
-            inverse_sigmoid(initial_opacity).expand(n).clone(),
+            torch.logit(torch.as_tensor(initial_opacity, dtype=torch.float32)).expand(n).clone(),
             sh,
             features,
             max_sh_degree=max_sh_degree,

@@ -1,4 +1,6 @@
-"""Argument checks with messages that name the argument and give the expected and the actual value."""
+"""Argument checks of the render ops, with messages that name the argument and give the expected and the
+actual value: tensors (`check_tensor`), image sizes and clipping planes, the device of a compiled op's
+tensors, and the inputs of the fused feature loss."""
 
 from __future__ import annotations
 
@@ -7,7 +9,13 @@ from collections.abc import Iterable, MutableMapping
 import torch
 from torch import Tensor
 
-__all__ = ["check_tensor"]
+__all__ = [
+    "check_compiled_device",
+    "check_feature_l1_inputs",
+    "check_image_and_planes",
+    "check_image_size",
+    "check_tensor",
+]
 
 
 def check_tensor(
@@ -17,6 +25,7 @@ def check_tensor(
     dims: MutableMapping[str, int],
     dtypes: Iterable[torch.dtype],
     device: torch.device | None = None,
+    device_of: str = "the Gaussians",
 ) -> Tensor:
     """Checks a tensor argument and binds its named dimensions.
 
@@ -28,6 +37,7 @@ def check_tensor(
         dims: the named sizes bound so far (updated in place).
         dtypes: accepted dtypes.
         device: required device, if any.
+        device_of: what `device` is the device of, in the message (the Gaussians for the render ops).
 
     Returns:
         `value`.
@@ -63,5 +73,46 @@ def check_tensor(
         elif want != got:
             raise ValueError(f"{name} must have shape {pretty()}, got {tuple(value.shape)} (axis {axis})")
     if device is not None and value.device != device:
-        raise ValueError(f"{name} is on {value.device}, but the Gaussians are on {device}")
+        raise ValueError(f"{name} is on {value.device}, but {device_of} are on {device}")
     return value
+
+
+def check_image_size(width: object, height: object) -> None:
+    """Refuses an image size that is not a positive int."""
+    for name, size in (("width", width), ("height", height)):
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise ValueError(f"{name} must be a positive int, got {size!r}")
+
+
+def check_image_and_planes(width: object, height: object, near_plane: float, far_plane: float) -> None:
+    """Refuses an image size that is not a positive int, or clipping planes outside 0 < near < far."""
+    check_image_size(width, height)
+    if not 0 < near_plane < far_plane:  # also refuses NaN
+        raise ValueError(
+            f"need 0 < near_plane < far_plane, got near_plane={near_plane}, far_plane={far_plane}"
+        )
+
+
+def check_compiled_device(name: str, t: Tensor) -> None:
+    """The compiled ops take CUDA or CPU tensors; other devices need render(..., backend="reference")."""
+    if t.device.type not in ("cuda", "cpu"):
+        raise ValueError(f"the compiled backends need CUDA or CPU tensors, but {name} is on {t.device}")
+
+
+def check_feature_l1_inputs(
+    decoded: object, target: object, mask: object, dtypes: Iterable[torch.dtype]
+) -> dict[str, int]:
+    """Checks the inputs of the feature loss: decoded `[B, D, H, W]`, target `[B, D, h, w]` (each of a dtype
+    in `dtypes`) and mask `[B, 1, H, W]` bool or None, all on the device of `decoded`.
+
+    Returns:
+        The named sizes (B, D, H, W, h, w).
+    """
+    dtypes = tuple(dtypes)
+    dims: dict[str, int] = {}
+    check_tensor(decoded, "decoded", ("B", "D", "H", "W"), dims, dtypes)
+    device = decoded.device
+    check_tensor(target, "target", ("B", "D", "h", "w"), dims, dtypes, device, "the decoded features")
+    if mask is not None:
+        check_tensor(mask, "mask", ("B", 1, "H", "W"), dims, (torch.bool,), device, "the decoded features")
+    return dims

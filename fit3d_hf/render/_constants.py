@@ -1,7 +1,10 @@
-"""Numeric constants of the rasterizer, shared by the reference and (as a copy) `rasterizer_cuda/common.h`.
+"""Numeric constants of the rasterizer, shared by the reference and (as a copy) `rasterizer_cuda/constants.h`.
 
-`tests/test_render_reference.py` checks that every value here equals its twin in the C++ header.
+`tests/test_render_reference.py` checks that every value here equals its twin in the C++ header. `SH_C0` is
+defined once, with the rest of the SH maths, in `fit3d_hf.geometry`; it is listed here for that check.
 """
+
+from fit3d_hf.geometry import SH_C0
 
 __all__ = [
     "ALPHA_THRESHOLD",
@@ -32,5 +35,3 @@ COV2D_BLUR = 0.3
 FRUSTUM_MARGIN = 0.3
 # `radii` (the screen-space size used by densification) is this many standard deviations, as in 3DGS.
 RADIUS_SIGMAS = 3.0
-# Degree-0 real spherical-harmonic basis constant, 1 / (2 sqrt(pi)).
-SH_C0 = 0.28209479177387814

@@ -1,8 +1,10 @@
 """The compiled ops: one public function per op (checks, then an autograd Function that calls the extension).
 
-The autograd Functions serve both compiled backends: they call the extension of the tensors' device
-(`_backend.extension_for`: the CUDA extension for CUDA tensors, the CPU extension for CPU tensors), which
-expose the same functions with the same signatures.
+The ops: `project`, `spherical_harmonics`, `isect_tiles` (the tile binning, from `_binning.py`), `rasterize`
+(which bins and composites) and `feature_l1` (Stage I's fused feature loss). The autograd Functions serve
+both compiled backends: they call the extension of the tensors' device (`_backend.extension_for`: the CUDA
+extension for CUDA tensors, the CPU extension for CPU tensors), which expose the same functions with the
+same signatures.
 
 Each op has a pure-PyTorch twin of the same name and signature in `_reference.py` (`project` <->
 `_reference._project`, ...); `tests/test_render_cuda.py` and `tests/test_render_cpu.py` compare forward
@@ -15,20 +17,22 @@ import torch
 from torch import Tensor
 
 from fit3d_hf.render._backend import extension_for
-from fit3d_hf.render._checks import check_tensor
+from fit3d_hf.render._binning import isect_and_rasterize, isect_and_rasterize_exact, isect_tiles
+from fit3d_hf.render._checks import (
+    check_compiled_device,
+    check_feature_l1_inputs,
+    check_image_and_planes,
+    check_tensor,
+)
 
-__all__ = ["project", "rasterize", "spherical_harmonics"]
+__all__ = ["FEATURE_L1_DTYPES", "feature_l1", "isect_tiles", "project", "rasterize", "spherical_harmonics"]
 
-# `render()` validates its arguments once and then calls the unchecked `_apply_*` functions below; the public
-# op functions check their own arguments first.
+# `render()` and `feature_l1()` of the render package validate their arguments once and then call the
+# unchecked `_apply_*` functions below; the public op functions check their own arguments first.
 
 _F32 = (torch.float32,)
-
-
-def _on_cuda(name: str, t: Tensor) -> None:
-    """The compiled ops take CUDA or CPU tensors; tensors on other devices need render(..., backend="reference")."""
-    if t.device.type not in ("cuda", "cpu"):
-        raise ValueError(f"the compiled backends need CUDA or CPU tensors, but {name} is on {t.device}")
+# dtypes the fused feature loss reads (it accumulates in float32)
+FEATURE_L1_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _contiguous(t: Tensor | None) -> Tensor | None:
@@ -94,19 +98,11 @@ def project(
         ("K", K, ("B", 3, 3)),
     ):
         check_tensor(t, name, shape, dims, _F32, means.device)
-        _on_cuda(name, t)
-    _check_image_and_planes(width, height, near_plane, far_plane)
+        check_compiled_device(name, t)
+    check_image_and_planes(width, height, near_plane, far_plane)
     return _apply_project(
         means, quats, scales, opacities, world_to_camera, K, width, height, near_plane, far_plane
     )
-
-
-def _check_image_and_planes(width, height, near_plane: float, far_plane: float) -> None:
-    for name, size in (("width", width), ("height", height)):
-        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-            raise ValueError(f"{name} must be a positive int, got {size!r}")
-    if not 0 < near_plane < far_plane:  # also refuses NaN
-        raise ValueError(f"need 0 < near_plane < far_plane, got near_plane={near_plane}, far_plane={far_plane}")
 
 
 def _apply_project(means, quats, scales, opacities, world_to_camera, K, width, height, near_plane, far_plane):
@@ -143,7 +139,7 @@ def spherical_harmonics(
     check_tensor(sh, "colors (SH)", ("N", "K", 3), dims, _F32, means.device)
     check_tensor(world_to_camera, "world_to_camera", ("B", 4, 4), dims, _F32, means.device)
     for name, t in (("means", means), ("colors", sh), ("world_to_camera", world_to_camera)):
-        _on_cuda(name, t)
+        check_compiled_device(name, t)
     if not 0 <= sh_degree <= 3 or (sh_degree + 1) ** 2 > dims["K"]:
         raise ValueError(f"sh_degree must be in 0..3 with (sh_degree + 1)^2 <= {dims['K']}, got {sh_degree}")
     return _apply_spherical_harmonics(sh, means, world_to_camera, sh_degree)
@@ -155,59 +151,13 @@ def _apply_spherical_harmonics(sh, means, world_to_camera, sh_degree):
     )
 
 
-# Slots of the (tile, Gaussian) pair buffers per device. Sizing them exactly needs the pair count on the host,
-# a sync that leaves the GPU idle while the host launches the rest of the forward (about 0.2 ms of a 1 ms
-# render); instead they get a capacity from the counts of recent calls, the count is checked once the launches
-# are queued, and the rare call that overflows is redone with an exact size.
-# Capacities are kept per (device, cameras, Gaussians, width, height), so renders of other sizes in between
-# (evaluation, other scenes) neither overflow nor pad each other's buffers.
-_PAIR_CAPACITY: dict[tuple, int] = {}
-_CAPACITY_MARGIN = 1.06  # slots per pair of the last call
-_CAPACITY_DECAY = 0.98  # lets the capacity shrink slowly after a large render
-_CAPACITY_ENTRIES = 64
-
-
-def _isect_and_rasterize_exact(ext, means2d, conics, depths, colors, opacities, features, background, radii, width,
-                               height):  # fmt: skip
-    """The CPU path: its binning always sizes the pair list exactly (there is no device to keep busy)."""
-    tile_ranges, gaussian_ids, _ = ext.isect_tiles(
-        means2d, conics, opacities, depths, radii, width, height, 0
-    )
-    images = ext.rasterize_fwd(
-        means2d, conics, opacities, colors, depths, features, background, tile_ranges, gaussian_ids, width, height
-    )  # fmt: skip
-    return tile_ranges, gaussian_ids, images
-
-
-def _isect_and_rasterize(ext, means2d, conics, depths, colors, opacities, features, background, radii, width, height):
-    key = (means2d.device.index or 0, *means2d.shape[:2], width, height)
-    capacity = _PAIR_CAPACITY.get(key, 0)
-    if key not in _PAIR_CAPACITY and len(_PAIR_CAPACITY) >= _CAPACITY_ENTRIES:
-        del _PAIR_CAPACITY[next(iter(_PAIR_CAPACITY))]  # the oldest size
-    while True:
-        tile_ranges, gaussian_ids, total = ext.isect_tiles(
-            means2d, conics, opacities, depths, radii, width, height, capacity
-        )
-        counted = torch.cuda.Event()
-        counted.record(torch.cuda.current_stream(means2d.device))
-        images = ext.rasterize_fwd(
-            means2d, conics, opacities, colors, depths, features, background, tile_ranges, gaussian_ids, width, height
-        )  # fmt: skip
-        counted.synchronize()  # waits for the binning only: the rasterizer queued above keeps the GPU busy
-        pairs = int(total)
-        _PAIR_CAPACITY[key] = max(int(_CAPACITY_MARGIN * pairs) + 1024, int(_CAPACITY_DECAY * capacity))
-        if capacity <= 0 or pairs <= capacity:
-            return tile_ranges, gaussian_ids, images
-        capacity = 0  # overflowed: size the buffers exactly this time
-
-
 class _Rasterize(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, means2d, conics, depths, colors, opacities, features, background, radii, width, height, route,
         clamp_grad,
     ):
-        binning = _isect_and_rasterize if means2d.is_cuda else _isect_and_rasterize_exact
+        binning = isect_and_rasterize if means2d.is_cuda else isect_and_rasterize_exact
         tile_ranges, gaussian_ids, images = binning(
             extension_for(means2d.device), means2d, conics, depths, colors, opacities, features, background, radii,
             width, height,
@@ -323,7 +273,7 @@ def rasterize(
     if background is not None:
         check_tensor(background, "background", (3,), dims, _F32, device)
     for name, t in (("means2d", means2d), ("features", features)):
-        _on_cuda(name, t)
+        check_compiled_device(name, t)
     return _apply_rasterize(
         means2d,
         conics,
@@ -364,3 +314,46 @@ def _apply_rasterize(
         bool(feature_grad_to_geometry),
         bool(alpha_clamp_grad),
     )
+
+
+class _FeatureL1(torch.autograd.Function):
+    """The fused kernel of `feature_l1`: rasterizer_cuda/feature_loss.cu (channels-last inputs) or its CPU
+    twin rasterizer_cuda/cpu/feature_loss_cpu.cpp (any layout), by the tensors' device."""
+
+    @staticmethod
+    def forward(ctx, decoded, target, mask):
+        ctx.save_for_backward(decoded, target, mask)
+        return extension_for(decoded.device).feature_l1_fwd(decoded, target, mask)
+
+    @staticmethod
+    def backward(ctx, v_loss):
+        decoded, target, mask = ctx.saved_tensors
+        v_loss = v_loss.float().reshape(1).contiguous()
+        return extension_for(decoded.device).feature_l1_bwd(decoded, target, mask, v_loss), None, None
+
+
+def feature_l1(
+    decoded: Tensor,  # [B, D, H, W]
+    target: Tensor,  # [B, D, h, w]
+    mask: Tensor | None = None,  # [B, 1, H, W] bool
+) -> Tensor:
+    """Stage I's feature loss by the compiled extension (CUDA or CPU), in one pass over `decoded` (the
+    composed ops take about ten, see rasterizer_cuda/feature_loss.cu); see `_reference._feature_l1` for the
+    semantics.
+
+    Returns:
+        The loss, a float32 scalar. The gradient reaches `decoded` only (a `target` that requires grad is
+        refused).
+    """
+    check_feature_l1_inputs(decoded, target, mask, FEATURE_L1_DTYPES)
+    check_compiled_device("decoded", decoded)
+    if target.requires_grad:
+        raise ValueError("target requires grad, but the fused feature loss differentiates decoded only")
+    return _apply_feature_l1(decoded, target, mask)
+
+
+def _apply_feature_l1(decoded, target, mask):
+    if decoded.is_cuda:  # the CUDA kernel reads channels last; the CPU one takes any layout
+        decoded = decoded.contiguous(memory_format=torch.channels_last)
+        target = target.contiguous(memory_format=torch.channels_last)
+    return _FeatureL1.apply(decoded, target, _contiguous(mask))

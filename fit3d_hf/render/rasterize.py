@@ -18,7 +18,7 @@ from torch import Tensor
 
 from fit3d_hf.render import _reference, _wrapper
 from fit3d_hf.render._backend import cpu_extension_error, extension_error, load_cpu_extension, load_extension
-from fit3d_hf.render._checks import check_tensor
+from fit3d_hf.render._checks import check_image_and_planes, check_tensor
 
 __all__ = ["RenderOutput", "backend", "render"]
 
@@ -172,13 +172,7 @@ def _validate(
     check_tensor(world_to_camera, "world_to_camera", ("B", 4, 4), dims, dtypes, device)
     if background is not None:
         check_tensor(background, "background", (3,), dims, dtypes, device)
-    for name, size in (("width", width), ("height", height)):
-        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-            raise ValueError(f"{name} must be a positive int, got {size!r}")
-    if not 0 < near_plane < far_plane:
-        raise ValueError(
-            f"need 0 < near_plane < far_plane, got near_plane={near_plane}, far_plane={far_plane}"
-        )
+    check_image_and_planes(width, height, near_plane, far_plane)
     return features
 
 
@@ -210,6 +204,10 @@ def render(
     and a 0.3 px^2 low-pass; alpha = min(0.99, o exp(-d^T Sigma^-1 d / 2)), skipped below 1/255;
     front-to-back compositing by camera depth, stopping before a Gaussian would drop the transmittance
     below 1e-4.
+
+    The compositing is specified pixel by pixel, literally, by `fit3d_hf.render.spec.rasterize_per_pixel`;
+    every backend is tested against it (the projection is `_reference._project`, the geometry maths
+    `fit3d_hf.geometry`).
 
     Args:
         means: `[N, 3]` centres (world).
