@@ -146,7 +146,9 @@ def normals_to_tensor(value, column: str = "normals", *, axes: str = "x,y,z") ->
         raise InputError(f"column {column!r} holds None for this row")
     if hasattr(value, "mode"):  # PIL image
         if value.mode != "RGB":
-            raise InputError(f"column {column!r}: expected an 8-bit RGB normal map, got a {value.mode!r} image")
+            raise InputError(
+                f"column {column!r}: expected an 8-bit RGB normal map, got a {value.mode!r} image"
+            )
         value = np.asarray(value)
     array = value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
     if array.ndim == 3 and array.shape[0] == 3 and array.shape[-1] != 3:

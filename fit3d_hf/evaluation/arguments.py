@@ -32,7 +32,9 @@ REFERENCE_SETTINGS = {
         "eval_crop": "none", "momentum_schedule": "onecycle", "ce_average": "all", "max_depth": 10.0,
     },
 }  # fmt: skip
-REFERENCE_SETTINGS["normals"] = NORMALS_REFERENCE  # after Probe3D's surface-normal probe (see fit3d_hf.evaluation.normals)
+REFERENCE_SETTINGS["normals"] = (
+    NORMALS_REFERENCE  # after Probe3D's surface-normal probe (see fit3d_hf.evaluation.normals)
+)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -81,7 +81,12 @@ def patch_correspondences(
     z_b = camera_b[:, 2]
     projected = (camera_b @ K_b.to(dtype).cpu().T)[:, :2] / z_b.clamp_min(1e-9)[:, None]
     valid = (depth > 0) & (z_b > 1e-6)
-    valid &= (projected[:, 0] >= 0) & (projected[:, 0] < width) & (projected[:, 1] >= 0) & (projected[:, 1] < height)
+    valid &= (
+        (projected[:, 0] >= 0)
+        & (projected[:, 0] < width)
+        & (projected[:, 1] >= 0)
+        & (projected[:, 1] < height)
+    )
     if depth_b is not None:
         depth_b = depth_b.to(dtype).cpu()
         px = projected[:, 0].long().clamp(0, width - 1)
@@ -92,7 +97,9 @@ def patch_correspondences(
     return Correspondences(index, projected[index].float(), torch.stack([x, y], -1)[index].float())
 
 
-def sample_features(features: torch.Tensor, pixels: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+def sample_features(
+    features: torch.Tensor, pixels: torch.Tensor, image_size: tuple[int, int]
+) -> torch.Tensor:
     """Bilinearly samples a `[D, h, w]` patch-feature map at `[M, 2]` pixel positions of an image of
     `image_size` = (H, W); returns `[M, D]`."""
     height, width = image_size
@@ -196,4 +203,3 @@ def viewpoint_angle(world_to_camera_a: torch.Tensor, world_to_camera_b: torch.Te
     axis_b = torch.as_tensor(world_to_camera_b, dtype=torch.float64)[2, :3]
     cosine = torch.dot(axis_a, axis_b) / (axis_a.norm() * axis_b.norm())
     return math.degrees(math.acos(float(cosine.clamp(-1.0, 1.0))))
-

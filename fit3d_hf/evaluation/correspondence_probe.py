@@ -195,7 +195,9 @@ def correspondence_probe(
     return summarize_correspondence(gather_object(rows), variants, options.thresholds, options.angle_bins)
 
 
-def _extract_views(extract, variants: list[str], dataset, pairs: list[tuple[int, int, float]]) -> dict[int, dict]:
+def _extract_views(
+    extract, variants: list[str], dataset, pairs: list[tuple[int, int, float]]
+) -> dict[int, dict]:
     """Every view of the pairs, its features extracted once (kept on the CPU in float16) beside its geometry."""
     views: dict[int, dict] = {}
     for index in sorted({i for a, b, _ in pairs for i in (a, b)}):
@@ -210,7 +212,11 @@ def _extract_views(extract, variants: list[str], dataset, pairs: list[tuple[int,
 
 
 def _pair_rows(
-    views: dict[int, dict], variants: list[str], scene_id: str, pairs: list[tuple[int, int, float]], thresholds
+    views: dict[int, dict],
+    variants: list[str],
+    scene_id: str,
+    pairs: list[tuple[int, int, float]],
+    thresholds,
 ) -> list[dict]:
     """Per pair and variant, the counts of `correspondence_recall` against the ground truth from A's depth and both
     poses, visibility-checked with B's depth (the rows `summarize_correspondence` reads)."""

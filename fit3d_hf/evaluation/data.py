@@ -185,7 +185,10 @@ def _load_scannetpp_splits(path: Path, cache_dir: str | None):
     if not names:
         raise FileNotFoundError(f"{path / 'metadata'} holds no non-empty <split>_samples.txt")
     return datasets.DatasetDict(
-        {name: load_scannetpp(str(path), config_name="frames", split=name, cache_dir=cache_dir) for name in names}
+        {
+            name: load_scannetpp(str(path), config_name="frames", split=name, cache_dir=cache_dir)
+            for name in names
+        }
     )
 
 
@@ -268,4 +271,3 @@ def parse_class_names(value: str | None) -> list[str] | None:
             return [str(name) for name in data]
         return [line.strip() for line in path.read_text().splitlines() if line.strip()]
     return [name.strip() for name in value.split(",")]
-

@@ -22,7 +22,9 @@ class FrozenFeatures(nn.Module):
         baseline: a `DenseFeatureExtractor` (variant baseline), or None.
     """
 
-    def __init__(self, fit3d_model: nn.Module | None = None, baseline: nn.Module | None = None, patch_fit: str = "pad"):
+    def __init__(
+        self, fit3d_model: nn.Module | None = None, baseline: nn.Module | None = None, patch_fit: str = "pad"
+    ):
         super().__init__()
         if fit3d_model is None and baseline is None:
             raise ValueError("FrozenFeatures needs a FiT3D model and/or a baseline backbone")
@@ -64,7 +66,9 @@ class FrozenFeatures(nn.Module):
     def _fit(self, images: torch.Tensor, model: nn.Module, patch_fit: str) -> torch.Tensor:
         # Centred padding with the model's mean colour = the original's zero padding of normalised images; the
         # model then has nothing to resize. With "resize" the model resizes down to the multiple itself.
-        return center_pad(images, model.patch_size, model.image_mean.flatten()) if patch_fit == "pad" else images
+        return (
+            center_pad(images, model.patch_size, model.image_mean.flatten()) if patch_fit == "pad" else images
+        )
 
     @torch.no_grad()
     def forward(
@@ -99,7 +103,9 @@ class FrozenFeatures(nn.Module):
                 )
         if self.baseline is not None:
             output = self.baseline(
-                self._fit(images, self.baseline, patch_fit), final_norm=not depth_input, return_cls=depth_input
+                self._fit(images, self.baseline, patch_fit),
+                final_norm=not depth_input,
+                return_cls=depth_input,
             )
             raw["baseline"], raw["baseline_cls"] = output if depth_input else (output, None)
         # Token grids reshape to channels-last strides; contiguous float32 keeps the heads' gradients dense.
@@ -149,4 +155,3 @@ def load_frozen_features(
         else None
     )
     return FrozenFeatures(fit3d_model, extractor, patch_fit=patch_fit)
-

@@ -59,7 +59,10 @@ def evaluate_normals(heads: NormalsHeads, loader, accelerator, features=None) ->
             raw = {key: value.to(accelerator.device) for key, value in batch["raw"].items()}
         else:
             raw = features(batch["image"].to(accelerator.device))
-        rows = {variant: normals_rows(out, target) for variant, out in heads(raw, tuple(target.shape[-2:])).items()}
+        rows = {
+            variant: normals_rows(out, target)
+            for variant, out in heads(raw, tuple(target.shape[-2:])).items()
+        }
         for variant, value in accelerator.gather_for_metrics(rows).items():
             total = value.sum(0).cpu()
             totals[variant] = totals[variant] + total if variant in totals else total
@@ -84,7 +87,9 @@ def train_and_score_normals(features, splits, eval_split, data_args, args, accel
     train_name, train_split = resolve_split(splits, data_args.train_split, "train")
     train_split = first_rows(train_split, data_args.max_train_samples)
     heads = NormalsHeads({variant: features.channels(variant) for variant in features.variants})
-    train_dataset = ProbeDataset(train_split, "normals", transform=build_normals_transform(args), **dataset_kwargs)
+    train_dataset = ProbeDataset(
+        train_split, "normals", transform=build_normals_transform(args), **dataset_kwargs
+    )
     heads, history = train_heads(heads, train_dataset, features, args, accelerator)
     eval_loader = torch.utils.data.DataLoader(
         ProbeDataset(eval_split, "normals", **dataset_kwargs), batch_size=args.eval_batch_size,

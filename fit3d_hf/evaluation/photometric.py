@@ -205,4 +205,3 @@ class ColorAug:
         brightness = float(torch.empty(()).uniform_(*self.brightness_range))
         colors = torch.empty(3).uniform_(*self.color_range)
         return self.apply(image, gamma, brightness, colors), target
-

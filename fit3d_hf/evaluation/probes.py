@@ -75,6 +75,7 @@ def _save_heads_atomic(heads: ProbeHeads, path: Path, metadata: dict[str, str]) 
     with atomic_path(path) as temporary:
         save_file(state, str(temporary), metadata=metadata)
 
+
 def run_probe(model_args: ModelArguments, data_args: ProbeDataArguments, probe_args: ProbeArguments) -> dict:
     """Evaluates the models of `model_args` with one probe and writes the report to `probe_args.output_dir`.
 
@@ -195,5 +196,9 @@ def _run(features, splits, eval_split, data_args, args, accelerator, dataset_kwa
         )
         return None, metrics, None, {}
     if args.probe == "normals":
-        return train_and_score_normals(features, splits, eval_split, data_args, args, accelerator, dataset_kwargs)
-    return train_and_score(features, splits, eval_split, data_args, args, accelerator, dataset_kwargs, class_names)
+        return train_and_score_normals(
+            features, splits, eval_split, data_args, args, accelerator, dataset_kwargs
+        )
+    return train_and_score(
+        features, splits, eval_split, data_args, args, accelerator, dataset_kwargs, class_names
+    )

@@ -144,7 +144,9 @@ class ProbeDataset(torch.utils.data.Dataset):
         row = self.dataset.select_columns(wanted)[int(index)]
         depth = depth_to_tensor(row[columns.depth], columns.depth, depth_scale=self.depth_scale)
         if columns.mask and row[columns.mask] is not None:
-            depth = torch.where(mask_to_tensor(row[columns.mask], columns.mask), depth, torch.zeros_like(depth))
+            depth = torch.where(
+                mask_to_tensor(row[columns.mask], columns.mask), depth, torch.zeros_like(depth)
+            )
         K = torch.as_tensor(np.asarray(row[columns.intrinsics], dtype=np.float64))
         if self.image_size and tuple(depth.shape) != self.image_size:
             scale = torch.tensor(
@@ -229,5 +231,3 @@ def collate_cached(samples: list[dict]) -> dict:
         "raw": {key: torch.stack([s["raw"][key] for s in samples]) for key in samples[0]["raw"]},
         "target": torch.stack([s["target"] for s in samples]),
     }
-
-

@@ -217,4 +217,3 @@ def evaluate_probe(
     if task == "segmentation":
         return {v: segmentation_scores(torch.cat(rows).sum(0), class_names) for v, rows in collected.items()}
     return {v: depth_scores(torch.cat(rows)) for v, rows in collected.items()}
-

@@ -194,7 +194,9 @@ def _optimizer_and_schedule(heads: nn.Module, args: ProbeArguments):
     return optimizer, scheduler
 
 
-def _train_step(heads, unwrapped, batch, features, step, args, accelerator, sig_warmup) -> dict[str, torch.Tensor]:
+def _train_step(
+    heads, unwrapped, batch, features, step, args, accelerator, sig_warmup
+) -> dict[str, torch.Tensor]:
     """Forward and backward of every head on one batch (`heads` as prepared, `unwrapped` its module), gradients
     clipped per head; returns the losses per variant. The caller steps the optimizer."""
     task = unwrapped.task
@@ -242,7 +244,11 @@ def cache_features(
 
 
 def train_heads(
-    heads: ProbeHeads, train_dataset: ProbeDataset, features: FrozenFeatures, args: ProbeArguments, accelerator
+    heads: ProbeHeads,
+    train_dataset: ProbeDataset,
+    features: FrozenFeatures,
+    args: ProbeArguments,
+    accelerator,
 ) -> tuple[ProbeHeads, dict[str, list[float]]]:
     """`train_probe` on a training data set: on a cache of its frozen features, computed once, with
     --cache_features and without --augment (each process caches and shuffles its own share); else on features
@@ -253,7 +259,9 @@ def train_heads(
     """
     use_cache = args.cache_features and not args.augment
     if use_cache:
-        cached = cache_features(features, train_dataset, args.probe, accelerator, batch_size=args.eval_batch_size)
+        cached = cache_features(
+            features, train_dataset, args.probe, accelerator, batch_size=args.eval_batch_size
+        )
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + accelerator.process_index)
         loader = torch.utils.data.DataLoader(
             cached, batch_size=args.train_batch_size, shuffle=True, drop_last=True, collate_fn=collate_cached,

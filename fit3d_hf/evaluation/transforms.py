@@ -105,7 +105,10 @@ class RandomScaleCropFlip:
             scale *= self.short_side / min(height, width)
         if scale != 1.0:
             size = (max(1, round(height * scale)), max(1, round(width * scale)))
-            image, target = resize_tensor(image, size, "bilinear").clamp(0, 1), resize_tensor(target, size, "nearest")
+            image, target = (
+                resize_tensor(image, size, "bilinear").clamp(0, 1),
+                resize_tensor(target, size, "nearest"),
+            )
         crop_h, crop_w = self.crop_size
         pad_h, pad_w = max(crop_h - image.shape[-2], 0), max(crop_w - image.shape[-1], 0)
         if pad_h or pad_w:
@@ -208,4 +211,3 @@ class ComposeTransforms:
         for transform in self.transforms:
             image, target = transform(image, target)
         return image, target
-
