@@ -23,12 +23,12 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import InputError, MissingInputError, UsageError
+from .frames import depth_to_tensor, image_to_tensor, image_to_uint8
 from .gaussians import BundleMismatchError, GaussianBundle, load_bundle
 from .gaussians.bundle import BUNDLE_FILENAME, check_provenance
 from .losses import masked_l1
@@ -271,16 +271,6 @@ def check_frames_against_gaussians(
                 warned = True
 
 
-def _to_tensor_image(value, mode: str) -> torch.Tensor:
-    """A datasets Image value (PIL) -> uint8 `[C, H, W]` (16-bit grey scaled by its bit depth)."""
-    from .images import to_8bit
-
-    array = np.asarray(to_8bit(value).convert(mode))
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
-
-
 class FrameDataset(torch.utils.data.Dataset):
     """Wraps a frames `datasets.Dataset`: image uint8 `[3, H, W]`, mask float `[1, H, W]`, camera, ids."""
 
@@ -296,9 +286,9 @@ class FrameDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         row = self.frames[index]
-        image = _to_tensor_image(row["image"], "RGB")
+        image = image_to_uint8(row["image"], "RGB")
         if row.get("mask") is not None:
-            mask = (_to_tensor_image(row["mask"], "L") > 127).float()
+            mask = (image_to_uint8(row["mask"], "L") > 127).float()
         else:
             mask = torch.ones(1, *image.shape[1:])
         return {
@@ -427,7 +417,6 @@ def multiview_consistency(extractor, frames, cache: GaussianCache, pairs_per_sce
     views of each validation scene. Depth comes from the frames' `depth` column when they have one
     (synthetic scenes), otherwise from the scene's Gaussians (expected depth / alpha)."""
     from .evaluation import feature_consistency, patch_correspondences
-    from .evaluation.data import depth_to_tensor, image_to_tensor
     from .evaluation.rendered_depth import render_depth
 
     by_scene: dict[str, list[int]] = {}

@@ -7,17 +7,20 @@ import pytest
 import torch
 
 from fit3d_hf.evaluation.correspondence import (
-    CorrespondenceProbeOptions,
-    angle_bin,
-    angle_bin_labels,
-    correspondence_probe,
     correspondence_recall,
     mutual_nearest_neighbours,
     patch_centres,
     patch_correspondences,
     viewpoint_angle,
 )
-from fit3d_hf.evaluation.data import ProbeDataset, load_probe_dataset
+from fit3d_hf.evaluation.correspondence_probe import (
+    CorrespondenceProbeOptions,
+    angle_bin,
+    angle_bin_labels,
+    correspondence_probe,
+)
+from fit3d_hf.evaluation.data import load_probe_dataset
+from fit3d_hf.evaluation.samples import ProbeDataset
 from fit3d_hf.scene.synthetic import SyntheticSceneConfig, generate_dataset
 
 PATCH = 8  # patch side of the test features: a 10 x 14 grid on 112 x 84 images

@@ -21,7 +21,7 @@ from fit3d_hf.evaluation.metrics import (
     segmentation_areas,
     segmentation_scores,
 )
-from fit3d_hf.evaluation.probes import learning_rate_factor
+from fit3d_hf.evaluation.training import learning_rate_factor
 
 
 def test_segmentation_scores_match_hand_computed_values_with_ignore_index():

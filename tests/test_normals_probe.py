@@ -16,7 +16,8 @@ from transformers import Dinov2Config
 
 from fit3d_hf import FiT3DConfig, FiT3DModel
 from fit3d_hf.errors import UsageError
-from fit3d_hf.evaluation.data import CachedFeatureDataset, ColumnMapping, ProbeDataset, collate_cached
+from fit3d_hf.evaluation.arguments import ProbeArguments
+from fit3d_hf.evaluation.columns import ColumnMapping
 from fit3d_hf.evaluation.normals import (
     NormalsCropFlip,
     NormalsHeads,
@@ -24,11 +25,11 @@ from fit3d_hf.evaluation.normals import (
     angular_loss,
     normals_rows,
     normals_scores,
-    normals_to_tensor,
-    parse_axes,
 )
 from fit3d_hf.evaluation.normals_probe import evaluate_normals
-from fit3d_hf.evaluation.probes import ProbeArguments, train_probe
+from fit3d_hf.evaluation.samples import CachedFeatureDataset, ProbeDataset, collate_cached
+from fit3d_hf.evaluation.training import train_probe
+from fit3d_hf.frames import normals_to_tensor, parse_axes
 from fit3d_hf.scene import decode_normals, encode_normals, load_normals, read_scene
 from fit3d_hf.scene.synthetic import SyntheticSceneConfig, generate_dataset, make_scene_spec, render_view
 

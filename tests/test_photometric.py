@@ -8,15 +8,10 @@ import pytest
 import torch
 
 from fit3d_hf.cli import parse_args
-from fit3d_hf.evaluation.data import (
-    ComposeTransforms,
-    PhotoMetricDistortion,
-    RandomScaleCropFlip,
-    hsv_to_rgb,
-    rgb_to_hsv,
-)
-from fit3d_hf.evaluation.probes import ProbeArguments, build_train_transform
-from fit3d_hf.evaluation.protocol import ColorAug, RandomRotate
+from fit3d_hf.evaluation.arguments import ProbeArguments
+from fit3d_hf.evaluation.photometric import ColorAug, PhotoMetricDistortion, hsv_to_rgb, rgb_to_hsv
+from fit3d_hf.evaluation.protocol import build_train_transform
+from fit3d_hf.evaluation.transforms import ComposeTransforms, RandomRotate, RandomScaleCropFlip
 
 
 def _pixels(values: list[list[float]]) -> torch.Tensor:

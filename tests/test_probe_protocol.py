@@ -10,30 +10,21 @@ from accelerate import Accelerator
 from transformers import Dinov2Config, Dinov2Model
 
 from fit3d_hf.backbones import DenseFeatureExtractor
-from fit3d_hf.evaluation.data import (
-    CachedFeatureDataset,
-    ComposeTransforms,
-    ProbeDataArguments,
-    RandomScaleCropFlip,
-    collate_cached,
-)
+from fit3d_hf.evaluation.arguments import ProbeArguments
+from fit3d_hf.evaluation.data import ProbeDataArguments
+from fit3d_hf.evaluation.features import FrozenFeatures
 from fit3d_hf.evaluation.heads import build_probe_heads
-from fit3d_hf.evaluation.probes import (
-    FrozenFeatures,
-    ProbeArguments,
-    _probe_losses,
-    build_train_transform,
-    train_probe,
-)
+from fit3d_hf.evaluation.photometric import ColorAug
 from fit3d_hf.evaluation.protocol import (
-    ColorAug,
-    FixedCrop,
-    RandomRotate,
     apply_eval_crop,
     apply_preset,
+    build_train_transform,
     center_pad,
     onecycle_momentum,
 )
+from fit3d_hf.evaluation.samples import CachedFeatureDataset, collate_cached
+from fit3d_hf.evaluation.training import _probe_losses, train_probe
+from fit3d_hf.evaluation.transforms import ComposeTransforms, FixedCrop, RandomRotate, RandomScaleCropFlip
 from fit3d_hf.modeling_fit3d import backbone_dense_features
 
 

@@ -13,26 +13,16 @@ from safetensors.torch import load_file
 from transformers import Dinov2Config
 
 from fit3d_hf import FiT3DConfig, FiT3DModel
-from fit3d_hf.evaluation.data import (
-    CachedFeatureDataset,
-    ProbeDataArguments,
-    ProbeDataset,
-    RandomScaleCropFlip,
-    collate_cached,
-    label_to_tensor,
-    load_probe_dataset,
-    resolve_split,
-)
+from fit3d_hf.evaluation.arguments import ModelArguments, ProbeArguments
+from fit3d_hf.evaluation.data import ProbeDataArguments, load_probe_dataset, resolve_split
+from fit3d_hf.evaluation.features import load_frozen_features
 from fit3d_hf.evaluation.heads import build_probe_heads
-from fit3d_hf.evaluation.probes import (
-    ModelArguments,
-    ProbeArguments,
-    depth_head_options,
-    evaluate_probe,
-    load_frozen_features,
-    run_probe,
-    train_probe,
-)
+from fit3d_hf.evaluation.probes import run_probe
+from fit3d_hf.evaluation.samples import CachedFeatureDataset, ProbeDataset, collate_cached
+from fit3d_hf.evaluation.segmentation_depth_probe import depth_head_options, evaluate_probe
+from fit3d_hf.evaluation.training import train_probe
+from fit3d_hf.evaluation.transforms import RandomScaleCropFlip
+from fit3d_hf.frames import label_to_tensor
 from fit3d_hf.scene.synthetic import SyntheticSceneConfig, generate_dataset
 
 DEPTH_LEVELS = torch.tensor([1.0, 2.5, 4.0, 6.0])
@@ -295,7 +285,7 @@ def test_parquet_dataset_with_column_mapping_and_masks(tmp_path):
     assert resolve_split(splits, "train", "eval")[0] == "train"
     with pytest.raises(ValueError, match="label_column"):
         ProbeDataset(splits["train"], "segmentation")  # the default column names are not there
-    from fit3d_hf.evaluation.data import ColumnMapping
+    from fit3d_hf.evaluation.columns import ColumnMapping
 
     dataset = ProbeDataset(
         splits["train"], "segmentation", ColumnMapping(image="pixels", label="seg", mask="valid")
@@ -336,7 +326,8 @@ def test_training_script_on_two_processes_matches_single_process_evaluation(synt
     import sys
     from pathlib import Path
 
-    from fit3d_hf.evaluation.data import ColumnMapping, collate_probe_samples
+    from fit3d_hf.evaluation.columns import ColumnMapping
+    from fit3d_hf.evaluation.samples import collate_probe_samples
 
     output = tmp_path / "ddp"
     repo = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 """Probes on several GPUs: `accelerate launch training/evaluate_probe.py --model DIR --probe segmentation|depth|normals|correspondence
 --dataset DATA --output_dir DIR [options]`.
 
-The same options as `fit3d evaluate` (see fit3d_hf/evaluation/probes.py; `--help` lists them). The probe heads
+The same options as `fit3d evaluate` (see fit3d_hf/evaluation/arguments.py and data.py; `--help` lists them). The probe heads
 train with DDP (SyncBatchNorm on GPUs) and every process evaluates its share of the data; the metrics are gathered
 with `gather_for_metrics`. The reference protocol ran 8 GPUs x 2 images for 40000 (segmentation) or 38400 (depth)
 iterations: with fewer GPUs, scale --max_steps up linearly. Options can also come from one JSON or YAML file.
@@ -11,8 +11,9 @@ On a CPU machine, `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_proc
 import sys
 
 from fit3d_hf.cli import parse_args, run_command
+from fit3d_hf.evaluation.arguments import ModelArguments, ProbeArguments
 from fit3d_hf.evaluation.data import ProbeDataArguments
-from fit3d_hf.evaluation.probes import ModelArguments, ProbeArguments, run_probe
+from fit3d_hf.evaluation.probes import run_probe
 
 
 def main(argv: list[str]) -> None:

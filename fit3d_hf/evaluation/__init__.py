@@ -1,17 +1,26 @@
 """Evaluation: linear probes (segmentation, depth, surface normals), the multi-view correspondence probe, metrics
-and reports."""
+and reports.
 
+From the command down: `probes` (`run_probe`, `fit3d evaluate`) -> one probe (`segmentation_depth_probe`,
+`normals_probe`, `correspondence_probe`) -> the training loop (`training`) on the frozen models (`features`) ->
+samples (`samples`, decoded by `fit3d_hf.frames`) from a data set (`data`, `columns`) with their transforms
+(`transforms`, `photometric`, in the reference order of `protocol`). Options: `arguments`, `data`. Pieces:
+`heads`, `normals`, `correspondence`, `metrics`, `report`, `rendered_depth`.
+"""
+
+from .arguments import ModelArguments, ProbeArguments
+from .columns import ColumnMapping
 from .correspondence import (
-    CorrespondenceProbeOptions,
     Correspondences,
-    correspondence_probe,
     correspondence_recall,
     feature_consistency,
     mutual_nearest_neighbours,
     patch_correspondences,
     viewpoint_angle,
 )
-from .data import ColumnMapping, ProbeDataArguments, ProbeDataset, RandomScaleCropFlip, load_probe_dataset
+from .correspondence_probe import CorrespondenceProbeOptions, correspondence_probe
+from .data import ProbeDataArguments, load_probe_dataset
+from .features import FrozenFeatures, load_frozen_features
 from .heads import (
     LinearDepthHead,
     LinearSegmentationHead,
@@ -29,16 +38,12 @@ from .normals import (
     normals_rows,
     normals_scores,
 )
-from .probes import (
-    FrozenFeatures,
-    ModelArguments,
-    ProbeArguments,
-    evaluate_probe,
-    load_frozen_features,
-    run_probe,
-    train_probe,
-)
+from .probes import run_probe
 from .report import VARIANT_LABELS, build_results, results_markdown, write_report
+from .samples import ProbeDataset
+from .segmentation_depth_probe import evaluate_probe
+from .training import train_probe
+from .transforms import RandomScaleCropFlip
 
 __all__ = [
     "VARIANT_LABELS",

@@ -1,4 +1,4 @@
-"""The surface-normal probe's pieces: normal maps as tensors, the probe head, the angular loss and the metrics.
+"""The surface-normal probe's pieces: the convention, the probe head, the angular loss and the metrics.
 
 Convention (the one of `fit3d_hf.scene.scene`, which the synthetic generator's analytic normals follow):
 a normal is a unit vector in the camera frame of its image with OpenCV axes (x right, y down, z forward),
@@ -7,8 +7,8 @@ another convention is mapped to it with `axes` (`--normals_axes`), e.g. "x,-y,-z
 (y up, z backwards). Pixels whose target is not a unit vector (zeros, NaN, black PNG pixels) have no ground
 truth and are left out of the loss and of every metric.
 
-- `normals_to_tensor`: a dataset value (8-bit RGB image `(n + 1) / 2 * 255`, or a float array `[H, W, 3]` /
-  `[3, H, W]`) -> `[3, H, W]` unit normals, 0 where invalid.
+- `fit3d_hf.frames.normals_to_tensor` decodes a dataset value (8-bit RGB image `(n + 1) / 2 * 255`, or a float
+  array `[H, W, 3]` / `[3, H, W]`) to `[3, H, W]` unit normals, 0 where invalid.
 - `LinearNormalsHead` / `NormalsHeads`: BatchNorm + 1x1 convolution to 3 channels on the frozen patch features,
   bilinearly upsampled and normalised to unit length; one head per feature variant, as `ProbeHeads`.
 - `angular_loss`: the mean angle (radians) between prediction and target over valid pixels, as Probe3D's
@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InputError, UsageError
-from ..scene.scene import decode_normals
+from ..errors import UsageError
+from ..frames import valid_normals
 
 __all__ = [
     "NORMALS_METRICS",
@@ -43,9 +42,6 @@ __all__ = [
     "angular_loss",
     "normals_rows",
     "normals_scores",
-    "normals_to_tensor",
-    "parse_axes",
-    "valid_normals",
 ]
 
 NORMALS_THRESHOLDS: tuple[float, ...] = (11.25, 22.5, 30.0)
@@ -54,8 +50,6 @@ NORMALS_METRICS: tuple[str, ...] = ("mean", "median", "within_11.25", "within_22
 _HISTOGRAM_BINS = 18000
 # acos is clamped this far inside [-1, 1]: its gradient is infinite at +-1 (Probe3D's eps).
 _ACOS_EPS = 1e-4
-# A target vector counts as a normal when its length is within this of 1 (zeros and 8-bit black fail).
-_UNIT_TOLERANCE = 0.1
 
 # The probe protocol's defaults (`ProbeArguments.resolved`), after Probe3D's surface-normal probe (AdamW lr 5e-4 and
 # its default weight decay 0.01, linear warm-up from 1% of the rate over 15% of the run, then cosine decay; 10 epochs
@@ -66,54 +60,6 @@ NORMALS_REFERENCE = {
     "lr_schedule": "cosine", "max_grad_norm": 0.0, "crop_size": None, "scale_range": "1.0,1.0",
     "train_short_side": None, "eval_mode": "whole", "eval_flip": False, "photometric_distortion": False,
 }  # fmt: skip
-
-
-def parse_axes(axes: str) -> tuple[list[int], list[float]]:
-    """ "x,-y,-z" -> (source axis per output axis, sign per output axis): output axis i = sign_i * source[axis_i].
-
-    Raises:
-        UsageError: not three of x/y/z each once, optionally negated.
-    """
-    parts = [part.strip().lower() for part in str(axes).split(",")]
-    names = [part.lstrip("+-") for part in parts]
-    if len(parts) != 3 or sorted(names) != ["x", "y", "z"]:
-        raise UsageError(f"--normals_axes must name x, y and z once each, like 'x,-y,-z'; got {axes!r}")
-    return ["xyz".index(name) for name in names], [-1.0 if part.startswith("-") else 1.0 for part in parts]
-
-
-def valid_normals(normals: torch.Tensor) -> torch.Tensor:
-    """`[..., 3, H, W]` -> `[..., H, W]` bool: where the vector is a unit normal (ground truth exists)."""
-    return ((normals.norm(dim=-3) - 1.0).abs() < _UNIT_TOLERANCE) & normals.isfinite().all(dim=-3)
-
-
-def normals_to_tensor(value, column: str = "normals", *, axes: str = "x,y,z") -> torch.Tensor:
-    """A normal map value -> `[3, H, W]` float32 unit normals in fit3d-hf's convention, 0 where invalid.
-
-    Args:
-        value: an 8-bit RGB image (PIL or uint8 array `[H, W, 3]`) storing `(n + 1) / 2 * 255`, or a float array
-            `[H, W, 3]` or `[3, H, W]` of vectors (not unit length = no ground truth).
-        column: the column's name, for error messages.
-        axes: how the stored axes map to ours (see `parse_axes`).
-    """
-    if value is None:
-        raise InputError(f"column {column!r} holds None for this row")
-    if hasattr(value, "mode"):  # PIL image
-        if value.mode != "RGB":
-            raise InputError(f"column {column!r}: expected an 8-bit RGB normal map, got a {value.mode!r} image")
-        value = np.asarray(value)
-    array = value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-    if array.ndim == 3 and array.shape[0] == 3 and array.shape[-1] != 3:
-        array = array.transpose(1, 2, 0)
-    if array.ndim != 3 or array.shape[2] != 3:
-        raise InputError(f"column {column!r}: expected a normal map [H, W, 3], got shape {array.shape}")
-    if array.dtype == np.uint8:
-        array = decode_normals(array)[0]
-    normals = torch.from_numpy(np.array(array, dtype=np.float32)).permute(2, 0, 1)
-    order, signs = parse_axes(axes)
-    normals = normals[order] * torch.tensor(signs)[:, None, None]
-    valid = valid_normals(normals)
-    normals = torch.where(valid, normals / normals.norm(dim=0).clamp_min(1e-6), torch.zeros_like(normals))
-    return torch.nan_to_num(normals, nan=0.0)
 
 
 class LinearNormalsHead(nn.Module):

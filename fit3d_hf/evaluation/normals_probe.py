@@ -3,7 +3,7 @@ angular loss and scored by mean / median angular error and the share of pixels w
 degrees, for every feature variant side by side (original, fine-tuned, FiT3D), as the other probes are.
 
 Probe3D (El Banani et al., CVPR 2024) and the 3D-awareness papers after it report surface normals beside depth
-and correspondence. The training loop is the other probes' (`fit3d_hf.evaluation.probes.train_probe`), with the
+and correspondence. The training loop is the other probes' (`fit3d_hf.evaluation.training.train_probe`), with the
 heads, the loss, the metric and the augmentation of `fit3d_hf.evaluation.normals`; the normals convention is
 explained there.
 """
@@ -15,8 +15,11 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
-from .data import ProbeDataset, collate_cached, collate_probe_samples, parse_size, resolve_split
+from .arguments import parse_size
+from .data import first_rows, resolve_split
 from .normals import NormalsCropFlip, NormalsHeads, normals_rows, normals_scores
+from .samples import ProbeDataset, collate_probe_samples
+from .training import train_heads
 
 __all__ = ["build_normals_transform", "evaluate_normals", "train_and_score_normals"]
 
@@ -56,7 +59,10 @@ def evaluate_normals(heads: NormalsHeads, loader, accelerator, features=None) ->
             raw = {key: value.to(accelerator.device) for key, value in batch["raw"].items()}
         else:
             raw = features(batch["image"].to(accelerator.device))
-        rows = {variant: normals_rows(out, target) for variant, out in heads(raw, tuple(target.shape[-2:])).items()}
+        rows = {
+            variant: normals_rows(out, target)
+            for variant, out in heads(raw, tuple(target.shape[-2:])).items()
+        }
         for variant, value in accelerator.gather_for_metrics(rows).items():
             total = value.sum(0).cpu()
             totals[variant] = totals[variant] + total if variant in totals else total
@@ -78,27 +84,13 @@ def train_and_score_normals(features, splits, eval_split, data_args, args, accel
     Returns:
         `(train split name, metrics per variant, trained heads, loss history)`.
     """
-    from .probes import cache_features, train_probe
-
     train_name, train_split = resolve_split(splits, data_args.train_split, "train")
-    if data_args.max_train_samples:
-        train_split = train_split.select(range(min(data_args.max_train_samples, len(train_split))))
+    train_split = first_rows(train_split, data_args.max_train_samples)
     heads = NormalsHeads({variant: features.channels(variant) for variant in features.variants})
-    use_cache = args.cache_features and not args.augment
-    train_dataset = ProbeDataset(train_split, "normals", transform=build_normals_transform(args), **dataset_kwargs)
-    if use_cache:
-        cached = cache_features(features, train_dataset, "normals", accelerator, batch_size=args.eval_batch_size)
-        generator = torch.Generator().manual_seed(args.seed * 1_000_003 + accelerator.process_index)
-        loader = torch.utils.data.DataLoader(
-            cached, batch_size=args.train_batch_size, shuffle=True, drop_last=True, collate_fn=collate_cached,
-            generator=generator,
-        )  # fmt: skip
-    else:
-        loader = torch.utils.data.DataLoader(
-            train_dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=True,
-            collate_fn=collate_probe_samples, num_workers=args.dataloader_num_workers,
-        )  # fmt: skip
-    heads, history = train_probe(heads, loader, args, accelerator, features, loader_is_sharded=use_cache)
+    train_dataset = ProbeDataset(
+        train_split, "normals", transform=build_normals_transform(args), **dataset_kwargs
+    )
+    heads, history = train_heads(heads, train_dataset, features, args, accelerator)
     eval_loader = torch.utils.data.DataLoader(
         ProbeDataset(eval_split, "normals", **dataset_kwargs), batch_size=args.eval_batch_size,
         collate_fn=collate_probe_samples, num_workers=args.dataloader_num_workers,

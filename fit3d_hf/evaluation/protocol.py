@@ -1,7 +1,9 @@
 """Pieces of FiT3D's linear-probing configs (`evaluation/configs/*` of ywyue/FiT3D, mmseg 0.27 and the
-Monocular-Depth-Estimation-Toolbox) beyond the heads and losses: dataset presets, the depth probe's training
-augmentations and fixed crops, its evaluation crops, the OneCycle momentum schedule, and the centre padding of
-the backbone input to a patch multiple.
+Monocular-Depth-Estimation-Toolbox) beyond the heads and losses: dataset presets, the training pipeline in the
+reference order (`build_train_transform`, over the transforms of `fit3d_hf.evaluation.transforms` and
+`fit3d_hf.evaluation.photometric`), the depth evaluation crops, the OneCycle momentum schedule, and the centre
+padding of the backbone input to a patch multiple. The per-probe defaults of the options are
+`fit3d_hf.evaluation.arguments.REFERENCE_SETTINGS`.
 
 Everything works on `[3, H, W]` float images in [0, 1] and `[H, W]` targets, without torchvision.
 """
@@ -12,21 +14,22 @@ import math
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import UsageError
+from .arguments import ProbeArguments, parse_floats, parse_size
+from .photometric import ColorAug, PhotoMetricDistortion
+from .transforms import ComposeTransforms, FixedCrop, RandomRotate, RandomScaleCropFlip
 
 __all__ = [
     "DATASET_PRESETS",
-    "ColorAug",
-    "FixedCrop",
-    "RandomRotate",
     "apply_eval_crop",
     "apply_preset",
+    "build_train_transform",
     "center_pad",
     "onecycle_momentum",
     "preset_values",
 ]
+
 
 # Per data set and task, the values FiT3D's configs set (evaluation/configs/vits_<dataset>_<task>_linear_config.py):
 # label handling, depth scale and range, the fixed crop (training, and for KITTI evaluation too), the
@@ -91,116 +94,34 @@ def apply_preset(data_args, probe_args):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Depth training augmentation (the toolbox's RandomRotate and ColorAug) and fixed crops
+# Training pipeline and evaluation crops
 
 
-class RandomRotate:
-    """The depth toolbox's `RandomRotate(prob, degree)`: with probability `probability`, rotate image and target
-    about the image centre by an angle drawn uniformly from [-degrees, degrees] (drawn every call, as there),
-    keeping the size; uncovered pixels become 0 (black image, depth 0 = no ground truth). The image is sampled
-    bilinearly, the target with nearest neighbours (depth values stay metric)."""
-
-    def __init__(self, probability: float = 0.5, degrees: float = 2.5):
-        if not 0 <= probability <= 1 or degrees < 0:
-            raise ValueError(f"need 0 <= probability <= 1 and degrees >= 0, got {probability} and {degrees}")
-        self.probability, self.degrees = float(probability), float(degrees)
-
-    @staticmethod
-    def rotate(
-        image: torch.Tensor, target: torch.Tensor, degrees: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`image [3, H, W]`, `target [H, W]` rotated by `degrees` about ((W - 1) / 2, (H - 1) / 2)."""
-        height, width = image.shape[-2:]
-        angle = math.radians(degrees)
-        cos, sin = math.cos(angle), math.sin(angle)
-        # Source pixel = R (output pixel - centre) + centre, written in align_corners=True normalised coordinates.
-        theta = torch.tensor(
-            [
-                [cos, -sin * (height - 1) / max(width - 1, 1), 0.0],
-                [sin * (width - 1) / max(height - 1, 1), cos, 0.0],
-            ],
-            dtype=torch.float32,
-        )[None]
-        grid = F.affine_grid(theta, [1, 1, height, width], align_corners=True)
-        rotated = F.grid_sample(
-            image[None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True
-        )
-        moved = F.grid_sample(
-            target[None, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=True
-        )
-        return rotated[0].to(image.dtype), moved[0, 0].to(target.dtype)
-
-    def __call__(self, image: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        happens = float(torch.rand(())) < self.probability
-        degrees = float(torch.empty(()).uniform_(-self.degrees, self.degrees))
-        return self.rotate(image, target, degrees) if happens else (image, target)
-
-
-class ColorAug:
-    """The depth toolbox's `ColorAug`: with probability `probability`, gamma, brightness and per-channel colour
-    factors, each drawn uniformly from its range, then clipped.
-
-    As in the toolbox, which applies them to the uint8 image cast to float, the gamma acts on the 0-255 scale:
-    `x -> (255 x) ** gamma * brightness * colour / 255`, clipped to [0, 1]. So a gamma of 1.1 also brightens by
-    up to 255 ** 0.1 = 1.74 (and 0.9 darkens), a much stronger change than a gamma on [0, 1] would be.
-    """
-
-    def __init__(
-        self,
-        probability: float = 0.5,
-        gamma_range: tuple[float, float] = (0.9, 1.1),
-        brightness_range: tuple[float, float] = (0.75, 1.25),
-        color_range: tuple[float, float] = (0.9, 1.1),
-    ):
-        for name, (low, high) in (
-            ("gamma", gamma_range),
-            ("brightness", brightness_range),
-            ("color", color_range),
-        ):
-            if not 0 < low <= high:
-                raise ValueError(f"{name} range must be (min, max) with 0 < min <= max, got {(low, high)}")
-        if not 0 <= probability <= 1:
-            raise ValueError(f"probability must be in [0, 1], got {probability}")
-        self.probability = float(probability)
-        self.gamma_range, self.brightness_range, self.color_range = gamma_range, brightness_range, color_range
-
-    @staticmethod
-    def apply(image: torch.Tensor, gamma: float, brightness: float, colors: torch.Tensor) -> torch.Tensor:
-        """`[3, H, W]` in [0, 1] -> augmented `[3, H, W]` in [0, 1] (colors: `[3]` per-channel factors)."""
-        scaled = (image * 255.0) ** gamma * brightness * colors.to(image.dtype).view(3, 1, 1)
-        return scaled.clamp(0, 255) / 255.0
-
-    def __call__(self, image: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if float(torch.rand(())) >= self.probability:
-            return image, target
-        gamma = float(torch.empty(()).uniform_(*self.gamma_range))
-        brightness = float(torch.empty(()).uniform_(*self.brightness_range))
-        colors = torch.empty(3).uniform_(*self.color_range)
-        return self.apply(image, gamma, brightness, colors), target
-
-
-class FixedCrop:
-    """The depth configs' fixed crops, applied to image and target alike.
-
-    - ``"nyu"``: the toolbox's NYUCrop of training images, rows 45:472 and columns 43:608 of the 480 x 640 frame;
-    - ``"kb"``: the KITTI benchmark crop (KBCrop), 352 x 1216 at the bottom centre, in training and evaluation.
-    """
-
-    def __init__(self, kind: str):
-        if kind not in ("nyu", "kb"):
-            raise ValueError(f"fixed crop must be 'nyu' or 'kb', got {kind!r}")
-        self.kind = kind
-
-    def box(self, height: int, width: int) -> tuple[int, int, int, int]:
-        """(top, bottom, left, right) of the crop in an image of `height x width`."""
-        if self.kind == "nyu":
-            return 45, min(472, height), 43, min(608, width)
-        top, left = max(height - 352, 0), max((width - 1216) // 2, 0)
-        return top, min(top + 352, height), left, min(left + 1216, width)
-
-    def __call__(self, image: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        top, bottom, left, right = self.box(*image.shape[-2:])
-        return image[:, top:bottom, left:right].contiguous(), target[top:bottom, left:right].contiguous()
+def build_train_transform(args: ProbeArguments):
+    """The training transform of resolved options, in the reference pipelines' order: the fixed crop
+    (--fixed_crop), then with --augment the rotation (--rotate_degrees, depth), `RandomScaleCropFlip`,
+    `PhotoMetricDistortion` (segmentation) and `ColorAug` (depth). None when nothing applies. Random numbers come
+    from torch's global generator (seeded by `set_seed`, per worker by the DataLoader)."""
+    steps = [FixedCrop(args.fixed_crop)] if args.fixed_crop not in (None, "none") else []
+    if not args.augment:
+        return ComposeTransforms(steps) if steps else None
+    if args.rotate_degrees:
+        steps.append(RandomRotate(0.5, args.rotate_degrees))
+    transform = RandomScaleCropFlip(
+        parse_size(args.crop_size),
+        tuple(parse_floats(args.scale_range, "scale_range")),
+        short_side=args.train_short_side,
+        flip_probability=args.flip_probability,
+        fill=args.ignore_index if args.probe == "segmentation" else 0,
+        cat_max_ratio=0.75 if args.probe == "segmentation" else 1.0,
+    )
+    steps.append(transform)
+    if args.photometric_distortion:
+        steps.append(PhotoMetricDistortion())
+    if args.color_aug:
+        brightness = tuple(parse_floats(args.color_aug_brightness, "color_aug_brightness"))
+        steps.append(ColorAug(0.5, brightness_range=brightness))
+    return steps[0] if len(steps) == 1 else ComposeTransforms(steps)
 
 
 def apply_eval_crop(target: torch.Tensor, crop: str | None) -> torch.Tensor:
