@@ -108,6 +108,7 @@ def test_push_to_hub_commits_exactly_the_checkpoint_files(checkpoint, hub):
     (checkpoint / ".cache" / "lock").write_text("local state")
     (checkpoint / "sub").mkdir()
     (checkpoint / "sub" / "notes.txt").write_text("kept")
+    (checkpoint / "sub" / ".notes.txt.swp").write_text("editor state")  # hidden below the top too
     commit = push_to_hub(checkpoint, "user/fit3d", private=True, commit_message="first upload")
 
     assert commit.commit_url.endswith("/commit/abc")
