@@ -675,97 +675,128 @@ def build_demo(
         entries = read_model_entries(models_file) if models_file is not None else []
         registry = load_models(entries, demo_model_dir, release_cache=release_cache)
     service = _FeatureService(registry, settings)
-    labels = list(registry.models)
-    examples = sorted(EXAMPLES_DIR.glob("*.png"))
 
     with gr.Blocks(title="FiT3D: original vs 3D-aware features", analytics_enabled=False) as demo:
         gr.Markdown(_INTRO)
         gr.Markdown(_status_markdown(registry), elem_id="model-status")
         with gr.Row():
             with gr.Column(scale=1):
-                image_input = _captioned_image(
-                    "**Input image** (click a point for the similarity maps)",
-                    "input-image",
-                    sources=["upload", "webcam", "clipboard"],
-                )
-                model_choice = gr.Dropdown(labels, value=labels[0], label="Model", elem_id="model-choice")
-                n_clusters = gr.Slider(
-                    MIN_CLUSTERS, MAX_CLUSTERS, value=20, step=1, label="Number of K-Means clusters"
-                )
-                shared_pca = gr.Checkbox(
-                    True,
-                    label="One PCA for both models (same colour = same feature direction); untick to fit one "
-                    "PCA per model, as the original demo does",
-                )
-                run_button = gr.Button("Run", variant="primary", elem_id="run-button")
-                with gr.Row():
-                    # Text boxes, not gr.Number (which shows 0 before any click): empty until a point is clicked.
-                    point_x = gr.Textbox("", label="Clicked x (px)", placeholder="click the image", elem_id="point-x")
-                    point_y = gr.Textbox("", label="Clicked y (px)", placeholder="click the image", elem_id="point-y")
-                similarity_button = gr.Button("Similarity at this point", size="sm")
-                if examples:
-                    gr.Examples(
-                        [[str(path)] for path in examples],
-                        inputs=[image_input],
-                        label="Synthetic example rooms",
-                    )
+                controls = _input_column(list(registry.models), sorted(EXAMPLES_DIR.glob("*.png")))
             with gr.Column(scale=2):
-                info = gr.Markdown(elem_id="run-info")
-                pca_original, pca_finetuned = _picture_row(
-                    ("pca-original", "PCA · original"), ("pca-finetuned", "PCA · 3D-aware (FiT3D)")
-                )
-                kmeans_original, kmeans_finetuned = _picture_row(
-                    ("kmeans-original", "K-Means · original"), ("kmeans-finetuned", "K-Means · 3D-aware (FiT3D)")
-                )
-                similarity_info = gr.Markdown(elem_id="similarity-info")
-                similarity_original, similarity_finetuned = _picture_row(
-                    ("similarity-original", "Similarity to the clicked patch · original"),
-                    ("similarity-finetuned", "Similarity to the clicked patch · 3D-aware (FiT3D)"),
-                )
-
-        visual_outputs = [pca_original, pca_finetuned, kmeans_original, kmeans_finetuned, info]
-        similarity_inputs = [image_input, model_choice, point_x, point_y]
-        similarity_outputs = [similarity_original, similarity_finetuned, similarity_info]
-
-        def pick_point(event: gr.SelectData):
-            return event.index[0], event.index[1]
-
-        def clear_point():
-            return "", ""
-
-        # Handlers get the raw upload (preprocess=False) and decode it in open_image, so that a file that is
-        # not an image is refused with a message. The public endpoint is registered first so that it gets
-        # the plain name "/similarity".
-        raw = {"preprocess": False}
-        similarity_button.click(
-            service.similarity, similarity_inputs, similarity_outputs, api_name="similarity", **raw
-        )
-        run_button.click(
-            service.visualize,
-            [image_input, model_choice, n_clusters, shared_pca],
-            visual_outputs,
-            api_name="visualize",
-            **raw,
-        ).success(
-            service.similarity,
-            similarity_inputs,
-            similarity_outputs,
-            api_name="similarity_after_run",
-            api_visibility="private",
-            **raw,
-        )
-        image_input.select(pick_point, None, [point_x, point_y], api_visibility="private").then(
-            service.similarity,
-            similarity_inputs,
-            similarity_outputs,
-            api_name="similarity_on_click",
-            api_visibility="private",
-            **raw,
-        )
-        image_input.change(clear_point, None, [point_x, point_y], api_visibility="private")
-        image_input.upload(check_upload, image_input, image_input, api_visibility="private", **raw)
+                results = _result_column()
+        _connect_events(service, controls, results)
     demo.queue(default_concurrency_limit=settings.concurrency_limit, max_size=32)
     return demo
+
+
+@dataclass
+class _Controls:
+    """The input column's components."""
+
+    image: gr.Image
+    model: gr.Dropdown
+    n_clusters: gr.Slider
+    shared_pca: gr.Checkbox
+    run_button: gr.Button
+    point_x: gr.Textbox
+    point_y: gr.Textbox
+    similarity_button: gr.Button
+
+
+@dataclass
+class _Results:
+    """The result column's components: the run's text and pictures, and the similarity maps'."""
+
+    info: gr.Markdown
+    pictures: list[gr.Image]  # PCA original, PCA fine-tuned, K-Means original, K-Means fine-tuned
+    similarity_info: gr.Markdown
+    similarity: list[gr.Image]  # original, fine-tuned
+
+
+def _input_column(labels: list[str], examples: list[Path]) -> _Controls:
+    """The input image, the model picker and options, the buttons and the clicked point (inside a column)."""
+    image_input = _captioned_image(
+        "**Input image** (click a point for the similarity maps)",
+        "input-image",
+        sources=["upload", "webcam", "clipboard"],
+    )
+    model_choice = gr.Dropdown(labels, value=labels[0], label="Model", elem_id="model-choice")
+    n_clusters = gr.Slider(MIN_CLUSTERS, MAX_CLUSTERS, value=20, step=1, label="Number of K-Means clusters")
+    shared_pca = gr.Checkbox(
+        True,
+        label="One PCA for both models (same colour = same feature direction); untick to fit one "
+        "PCA per model, as the original demo does",
+    )
+    run_button = gr.Button("Run", variant="primary", elem_id="run-button")
+    with gr.Row():
+        # Text boxes, not gr.Number (which shows 0 before any click): empty until a point is clicked.
+        point_x = gr.Textbox("", label="Clicked x (px)", placeholder="click the image", elem_id="point-x")
+        point_y = gr.Textbox("", label="Clicked y (px)", placeholder="click the image", elem_id="point-y")
+    similarity_button = gr.Button("Similarity at this point", size="sm")
+    if examples:
+        gr.Examples([[str(path)] for path in examples], inputs=[image_input], label="Synthetic example rooms")
+    return _Controls(image_input, model_choice, n_clusters, shared_pca, run_button, point_x, point_y, similarity_button)
+
+
+def _result_column() -> _Results:
+    """The run's text, the PCA and K-Means rows, and the similarity maps (inside a column)."""
+    info = gr.Markdown(elem_id="run-info")
+    pca = _picture_row(("pca-original", "PCA · original"), ("pca-finetuned", "PCA · 3D-aware (FiT3D)"))
+    kmeans = _picture_row(
+        ("kmeans-original", "K-Means · original"), ("kmeans-finetuned", "K-Means · 3D-aware (FiT3D)")
+    )
+    similarity_info = gr.Markdown(elem_id="similarity-info")
+    similarity = _picture_row(
+        ("similarity-original", "Similarity to the clicked patch · original"),
+        ("similarity-finetuned", "Similarity to the clicked patch · 3D-aware (FiT3D)"),
+    )
+    return _Results(info, [*pca, *kmeans], similarity_info, similarity)
+
+
+def _connect_events(service: _FeatureService, controls: _Controls, results: _Results) -> None:
+    """The app's events: Run (then the similarity maps), a click on the image, the similarity button, uploads."""
+    visual_outputs = [*results.pictures, results.info]
+    similarity_inputs = [controls.image, controls.model, controls.point_x, controls.point_y]
+    similarity_outputs = [*results.similarity, results.similarity_info]
+
+    def pick_point(event: gr.SelectData):
+        return event.index[0], event.index[1]
+
+    def clear_point():
+        return "", ""
+
+    # Handlers get the raw upload (preprocess=False) and decode it in open_image, so that a file that is
+    # not an image is refused with a message. The public endpoint is registered first so that it gets
+    # the plain name "/similarity".
+    raw = {"preprocess": False}
+    controls.similarity_button.click(
+        service.similarity, similarity_inputs, similarity_outputs, api_name="similarity", **raw
+    )
+    controls.run_button.click(
+        service.visualize,
+        [controls.image, controls.model, controls.n_clusters, controls.shared_pca],
+        visual_outputs,
+        api_name="visualize",
+        **raw,
+    ).success(
+        service.similarity,
+        similarity_inputs,
+        similarity_outputs,
+        api_name="similarity_after_run",
+        api_visibility="private",
+        **raw,
+    )
+    point = [controls.point_x, controls.point_y]
+    controls.image.select(pick_point, None, point, api_visibility="private").then(
+        service.similarity,
+        similarity_inputs,
+        similarity_outputs,
+        api_name="similarity_on_click",
+        api_visibility="private",
+        **raw,
+    )
+    controls.image.change(clear_point, None, point, api_visibility="private")
+    controls.image.upload(check_upload, controls.image, controls.image, api_visibility="private", **raw)
 
 
 if __name__ == "__main__":
