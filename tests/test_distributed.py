@@ -97,7 +97,7 @@ def one_machine_two_processes(workspace):
     output_dir = workspace / "one_machine"
     trace = workspace / "one_machine_trace"
     command = accelerate_launch("--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()))
-    command += [HOOK, str(trace), "trace:fit3d_hf.finetuning:FrameDataset.__getitem__", "0", "--", *_finetune_args(workspace, output_dir)]
+    command += [HOOK, str(trace), "trace:fit3d_hf.finetuning.frames:FrameDataset.__getitem__", "0", "--", *_finetune_args(workspace, output_dir)]
     run_processes([command], [workspace / "one_machine.log"], timeout=TIMEOUT, finished=lambda: _stage2_outputs(output_dir),
                   what="Stage II on 2 gloo processes")  # fmt: skip
     return output_dir, _traced(trace)
@@ -125,7 +125,7 @@ def test_two_machines_split_stage2_frames_and_match_one_machine(workspace, one_m
     commands = [
         accelerate_launch("--num_processes", "2", "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip",
                           "127.0.0.1", "--main_process_port", port)
-        + [HOOK, str(trace), "trace:fit3d_hf.finetuning:FrameDataset.__getitem__", "0", "--", *_finetune_args(workspace, output_dir)]
+        + [HOOK, str(trace), "trace:fit3d_hf.finetuning.frames:FrameDataset.__getitem__", "0", "--", *_finetune_args(workspace, output_dir)]
         for rank in (0, 1)
     ]  # fmt: skip
     logs = [workspace / f"machine{rank}.log" for rank in (0, 1)]
