@@ -34,14 +34,22 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not cuda" tests
 
+# Linters pinned so that CI and every checkout agree on what "formatted" means.
+LINT_PINS := "ruff==0.17.6" "clang-format==23.1.5"
+PY_SOURCES := fit3d_hf dataset_builders training tests benchmarks space
+CXX_SOURCES = $(wildcard rasterizer_cuda/*.h rasterizer_cuda/*.cu rasterizer_cuda/*.cpp rasterizer_cuda/cpu/*.h rasterizer_cuda/cpu/*.cpp)
+
 quality: $(STAMP)
-	$(PY) -m pip install -q ruff
-	$(VENV)/bin/ruff check fit3d_hf dataset_builders training tests benchmarks space
+	$(PY) -m pip install -q $(LINT_PINS)
+	$(VENV)/bin/ruff check $(PY_SOURCES)
+	$(VENV)/bin/ruff format --check $(PY_SOURCES)
+	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_SOURCES)
 
 style: $(STAMP)
-	$(PY) -m pip install -q ruff
-	$(VENV)/bin/ruff check --fix fit3d_hf dataset_builders training tests benchmarks space
-	$(VENV)/bin/ruff format fit3d_hf dataset_builders training tests benchmarks space
+	$(PY) -m pip install -q $(LINT_PINS)
+	$(VENV)/bin/ruff check --fix $(PY_SOURCES)
+	$(VENV)/bin/ruff format $(PY_SOURCES)
+	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo_output fit3d_hf/_C*.so
