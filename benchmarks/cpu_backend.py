@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # scene generators of 
 from profile_lift import random_scene  # noqa: E402
 from rasterizer import cameras, make_scene  # noqa: E402
 
-from fit3d_hf.lifting import LiftingArguments, _Lifter  # noqa: E402
+from fit3d_hf.lifting import LiftingArguments  # noqa: E402
+from fit3d_hf.lifting.lifter import Lifter  # noqa: E402
 from fit3d_hf.render import _backend, render  # noqa: E402
 
 
@@ -109,7 +110,7 @@ def bench_fwdbwd(repeats: int, reference_repeats: int) -> None:
     )
 
 
-def make_lifter(decoder_dim: int, n: int, width: int, height: int, scene: str, views: int = 8) -> _Lifter:
+def make_lifter(decoder_dim: int, n: int, width: int, height: int, scene: str, views: int = 8) -> Lifter:
     """A Stage I lifter on random views of the 6 x 4 x 6 m room. scene "init": the Gaussians as Stage I
     initialises them from 100k points (3DGS: isotropic, scale = distance to the nearest points, opacity 0.1;
     large and translucent, so each pixel blends hundreds); "room": the same means with the rasterizer
@@ -119,7 +120,7 @@ def make_lifter(decoder_dim: int, n: int, width: int, height: int, scene: str, v
         backbone="random", out="/tmp/unused", iterations=30_000, densify_until=0, checkpoint_interval=0,
         device="cpu",
     )  # fmt: skip
-    lifter = _Lifter(args, data, list(range(views)), torch.device("cpu"))
+    lifter = Lifter(args, data, list(range(views)), torch.device("cpu"))
     lifter.gaussians.active_sh_degree = lifter.gaussians.max_sh_degree  # the full cost, as late in training
     if scene == "room":
         _, _, scales, opacities = make_scene(n, "cpu")
@@ -140,7 +141,7 @@ def without_cpu_extension():
         _backend._load_cpu = saved
 
 
-def time_steps(lifter: _Lifter, steps: int) -> list[float]:
+def time_steps(lifter: Lifter, steps: int) -> list[float]:
     times = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -177,7 +178,7 @@ def bench_lift(steps: int, reference_steps: int, decoder_dims: list[int], scene:
         emit(record)
 
 
-def profile_steps(lifter: _Lifter, dim: int, scene: str, steps: int = 3) -> None:
+def profile_steps(lifter: Lifter, dim: int, scene: str, steps: int = 3) -> None:
     """Self CPU time per op of the CPU backend's iterations (ms per iteration), the largest first."""
     from torch.profiler import ProfilerActivity, profile
 

@@ -3,8 +3,8 @@
 masked L1, clipping, AdamW) at 876x584, the time split per image, full against LoRA fine-tuning, the
 frames/s of the data loading path, and the same step on several GPUs (DDP through `accelerator.prepare`).
 
-The step is the trainer's (`fit3d_hf.finetuning._train`): an `Accelerator` with bf16 mixed precision
-prepares the backbone (plain or wrapped by the trainer's own `_lora_wrap`) and AdamW over its trainable
+The step is the trainer's (`fit3d_hf.finetuning.trainer`): an `Accelerator` with bf16 mixed precision
+prepares the backbone (plain or wrapped by the trainer's own `lora_wrap`) and AdamW over its trainable
 weights, then `training_step_inputs`, forward, `masked_l1`, `accelerator.backward`, clipping, step.
 
     python benchmarks/finetune.py --batch 16 32 --lora_rank 0 16 --loader_workers 4 8 16
@@ -36,17 +36,12 @@ import torch
 import torch.nn.functional as F
 from transformers import Dinov2Config, Dinov2Model
 
-import fit3d_hf.finetuning as finetuning
+import fit3d_hf.finetuning.rendered_targets as rendered_targets
 import fit3d_hf.render
 from fit3d_hf.backbones import DenseFeatureExtractor
-from fit3d_hf.finetuning import (
-    GaussianCache,
-    ModelArguments,
-    _flip_table,
-    _lora_wrap,
-    freeze_unused_parameters,
-    training_step_inputs,
-)
+from fit3d_hf.finetuning import BackboneArguments, GaussianCache, freeze_unused_parameters
+from fit3d_hf.finetuning.backbone_setup import lora_wrap
+from fit3d_hf.finetuning.rendered_targets import flip_table, training_step_inputs
 from fit3d_hf.gaussians import FeatureGaussians, save_bundle
 from fit3d_hf.losses import masked_l1
 
@@ -106,7 +101,7 @@ class Step:
         config = Dinov2Config(**BACKBONES[backbone], patch_size=14, image_size=518)
         extractor = DenseFeatureExtractor(Dinov2Model(config))
         if lora_rank > 0:
-            extractor = _lora_wrap(extractor, ModelArguments(backbone="bench", lora_rank=lora_rank))
+            extractor = lora_wrap(extractor, BackboneArguments(backbone="bench", lora_rank=lora_rank))
         extractor.train()
         self.frozen_unused = freeze_unused_parameters(extractor)
         self.trainable = [p for p in extractor.parameters() if p.requires_grad]
@@ -180,7 +175,9 @@ def time_split(step: Step, batch, cache, flips, steps: int) -> dict:
         with (
             mock.patch.object(fit3d_hf.render, "render", _timed(fit3d_hf.render.render, inner, "render", device)),
             mock.patch.object(
-                finetuning, "decode_at_patch_grid", _timed(finetuning.decode_at_patch_grid, inner, "decode", device)
+                rendered_targets,
+                "decode_at_patch_grid",
+                _timed(rendered_targets.decode_at_patch_grid, inner, "decode", device),
             ),
             step.accelerator.accumulate(step.model),
         ):
@@ -301,7 +298,7 @@ def main() -> None:
     for lora_rank in args.lora_rank:
         step = Step(accelerator, args.backbone, lora_rank, args.compile)
         for b, batch in batches.items():
-            flips = _flip_table(b, 0.5, 0, 0)
+            flips = flip_table(b, 0.5, 0, 0)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             rate = images_per_s(step, batch, cache, flips, args.warmup, args.steps)

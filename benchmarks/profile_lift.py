@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fit3d_hf.lifting import LiftingArguments, SceneData, _Lifter
+from fit3d_hf.lifting import LiftingArguments, SceneData
+from fit3d_hf.lifting.lifter import Lifter
 
 
 def random_scene(n_points: int, views: int, width: int, height: int, dim: int, device) -> SceneData:
@@ -54,7 +55,7 @@ def main(argv=None):
         backbone="random", out="/tmp/unused", iterations=30_000, densify_until=0, checkpoint_interval=0,
         mixed_precision=args.mixed_precision, device="cuda",
     )  # fmt: skip
-    lifter = _Lifter(lift_args, data, list(range(16)), device)
+    lifter = Lifter(lift_args, data, list(range(16)), device)
     lifter.gaussians.active_sh_degree = lifter.gaussians.max_sh_degree
     for _ in range(10):
         lifter.step()

@@ -1,9 +1,10 @@
 """Benchmark: fit3d-hf's CUDA rasterizer against gsplat 1.5.3 on the anchors' workload.
 
-The workload, timing and JSON fields mirror /work/shared/anchors/gsplat_bench.py (synthetic 6x4x6 m room of
-Gaussians, 876x584, N in {100k, 500k, 1M}, 1 and 4 cameras, C in {3, 32, 64, 128, 384}; forward without
-grad and forward+backward of (out * w).sum(); median of 20 after 5 warm-ups with CUDA events; peak memory
-after resetting the peak counter, so it includes the scene, the parameters and their gradients).
+The workload, timing and JSON fields mirror the anchors' gsplat_bench.py (in shared/anchors/ beside the
+repository): a synthetic 6x4x6 m room of Gaussians, 876x584, N in {100k, 500k, 1M}, 1 and 4 cameras, C in
+{3, 32, 64, 128, 384}; forward without grad and forward+backward of (out * w).sum(); median of 20 after 5
+warm-ups with CUDA events; peak memory after resetting the peak counter, so it includes the scene, the
+parameters and their gradients.
 
 For gsplat, "ch" colour channels are rendered with render_mode="RGB+ED", packed=False, exactly as in the
 anchor script. For fit3d, "ch" feature channels are rendered together with RGB and depth (ch + 4 blended

@@ -3,8 +3,9 @@
 `DenseFeatureExtractor` loads a backbone by Hub id, short name or local folder through `AutoModel`, resizes
 images in [0, 1] down to a multiple of the patch size, normalises them (ImageNet statistics by default, as
 FiT3D does for every backbone, or the backbone's own image processor's) and returns the last layer's patch
-tokens, prefix tokens dropped. The per-architecture knowledge lives in `modeling_fit3d` (it must travel with
-saved FiT3D checkpoints as remote code); this module adds loading, normalisation and timm weight conversion.
+tokens, prefix tokens dropped. The per-architecture knowledge lives in `dense_features_fit3d` (it must travel
+with saved FiT3D checkpoints as remote code); this module adds loading, normalisation and the errors that say
+what was tried. timm weight conversion is `fit3d_hf.timm_weights` (re-exported here).
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ import difflib
 import hashlib
 import logging
 import os
-import re
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -23,8 +22,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from .configuration_fit3d import IMAGENET_MEAN, IMAGENET_STD
-from .errors import HubUnavailableError, InputError, MissingInputError, UsageError
-from .modeling_fit3d import (
+from .dense_features_fit3d import (
     POS_EMBED_INTERPOLATIONS,
     SUPPORTED_BACKBONE_TYPES,
     backbone_dense_features,
@@ -34,10 +32,12 @@ from .modeling_fit3d import (
     extract_vision_tower,
     pos_embed_interpolation_of,
     prepare_backbone_config,
-    processor_mean_std,
     resize_to_patch_multiple,
     set_pos_embed_interpolation,
 )
+from .errors import HubUnavailableError, InputError, MissingInputError, UsageError
+from .modeling_fit3d import processor_mean_std
+from .timm_weights import convert_timm_dinov2_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ class DenseFeatureExtractor(nn.Module):
         pos_embed_interpolation: `"timm"` (timm's bicubic-with-antialias resampling of the position embeddings,
             as the original FiT3D's backbones) or `"native"` (transformers'); None: what the model's config
             records (`config.pos_embed_interpolation`, written when fit3d-hf saves a backbone), else native.
-            See `fit3d_hf.modeling_fit3d.set_pos_embed_interpolation`.
+            See `fit3d_hf.dense_features_fit3d.set_pos_embed_interpolation`.
     """
 
     def __init__(
@@ -388,109 +388,6 @@ class DenseFeatureExtractor(nn.Module):
             self.model, pixel_values, final_norm=final_norm, return_cls=return_cls
         )
         return (features, cls_token) if return_cls else features
-
-
-def _first_present(candidates: list[str], keys: Mapping[str, torch.Tensor]) -> str:
-    for name in candidates:
-        if name in keys:
-            return name
-    raise InputError(f"the target model has none of the parameters {candidates}")
-
-
-def convert_timm_dinov2_state_dict(
-    timm_state_dict: Mapping[str, torch.Tensor], target: PreTrainedModel
-) -> dict[str, torch.Tensor]:
-    """Maps a timm DINOv2 ViT state dict (as the original FiT3D release saves it) onto a transformers model.
-
-    timm's fused `blocks.N.attn.qkv` is split into query/key/value, `ls1.gamma` becomes
-    `layer_scale1.lambda1`, `norm` the final `layernorm`, `reg_token` the register tokens. timm's register
-    variants fold the CLS position embedding into `cls_token` and keep positions for patches only; a zero CLS
-    position restores the transformers layout exactly. Keys timm does not have (the mask token) keep the
-    target's values.
-
-    Args:
-        timm_state_dict: The timm `state_dict()` (`num_classes=0`: no head).
-        target: A `Dinov2Model` or `Dinov2WithRegistersModel` of the same size; it is not modified.
-
-    Returns:
-        A complete state dict for `target`.
-    """
-    if target.config.model_type not in ("dinov2", "dinov2_with_registers"):
-        raise ValueError(
-            f"timm DINOv2 weights convert to Dinov2/Dinov2WithRegisters models, not {type(target).__name__}"
-        )
-    reference = target.state_dict()
-    converted: dict[str, torch.Tensor] = {}
-    hidden = target.config.hidden_size
-
-    def put(name: str | list[str], value: torch.Tensor, source: str) -> None:
-        name = _first_present(name, reference) if isinstance(name, list) else name
-        if name not in reference:
-            raise InputError(
-                f"timm key {source!r} maps to {name!r}, which {type(target).__name__} does not have"
-            )
-        if tuple(reference[name].shape) != tuple(value.shape):
-            raise InputError(
-                f"timm key {source!r} has shape {tuple(value.shape)}, but {name!r} in "
-                f"{type(target).__name__} has shape {tuple(reference[name].shape)}: is this checkpoint for "
-                "another model size?"
-            )
-        converted[name] = value
-
-    block = re.compile(r"blocks\.(\d+)\.(.+)")
-    for key, value in timm_state_dict.items():
-        match = block.fullmatch(key)
-        if key == "cls_token":
-            put("embeddings.cls_token", value, key)
-        elif key == "reg_token":
-            put("embeddings.register_tokens", value, key)
-        elif key == "pos_embed":
-            expected = reference["embeddings.position_embeddings"].shape[1]
-            if value.shape[1] == expected - 1:  # timm register variants: no CLS position
-                value = torch.cat([value.new_zeros(1, 1, value.shape[-1]), value], dim=1)
-            put("embeddings.position_embeddings", value, key)
-        elif key.startswith("patch_embed.proj."):
-            put(key.replace("patch_embed.proj.", "embeddings.patch_embeddings.projection."), value, key)
-        elif key.startswith("norm."):
-            put(key.replace("norm.", "layernorm.", 1), value, key)
-        elif match:
-            index, rest = match.groups()
-            layer = f"encoder.layer.{index}."
-            if rest.startswith("attn.qkv."):
-                suffix = rest.rsplit(".", 1)[1]
-                query, key_, value_ = value.split(hidden, dim=0)
-                # Names differ across transformers releases: q_proj/k_proj/v_proj (5.x) or attention.query/...
-                for part, tensor, old in (("q", query, "query"), ("k", key_, "key"), ("v", value_, "value")):
-                    put(
-                        [
-                            f"{layer}attention.{part}_proj.{suffix}",
-                            f"{layer}attention.attention.{old}.{suffix}",
-                        ],
-                        tensor,
-                        key,
-                    )
-            elif rest.startswith("attn.proj."):
-                suffix = rest.rsplit(".", 1)[1]
-                put(
-                    [f"{layer}attention.o_proj.{suffix}", f"{layer}attention.output.dense.{suffix}"],
-                    value,
-                    key,
-                )
-            elif rest in ("ls1.gamma", "ls2.gamma"):
-                put(f"{layer}layer_scale{rest[2]}.lambda1", value, key)
-            elif rest.split(".")[0] in ("norm1", "norm2", "mlp"):
-                put(layer + rest, value, key)
-            else:
-                raise InputError(f"unexpected timm key {key!r} (not a DINOv2 ViT block parameter)")
-        else:
-            raise InputError(f"unexpected timm key {key!r}: is this a timm DINOv2 ViT state dict?")
-
-    missing = sorted(set(reference) - set(converted) - {"embeddings.mask_token"})
-    if missing:
-        raise InputError(
-            f"the timm state dict lacks weights for {missing[:8]}{' ...' if len(missing) > 8 else ''}"
-        )
-    return {**{k: v.clone() for k, v in reference.items() if k not in converted}, **converted}
 
 
 __all__ = [

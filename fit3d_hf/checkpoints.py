@@ -5,9 +5,9 @@
   (`load_torch_checkpoint`). torch's zip format checks nothing of the tensor bytes itself.
 * Stage II (`<output_dir>/checkpoint-<step>/`, an accelerate `save_state` folder of several files):
   `save_state_atomically` writes the folder under a hidden temporary name, adds a manifest with the SHA-256
-  of every file, and renames it into place only then, so that a crash during a save leaves the previous
-  checkpoints untouched and no half-written `checkpoint-<step>` folder that `--resume_from_checkpoint
-  latest` could take for a whole one.
+  of every file, and renames it into place only then (`fit3d_hf.utils.replace_folder`), so that a crash
+  during a save leaves the previous checkpoints untouched and no half-written `checkpoint-<step>` folder
+  that `--resume_from_checkpoint latest` could take for a whole one.
 * `verify_path` checks any of these, or a Gaussian bundle, and says what it found.
 """
 
@@ -24,7 +24,7 @@ import torch
 
 from .errors import CorruptFileError, InputError, MissingInputError, file_problem
 from .gaussians.bundle import BUNDLE_FILENAME, _tensor_digest, verify_bundle
-from .utils import atomic_path
+from .utils import atomic_path, replace_folder
 
 __all__ = [
     "MANIFEST_FILENAME",
@@ -144,9 +144,7 @@ def save_state_atomically(accelerator, folder: str | os.PathLike) -> Path:
         manifest = json.dumps(_manifest(partial), indent=1, sort_keys=True)  # before the manifest's own temp file exists
         with atomic_path(partial / MANIFEST_FILENAME) as temporary:
             temporary.write_text(manifest)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(partial, folder)
+        replace_folder(partial, folder)
     accelerator.wait_for_everyone()
     return folder
 

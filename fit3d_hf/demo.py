@@ -103,10 +103,10 @@ def lift_scenes(args: DemoArguments, data: Path, backbone: str, output_dir: Path
 
 def finetune(args: DemoArguments, data: Path, backbone: str, output_dir: Path) -> dict:
     """Stage II with the Accelerate trainer; returns its metrics (losses, consistency before/after)."""
-    from fit3d_hf.finetuning import DataArguments, FinetuningArguments, ModelArguments, train
+    from fit3d_hf.finetuning import BackboneArguments, DataArguments, FinetuningArguments, train
 
     return train(
-        ModelArguments(backbone=backbone),
+        BackboneArguments(backbone=backbone),
         DataArguments(frames=str(data), gaussians=str(output_dir / "gaussians"), consistency_pairs=12),
         FinetuningArguments(
             output_dir=str(output_dir / "finetune"), learning_rate=1e-3, max_train_steps=args.finetune_steps,

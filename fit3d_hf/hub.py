@@ -1,7 +1,10 @@
 """Model cards and Hub uploads for FiT3D checkpoints.
 
-Every upload goes through `push_to_hub`, built on `HfApi.create_repo` + `HfApi.create_commit`: the one path
-that tests can intercept completely (`upload_folder` reaches the network even when mocked).
+Every upload goes through `push_to_hub`: `HfApi.create_repo`, then one `HfApi.create_commit` of the folder's
+files, chosen as `upload_folder` chooses them (huggingface_hub's `filter_repo_objects` with ignore patterns).
+`upload_folder` itself is not used: it validates the card's YAML on the Hub and, with hf_xet installed, commits
+through its own upload pipeline, so it reaches the network however it is mocked; `create_commit` is the one
+path tests can intercept completely.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ DEFAULT_TRAINING_DATA = "ScanNet++ (DSLR images of the training scenes, with the
 
 # Weights are shipped as safetensors only; a pickle in the folder is refused rather than uploaded.
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# Hidden files and folders (.cache, .git, editor swap files) are local state, not part of the checkpoint:
+# `upload_folder`-style patterns (`*` crosses "/") for a hidden name at the top or anywhere below it.
+UPLOAD_IGNORE_PATTERNS = (".*", "*/.*")
 _METRIC_KEYS = ("task", "dataset", "metric", "original", "fit3d")
 
 
@@ -89,6 +95,15 @@ def make_model_card(
     flat_metrics = dict(metrics) if isinstance(metrics, Mapping) else {}
     rows = [] if isinstance(metrics, Mapping) else _check_metric_rows(metrics or [])
     name = repo_id or f"FiT3D ({base_model})"
+    card_data = _card_data(base_model, name, rows, datasets=datasets, license=license, tags=tags)
+    lines = _card_description(base_model, name, repo_id, feature_dim, training_data)
+    lines += _card_tables(training, rows, flat_metrics)
+    lines += ["## Citation", "", "```bibtex", FIT3D_CITATION, "```", ""]
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines))
+
+
+def _card_data(base_model: str, name: str, rows: list[dict[str, Any]], *, datasets, license: str, tags) -> ModelCardData:
+    """The card's metadata header, with a `model-index` entry per evaluation row."""
     eval_results = [
         EvalResult(
             task_type=_slug(row["task"]),
@@ -101,7 +116,7 @@ def make_model_card(
         )
         for row in rows
     ]
-    card_data = ModelCardData(
+    return ModelCardData(
         base_model=base_model,
         datasets=list(datasets) if datasets else None,
         library_name="transformers",
@@ -111,8 +126,12 @@ def make_model_card(
         model_name=name if eval_results else None,
         eval_results=eval_results or None,
     )
+
+
+def _card_description(base_model: str, name: str, repo_id: str | None, feature_dim: int | None, training_data: str) -> list[str]:
+    """The card's title, method, training data and usage sections, as Markdown lines."""
     dims = f" ({feature_dim} channels: {feature_dim // 2} from each backbone)" if feature_dim else ""
-    lines = [
+    return [
         f"# {name}",
         "",
         f"Dense image features from [{base_model}](https://huggingface.co/{base_model}) made 3D-aware with "
@@ -146,6 +165,11 @@ def make_model_card(
         "not needed.",
         "",
     ]
+
+
+def _card_tables(training: Mapping[str, Any] | None, rows: list[dict[str, Any]], flat_metrics: dict[str, Any]) -> list[str]:
+    """The hyper-parameter and evaluation tables (only those with content), as Markdown lines."""
+    lines = []
     if training:
         lines += ["## Training hyper-parameters", "", "| name | value |", "| --- | --- |"]
         lines += [f"| {key} | {_format_value(value)} |" for key, value in training.items()] + [""]
@@ -161,8 +185,7 @@ def make_model_card(
     if flat_metrics:
         lines += ["| metric | value |", "| --- | --- |"]
         lines += [f"| {key} | {_format_value(value)} |" for key, value in flat_metrics.items()] + [""]
-    lines += ["## Citation", "", "```bibtex", FIT3D_CITATION, "```", ""]
-    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines))
+    return lines
 
 
 def model_card_for_checkpoint(folder: str | os.PathLike, **kwargs) -> ModelCard:
@@ -212,16 +235,15 @@ def save_model_card(card: ModelCard, folder: str | os.PathLike) -> Path:
     return atomic_write_text(target, str(card))
 
 
-def _files_to_upload(folder: Path) -> list[Path]:
-    # Hidden files and folders (.cache, .git, editor swap files) are local state, not part of the checkpoint.
-    files = sorted(
-        path
-        for path in folder.rglob("*")
-        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)
-    )
+def _files_to_upload(folder: Path) -> list[str]:
+    """The folder's files to commit, as paths relative to it (POSIX), sorted; refuses an empty folder and pickles."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    found = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
+    files = list(filter_repo_objects(found, ignore_patterns=list(UPLOAD_IGNORE_PATTERNS)))
     if not files:
         raise InputError(f"{folder} holds no files to upload")
-    pickles = [str(path.relative_to(folder)) for path in files if path.suffix.lower() in _PICKLE_SUFFIXES]
+    pickles = [name for name in files if Path(name).suffix.lower() in _PICKLE_SUFFIXES]
     if pickles:
         raise InputError(
             f"{folder} holds pickle-format files {pickles}; FiT3D checkpoints are uploaded as safetensors "
@@ -255,10 +277,7 @@ def push_to_hub(
         raise MissingInputError(f"{folder} is not a folder")
     files = _files_to_upload(folder)
     api = HfApi(token=token)
-    operations = [
-        CommitOperationAdd(path_in_repo=path.relative_to(folder).as_posix(), path_or_fileobj=str(path))
-        for path in files
-    ]
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in files]
     with _hub_errors(repo_id):
         api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
         logger.info("Committing %d files from %s to %s", len(operations), folder, repo_id)
@@ -304,6 +323,7 @@ def is_network_error(error: BaseException) -> bool:
 
 __all__ = [
     "FIT3D_CITATION",
+    "UPLOAD_IGNORE_PATTERNS",
     "is_network_error",
     "make_model_card",
     "model_card_for_checkpoint",

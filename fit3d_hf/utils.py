@@ -1,16 +1,26 @@
-"""Small helpers shared across the library: atomic file writes and deterministic CPU kernels."""
+"""Small helpers shared across the library: atomic file and folder writes, and deterministic CPU kernels."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-__all__ = ["atomic_path", "atomic_write_text", "deterministic_algorithms", "current_umask", "make_staging_dir"]
+__all__ = [
+    "atomic_folder",
+    "atomic_path",
+    "atomic_write_text",
+    "current_umask",
+    "deterministic_algorithms",
+    "make_staging_dir",
+    "replace_folder",
+]
 
 
 def current_umask() -> int:
@@ -63,6 +73,38 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as temporary:
         temporary.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def replace_folder(staging: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Puts the finished folder `staging` at `target` by renaming it (both on one file system).
+
+    An existing `target` is first renamed aside (a hidden name beside it) and deleted only once the new folder
+    is in place, so a crash never leaves a half-deleted `target`: at worst the old folder, or the new one and a
+    hidden leftover.
+    """
+    staging, target = Path(staging), Path(target)
+    if not target.exists():
+        os.replace(staging, target)
+        return target
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+@contextlib.contextmanager
+def atomic_folder(target: str | os.PathLike) -> Iterator[Path]:
+    """Yields a new, empty staging folder beside `target` (`make_staging_dir`) to build a whole output in.
+    When the block ends normally the staging folder replaces `target` (`replace_folder`); on an error it is
+    deleted and `target` is left as it was."""
+    target = Path(target)
+    staging = make_staging_dir(target)
+    try:
+        yield staging
+        replace_folder(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful swap
 
 
 @contextlib.contextmanager

@@ -11,6 +11,8 @@ SPACE_DIR = Path(__file__).resolve().parents[1] / "space"
 def load_space_app():
     """Imports space/app.py (not a package) once per test session."""
     name = "fit3d_space_app"
+    if str(SPACE_DIR) not in sys.path:  # app.py imports its sibling modules, as the Space runs it as a script
+        sys.path.insert(0, str(SPACE_DIR))
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, SPACE_DIR / "app.py")
         module = importlib.util.module_from_spec(spec)

@@ -371,8 +371,8 @@ def test_convert_original_command(tmp_path, capsys):
 
     model = AutoModel.from_pretrained(tmp_path / "out").eval()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "README.md", "config.json", "configuration_fit3d.py", "model.safetensors", "modeling_fit3d.py",
-        "preprocessor_config.json",
+        "README.md", "config.json", "configuration_fit3d.py", "dense_features_fit3d.py", "model.safetensors",
+        "modeling_fit3d.py", "preprocessor_config.json",
     ]  # fmt: skip
     assert "base_model: facebook/dinov2-small" in (tmp_path / "out" / "README.md").read_text()
     images = torch.rand(1, 3, 45, 61)

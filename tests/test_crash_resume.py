@@ -24,7 +24,7 @@ from transformers import Dinov2Config, Dinov2Model
 
 from fit3d_hf.checkpoints import load_torch_checkpoint, verify_checkpoint_folder
 from fit3d_hf.errors import MissingInputError
-from fit3d_hf.finetuning import DataArguments, FinetuningArguments, ModelArguments, train
+from fit3d_hf.finetuning import BackboneArguments, DataArguments, FinetuningArguments, train
 from fit3d_hf.lifting import LiftingArguments, lift_scene, resolve_scene_list
 from fit3d_hf.scene.synthetic import SyntheticSceneConfig, generate_dataset
 
@@ -210,7 +210,7 @@ def test_stage2_killed_while_saving_a_checkpoint_keeps_the_previous_one(workspac
 
 
 def _arguments(workspace, output_dir, **overrides):
-    model = ModelArguments(backbone=workspace["backbone"])
+    model = BackboneArguments(backbone=workspace["backbone"])
     data = DataArguments(frames=str(workspace["data"]), gaussians=str(workspace["gaussians"]), validation_split=None)
     training = FinetuningArguments(
         output_dir=str(output_dir), learning_rate=1e-3, max_train_steps=9, train_batch_size=2, checkpointing_steps=3,

@@ -19,7 +19,7 @@ from distributed_helpers import REPO, accelerate_launch, free_port, run_processe
 from safetensors.torch import load_file
 from transformers import Dinov2Config, Dinov2Model
 
-from fit3d_hf.finetuning import DataArguments, FinetuningArguments, ModelArguments, train
+from fit3d_hf.finetuning import BackboneArguments, DataArguments, FinetuningArguments, train
 from fit3d_hf.lifting import LiftingArguments, lift_scene, resolve_scene_list
 from fit3d_hf.scene.synthetic import SyntheticSceneConfig, generate_dataset
 
@@ -97,7 +97,7 @@ def one_machine_two_processes(workspace):
     output_dir = workspace / "one_machine"
     trace = workspace / "one_machine_trace"
     command = accelerate_launch("--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()))
-    command += [HOOK, str(trace), "trace:fit3d_hf.finetuning:FrameDataset.__getitem__", "0", "--", *_finetune_args(workspace, output_dir)]
+    command += [HOOK, str(trace), "trace:fit3d_hf.finetuning.frames:FrameDataset.__getitem__", "0", "--", *_finetune_args(workspace, output_dir)]
     run_processes([command], [workspace / "one_machine.log"], timeout=TIMEOUT, finished=lambda: _stage2_outputs(output_dir),
                   what="Stage II on 2 gloo processes")  # fmt: skip
     return output_dir, _traced(trace)
@@ -110,7 +110,7 @@ def test_stage2_on_two_processes_validates_exactly_and_splits_the_frames(workspa
     metrics = json.loads((output_dir / "metrics.json").read_text())
     # The validation loss of the untrained backbone over the 5 validation frames, in one process: the two
     # processes pad their 3 batches of 2 to 4 with duplicates, which must not count.
-    model = ModelArguments(backbone=str(workspace / "backbone"))
+    model = BackboneArguments(backbone=str(workspace / "backbone"))
     data = DataArguments(frames=str(workspace / "data"), gaussians=str(workspace / "gaussians"), max_validation_samples=5, consistency_pairs=1)
     single = train(model, data, FinetuningArguments(output_dir=str(tmp_path), max_train_steps=1, checkpointing_steps=0, report_to="none", seed=5))
     assert metrics["validation_loss_before"] == pytest.approx(single["validation_loss_before"], rel=1e-5, abs=0)
@@ -125,7 +125,7 @@ def test_two_machines_split_stage2_frames_and_match_one_machine(workspace, one_m
     commands = [
         accelerate_launch("--num_processes", "2", "--num_machines", "2", "--machine_rank", str(rank), "--main_process_ip",
                           "127.0.0.1", "--main_process_port", port)
-        + [HOOK, str(trace), "trace:fit3d_hf.finetuning:FrameDataset.__getitem__", "0", "--", *_finetune_args(workspace, output_dir)]
+        + [HOOK, str(trace), "trace:fit3d_hf.finetuning.frames:FrameDataset.__getitem__", "0", "--", *_finetune_args(workspace, output_dir)]
         for rank in (0, 1)
     ]  # fmt: skip
     logs = [workspace / f"machine{rank}.log" for rank in (0, 1)]
@@ -185,7 +185,7 @@ def test_multi_node_config_and_slurm_example_are_valid():
         sys.path.remove(sys_path)
     known = {
         "lift_features.py": {f.name for cls in (ScenesArguments, LiftingArguments) for f in fields(cls)},
-        "finetune.py": {f.name for cls in (ModelArguments, DataArguments, FinetuningArguments) for f in fields(cls)},
+        "finetune.py": {f.name for cls in (BackboneArguments, DataArguments, FinetuningArguments) for f in fields(cls)},
     }
     for script_name, names in known.items():
         call = text[text.index(f"launch training/{script_name}") :].split("\n\n")[0]

@@ -10,9 +10,9 @@ from transformers import AutoModel, Dinov2Config, Dinov2Model
 import fit3d_hf  # noqa: F401  (registers the fit3d model type)
 from fit3d_hf.backbones import DenseFeatureExtractor
 from fit3d_hf.finetuning import (
+    BackboneArguments,
     DataArguments,
     FinetuningArguments,
-    ModelArguments,
     check_frames_against_gaussians,
     freeze_unused_parameters,
     load_frames,
@@ -51,7 +51,7 @@ def workspace(tmp_path_factory):
 
 
 def _arguments(workspace, output_dir, **overrides):
-    model = ModelArguments(backbone=workspace["backbone"])
+    model = BackboneArguments(backbone=workspace["backbone"])
     data = DataArguments(frames=workspace["data"], gaussians=workspace["gaussians"], consistency_pairs=6)
     training = FinetuningArguments(
         output_dir=str(output_dir), learning_rate=1e-3, max_train_steps=24, train_batch_size=2, checkpointing_steps=0,

@@ -108,6 +108,7 @@ def test_push_to_hub_commits_exactly_the_checkpoint_files(checkpoint, hub):
     (checkpoint / ".cache" / "lock").write_text("local state")
     (checkpoint / "sub").mkdir()
     (checkpoint / "sub" / "notes.txt").write_text("kept")
+    (checkpoint / "sub" / ".notes.txt.swp").write_text("editor state")  # hidden below the top too
     commit = push_to_hub(checkpoint, "user/fit3d", private=True, commit_message="first upload")
 
     assert commit.commit_url.endswith("/commit/abc")
@@ -119,6 +120,7 @@ def test_push_to_hub_commits_exactly_the_checkpoint_files(checkpoint, hub):
     assert sorted(files) == [
         "config.json",
         "configuration_fit3d.py",
+        "dense_features_fit3d.py",
         "model.safetensors",
         "modeling_fit3d.py",
         "preprocessor_config.json",
@@ -158,6 +160,7 @@ def test_push_command_writes_the_card_and_commits_it(checkpoint, tmp_path, hub, 
         "README.md",
         "config.json",
         "configuration_fit3d.py",
+        "dense_features_fit3d.py",
         "model.safetensors",
         "modeling_fit3d.py",
         "preprocessor_config.json",

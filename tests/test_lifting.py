@@ -134,7 +134,8 @@ def test_lifter_steps_as_3dgs_with_fixed_lr_schedule_and_near_plane(scene_root, 
 
     import fit3d_hf.render
     from fit3d_hf.gaussians import FeatureGaussians
-    from fit3d_hf.lifting import _exponential_lr, _Lifter, load_scene_data, scene_extent
+    from fit3d_hf.lifting import load_scene_data, scene_extent
+    from fit3d_hf.lifting.lifter import Lifter, exponential_lr
 
     near_planes = []
     real_render = fit3d_hf.render.render
@@ -151,7 +152,7 @@ def test_lifter_steps_as_3dgs_with_fixed_lr_schedule_and_near_plane(scene_root, 
         densify_grad_threshold=1e9, device="cpu",
     )  # fmt: skip
     assert args.position_lr_max_steps == 30_000 and args.near_plane == 0.2 and not args.prune_screen_size
-    lifter = _Lifter(args, data, list(range(len(data.image_ids))), torch.device("cpu"))
+    lifter = Lifter(args, data, list(range(len(data.image_ids))), torch.device("cpu"))
     with torch.no_grad():  # non-zero features, so that the decoder gets a gradient from the first step
         lifter.gaussians.features.normal_()
 
@@ -171,6 +172,6 @@ def test_lifter_steps_as_3dgs_with_fixed_lr_schedule_and_near_plane(scene_root, 
     # (means moved, decoder moved) per iteration; iteration 4 is the last: no step at all
     assert moved == [(True, True), (False, True), (True, True), (False, False)]
     means_lr = next(g["lr"] for g in lifter.optimizer.param_groups if g["name"] == "means")
-    expected = scene_extent(data.camera_centers) * _exponential_lr(4, 1.6e-4, 1.6e-6, 30_000)
+    expected = scene_extent(data.camera_centers) * exponential_lr(4, 1.6e-4, 1.6e-6, 30_000)
     assert math.isclose(means_lr, expected, rel_tol=1e-12) and means_lr > 0.99 * 1.6e-4 * scene_extent(data.camera_centers)
     assert near_planes and set(near_planes) == {0.2}

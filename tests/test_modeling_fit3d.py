@@ -177,7 +177,10 @@ def test_save_load_round_trip_through_auto_model(tmp_path, backbone_config):
     model = FiT3DModel(FiT3DConfig(backbone_config=backbone_config)).eval()
     model.save_pretrained(tmp_path)
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert files == ["config.json", "configuration_fit3d.py", "model.safetensors", "modeling_fit3d.py", "preprocessor_config.json"]
+    assert files == [
+        "config.json", "configuration_fit3d.py", "dense_features_fit3d.py", "model.safetensors", "modeling_fit3d.py",
+        "preprocessor_config.json",
+    ]  # fmt: skip
     assert json.loads((tmp_path / "config.json").read_text())["auto_map"] == {
         "AutoConfig": "configuration_fit3d.FiT3DConfig",
         "AutoModel": "modeling_fit3d.FiT3DModel",

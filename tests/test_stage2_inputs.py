@@ -8,7 +8,7 @@ import torch
 from transformers import Dinov2Config, Dinov2Model
 
 from fit3d_hf.errors import MissingInputError
-from fit3d_hf.finetuning import DataArguments, FinetuningArguments, ModelArguments, load_frames, train
+from fit3d_hf.finetuning import BackboneArguments, DataArguments, FinetuningArguments, load_frames, train
 from fit3d_hf.lifting import LiftingArguments, lift_scene
 from fit3d_hf.scene.synthetic import SyntheticSceneConfig, generate_dataset
 
@@ -46,7 +46,7 @@ def half_lifted(tmp_path_factory):
 def _arguments(setup, output_dir, **data):
     root = setup["root"]
     return (
-        ModelArguments(backbone=str(root / "backbone")),
+        BackboneArguments(backbone=str(root / "backbone")),
         DataArguments(frames=str(root / "data"), gaussians=str(root / "lifted"), consistency_pairs=1, **data),
         FinetuningArguments(
             output_dir=str(output_dir),

@@ -39,6 +39,7 @@ import numpy as np
 
 from fit3d_hf.errors import UsageError
 from fit3d_hf.scene.readers import SCANNETPP_SPLITS, read_scannetpp_scene, read_scannetpp_split
+from fit3d_hf.utils import replace_folder
 
 __all__ = [
     "FRAME_FEATURES",
@@ -350,10 +351,7 @@ def export_parquet(
             columns=columns,
         )
         (export / "README.md").write_text(readme)
-        if output_dir.exists():  # overwrite: move the old folder aside, swap the new one in, then delete
-            old = staging / "old"
-            os.replace(output_dir, old)
-        os.replace(export, output_dir)
+        replace_folder(export, output_dir)  # overwrite: the old folder moved aside, the new one in, the old deleted
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {split: [output_dir / "data" / path.name for path in paths] for split, paths in shards.items()}

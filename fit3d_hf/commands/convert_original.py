@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import pickle
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,22 +209,15 @@ def save_checkpoint_atomically(
 ) -> Path:
     """`save_pretrained` into a temporary folder beside `output_dir`, then rename it into place."""
     from fit3d_hf.hub import save_model_card
-    from fit3d_hf.utils import make_staging_dir
+    from fit3d_hf.utils import atomic_folder
 
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise UsageError(f"--output_dir {output_dir} already holds files; pass --overwrite to replace them")
-    staging = make_staging_dir(output_dir)  # gets the umask's permissions, unlike mkdtemp
-    try:
+    with atomic_folder(output_dir) as staging:  # the umask's permissions, unlike mkdtemp
         model.save_pretrained(staging)
         if card is not None:
             save_model_card(card, staging)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output_dir
 
 

@@ -13,10 +13,10 @@ DESCRIPTION = "Stage II: fine-tune a backbone against features rendered from Sta
 
 def main(argv: list[str]) -> int:
     from fit3d_hf.cli import parse_args
-    from fit3d_hf.finetuning import DataArguments, FinetuningArguments, ModelArguments, train
+    from fit3d_hf.finetuning import BackboneArguments, DataArguments, FinetuningArguments, train
 
     model_args, data_args, training_args = parse_args(
-        "fit3d finetune", DESCRIPTION, [ModelArguments, DataArguments, FinetuningArguments], argv
+        "fit3d finetune", DESCRIPTION, [BackboneArguments, DataArguments, FinetuningArguments], argv
     )
     metrics = train(model_args, data_args, training_args)
     sys.stdout.write(json.dumps(metrics) + "\n")

@@ -1,0 +1,64 @@
+"""The backbone made ready to train: LoRA adapters (`--lora_rank`), weights that get no gradient frozen, and
+the position-embedding resampling it ends with (recorded in metrics.json)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..errors import UsageError
+
+if TYPE_CHECKING:
+    from .arguments import BackboneArguments
+
+__all__ = ["extractor_interpolation", "freeze_unused_parameters", "lora_wrap"]
+
+
+def extractor_interpolation(extractor) -> str:
+    """The position-embedding resampling of a (possibly LoRA-wrapped) extractor's backbone."""
+    backbone = extractor.model
+    backbone = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+    from ..modeling_fit3d import pos_embed_interpolation_of
+
+    return pos_embed_interpolation_of(backbone)
+
+
+def freeze_unused_parameters(extractor) -> list[str]:
+    """Freezes the trainable weights that get no gradient from the dense features and returns their names.
+
+    Some backbones hold weights the patch features never use (DINOv2's `mask_token`, used only with
+    `bool_masked_pos`; poolers). Under DDP a trainable weight without a gradient stops training at the second
+    step. Freezing them changes nothing else (AdamW skips weights without a gradient) and, unlike DDP's
+    `find_unused_parameters=True`, costs nothing per step: one forward/backward of a zero image, in eval
+    mode so that no dropout draws from the random generator.
+    """
+    was_training = extractor.training
+    extractor.eval()
+    side = 2 * extractor.patch_size
+    device = next(extractor.parameters()).device
+    extractor(torch.zeros(1, 3, side, side, device=device)).float().sum().backward()
+    unused = [name for name, p in extractor.named_parameters() if p.requires_grad and p.grad is None]
+    for name, p in extractor.named_parameters():
+        p.grad = None
+        if name in unused:
+            p.requires_grad_(False)
+    extractor.train(was_training)
+    return unused
+
+
+def lora_wrap(extractor, model_args: BackboneArguments):
+    """Replaces the extractor's backbone by a peft LoRA model (only the adapters train)."""
+    from peft import LoraConfig, get_peft_model
+
+    if model_args.lora_target_modules == "all-linear":
+        targets = "all-linear"  # peft's own choice: every linear layer of the backbone
+    else:
+        present = {name.rsplit(".", 1)[-1] for name, module in extractor.model.named_modules() if isinstance(module, torch.nn.Linear)}
+        targets = [name.strip() for name in model_args.lora_target_modules.split(",") if name.strip()]
+        unknown = [t for t in targets if t not in present]
+        if unknown or not targets:
+            raise UsageError(f"--lora_target_modules {unknown or targets} are not linear layers of the backbone; it has {sorted(present)}")
+    config = LoraConfig(r=model_args.lora_rank, lora_alpha=model_args.lora_alpha or model_args.lora_rank, target_modules=targets, lora_dropout=0.0)
+    extractor.model = get_peft_model(extractor.model, config)
+    return extractor

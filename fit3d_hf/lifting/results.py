@@ -1,0 +1,148 @@
+"""What Stage I writes into a scene's folder: the bundle (with compressed colours), metrics.json (written last,
+it marks the scene done), preview PNGs, and the resume state that is dropped once the scene is done."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch.nn.functional as F
+
+from ..gaussians import load_bundle, save_bundle
+from ..gaussians.bundle import BUNDLE_FILENAME
+from ..utils import atomic_write_text
+from .lifter import Lifter
+
+__all__ = [
+    "CHECKPOINT_FILENAME",
+    "INITIAL_METRICS_FILENAME",
+    "METRICS_FILENAME",
+    "PREVIEW_FILENAMES",
+    "finish_scene",
+    "remove_outputs",
+    "write_previews",
+]
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILENAME = "metrics.json"
+CHECKPOINT_FILENAME = "checkpoint.pt"
+INITIAL_METRICS_FILENAME = "initial_metrics.json"
+PREVIEW_FILENAMES = ("preview_rgb.png", "preview_features.png")
+
+
+def finish_scene(lifter: Lifter, extractor, folder: Path, views: tuple[list[int], list[int]], initial: dict, seconds: tuple[float, float], progress: bool) -> dict:
+    """A trained scene's results: evaluations, the bundle, previews and metrics.json, then its resume state
+    removed (unless `--keep_checkpoint`). Returns the metrics.
+
+    Args:
+        views: `(train, holdout)` view indices.
+        initial: the evaluation of the training views before training (`feature_l1` is reported).
+        seconds: `(start, training)`: `time.perf_counter()` when the scene started, and the training's seconds.
+    """
+    args, scene_id = lifter.args, lifter.data.scene_id
+    train, holdout = views
+    label = (lambda what: f"{scene_id}: {what}") if progress else (lambda what: None)
+    final_train = lifter.evaluate(train, desc=label("evaluating the training views"))
+    final_holdout = lifter.evaluate(holdout, desc=label("evaluating the held-out views"))
+    bundle_path = _save_scene_bundle(lifter, extractor, folder, progress)
+    # Held-out PSNR of the bundle as saved (fp16 geometry, compressed SH): one more pass over the held-out views.
+    saved_holdout = _evaluate_saved_bundle(lifter, bundle_path, holdout, label("evaluating the saved bundle")) if holdout else {}
+    if args.previews:
+        write_previews(lifter, holdout[0] if holdout else train[0], folder)
+    evaluations = {"initial": initial, "train": final_train, "holdout": final_holdout, "saved_holdout": saved_holdout}
+    metrics = _scene_metrics(lifter, views, evaluations, bundle_path, seconds)
+    atomic_write_text(folder / METRICS_FILENAME, json.dumps(metrics, indent=2))  # written last: marks the scene done
+    if not args.keep_checkpoint:  # resume state, no longer needed once metrics.json marks the scene done
+        (folder / CHECKPOINT_FILENAME).unlink(missing_ok=True)
+        (folder / INITIAL_METRICS_FILENAME).unlink(missing_ok=True)
+    return metrics
+
+
+def _save_scene_bundle(lifter: Lifter, extractor, folder: Path, progress: bool) -> Path:
+    """Writes the scene's bundle (colours compressed first with `--bundle_sh compressed`); returns its path."""
+    args, data = lifter.args, lifter.data
+    compressed = None
+    if args.bundle_sh == "compressed":
+        steps = args.bundle_sh_refine_steps
+        compressed = lifter.fit_compressed_colours(min(1000, args.iterations // 10) if steps is None else steps, progress)
+    logger.info("%s: writing the bundle (%d Gaussians)", data.scene_id, len(lifter.gaussians))
+    return save_bundle(
+        folder / BUNDLE_FILENAME, lifter.gaussians, lifter.decoder.weight.detach(),
+        scene_id=data.scene_id, backbone=args.backbone,
+        extra_metadata={"image_size": [data.width, data.height], "iterations": args.iterations}, seed=args.seed,
+        sh_storage=args.bundle_sh, compressed_sh=compressed, provenance=extractor.provenance(),
+    )  # fmt: skip
+
+
+def _evaluate_saved_bundle(lifter: Lifter, bundle_path: Path, holdout: list[int], desc: str | None) -> dict:
+    """The held-out evaluation of the bundle as saved, rendered in place of the trained Gaussians."""
+    trained = lifter.gaussians
+    saved = load_bundle(bundle_path, include_sh=True).to_gaussians(trained.active_sh_degree)
+    lifter.gaussians = saved.to(lifter.device)
+    try:
+        return lifter.evaluate(holdout, desc=desc)
+    finally:
+        lifter.gaussians = trained
+
+
+def _scene_metrics(lifter: Lifter, views, evaluations: dict, bundle_path: Path, seconds: tuple[float, float]) -> dict:
+    """metrics.json of a scene."""
+    args, data = lifter.args, lifter.data
+    (train, holdout), (start, train_seconds) = views, seconds
+    return {
+        "scene_id": data.scene_id,
+        "backbone": args.backbone,
+        "feature_dim": args.feature_dim,
+        "backbone_dim": int(data.targets.shape[1]),
+        "iterations": args.iterations,
+        "num_gaussians": len(lifter.gaussians),
+        "num_gaussians_initial": len(data.points) if len(data.points) else args.random_init_points,
+        "densification": lifter.densification_totals,
+        "views_train": len(train),
+        "views_heldout": len(holdout),
+        "image_size": [data.width, data.height],
+        "psnr_train": evaluations["train"]["psnr"],
+        "psnr_heldout": evaluations["saved_holdout"].get("psnr"),
+        "psnr_heldout_uncompressed": evaluations["holdout"].get("psnr"),
+        "feature_l1_train_start": evaluations["initial"]["feature_l1"],
+        "feature_l1_train": evaluations["train"]["feature_l1"],
+        "feature_l1_heldout": evaluations["holdout"].get("feature_l1"),
+        "bundle_bytes": bundle_path.stat().st_size,
+        "seconds_training": train_seconds,
+        "seconds_total": time.perf_counter() - start,
+        "device": str(lifter.device),
+        "arguments": asdict(args),
+    }
+
+
+def write_previews(lifter: Lifter, view: int, folder: Path) -> None:
+    from ..visualization import pca_rgb, save_image
+
+    data = lifter.data
+    out = lifter.render(view, with_grad=False)
+    rendered = (out.rgb[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+    ground_truth = data.images[view].permute(1, 2, 0).cpu().numpy()
+    save_image(folder / "preview_rgb.png", np.concatenate([ground_truth, rendered], axis=1))
+    target = data.targets[view].float()
+    decoded = lifter.decoder(out.features)
+    decoded_low = F.interpolate(decoded, size=target.shape[1:], mode="bilinear", align_corners=False)[0]
+    target_colors, rendered_colors = pca_rgb(target, decoded_low, fit_on=0)
+    size = (data.width, data.height)
+    from PIL import Image
+
+    pictures = [np.asarray(Image.fromarray(c).resize(size, Image.NEAREST)) for c in (target_colors, rendered_colors)]
+    save_image(folder / "preview_features.png", np.concatenate(pictures, axis=1))
+
+
+def remove_outputs(folder: Path) -> None:
+    """Deletes the files a lift writes into `folder` (only those: `--out` may share a folder with anything)."""
+    from ..reruns import SETTINGS_FILENAME
+
+    names = (METRICS_FILENAME, CHECKPOINT_FILENAME, INITIAL_METRICS_FILENAME, BUNDLE_FILENAME, SETTINGS_FILENAME)
+    for name in (*names, *PREVIEW_FILENAMES):
+        (folder / name).unlink(missing_ok=True)

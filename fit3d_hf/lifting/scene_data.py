@@ -1,0 +1,94 @@
+"""A scene's views as Stage I optimises them: images, masks and cameras on the device, with the backbone's
+target features computed once per image (`load_scene_data`), and the scene's extent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+__all__ = ["SceneData", "load_scene_data", "scene_extent"]
+
+
+@dataclass
+class SceneData:
+    """A scene's views on the device: images uint8 `[V, 3, H, W]`, masks bool `[V, 1, H, W]`, intrinsics
+    `[V, 3, 3]`, poses `[V, 4, 4]`, and the backbone's target features fp16 `[V, D, h, w]`."""
+
+    scene_id: str
+    image_ids: list[str]
+    images: torch.Tensor
+    masks: torch.Tensor
+    K: torch.Tensor
+    world_to_camera: torch.Tensor
+    targets: torch.Tensor
+    points: np.ndarray
+    point_colors: np.ndarray
+    camera_centers: np.ndarray
+
+    @property
+    def height(self) -> int:
+        return self.images.shape[2]
+
+    @property
+    def width(self) -> int:
+        return self.images.shape[3]
+
+    def image(self, index: int) -> torch.Tensor:
+        """`[1, 3, H, W]` float image in [0, 1]."""
+        return self.images[index : index + 1].float() / 255.0
+
+
+def scene_extent(camera_centers: np.ndarray) -> float:
+    """3DGS's `cameras_extent`: 1.1 x the largest distance of a camera centre from their mean."""
+    centers = np.asarray(camera_centers, dtype=np.float64)
+    radius = np.linalg.norm(centers - centers.mean(axis=0), axis=1).max() if len(centers) else 0.0
+    return 1.1 * max(float(radius), 1e-6)
+
+
+
+@torch.no_grad()
+def load_scene_data(scene, extractor, image_scale: float, device: torch.device, progress: bool = True) -> SceneData:
+    """Loads a scene's images and masks at `image_scale`, and computes the backbone features once.
+
+    Args:
+        scene: a `fit3d_hf.scene.Scene`.
+        extractor: a `fit3d_hf.backbones.DenseFeatureExtractor` (images in [0, 1] -> `[B, D, h, w]`).
+    """
+    from ..scene import load_image, load_mask
+
+    images, masks, Ks, poses, targets = [], [], [], [], []
+    for frame in tqdm(scene.frames, desc=f"{scene.scene_id}: target features", disable=not progress):
+        image = torch.from_numpy(load_image(frame.image_path)).permute(2, 0, 1)[None]
+        camera = frame.camera
+        if image_scale != 1.0:
+            camera = camera.scaled(image_scale)
+            image = F.interpolate(image, size=(camera.height, camera.width), mode="bilinear", antialias=True)
+        if frame.mask_path is not None:
+            mask = torch.from_numpy(load_mask(frame.mask_path))[None, None].float()
+            if image_scale != 1.0:
+                mask = F.interpolate(mask, size=(camera.height, camera.width), mode="bilinear")
+            mask = mask > 0.5
+        else:
+            mask = torch.ones(1, 1, camera.height, camera.width, dtype=torch.bool)
+        image = image.clamp(0, 1)
+        targets.append(extractor(image.to(device)).to(torch.float16))
+        images.append((image * 255).round().to(torch.uint8))
+        masks.append(mask)
+        Ks.append(torch.from_numpy(camera.K).float())
+        poses.append(torch.from_numpy(camera.world_to_camera).float())
+    return SceneData(
+        scene_id=scene.scene_id,
+        image_ids=[frame.image_id for frame in scene.frames],
+        images=torch.cat(images).to(device),
+        masks=torch.cat(masks).to(device),
+        K=torch.stack(Ks).to(device),
+        world_to_camera=torch.stack(poses).to(device),
+        targets=torch.cat(targets).to(device),
+        points=np.asarray(scene.points),
+        point_colors=np.asarray(scene.point_colors),
+        camera_centers=np.stack([frame.camera.center for frame in scene.frames]),
+    )
