@@ -1,8 +1,10 @@
 """Scenes: cameras, the frame/scene data model, readers of every supported layout, scene specs (how every stage
 names its scenes), the undistortion cache, and writers.
 
-The `synthetic` and `synthetic_captures` (generated test scenes and own-capture-style scenes),
-`preprocess_scannetpp` and `convert` (`fit3d convert-scene`) modules of this package are imported on demand
+The readers live one format a module (`scannetpp_layout`, `transforms_json`, `colmap_text`, `ply`, over
+`readers_common`); `readers` detects the layout and dispatches. The `synthetic` package and `synthetic_captures`
+(generated test scenes and own-capture-style scenes), `preprocess_scannetpp` (with its OpenCV image steps in
+`preprocess_images`) and `convert` (`fit3d convert-scene`) are imported on demand
 (`from fit3d_hf.scene import synthetic`), not here, to keep `import fit3d_hf.scene` light.
 """
 
