@@ -32,10 +32,10 @@ Runs on one device or under `accelerate launch` (the heads train with DDP; metri
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict
 from pathlib import Path
 
+from ..trackers import available_tracker
 from ..utils import atomic_path
 from .arguments import PROBES, ModelArguments, ProbeArguments, parse_size
 from .correspondence_probe import evaluate_correspondence
@@ -51,21 +51,6 @@ from .segmentation_depth_probe import train_and_score
 # ModelArguments, ProbeArguments and PROBES are imported from here by `fit3d evaluate`, the demo and
 # training/evaluate_probe.py, with `run_probe`.
 __all__ = ["PROBES", "ModelArguments", "ProbeArguments", "run_probe"]
-
-logger = logging.getLogger(__name__)
-
-
-def _check_trackers(report_to: str) -> str | None:
-    if report_to in ("none", "", None):
-        return None
-    import importlib.util
-
-    if importlib.util.find_spec(report_to) is None:
-        logger.warning(
-            "--report_to %s: the %r package is not installed, so nothing will be logged", report_to, report_to
-        )
-        return None
-    return report_to
 
 
 def _save_heads_atomic(heads: ProbeHeads, path: Path, metadata: dict[str, str]) -> None:
@@ -87,7 +72,7 @@ def run_probe(model_args: ModelArguments, data_args: ProbeDataArguments, probe_a
     data_args, probe_args = apply_preset(data_args, probe_args)
     args = probe_args.resolved()
     output_dir = Path(args.output_dir)
-    tracker = _check_trackers(args.report_to)
+    tracker = available_tracker(args.report_to)
     accelerator = _make_accelerator(tracker, output_dir)
     set_seed(args.seed)
     features = load_frozen_features(
