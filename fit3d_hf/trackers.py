@@ -21,6 +21,8 @@ def available_tracker(report_to: str | None) -> str | None:
     """
     if report_to in ("none", "", None):
         return None
+    if report_to == "all":  # accelerate's own choice: every tracker whose package is installed
+        return report_to
     # Each tracker's package has the tracker's own name (tensorboard, wandb, comet_ml, mlflow, ...).
     package = report_to
     if importlib.util.find_spec(package) is None:

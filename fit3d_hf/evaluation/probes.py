@@ -35,6 +35,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
+from ..distributed import end_run
 from ..trackers import available_tracker
 from ..utils import atomic_path
 from .arguments import PROBES, ModelArguments, ProbeArguments, parse_size
@@ -127,8 +128,7 @@ def run_probe(model_args: ModelArguments, data_args: ProbeDataArguments, probe_a
                 output_dir / "probe_heads.safetensors",
                 {"probe": args.probe, "variants": ",".join(heads.variants)},
             )
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    end_run(accelerator)  # barrier, prepared heads released, then the process group (safe on gloo)
     return results
 
 

@@ -85,7 +85,7 @@ def fill_depth_from_gaussians(
     """
     import datasets
 
-    from ..finetuning import GaussianCache, bundle_path
+    from ..gaussians.cache import GaussianCache, bundle_path
 
     missing = sorted({s for s in frames["scene_id"] if not bundle_path(gaussians_dir, s).is_file()})
     if missing:

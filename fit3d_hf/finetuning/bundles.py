@@ -8,7 +8,8 @@ from pathlib import Path
 
 from ..errors import MissingInputError
 from ..gaussians import BundleMismatchError
-from ..gaussians.bundle import BUNDLE_FILENAME, check_provenance
+from ..gaussians.bundle import check_provenance
+from ..gaussians.cache import bundle_path
 
 __all__ = [
     "bundle_path",
@@ -19,10 +20,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def bundle_path(gaussians_dir: str | Path, scene_id: str) -> Path:
-    return Path(gaussians_dir) / scene_id / BUNDLE_FILENAME
 
 
 def check_gaussians_dir(gaussians_dir) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..distributed import end_run
 from ..errors import UsageError
 from ..losses import masked_l1
 from ..trackers import available_tracker
@@ -287,13 +288,5 @@ def _training_metrics(accelerator, unwrapped, cache, global_step: int, losses: l
 
 
 def _teardown(accelerator, trainee: _Trainee) -> None:
-    # Teardown order, for gloo (CPU) runs: a gloo process group's destructor joins its worker threads while
-    # holding the GIL, and a worker still freeing the last all-gather's tensors needs the GIL, so destroying
-    # the group right after a collective can deadlock (torch 2.13; one run in two of the 2-process test hung in
-    # the DDP Reducer's destructor). A barrier (it waits without the GIL) lets the workers finish first, and
-    # dropping the DDP wrapper while the group is still registered keeps its Reducer from being the one that
-    # destroys the group.
-    accelerator.wait_for_everyone()
-    trainee.extractor = None
-    accelerator.free_memory()
-    accelerator.end_training()
+    trainee.extractor = None  # the DDP wrapper goes before the process group (see `end_run`)
+    end_run(accelerator)
