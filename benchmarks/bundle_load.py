@@ -21,18 +21,24 @@ from fit3d_hf.gaussians.bundle import bundle_bytes_per_gaussian
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n", type=int, nargs="+", default=[1_000_000, 229_439])
     parser.add_argument("--feature_dim", type=int, default=64)
     parser.add_argument("--backbone_dim", type=int, default=384)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the SH are compressed")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where the SH are compressed"
+    )
     args = parser.parse_args()
     cpu = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     save_device = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu
     for n in args.n:
         rng = np.random.default_rng(0)
-        gaussians = FeatureGaussians.from_points(rng.normal(size=(n, 3)), rng.integers(0, 255, (n, 3), dtype=np.uint8), args.feature_dim)
+        gaussians = FeatureGaussians.from_points(
+            rng.normal(size=(n, 3)), rng.integers(0, 255, (n, 3), dtype=np.uint8), args.feature_dim
+        )
         with torch.no_grad():
             # Higher-order SH of the magnitude trained scenes show, with no structure for k-means to exploit
             # (every Gaussian non-zero, so the codebook is full and the k-means does all its work).
@@ -40,7 +46,9 @@ def main() -> None:
         gaussians = gaussians.to(args.device)
         decoder = torch.randn(args.backbone_dim, args.feature_dim, 3, 3, device=args.device)
         with tempfile.TemporaryDirectory() as folder:
-            save_bundle(Path(folder) / "warmup", gaussians, decoder, scene_id="s", backbone="b")  # CUDA start-up
+            save_bundle(
+                Path(folder) / "warmup", gaussians, decoder, scene_id="s", backbone="b"
+            )  # CUDA start-up
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             start = time.perf_counter()

@@ -47,7 +47,12 @@ from fit3d_hf.losses import masked_l1
 
 BACKBONES = {
     # DINOv2-S/14, and a tiny one for the CPU smoke test
-    "small": {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "intermediate_size": 1536},
+    "small": {
+        "hidden_size": 384,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 6,
+        "intermediate_size": 1536,
+    },
     "tiny": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64},
 }
 FEATURE_DIM = 64
@@ -74,7 +79,9 @@ def batch_of(b: int, width: int, height: int, first_view: int = 0) -> dict:
     for i in range(first_view, first_view + b):
         a = 0.1 * (i % 32)  # within the room the Gaussians fill
         view = torch.eye(4)
-        view[:3, :3] = torch.tensor([[math.cos(a), 0, math.sin(a)], [0, 1, 0], [-math.sin(a), 0, math.cos(a)]])
+        view[:3, :3] = torch.tensor(
+            [[math.cos(a), 0, math.sin(a)], [0, 1, 0], [-math.sin(a), 0, math.cos(a)]]
+        )
         views.append(view)
         f = 0.9 * width
         Ks.append(torch.tensor([[f, 0, width / 2], [0, f, height / 2], [0, 0, 1.0]]))
@@ -173,7 +180,9 @@ def time_split(step: Step, batch, cache, flips, steps: int) -> dict:
     for _ in range(steps):
         inner = {"render": 0.0, "decode": 0.0}
         with (
-            mock.patch.object(fit3d_hf.render, "render", _timed(fit3d_hf.render.render, inner, "render", device)),
+            mock.patch.object(
+                fit3d_hf.render, "render", _timed(fit3d_hf.render.render, inner, "render", device)
+            ),
             mock.patch.object(
                 rendered_targets,
                 "decode_at_patch_grid",
@@ -197,7 +206,9 @@ def time_split(step: Step, batch, cache, flips, steps: int) -> dict:
             t4 = time.perf_counter()
         samples["render"].append(inner["render"])
         samples["decode"].append(inner["decode"])
-        samples["upload_flip"].append(t1 - t0 - inner["render"] - inner["decode"])  # H2D copy, mask resampling, flips
+        samples["upload_flip"].append(
+            t1 - t0 - inner["render"] - inner["decode"]
+        )  # H2D copy, mask resampling, flips
         samples["forward"].append(t2 - t1)  # backbone forward and the masked L1
         samples["backward"].append(t3 - t2)  # with DDP: including the gradient all-reduce
         samples["optimizer"].append(t4 - t3)  # clipping, AdamW, zero_grad
@@ -237,7 +248,9 @@ def loading_frames_per_s(frames, workers: int, batch: int, min_frames: int) -> t
 
     skip = max(workers, 1)
     timed = skip * math.ceil(min_frames / (batch * skip))  # whole rounds: workers deliver in lock-step
-    rows = np.resize(np.arange(len(frames)), (skip + timed) * batch)  # the views repeated, as more epochs would
+    rows = np.resize(
+        np.arange(len(frames)), (skip + timed) * batch
+    )  # the views repeated, as more epochs would
     args = FinetuningArguments(output_dir="unused", train_batch_size=batch, dataloader_num_workers=workers)
     loader = build_train_dataloader(frames.select(rows), args)
     count, start = 0, None
@@ -253,33 +266,49 @@ def loading_frames_per_s(frames, workers: int, batch: int, min_frames: int) -> t
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch", type=int, nargs="+", default=[16, 32], help="frames per process per step")
-    parser.add_argument("--lora_rank", type=int, nargs="+", default=[0], help="0: full fine-tuning; R: rank-R LoRA")
+    parser.add_argument(
+        "--lora_rank", type=int, nargs="+", default=[0], help="0: full fine-tuning; R: rank-R LoRA"
+    )
     parser.add_argument("--n", type=int, default=1_000_000, help="Gaussians per scene")
     parser.add_argument("--width", type=int, default=876)
     parser.add_argument("--height", type=int, default=584)
     parser.add_argument("--steps", type=int, default=20, help="timed steps for images/s")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--profile_steps", type=int, default=5, help="steps of the time-split pass (0: skip it)")
-    parser.add_argument("--backbone", choices=sorted(BACKBONES), default="small", help="'tiny' for a CPU smoke test")
+    parser.add_argument(
+        "--profile_steps", type=int, default=5, help="steps of the time-split pass (0: skip it)"
+    )
+    parser.add_argument(
+        "--backbone", choices=sorted(BACKBONES), default="small", help="'tiny' for a CPU smoke test"
+    )
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default="bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the backbone")
-    parser.add_argument("--pin", action="store_true", help="pinned CPU batches (as a DataLoader with pin_memory)")
+    parser.add_argument(
+        "--pin", action="store_true", help="pinned CPU batches (as a DataLoader with pin_memory)"
+    )
     parser.add_argument(
         "--loader_workers", type=int, nargs="*", default=[4, 8, 16],
         help="worker counts of the data loading measurement (0: in the main process; none: skip it)",
     )  # fmt: skip
     parser.add_argument("--loader_batch", type=int, default=16)
-    parser.add_argument("--loader_views", type=int, default=32, help="synthetic views generated (then repeated)")
-    parser.add_argument("--loader_frames", type=int, default=512, help="frames timed per worker count (at least)")
+    parser.add_argument(
+        "--loader_views", type=int, default=32, help="synthetic views generated (then repeated)"
+    )
+    parser.add_argument(
+        "--loader_frames", type=int, default=512, help="frames timed per worker count (at least)"
+    )
     args = parser.parse_args()
 
     from accelerate import Accelerator
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("benchmarks/finetune.py: no CUDA device; use --device cpu --backbone tiny for a smoke test")
+        raise SystemExit(
+            "benchmarks/finetune.py: no CUDA device; use --device cpu --backbone tiny for a smoke test"
+        )
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.device == "cpu")
     device = accelerator.device
     if device.type == "cuda":
@@ -290,9 +319,14 @@ def main() -> None:
     make_bundle(work, args.n, FEATURE_DIM, BACKBONES[args.backbone]["hidden_size"])
     cache = GaussianCache(work, device, 8e9)
     # Each process its own views, as the sharded loader would give it.
-    batches = {b: batch_of(b, args.width, args.height, first_view=accelerator.process_index * b) for b in args.batch}
+    batches = {
+        b: batch_of(b, args.width, args.height, first_view=accelerator.process_index * b) for b in args.batch
+    }
     if args.pin and device.type == "cuda":
-        batches = {b: {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()} for b, batch in batches.items()}
+        batches = {
+            b: {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+            for b, batch in batches.items()
+        }
 
     best_full = None
     for lora_rank in args.lora_rank:
@@ -324,10 +358,16 @@ def main() -> None:
                 "batch": b,  # per process
                 "images_per_s": round(rate, 1),  # all processes together
                 # per image of one process (its own batch), from the synchronised pass
-                "ms_per_image": {phase: round(1000 * split[phase] / b, 3) for phase in PHASES} if split else None,
+                "ms_per_image": {phase: round(1000 * split[phase] / b, 3) for phase in PHASES}
+                if split
+                else None,
                 "profiled_ms_per_image": round(1000 * sum(split.values()) / b, 3) if split else None,
-                "step_ms_per_image": round(1000 * accelerator.num_processes / rate, 3),  # undisturbed, one process
-                "peak_mib": round(torch.cuda.max_memory_allocated(device) / 2**20) if device.type == "cuda" else None,
+                "step_ms_per_image": round(
+                    1000 * accelerator.num_processes / rate, 3
+                ),  # undisturbed, one process
+                "peak_mib": round(torch.cuda.max_memory_allocated(device) / 2**20)
+                if device.type == "cuda"
+                else None,
             }
             if accelerator.is_main_process:
                 print(json.dumps(record), flush=True)  # noqa: T201

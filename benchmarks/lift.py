@@ -19,28 +19,45 @@ from fit3d_hf.scene.synthetic import SyntheticSceneConfig, generate_scene
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--views", type=int, default=300)
     parser.add_argument("--iterations", type=int, default=30_000)
     parser.add_argument("--width", type=int, default=876)
     parser.add_argument("--height", type=int, default=584)
-    parser.add_argument("--num_points", type=int, default=200_000, help="sparse points the Gaussians start from")
+    parser.add_argument(
+        "--num_points", type=int, default=200_000, help="sparse points the Gaussians start from"
+    )
     parser.add_argument("--feature_dim", type=int, default=64)
     parser.add_argument("--workers", type=int, default=8, help="processes generating the synthetic views")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--work_dir", default=None)
-    parser.add_argument("--mixed_precision", default="bf16", choices=("no", "bf16"), help="decoder + feature loss precision")
+    parser.add_argument(
+        "--mixed_precision", default="bf16", choices=("no", "bf16"), help="decoder + feature loss precision"
+    )
     args = parser.parse_args()
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="fit3d-lift-bench-"))
     start = time.perf_counter()
-    config = SyntheticSceneConfig(seed=0, num_views=args.views, width=args.width, height=args.height, num_points=args.num_points)
+    config = SyntheticSceneConfig(
+        seed=0, num_views=args.views, width=args.width, height=args.height, num_points=args.num_points
+    )
     scene_dir = generate_scene(work / "data", "bench00000", config, workers=args.workers)
     generation_s = time.perf_counter() - start
 
     torch.manual_seed(0)  # a DINOv2-small-sized backbone with random weights (no Hub here)
     backbone = work / "backbone"
-    Dinov2Model(Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, patch_size=14, image_size=518)).save_pretrained(backbone)
+    Dinov2Model(
+        Dinov2Config(
+            hidden_size=384,
+            num_hidden_layers=12,
+            num_attention_heads=6,
+            intermediate_size=1536,
+            patch_size=14,
+            image_size=518,
+        )
+    ).save_pretrained(backbone)
     lift_args = LiftingArguments(
         backbone=str(backbone), out=str(work / "lifted"), feature_dim=args.feature_dim, iterations=args.iterations,
         holdout_every=8, checkpoint_interval=0, previews=False, device=args.device, mixed_precision=args.mixed_precision,
@@ -62,7 +79,11 @@ def main() -> None:
         # the whole file (header, decoder weight and SH codebook included) / N: the figure against FiT3D's 492 B
         "bundle_bytes_per_gaussian": round(metrics["bundle_bytes"] / metrics["num_gaussians"], 1),
         # without the per-scene decoder weight (384 x 64 x 3 x 3 fp16 = 0.44 MB), which small scenes can't amortise
-        "gaussian_bytes_per_gaussian": round((metrics["bundle_bytes"] - metrics["backbone_dim"] * args.feature_dim * 9 * 2) / metrics["num_gaussians"], 1),
+        "gaussian_bytes_per_gaussian": round(
+            (metrics["bundle_bytes"] - metrics["backbone_dim"] * args.feature_dim * 9 * 2)
+            / metrics["num_gaussians"],
+            1,
+        ),
         "original_bytes_per_gaussian": 492,
         "psnr_train": round(metrics["psnr_train"], 2),
         "psnr_heldout": round(metrics["psnr_heldout"], 2),
@@ -70,7 +91,9 @@ def main() -> None:
         "feature_l1_start": round(metrics["feature_l1_train_start"], 4),
         "feature_l1_end": round(metrics["feature_l1_train"], 4),
         "scene_generation_s": round(generation_s, 1),
-        "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20) if torch.cuda.is_available() else None,
+        "peak_gpu_mib": round(torch.cuda.max_memory_allocated() / 2**20)
+        if torch.cuda.is_available()
+        else None,
     }
     print(json.dumps(record), flush=True)  # noqa: T201
 

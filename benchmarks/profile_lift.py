@@ -20,12 +20,16 @@ from fit3d_hf.lifting.lifter import Lifter
 
 def random_scene(n_points: int, views: int, width: int, height: int, dim: int, device) -> SceneData:
     g = torch.Generator().manual_seed(0)
-    points = (torch.rand(n_points, 3, generator=g) * torch.tensor([6.0, 4.0, 6.0]) - torch.tensor([3.0, 2.0, -0.5])).numpy()
+    points = (
+        torch.rand(n_points, 3, generator=g) * torch.tensor([6.0, 4.0, 6.0]) - torch.tensor([3.0, 2.0, -0.5])
+    ).numpy()
     Ks, poses, centers = [], [], []
     for i in range(views):
         a = 0.05 * i
         pose = torch.eye(4)
-        pose[:3, :3] = torch.tensor([[math.cos(a), 0, math.sin(a)], [0, 1, 0], [-math.sin(a), 0, math.cos(a)]])
+        pose[:3, :3] = torch.tensor(
+            [[math.cos(a), 0, math.sin(a)], [0, 1, 0], [-math.sin(a), 0, math.cos(a)]]
+        )
         poses.append(pose)
         centers.append(np.zeros(3) + 0.01 * i)
         f = 0.9 * width

@@ -22,7 +22,9 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--ch", type=int, default=64)
     parser.add_argument("--cams", type=int, default=1)
-    parser.add_argument("--host", action="store_true", help="only the host time per call of each forward step")
+    parser.add_argument(
+        "--host", action="store_true", help="only the host time per call of each forward step"
+    )
     parser.add_argument(
         "--plain", type=int, default=0, metavar="K", help="only run K forward+backward calls (for ncu / nsys)"
     )
@@ -73,16 +75,28 @@ def main(argv=None):
     # The forward alone (no grad), and its fixed cost: the same call with 1000 Gaussians.
     def forward(n):
         with torch.no_grad():
-            render(means[:n], quats[:n], scales[:n], opac[:n], colors[:n], feats[:n], ks, viewmats, w, h, backend="cuda")
+            render(
+                means[:n],
+                quats[:n],
+                scales[:n],
+                opac[:n],
+                colors[:n],
+                feats[:n],
+                ks,
+                viewmats,
+                w,
+                h,
+                backend="cuda",
+            )
 
-    print(f"forward: {timeit(lambda: forward(args.n)):.3f} ms at n={args.n}, {timeit(lambda: forward(1000)):.3f} ms at n=1000")  # noqa: T201
+    print(  # noqa: T201
+        f"forward: {timeit(lambda: forward(args.n)):.3f} ms at n={args.n}, {timeit(lambda: forward(1000)):.3f} ms at n=1000"
+    )
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(5):
             forward(args.n)
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))  # noqa: T201
-
-
 
 
 def host_overhead(n: int = 1000, calls: int = 300) -> None:
@@ -100,12 +114,18 @@ def host_overhead(n: int = 1000, calls: int = 300) -> None:
         m2d, con, dep, radii = _wrapper.project(means, quats, scales, opac, viewmats, ks, w, h)
         ranges, ids, _ = ext.isect_tiles(m2d, con, opac, dep, radii, w, h, 0)
         steps = {
-            "validate": lambda: _validate(means, quats, scales, opac, colors, feats, ks, viewmats, w, h, None, 0.01, 1e10),
+            "validate": lambda: _validate(
+                means, quats, scales, opac, colors, feats, ks, viewmats, w, h, None, 0.01, 1e10
+            ),
             "project": lambda: _wrapper.project(means, quats, scales, opac, viewmats, ks, w, h),
             "isect_tiles (capacity)": lambda: ext.isect_tiles(m2d, con, opac, dep, radii, w, h, 10_000),
             "isect_tiles (exact, sync)": lambda: ext.isect_tiles(m2d, con, opac, dep, radii, w, h, 0),
-            "rasterize_fwd": lambda: ext.rasterize_fwd(m2d, con, opac, colors, dep, feats, None, ranges, ids, w, h),
-            "render": lambda: render(means, quats, scales, opac, colors, feats, ks, viewmats, w, h, backend="cuda"),
+            "rasterize_fwd": lambda: ext.rasterize_fwd(
+                m2d, con, opac, colors, dep, feats, None, ranges, ids, w, h
+            ),
+            "render": lambda: render(
+                means, quats, scales, opac, colors, feats, ks, viewmats, w, h, backend="cuda"
+            ),
         }
         for name, step in steps.items():
             for _ in range(20):

@@ -111,7 +111,18 @@ def bench_gsplat(scene, n, ncam, ch, width, height, dev, channel_chunk=32):
     def fwdbwd():
         m, q, s, o, f = params
         out, alpha, meta = rasterization(
-            m, q, s, o, f, viewmats, ks, width, height, packed=False, render_mode="RGB+ED", channel_chunk=channel_chunk
+            m,
+            q,
+            s,
+            o,
+            f,
+            viewmats,
+            ks,
+            width,
+            height,
+            packed=False,
+            render_mode="RGB+ED",
+            channel_chunk=channel_chunk,
         )
         (out * w).sum().backward()
 
@@ -183,7 +194,9 @@ def main(argv=None):
         default="32,one",
         help="gsplat channel_chunk values, comma-separated: numbers, or 'one' for ch + 1 (a single pass)",
     )
-    parser.add_argument("--channels", default=None, help="comma-separated channel counts (overrides the matrix)")
+    parser.add_argument(
+        "--channels", default=None, help="comma-separated channel counts (overrides the matrix)"
+    )
     args = parser.parse_args(argv)
 
     dev = "cuda"
@@ -202,7 +215,11 @@ def main(argv=None):
                 runs = [(lib, None) for lib in libs if lib == "fit3d"]
                 runs += [("gsplat", ch + 1 if c == "one" else int(c)) for c in chunks if "gsplat" in libs]
                 for lib, chunk in runs:
-                    if lib == "gsplat" and chunk != 32 and math.ceil((ch + 1) / chunk) == math.ceil((ch + 1) / 32):
+                    if (
+                        lib == "gsplat"
+                        and chunk != 32
+                        and math.ceil((ch + 1) / chunk) == math.ceil((ch + 1) / 32)
+                    ):
                         continue  # the same passes as the default chunk: measured once
                     head = dict(device=device_name, n=n, cams=ncam, ch=ch, w=args.width, h=args.height)
                     try:
@@ -221,7 +238,12 @@ def main(argv=None):
                             )
                         rec = {"lib": rec.pop("lib"), **head, **rec}
                     except (RuntimeError, ImportError) as exc:  # e.g. out of memory, gsplat not installed
-                        rec = dict(lib={"gsplat": "gsplat-1.5.3"}.get(lib, lib), **head, channel_chunk=chunk, error=str(exc)[:300])
+                        rec = dict(
+                            lib={"gsplat": "gsplat-1.5.3"}.get(lib, lib),
+                            **head,
+                            channel_chunk=chunk,
+                            error=str(exc)[:300],
+                        )
                     print(json.dumps(rec), flush=True)  # noqa: T201 (benchmark output)
                     torch.cuda.empty_cache()
 

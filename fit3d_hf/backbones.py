@@ -130,7 +130,9 @@ def _looks_like_local_path(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def explain_load_errors(name: str | os.PathLike, path: str | os.PathLike | None = None, what: str = "backbone"):
+def explain_load_errors(
+    name: str | os.PathLike, path: str | os.PathLike | None = None, what: str = "backbone"
+):
     """Turns transformers' loading errors into messages that say what was tried: a short name (with a
     suggestion for typos), a local folder, or a Hub id (and whether the Hub could be reached).
 
@@ -176,7 +178,10 @@ def _load_error(name: str, path: str, error: Exception, what: str = "backbone") 
             f"local cache ({constants.HF_HUB_CACHE}). Pass a local folder written by save_pretrained, or connect "
             f"and try again.{short_names}"
         )
-    if isinstance(cause, RepositoryNotFoundError) or "is not a local folder and is not a valid model" in first_line:
+    if (
+        isinstance(cause, RepositoryNotFoundError)
+        or "is not a local folder and is not a valid model" in first_line
+    ):
         hint = f"; did you mean {close[0]}?" if close else "."
         return InputError(
             f"{what} {name!r} is neither a local folder nor a model on the Hub{hint}{short_names}"

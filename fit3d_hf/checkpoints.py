@@ -52,7 +52,13 @@ def _tensor_leaves(value, prefix: str = "") -> dict[str, torch.Tensor]:
     """Every tensor of a nested dict / list state, keyed by its path ("optimizer/state/0/exp_avg")."""
     if isinstance(value, torch.Tensor):
         return {prefix: value}
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    items = (
+        value.items()
+        if isinstance(value, dict)
+        else enumerate(value)
+        if isinstance(value, (list, tuple))
+        else ()
+    )
     leaves = {}
     for key, item in items:
         leaves.update(_tensor_leaves(item, f"{prefix}/{key}" if prefix else str(key)))
@@ -85,7 +91,10 @@ def load_torch_checkpoint(path: str | os.PathLike) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises RuntimeError / UnpicklingError / zip errors for damaged files
         raise CorruptFileError(
-            file_problem(path, f"not a readable checkpoint ({type(error).__name__}: {error}); delete it to start that work afresh")
+            file_problem(
+                path,
+                f"not a readable checkpoint ({type(error).__name__}: {error}); delete it to start that work afresh",
+            )
         ) from error
     if not isinstance(state, dict):
         raise CorruptFileError(file_problem(path, f"holds a {type(state).__name__}, not a checkpoint's dict"))
@@ -97,11 +106,16 @@ def load_torch_checkpoint(path: str | os.PathLike) -> dict:
         raise CorruptFileError(file_problem(path, "its checksums are not a table of tensor digests"))
     found = _checksums(state)
     if found.keys() != expected.keys():
-        raise CorruptFileError(file_problem(path, f"holds tensors {sorted(found)} but records checksums of {sorted(expected)}"))
+        raise CorruptFileError(
+            file_problem(path, f"holds tensors {sorted(found)} but records checksums of {sorted(expected)}")
+        )
     damaged = [name for name in found if found[name] != expected[name]]
     if damaged:
         raise CorruptFileError(
-            file_problem(path, f"tensors {damaged[:5]} fail their checksums: the file is damaged; delete it to start that work afresh")
+            file_problem(
+                path,
+                f"tensors {damaged[:5]} fail their checksums: the file is damaged; delete it to start that work afresh",
+            )
         )
     return state
 
@@ -141,7 +155,9 @@ def save_state_atomically(accelerator, folder: str | os.PathLike) -> Path:
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        manifest = json.dumps(_manifest(partial), indent=1, sort_keys=True)  # before the manifest's own temp file exists
+        manifest = json.dumps(
+            _manifest(partial), indent=1, sort_keys=True
+        )  # before the manifest's own temp file exists
         with atomic_path(partial / MANIFEST_FILENAME) as temporary:
             temporary.write_text(manifest)
         replace_folder(partial, folder)
@@ -153,7 +169,11 @@ def is_complete_checkpoint(folder: str | os.PathLike) -> bool:
     """Whether a Stage II checkpoint folder was finished (it has its manifest); folders written before
     manifests existed count as complete when they hold accelerate's model file."""
     folder = Path(folder)
-    return (folder / MANIFEST_FILENAME).is_file() or any(folder.glob("model*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
+    return (
+        (folder / MANIFEST_FILENAME).is_file()
+        or any(folder.glob("model*.safetensors"))
+        or any(folder.glob("pytorch_model*.bin"))
+    )
 
 
 def verify_checkpoint_folder(folder: str | os.PathLike) -> dict:
@@ -172,7 +192,9 @@ def verify_checkpoint_folder(folder: str | os.PathLike) -> dict:
     manifest_path = folder / MANIFEST_FILENAME
     if not manifest_path.is_file():
         if not is_complete_checkpoint(folder):
-            raise CorruptFileError(file_problem(folder, "holds no model weights and no manifest: an incomplete checkpoint"))
+            raise CorruptFileError(
+                file_problem(folder, "holds no model weights and no manifest: an incomplete checkpoint")
+            )
         from safetensors import safe_open
 
         files = sorted(folder.glob("*.safetensors"))
@@ -182,8 +204,15 @@ def verify_checkpoint_folder(folder: str | os.PathLike) -> dict:
                     for key in handle.keys():
                         handle.get_tensor(key)
             except Exception as error:
-                raise CorruptFileError(file_problem(file, f"not a readable safetensors file ({error})")) from error
-        return {"path": str(folder), "files": len(files), "bytes": sum(f.stat().st_size for f in files), "checksummed": False}
+                raise CorruptFileError(
+                    file_problem(file, f"not a readable safetensors file ({error})")
+                ) from error
+        return {
+            "path": str(folder),
+            "files": len(files),
+            "bytes": sum(f.stat().st_size for f in files),
+            "checksummed": False,
+        }
     try:
         expected = json.loads(manifest_path.read_text())
     except (ValueError, UnicodeDecodeError) as error:
@@ -196,7 +225,9 @@ def verify_checkpoint_folder(folder: str | os.PathLike) -> dict:
         raise CorruptFileError(file_problem(folder, f"lacks the files {missing[:5]} its manifest lists"))
     damaged = sorted(name for name in expected if found[name] != expected[name])
     if damaged:
-        raise CorruptFileError(file_problem(folder, f"files {damaged[:5]} fail their checksums: the checkpoint is damaged"))
+        raise CorruptFileError(
+            file_problem(folder, f"files {damaged[:5]} fail their checksums: the checkpoint is damaged")
+        )
     size = sum((folder / name).stat().st_size for name in expected)
     return {"path": str(folder), "files": len(expected), "bytes": size, "checksummed": True}
 
@@ -234,7 +265,9 @@ def _targets(path: Path) -> list[tuple[str, Path]]:
         return [(kind, path)]
     found = []
     for child in sorted(path.rglob("*")):
-        if child.name.startswith(".partial-") or any(part.startswith(".partial-") for part in child.relative_to(path).parts[:-1]):
+        if child.name.startswith(".partial-") or any(
+            part.startswith(".partial-") for part in child.relative_to(path).parts[:-1]
+        ):
             continue
         if child.is_file() and child.name == BUNDLE_FILENAME:
             found.append(("bundle", child))
@@ -270,7 +303,12 @@ def verify_path(path: str | os.PathLike) -> list[dict]:
             elif kind == "stage2-checkpoint":
                 record["checksummed"] = verify_checkpoint_folder(target)["checksummed"]
             else:
-                raise InputError(file_problem(target, "is neither a bundle (.safetensors) nor a checkpoint (.pt, checkpoint-<step>/)"))
+                raise InputError(
+                    file_problem(
+                        target,
+                        "is neither a bundle (.safetensors) nor a checkpoint (.pt, checkpoint-<step>/)",
+                    )
+                )
         except (InputError, MissingInputError) as error:
             record.update(ok=False, problem=str(error))
         records.append(record)

@@ -30,9 +30,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class DemoArguments:
-    output_dir: str = field(default="demo_output", metadata={"help": "Folder for the data, models and report (replaced)."})
+    output_dir: str = field(
+        default="demo_output", metadata={"help": "Folder for the data, models and report (replaced)."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the scenes and of every step after."})
-    backbone: str | None = field(default=None, metadata={"help": "Backbone to fine-tune (default: a small random ViT built here)."})
+    backbone: str | None = field(
+        default=None, metadata={"help": "Backbone to fine-tune (default: a small random ViT built here)."}
+    )
     num_train_scenes: int = field(default=2, metadata={"help": "Training scenes."})
     num_val_scenes: int = field(default=1, metadata={"help": "Held-out scenes (validation and evaluation)."})
     num_views: int = field(default=24, metadata={"help": "Views per scene."})
@@ -41,7 +45,9 @@ class DemoArguments:
     height: int = field(default=96, metadata={"help": "Image height after preprocessing."})
     lift_iterations: int = field(default=800, metadata={"help": "Stage I iterations per scene."})
     finetune_steps: int = field(default=40, metadata={"help": "Stage II optimisation steps."})
-    probe_steps: int = field(default=150, metadata={"help": "Training steps of the segmentation and surface-normal probes."})
+    probe_steps: int = field(
+        default=150, metadata={"help": "Training steps of the segmentation and surface-normal probes."}
+    )
 
 
 def _small_backbone(folder: Path, seed: int) -> str:
@@ -49,7 +55,14 @@ def _small_backbone(folder: Path, seed: int) -> str:
     from transformers import Dinov2Config, Dinov2Model
 
     torch.manual_seed(seed)
-    config = Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, patch_size=4, image_size=64)
+    config = Dinov2Config(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        patch_size=4,
+        image_size=64,
+    )
     Dinov2Model(config).save_pretrained(folder)
     return str(folder)
 
@@ -60,14 +73,18 @@ def make_data(args: DemoArguments, output_dir: Path) -> Path:
     from fit3d_hf.scene.preprocess_scannetpp import preprocess_scannetpp
     from fit3d_hf.scene.synthetic import SyntheticSceneConfig, generate_dataset, make_scene_spec, render_view
 
-    config = SyntheticSceneConfig(seed=args.seed, num_views=args.num_views, width=args.width, height=args.height, num_points=3000)
+    config = SyntheticSceneConfig(
+        seed=args.seed, num_views=args.num_views, width=args.width, height=args.height, num_points=3000
+    )
     raw = generate_dataset(output_dir / "raw", args.num_train_scenes, args.num_val_scenes, config, raw=True)
     data = output_dir / "data"
     preprocess_scannetpp(raw, data)
     # The generator knows the geometry, so it renders depth, labels and normals for the preprocessed cameras.
     from PIL import Image
 
-    seeds = [args.seed + i for i in range(args.num_train_scenes)] + [args.seed + 1000 + j for j in range(args.num_val_scenes)]
+    seeds = [args.seed + i for i in range(args.num_train_scenes)] + [
+        args.seed + 1000 + j for j in range(args.num_val_scenes)
+    ]
     for seed in seeds:
         room = make_scene_spec(replace(config, seed=seed))
         scene_dir = data / "scenes" / f"synth{seed:05d}"
@@ -78,8 +95,12 @@ def make_data(args: DemoArguments, output_dir: Path) -> Path:
             view = render_view(room, frame.camera)
             depth_mm = np.clip(np.round(view["depth"] * 1000), 0, 65535).astype(np.uint16)
             Image.fromarray(depth_mm).save(scene_dir / "depth" / f"{frame.image_id}.png")
-            Image.fromarray(view["labels"].astype(np.uint8)).save(scene_dir / "labels" / f"{frame.image_id}.png")
-            Image.fromarray(encode_normals(view["normals"])).save(scene_dir / "normals" / f"{frame.image_id}.png")
+            Image.fromarray(view["labels"].astype(np.uint8)).save(
+                scene_dir / "labels" / f"{frame.image_id}.png"
+            )
+            Image.fromarray(encode_normals(view["normals"])).save(
+                scene_dir / "normals" / f"{frame.image_id}.png"
+            )
     return data
 
 
@@ -123,7 +144,13 @@ def evaluate(args: DemoArguments, data: Path, model_dir: Path, output_dir: Path)
     model = ModelArguments(model=str(model_dir))
     dataset = ProbeDataArguments(dataset=f"scannetpp:{data}", train_split="train", split="val")
     results = {}
-    results["correspondence"] = run_probe(model, dataset, ProbeArguments(probe="correspondence", output_dir=str(output_dir / "eval_correspondence"), seed=args.seed))
+    results["correspondence"] = run_probe(
+        model,
+        dataset,
+        ProbeArguments(
+            probe="correspondence", output_dir=str(output_dir / "eval_correspondence"), seed=args.seed
+        ),
+    )
     results["segmentation"] = run_probe(
         model, dataset,
         ProbeArguments(probe="segmentation", output_dir=str(output_dir / "eval_segmentation"), max_steps=args.probe_steps,
@@ -169,7 +196,9 @@ def _fmt(value, digits=3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def write_report(args, output_dir: Path, lifted: list[dict], finetuned: dict, evaluation: dict, seconds: float) -> Path:
+def write_report(
+    args, output_dir: Path, lifted: list[dict], finetuned: dict, evaluation: dict, seconds: float
+) -> Path:
     before, after = finetuned.get("consistency_before"), finetuned.get("consistency_after")
     improved = before is not None and after is not None and after > before
     lines = [
@@ -213,12 +242,26 @@ def write_report(args, output_dir: Path, lifted: list[dict], finetuned: dict, ev
     for probe in ("correspondence", "segmentation", "normals"):
         table = output_dir / f"eval_{probe}" / "results.md"
         # The probe's own Markdown, its headings moved below this section's.
-        text = table.read_text().strip().replace("\n## ", "\n#### ").removeprefix("# ") if table.is_file() else "(no results)"
+        text = (
+            table.read_text().strip().replace("\n## ", "\n#### ").removeprefix("# ")
+            if table.is_file()
+            else "(no results)"
+        )
         lines += [f"### {probe}", "", text, ""]
     path = output_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     (output_dir / "report.json").write_text(
-        json.dumps({"lifting": lifted, "finetuning": finetuned, "evaluation": evaluation, "consistency_improved": improved, "seconds": seconds}, indent=2, default=str)
+        json.dumps(
+            {
+                "lifting": lifted,
+                "finetuning": finetuned,
+                "evaluation": evaluation,
+                "consistency_improved": improved,
+                "seconds": seconds,
+            },
+            indent=2,
+            default=str,
+        )
     )
     return path
 

@@ -79,7 +79,9 @@ def _config_patch_size(model: nn.Module) -> int:
 
 
 _BACKBONE_SPECS: dict[str, _BackboneSpec] = {
-    "dinov2": _BackboneSpec(final_norm=lambda m: m.layernorm, num_prefix_tokens=lambda m: 1, position_prefix=1),
+    "dinov2": _BackboneSpec(
+        final_norm=lambda m: m.layernorm, num_prefix_tokens=lambda m: 1, position_prefix=1
+    ),
     "dinov2_with_registers": _BackboneSpec(
         final_norm=lambda m: m.layernorm,
         num_prefix_tokens=lambda m: 1 + m.config.num_register_tokens,

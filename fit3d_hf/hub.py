@@ -102,7 +102,9 @@ def make_model_card(
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
-def _card_data(base_model: str, name: str, rows: list[dict[str, Any]], *, datasets, license: str, tags) -> ModelCardData:
+def _card_data(
+    base_model: str, name: str, rows: list[dict[str, Any]], *, datasets, license: str, tags
+) -> ModelCardData:
     """The card's metadata header, with a `model-index` entry per evaluation row."""
     eval_results = [
         EvalResult(
@@ -128,7 +130,9 @@ def _card_data(base_model: str, name: str, rows: list[dict[str, Any]], *, datase
     )
 
 
-def _card_description(base_model: str, name: str, repo_id: str | None, feature_dim: int | None, training_data: str) -> list[str]:
+def _card_description(
+    base_model: str, name: str, repo_id: str | None, feature_dim: int | None, training_data: str
+) -> list[str]:
     """The card's title, method, training data and usage sections, as Markdown lines."""
     dims = f" ({feature_dim} channels: {feature_dim // 2} from each backbone)" if feature_dim else ""
     return [
@@ -167,7 +171,9 @@ def _card_description(base_model: str, name: str, repo_id: str | None, feature_d
     ]
 
 
-def _card_tables(training: Mapping[str, Any] | None, rows: list[dict[str, Any]], flat_metrics: dict[str, Any]) -> list[str]:
+def _card_tables(
+    training: Mapping[str, Any] | None, rows: list[dict[str, Any]], flat_metrics: dict[str, Any]
+) -> list[str]:
     """The hyper-parameter and evaluation tables (only those with content), as Markdown lines."""
     lines = []
     if training:
@@ -225,7 +231,10 @@ def write_image_processor(folder: str | os.PathLike) -> Path:
         config = FiT3DConfig.from_pretrained(folder)
     except (OSError, ValueError) as error:
         raise InputError(f"{config_path} is not the config of a FiT3D checkpoint: {error}") from error
-    return atomic_write_text(Path(folder) / IMAGE_PROCESSOR_FILENAME, json.dumps(fit3d_image_processor_dict(config), indent=2) + "\n")
+    return atomic_write_text(
+        Path(folder) / IMAGE_PROCESSOR_FILENAME,
+        json.dumps(fit3d_image_processor_dict(config), indent=2) + "\n",
+    )
 
 
 def save_model_card(card: ModelCard, folder: str | os.PathLike) -> Path:
@@ -282,7 +291,11 @@ def push_to_hub(
         api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
         logger.info("Committing %d files from %s to %s", len(operations), folder, repo_id)
         return api.create_commit(
-            repo_id=repo_id, operations=operations, commit_message=commit_message, token=token, repo_type="model"
+            repo_id=repo_id,
+            operations=operations,
+            commit_message=commit_message,
+            token=token,
+            repo_type="model",
         )
 
 
@@ -304,7 +317,9 @@ def _hub_errors(repo_id: str):
         ) from error
     except Exception as error:
         if is_network_error(error):
-            raise HubUnavailableError(f"cannot upload to {repo_id}: the Hub is unreachable ({error})") from error
+            raise HubUnavailableError(
+                f"cannot upload to {repo_id}: the Hub is unreachable ({error})"
+            ) from error
         raise
 
 

@@ -14,7 +14,9 @@ __all__ = ["masked_l1", "psnr", "ssim", "upsampled_feature_l1"]
 
 
 @functools.lru_cache(maxsize=8)
-def _gaussian_window_1d(size: int, sigma: float, channels: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+def _gaussian_window_1d(
+    size: int, sigma: float, channels: int, device: str, dtype: torch.dtype
+) -> torch.Tensor:
     """`[channels, 1, size]` normalised 1-D Gaussian taps (the 2-D window is their outer product)."""
     coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     kernel_1d = torch.exp(-(coords**2) / (2 * sigma**2))
@@ -22,7 +24,9 @@ def _gaussian_window_1d(size: int, sigma: float, channels: int, device: str, dty
     return kernel_1d.to(device=device, dtype=dtype).expand(channels, 1, size).contiguous()
 
 
-def ssim(prediction: torch.Tensor, target: torch.Tensor, window_size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+def ssim(
+    prediction: torch.Tensor, target: torch.Tensor, window_size: int = 11, sigma: float = 1.5
+) -> torch.Tensor:
     """Mean SSIM of two `[B, C, H, W]` images in [0, 1] (the 3DGS variant: 11x11 Gaussian window,
     sigma 1.5, C1 = 0.01^2, C2 = 0.03^2, zero padding). Written here because it is a few lines and the
     training loss needs exactly this variant, differentiable, on any device.
@@ -31,7 +35,9 @@ def ssim(prediction: torch.Tensor, target: torch.Tensor, window_size: int = 11, 
     all five maps at once (with zero padding that equals the 11x11 window exactly, up to rounding).
     """
     channels = prediction.shape[1]
-    stacked = torch.cat([prediction, target, prediction * prediction, target * target, prediction * target], dim=1)
+    stacked = torch.cat(
+        [prediction, target, prediction * prediction, target * target, prediction * target], dim=1
+    )
     taps = _gaussian_window_1d(window_size, sigma, 5 * channels, str(prediction.device), prediction.dtype)
     pad = window_size // 2
     blurred = F.conv2d(stacked, taps[:, :, :, None], padding=(pad, 0), groups=5 * channels)
@@ -41,7 +47,9 @@ def ssim(prediction: torch.Tensor, target: torch.Tensor, window_size: int = 11, 
     var_t = mean_tt - mu_t**2
     covariance = mean_pt - mu_p * mu_t
     c1, c2 = 0.01**2, 0.03**2
-    ssim_map = ((2 * mu_p * mu_t + c1) * (2 * covariance + c2)) / ((mu_p**2 + mu_t**2 + c1) * (var_p + var_t + c2))
+    ssim_map = ((2 * mu_p * mu_t + c1) * (2 * covariance + c2)) / (
+        (mu_p**2 + mu_t**2 + c1) * (var_p + var_t + c2)
+    )
     return ssim_map.mean()
 
 
@@ -56,7 +64,9 @@ def psnr(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | No
     return float(10 * math.log10(1.0 / max(float(mse), 1e-12)))
 
 
-def masked_l1(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def masked_l1(
+    prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean absolute error over valid positions and all channels.
 
     Args:
@@ -72,7 +82,9 @@ def masked_l1(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
     return (error * mask).sum() / (mask.sum() * prediction.shape[1]).clamp_min(1e-8)
 
 
-def upsampled_feature_l1(decoded: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def upsampled_feature_l1(
+    decoded: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Stage I's feature loss: mean over channels and pixels of |decoded - up(target)|, where up() is bilinear
     upsampling (align_corners=False) of the patch-resolution target to the decoded map's size (as FiT3D), and
     pixels where `mask` is False count 0 (the mean still divides by all pixels, as the original's masking by

@@ -103,9 +103,6 @@ def check_pixel_values(pixel_values: torch.Tensor) -> None:
             )
 
 
-
-
-
 @dataclass
 class FiT3DModelOutput(ModelOutput):
     r"""
@@ -219,7 +216,9 @@ class FiT3DModel(FiT3DPreTrainedModel):
         if kwargs.get("is_main_process", True):
             os.makedirs(save_directory, exist_ok=True)
             # Written first, so that an upload (push_to_hub=True) includes it.
-            with open(os.path.join(save_directory, IMAGE_PROCESSOR_FILENAME), "w", encoding="utf-8") as handle:
+            with open(
+                os.path.join(save_directory, IMAGE_PROCESSOR_FILENAME), "w", encoding="utf-8"
+            ) as handle:
                 json.dump(fit3d_image_processor_dict(self.config), handle, indent=2)
                 handle.write("\n")
         return super().save_pretrained(save_directory, *args, **kwargs)

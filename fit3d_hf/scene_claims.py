@@ -59,13 +59,21 @@ class SceneClaims:
         owner: this process's name in the claim files (default: host, pid and a random suffix).
     """
 
-    def __init__(self, out: str | os.PathLike, lease_seconds: float = 600.0, poll_seconds: float | None = None, owner: str | None = None):
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        lease_seconds: float = 600.0,
+        poll_seconds: float | None = None,
+        owner: str | None = None,
+    ):
         if lease_seconds <= 0:
             raise ValueError(f"lease_seconds must be positive, got {lease_seconds}")
         self.folder = Path(out) / CLAIMS_DIRNAME
         self.folder.mkdir(parents=True, exist_ok=True)
         self.lease_seconds = float(lease_seconds)
-        self.poll_seconds = float(poll_seconds) if poll_seconds is not None else min(30.0, self.lease_seconds / 4)
+        self.poll_seconds = (
+            float(poll_seconds) if poll_seconds is not None else min(30.0, self.lease_seconds / 4)
+        )
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     @staticmethod
@@ -88,7 +96,15 @@ class SceneClaims:
         except FileExistsError:
             return False
         with os.fdopen(descriptor, "w") as handle:
-            json.dump({"owner": self.owner, "pid": os.getpid(), "host": socket.gethostname(), "claimed_at": time.time()}, handle)
+            json.dump(
+                {
+                    "owner": self.owner,
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "claimed_at": time.time(),
+                },
+                handle,
+            )
         return True
 
     def _is_stale(self, path: Path) -> bool:
@@ -116,7 +132,12 @@ class SceneClaims:
         stale.unlink(missing_ok=True)
         if not self._try_create(key):
             return False
-        logger.warning("%s: the claim of %s expired (no heartbeat for %.0f s): taking the scene over", key, previous, self.lease_seconds)
+        logger.warning(
+            "%s: the claim of %s expired (no heartbeat for %.0f s): taking the scene over",
+            key,
+            previous,
+            self.lease_seconds,
+        )
         return not self._finished_meanwhile(key)
 
     def _finished_meanwhile(self, key: str) -> bool:
@@ -150,7 +171,9 @@ class SceneClaims:
         if self.is_done(key):  # another owner finished it too (it took over a claim whose owner still lived)
             logger.warning("%s was already finished by %s", key, _read_owner(self._done_path(key)))
         else:
-            atomic_write_text(self._done_path(key), json.dumps({"owner": self.owner, "finished_at": time.time()}))
+            atomic_write_text(
+                self._done_path(key), json.dumps({"owner": self.owner, "finished_at": time.time()})
+            )
         self._claim_path(key).unlink(missing_ok=True)
 
     def release(self, key: str) -> None:
@@ -163,7 +186,9 @@ class SceneClaims:
         released, and the error propagates."""
         pending = {self.key(path): path for path in scene_paths}
         if len(pending) != len(scene_paths):
-            raise ValueError("scene folders must have distinct names: their results and claims are keyed by name")
+            raise ValueError(
+                "scene folders must have distinct names: their results and claims are keyed by name"
+            )
         while pending:
             claimed_any = False
             for key in list(pending):

@@ -32,7 +32,9 @@ def _bilinear_taps(
     return torch.stack([low, high], dim=1), torch.stack([1 - frac, frac], dim=1)
 
 
-def decode_at_patch_grid(feature_map: torch.Tensor, weight: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def decode_at_patch_grid(
+    feature_map: torch.Tensor, weight: torch.Tensor, size: tuple[int, int]
+) -> torch.Tensor:
     """`F.interpolate(F.conv2d(feature_map, weight, padding=k // 2), size, mode="bilinear")`, computed only
     where the resampling reads.
 
@@ -69,7 +71,9 @@ def decode_at_patch_grid(feature_map: torch.Tensor, weight: torch.Tensor, size: 
     return output
 
 
-def decode_then_resample(feature_map: torch.Tensor, weight: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def decode_then_resample(
+    feature_map: torch.Tensor, weight: torch.Tensor, size: tuple[int, int]
+) -> torch.Tensor:
     """The original computation (full-resolution decode, then bilinear resampling), kept as the oracle
     of `decode_at_patch_grid`."""
     decoded = F.conv2d(feature_map, weight.to(feature_map.dtype), padding=weight.shape[-1] // 2)

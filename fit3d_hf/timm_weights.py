@@ -53,7 +53,9 @@ def convert_timm_dinov2_state_dict(
     return {**{k: v.clone() for k, v in reference.items() if k not in converted}, **converted}
 
 
-def _transformers_names(key: str, value: torch.Tensor, reference, hidden: int) -> list[tuple[str | list[str], torch.Tensor]]:
+def _transformers_names(
+    key: str, value: torch.Tensor, reference, hidden: int
+) -> list[tuple[str | list[str], torch.Tensor]]:
     """The transformers parameters a timm key becomes: `(name or candidate names, tensor)` pairs."""
     match = _BLOCK_KEY.fullmatch(key)
     if key == "cls_token":
@@ -74,7 +76,9 @@ def _transformers_names(key: str, value: torch.Tensor, reference, hidden: int) -
     raise InputError(f"unexpected timm key {key!r}: is this a timm DINOv2 ViT state dict?")
 
 
-def _block_names(key: str, index: str, rest: str, value: torch.Tensor, hidden: int) -> list[tuple[str | list[str], torch.Tensor]]:
+def _block_names(
+    key: str, index: str, rest: str, value: torch.Tensor, hidden: int
+) -> list[tuple[str | list[str], torch.Tensor]]:
     """`_transformers_names` of a key of transformer block `index` (`rest`: the key after `blocks.N.`)."""
     layer = f"encoder.layer.{index}."
     if rest.startswith("attn.qkv."):
@@ -99,9 +103,7 @@ def _checked_name(names: str | list[str], value: torch.Tensor, source: str, refe
     """The target parameter a converted tensor goes to, refused unless the target has it with that shape."""
     name = _first_present(names, reference) if isinstance(names, list) else names
     if name not in reference:
-        raise InputError(
-            f"timm key {source!r} maps to {name!r}, which {type(target).__name__} does not have"
-        )
+        raise InputError(f"timm key {source!r} maps to {name!r}, which {type(target).__name__} does not have")
     if tuple(reference[name].shape) != tuple(value.shape):
         raise InputError(
             f"timm key {source!r} has shape {tuple(value.shape)}, but {name!r} in "

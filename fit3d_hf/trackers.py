@@ -10,7 +10,19 @@ __all__ = ["TRACKERS", "available_tracker"]
 logger = logging.getLogger(__name__)
 
 # accelerate's trackers (accelerate.utils.LoggerType), listed here so that --help needs no accelerate import.
-TRACKERS = ("none", "all", "tensorboard", "wandb", "trackio", "comet_ml", "mlflow", "aim", "clearml", "dvclive", "swanlab")
+TRACKERS = (
+    "none",
+    "all",
+    "tensorboard",
+    "wandb",
+    "trackio",
+    "comet_ml",
+    "mlflow",
+    "aim",
+    "clearml",
+    "dvclive",
+    "swanlab",
+)
 
 
 def available_tracker(report_to: str | None) -> str | None:
@@ -26,6 +38,11 @@ def available_tracker(report_to: str | None) -> str | None:
     # Each tracker's package has the tracker's own name (tensorboard, wandb, comet_ml, mlflow, ...).
     package = report_to
     if importlib.util.find_spec(package) is None:
-        logger.warning("--report_to %s: the %r package is not installed, so nothing will be logged (pip install %s)", report_to, package, package)
+        logger.warning(
+            "--report_to %s: the %r package is not installed, so nothing will be logged (pip install %s)",
+            report_to,
+            package,
+            package,
+        )
         return None
     return report_to

@@ -15,7 +15,11 @@ __all__ = ["cosine_similarity_map", "heatmap_rgb", "kmeans_segments", "label_col
 
 def _as_rows(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
     """`[D, h, w]` -> `[h * w, D]` float64 rows and the grid size."""
-    array = features.detach().float().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
+    array = (
+        features.detach().float().cpu().numpy()
+        if isinstance(features, torch.Tensor)
+        else np.asarray(features)
+    )
     if array.ndim != 3:
         raise ValueError(f"features must have shape (D, h, w), got {array.shape}")
     d, h, w = array.shape
@@ -41,7 +45,10 @@ def pca_rgb(*feature_maps: torch.Tensor | np.ndarray, fit_on: int | None = None)
     stacked = np.concatenate(projected)
     low, high = stacked.min(), stacked.max()
     scale = 255.0 / max(high - low, 1e-12)
-    return [((p - low) * scale).clip(0, 255).astype(np.uint8).reshape(*size, 3) for p, size in zip(projected, sizes, strict=True)]
+    return [
+        ((p - low) * scale).clip(0, 255).astype(np.uint8).reshape(*size, 3)
+        for p, size in zip(projected, sizes, strict=True)
+    ]
 
 
 def kmeans_segments(features: torch.Tensor | np.ndarray, n_clusters: int = 20, seed: int = 0) -> np.ndarray:

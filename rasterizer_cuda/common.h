@@ -18,8 +18,7 @@ __host__ __device__ inline Mat3 mat3_mul(const Mat3& a, const Mat3& b) {
 #pragma unroll
     for (int i = 0; i < 3; ++i)
 #pragma unroll
-        for (int j = 0; j < 3; ++j)
-            r.m[i][j] = a.m[i][0] * b.m[0][j] + a.m[i][1] * b.m[1][j] + a.m[i][2] * b.m[2][j];
+        for (int j = 0; j < 3; ++j) r.m[i][j] = a.m[i][0] * b.m[0][j] + a.m[i][1] * b.m[1][j] + a.m[i][2] * b.m[2][j];
     return r;
 }
 
@@ -55,8 +54,8 @@ struct Splat {
 
 // Inclusive pixel ranges (clipped to the image) that a Gaussian can reach with alpha >= 1/255; false
 // when empty. alpha >= 1/255 needs d^T conic d <= 2 ln(255 o), over which |dx| <= sqrt(2 ln(255 o) cov_xx).
-__host__ __device__ inline bool pixel_box(float mx, float my, float a, float b, float c, float opacity,
-                                          int width, int height, int& col0, int& col1, int& row0, int& row1) {
+__host__ __device__ inline bool pixel_box(float mx, float my, float a, float b, float c, float opacity, int width,
+                                          int height, int& col0, int& col1, int& row0, int& row1) {
     if (!(opacity >= ALPHA_THRESHOLD)) return false;
     const float det = fmaxf(a * c - b * b, 1e-30f);
     const float level = 2.f * logf(fmaxf(opacity / ALPHA_THRESHOLD, 1.f));
@@ -113,7 +112,7 @@ __host__ __device__ inline void sh_basis(int degree, float x, float y, float z, 
 
 // Gradient w.r.t. the (unnormalised-as-independent) direction (x, y, z) of sum_k coef[k] * basis_k.
 __host__ __device__ inline void sh_basis_grad(int degree, float x, float y, float z, const float* coef, float& gx,
-                                     float& gy, float& gz) {
+                                              float& gy, float& gz) {
     gx = gy = gz = 0.f;
     if (degree < 1) return;
     const float c1 = 0.4886025119029199f;

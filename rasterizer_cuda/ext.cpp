@@ -1,8 +1,8 @@
 // The only file that talks torch: checks tensors, allocates outputs, fills the argument structs of ops.h
 // and launches on the current stream. The Python wrapper (fit3d_hf/render/_wrapper.py) validates inputs
 // with clear messages first; the TORCH_CHECKs here are a backstop.
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -32,9 +32,9 @@ std::string message(const Args&... args) {
     (out << ... << args);
     return out.str();
 }
-#define FIT3D_CHECK(cond, ...)                                                                      \
-    do {                                                                                             \
-        if (!(cond)) throw std::invalid_argument(message(__VA_ARGS__));       \
+#define FIT3D_CHECK(cond, ...)                                          \
+    do {                                                                \
+        if (!(cond)) throw std::invalid_argument(message(__VA_ARGS__)); \
     } while (0)
 
 // Dtype, device, layout and shape of an argument. `shape` holds the expected sizes, -1 for "any"; `like` (when
@@ -66,12 +66,14 @@ const float* optional_ptr(const OptTensor& t, const char* name, std::initializer
 
 // The launches put cameras on the grid's y dimension (at most 65535 blocks).
 void check_cameras(int64_t B) {
-    FIT3D_CHECK(B <= 65535, "fit3d rasterizer: ", B, " cameras in one call exceed the CUDA launch grid (65535); "
+    FIT3D_CHECK(B <= 65535, "fit3d rasterizer: ", B,
+                " cameras in one call exceed the CUDA launch grid (65535); "
                 "render them in batches of at most 65535");
 }
 
 void check_cuda(cudaError_t err, const char* what) {
-    if (err != cudaSuccess) throw std::runtime_error(message("fit3d rasterizer: ", what, " failed: ", cudaGetErrorString(err)));
+    if (err != cudaSuccess)
+        throw std::runtime_error(message("fit3d rasterizer: ", what, " failed: ", cudaGetErrorString(err)));
 }
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
@@ -86,9 +88,9 @@ std::vector<std::pair<int, int>> plan_passes(int channels, int max_width, size_t
     check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
                "cudaDeviceGetAttribute");
     while (max_width > 4 && shared_bytes(max_width) > size_t(optin)) max_width -= 4;
-    FIT3D_CHECK(shared_bytes(std::min(max_width, channels)) <= size_t(optin),
-                "fit3d rasterizer: the device offers ", optin, " bytes of shared memory per block, fewer than ",
-                shared_bytes(std::min(max_width, channels)), " needed");
+    FIT3D_CHECK(shared_bytes(std::min(max_width, channels)) <= size_t(optin), "fit3d rasterizer: the device offers ",
+                optin, " bytes of shared memory per block, fewer than ", shared_bytes(std::min(max_width, channels)),
+                " needed");
     const int n_passes = (channels + max_width - 1) / max_width;
     const int width = (channels + n_passes - 1) / n_passes;
     std::vector<std::pair<int, int>> passes;
@@ -99,10 +101,10 @@ std::vector<std::pair<int, int>> plan_passes(int channels, int max_width, size_t
 }  // namespace
 
 // ---- project ------------------------------------------------------------------------------------------
-std::tuple<Tensor, Tensor, Tensor, Tensor> project_fwd(const Tensor& means, const Tensor& quats,
-                                                       const Tensor& scales, const Tensor& opacities,
-                                                       const Tensor& viewmats, const Tensor& Ks, int64_t width,
-                                                       int64_t height, double near_plane, double far_plane) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> project_fwd(const Tensor& means, const Tensor& quats, const Tensor& scales,
+                                                       const Tensor& opacities, const Tensor& viewmats,
+                                                       const Tensor& Ks, int64_t width, int64_t height,
+                                                       double near_plane, double far_plane) {
     check_tensor(means, "means", {-1, 3});
     const int64_t N = means.size(0), B = viewmats.dim() == 3 ? viewmats.size(0) : -1;
     check_tensor(quats, "quats", {N, 4}, at::kFloat, &means);
@@ -181,7 +183,8 @@ Tensor sh_fwd(const Tensor& sh, const Tensor& means, const Tensor& viewmats, int
     check_tensor(means, "means", {-1, 3});
     check_tensor(sh, "sh", {means.size(0), -1, 3}, at::kFloat, &means);
     check_tensor(viewmats, "world_to_camera", {-1, 4, 4}, at::kFloat, &means);
-    FIT3D_CHECK(degree >= 0 && degree <= 3 && (degree + 1) * (degree + 1) <= sh.size(1), "fit3d rasterizer: bad sh_degree ", degree);
+    FIT3D_CHECK(degree >= 0 && degree <= 3 && (degree + 1) * (degree + 1) <= sh.size(1),
+                "fit3d rasterizer: bad sh_degree ", degree);
     const at::cuda::OptionalCUDAGuard guard(device_of(means));
     const int64_t B = viewmats.size(0), N = means.size(0);
     Tensor colors = torch::empty({B, N, 3}, means.options());
@@ -204,7 +207,8 @@ std::tuple<Tensor, Tensor> sh_bwd(const Tensor& sh, const Tensor& means, const T
     check_tensor(sh, "sh", {means.size(0), -1, 3}, at::kFloat, &means);
     check_tensor(viewmats, "world_to_camera", {-1, 4, 4}, at::kFloat, &means);
     check_tensor(v_colors, "v_colors", {viewmats.size(0), means.size(0), 3}, at::kFloat, &means);
-    FIT3D_CHECK(degree >= 0 && degree <= 3 && (degree + 1) * (degree + 1) <= sh.size(1), "fit3d rasterizer: bad sh_degree ", degree);
+    FIT3D_CHECK(degree >= 0 && degree <= 3 && (degree + 1) * (degree + 1) <= sh.size(1),
+                "fit3d rasterizer: bad sh_degree ", degree);
     const at::cuda::OptionalCUDAGuard guard(device_of(means));
     Tensor v_sh = torch::empty_like(sh), v_means = torch::empty_like(means);
     fit3d::ShArgs a = {};
@@ -228,19 +232,21 @@ namespace {
 // Aligned slices of one byte buffer, so that the binning's dozen temporary arrays cost one allocation (the
 // host time of a render is mostly allocations and launches): `reserve` each array, `allocate`, then `get`.
 class Workspace {
-  public:
+public:
     size_t reserve(size_t bytes) {
         const size_t offset = size_;
         size_ += (bytes + 255) / 256 * 256;
         return offset;
     }
-    void allocate(const at::TensorOptions& options) { buffer_ = torch::empty({int64_t(size_)}, options.dtype(at::kByte)); }
+    void allocate(const at::TensorOptions& options) {
+        buffer_ = torch::empty({int64_t(size_)}, options.dtype(at::kByte));
+    }
     template <typename T>
     T* get(size_t offset) {
         return reinterpret_cast<T*>(buffer_.data_ptr<uint8_t>() + offset);
     }
 
-  private:
+private:
     size_t size_ = 0;
     Tensor buffer_;
 };
@@ -266,8 +272,8 @@ Tensor pinned_total(int device) {
 // capacity are dropped, and the caller must check `total <= capacity` (after an event recorded once this
 // returns has completed) and call again with a larger capacity if not. Unused slots sort last.
 std::tuple<Tensor, Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tensor& conics, const Tensor& opacities,
-                                               const Tensor& depths, const Tensor& radii, int64_t width,
-                                               int64_t height, int64_t capacity) {
+                                               const Tensor& depths, const Tensor& radii, int64_t width, int64_t height,
+                                               int64_t capacity) {
     check_tensor(means2d, "means2d", {-1, -1, 2});
     const int64_t B = means2d.size(0), N = means2d.size(1);
     check_tensor(conics, "conics", {B, N, 3}, at::kFloat, &means2d);
@@ -281,7 +287,8 @@ std::tuple<Tensor, Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tens
     const int tiles_x = tiles_along(int(width)), tiles_y = tiles_along(int(height));
     // a pair's key is camera * tiles + tile, and B * tiles marks "no tile": all must fit 32 bits
     FIT3D_CHECK(B * int64_t(tiles_x) * tiles_y < int64_t(UINT32_MAX), "fit3d rasterizer: ", B, " cameras x ",
-                int64_t(tiles_x) * tiles_y, " tiles of ", fit3d::TILE_SIZE, " px overflow the 32-bit tile keys; "
+                int64_t(tiles_x) * tiles_y, " tiles of ", fit3d::TILE_SIZE,
+                " px overflow the 32-bit tile keys; "
                 "render fewer cameras per call or smaller images");
     FIT3D_CHECK(B * N < INT_MAX, "fit3d rasterizer: ", B, " cameras x ", N, " Gaussians exceed the int32 limit");
     FIT3D_CHECK(capacity < INT_MAX, "fit3d rasterizer: a capacity of ", capacity, " pairs exceeds the int32 limit");
@@ -299,7 +306,8 @@ std::tuple<Tensor, Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tens
     size_t depth_sort_bytes = 0, scan_bytes = 0;
     check_cuda(fit3d::sort_pairs(nullptr, depth_sort_bytes, nullptr, nullptr, nullptr, nullptr, entries, 32, stream()),
                "radix sort (size query)");
-    check_cuda(fit3d::inclusive_sum(nullptr, scan_bytes, nullptr, nullptr, entries, stream()), "prefix sum (size query)");
+    check_cuda(fit3d::inclusive_sum(nullptr, scan_bytes, nullptr, nullptr, entries, stream()),
+               "prefix sum (size query)");
     Workspace first;
     const size_t o_depth_keys = first.reserve(e4), o_entries = first.reserve(e4), o_sorted_keys = first.reserve(e4);
     const size_t o_order = first.reserve(e4), o_sort_temp = first.reserve(depth_sort_bytes);
@@ -332,26 +340,27 @@ std::tuple<Tensor, Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tens
     const int64_t* device_total = ends + entries - 1;
     const bool exact = capacity <= 0;
     if (exact) {
-        check_cuda(cudaMemcpyAsync(total.data_ptr<int64_t>(), device_total, sizeof(int64_t), cudaMemcpyDeviceToHost,
-                                   stream()),
-                   "pair count copy");
+        check_cuda(
+            cudaMemcpyAsync(total.data_ptr<int64_t>(), device_total, sizeof(int64_t), cudaMemcpyDeviceToHost, stream()),
+            "pair count copy");
         check_cuda(cudaStreamSynchronize(stream()), "pair count sync");  // host sync
         capacity = *total.data_ptr<int64_t>();
-        FIT3D_CHECK(capacity < INT_MAX, "fit3d rasterizer: ", capacity, " (Gaussian, tile) pairs exceed the int32 limit");
+        FIT3D_CHECK(capacity < INT_MAX, "fit3d rasterizer: ", capacity,
+                    " (Gaussian, tile) pairs exceed the int32 limit");
         if (capacity == 0) return {ranges, torch::empty({0}, int_opts), total};
     } else {
-        check_cuda(cudaMemcpyAsync(total.data_ptr<int64_t>(), device_total, sizeof(int64_t), cudaMemcpyDeviceToHost,
-                                   stream()),
-                   "pair count copy");
+        check_cuda(
+            cudaMemcpyAsync(total.data_ptr<int64_t>(), device_total, sizeof(int64_t), cudaMemcpyDeviceToHost, stream()),
+            "pair count copy");
     }
 
     // 4. (tile, Gaussian) pairs in depth order, 5. stable sort by tile, 6. per-tile ranges
     const uint32_t no_tile = uint32_t(B * tiles_x * tiles_y);
     const int key_bits = fit3d::tile_key_bits(int(B), tiles_x * tiles_y);
     size_t tile_sort_bytes = 0;
-    check_cuda(fit3d::sort_pairs(nullptr, tile_sort_bytes, nullptr, nullptr, nullptr, nullptr, capacity, key_bits,
-                                 stream()),
-               "radix sort (size query)");
+    check_cuda(
+        fit3d::sort_pairs(nullptr, tile_sort_bytes, nullptr, nullptr, nullptr, nullptr, capacity, key_bits, stream()),
+        "radix sort (size query)");
     const size_t p4 = sizeof(int32_t) * capacity;
     Workspace second;
     const size_t o_keys = second.reserve(p4), o_values = second.reserve(p4), o_sorted = second.reserve(p4);
@@ -364,7 +373,8 @@ std::tuple<Tensor, Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tens
     a.values = second.get<int32_t>(o_values);
     check_cuda(fit3d::launch_isect_emit(a, stream()), "isect_emit");
     if (!exact)
-        check_cuda(fit3d::launch_fill_unused(device_total, capacity, no_tile, a.keys, a.values, stream()), "fill_unused");
+        check_cuda(fit3d::launch_fill_unused(device_total, capacity, no_tile, a.keys, a.values, stream()),
+                   "fill_unused");
     uint32_t* sorted_keys = second.get<uint32_t>(o_sorted);
     check_cuda(fit3d::sort_pairs(second.get<void>(o_tile_temp), tile_sort_bytes, a.keys, sorted_keys, a.values,
                                  sorted_values.data_ptr<int32_t>(), capacity, key_bits, stream()),
@@ -379,8 +389,8 @@ namespace {
 
 fit3d::RasterizeArgs rasterize_args(const Tensor& means2d, const Tensor& conics, const Tensor& opacities,
                                     const Tensor& colors, const Tensor& depths, const Tensor& features,
-                                    const OptTensor& background, const Tensor& tile_ranges,
-                                    const Tensor& gaussian_ids, int64_t width, int64_t height) {
+                                    const OptTensor& background, const Tensor& tile_ranges, const Tensor& gaussian_ids,
+                                    int64_t width, int64_t height) {
     check_tensor(means2d, "means2d", {-1, -1, 2});
     const int64_t B = means2d.size(0), N = means2d.size(1);
     check_tensor(conics, "conics", {B, N, 3}, at::kFloat, &means2d);
@@ -421,8 +431,8 @@ fit3d::RasterizeArgs rasterize_args(const Tensor& means2d, const Tensor& conics,
 
 std::vector<Tensor> rasterize_fwd(const Tensor& means2d, const Tensor& conics, const Tensor& opacities,
                                   const Tensor& colors, const Tensor& depths, const Tensor& features,
-                                  const OptTensor& background, const Tensor& tile_ranges,
-                                  const Tensor& gaussian_ids, int64_t width, int64_t height) {
+                                  const OptTensor& background, const Tensor& tile_ranges, const Tensor& gaussian_ids,
+                                  int64_t width, int64_t height) {
     const at::cuda::OptionalCUDAGuard guard(device_of(means2d));
     fit3d::RasterizeArgs a = rasterize_args(means2d, conics, opacities, colors, depths, features, background,
                                             tile_ranges, gaussian_ids, width, height);
@@ -449,11 +459,10 @@ std::vector<Tensor> rasterize_fwd(const Tensor& means2d, const Tensor& conics, c
 
 std::vector<Tensor> rasterize_bwd(const Tensor& means2d, const Tensor& conics, const Tensor& opacities,
                                   const Tensor& colors, const Tensor& depths, const Tensor& features,
-                                  const OptTensor& background, const Tensor& tile_ranges,
-                                  const Tensor& gaussian_ids, const Tensor& final_t, const Tensor& last_ids,
-                                  int64_t width, int64_t height, const OptTensor& v_rgb, const OptTensor& v_depth,
-                                  const OptTensor& v_features, const OptTensor& v_alpha,
-                                  bool feature_grad_to_geometry, bool alpha_clamp_grad) {
+                                  const OptTensor& background, const Tensor& tile_ranges, const Tensor& gaussian_ids,
+                                  const Tensor& final_t, const Tensor& last_ids, int64_t width, int64_t height,
+                                  const OptTensor& v_rgb, const OptTensor& v_depth, const OptTensor& v_features,
+                                  const OptTensor& v_alpha, bool feature_grad_to_geometry, bool alpha_clamp_grad) {
     const at::cuda::OptionalCUDAGuard guard(device_of(means2d));
     fit3d::RasterizeArgs a = rasterize_args(means2d, conics, opacities, colors, depths, features, background,
                                             tile_ranges, gaussian_ids, width, height);
@@ -494,9 +503,12 @@ namespace {
 
 fit3d::ScalarType scalar_type(const Tensor& t, const char* name) {
     switch (t.scalar_type()) {
-        case at::kFloat: return fit3d::ScalarType::Float32;
-        case at::kHalf: return fit3d::ScalarType::Float16;
-        case at::kBFloat16: return fit3d::ScalarType::BFloat16;
+        case at::kFloat:
+            return fit3d::ScalarType::Float32;
+        case at::kHalf:
+            return fit3d::ScalarType::Float16;
+        case at::kBFloat16:
+            return fit3d::ScalarType::BFloat16;
         default:
             throw std::invalid_argument(
                 message("fit3d feature loss: ", name, " must be float32, float16 or bfloat16, got ", t.scalar_type()));
@@ -509,9 +521,8 @@ fit3d::FeatureL1Args feature_l1_args(const Tensor& decoded, const Tensor& target
         FIT3D_CHECK(t->is_contiguous(at::MemoryFormat::ChannelsLast), "fit3d feature loss: ", name,
                     " must be channels-last contiguous");
     }
-    FIT3D_CHECK(target.size(0) == decoded.size(0) && target.size(1) == decoded.size(1),
-                "fit3d feature loss: target ", target.sizes(), " must have the batch size and channels of decoded ",
-                decoded.sizes());
+    FIT3D_CHECK(target.size(0) == decoded.size(0) && target.size(1) == decoded.size(1), "fit3d feature loss: target ",
+                target.sizes(), " must have the batch size and channels of decoded ", decoded.sizes());
     FIT3D_CHECK(target.device() == decoded.device(), "fit3d feature loss: target is on ", target.device(),
                 " but decoded is on ", decoded.device());
     fit3d::FeatureL1Args a = {};

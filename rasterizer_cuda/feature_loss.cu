@@ -25,10 +25,20 @@ constexpr int PIXELS_PER_BLOCK = 32;
 __device__ inline float to_float(float v) { return v; }
 __device__ inline float to_float(__half v) { return __half2float(v); }
 __device__ inline float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ inline T from_float(float v);
-template <> __device__ inline float from_float<float>(float v) { return v; }
-template <> __device__ inline __half from_float<__half>(float v) { return __float2half(v); }
-template <> __device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
+template <typename T>
+__device__ inline T from_float(float v);
+template <>
+__device__ inline float from_float<float>(float v) {
+    return v;
+}
+template <>
+__device__ inline __half from_float<__half>(float v) {
+    return __float2half(v);
+}
+template <>
+__device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+    return __float2bfloat16(v);
+}
 
 // The upsampled target at pixel (b, y, x), channel c, and whether the pixel counts.
 struct PixelSource {
@@ -65,8 +75,8 @@ struct alignas(sizeof(T) * VEC) Channels {
 // memory order. Forward (grad == nullptr): per-block sums of |d - t| into partials. Backward: grad =
 // sign(d - t) * g / n (0 where the pixel is masked or d == t, as the gradient of abs).
 template <typename TD, typename TT, int VEC>
-__global__ void __launch_bounds__(LOSS_BLOCK) feature_l1_kernel(FeatureL1Args a, const TD* decoded, const TT* target,
-                                                                TD* grad) {
+__global__ void __launch_bounds__(LOSS_BLOCK)
+    feature_l1_kernel(FeatureL1Args a, const TD* decoded, const TT* target, TD* grad) {
     __shared__ PixelSource s_source[PIXELS_PER_BLOCK];
     __shared__ float s_sum[LOSS_BLOCK / 32];
     const int64_t n_pixels = int64_t(a.B) * a.H * a.W;
@@ -138,9 +148,12 @@ cudaError_t launch_typed(const FeatureL1Args& a, cudaStream_t stream) {
 template <typename TD>
 cudaError_t launch_decoded(const FeatureL1Args& a, cudaStream_t stream) {
     switch (a.target_type) {
-        case ScalarType::Float32: return launch_typed<TD, float>(a, stream);
-        case ScalarType::Float16: return launch_typed<TD, __half>(a, stream);
-        case ScalarType::BFloat16: return launch_typed<TD, __nv_bfloat16>(a, stream);
+        case ScalarType::Float32:
+            return launch_typed<TD, float>(a, stream);
+        case ScalarType::Float16:
+            return launch_typed<TD, __half>(a, stream);
+        case ScalarType::BFloat16:
+            return launch_typed<TD, __nv_bfloat16>(a, stream);
     }
     return cudaErrorInvalidValue;
 }
@@ -153,9 +166,12 @@ int64_t feature_l1_blocks(const FeatureL1Args& a) {
 
 cudaError_t launch_feature_l1(const FeatureL1Args& a, cudaStream_t stream) {
     switch (a.decoded_type) {
-        case ScalarType::Float32: return launch_decoded<float>(a, stream);
-        case ScalarType::Float16: return launch_decoded<__half>(a, stream);
-        case ScalarType::BFloat16: return launch_decoded<__nv_bfloat16>(a, stream);
+        case ScalarType::Float32:
+            return launch_decoded<float>(a, stream);
+        case ScalarType::Float16:
+            return launch_decoded<__half>(a, stream);
+        case ScalarType::BFloat16:
+            return launch_decoded<__nv_bfloat16>(a, stream);
     }
     return cudaErrorInvalidValue;
 }

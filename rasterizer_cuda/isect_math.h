@@ -32,7 +32,7 @@ __host__ __device__ inline bool tile_rows(const IsectArgs& a, int64_t index, Til
     // slack: conservative against float rounding in the rasterizer's alpha
     r.level = 2.f * logf(fmaxf(opacity / ALPHA_THRESHOLD, 1.f)) * (1.f + 1e-4f) + 1e-4f;
     r.det = r.ca * r.cc - r.cb * r.cb;
-    r.exact = r.ca > 0.f && r.det > 0.f;  // otherwise the whole box is used
+    r.exact = r.ca > 0.f && r.det > 0.f;                                             // otherwise the whole box is used
     r.dy_right = r.exact ? (-r.cb / r.det) * sqrtf(r.level / (r.cc / r.det)) : 0.f;  // y of the rightmost point
     r.ty0 = r.row0 / TILE_SIZE;
     r.ty1 = r.row1 / TILE_SIZE;

@@ -7,9 +7,8 @@
 // 3. emit (camera * tiles + tile, Gaussian) pairs at the prefix-sum offsets, so equal tiles appear in depth
 //    order, and 4. sort them by tile with a stable radix sort over only the tile bits.
 // Binning is conservative, so it never changes a pixel value.
-#include <cub/cub.cuh>
-
 #include <algorithm>
+#include <cub/cub.cuh>
 
 #include "common.h"
 #include "isect_math.h"
@@ -146,7 +145,7 @@ __global__ void __launch_bounds__(256) isect_emit_kernel(IsectArgs a) {
     const int64_t last = min(first + int64_t(blockDim.x), total) - 1;
     const int64_t base = a.ends[first] - a.counts[first];
     const int64_t span = a.ends[last] - base;  // the block's pairs: [base, base + span)
-    const bool staged = span <= EMIT_STAGE;                         // uniform over the block
+    const bool staged = span <= EMIT_STAGE;    // uniform over the block
     // destination of the pairs at global position `pos`
     auto keys_at = [&](int64_t pos) { return staged ? s_keys + (pos - base) : a.keys + pos; };
     auto values_at = [&](int64_t pos) { return staged ? s_values + (pos - base) : a.values + pos; };

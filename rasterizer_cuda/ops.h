@@ -16,38 +16,38 @@ namespace fit3d {
 struct ProjectArgs {
     int B, N, width, height;
     float near_plane, far_plane;
-    const float* means;        // [N, 3]
-    const float* quats;        // [N, 4] (w, x, y, z), any norm
-    const float* scales;       // [N, 3]
-    const float* opacities;    // [N] (culling only)
-    const float* viewmats;     // [B, 4, 4] world to camera
-    const float* Ks;           // [B, 3, 3]
+    const float* means;      // [N, 3]
+    const float* quats;      // [N, 4] (w, x, y, z), any norm
+    const float* scales;     // [N, 3]
+    const float* opacities;  // [N] (culling only)
+    const float* viewmats;   // [B, 4, 4] world to camera
+    const float* Ks;         // [B, 3, 3]
     // forward outputs
-    float* means2d;            // [B, N, 2]
-    float* conics;             // [B, N, 3]
-    float* depths;             // [B, N]
-    int32_t* radii;            // [B, N]
+    float* means2d;  // [B, N, 2]
+    float* conics;   // [B, N, 3]
+    float* depths;   // [B, N]
+    int32_t* radii;  // [B, N]
     // backward inputs (gradients of the forward outputs) and outputs
-    const float* v_means2d;    // [B, N, 2]
-    const float* v_conics;     // [B, N, 3]
-    const float* v_depths;     // [B, N]
-    float* v_means;            // [N, 3]
-    float* v_quats;            // [N, 4]
-    float* v_scales;           // [N, 3]
+    const float* v_means2d;  // [B, N, 2]
+    const float* v_conics;   // [B, N, 3]
+    const float* v_depths;   // [B, N]
+    float* v_means;          // [N, 3]
+    float* v_quats;          // [N, 4]
+    float* v_scales;         // [N, 3]
 };
 cudaError_t launch_project_fwd(const ProjectArgs& args, cudaStream_t stream);
 cudaError_t launch_project_bwd(const ProjectArgs& args, cudaStream_t stream);
 
 // ---- spherical_harmonics: view-dependent colour (sh_fwd.cu / sh_bwd.cu) ---------------------------------
 struct ShArgs {
-    int B, N, K, degree;       // K coefficients per channel, K >= (degree + 1)^2
-    const float* sh;           // [N, K, 3]
-    const float* means;        // [N, 3]
-    const float* viewmats;     // [B, 4, 4]
-    float* colors;             // [B, N, 3] forward output
-    const float* v_colors;     // [B, N, 3] backward input
-    float* v_sh;               // [N, K, 3] backward output (fully written)
-    float* v_means;            // [N, 3] backward output (fully written)
+    int B, N, K, degree;    // K coefficients per channel, K >= (degree + 1)^2
+    const float* sh;        // [N, K, 3]
+    const float* means;     // [N, 3]
+    const float* viewmats;  // [B, 4, 4]
+    float* colors;          // [B, N, 3] forward output
+    const float* v_colors;  // [B, N, 3] backward input
+    float* v_sh;            // [N, K, 3] backward output (fully written)
+    float* v_means;         // [N, 3] backward output (fully written)
 };
 cudaError_t launch_sh_fwd(const ShArgs& args, cudaStream_t stream);
 cudaError_t launch_sh_bwd(const ShArgs& args, cudaStream_t stream);
@@ -55,20 +55,19 @@ cudaError_t launch_sh_bwd(const ShArgs& args, cudaStream_t stream);
 // ---- isect_tiles: per (camera, tile), the Gaussians that reach it, front to back (isect_tiles.cu) ---------
 struct IsectArgs {
     int B, N, width, height, tiles_x, tiles_y;
-    const float* means2d;      // [B, N, 2]
-    const float* conics;       // [B, N, 3]
-    const float* opacities;    // [N]
-    const int32_t* radii;      // [B, N]; Gaussians with radius 0 are skipped
+    const float* means2d;        // [B, N, 2]
+    const float* conics;         // [B, N, 3]
+    const float* opacities;      // [N]
+    const int32_t* radii;        // [B, N]; Gaussians with radius 0 are skipped
     const int32_t* depth_order;  // [B * N] entries (camera * N + g) sorted by depth
-    int64_t* counts;           // [B * N] tiles touched by depth_order[s] (count pass)
-    const int64_t* ends;       // [B * N] inclusive prefix sum of counts (emit pass)
-    int64_t capacity;          // slots of keys/values; pairs past it are dropped (the caller checks the total)
-    uint32_t* keys;            // [capacity] camera * tiles + tile
-    int32_t* values;           // [capacity] Gaussian index
+    int64_t* counts;             // [B * N] tiles touched by depth_order[s] (count pass)
+    const int64_t* ends;         // [B * N] inclusive prefix sum of counts (emit pass)
+    int64_t capacity;            // slots of keys/values; pairs past it are dropped (the caller checks the total)
+    uint32_t* keys;              // [capacity] camera * tiles + tile
+    int32_t* values;             // [capacity] Gaussian index
 };
 // keys[i] = depth bits of entry i, values[i] = i, for the depth sort.
-cudaError_t launch_depth_keys(const float* depths, int64_t total, uint32_t* keys, int32_t* values,
-                              cudaStream_t stream);
+cudaError_t launch_depth_keys(const float* depths, int64_t total, uint32_t* keys, int32_t* values, cudaStream_t stream);
 cudaError_t launch_isect_count(const IsectArgs& args, cudaStream_t stream);
 cudaError_t launch_isect_emit(const IsectArgs& args, cudaStream_t stream);
 // Slots [*total, capacity) of keys/values get the "no tile" key (B * tiles), which sorts last and is in no
@@ -108,24 +107,24 @@ struct RasterizeArgs {
     const int32_t* tile_ranges;    // [B * tiles, 2]
     const int32_t* gaussian_ids;   // [n_isect]
     // forward outputs
-    float* out_rgb;                // [B, 3, H, W]
-    float* out_depth;              // [B, 1, H, W]
-    float* out_features;           // [B, F, H, W]
-    float* out_alpha;              // [B, 1, H, W]
-    float* final_t;                // [B, H, W] (also a backward input)
-    int32_t* last_ids;             // [B, H, W] index of the last composited entry, -1 if none (idem)
+    float* out_rgb;       // [B, 3, H, W]
+    float* out_depth;     // [B, 1, H, W]
+    float* out_features;  // [B, F, H, W]
+    float* out_alpha;     // [B, 1, H, W]
+    float* final_t;       // [B, H, W] (also a backward input)
+    int32_t* last_ids;    // [B, H, W] index of the last composited entry, -1 if none (idem)
     // backward inputs: gradients of the images (any may be nullptr = zero)
-    const float* v_rgb;            // [B, 3, H, W]
-    const float* v_depth;          // [B, 1, H, W]
-    const float* v_features;       // [B, F, H, W]
-    const float* v_alpha;          // [B, 1, H, W]
+    const float* v_rgb;       // [B, 3, H, W]
+    const float* v_depth;     // [B, 1, H, W]
+    const float* v_features;  // [B, F, H, W]
+    const float* v_alpha;     // [B, 1, H, W]
     // backward outputs (accumulated with atomics; zero them first)
-    float* v_means2d;              // [B, N, 2]
-    float* v_conics;               // [B, N, 3]
-    float* v_opacities;            // [N]
-    float* v_colors;               // like colors
-    float* v_depths;               // [B, N]
-    float* v_feats;                // [N, F]
+    float* v_means2d;    // [B, N, 2]
+    float* v_conics;     // [B, N, 3]
+    float* v_opacities;  // [N]
+    float* v_colors;     // like colors
+    float* v_depths;     // [B, N]
+    float* v_feats;      // [N, F]
 };
 // Shared memory (bytes) one launch of `channel_count` channels needs.
 size_t rasterize_fwd_shared_bytes(int channel_count);
@@ -136,16 +135,16 @@ cudaError_t launch_rasterize_bwd(const RasterizeArgs& args, cudaStream_t stream)
 // ---- feature_l1: Stage I's feature loss against an upsampled target (feature_loss.cu) --------------------
 enum class ScalarType { Float32, Float16, BFloat16 };
 struct FeatureL1Args {
-    int B, D, H, W, h, w;          // decoded [B, H, W, D], target [B, h, w, D], both channels last
-    float scale_x, scale_y;        // w / W and h / H (PyTorch's bilinear source scale)
+    int B, D, H, W, h, w;    // decoded [B, H, W, D], target [B, h, w, D], both channels last
+    float scale_x, scale_y;  // w / W and h / H (PyTorch's bilinear source scale)
     ScalarType decoded_type, target_type;
     const void* decoded;
     const void* target;
-    const bool* mask;              // [B, H, W] or nullptr (all pixels count)
-    float inv_count;               // 1 / (B * D * H * W)
-    float* partials;               // forward: [feature_l1_blocks()] per-block sums of |decoded - up(target)|
-    const float* grad_output;      // backward: the loss's gradient (one value on the device)
-    void* grad;                    // backward: [B, H, W, D] like decoded; nullptr in the forward
+    const bool* mask;          // [B, H, W] or nullptr (all pixels count)
+    float inv_count;           // 1 / (B * D * H * W)
+    float* partials;           // forward: [feature_l1_blocks()] per-block sums of |decoded - up(target)|
+    const float* grad_output;  // backward: the loss's gradient (one value on the device)
+    void* grad;                // backward: [B, H, W, D] like decoded; nullptr in the forward
 };
 int64_t feature_l1_blocks(const FeatureL1Args& args);
 cudaError_t launch_feature_l1(const FeatureL1Args& args, cudaStream_t stream);

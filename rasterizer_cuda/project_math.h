@@ -8,8 +8,8 @@
 namespace fit3d {
 
 struct Camera {
-    Mat3 R;          // world-to-camera rotation
-    float3 t;        // world-to-camera translation
+    Mat3 R;    // world-to-camera rotation
+    float3 t;  // world-to-camera translation
     float fx, fy, cx, cy;
     float lim_x_neg, lim_x_pos, lim_y_neg, lim_y_pos;  // clamp of x/z and y/z for the Jacobian
 };
@@ -42,11 +42,11 @@ __host__ __device__ inline float3 world_to_cam(const Camera& c, float3 m) {
 // World covariance R(q) diag(s)^2 R(q)^T and the pieces its backward needs.
 struct Covariance {
     float qw, qx, qy, qz;  // normalised quaternion
-    float inv_norm; // 1 / max(|q|, 1e-12)
-    Mat3 rot;       // R(q)
-    float3 s;       // scales
-    Mat3 M;         // R(q) diag(s)
-    Mat3 sigma;     // M M^T
+    float inv_norm;        // 1 / max(|q|, 1e-12)
+    Mat3 rot;              // R(q)
+    float3 s;              // scales
+    Mat3 M;                // R(q) diag(s)
+    Mat3 sigma;            // M M^T
 };
 
 __host__ __device__ inline Covariance world_covariance(const float* quat, const float* scale) {
@@ -78,12 +78,12 @@ __host__ __device__ inline Mat3 camera_covariance(const Camera& cam, const float
 }
 
 struct Projection {
-    float mean_x, mean_y;          // 2D mean (px)
-    float cov_a, cov_b, cov_c;     // 2D covariance [[a, b], [b, c]] including the low-pass
-    float det;                     // a c - b^2
-    float tx, ty;                  // z * clamped x/z, y/z
-    bool clamped_x, clamped_y;     // whether the clamp was active (its gradient then goes to z)
-    float J00, J02, J11, J12;      // non-zero entries of the 2x3 Jacobian
+    float mean_x, mean_y;       // 2D mean (px)
+    float cov_a, cov_b, cov_c;  // 2D covariance [[a, b], [b, c]] including the low-pass
+    float det;                  // a c - b^2
+    float tx, ty;               // z * clamped x/z, y/z
+    bool clamped_x, clamped_y;  // whether the clamp was active (its gradient then goes to z)
+    float J00, J02, J11, J12;   // non-zero entries of the 2x3 Jacobian
 };
 
 __host__ __device__ inline Projection project_gaussian(const Camera& cam, float3 p, const Mat3& cov) {
@@ -142,8 +142,7 @@ __host__ __device__ inline void project_fwd_one(const ProjectArgs& a, int64_t in
 
     const float opacity = a.opacities[g];
     int col0, col1, row0, row1;
-    if (!pixel_box(pr.mean_x, pr.mean_y, ca, cb, cc, opacity, a.width, a.height, col0, col1, row0, row1))
-        return;
+    if (!pixel_box(pr.mean_x, pr.mean_y, ca, cb, cc, opacity, a.width, a.height, col0, col1, row0, row1)) return;
 
     const float mid = 0.5f * (pr.cov_a + pr.cov_c);
     const float lambda_max = mid + sqrtf(fmaxf(mid * mid - pr.det, 0.1f));
@@ -202,8 +201,7 @@ __host__ __device__ inline void project_bwd_one(const ProjectArgs& a, int g) {
         for (int i = 0; i < 2; ++i)
 #pragma unroll
             for (int j = 0; j < 3; ++j)
-                vJ[i][j] = 2.f * (GJ[i][0] * cov_cam.m[0][j] + GJ[i][1] * cov_cam.m[1][j] +
-                                  GJ[i][2] * cov_cam.m[2][j]);
+                vJ[i][j] = 2.f * (GJ[i][0] * cov_cam.m[0][j] + GJ[i][1] * cov_cam.m[1][j] + GJ[i][2] * cov_cam.m[2][j]);
 
         // Jacobian entries -> camera-space position
         float3 v_p = make_float3(0.f, 0.f, 0.f);
@@ -212,10 +210,14 @@ __host__ __device__ inline void project_bwd_one(const ProjectArgs& a, int g) {
         v_p.z += vJ[0][2] * 2.f * cam.fx * pr.tx / z3 + vJ[1][2] * 2.f * cam.fy * pr.ty / z3;
         const float v_tx = -vJ[0][2] * cam.fx / z2;
         const float v_ty = -vJ[1][2] * cam.fy / z2;
-        if (pr.clamped_x) v_p.z += v_tx * (pr.tx / z);
-        else v_p.x += v_tx;
-        if (pr.clamped_y) v_p.z += v_ty * (pr.ty / z);
-        else v_p.y += v_ty;
+        if (pr.clamped_x)
+            v_p.z += v_tx * (pr.tx / z);
+        else
+            v_p.x += v_tx;
+        if (pr.clamped_y)
+            v_p.z += v_ty * (pr.ty / z);
+        else
+            v_p.y += v_ty;
 
         // 2D mean and depth
         const float vmx = a.v_means2d[index * 2 + 0], vmy = a.v_means2d[index * 2 + 1];
@@ -259,14 +261,14 @@ __host__ __device__ inline void project_bwd_one(const ProjectArgs& a, int g) {
 
     // R(q) of the unit quaternion (w, x, y, z), then the normalisation q / |q|
     const float w = cov.qw, x = cov.qx, y = cov.qy, z = cov.qz;
-    const float vw = 2.f * (-z * G.m[0][1] + y * G.m[0][2] + z * G.m[1][0] - x * G.m[1][2] - y * G.m[2][0] +
-                            x * G.m[2][1]);
-    const float vx = 2.f * (y * G.m[0][1] + z * G.m[0][2] + y * G.m[1][0] - 2.f * x * G.m[1][1] -
-                            w * G.m[1][2] + z * G.m[2][0] + w * G.m[2][1] - 2.f * x * G.m[2][2]);
-    const float vy = 2.f * (-2.f * y * G.m[0][0] + x * G.m[0][1] + w * G.m[0][2] + x * G.m[1][0] +
-                            z * G.m[1][2] - w * G.m[2][0] + z * G.m[2][1] - 2.f * y * G.m[2][2]);
-    const float vz = 2.f * (-2.f * z * G.m[0][0] - w * G.m[0][1] + x * G.m[0][2] + w * G.m[1][0] -
-                            2.f * z * G.m[1][1] + y * G.m[1][2] + x * G.m[2][0] + y * G.m[2][1]);
+    const float vw =
+        2.f * (-z * G.m[0][1] + y * G.m[0][2] + z * G.m[1][0] - x * G.m[1][2] - y * G.m[2][0] + x * G.m[2][1]);
+    const float vx = 2.f * (y * G.m[0][1] + z * G.m[0][2] + y * G.m[1][0] - 2.f * x * G.m[1][1] - w * G.m[1][2] +
+                            z * G.m[2][0] + w * G.m[2][1] - 2.f * x * G.m[2][2]);
+    const float vy = 2.f * (-2.f * y * G.m[0][0] + x * G.m[0][1] + w * G.m[0][2] + x * G.m[1][0] + z * G.m[1][2] -
+                            w * G.m[2][0] + z * G.m[2][1] - 2.f * y * G.m[2][2]);
+    const float vz = 2.f * (-2.f * z * G.m[0][0] - w * G.m[0][1] + x * G.m[0][2] + w * G.m[1][0] - 2.f * z * G.m[1][1] +
+                            y * G.m[1][2] + x * G.m[2][0] + y * G.m[2][1]);
     const float dot = w * vw + x * vx + y * vy + z * vz;
     a.v_quats[g * 4 + 0] = (vw - w * dot) * cov.inv_norm;
     a.v_quats[g * 4 + 1] = (vx - x * dot) * cov.inv_norm;

@@ -57,8 +57,8 @@ __host__ __device__ inline float image_grad(const RasterizeArgs& a, int b, int c
 // the backward kernel round it identically (they must agree on which Gaussians were composited). Most
 // (pixel, Gaussian) pairs of a tile lie outside the Gaussian's 1/255 ellipse: they return 0 without the
 // exponential, which would otherwise bound the kernels' speed (one per pair and pixel).
-__host__ __device__ inline float splat_alpha(const Splat& s, float px, float py, float& dx, float& dy,
-                                             float& sigma, float& gauss, float& raw) {
+__host__ __device__ inline float splat_alpha(const Splat& s, float px, float py, float& dx, float& dy, float& sigma,
+                                             float& gauss, float& raw) {
     dx = px - s.x;
     dy = py - s.y;
     sigma = fmaf(s.b * dx, dy, 0.5f * fmaf(s.a * dx, dx, (s.c * dy) * dy));

@@ -21,8 +21,8 @@
 
 namespace fit3d {
 
-constexpr int GROUP = 32;                       // pixels per warp (an 8 x 4 pixel group of the tile)
-constexpr int GROUPS = BLOCK_SIZE / GROUP;      // 8
+constexpr int GROUP = 32;                   // pixels per warp (an 8 x 4 pixel group of the tile)
+constexpr int GROUPS = BLOCK_SIZE / GROUP;  // 8
 // Pixel p's slot in a per-pixel row: one float4 of skew per 32-pixel group, so that the eight lanes of a
 // quarter-warp reading the same offset in eight different groups hit eight different bank groups.
 __host__ __device__ inline int skewed(int p) { return p + (p / GROUP) * 4; }
@@ -49,16 +49,16 @@ __global__ void __launch_bounds__(BLOCK_SIZE, 2) rasterize_bwd_kernel(RasterizeA
     const int cc = a.channel_count;
     const int cp = bwd_channel_stride(cc);
     const int rs = bwd_pixel_stride(cp);
-    float* s_g = reinterpret_cast<float*>(shared);             // pixel p's gradients at grad_row(p, rs)
-    float* s_w = s_g + BLOCK_SIZE * rs + GROUPS * 4;            // [BWD_BATCH][ROW] weights w
-    float* s_u = s_w + BWD_BATCH * ROW;                         // [BWD_BATCH][ROW] dL/dsigma
-    float* s_chan = s_u + BWD_BATCH * ROW;                      // [BWD_BATCH][rc] routed channel values
+    float* s_g = reinterpret_cast<float*>(shared);    // pixel p's gradients at grad_row(p, rs)
+    float* s_w = s_g + BLOCK_SIZE * rs + GROUPS * 4;  // [BWD_BATCH][ROW] weights w
+    float* s_u = s_w + BWD_BATCH * ROW;               // [BWD_BATCH][ROW] dL/dsigma
+    float* s_chan = s_u + BWD_BATCH * ROW;            // [BWD_BATCH][rc] routed channel values
     Splat* s_splat = reinterpret_cast<Splat*>(s_chan + BWD_BATCH * cp);
-    int* s_gid = reinterpret_cast<int*>(s_splat + BWD_BATCH);  // [BWD_BATCH]
-    int* s_klist = s_gid + BWD_BATCH;                           // [BWD_BATCH] slots some pixel composited
+    int* s_gid = reinterpret_cast<int*>(s_splat + BWD_BATCH);              // [BWD_BATCH]
+    int* s_klist = s_gid + BWD_BATCH;                                      // [BWD_BATCH] slots some pixel composited
     unsigned* s_wmask = reinterpret_cast<unsigned*>(s_klist + BWD_BATCH);  // [GROUPS] per-warp slot masks
-    int* s_last = reinterpret_cast<int*>(s_wmask + GROUPS);     // block max of last ids
-    unsigned* s_mask = reinterpret_cast<unsigned*>(s_last + 1);  // union of s_wmask
+    int* s_last = reinterpret_cast<int*>(s_wmask + GROUPS);                // block max of last ids
+    unsigned* s_mask = reinterpret_cast<unsigned*>(s_last + 1);            // union of s_wmask
 
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int tile = blockIdx.x, b = blockIdx.y;
@@ -107,8 +107,7 @@ __global__ void __launch_bounds__(BLOCK_SIZE, 2) rasterize_bwd_kernel(RasterizeA
         }
         for (int e = tid; e < count * rc; e += BLOCK_SIZE) {
             const int k = e / rc, c = e - k * rc;
-            s_chan[e] = c < cc ? channel_value(a, b, a.gaussian_ids[batch_start + k], a.channel_begin + c)
-                               : 0.f;
+            s_chan[e] = c < cc ? channel_value(a, b, a.gaussian_ids[batch_start + k], a.channel_begin + c) : 0.f;
         }
         if (tid == 0) *s_mask = 0u;
         __syncthreads();

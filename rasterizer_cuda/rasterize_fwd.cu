@@ -35,10 +35,10 @@ template <int CP>
 __global__ void __launch_bounds__(BLOCK_SIZE, 2) rasterize_fwd_kernel(RasterizeArgs a) {
     extern __shared__ float4 shared[];
     const int cc = a.channel_count;
-    float* s_chan = reinterpret_cast<float*>(shared);                  // [FWD_BATCH][CP] channel values
-    float* s_w = s_chan + FWD_BATCH * CP;                               // [FWD_BATCH][BLOCK_SIZE] weights
+    float* s_chan = reinterpret_cast<float*>(shared);                         // [FWD_BATCH][CP] channel values
+    float* s_w = s_chan + FWD_BATCH * CP;                                     // [FWD_BATCH][BLOCK_SIZE] weights
     Splat* s_splat = reinterpret_cast<Splat*>(s_w + FWD_BATCH * BLOCK_SIZE);  // [FWD_BATCH]
-    unsigned* s_mask = reinterpret_cast<unsigned*>(s_splat + FWD_BATCH);       // slots some pixel composited
+    unsigned* s_mask = reinterpret_cast<unsigned*>(s_splat + FWD_BATCH);      // slots some pixel composited
 
     const int tid = threadIdx.x;
     const int tile = blockIdx.x, b = blockIdx.y;
@@ -147,16 +147,26 @@ cudaError_t launch_fwd(const RasterizeArgs& args, cudaStream_t stream) {
 cudaError_t launch_rasterize_fwd(const RasterizeArgs& args, cudaStream_t stream) {
     if (args.B == 0 || args.tiles_x * args.tiles_y == 0 || args.channel_count <= 0) return cudaSuccess;
     switch (fwd_capacity(args.channel_count)) {
-        case 4: return launch_fwd<4>(args, stream);
-        case 8: return launch_fwd<8>(args, stream);
-        case 12: return launch_fwd<12>(args, stream);
-        case 16: return launch_fwd<16>(args, stream);
-        case 24: return launch_fwd<24>(args, stream);
-        case 32: return launch_fwd<32>(args, stream);
-        case 48: return launch_fwd<48>(args, stream);
-        case 64: return launch_fwd<64>(args, stream);
-        case 72: return launch_fwd<72>(args, stream);
-        default: return cudaErrorInvalidValue;  // ext.cpp never plans more than FWD_MAX_PASS_CHANNELS
+        case 4:
+            return launch_fwd<4>(args, stream);
+        case 8:
+            return launch_fwd<8>(args, stream);
+        case 12:
+            return launch_fwd<12>(args, stream);
+        case 16:
+            return launch_fwd<16>(args, stream);
+        case 24:
+            return launch_fwd<24>(args, stream);
+        case 32:
+            return launch_fwd<32>(args, stream);
+        case 48:
+            return launch_fwd<48>(args, stream);
+        case 64:
+            return launch_fwd<64>(args, stream);
+        case 72:
+            return launch_fwd<72>(args, stream);
+        default:
+            return cudaErrorInvalidValue;  // ext.cpp never plans more than FWD_MAX_PASS_CHANNELS
     }
 }
 

@@ -199,7 +199,9 @@ def _input_column(labels: list[str], examples: list[Path]) -> _Controls:
     similarity_button = gr.Button("Similarity at this point", size="sm")
     if examples:
         gr.Examples([[str(path)] for path in examples], inputs=[image_input], label="Synthetic example rooms")
-    return _Controls(image_input, model_choice, n_clusters, shared_pca, run_button, point_x, point_y, similarity_button)
+    return _Controls(
+        image_input, model_choice, n_clusters, shared_pca, run_button, point_x, point_y, similarity_button
+    )
 
 
 def _result_column() -> _Results:

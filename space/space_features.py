@@ -50,8 +50,6 @@ def compute_features(model: FiT3DModel, pixels: torch.Tensor) -> tuple[torch.Ten
     return output.original_features[0].float().cpu(), output.finetuned_features[0].float().cpu()
 
 
-
-
 @dataclass(frozen=True)
 class SpaceSettings:
     """Limits that keep one request affordable on a CPU Space."""

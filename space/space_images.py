@@ -13,7 +13,14 @@ from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 from fit3d_hf.images import to_8bit
 
-__all__ = ["MARKER_COLOR", "downscale_notice", "draw_marker", "open_image", "prepare_image", "upscale_patches"]
+__all__ = [
+    "MARKER_COLOR",
+    "downscale_notice",
+    "draw_marker",
+    "open_image",
+    "prepare_image",
+    "upscale_patches",
+]
 
 MARKER_COLOR = (0, 255, 255)  # cyan: absent from inferno, so the marker never reads as a similarity value
 

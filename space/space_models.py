@@ -69,7 +69,9 @@ class ModelRegistry:
 
     models: dict[str, LoadedModel] = field(default_factory=dict)
     failures: list[tuple[ModelEntry, str]] = field(default_factory=list)
-    offline: list[ModelEntry] = field(default_factory=list)  # entries that needed the Hub, which is unreachable
+    offline: list[ModelEntry] = field(
+        default_factory=list
+    )  # entries that needed the Hub, which is unreachable
 
     def get(self, label: str) -> LoadedModel:
         if label not in self.models:
@@ -177,7 +179,12 @@ def _load_entry(entry: ModelEntry, device: torch.device, release_cache: str | Pa
         except Exception as source_error:  # noqa: BLE001 - the release (if any) gets its chance below
             if not entry.release:
                 raise
-            logger.info("%s: %s did not load (%s); building it from the original release", entry.label, entry.source, source_error)
+            logger.info(
+                "%s: %s did not load (%s); building it from the original release",
+                entry.label,
+                entry.source,
+                source_error,
+            )
     # A failure here is reported with its own cause (an unreachable Hub, a conversion problem, ...).
     return _load_fit3d(str(converted_release_model(entry.release, release_cache)), device)
 

@@ -25,5 +25,7 @@ def pytest_terminal_summary(terminalreporter):
     if helpers is not None and helpers.FUZZ_COUNTS:
         counts = helpers.FUZZ_COUNTS
         refused = helpers.FUZZ_REFUSED
-        targets = ", ".join(f"{name} {number} ({refused[name]} refused)" for name, number in sorted(counts.items()))
+        targets = ", ".join(
+            f"{name} {number} ({refused[name]} refused)" for name, number in sorted(counts.items())
+        )
         terminalreporter.write_line(f"fuzzing: {sum(counts.values())} inputs tried ({targets})")

@@ -34,7 +34,11 @@ def _pause(marker: str, what: str) -> None:
 
 def _cut_in_half(path: Path) -> str:
     """Truncates the temporary file (or the largest file of a temporary folder) to half its size."""
-    files = [path] if path.is_file() else sorted(path.rglob("*"), key=lambda p: p.stat().st_size if p.is_file() else -1)
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(path.rglob("*"), key=lambda p: p.stat().st_size if p.is_file() else -1)
+    )
     victim = files[-1] if files else None
     if victim is None or not victim.is_file():
         return "nothing"
@@ -51,7 +55,9 @@ def _hook_replace(marker: str, pattern: str, occurrence: int) -> None:
         if re.search(pattern, os.fspath(dst)):
             seen[0] += 1
             if seen[0] == occurrence:
-                _pause(marker, f"os.replace({os.fspath(src)!r} -> {os.fspath(dst)!r}); {_cut_in_half(Path(src))}")
+                _pause(
+                    marker, f"os.replace({os.fspath(src)!r} -> {os.fspath(dst)!r}); {_cut_in_half(Path(src))}"
+                )
         return real_replace(src, dst, *args, **kwargs)
 
     os.replace = replace
@@ -81,7 +87,10 @@ def _hook_trace(marker: str, module_name: str, attribute: str) -> None:
     real = getattr(owner, name)
 
     def wrapper(self, *args, **kwargs):
-        record = {"len": len(self) if hasattr(self, "__len__") else None, "args": [a if isinstance(a, (int, float, str)) else repr(a) for a in args]}
+        record = {
+            "len": len(self) if hasattr(self, "__len__") else None,
+            "args": [a if isinstance(a, (int, float, str)) else repr(a) for a in args],
+        }
         with open(f"{marker}.{os.getpid()}", "a") as handle:
             handle.write(json.dumps(record) + "\n")
         return real(self, *args, **kwargs)

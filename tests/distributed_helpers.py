@@ -20,7 +20,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 # ACCELERATE_USE_CPU + --multi_gpu is what starts several gloo processes on a machine without GPUs.
-GLOO_ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+GLOO_ENV = {
+    **os.environ,
+    "ACCELERATE_USE_CPU": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TQDM_DISABLE": "1",
+}
 
 GLOO_TEARDOWN_HANG = (
     "{what} finished its work ({evidence}) but its processes did not exit within {timeout} s: this is the known "
@@ -36,7 +43,16 @@ def free_port() -> int:
 
 
 def accelerate_launch(*options: str) -> list[str]:
-    return [ACCELERATE, "launch", "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", *options]
+    return [
+        ACCELERATE,
+        "launch",
+        "--multi_gpu",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        *options,
+    ]
 
 
 def run_processes(
@@ -56,7 +72,14 @@ def run_processes(
     try:
         for command, handle in zip(commands, handles, strict=True):
             processes.append(
-                subprocess.Popen(command, cwd=REPO, env=env or GLOO_ENV, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+                subprocess.Popen(
+                    command,
+                    cwd=REPO,
+                    env=env or GLOO_ENV,
+                    stdout=handle,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and any(p.poll() is None for p in processes):

@@ -18,7 +18,11 @@ FUZZ_SETTINGS = settings(
     deadline=None,
     derandomize="FIT3D_FUZZ_RANDOM" not in os.environ,
     database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.data_too_large,
+    ],
 )
 
 

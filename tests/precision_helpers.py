@@ -21,6 +21,10 @@ def assert_within_bf16_precision(low: torch.Tensor, reference: torch.Tensor, num
     relative = float((low - reference).norm() / reference.norm())
     largest = float((low - reference).abs().max() / reference.abs().max())
     bound = stages * BF16_UNIT_ROUNDOFF / 2
-    assert relative <= bound, f"relative error {relative:.2e} above the bf16 bound {bound:.2e} ({stages} rounding stages)"
-    assert largest <= 2 * bound, f"largest error {largest:.2e} (relative to the largest feature) above {2 * bound:.2e}"
+    assert relative <= bound, (
+        f"relative error {relative:.2e} above the bf16 bound {bound:.2e} ({stages} rounding stages)"
+    )
+    assert largest <= 2 * bound, (
+        f"largest error {largest:.2e} (relative to the largest feature) above {2 * bound:.2e}"
+    )
     assert relative > BF16_UNIT_ROUNDOFF / 16, f"relative error {relative:.2e}: the run was not in bf16"

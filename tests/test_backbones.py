@@ -398,7 +398,10 @@ def test_convert_original_command(tmp_path, capsys):
     )
     bad = tmp_path / "bad.pth"
     torch.save({"args": "not a tensor"}, bad)
-    assert fit3d_main([*argv[:3], "--weights", str(bad), "--output_dir", str(tmp_path / "out2"), *argv[-2:]]) == 1
+    assert (
+        fit3d_main([*argv[:3], "--weights", str(bad), "--output_dir", str(tmp_path / "out2"), *argv[-2:]])
+        == 1
+    )
     assert capsys.readouterr().err == (
         f"fit3d convert-original: error: {bad} does not hold a state dict (a mapping of parameter names to "
         "tensors)\n"

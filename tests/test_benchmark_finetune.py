@@ -26,7 +26,12 @@ def test_finetune_benchmark_tiny_cpu_run():
     full, lora, loading = records
 
     config = Dinov2Config(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=14, image_size=518
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=14,
+        image_size=518,
     )
     # every weight but DINOv2's mask token (no gradient without bool_masked_pos: frozen for DDP)
     assert full["trainable_params"] == sum(p.numel() for p in Dinov2Model(config).parameters()) - 32

@@ -35,7 +35,9 @@ def _clustered_rest(n, prototypes=12, amplitude=0.05, noise=1e-3, zero_fraction=
 
 def _gaussians(n=50, feature_dim=8):
     rng = np.random.default_rng(0)
-    gaussians = FeatureGaussians.from_points(rng.normal(size=(n, 3)), rng.integers(0, 255, (n, 3), dtype=np.uint8), feature_dim)
+    gaussians = FeatureGaussians.from_points(
+        rng.normal(size=(n, 3)), rng.integers(0, 255, (n, 3), dtype=np.uint8), feature_dim
+    )
     with torch.no_grad():
         gaussians.features.normal_()
         gaussians.quats.normal_()
@@ -51,7 +53,13 @@ def test_bundle_round_trip(tmp_path):
     )  # fmt: skip
     assert path.name == "gaussians.safetensors" and not list(tmp_path.glob("scene_a/.tmp-*"))
     bundle = load_bundle(tmp_path / "scene_a", include_sh=True)
-    assert (bundle.scene_id, bundle.backbone, bundle.feature_dim, bundle.backbone_dim, len(bundle)) == ("scene_a", "tiny-dinov2", 8, 16, 400)
+    assert (bundle.scene_id, bundle.backbone, bundle.feature_dim, bundle.backbone_dim, len(bundle)) == (
+        "scene_a",
+        "tiny-dinov2",
+        8,
+        16,
+        400,
+    )
     assert bundle.metadata["extra"] == {"psnr": 25.0}
     torch.testing.assert_close(bundle.means, gaussians.means.detach())
     # The decoder weight is stored in fp16 and loaded as float32.
@@ -59,7 +67,9 @@ def test_bundle_round_trip(tmp_path):
     assert torch.equal(bundle.decoder_weight, decoder.half().float())
     # fp16 storage: relative error of half precision.
     torch.testing.assert_close(bundle.features.float(), gaussians.features.detach(), rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(bundle.quats.float(), gaussians.normalized_quats.detach(), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(
+        bundle.quats.float(), gaussians.normalized_quats.detach(), rtol=1e-3, atol=1e-3
+    )
     torch.testing.assert_close(bundle.scales, gaussians.scales.detach(), rtol=2e-3, atol=1e-4)
     torch.testing.assert_close(bundle.opacities.float(), gaussians.opacities.detach(), rtol=1e-3, atol=1e-3)
     # SH: uint8 DC within half a quantisation step; higher orders from a 64-row codebook (12 clusters of
@@ -87,7 +97,9 @@ def test_bundle_round_trip(tmp_path):
 
 def test_fp16_sh_storage_keeps_the_colours_exact_to_half_precision(tmp_path):
     gaussians, decoder = _gaussians(n=300), torch.randn(16, 8, 3, 3)
-    path = save_bundle(tmp_path / "b.safetensors", gaussians, decoder, scene_id="s", backbone="b", sh_storage="fp16")
+    path = save_bundle(
+        tmp_path / "b.safetensors", gaussians, decoder, scene_id="s", backbone="b", sh_storage="fp16"
+    )
     metadata = read_bundle_metadata(path)
     assert metadata["sh_codec"] == "fp16" and "sh_codebook_size" not in metadata
     bundle = load_bundle(path, include_sh=True)
@@ -99,17 +111,24 @@ def test_fp16_sh_storage_keeps_the_colours_exact_to_half_precision(tmp_path):
     assert torch.equal(load_bundle(path).features, load_bundle(compressed).features)
     assert load_compressed_sh(path).decode().shape == (300, 16, 3)  # compressed on the fly for dataset rows
     with pytest.raises(ValueError, match="sh_storage"):
-        save_bundle(tmp_path / "d.safetensors", gaussians, decoder, scene_id="s", backbone="b", sh_storage="fp8")
+        save_bundle(
+            tmp_path / "d.safetensors", gaussians, decoder, scene_id="s", backbone="b", sh_storage="fp8"
+        )
 
 
 def test_stage2_load_skips_sh_and_is_compact(tmp_path):
     gaussians = _gaussians(n=1000, feature_dim=64)
-    path = save_bundle(tmp_path / "b.safetensors", gaussians, torch.randn(384, 64, 3, 3), scene_id="s", backbone="b")
+    path = save_bundle(
+        tmp_path / "b.safetensors", gaussians, torch.randn(384, 64, 3, 3), scene_id="s", backbone="b"
+    )
     bundle = load_bundle(path)
     assert bundle.sh is None and bundle.decoder_weight.dtype == torch.float32
     with safe_open(str(path), framework="pt") as handle:
         assert handle.get_slice("decoder.weight").get_dtype() == "F16"
-    stage2_bytes = sum(t.numel() * t.element_size() for t in (bundle.means, bundle.quats, bundle.log_scales, bundle.opacities, bundle.features))
+    stage2_bytes = sum(
+        t.numel() * t.element_size()
+        for t in (bundle.means, bundle.quats, bundle.log_scales, bundle.opacities, bundle.features)
+    )
     assert stage2_bytes / len(bundle) == 156  # vs 492 B per Gaussian in FiT3D's fp32 pickle
     # Stage II does not need the SH at all: a copy of the file without them loads the same.
     with safe_open(str(path), framework="pt") as handle:
@@ -131,7 +150,8 @@ def _data_bytes(path):
 
 
 @pytest.mark.parametrize(
-    ("n", "codebook_size", "expected"), [(196_000, 1024, 163.74), (229_439, 2048, 163.74), (1_000_000, 4096, 161.81)]
+    ("n", "codebook_size", "expected"),
+    [(196_000, 1024, 163.74), (229_439, 2048, 163.74), (1_000_000, 4096, 161.81)],
 )
 def test_bundle_byte_budget(tmp_path, n, codebook_size, expected):
     """At most 164 B per Gaussian (a third of FiT3D's 492), SH colours, decoder, codebook and header included,
@@ -151,7 +171,9 @@ def test_bundle_byte_budget(tmp_path, n, codebook_size, expected):
         torch.randn(n, 3, generator=g), torch.randn(n, 4, generator=g), torch.randn(n, 3, generator=g),
         torch.randn(n, generator=g), sh, torch.randn(n, feature_dim, generator=g),
     )  # fmt: skip
-    path = save_bundle(tmp_path, gaussians, torch.randn(backbone_dim, feature_dim, 3, 3), scene_id="s", backbone="b")
+    path = save_bundle(
+        tmp_path, gaussians, torch.randn(backbone_dim, feature_dim, 3, 3), scene_id="s", backbone="b"
+    )
     assert int(read_bundle_metadata(path)["sh_codebook_size"]) == codebook_size
     # The format as the module docstring specifies it, tensor by tensor (dtype, shape), read back from the file.
     expected_layout = {
@@ -164,7 +186,9 @@ def test_bundle_byte_budget(tmp_path, n, codebook_size, expected):
     with safe_open(str(path), framework="pt") as handle:
         stored = {key: handle.get_tensor(key) for key in handle.keys()}
     assert {key: (t.dtype, tuple(t.shape)) for key, t in stored.items()} == expected_layout
-    assert _data_bytes(path) == sum(t.numel() * t.element_size() for t in stored.values())  # nothing else in the data
+    assert _data_bytes(path) == sum(
+        t.numel() * t.element_size() for t in stored.values()
+    )  # nothing else in the data
     header_bytes = path.stat().st_size - _data_bytes(path)
     assert header_bytes < 2048
     value = bundle_bytes_per_gaussian(path)
@@ -201,7 +225,10 @@ def test_version_1_bundles_still_load(tmp_path):
     bundle = load_bundle(path.parent, include_sh=True)
     assert bundle.sh.dtype == torch.float16 and torch.equal(bundle.sh, tensors["sh"])
     compressed = load_compressed_sh(path)  # compressed on the fly (for the datasets builder)
-    assert len(compressed) == 300 and compressed.rest_codebook.shape == (default_codebook_size(300), 45) == (16, 45)
+    assert len(compressed) == 300 and compressed.rest_codebook.shape == (default_codebook_size(300), 45) == (
+        16,
+        45,
+    )
     assert float((compressed.decode() - tensors["sh"].float()).abs().max()) < 0.02
     metadata["format_version"] = "5"
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
@@ -242,7 +269,9 @@ def test_sh_compression_costs_little_rendered_psnr(tmp_path, rest):
     """
     n = 3000
     g = torch.Generator().manual_seed(0)
-    means = torch.cat([(torch.rand(n, 2, generator=g) - 0.5) * 2.0, 2.0 + 2.0 * torch.rand(n, 1, generator=g)], dim=1)
+    means = torch.cat(
+        [(torch.rand(n, 2, generator=g) - 0.5) * 2.0, 2.0 + 2.0 * torch.rand(n, 1, generator=g)], dim=1
+    )
     colours = torch.rand(n, 3, generator=g)
     higher = _clustered_rest(n, seed=1) if rest == "clustered" else 0.011 * torch.randn(n, 15, 3, generator=g)
     sh = torch.cat([((colours - 0.5) / 0.28209479177387814)[:, None], higher], dim=1)
@@ -254,7 +283,11 @@ def test_sh_compression_costs_little_rendered_psnr(tmp_path, rest):
     decoded = load_bundle(path, include_sh=True).sh
     K = torch.tensor([[60.0, 0.0, 40.0], [0.0, 60.0, 30.0], [0.0, 0.0, 1.0]]).expand(3, 3, 3)
     poses = []
-    for angle in (-0.3, 0.0, 0.3):  # cameras around the cloud's centre (0, 0, 3): the view-dependent terms vary
+    for angle in (
+        -0.3,
+        0.0,
+        0.3,
+    ):  # cameras around the cloud's centre (0, 0, 3): the view-dependent terms vary
         c, s = math.cos(angle), math.sin(angle)
         rotation = torch.tensor([[c, 0.0, -s], [0.0, 1.0, 0.0], [s, 0.0, c]])
         pose = torch.eye(4)
@@ -278,7 +311,9 @@ def test_sh_compression_costs_little_rendered_psnr(tmp_path, rest):
 
 
 def test_bundle_refuses_other_backbone_and_bad_files(tmp_path):
-    path = save_bundle(tmp_path, _gaussians(), torch.randn(16, 8, 3, 3), scene_id="s", backbone="facebook/dinov2-small")
+    path = save_bundle(
+        tmp_path, _gaussians(), torch.randn(16, 8, 3, 3), scene_id="s", backbone="facebook/dinov2-small"
+    )
     with pytest.raises(BundleMismatchError, match="facebook/dinov2-small.*facebook/dinov2-base"):
         load_bundle(path, expected_backbone="facebook/dinov2-base")
     with pytest.raises(BundleMismatchError, match="backbone_dim"):
@@ -306,22 +341,38 @@ def test_check_provenance_compares_what_changes_the_targets():
     metadata = {"backbone": "dinov2_small", "provenance": dict(lifted)}
     assert check_provenance(metadata, lifted) == []
     # the same weights under another name are the same backbone; other weights are not, whatever the name
-    assert check_provenance(metadata, {**lifted, "backbone": "/models/dinov2-small", "backbone_id": "/models/dinov2-small"}) == []
-    assert check_provenance(metadata, {**lifted, "weights_sha256": "b" * 64})[0].startswith("backbone weights differ")
-    assert check_provenance(metadata, {**lifted, "pos_embed_interpolation": "native"}) == ["pos_embed_interpolation 'timm' vs 'native'"]
+    assert (
+        check_provenance(
+            metadata, {**lifted, "backbone": "/models/dinov2-small", "backbone_id": "/models/dinov2-small"}
+        )
+        == []
+    )
+    assert check_provenance(metadata, {**lifted, "weights_sha256": "b" * 64})[0].startswith(
+        "backbone weights differ"
+    )
+    assert check_provenance(metadata, {**lifted, "pos_embed_interpolation": "native"}) == [
+        "pos_embed_interpolation 'timm' vs 'native'"
+    ]
     assert check_provenance(metadata, {**lifted, "image_mean": [0.5, 0.5, 0.5]})[0].startswith("image_mean")
     # a bundle written before provenance existed: compared by the backbone it names
     old = {"backbone": "dinov2_small", "provenance": {}}
     assert check_provenance(old, lifted) == []
-    assert check_provenance(old, {**lifted, "backbone": "facebook/dinov2-with-registers-small", "backbone_id": "facebook/dinov2-with-registers-small"}) == [
-        "backbone 'dinov2_small' vs 'facebook/dinov2-with-registers-small'"
-    ]
+    assert check_provenance(
+        old,
+        {
+            **lifted,
+            "backbone": "facebook/dinov2-with-registers-small",
+            "backbone_id": "facebook/dinov2-with-registers-small",
+        },
+    ) == ["backbone 'dinov2_small' vs 'facebook/dinov2-with-registers-small'"]
 
 
 def test_provenance_is_stored_in_the_bundle_header(tmp_path):
     gaussians = _gaussians()
     provenance = {"backbone_id": "facebook/dinov2-small", "weights_sha256": "c" * 64, "patch_size": 14}
-    path = save_bundle(tmp_path, gaussians, torch.randn(16, 8, 3, 3), scene_id="s", backbone="b", provenance=provenance)
+    path = save_bundle(
+        tmp_path, gaussians, torch.randn(16, 8, 3, 3), scene_id="s", backbone="b", provenance=provenance
+    )
     assert read_bundle_metadata(path)["provenance"] == provenance
     plain = save_bundle(tmp_path / "plain", gaussians, torch.randn(16, 8, 3, 3), scene_id="s", backbone="b")
     assert read_bundle_metadata(plain)["provenance"] == {}

@@ -52,14 +52,21 @@ def test_export_dataset_writes_standalone_parquet(tmp_path, capsys):
     assert raw["bytes"] is not None and len(raw["bytes"]) > 100
     # the README's configs header makes the folder loadable by name too, and ScanNet++'s "val" split is named
     # "validation" however the files are loaded (datasets infers that name from val-* files)
-    assert load_dataset(str(out), cache_dir=str(tmp_path / "cache2"))["validation"]["scene_id"] == ["val_c", "val_c"]
+    assert load_dataset(str(out), cache_dir=str(tmp_path / "cache2"))["validation"]["scene_id"] == [
+        "val_c",
+        "val_c",
+    ]
     inferred = load_dataset(str(out / "data"), cache_dir=str(tmp_path / "cache4"))
     assert set(inferred) == {"train", "validation"}
 
     # an existing output is not touched without --overwrite
     shutil.move(tmp_path / "moved", root)
     assert main(argv) == 2  # a usage error: the remedy is --overwrite
-    assert capsys.readouterr().err.splitlines()[-1].startswith(f"fit3d export-dataset: error: {out} already exists")
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .startswith(f"fit3d export-dataset: error: {out} already exists")
+    )
     assert len(list((out / "data").iterdir())) == 6
     assert main(argv + ["--overwrite", "--config", "points"]) == 0
     points = load_dataset(str(out), cache_dir=str(tmp_path / "cache3"))

@@ -40,7 +40,11 @@ def _features_of_world(K, w2c, depth, grid):
     points = (pixels @ torch.linalg.inv(K).T) * depth[yy, xx, None].double()
     world = points @ c2w[:3, :3].T + c2w[:3, 3]
     freqs = torch.arange(1, 9, dtype=torch.float64)
-    return torch.cat([torch.sin(world[..., :1] * freqs), torch.cos(world[..., 1:2] * freqs)], -1).permute(2, 0, 1).float()
+    return (
+        torch.cat([torch.sin(world[..., :1] * freqs), torch.cos(world[..., 1:2] * freqs)], -1)
+        .permute(2, 0, 1)
+        .float()
+    )
 
 
 def test_view_paired_with_itself_maps_patch_centres_onto_themselves():

@@ -50,8 +50,15 @@ def test_report_numbers_come_from_the_run(demo):
     reported = {row["variant"]: row for row in report["evaluation"]["segmentation"]["rows"]}
     assert [row["variant"] for row in probe["rows"]] == list(reported) == ["original", "finetuned", "fit3d"]
     for row in probe["rows"]:
-        assert (reported[row["variant"]]["mIoU"], reported[row["variant"]]["aAcc"]) == (row["mIoU"], row["aAcc"])
-    table = [line for line in (demo / "eval_segmentation" / "results.md").read_text().splitlines() if line.startswith("|")]
+        assert (reported[row["variant"]]["mIoU"], reported[row["variant"]]["aAcc"]) == (
+            row["mIoU"],
+            row["aAcc"],
+        )
+    table = [
+        line
+        for line in (demo / "eval_segmentation" / "results.md").read_text().splitlines()
+        if line.startswith("|")
+    ]
     assert table and all(line in text for line in table)  # the probe's own table, in the report
 
 
@@ -60,9 +67,14 @@ def test_report_includes_the_normals_probe(demo):
     results = json.loads((demo / "eval_normals" / "results.json").read_text())
     assert [row["name"] for row in results["rows"]] == ["original", "fine-tuned", "FiT3D"]
     text = (demo / "report.md").read_text()
-    assert "### normals" in text and "| features | channels | mean ↓ | median ↓ | 11.25° ↑ | 22.5° ↑ | 30° ↑ |" in text
+    assert (
+        "### normals" in text
+        and "| features | channels | mean ↓ | median ↓ | 11.25° ↑ | 22.5° ↑ | 30° ↑ |" in text
+    )
     for row in results["rows"]:
-        assert 0 < row["mean"] < 90 and row["num_pixels"] > 0  # a trained head beats the 90° of an orthogonal guess
+        assert (
+            0 < row["mean"] < 90 and row["num_pixels"] > 0
+        )  # a trained head beats the 90° of an orthogonal guess
         assert f"| {row['name']} | {row['channels']} | {row['mean']:.2f}° | {row['median']:.2f}° |" in text
 
 
@@ -83,10 +95,23 @@ def test_notebook_runs_on_the_demo_model(demo, tmp_path, monkeypatch):
     notebook_path = Path(__file__).parents[1] / "notebooks" / "fit3d_demo.ipynb"
     notebook = nbformat.read(notebook_path, as_version=4)
     monkeypatch.setenv("FIT3D_MODEL", str(demo / "fit3d"))
-    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(notebook_path.parent)}}).execute()
-    outputs = ["".join(o.get("text", "") for o in cell.get("outputs", [])) for cell in notebook.cells if cell.cell_type == "code"]
+    nbclient.NotebookClient(
+        notebook,
+        timeout=300,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(notebook_path.parent)}},
+    ).execute()
+    outputs = [
+        "".join(o.get("text", "") for o in cell.get("outputs", []))
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+    ]
     assert "FiT3DModel with backbone dinov2" in outputs[0]
-    assert "original (1, 64, 60, 80) fine-tuned (1, 64, 60, 80) FiT3D (1, 128, 60, 80)" in outputs[1]  # 320x240 examples, patch 4
+    assert (
+        "original (1, 64, 60, 80) fine-tuned (1, 64, 60, 80) FiT3D (1, 128, 60, 80)" in outputs[1]
+    )  # 320x240 examples, patch 4
     assert "similarity at the centre patch: [1.0, 1.0]" in outputs[-1]
-    figures = [o for cell in notebook.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
+    figures = [
+        o for cell in notebook.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})
+    ]
     assert len(figures) == 3  # PCA, K-Means and similarity plots

@@ -34,9 +34,21 @@ def workspace(tmp_path_factory):
     run: the same kernels, the same bits); a tiny backbone."""
     root = tmp_path_factory.mktemp("distributed")
     data = root / "data"
-    generate_dataset(data, num_scenes=2, num_val_scenes=1, config=SyntheticSceneConfig(seed=21, num_views=6, width=32, height=24, num_points=400))
+    generate_dataset(
+        data,
+        num_scenes=2,
+        num_val_scenes=1,
+        config=SyntheticSceneConfig(seed=21, num_views=6, width=32, height=24, num_points=400),
+    )
     torch.manual_seed(0)
-    config = Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, patch_size=4, image_size=32)
+    config = Dinov2Config(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        patch_size=4,
+        image_size=32,
+    )
     Dinov2Model(config).save_pretrained(root / "backbone")
     lift = LiftingArguments(**_lift_options(root, root / "gaussians"))
     threads = torch.get_num_threads()
@@ -96,24 +108,48 @@ def _assert_frames_split(served: dict[int, list[int]]) -> None:
 def one_machine_two_processes(workspace):
     output_dir = workspace / "one_machine"
     trace = workspace / "one_machine_trace"
-    command = accelerate_launch("--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port()))
-    command += [HOOK, str(trace), "trace:fit3d_hf.finetuning.frames:FrameDataset.__getitem__", "0", "--", *_finetune_args(workspace, output_dir)]
+    command = accelerate_launch(
+        "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port())
+    )
+    command += [
+        HOOK,
+        str(trace),
+        "trace:fit3d_hf.finetuning.frames:FrameDataset.__getitem__",
+        "0",
+        "--",
+        *_finetune_args(workspace, output_dir),
+    ]
     run_processes([command], [workspace / "one_machine.log"], timeout=TIMEOUT, finished=lambda: _stage2_outputs(output_dir),
                   what="Stage II on 2 gloo processes")  # fmt: skip
     return output_dir, _traced(trace)
 
 
 @pytest.mark.slow
-def test_stage2_on_two_processes_validates_exactly_and_splits_the_frames(workspace, one_machine_two_processes, tmp_path):
+def test_stage2_on_two_processes_validates_exactly_and_splits_the_frames(
+    workspace, one_machine_two_processes, tmp_path
+):
     output_dir, served = one_machine_two_processes
     _assert_frames_split(served)
     metrics = json.loads((output_dir / "metrics.json").read_text())
     # The validation loss of the untrained backbone over the 5 validation frames, in one process: the two
     # processes pad their 3 batches of 2 to 4 with duplicates, which must not count.
     model = BackboneArguments(backbone=str(workspace / "backbone"))
-    data = DataArguments(frames=str(workspace / "data"), gaussians=str(workspace / "gaussians"), max_validation_samples=5, consistency_pairs=1)
-    single = train(model, data, FinetuningArguments(output_dir=str(tmp_path), max_train_steps=1, checkpointing_steps=0, report_to="none", seed=5))
-    assert metrics["validation_loss_before"] == pytest.approx(single["validation_loss_before"], rel=1e-5, abs=0)
+    data = DataArguments(
+        frames=str(workspace / "data"),
+        gaussians=str(workspace / "gaussians"),
+        max_validation_samples=5,
+        consistency_pairs=1,
+    )
+    single = train(
+        model,
+        data,
+        FinetuningArguments(
+            output_dir=str(tmp_path), max_train_steps=1, checkpointing_steps=0, report_to="none", seed=5
+        ),
+    )
+    assert metrics["validation_loss_before"] == pytest.approx(
+        single["validation_loss_before"], rel=1e-5, abs=0
+    )
     assert (output_dir / "checkpoint-3" / "random_states_1.pkl").is_file()  # both processes saved their state
 
 
@@ -129,13 +165,21 @@ def test_two_machines_split_stage2_frames_and_match_one_machine(workspace, one_m
         for rank in (0, 1)
     ]  # fmt: skip
     logs = [workspace / f"machine{rank}.log" for rank in (0, 1)]
-    run_processes(commands, logs, timeout=TIMEOUT, finished=lambda: _stage2_outputs(output_dir), what="Stage II on 2 machines")
+    run_processes(
+        commands,
+        logs,
+        timeout=TIMEOUT,
+        finished=lambda: _stage2_outputs(output_dir),
+        what="Stage II on 2 machines",
+    )
     _assert_frames_split(_traced(trace))
     one_machine = load_file(one_machine_two_processes[0] / "finetuned" / "model.safetensors")
     two_machines = load_file(output_dir / "finetuned" / "model.safetensors")
     for key in one_machine:
         assert torch.equal(one_machine[key], two_machines[key]), key
-    metrics = [json.loads((d / "metrics.json").read_text()) for d in (one_machine_two_processes[0], output_dir)]
+    metrics = [
+        json.loads((d / "metrics.json").read_text()) for d in (one_machine_two_processes[0], output_dir)
+    ]
     assert metrics[0]["validation_loss"] == metrics[1]["validation_loss"]
 
 
@@ -164,7 +208,9 @@ def test_two_machines_split_stage1_scenes_and_match_one_process(workspace):
     owners = {s: json.loads((out / ".claims" / f"{s}.done").read_text())["owner"] for s in scenes}
     assert len(set(owners.values())) == 2, owners  # each machine lifted one of the two scenes
     for scene in scenes:  # the same bundles as the single-process lifting of the fixture
-        assert (out / scene / "gaussians.safetensors").read_bytes() == (workspace / "gaussians" / scene / "gaussians.safetensors").read_bytes(), scene
+        assert (out / scene / "gaussians.safetensors").read_bytes() == (
+            workspace / "gaussians" / scene / "gaussians.safetensors"
+        ).read_bytes(), scene
 
 
 def test_multi_node_config_and_slurm_example_are_valid():
@@ -185,7 +231,9 @@ def test_multi_node_config_and_slurm_example_are_valid():
         sys.path.remove(sys_path)
     known = {
         "lift_features.py": {f.name for cls in (ScenesArguments, LiftingArguments) for f in fields(cls)},
-        "finetune.py": {f.name for cls in (BackboneArguments, DataArguments, FinetuningArguments) for f in fields(cls)},
+        "finetune.py": {
+            f.name for cls in (BackboneArguments, DataArguments, FinetuningArguments) for f in fields(cls)
+        },
     }
     for script_name, names in known.items():
         call = text[text.index(f"launch training/{script_name}") :].split("\n\n")[0]

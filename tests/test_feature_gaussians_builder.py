@@ -13,7 +13,9 @@ from fit3d_hf.gaussians.bundle import load_compressed_sh
 
 def _gaussians(n, seed, sh_rest):
     rng = np.random.default_rng(seed)
-    gaussians = Gaussians.from_points(rng.normal(size=(n, 3)), rng.integers(0, 255, (n, 3), dtype=np.uint8), 8)
+    gaussians = Gaussians.from_points(
+        rng.normal(size=(n, 3)), rng.integers(0, 255, (n, 3), dtype=np.uint8), 8
+    )
     with torch.no_grad():
         gaussians.features.normal_()
         if sh_rest:
@@ -22,7 +24,13 @@ def _gaussians(n, seed, sh_rest):
 
 
 def _write_scene(root, scene_id, n, seed, sh_rest=False):
-    save_bundle(root / scene_id, _gaussians(n, seed, sh_rest), torch.randn(16, 8, 3, 3), scene_id=scene_id, backbone="tiny")
+    save_bundle(
+        root / scene_id,
+        _gaussians(n, seed, sh_rest),
+        torch.randn(16, 8, 3, 3),
+        scene_id=scene_id,
+        backbone="tiny",
+    )
     (root / scene_id / "metrics.json").write_text('{"psnr_train": 30.5}')
 
 
@@ -39,7 +47,11 @@ def _write_version_1_scene(root, scene_id, n, seed):
         "feature_dim": "8", "backbone_dim": "16", "sh_degree": "3", "num_gaussians": str(n), "extra": "{}",
     }  # fmt: skip
     (root / scene_id).mkdir(parents=True)
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(root / scene_id / "gaussians.safetensors"), metadata=metadata)
+    save_file(
+        {k: v.detach().contiguous() for k, v in tensors.items()},
+        str(root / scene_id / "gaussians.safetensors"),
+        metadata=metadata,
+    )
     (root / scene_id / "metrics.json").write_text(json.dumps({"psnr_train": 28.0}))
     return tensors["sh"].detach()
 
@@ -54,7 +66,10 @@ def test_builder_rows_equal_bundles(tmp_path):
     assert dataset.features["sh_dc_codes"].feature.feature.dtype == "uint8"
     assert dataset.features["sh_rest_codes"].feature.dtype == "uint16"
     assert dataset["sh_degree"] == [3, 3]
-    assert [len(book) for book in dataset["sh_rest_codebook"]] == [1, 16]  # scene_a's higher orders are all zero
+    assert [len(book) for book in dataset["sh_rest_codebook"]] == [
+        1,
+        16,
+    ]  # scene_a's higher orders are all zero
     rows = dataset.with_format("numpy")
     for i, scene in enumerate(["scene_a", "scene_b"]):
         from_row = bundle_from_row(rows[i])

@@ -26,7 +26,12 @@ from fit3d_hf.scene.synthetic import SyntheticSceneConfig, generate_dataset
 def _save_backbone(folder, hidden_size=32, seed=0):
     torch.manual_seed(seed)
     config = Dinov2Config(
-        hidden_size=hidden_size, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=8, image_size=64
+        hidden_size=hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=8,
+        image_size=64,
     )
     Dinov2Model(config).save_pretrained(folder)
     return str(folder)
@@ -37,7 +42,12 @@ def workspace(tmp_path_factory):
     """Two synthetic scenes (one train, one val) lifted into Gaussians with the backbone to fine-tune."""
     root = tmp_path_factory.mktemp("stage2")
     data = root / "data"
-    generate_dataset(data, num_scenes=1, num_val_scenes=1, config=SyntheticSceneConfig(seed=5, num_views=12, width=64, height=48, num_points=3000))
+    generate_dataset(
+        data,
+        num_scenes=1,
+        num_val_scenes=1,
+        config=SyntheticSceneConfig(seed=5, num_views=12, width=64, height=48, num_points=3000),
+    )
     backbone = _save_backbone(root / "backbone")
     extractor = DenseFeatureExtractor.from_pretrained(backbone)
     lift_args = LiftingArguments(
@@ -78,7 +88,10 @@ def test_finetuning_lowers_the_loss_improves_consistency_and_saves_models(worksp
     finetuned = AutoModel.from_pretrained(tmp_path / "run" / "finetuned")
     original = AutoModel.from_pretrained(workspace["backbone"])
     assert type(finetuned).__name__ == "Dinov2Model"
-    assert not torch.equal(finetuned.embeddings.patch_embeddings.projection.weight, original.embeddings.patch_embeddings.projection.weight)
+    assert not torch.equal(
+        finetuned.embeddings.patch_embeddings.projection.weight,
+        original.embeddings.patch_embeddings.projection.weight,
+    )
     fit3d = AutoModel.from_pretrained(tmp_path / "run" / "fit3d")
     images = torch.rand(1, 3, 48, 64)
     output = fit3d(images)
@@ -86,7 +99,9 @@ def test_finetuning_lowers_the_loss_improves_consistency_and_saves_models(worksp
     expected = DenseFeatureExtractor(finetuned)(images)
     torch.testing.assert_close(output.finetuned_features, expected, rtol=1e-4, atol=1e-4)
     assert (tmp_path / "run" / "fit3d" / "README.md").is_file()
-    assert (tmp_path / "run" / "fit3d" / "preprocessor_config.json").is_file()  # AutoImageProcessor / pipeline
+    assert (
+        tmp_path / "run" / "fit3d" / "preprocessor_config.json"
+    ).is_file()  # AutoImageProcessor / pipeline
 
 
 def test_lora_finetuning_improves_and_saves_merged_weights(workspace, tmp_path):
@@ -99,16 +114,29 @@ def test_lora_finetuning_improves_and_saves_merged_weights(workspace, tmp_path):
     assert not any("lora" in key for key in state)  # merged: loading needs no peft
     original = AutoModel.from_pretrained(workspace["backbone"]).state_dict()
     changed = [k for k in state if not torch.equal(state[k], original[k])]
-    assert changed and all(k.endswith("weight") and "norm" not in k for k in changed)  # only adapted linear layers moved
+    assert changed and all(
+        k.endswith("weight") and "norm" not in k for k in changed
+    )  # only adapted linear layers moved
 
 
 def test_kill_and_resume_gives_the_same_weights(workspace, tmp_path):
     uninterrupted = tmp_path / "a"
     train(*_arguments(workspace, uninterrupted, max_train_steps=4, validation_split=None))
     interrupted = tmp_path / "b"
-    train(*_arguments(workspace, interrupted, max_train_steps=2, checkpointing_steps=2, validation_split=None))
+    train(
+        *_arguments(workspace, interrupted, max_train_steps=2, checkpointing_steps=2, validation_split=None)
+    )
     assert (interrupted / "checkpoint-2").is_dir()
-    train(*_arguments(workspace, interrupted, max_train_steps=4, checkpointing_steps=2, validation_split=None, resume_from_checkpoint="latest"))
+    train(
+        *_arguments(
+            workspace,
+            interrupted,
+            max_train_steps=4,
+            checkpointing_steps=2,
+            validation_split=None,
+            resume_from_checkpoint="latest",
+        )
+    )
     first = AutoModel.from_pretrained(uninterrupted / "finetuned").state_dict()
     second = AutoModel.from_pretrained(interrupted / "finetuned").state_dict()
     for key in first:
@@ -157,11 +185,20 @@ def test_weights_without_a_gradient_are_frozen_before_ddp():
     """DDP stops at the second step when a trainable weight gets no gradient (DINOv2's mask token is used
     only with `bool_masked_pos`): the trainer freezes such weights, and only those, before `prepare`.
     (Checked here rather than with two gloo processes: torch's CPU process group can deadlock at teardown.)"""
-    config = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=8, image_size=32)
+    config = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=8,
+        image_size=32,
+    )
     extractor = DenseFeatureExtractor(Dinov2Model(config)).train()
     trainable = {name for name, p in extractor.named_parameters() if p.requires_grad}
     assert freeze_unused_parameters(extractor) == ["model.embeddings.mask_token"]
-    assert {name for name, p in extractor.named_parameters() if p.requires_grad} == trainable - {"model.embeddings.mask_token"}
+    assert {name for name, p in extractor.named_parameters() if p.requires_grad} == trainable - {
+        "model.embeddings.mask_token"
+    }
     assert extractor.training and all(p.grad is None for p in extractor.parameters())
     # every remaining trainable weight now gets a gradient
     extractor(torch.rand(2, 3, 32, 32)).sum().backward()
@@ -176,11 +213,20 @@ def test_gaussian_cache_loads_lazily_and_evicts_least_recently_used(tmp_path):
 
     rng = np.random.default_rng(0)
     for scene in ("a", "b", "c"):
-        gaussians = FeatureGaussians.from_points(rng.normal(size=(100, 3)), rng.integers(0, 255, (100, 3), dtype=np.uint8), 8)
+        gaussians = FeatureGaussians.from_points(
+            rng.normal(size=(100, 3)), rng.integers(0, 255, (100, 3), dtype=np.uint8), 8
+        )
         save_bundle(tmp_path / scene, gaussians, torch.randn(16, 8, 3, 3), scene_id=scene, backbone="b")
     # One scene's size measured from the storage the tensors occupy once on the device (not the cache's formula).
     loaded = load_bundle(tmp_path / "a").to("cpu")
-    tensors = (loaded.means, loaded.quats, loaded.log_scales, loaded.opacities, loaded.features, loaded.decoder_weight)
+    tensors = (
+        loaded.means,
+        loaded.quats,
+        loaded.log_scales,
+        loaded.opacities,
+        loaded.features,
+        loaded.decoder_weight,
+    )
     one_scene = sum(t.untyped_storage().nbytes() for t in tensors)
     assert one_scene == 100 * 4 * (3 + 4 + 3 + 1 + 8) + 16 * 8 * 9 * 4  # all float32 on the device
     cache = GaussianCache(tmp_path, torch.device("cpu"), budget_bytes=2.5 * one_scene)
@@ -201,22 +247,32 @@ def test_bundles_lifted_with_another_backbone_are_refused_unless_allowed(workspa
 
     scene_ids = set(load_frames(workspace["data"], "train")["scene_id"])
     lifted = DenseFeatureExtractor.from_pretrained(workspace["backbone"])
-    check_frames_against_gaussians(scene_ids, workspace["gaussians"], 32, provenance=lifted.provenance())  # agrees
+    check_frames_against_gaussians(
+        scene_ids, workspace["gaussians"], 32, provenance=lifted.provenance()
+    )  # agrees
 
     other_weights = DenseFeatureExtractor.from_pretrained(_save_backbone(tmp_path / "other", seed=1))
     registers = DenseFeatureExtractor(Dinov2WithRegistersModel(Dinov2WithRegistersConfig(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=8, image_size=64,
     )))  # fmt: skip
-    timm_resampling = DenseFeatureExtractor.from_pretrained(workspace["backbone"], pos_embed_interpolation="timm")
+    timm_resampling = DenseFeatureExtractor.from_pretrained(
+        workspace["backbone"], pos_embed_interpolation="timm"
+    )
     for extractor, reason in [
         (other_weights, "backbone weights differ"),
         (registers, "backbone_model_type 'dinov2' vs 'dinov2_with_registers'"),
         (timm_resampling, "pos_embed_interpolation 'native' vs 'timm'"),
     ]:
         with pytest.raises(BundleMismatchError, match=reason):
-            check_frames_against_gaussians(scene_ids, workspace["gaussians"], 32, provenance=extractor.provenance())
+            check_frames_against_gaussians(
+                scene_ids, workspace["gaussians"], 32, provenance=extractor.provenance()
+            )
         check_frames_against_gaussians(
-            scene_ids, workspace["gaussians"], 32, provenance=extractor.provenance(), allow_backbone_mismatch=True
+            scene_ids,
+            workspace["gaussians"],
+            32,
+            provenance=extractor.provenance(),
+            allow_backbone_mismatch=True,
         )
     # the trainer refuses before training
     with pytest.raises(BundleMismatchError, match="--allow_backbone_mismatch"):

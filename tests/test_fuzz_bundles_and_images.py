@@ -35,8 +35,12 @@ BUNDLE_NAMES = ("means", "quats", "log_scales", "opacities", "features", "decode
 @pytest.fixture(scope="module")
 def bundle_bytes(tmp_path_factory):
     rng = np.random.default_rng(0)
-    gaussians = FeatureGaussians.from_points(rng.normal(size=(60, 3)), rng.integers(0, 255, (60, 3), dtype=np.uint8), 4)
-    path = save_bundle(tmp_path_factory.mktemp("bundle"), gaussians, torch.randn(8, 4, 3, 3), scene_id="s", backbone="b")
+    gaussians = FeatureGaussians.from_points(
+        rng.normal(size=(60, 3)), rng.integers(0, 255, (60, 3), dtype=np.uint8), 4
+    )
+    path = save_bundle(
+        tmp_path_factory.mktemp("bundle"), gaussians, torch.randn(8, 4, 3, 3), scene_id="s", backbone="b"
+    )
     return path.read_bytes()
 
 
@@ -56,7 +60,9 @@ def _header_surgery(header: dict, draw) -> None:
     name = draw(st.sampled_from(names))
     op = draw(st.sampled_from(["dtype", "shape", "offsets", "drop", "metadata", "drop_metadata"]))
     if op == "dtype":
-        header[name]["dtype"] = draw(st.sampled_from(["F16", "F32", "F64", "BF16", "U8", "I8", "U16", "I32", "I64", "BOOL", "XX"]))
+        header[name]["dtype"] = draw(
+            st.sampled_from(["F16", "F32", "F64", "BF16", "U8", "I8", "U16", "I32", "I64", "BOOL", "XX"])
+        )
     elif op == "shape":
         header[name]["shape"] = draw(st.lists(st.integers(-2, 300), max_size=4))
     elif op == "offsets":
@@ -65,11 +71,29 @@ def _header_surgery(header: dict, draw) -> None:
         del header[name]
     else:
         metadata = header.setdefault("__metadata__", {})
-        key = draw(st.sampled_from(["format", "format_version", "feature_dim", "backbone_dim", "num_gaussians", "sh_codec", "extra", CHECKSUMS_KEY]))
+        key = draw(
+            st.sampled_from(
+                [
+                    "format",
+                    "format_version",
+                    "feature_dim",
+                    "backbone_dim",
+                    "num_gaussians",
+                    "sh_codec",
+                    "extra",
+                    CHECKSUMS_KEY,
+                ]
+            )
+        )
         if op == "drop_metadata":
             metadata.pop(key, None)
         else:
-            metadata[key] = draw(st.sampled_from(["", "abc", "-1", "0", "1e9", "{", "[]", "4", "3", "1", "fp16", '{"means": 1}']) | st.text(max_size=8))
+            metadata[key] = draw(
+                st.sampled_from(
+                    ["", "abc", "-1", "0", "1e9", "{", "[]", "4", "3", "1", "fp16", '{"means": 1}']
+                )
+                | st.text(max_size=8)
+            )
 
 
 def _forged_tensors(draw) -> tuple[dict, dict]:
@@ -87,21 +111,31 @@ def _forged_tensors(draw) -> tuple[dict, dict]:
     op = draw(st.sampled_from(["shape", "dtype", "drop", "nan", "codes"]))
     if op == "shape":
         shape = draw(st.lists(st.integers(0, 25), min_size=0, max_size=4))
-        tensors[name] = torch.zeros(shape, dtype=tensors[name].dtype if tensors[name].dtype != torch.uint16 else torch.int32)
+        tensors[name] = torch.zeros(
+            shape, dtype=tensors[name].dtype if tensors[name].dtype != torch.uint16 else torch.int32
+        )
     elif op == "dtype":
-        tensors[name] = tensors[name].to(torch.int32).to(draw(st.sampled_from([torch.float64, torch.bfloat16, torch.int64, torch.uint8, torch.bool])))
+        tensors[name] = (
+            tensors[name]
+            .to(torch.int32)
+            .to(draw(st.sampled_from([torch.float64, torch.bfloat16, torch.int64, torch.uint8, torch.bool])))
+        )
     elif op == "drop":
         del tensors[name]
     elif op == "nan" and tensors[name].is_floating_point():
         tensors[name].view(-1)[0] = float(draw(st.sampled_from(["nan", "inf", "-inf"])))
     else:
-        tensors["sh.rest_codes"] = torch.full((n,), draw(st.integers(4, 65535)), dtype=torch.int32).to(torch.uint16)
+        tensors["sh.rest_codes"] = torch.full((n,), draw(st.integers(4, 65535)), dtype=torch.int32).to(
+            torch.uint16
+        )
     metadata = {"format": "fit3d-gaussian-bundle", "format_version": "4", "scene_id": "s", "backbone": "b", "feature_dim": str(f),
                 "backbone_dim": str(d), "sh_degree": "3", "sh_codec": "uint8-dc+vq-rest", "num_gaussians": str(n), "extra": "{}"}  # fmt: skip
     from fit3d_hf.gaussians.bundle_format import METADATA_CHECKSUM
     from fit3d_hf.gaussians.bundle_integrity import metadata_digest
 
-    metadata[CHECKSUMS_KEY] = json.dumps({**tensor_checksums(tensors), METADATA_CHECKSUM: metadata_digest(metadata)})
+    metadata[CHECKSUMS_KEY] = json.dumps(
+        {**tensor_checksums(tensors), METADATA_CHECKSUM: metadata_digest(metadata)}
+    )
     return tensors, metadata
 
 
@@ -155,7 +189,9 @@ def test_fuzzed_bundles_get_a_named_error(bundle_bytes, data):
                 assert "gaussians.safetensors" in str(error), str(error)
             else:  # what the bulk check passes, the loader takes, and it holds only finite values
                 assert not refused
-                assert all(torch.isfinite(t).all() for t in (loaded.means, loaded.features, loaded.decoder_weight))
+                assert all(
+                    torch.isfinite(t).all() for t in (loaded.means, loaded.features, loaded.decoder_weight)
+                )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     count("bundle loader", refused)
@@ -173,7 +209,15 @@ def space_app():
 
 
 MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "I;16", "I", "F", "YCbCr", "HSV", "I;16B"]
-FORMATS = {"PNG": ".png", "JPEG": ".jpg", "TIFF": ".tif", "BMP": ".bmp", "GIF": ".gif", "WEBP": ".webp", "PPM": ".ppm"}
+FORMATS = {
+    "PNG": ".png",
+    "JPEG": ".jpg",
+    "TIFF": ".tif",
+    "BMP": ".bmp",
+    "GIF": ".gif",
+    "WEBP": ".webp",
+    "PPM": ".ppm",
+}
 
 
 def _encoded_image(draw) -> tuple[bytes, str]:
@@ -183,7 +227,9 @@ def _encoded_image(draw) -> tuple[bytes, str]:
         image = Image.new(mode, size)
     except ValueError:
         image = Image.new("RGB", size)
-    noise = np.random.default_rng(draw(st.integers(0, 1000))).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    noise = np.random.default_rng(draw(st.integers(0, 1000))).integers(
+        0, 255, (size[1], size[0], 3), dtype=np.uint8
+    )
     try:
         image = Image.fromarray(noise).convert(mode)
     except ValueError:

@@ -92,7 +92,9 @@ def _colmap_base(root: Path) -> None:
     model = root / "sparse" / "0"
     model.mkdir(parents=True)
     # PINHOLE: the undistortion path is fuzzed through the nerfstudio base (OPENCV, k1 = 0.01), once is enough
-    (model / "cameras.txt").write_text(f"# Camera list\n1 PINHOLE {WIDTH} {HEIGHT} {FX} {FY} {WIDTH / 2} {HEIGHT / 2}\n")
+    (model / "cameras.txt").write_text(
+        f"# Camera list\n1 PINHOLE {WIDTH} {HEIGHT} {FX} {FY} {WIDTH / 2} {HEIGHT / 2}\n"
+    )
     lines = ["# Image list"]
     for index, name in enumerate(names):
         world_to_camera = np.linalg.inv(_pose(index))
@@ -106,7 +108,11 @@ def _colmap_base(root: Path) -> None:
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz_bases")
-    for name, build in (("nerfstudio", _nerfstudio_base), ("scannetpp", _scannetpp_base), ("colmap", _colmap_base)):
+    for name, build in (
+        ("nerfstudio", _nerfstudio_base),
+        ("scannetpp", _scannetpp_base),
+        ("colmap", _colmap_base),
+    ):
         (root / name).mkdir()
         build(root / name)
     for name in ("nerfstudio", "scannetpp", "colmap"):  # the bases themselves are valid
@@ -118,11 +124,28 @@ def bases(tmp_path_factory):
 # Damage
 
 
-SPECIAL_NUMBERS = ["nan", "inf", "-inf", "1e400", "-1", "0", "-0", "1e-320", "99999999999999999999999", "0x10", "abc", "", "1,5", "\u00e9"]
+SPECIAL_NUMBERS = [
+    "nan",
+    "inf",
+    "-inf",
+    "1e400",
+    "-1",
+    "0",
+    "-0",
+    "1e-320",
+    "99999999999999999999999",
+    "0x10",
+    "abc",
+    "",
+    "1,5",
+    "\u00e9",
+]
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=6),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=4), children, max_size=3),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=4), children, max_size=3)
+    ),
     max_leaves=6,
 )
 JSON_KEYS = ["fl_x", "fl_y", "cx", "cy", "w", "h", "k1", "k4", "p1", "camera_model", "camera_angle_x", "is_fisheye", "frames",
@@ -149,7 +172,9 @@ def _damage_json(data, text: str, draw) -> str:
             matrix = target["transform_matrix"]
             row = draw(st.integers(0, len(matrix) - 1)) if matrix else 0
             if matrix and draw(st.booleans()) and isinstance(matrix[row], list) and matrix[row]:
-                matrix[row][draw(st.integers(0, len(matrix[row]) - 1))] = draw(st.sampled_from([float("nan"), float("inf"), 1e308, "1", None, [1.0]]))
+                matrix[row][draw(st.integers(0, len(matrix[row]) - 1))] = draw(
+                    st.sampled_from([float("nan"), float("inf"), 1e308, "1", None, [1.0]])
+                )
             elif matrix:
                 del matrix[row]
         elif op == "frames" and isinstance(frames, list):
@@ -175,7 +200,11 @@ def _damage_text(text: str, draw) -> str:
     if op == "truncate":
         return text[:position]
     if op == "insert":
-        return text[:position] + draw(st.sampled_from(["{", "]", '"', ",", "\x00", "\ufffd", "\n", " nan "])) + text[position:]
+        return (
+            text[:position]
+            + draw(st.sampled_from(["{", "]", '"', ",", "\x00", "\ufffd", "\n", " nan "]))
+            + text[position:]
+        )
     return text[:position] + text[position + draw(st.integers(1, 20)) :]
 
 
@@ -188,9 +217,13 @@ def _damage_lines(text: str, draw) -> str:
             break
         index = draw(st.integers(0, len(lines) - 1))
         tokens = lines[index].split()
-        op = draw(st.sampled_from(["token", "truncate_line", "drop_line", "duplicate_line", "insert_line", "bytes"]))
+        op = draw(
+            st.sampled_from(["token", "truncate_line", "drop_line", "duplicate_line", "insert_line", "bytes"])
+        )
         if op == "token" and tokens:
-            tokens[draw(st.integers(0, len(tokens) - 1))] = draw(st.sampled_from(SPECIAL_NUMBERS) | st.text(max_size=5))
+            tokens[draw(st.integers(0, len(tokens) - 1))] = draw(
+                st.sampled_from(SPECIAL_NUMBERS) | st.text(max_size=5)
+            )
             lines[index] = " ".join(tokens)
         elif op == "truncate_line":
             lines[index] = " ".join(tokens[: draw(st.integers(0, max(len(tokens) - 1, 0)))])
@@ -229,7 +262,9 @@ def _check(folder: Path, cache: Path) -> str:
             if frame.mask_path is not None:
                 load_mask(frame.mask_path)
     except Fit3DError as error:
-        assert folder.name in str(error) or folder.name in str(getattr(error, "filename", "")), f"no file named in: {error}"
+        assert folder.name in str(error) or folder.name in str(getattr(error, "filename", "")), (
+            f"no file named in: {error}"
+        )
         return "refused"
     return "read"
 
@@ -274,7 +309,14 @@ def test_fuzzed_transforms_json_gets_a_named_error(bases, data):
 def test_fuzzed_colmap_text_gets_a_named_error(bases, data):
     def damage(folder, draw):
         model = folder / "sparse" / "0"
-        for name in draw(st.lists(st.sampled_from(["cameras.txt", "images.txt", "points3D.txt"]), min_size=1, max_size=3, unique=True)):
+        for name in draw(
+            st.lists(
+                st.sampled_from(["cameras.txt", "images.txt", "points3D.txt"]),
+                min_size=1,
+                max_size=3,
+                unique=True,
+            )
+        ):
             (model / name).write_text(_damage_lines((model / name).read_text(), draw), errors="surrogatepass")
         _maybe_damage_an_image(folder, draw)
 
@@ -315,14 +357,20 @@ def test_fuzzed_ply_gets_a_named_error(data):
     draw = data.draw
     points = _points()
     kind = draw(st.sampled_from(["ascii", "binary_little_endian", "binary_big_endian"]))
-    content = _ascii_ply(points).encode() if kind == "ascii" else _binary_ply(points, "<" if kind == "binary_little_endian" else ">")
+    content = (
+        _ascii_ply(points).encode()
+        if kind == "ascii"
+        else _binary_ply(points, "<" if kind == "binary_little_endian" else ">")
+    )
     header_end = content.index(b"end_header\n") + len(b"end_header\n")
     op = draw(st.sampled_from(["header", "body", "truncate", "flip", "garbage"]))
     if op == "header":
         header = _damage_lines(content[:header_end].decode(), draw)
         content = header.encode("utf-8", "surrogatepass") + content[header_end:]
     elif op == "body" and kind == "ascii":
-        content = content[:header_end] + _damage_lines(content[header_end:].decode(), draw).encode("utf-8", "surrogatepass")
+        content = content[:header_end] + _damage_lines(content[header_end:].decode(), draw).encode(
+            "utf-8", "surrogatepass"
+        )
     elif op == "truncate":
         content = content[: draw(st.integers(0, len(content) - 1))]
     elif op in ("flip", "body"):

@@ -22,7 +22,9 @@ def test_from_points_follows_3dgs_initialisation():
     torch.testing.assert_close(gaussians.scales, torch.full((64, 3), 0.5))
     torch.testing.assert_close(gaussians.opacities, torch.full((64,), 0.1))
     torch.testing.assert_close(gaussians.normalized_quats, torch.tensor([[1.0, 0, 0, 0]]).expand(64, 4))
-    torch.testing.assert_close(sh_dc_to_rgb(gaussians.sh_dc[:, 0]), torch.tensor([[1.0, 128 / 255, 0.0]]).expand(64, 3))
+    torch.testing.assert_close(
+        sh_dc_to_rgb(gaussians.sh_dc[:, 0]), torch.tensor([[1.0, 128 / 255, 0.0]]).expand(64, 3)
+    )
     assert gaussians.sh.shape == (64, 16, 3) and torch.all(gaussians.sh_rest == 0)
     assert torch.all(gaussians.features == 0)  # FiT3D's code initialises features with zeros
     assert gaussians.active_sh().shape == (64, 1, 3)
@@ -35,7 +37,14 @@ def test_from_points_rejects_bad_input():
     with pytest.raises(ValueError, match="non-empty"):
         FeatureGaussians.from_points(np.zeros((0, 3)), np.zeros((0, 3)), 4)
     with pytest.raises(ValueError, match="shape"):
-        FeatureGaussians(torch.zeros(2, 3), torch.zeros(3, 4), torch.zeros(2, 3), torch.zeros(2), torch.zeros(2, 16, 3), torch.zeros(2, 4))
+        FeatureGaussians(
+            torch.zeros(2, 3),
+            torch.zeros(3, 4),
+            torch.zeros(2, 3),
+            torch.zeros(2),
+            torch.zeros(2, 16, 3),
+            torch.zeros(2, 4),
+        )
 
 
 def test_quat_to_rotmat_matches_scipy():
@@ -47,8 +56,12 @@ def test_quat_to_rotmat_matches_scipy():
 
 
 def _model_and_optimizer(n=6):
-    gaussians = FeatureGaussians.from_points(_grid_points(0.5, 2)[:n], np.full((n, 3), 100, np.uint8), feature_dim=4)
-    optimizer = torch.optim.Adam([{"params": [getattr(gaussians, name)], "lr": 0.01} for name in gaussians.PARAMETER_NAMES])
+    gaussians = FeatureGaussians.from_points(
+        _grid_points(0.5, 2)[:n], np.full((n, 3), 100, np.uint8), feature_dim=4
+    )
+    optimizer = torch.optim.Adam(
+        [{"params": [getattr(gaussians, name)], "lr": 0.01} for name in gaussians.PARAMETER_NAMES]
+    )
     loss = sum((getattr(gaussians, name) + 1).square().sum() for name in gaussians.PARAMETER_NAMES)
     loss.backward()
     optimizer.step()
@@ -88,7 +101,9 @@ def test_prune_and_opacity_reset_and_schedule():
     with torch.no_grad():
         gaussians.opacity_logits[0] = -10.0  # transparent: pruned
         gaussians.log_scales[1] = math.log(5.0)  # larger than 0.1 x extent (1.0): pruned once prune_large
-    config = DensificationConfig(densify_from=0, densify_interval=10, opacity_reset_interval=20, grad_threshold=1e9)
+    config = DensificationConfig(
+        densify_from=0, densify_interval=10, opacity_reset_interval=20, grad_threshold=1e9
+    )
     densifier = Densifier(config, scene_extent=10.0, num_gaussians=len(gaussians))
     assert densifier.step(5, gaussians, optimizer) == {}
     changes = densifier.step(10, gaussians, optimizer)
@@ -109,7 +124,9 @@ def test_cap_limits_growth_to_highest_gradients():
     with torch.no_grad():
         gaussians.log_scales.fill_(math.log(0.001))
     densifier = Densifier(DensificationConfig(grad_threshold=1e-6, max_gaussians=8), 1.0, len(gaussians))
-    densifier.update_stats(torch.arange(1, 7, dtype=torch.float32)[:, None].repeat(1, 2), torch.ones(6), 10, 10)
+    densifier.update_stats(
+        torch.arange(1, 7, dtype=torch.float32)[:, None].repeat(1, 2), torch.ones(6), 10, 10
+    )
     changes = densifier.densify_and_prune(gaussians, optimizer, prune_large=False)
     assert changes["cloned"] == 2 and len(gaussians) == 8
     # The two clones copy the two highest-gradient Gaussians (indices 4 and 5).
@@ -152,7 +169,9 @@ def test_replaced_parameters_skip_the_next_optimizer_step_as_in_3dgs():
     densifier = Densifier(DensificationConfig(grad_threshold=1e9, min_opacity=0.0), 1.0, len(gaussians))
 
     before, before_decoder = _step_changes(gaussians, optimizer, decoder)
-    densifier.densify_and_prune(gaussians, optimizer, prune_large=False)  # nothing changes but every tensor is replaced
+    densifier.densify_and_prune(
+        gaussians, optimizer, prune_large=False
+    )  # nothing changes but every tensor is replaced
     optimizer.step()
     for name in gaussians.PARAMETER_NAMES:
         assert torch.equal(getattr(gaussians, name), before[name]), name

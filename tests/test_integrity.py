@@ -25,7 +25,9 @@ from fit3d_hf.gaussians.bundle import CHECKSUMS_KEY, verify_bundle
 
 def _bundle(folder, n=200, seed=0):
     rng = np.random.default_rng(seed)
-    gaussians = FeatureGaussians.from_points(rng.normal(size=(n, 3)), rng.integers(0, 255, (n, 3), dtype=np.uint8), 8)
+    gaussians = FeatureGaussians.from_points(
+        rng.normal(size=(n, 3)), rng.integers(0, 255, (n, 3), dtype=np.uint8), 8
+    )
     return save_bundle(folder, gaussians, torch.randn(16, 8, 3, 3), scene_id="scene", backbone="b")
 
 
@@ -64,7 +66,9 @@ def test_a_flipped_byte_in_every_tensor_is_caught_by_verify(tmp_path):
         damaged = bytearray(original)
         damaged[start + (begin + end) // 2] ^= 0x10
         path.write_bytes(bytes(damaged))
-        with pytest.raises(CorruptFileError, match=rf"gaussians.safetensors: tensor '{name}' fails its checksum"):
+        with pytest.raises(
+            CorruptFileError, match=rf"gaussians.safetensors: tensor '{name}' fails its checksum"
+        ):
             verify_bundle(path)
         with pytest.raises(CorruptFileError, match="fails its checksum"):
             load_bundle(path, include_sh=True, verify=True)
@@ -101,7 +105,9 @@ def test_300_randomly_corrupted_copies_never_load_as_something_else(tmp_path):
             assert "gaussians.safetensors" in str(error)
             outcomes["refused"] += 1
             continue
-        assert _same_content(loaded, reference), f"trial {trial} (kind {kind}) loaded different content silently"
+        assert _same_content(loaded, reference), (
+            f"trial {trial} (kind {kind}) loaded different content silently"
+        )
         outcomes["identical"] += 1
     print(f"corrupted bundle copies: {outcomes}")  # noqa: T201
     assert outcomes["refused"] >= 290
@@ -130,16 +136,24 @@ def test_bundles_without_checksums_load_with_one_notice(tmp_path, caplog):
 
 
 def test_stage1_checkpoints_catch_flipped_bytes(tmp_path):
-    state = {"iteration": 40, "gaussians": {"means": torch.randn(500, 3)}, "optimizer": {"state": {0: {"exp_avg": torch.randn(500, 3)}}}}
+    state = {
+        "iteration": 40,
+        "gaussians": {"means": torch.randn(500, 3)},
+        "optimizer": {"state": {0: {"exp_avg": torch.randn(500, 3)}}},
+    }
     path = save_torch_checkpoint(state, tmp_path / "checkpoint.pt")
     loaded = load_torch_checkpoint(path)
-    assert loaded["iteration"] == 40 and torch.equal(loaded["gaussians"]["means"], state["gaussians"]["means"])
+    assert loaded["iteration"] == 40 and torch.equal(
+        loaded["gaussians"]["means"], state["gaussians"]["means"]
+    )
     data = bytearray(path.read_bytes())
     needle = state["gaussians"]["means"][100, 1].numpy().tobytes()
     offset = bytes(data).index(needle)
     data[offset] ^= 0x01
     path.write_bytes(bytes(data))
-    with pytest.raises(CorruptFileError, match=r"checkpoint.pt: tensors \['gaussians/means'\] fail their checksums"):
+    with pytest.raises(
+        CorruptFileError, match=r"checkpoint.pt: tensors \['gaussians/means'\] fail their checksums"
+    ):
         load_torch_checkpoint(path)
     path.write_bytes(bytes(data[: len(data) // 2]))
     with pytest.raises(CorruptFileError, match="checkpoint.pt: not a readable checkpoint"):
@@ -168,7 +182,9 @@ def test_stage2_checkpoint_manifest_catches_damage(tmp_path):
     data = bytearray((folder / "optimizer.bin").read_bytes())
     data[-30] ^= 0x04
     (folder / "optimizer.bin").write_bytes(bytes(data))
-    with pytest.raises(CorruptFileError, match=r"checkpoint-4: files \['optimizer.bin'\] fail their checksums"):
+    with pytest.raises(
+        CorruptFileError, match=r"checkpoint-4: files \['optimizer.bin'\] fail their checksums"
+    ):
         verify_checkpoint_folder(folder)
     (folder / "optimizer.bin").unlink()
     with pytest.raises(CorruptFileError, match=r"lacks the files \['optimizer.bin'\]"):
@@ -187,10 +203,19 @@ def test_fit3d_verify_checks_a_whole_output_folder(tmp_path, capsys):
     assert fit3d_main(["verify", str(tmp_path / "out")]) == 1
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] == "4 item(s): 3 ok, 0 unverified (no checksums), 1 damaged"
-    assert sum(line.startswith("DAMAGED") and "scene_b" in line and "fails its checksum" in line for line in lines) == 1
+    assert (
+        sum(
+            line.startswith("DAMAGED") and "scene_b" in line and "fails its checksum" in line
+            for line in lines
+        )
+        == 1
+    )
     assert any(line.startswith("ok") and str(good) in line for line in lines)
     assert fit3d_main(["verify", str(good), str(tmp_path / "out" / "run" / "checkpoint-2"), "--json"]) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
-    assert [(r["kind"], r["ok"], r["checksummed"]) for r in records] == [("bundle", True, True), ("stage2-checkpoint", True, True)]
+    assert [(r["kind"], r["ok"], r["checksummed"]) for r in records] == [
+        ("bundle", True, True),
+        ("stage2-checkpoint", True, True),
+    ]
     with pytest.raises(MissingInputError, match="does not exist"):
         verify_path(tmp_path / "nothing")

@@ -26,7 +26,14 @@ def scene_root(tmp_path_factory):
 def backbone_dir(tmp_path_factory):
     torch.manual_seed(0)
     # Patch size 4: a 12 x 16 feature grid on the 48 x 64 images, fine enough to be lifted in a short run.
-    config = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=4, image_size=64)
+    config = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=4,
+        image_size=64,
+    )
     folder = tmp_path_factory.mktemp("backbone")
     Dinov2Model(config).save_pretrained(folder)
     return str(folder)
@@ -59,28 +66,47 @@ def test_short_run_fits_rgb_and_features(scene_root, backbone_dir, tmp_path):
     # pruned here: before the first opacity reset, FiT3D prunes only transparent Gaussians.
     assert densification["cloned"] + densification["split"] > 0, densification
     grown = densification["cloned"] + densification["split"] - densification["pruned"]
-    assert metrics["num_gaussians"] == metrics["num_gaussians_initial"] + grown, (metrics["num_gaussians"], densification)
+    assert metrics["num_gaussians"] == metrics["num_gaussians_initial"] + grown, (
+        metrics["num_gaussians"],
+        densification,
+    )
     folder = tmp_path / metrics["scene_id"]
     saved = json.loads((folder / "metrics.json").read_text())
     assert saved["num_gaussians"] == metrics["num_gaussians"]
     assert (folder / "preview_rgb.png").is_file() and (folder / "preview_features.png").is_file()
     assert not (folder / "checkpoint.pt").exists()
-    bundle = load_bundle(folder, expected_backbone=backbone_dir, expected_backbone_dim=32, expected_feature_dim=16)
+    bundle = load_bundle(
+        folder, expected_backbone=backbone_dir, expected_backbone_dim=32, expected_feature_dim=16
+    )
     assert len(bundle) == metrics["num_gaussians"]
     with pytest.raises(BundleMismatchError, match="backbone"):
         load_bundle(folder, expected_backbone="facebook/dinov2-small")
     # A finished scene is skipped: the same call returns the saved metrics without training.
-    assert lift_scene(scene_dir, _args(tmp_path, backbone_dir), progress=False)["seconds_training"] == saved["seconds_training"]
+    assert (
+        lift_scene(scene_dir, _args(tmp_path, backbone_dir), progress=False)["seconds_training"]
+        == saved["seconds_training"]
+    )
 
 
 def test_killed_run_resumes_to_the_same_gaussians(scene_root, backbone_dir, tmp_path):
     scene = read_scene(resolve_scene_list(str(scene_root))[0])
     extractor = DenseFeatureExtractor.from_pretrained(backbone_dir)
-    args = dict(iterations=160, checkpoint_interval=40, densify_from=20, densify_interval=20, densify_until=140)
+    args = dict(
+        iterations=160, checkpoint_interval=40, densify_from=20, densify_interval=20, densify_until=140
+    )
     uninterrupted = tmp_path / "a"
     lift_scene(scene, _args(uninterrupted, backbone_dir, **args), extractor, progress=False)
     interrupted = tmp_path / "b"
-    assert lift_scene(scene, _args(interrupted, backbone_dir, **args), extractor, max_iterations_this_run=80, progress=False) is None
+    assert (
+        lift_scene(
+            scene,
+            _args(interrupted, backbone_dir, **args),
+            extractor,
+            max_iterations_this_run=80,
+            progress=False,
+        )
+        is None
+    )
     assert (interrupted / scene.scene_id / "checkpoint.pt").is_file()
     lift_scene(scene, _args(interrupted, backbone_dir, **args), extractor, progress=False)
     first = load_bundle(uninterrupted / scene.scene_id, include_sh=True)
@@ -92,7 +118,9 @@ def test_killed_run_resumes_to_the_same_gaussians(scene_root, backbone_dir, tmp_
 
 def test_feature_loss_alone_leaves_geometry_unchanged(scene_root, backbone_dir, tmp_path):
     scene = read_scene(resolve_scene_list(str(scene_root))[0])
-    args = _args(tmp_path, backbone_dir, iterations=30, rgb_loss_weight=0.0, densify_from=10_000, holdout_every=0)
+    args = _args(
+        tmp_path, backbone_dir, iterations=30, rgb_loss_weight=0.0, densify_from=10_000, holdout_every=0
+    )
     metrics = lift_scene(scene, args, progress=False)
     bundle = load_bundle(tmp_path / scene.scene_id)
     from fit3d_hf.gaussians import FeatureGaussians
@@ -118,15 +146,25 @@ def test_refining_the_compressed_colours_recovers_held_out_psnr(scene_root, back
     """The bundle's codebook alone loses view-dependent colour; refining DC + codebook by rendering wins it back."""
     scene_dir = resolve_scene_list(str(scene_root))[0]
     # a higher SH lr and earlier degree raises, so that the higher orders carry colour in a short run
-    settings = dict(iterations=500, sh_rest_lr=0.01, sh_increase_interval=100, densify_until=400, checkpoint_interval=0)
-    plain = lift_scene(scene_dir, _args(tmp_path / "plain", backbone_dir, bundle_sh_refine_steps=0, **settings), progress=False)
+    settings = dict(
+        iterations=500, sh_rest_lr=0.01, sh_increase_interval=100, densify_until=400, checkpoint_interval=0
+    )
+    plain = lift_scene(
+        scene_dir,
+        _args(tmp_path / "plain", backbone_dir, bundle_sh_refine_steps=0, **settings),
+        progress=False,
+    )
     refined = lift_scene(scene_dir, _args(tmp_path / "refined", backbone_dir, **settings), progress=False)
     assert plain["psnr_heldout_uncompressed"] == refined["psnr_heldout_uncompressed"]  # same training
-    assert plain["psnr_heldout"] < plain["psnr_heldout_uncompressed"] - 0.3, plain  # the codebook costs colour
+    assert plain["psnr_heldout"] < plain["psnr_heldout_uncompressed"] - 0.3, (
+        plain
+    )  # the codebook costs colour
     assert refined["psnr_heldout"] > plain["psnr_heldout"] + 0.3, (plain, refined)
 
 
-def test_lifter_steps_as_3dgs_with_fixed_lr_schedule_and_near_plane(scene_root, backbone_dir, tmp_path, monkeypatch):
+def test_lifter_steps_as_3dgs_with_fixed_lr_schedule_and_near_plane(
+    scene_root, backbone_dir, tmp_path, monkeypatch
+):
     """3DGS's loop: densify, then step, so Gaussians skip Adam on densification iterations (the decoder does
     not); no step on the last iteration; the position lr decays over 30,000 steps whatever the run length;
     Gaussians nearer than 0.2 are culled."""
@@ -146,7 +184,9 @@ def test_lifter_steps_as_3dgs_with_fixed_lr_schedule_and_near_plane(scene_root, 
 
     monkeypatch.setattr(fit3d_hf.render, "render", recording_render)
     scene = read_scene(resolve_scene_list(str(scene_root))[0])
-    data = load_scene_data(scene, DenseFeatureExtractor.from_pretrained(backbone_dir), 1.0, torch.device("cpu"), progress=False)
+    data = load_scene_data(
+        scene, DenseFeatureExtractor.from_pretrained(backbone_dir), 1.0, torch.device("cpu"), progress=False
+    )
     args = LiftingArguments(
         backbone=backbone_dir, out=str(tmp_path), feature_dim=8, iterations=4, densify_from=0, densify_interval=2,
         densify_grad_threshold=1e9, device="cpu",
@@ -157,7 +197,10 @@ def test_lifter_steps_as_3dgs_with_fixed_lr_schedule_and_near_plane(scene_root, 
         lifter.gaussians.features.normal_()
 
     def snapshot():
-        state = {name: getattr(lifter.gaussians, name).detach().clone() for name in FeatureGaussians.PARAMETER_NAMES}
+        state = {
+            name: getattr(lifter.gaussians, name).detach().clone()
+            for name in FeatureGaussians.PARAMETER_NAMES
+        }
         return state, lifter.decoder.weight.detach().clone()
 
     moved = []
@@ -165,7 +208,9 @@ def test_lifter_steps_as_3dgs_with_fixed_lr_schedule_and_near_plane(scene_root, 
         gaussians, decoder = snapshot()
         lifter.step()
         after, decoder_after = snapshot()
-        moved.append((not torch.equal(after["means"], gaussians["means"]), not torch.equal(decoder_after, decoder)))
+        moved.append(
+            (not torch.equal(after["means"], gaussians["means"]), not torch.equal(decoder_after, decoder))
+        )
         if lifter.iteration in (2, 4):  # densification iterations: every Gaussian tensor was replaced
             for name in FeatureGaussians.PARAMETER_NAMES:
                 assert torch.equal(after[name], gaussians[name]), (lifter.iteration, name)
@@ -173,5 +218,7 @@ def test_lifter_steps_as_3dgs_with_fixed_lr_schedule_and_near_plane(scene_root, 
     assert moved == [(True, True), (False, True), (True, True), (False, False)]
     means_lr = next(g["lr"] for g in lifter.optimizer.param_groups if g["name"] == "means")
     expected = scene_extent(data.camera_centers) * exponential_lr(4, 1.6e-4, 1.6e-6, 30_000)
-    assert math.isclose(means_lr, expected, rel_tol=1e-12) and means_lr > 0.99 * 1.6e-4 * scene_extent(data.camera_centers)
+    assert math.isclose(means_lr, expected, rel_tol=1e-12) and means_lr > 0.99 * 1.6e-4 * scene_extent(
+        data.camera_centers
+    )
     assert near_planes and set(near_planes) == {0.2}

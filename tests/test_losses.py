@@ -23,7 +23,9 @@ def _ssim_2d_window(prediction, target, size=11, sigma=1.5):
     var_p, var_t = blur(prediction**2) - mu_p**2, blur(target**2) - mu_t**2
     cov = blur(prediction * target) - mu_p * mu_t
     c1, c2 = 0.01**2, 0.03**2
-    return (((2 * mu_p * mu_t + c1) * (2 * cov + c2)) / ((mu_p**2 + mu_t**2 + c1) * (var_p + var_t + c2))).mean()
+    return (
+        ((2 * mu_p * mu_t + c1) * (2 * cov + c2)) / ((mu_p**2 + mu_t**2 + c1) * (var_p + var_t + c2))
+    ).mean()
 
 
 def test_ssim_separable_window_equals_2d_window():
@@ -69,7 +71,9 @@ def test_upsampled_feature_l1_refuses_inputs_of_the_wrong_shape(dtype):
     decoded = torch.randn(1, 8, 20, 30, dtype=dtype, requires_grad=True)
     target = torch.randn(1, 8, 4, 6, dtype=dtype)
     transposed = torch.ones(1, 1, 30, 20, dtype=torch.bool)
-    with pytest.raises(ValueError, match=r"mask must have shape \(1, 1, 20, 30\) \(H = 20 .*got \(1, 1, 30, 20\)"):
+    with pytest.raises(
+        ValueError, match=r"mask must have shape \(1, 1, 20, 30\) \(H = 20 .*got \(1, 1, 30, 20\)"
+    ):
         upsampled_feature_l1(decoded, target, transposed)
     with pytest.raises(ValueError, match=r"mask must have shape \(1, 1, 20, 30\), got \(20, 30\)"):
         upsampled_feature_l1(decoded, target, transposed[0, 0].T)

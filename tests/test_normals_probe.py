@@ -51,9 +51,16 @@ def test_metric_matches_a_hand_computation():
     assert scores["num_pixels"] == 5
     assert scores["mean"] == pytest.approx((0 + 10 + 25 + 40 + 90) / 5, abs=1e-6)
     assert scores["median"] == pytest.approx(25.0, abs=0.01)
-    assert (scores["within_11.25"], scores["within_22.5"], scores["within_30"]) == pytest.approx((0.4, 0.4, 0.6))
+    assert (scores["within_11.25"], scores["within_22.5"], scores["within_30"]) == pytest.approx(
+        (0.4, 0.4, 0.6)
+    )
     # an even count: the mean of the two middle errors; rows of two batches add up to the rows of one
-    rows = torch.cat([normals_rows(prediction[..., :2], target[..., :2]), normals_rows(prediction[..., 2:4], target[..., 2:4])])
+    rows = torch.cat(
+        [
+            normals_rows(prediction[..., :2], target[..., :2]),
+            normals_rows(prediction[..., 2:4], target[..., 2:4]),
+        ]
+    )
     even = normals_scores(rows)
     assert even["median"] == pytest.approx((10 + 25) / 2, abs=0.01) and even["mean"] == pytest.approx(75 / 4)
     assert math.isnan(normals_scores(normals_rows(prediction[..., 5:], target[..., 5:]))["mean"])
@@ -77,7 +84,8 @@ def test_stored_normals_decode_to_the_convention():
     assert target.shape == (3, 6, 7) and float(target[:, 0, 0].abs().sum()) == 0.0
     opengl = normals * [1, -1, -1]  # x right, y up, z backwards
     torch.testing.assert_close(
-        normals_to_tensor(opengl.transpose(2, 0, 1), "n", axes="x,-y,-z"), torch.from_numpy(normals).float().permute(2, 0, 1)
+        normals_to_tensor(opengl.transpose(2, 0, 1), "n", axes="x,-y,-z"),
+        torch.from_numpy(normals).float().permute(2, 0, 1),
     )
     assert parse_axes("-z,x,y") == ([2, 0, 1], [-1.0, 1.0, 1.0])
     with pytest.raises(UsageError, match="normals_axes"):
@@ -92,7 +100,9 @@ def test_synthetic_normals_are_analytic_and_agree_with_their_depth():
     normals, depth = view["normals"].astype(np.float64), view["depth"].astype(np.float64)
     np.testing.assert_allclose(np.linalg.norm(normals, axis=2), 1.0, atol=1e-6)
     rows, cols = np.mgrid[0 : camera.height, 0 : camera.width] + 0.5
-    points = np.stack([(cols - camera.cx) / camera.fx * depth, (rows - camera.cy) / camera.fy * depth, depth], axis=2)
+    points = np.stack(
+        [(cols - camera.cx) / camera.fx * depth, (rows - camera.cy) / camera.fy * depth, depth], axis=2
+    )
     assert ((normals * points).sum(-1) < 0).all()  # facing the camera
     # normals of the surface through neighbouring back-projected points, where all 3x3 pixels lie on one primitive
     tangent_u = points[1:-1, 2:] - points[1:-1, :-2]
@@ -103,7 +113,10 @@ def test_synthetic_normals_are_analytic_and_agree_with_their_depth():
     same = np.ones_like(labels[1:-1, 1:-1], dtype=bool)
     for dr in (-1, 0, 1):
         for dc in (-1, 0, 1):
-            same &= labels[1 + dr : labels.shape[0] - 1 + dr, 1 + dc : labels.shape[1] - 1 + dc] == labels[1:-1, 1:-1]
+            same &= (
+                labels[1 + dr : labels.shape[0] - 1 + dr, 1 + dc : labels.shape[1] - 1 + dc]
+                == labels[1:-1, 1:-1]
+            )
     agreement = (from_depth * normals[1:-1, 1:-1]).sum(-1)[same]
     angles = np.degrees(np.arccos(np.clip(np.abs(agreement), -1, 1)))
     assert (agreement > 0).mean() > 0.99  # the cross product's orientation is ours: towards the camera
@@ -116,7 +129,9 @@ def test_synthetic_normals_are_analytic_and_agree_with_their_depth():
 def _normal_field(height: int, width: int, offsets: list[float]) -> torch.Tensor:
     """`[3, H, W]` unit normals varying smoothly over the image (sampled at pixel centres)."""
     a, b, c = offsets
-    y, x = torch.meshgrid((torch.arange(height) + 0.5) / height, (torch.arange(width) + 0.5) / width, indexing="ij")
+    y, x = torch.meshgrid(
+        (torch.arange(height) + 0.5) / height, (torch.arange(width) + 0.5) / width, indexing="ij"
+    )
     return F.normalize(torch.stack([0.8 * x + a, 0.6 * y + b, -1.0 + 0.3 * c * x]), dim=0)
 
 
@@ -138,7 +153,10 @@ def _random_feature_set(count: int, seed: int, grid=(8, 10), upsample: int = 4):
     raw, targets = [], []
     for _ in range(count):
         size = (grid[0] * upsample, grid[1] * upsample)
-        cos_theta, phi = torch.rand(size, generator=generator), 2 * math.pi * torch.rand(size, generator=generator)
+        cos_theta, phi = (
+            torch.rand(size, generator=generator),
+            2 * math.pi * torch.rand(size, generator=generator),
+        )
         sin_theta = (1 - cos_theta**2).sqrt()
         targets.append(torch.stack([sin_theta * phi.cos(), sin_theta * phi.sin(), -cos_theta]))
         raw.append({"original": torch.randn(6, *grid, generator=generator)})
@@ -147,7 +165,14 @@ def _random_feature_set(count: int, seed: int, grid=(8, 10), upsample: int = 4):
 
 def _train_and_evaluate(train_set, test_set, steps: int):
     accelerator = Accelerator(cpu=True)
-    args = ProbeArguments(probe="normals", output_dir="unused", max_steps=steps, train_batch_size=4, learning_rate=2e-2, report_to="none")
+    args = ProbeArguments(
+        probe="normals",
+        output_dir="unused",
+        max_steps=steps,
+        train_batch_size=4,
+        learning_rate=2e-2,
+        report_to="none",
+    )
     heads = NormalsHeads({"original": (6, 0)})
     loader = torch.utils.data.DataLoader(train_set, batch_size=4, shuffle=True, collate_fn=collate_cached)
     # One thread: on these tiny tensors a second one only waits, and on a busy machine it costs ten times more.
@@ -162,7 +187,9 @@ def _train_and_evaluate(train_set, test_set, steps: int):
 
 
 def test_features_that_encode_the_normals_give_near_zero_error():
-    scores, losses = _train_and_evaluate(_smooth_normal_set(16, seed=0), _smooth_normal_set(8, seed=1), steps=300)
+    scores, losses = _train_and_evaluate(
+        _smooth_normal_set(16, seed=0), _smooth_normal_set(8, seed=1), steps=300
+    )
     assert losses[-1] < 0.2 * losses[0]
     assert scores["num_pixels"] == 8 * 32 * 40
     assert scores["mean"] < 2.0 and scores["median"] < 1.5, scores
@@ -172,16 +199,22 @@ def test_features_that_encode_the_normals_give_near_zero_error():
 def test_random_features_give_the_chance_level():
     """Uninformative features: the best the head can do is the hemisphere's pole, whose angle to a uniform
     hemisphere normal has mean 1 rad (57.3°), median 60° and P(<t) = 1 - cos t (1.9%, 7.6%, 13.4%)."""
-    scores, _ = _train_and_evaluate(_random_feature_set(16, seed=0), _random_feature_set(8, seed=1), steps=150)
+    scores, _ = _train_and_evaluate(
+        _random_feature_set(16, seed=0), _random_feature_set(8, seed=1), steps=150
+    )
     assert scores["mean"] == pytest.approx(math.degrees(1.0), abs=2.5), scores
     assert scores["median"] == pytest.approx(60.0, abs=3.0), scores
     for threshold in (11.25, 22.5, 30):
-        assert scores[f"within_{threshold:g}"] == pytest.approx(1 - math.cos(math.radians(threshold)), abs=0.025), scores
+        assert scores[f"within_{threshold:g}"] == pytest.approx(
+            1 - math.cos(math.radians(threshold)), abs=0.025
+        ), scores
 
 
 def test_crop_and_flip_keep_the_normals_consistent():
     image = torch.rand(3, 6, 8)
-    normals = normals_to_tensor(np.dstack([np.full((6, 8), 0.6), np.linspace(-0.5, 0.5, 48).reshape(6, 8), np.full((6, 8), -0.6)]))
+    normals = normals_to_tensor(
+        np.dstack([np.full((6, 8), 0.6), np.linspace(-0.5, 0.5, 48).reshape(6, 8), np.full((6, 8), -0.6)])
+    )
     flipped_image, flipped = NormalsCropFlip(None, flip_probability=1.0)(image, normals)
     torch.testing.assert_close(flipped_image, image.flip(-1))
     torch.testing.assert_close(flipped[0], -normals[0].flip(-1))  # mirrored surfaces face the other way in x
@@ -197,11 +230,16 @@ def test_nyu_style_normals_column_with_another_axis_convention():
     truth[..., 2] = -np.abs(truth[..., 2])
     truth /= np.linalg.norm(truth, axis=-1, keepdims=True)
     data = Dataset.from_dict(
-        {"rgb": list(rng.integers(0, 255, size=(2, 5, 6, 3), dtype=np.uint8)), "surface_normal": list((truth * [1, -1, -1]).astype(np.float32))}
+        {
+            "rgb": list(rng.integers(0, 255, size=(2, 5, 6, 3), dtype=np.uint8)),
+            "surface_normal": list((truth * [1, -1, -1]).astype(np.float32)),
+        }
     )
     columns = ColumnMapping(image="rgb", normals="surface_normal")
     sample = ProbeDataset(data, "normals", columns, normals_axes="x,-y,-z")[1]
-    torch.testing.assert_close(sample["target"], torch.from_numpy(truth[1]).float().permute(2, 0, 1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        sample["target"], torch.from_numpy(truth[1]).float().permute(2, 0, 1), atol=1e-6, rtol=0
+    )
     with pytest.raises(ValueError, match="no column"):
         ProbeDataset(data, "normals")
 
@@ -209,9 +247,21 @@ def test_nyu_style_normals_column_with_another_axis_convention():
 @pytest.fixture(scope="module")
 def probe_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("normals_probe")
-    data = generate_dataset(root / "data", 1, 1, SyntheticSceneConfig(num_views=4, width=64, height=48, num_points=100, test_every=0))
+    data = generate_dataset(
+        root / "data",
+        1,
+        1,
+        SyntheticSceneConfig(num_views=4, width=64, height=48, num_points=100, test_every=0),
+    )
     torch.manual_seed(0)
-    backbone = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=8, image_size=32)
+    backbone = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=8,
+        image_size=32,
+    )
     FiT3DModel(FiT3DConfig(backbone_config=backbone, backbone=None)).save_pretrained(root / "fit3d")
     return {"data": data, "model": root / "fit3d", "cache": root / "cache"}
 
@@ -231,10 +281,17 @@ def test_cli_normals_probe_three_way_table(probe_setup, tmp_path, capsys):
     assert summary["probe"] == "normals" and list(summary["rows"]) == ["original", "fine-tuned", "FiT3D"]
     results = json.loads((output / "results.json").read_text())
     assert results["settings"]["train_split"] == "train" and results["settings"]["split"] == "val"
-    evaluated = sum(len(read_scene(p).frames) // 2 for p in sorted((probe_setup["data"] / "scenes").iterdir()))
+    evaluated = sum(
+        len(read_scene(p).frames) // 2 for p in sorted((probe_setup["data"] / "scenes").iterdir())
+    )
     for row in results["rows"]:
-        assert row["num_pixels"] == evaluated * 64 * 48  # every pixel has an analytic normal (no anonymised views here)
-        assert 0 <= row["median"] <= 180 and 0 <= row["within_11.25"] <= row["within_22.5"] <= row["within_30"] <= 1
+        assert (
+            row["num_pixels"] == evaluated * 64 * 48
+        )  # every pixel has an analytic normal (no anonymised views here)
+        assert (
+            0 <= row["median"] <= 180
+            and 0 <= row["within_11.25"] <= row["within_22.5"] <= row["within_30"] <= 1
+        )
         assert len(results["loss_curves"][row["variant"]]["loss"]) == 3
     table = [line for line in (output / "results.md").read_text().splitlines() if line.startswith("|")]
     assert table[0] == "| features | channels | mean ↓ | median ↓ | 11.25° ↑ | 22.5° ↑ | 30° ↑ |"
@@ -244,5 +301,9 @@ def test_cli_normals_probe_three_way_table(probe_setup, tmp_path, capsys):
     assert heads["heads.fit3d.conv.weight"].shape == (3, 64, 1, 1)
     # the synthetic ground truth the probe read is the generator's analytic normals
     frame = read_scene(probe_setup["data"] / "scenes" / "synth00000").frames[1]
-    truth = render_view(make_scene_spec(SyntheticSceneConfig(num_views=4, width=64, height=48, test_every=0)), frame.camera)["normals"]
-    assert np.degrees(np.arccos(np.clip((load_normals(frame.normal_path) * truth).sum(-1), -1, 1))).max() < 0.5
+    truth = render_view(
+        make_scene_spec(SyntheticSceneConfig(num_views=4, width=64, height=48, test_every=0)), frame.camera
+    )["normals"]
+    assert (
+        np.degrees(np.arccos(np.clip((load_normals(frame.normal_path) * truth).sum(-1), -1, 1))).max() < 0.5
+    )

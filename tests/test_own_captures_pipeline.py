@@ -36,10 +36,23 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("own_captures")
     captures = root / "captures"
     config = SyntheticSceneConfig(num_views=8, width=48, height=32, num_points=250)
-    generate_capture(captures / "kitchen", SyntheticSceneConfig(**{**vars(config), "seed": 11}), distortion=(-0.06, 0.015, 0.001, -0.001))
-    generate_capture(captures / "office", SyntheticSceneConfig(**{**vars(config), "seed": 12}), layout="colmap")
+    generate_capture(
+        captures / "kitchen",
+        SyntheticSceneConfig(**{**vars(config), "seed": 11}),
+        distortion=(-0.06, 0.015, 0.001, -0.001),
+    )
+    generate_capture(
+        captures / "office", SyntheticSceneConfig(**{**vars(config), "seed": 12}), layout="colmap"
+    )
     torch.manual_seed(0)
-    backbone = Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=8, image_size=32)
+    backbone = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        patch_size=8,
+        image_size=32,
+    )
     Dinov2Model(backbone).save_pretrained(root / "backbone")
     return {"root": root, "captures": captures, "backbone": str(root / "backbone")}
 
@@ -57,8 +70,14 @@ def test_lift_finetune_and_evaluate_mixed_formats(workspace, capsys):
     assert [m["scene_id"] for m in lifted] == ["kitchen", "office"]
     for m in lifted:
         metrics = json.loads((root / "gaussians" / m["scene_id"] / "metrics.json").read_text())
-        assert metrics["views_train"] == 4 and metrics["views_heldout"] == 4 and metrics["image_size"] == [48, 32]
-        assert np.isfinite(m["psnr_heldout"]) and metrics["feature_l1_train"] < metrics["feature_l1_train_start"]
+        assert (
+            metrics["views_train"] == 4
+            and metrics["views_heldout"] == 4
+            and metrics["image_size"] == [48, 32]
+        )
+        assert (
+            np.isfinite(m["psnr_heldout"]) and metrics["feature_l1_train"] < metrics["feature_l1_train_start"]
+        )
 
     # Stage II on a comma-separated spec naming the two captures differently (a transforms.json, a COLMAP model
     # folder); its validation frames are the views Stage I held out.
@@ -74,7 +93,11 @@ def test_lift_finetune_and_evaluate_mixed_formats(workspace, capsys):
     ]  # fmt: skip
     assert main(finetune) == 0
     metrics = json.loads((root / "run" / "metrics.json").read_text())
-    assert metrics["steps"] == 3 and np.isfinite(metrics["validation_loss"]) and np.isfinite(metrics["consistency_after"])
+    assert (
+        metrics["steps"] == 3
+        and np.isfinite(metrics["validation_loss"])
+        and np.isfinite(metrics["consistency_after"])
+    )
     assert type(AutoModel.from_pretrained(root / "run" / "fit3d")).__name__ == "FiT3DModel"
     capsys.readouterr()
 
@@ -117,9 +140,13 @@ def test_lift_finetune_and_evaluate_mixed_formats(workspace, capsys):
         row = filled[index]
         expected = render_depth(bundle, torch.tensor(row["K"]), torch.tensor(row["world_to_camera"]), 48, 32)
         assert (expected > 0).float().mean() > 0.5  # the Gaussians cover most of the view
-        torch.testing.assert_close(depth_to_tensor(row["depth"], "depth"), expected, atol=5e-4, rtol=0)  # 16-bit mm
+        torch.testing.assert_close(
+            depth_to_tensor(row["depth"], "depth"), expected, atol=5e-4, rtol=0
+        )  # 16-bit mm
     with_depth = load_frames(spec, "val", holdout_every=2)
-    assert fill_depth_from_gaussians(with_depth, root / "gaussians")[0]["depth"] == with_depth[0]["depth"]  # kept
+    assert (
+        fill_depth_from_gaussians(with_depth, root / "gaussians")[0]["depth"] == with_depth[0]["depth"]
+    )  # kept
     with pytest.raises(MissingInputError, match="no bundle for scene"):
         fill_depth_from_gaussians(frames, root / "missing")
 

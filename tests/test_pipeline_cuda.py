@@ -17,7 +17,9 @@ from fit3d_hf.lifting import lift_scene, resolve_scene_list  # noqa: E402
 
 
 def test_lifting_on_cuda_fits_rgb_and_features(scene_root, backbone_dir, tmp_path):  # noqa: F811
-    metrics = lift_scene(resolve_scene_list(str(scene_root))[0], _args(tmp_path, backbone_dir, device="cuda"), progress=False)
+    metrics = lift_scene(
+        resolve_scene_list(str(scene_root))[0], _args(tmp_path, backbone_dir, device="cuda"), progress=False
+    )
     assert metrics["device"].startswith("cuda")
     assert metrics["psnr_heldout"] >= 22.0, metrics
     assert metrics["feature_l1_train"] <= 0.5 * metrics["feature_l1_train_start"], metrics

@@ -345,7 +345,13 @@ def test_training_script_on_two_processes_matches_single_process_evaluation(synt
     def written():
         return f"{output / 'results.json'} written" if (output / "results.json").is_file() else None
 
-    run_processes([command], [tmp_path / "ddp.log"], timeout=300, finished=written, what="the probe script on 2 gloo processes")
+    run_processes(
+        [command],
+        [tmp_path / "ddp.log"],
+        timeout=300,
+        finished=written,
+        what="the probe script on 2 gloo processes",
+    )
     results = json.loads((output / "results.json").read_text())
     assert results["settings"]["num_processes"] == 2
 

@@ -211,7 +211,8 @@ def test_scannetpp_layout_detection_and_override(tmp_path):
         tmp_path / "s" / "transforms_train.json",
     )
     with pytest.raises(
-        FileNotFoundError, match=r"transforms_train.json: 6 files it lists for its 3 frames do not exist: .*s/DSC00000.JPG, "
+        FileNotFoundError,
+        match=r"transforms_train.json: 6 files it lists for its 3 frames do not exist: .*s/DSC00000.JPG, ",
     ):
         read_scene(tmp_path / "s", layout="nerfstudio")
     # without points3D.txt the folder is a generic transforms_train.json scene (e.g. Blender's)
@@ -633,6 +634,7 @@ def test_scene_model_validation(tmp_path):
 @pytest.fixture(scope="module")
 def synthetic_scene(tmp_path_factory):
     from fit3d_hf.scene import synthetic
+
     config = synthetic.SyntheticSceneConfig(num_views=5, width=64, height=48, num_points=200, test_every=2)
     root = tmp_path_factory.mktemp("synthetic")
     synthetic.generate_dataset(root, num_scenes=1, num_val_scenes=0, config=config)

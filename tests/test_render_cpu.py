@@ -320,7 +320,9 @@ def test_rasterize_op_matches_the_per_pixel_spec():
     K, w2c = cameras(2, width, height, "cpu")
     means2d, conics, depths, radii = _wrapper.project(means, quats, scales, opacities, w2c, K, width, height)
     background = torch.tensor([0.5, 0.25, 0.75])
-    got = _wrapper.rasterize(means2d, conics, depths, colors, opacities, features, radii, width, height, background)
+    got = _wrapper.rasterize(
+        means2d, conics, depths, colors, opacities, features, radii, width, height, background
+    )
     want = rasterize_per_pixel(
         means2d.double(), conics.double(), depths.double(), colors.double(), opacities.double(),
         features.double(), radii, width, height, background.double(),

@@ -66,7 +66,14 @@ def test_degenerate_gaussians(n_features, alpha_clamp_grad):
     params = _scene(1000, n_features, seed=11, device="cuda", degenerate=True)
     K, w2c = _cameras(2, width, height, "cuda")
     out, grads = _compare_render(
-        params, K, w2c, width, height, seed=11, feature_grad_to_geometry=True, alpha_clamp_grad=alpha_clamp_grad
+        params,
+        K,
+        w2c,
+        width,
+        height,
+        seed=11,
+        feature_grad_to_geometry=True,
+        alpha_clamp_grad=alpha_clamp_grad,
     )
     assert (out.radii[:, 200:250] == 0).all()  # the ones behind the camera (k = 50: slots 200..249)
     for name, g in zip(NAMES, grads, strict=True):
@@ -256,12 +263,18 @@ def _extension_checks_shapes_and_devices():
         ext.isect_tiles(m2d, con, opacities.double(), dep, radii, 40, 30, 0)
     ranges, ids, _ = ext.isect_tiles(m2d, con, opacities, dep, radii, 40, 30, 0)
     with pytest.raises(ValueError, match=r"tile_ranges must have shape \[12, 2\]"):
-        ext.rasterize_fwd(m2d, con, opacities, colors, dep, features, None, ranges[:5].contiguous(), ids, 40, 30)
+        ext.rasterize_fwd(
+            m2d, con, opacities, colors, dep, features, None, ranges[:5].contiguous(), ids, 40, 30
+        )
     with pytest.raises(ValueError, match=r"background must have shape \[3\]"):
-        ext.rasterize_fwd(m2d, con, opacities, colors, dep, features, torch.zeros(4, device="cuda"), ranges, ids, 40, 30)
+        ext.rasterize_fwd(
+            m2d, con, opacities, colors, dep, features, torch.zeros(4, device="cuda"), ranges, ids, 40, 30
+        )
     if torch.cuda.device_count() > 1:
         with pytest.raises(ValueError, match=r"features is on cuda:1 but the other arguments are on cuda:0"):
-            ext.rasterize_fwd(m2d, con, opacities, colors, dep, features.to("cuda:1"), None, ranges, ids, 40, 30)
+            ext.rasterize_fwd(
+                m2d, con, opacities, colors, dep, features.to("cuda:1"), None, ranges, ids, 40, 30
+            )
     images = ext.rasterize_fwd(m2d, con, opacities, colors, dep, features, None, ranges, ids, 40, 30)
     final_t, last_ids = images[4], images[5]
     v_features = torch.ones(2, 4, 30, 40, device="cuda")
@@ -312,8 +325,12 @@ def _run_isolated(function) -> None:
     from pathlib import Path
 
     code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import {Path(__file__).stem} as m; m.{function.__name__}()"
-    result = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"{function.__name__} failed (exit {result.returncode}):\n{result.stderr[-3000:]}"
+    result = subprocess.run(
+        [sys.executable, "-X", "faulthandler", "-c", code], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, (
+        f"{function.__name__} failed (exit {result.returncode}):\n{result.stderr[-3000:]}"
+    )
 
 
 def test_extension_checks_shapes_and_devices():
@@ -364,7 +381,9 @@ def test_channel_capacities_at_every_pass_boundary(n_features):
     width, height = 40, 34
     params = _scene(300, n_features, seed=100 + n_features, device="cuda")
     K, w2c = _cameras(2, width, height, "cuda")
-    _compare_render(params, K, w2c, width, height, seed=n_features, feature_grad_to_geometry=n_features % 2 == 1)
+    _compare_render(
+        params, K, w2c, width, height, seed=n_features, feature_grad_to_geometry=n_features % 2 == 1
+    )
 
 
 @pytest.mark.parametrize("decoded_dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -424,7 +443,9 @@ def test_rasterize_op_matches_the_per_pixel_spec():
     K, w2c = _cameras(2, width, height, "cuda")
     means2d, conics, depths, radii = _wrapper.project(means, quats, scales, opacities, w2c, K, width, height)
     background = torch.tensor([0.5, 0.25, 0.75], device="cuda")
-    got = _wrapper.rasterize(means2d, conics, depths, colors, opacities, features, radii, width, height, background)
+    got = _wrapper.rasterize(
+        means2d, conics, depths, colors, opacities, features, radii, width, height, background
+    )
     want = rasterize_per_pixel(
         *[t.double().cpu() for t in (means2d, conics, depths, colors, opacities, features)], radii.cpu(),
         width, height, background.double().cpu(),

@@ -187,7 +187,10 @@ def test_row_bands_do_not_change_the_result(monkeypatch):
 def _two_cameras():
     """Two cameras that both see `_scene`: different intrinsics, the second turned and shifted a little."""
     K = torch.tensor(
-        [[[20.0, 0.0, 4.5], [0.0, 20.0, 4.5], [0.0, 0.0, 1.0]], [[18.0, 0.0, 4.2], [0.0, 19.0, 4.7], [0.0, 0.0, 1.0]]],
+        [
+            [[20.0, 0.0, 4.5], [0.0, 20.0, 4.5], [0.0, 0.0, 1.0]],
+            [[18.0, 0.0, 4.2], [0.0, 19.0, 4.7], [0.0, 0.0, 1.0]],
+        ],
         dtype=torch.float64,
     )
     second = _rotation_y(0.05)
@@ -284,7 +287,9 @@ def test_gradient_through_the_alpha_clamp(clamp_grad):
 
     var = (f * s / z) ** 2 + 0.3
     assert alpha_grad(4, 4) == pytest.approx(1.0 if clamp_grad else 0.0, abs=1e-12)
-    assert alpha_grad(4, 6) == pytest.approx(math.exp(-2.0 / var), rel=1e-9)  # dx = 2 px: o G = 0.21, unclamped
+    assert alpha_grad(4, 6) == pytest.approx(
+        math.exp(-2.0 / var), rel=1e-9
+    )  # dx = 2 px: o G = 0.21, unclamped
 
 
 def _feature_loss_grads(route: bool):
@@ -378,7 +383,9 @@ def test_empty_scene_gives_background():
 def test_features_none_and_float32():
     means, quats, scales, opacities, colors, _ = _scene(n=4, dtype=torch.float32)
     K, w2c = _camera(dtype=torch.float32)
-    out = render(means, quats, scales, opacities, colors, None, K, w2c, 9, 9, render_depth=False, backend="reference")
+    out = render(
+        means, quats, scales, opacities, colors, None, K, w2c, 9, 9, render_depth=False, backend="reference"
+    )
     assert out.features.shape == (1, 0, 9, 9) and out.depth is None and out.rgb.dtype == torch.float32
     assert out.backend == "reference"
     assert out.alpha.max() > 0.1

@@ -157,6 +157,7 @@ def test_group_samples_splits_at_the_longest_existing_scene_id():
 
 def test_builder_on_synthetic_scenes_matches_the_generator(tmp_path):
     from fit3d_hf.scene import synthetic
+
     config = synthetic.SyntheticSceneConfig(num_views=6, width=64, height=48, num_points=300)
     root = synthetic.generate_dataset(tmp_path / "synth", num_scenes=2, num_val_scenes=1, config=config)
     frames = load_scannetpp(root, cache_dir=tmp_path / "cache")

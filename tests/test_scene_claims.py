@@ -17,7 +17,13 @@ from fit3d_hf.scene.synthetic import SyntheticSceneConfig, generate_dataset
 from fit3d_hf.scene_claims import SceneClaims
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TQDM_DISABLE": "1",
+}
 
 
 def test_one_process_wins_each_claim(tmp_path):
@@ -39,7 +45,10 @@ def test_one_process_wins_each_claim(tmp_path):
 
 
 def test_a_stale_claim_is_taken_over_once_and_a_live_one_is_not(tmp_path):
-    dead, live = SceneClaims(tmp_path, lease_seconds=1, owner="dead"), SceneClaims(tmp_path, lease_seconds=1, owner="live")
+    dead, live = (
+        SceneClaims(tmp_path, lease_seconds=1, owner="dead"),
+        SceneClaims(tmp_path, lease_seconds=1, owner="live"),
+    )
     assert dead.try_claim("scene")
     assert not live.try_claim("scene")  # held and fresh
     old = time.time() - 5
@@ -61,7 +70,9 @@ def test_scenes_yields_each_scene_once_and_marks_it_done(tmp_path):
     assert seen == ["s1", "s2", "s3"]
     done = sorted(p.name for p in (tmp_path / "out" / ".claims").iterdir())
     assert done == ["s1.done", "s2.done", "s3.done"]
-    assert list(SceneClaims(tmp_path / "out", lease_seconds=1).scenes(folders)) == []  # all done: nothing more
+    assert (
+        list(SceneClaims(tmp_path / "out", lease_seconds=1).scenes(folders)) == []
+    )  # all done: nothing more
 
 
 def test_a_failing_scene_releases_its_claim(tmp_path):
@@ -69,7 +80,9 @@ def test_a_failing_scene_releases_its_claim(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         for _ in claims.scenes([tmp_path / "s1"]):
             raise RuntimeError("boom")
-    assert not (tmp_path / ".claims" / "s1.claim").exists() and not (tmp_path / ".claims" / "s1.done").exists()
+    assert (
+        not (tmp_path / ".claims" / "s1.claim").exists() and not (tmp_path / ".claims" / "s1.done").exists()
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -79,9 +92,21 @@ def test_a_failing_scene_releases_its_claim(tmp_path):
 @pytest.fixture(scope="module")
 def many_scenes(tmp_path_factory):
     root = tmp_path_factory.mktemp("claims")
-    generate_dataset(root / "data", num_scenes=4, num_val_scenes=0, config=SyntheticSceneConfig(seed=11, num_views=8, width=32, height=24, num_points=400))
+    generate_dataset(
+        root / "data",
+        num_scenes=4,
+        num_val_scenes=0,
+        config=SyntheticSceneConfig(seed=11, num_views=8, width=32, height=24, num_points=400),
+    )
     torch.manual_seed(0)
-    config = Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, patch_size=4, image_size=32)
+    config = Dinov2Config(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        patch_size=4,
+        image_size=32,
+    )
     Dinov2Model(config).save_pretrained(root / "backbone")
     return root
 
@@ -115,22 +140,46 @@ def test_three_processes_one_killed_mid_scene_finish_every_scene_once(many_scene
     out = tmp_path / "out"
     lease = ["--scene_assignment", "dynamic", "--claim_lease_seconds", "3"]
     marker = tmp_path / "victim.paused"
-    hook = [str(REPO / "tests" / "crash_hook.py"), str(marker), "call:fit3d_hf.gaussians.densify:Densifier.update_stats", "15", "--"]
+    hook = [
+        str(REPO / "tests" / "crash_hook.py"),
+        str(marker),
+        "call:fit3d_hf.gaussians.densify:Densifier.update_stats",
+        "15",
+        "--",
+    ]
     logs = [open(tmp_path / f"p{i}.log", "w") for i in range(3)]  # noqa: SIM115
     try:
-        victim = subprocess.Popen([sys.executable, *hook, *_lift_features(root, out, *lease)], env=ENV, stdout=logs[0], stderr=subprocess.STDOUT)
+        victim = subprocess.Popen(
+            [sys.executable, *hook, *_lift_features(root, out, *lease)],
+            env=ENV,
+            stdout=logs[0],
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 300
-        while not list((out / ".claims").glob("*.claim")) and time.monotonic() < deadline and victim.poll() is None:
+        while (
+            not list((out / ".claims").glob("*.claim"))
+            and time.monotonic() < deadline
+            and victim.poll() is None
+        ):
             time.sleep(0.1)  # the others start once the victim holds a scene
         others = [
-            subprocess.Popen([sys.executable, *_lift_features(root, out, *lease)], env=ENV, stdout=logs[i], stderr=subprocess.STDOUT)
+            subprocess.Popen(
+                [sys.executable, *_lift_features(root, out, *lease)],
+                env=ENV,
+                stdout=logs[i],
+                stderr=subprocess.STDOUT,
+            )
             for i in (1, 2)
         ]
         while not marker.is_file() and time.monotonic() < deadline and victim.poll() is None:
             time.sleep(0.05)
-        assert marker.is_file(), f"the victim never reached its 15th step:\n{(tmp_path / 'p0.log').read_text()[-3000:]}"
+        assert marker.is_file(), (
+            f"the victim never reached its 15th step:\n{(tmp_path / 'p0.log').read_text()[-3000:]}"
+        )
         victim_pid = json.loads(marker.read_text())["pid"]
-        killed_claims = [p for p in (out / ".claims").glob("*.claim") if json.loads(p.read_text())["pid"] == victim_pid]
+        killed_claims = [
+            p for p in (out / ".claims").glob("*.claim") if json.loads(p.read_text())["pid"] == victim_pid
+        ]
         assert len(killed_claims) == 1
         killed_scene = killed_claims[0].stem
         os.kill(victim.pid, signal.SIGKILL)
@@ -143,13 +192,19 @@ def test_three_processes_one_killed_mid_scene_finish_every_scene_once(many_scene
 
     scenes = sorted(p.name for p in (root / "data" / "scenes").iterdir())
     claims = out / ".claims"
-    assert sorted(p.name for p in claims.iterdir()) == sorted(f"{s}.done" for s in scenes)  # no claim left behind
+    assert sorted(p.name for p in claims.iterdir()) == sorted(
+        f"{s}.done" for s in scenes
+    )  # no claim left behind
     owners = {s: json.loads((claims / f"{s}.done").read_text())["owner"] for s in scenes}
     survivors_logs = (tmp_path / "p1.log").read_text() + (tmp_path / "p2.log").read_text()
     assert f":{victim_pid}:" not in owners[killed_scene]  # finished by a survivor ...
     assert f"{killed_scene}: the claim of" in survivors_logs and "taking the scene over" in survivors_logs
     assert "was already finished by" not in survivors_logs  # ... and by one only
-    assert len({owner for owner in owners.values() if f":{victim_pid}:" not in owner}) == 2  # both survivors got work
+    assert (
+        len({owner for owner in owners.values() if f":{victim_pid}:" not in owner}) == 2
+    )  # both survivors got work
     for scene in scenes:
-        assert (out / scene / "gaussians.safetensors").read_bytes() == (reference / scene / "gaussians.safetensors").read_bytes(), scene
+        assert (out / scene / "gaussians.safetensors").read_bytes() == (
+            reference / scene / "gaussians.safetensors"
+        ).read_bytes(), scene
         assert json.loads((out / scene / "metrics.json").read_text())["iterations"] == 40

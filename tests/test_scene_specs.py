@@ -31,8 +31,17 @@ def captures(tmp_path_factory):
     """A folder holding a nerfstudio capture with lens distortion, a COLMAP text one, and a ScanNet++ dataset."""
     root = tmp_path_factory.mktemp("captures")
     generate_capture(root / "kitchen", CAPTURE, layout="nerfstudio", distortion=LENS)
-    generate_capture(root / "office", SyntheticSceneConfig(seed=8, num_views=5, width=48, height=36, num_points=200), layout="colmap")
-    generate_dataset(root / "snpp", 1, 1, SyntheticSceneConfig(num_views=4, width=32, height=24, num_points=100, test_every=2))
+    generate_capture(
+        root / "office",
+        SyntheticSceneConfig(seed=8, num_views=5, width=48, height=36, num_points=200),
+        layout="colmap",
+    )
+    generate_dataset(
+        root / "snpp",
+        1,
+        1,
+        SyntheticSceneConfig(num_views=4, width=32, height=24, num_points=100, test_every=2),
+    )
     return root
 
 
@@ -80,9 +89,15 @@ def test_held_out_views_are_stage_one_s_and_split_the_scene(captures):
     with pytest.raises(UsageError, match="holdout_every"):
         heldout_view_indices(10, 1)
     ids = [f"v{i}" for i in range(9)]
-    assert split_views(ids, {"v0"}, 3) == {"train": ["v0", "v1", "v3", "v4", "v6", "v7"], "val": ["v2", "v5", "v8"]}
+    assert split_views(ids, {"v0"}, 3) == {
+        "train": ["v0", "v1", "v3", "v4", "v6", "v7"],
+        "val": ["v2", "v5", "v8"],
+    }
     # without holdout_every: the test frames the scene's files list
-    assert split_views(ids, {"v0", "v4"}, 0) == {"train": [i for i in ids if i not in ("v0", "v4")], "val": ["v0", "v4"]}
+    assert split_views(ids, {"v0", "v4"}, 0) == {
+        "train": [i for i in ids if i not in ("v0", "v4")],
+        "val": ["v0", "v4"],
+    }
     # the synthetic ScanNet++ scene's test_frames (every 2nd view here) become val
     scene = read_scene(captures / "snpp" / "scenes" / "synth00000")
     assert split_views(scene.image_ids, scene.test_image_ids, 0)["val"] == sorted(scene.test_image_ids) != []
@@ -102,7 +117,9 @@ def test_own_captures_read_back_to_the_analytic_scene(captures, name):
     the reader returns: the poses, the intrinsics and the undistortion are right."""
     scene = read_scene(captures / name)
     assert scene.scene_id == name and len(scene.frames) == 5 and len(scene.points) > 0
-    room = make_scene_spec(CAPTURE if name == "kitchen" else SyntheticSceneConfig(seed=8, num_views=5, width=48, height=36))
+    room = make_scene_spec(
+        CAPTURE if name == "kitchen" else SyntheticSceneConfig(seed=8, num_views=5, width=48, height=36)
+    )
     for frame in scene.frames[:2]:
         truth = render_view(room, frame.camera)
         depth, normals = load_depth(frame.depth_path), load_normals(frame.normal_path)
@@ -111,7 +128,9 @@ def test_own_captures_read_back_to_the_analytic_scene(captures, name):
         assert np.median(np.abs(depth - truth["depth"])[valid]) < 0.01  # metres
         angles = np.degrees(np.arccos(np.clip((normals * truth["normals"]).sum(-1), -1, 1)))[valid]
         assert np.median(angles) < 1.0 and (angles < 5).mean() > 0.9
-    if name == "kitchen":  # undistorted: a pinhole camera with the principal point at the centre, in the cache
+    if (
+        name == "kitchen"
+    ):  # undistorted: a pinhole camera with the principal point at the centre, in the cache
         camera = scene.frames[0].camera
         assert (camera.cx, camera.cy) == (24.0, 18.0)
         assert ".fit3d_undistorted" in scene.frames[0].image_path.parts
@@ -136,7 +155,9 @@ def test_undistortion_cache_goes_where_it_can_be_written(captures, tmp_path, mon
     generate_capture(readonly / "hall", CAPTURE, layout="nerfstudio", distortion=LENS)
     if os.geteuid() == 0:
         original = undistort_module._writable
-        monkeypatch.setattr(undistort_module, "_writable", lambda f: not f.is_relative_to(readonly) and original(f))
+        monkeypatch.setattr(
+            undistort_module, "_writable", lambda f: not f.is_relative_to(readonly) and original(f)
+        )
     else:
         os.chmod(readonly / "hall", 0o555)
     try:
@@ -147,7 +168,10 @@ def test_undistortion_cache_goes_where_it_can_be_written(captures, tmp_path, mon
         assert not (readonly / "hall" / ".fit3d_undistorted").exists()
         # Neither writable: the error names both places and the variable.
         monkeypatch.setattr(undistort_module, "_writable", lambda f: False)
-        with pytest.raises(InputError, match=r"neither .*hall/\.fit3d_undistorted \(the scene folder\) nor .*user_cache.* is writable; set FIT3D_UNDISTORT_CACHE"):
+        with pytest.raises(
+            InputError,
+            match=r"neither .*hall/\.fit3d_undistorted \(the scene folder\) nor .*user_cache.* is writable; set FIT3D_UNDISTORT_CACHE",
+        ):
             read_scene(readonly / "hall")
     finally:
         os.chmod(readonly / "hall", 0o755)

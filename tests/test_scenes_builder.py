@@ -23,9 +23,22 @@ LENS = (-0.08, 0.02, 0.001, -0.0015)
 @pytest.fixture(scope="module")
 def captures(tmp_path_factory):
     root = tmp_path_factory.mktemp("captures")
-    generate_capture(root / "own" / "kitchen", SyntheticSceneConfig(seed=7, num_views=6, width=40, height=30, num_points=150), distortion=LENS)
-    generate_capture(root / "own" / "office", SyntheticSceneConfig(seed=8, num_views=5, width=40, height=30, num_points=150), layout="colmap")
-    generate_dataset(root / "snpp", 1, 0, SyntheticSceneConfig(num_views=4, width=40, height=30, num_points=100, test_every=2))
+    generate_capture(
+        root / "own" / "kitchen",
+        SyntheticSceneConfig(seed=7, num_views=6, width=40, height=30, num_points=150),
+        distortion=LENS,
+    )
+    generate_capture(
+        root / "own" / "office",
+        SyntheticSceneConfig(seed=8, num_views=5, width=40, height=30, num_points=150),
+        layout="colmap",
+    )
+    generate_dataset(
+        root / "snpp",
+        1,
+        0,
+        SyntheticSceneConfig(num_views=4, width=40, height=30, num_points=100, test_every=2),
+    )
     return root
 
 
@@ -33,10 +46,18 @@ def test_scenes_builder_reads_mixed_layouts_with_stage_one_s_split(captures, tmp
     spec = f"{captures / 'own'},{captures / 'snpp'}"
     splits = load_scenes(spec, holdout_every=3, cache_dir=tmp_path / "cache")
     assert splits["train"].features == FRAME_FEATURES
-    rows = {split: list(zip(splits[split]["scene_id"], splits[split]["image_id"], strict=True)) for split in splits}
+    rows = {
+        split: list(zip(splits[split]["scene_id"], splits[split]["image_id"], strict=True))
+        for split in splits
+    }
     # holdout_every 3: views 2, 5, ... of every scene, in its frame order as read (the ScanNet++ scene lists its
     # test frames last: DSC00000, DSC00002, DSC00001, DSC00003)
-    assert rows["val"] == [("kitchen", "frame_00003"), ("kitchen", "frame_00006"), ("office", "frame_00003"), ("synth00000", "DSC00001")]
+    assert rows["val"] == [
+        ("kitchen", "frame_00003"),
+        ("kitchen", "frame_00006"),
+        ("office", "frame_00003"),
+        ("synth00000", "DSC00001"),
+    ]
     assert len(rows["train"]) == 6 + 5 + 4 - 4
     kitchen = read_scene(captures / "own" / "kitchen")
     row = splits["val"][0]
@@ -55,7 +76,9 @@ def test_scenes_builder_reads_mixed_layouts_with_stage_one_s_split(captures, tmp
 
 
 def test_builder_choice_and_a_stale_cache_is_rebuilt(captures, tmp_path):
-    assert isinstance(make_frames_builder(captures / "snpp", cache_dir=tmp_path), ScanNetPP)  # split by sample lists
+    assert isinstance(
+        make_frames_builder(captures / "snpp", cache_dir=tmp_path), ScanNetPP
+    )  # split by sample lists
     assert isinstance(make_frames_builder(captures / "own", cache_dir=tmp_path), Scenes)
     spec = str(captures / "own" / "office")
     before = Scenes(cache_dir=str(tmp_path), config_name="frames", scenes=spec)._cache_dir
@@ -78,12 +101,22 @@ def test_duplicate_scene_ids_are_refused(captures, tmp_path):
 
 def test_export_dataset_of_a_scene_spec(captures, tmp_path, capsys):
     out = tmp_path / "export"
-    argv = ["export-dataset", "--data_dir", f"{captures / 'own'}", "--output_dir", str(out), "--holdout_every", "2"]
+    argv = [
+        "export-dataset",
+        "--data_dir",
+        f"{captures / 'own'}",
+        "--output_dir",
+        str(out),
+        "--holdout_every",
+        "2",
+    ]
     assert main(argv) == 0
     assert "train: 1 shard(s)" in capsys.readouterr().out
     exported = load_dataset(str(out))
     assert sorted(exported) == ["train", "validation"] and len(exported["validation"]) == 3 + 2
-    source = load_scenes(str(captures / "own"), "frames", "val", holdout_every=2, cache_dir=tmp_path / "cache")
+    source = load_scenes(
+        str(captures / "own"), "frames", "val", holdout_every=2, cache_dir=tmp_path / "cache"
+    )
     assert exported["validation"]["image_id"] == source["image_id"]
     # self-contained: the undistorted image bytes are embedded
     assert np.array_equal(np.asarray(exported["validation"][0]["image"]), np.asarray(source[0]["image"]))
@@ -92,7 +125,13 @@ def test_export_dataset_of_a_scene_spec(captures, tmp_path, capsys):
 
 def _frames_signature(scene):
     return [
-        (f.image_id, np.round(f.camera.K, 9).tolist(), np.round(f.camera.world_to_camera, 9).tolist(), f.camera.width, f.camera.height)
+        (
+            f.image_id,
+            np.round(f.camera.K, 9).tolist(),
+            np.round(f.camera.world_to_camera, 9).tolist(),
+            f.camera.width,
+            f.camera.height,
+        )
         for f in scene.frames
     ]
 
@@ -102,7 +141,10 @@ def test_convert_scene_round_trips_every_layout(captures, tmp_path, layout):
     spec = f"{captures / 'own' / 'kitchen'},{captures / 'snpp'}"
     out = tmp_path / layout
     written = convert_scenes(spec, layout, out, holdout_every=2, progress=False)
-    sources = [read_scene(captures / "own" / "kitchen"), read_scene(captures / "snpp" / "scenes" / "synth00000")]
+    sources = [
+        read_scene(captures / "own" / "kitchen"),
+        read_scene(captures / "snpp" / "scenes" / "synth00000"),
+    ]
     assert [p.name for p in written] == ["kitchen", "synth00000"]
     for source, path in zip(sources, written, strict=True):
         copy = read_scene(path)
@@ -118,24 +160,74 @@ def test_convert_scene_round_trips_every_layout(captures, tmp_path, layout):
                 assert (pa is None) == (pb is None), kind
                 if pa is not None:
                     assert np.array_equal(np.asarray(Image.open(pa)), np.asarray(Image.open(pb))), kind
-    if layout == "scannetpp":  # a dataset root the scannetpp builder reads, split as the scenes builder splits
+    if (
+        layout == "scannetpp"
+    ):  # a dataset root the scannetpp builder reads, split as the scenes builder splits
         samples = (out / "metadata" / "val_samples.txt").read_text().split()
-        assert samples == ["kitchen_frame_00002", "kitchen_frame_00004", "kitchen_frame_00006", "synth00000_DSC00002", "synth00000_DSC00003"]
+        assert samples == [
+            "kitchen_frame_00002",
+            "kitchen_frame_00004",
+            "kitchen_frame_00006",
+            "synth00000_DSC00002",
+            "synth00000_DSC00003",
+        ]
         frames = load_scenes(str(out), "frames", "val", cache_dir=tmp_path / "cache")
         assert [f"{s}_{i}" for s, i in zip(frames["scene_id"], frames["image_id"], strict=True)] == samples
 
 
 def test_convert_scene_cli_and_its_refusals(captures, tmp_path, capsys):
     out = tmp_path / "ns"
-    assert main(["convert-scene", "--scenes", str(captures / "own" / "office"), "--to", "nerfstudio", "--output_dir", str(out)]) == 0
+    assert (
+        main(
+            [
+                "convert-scene",
+                "--scenes",
+                str(captures / "own" / "office"),
+                "--to",
+                "nerfstudio",
+                "--output_dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip() == str(out / "office")
     meta = json.loads((out / "office" / "transforms.json").read_text())
     assert meta["camera_model"] == "PINHOLE" and meta["frames"][0]["normal_path"] == "normals/frame_00001.png"
     # an existing output is kept unless --overwrite
-    assert main(["convert-scene", "--scenes", str(captures / "own" / "office"), "--to", "colmap", "--output_dir", str(out)]) == 2
+    assert (
+        main(
+            [
+                "convert-scene",
+                "--scenes",
+                str(captures / "own" / "office"),
+                "--to",
+                "colmap",
+                "--output_dir",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "already exists" in capsys.readouterr().err and (out / "office" / "transforms.json").is_file()
-    assert main(["convert-scene", "--scenes", str(captures / "own" / "office"), "--to", "colmap", "--output_dir", str(out), "--overwrite"]) == 0
-    assert (out / "office" / "sparse" / "0" / "cameras.txt").is_file() and not (out / "office" / "transforms.json").exists()
+    assert (
+        main(
+            [
+                "convert-scene",
+                "--scenes",
+                str(captures / "own" / "office"),
+                "--to",
+                "colmap",
+                "--output_dir",
+                str(out),
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
+    assert (out / "office" / "sparse" / "0" / "cameras.txt").is_file() and not (
+        out / "office" / "transforms.json"
+    ).exists()
     # ScanNet++ needs sparse points: a capture without them is refused, and nothing is left behind
     bare = tmp_path / "bare"
     generate_capture(bare, SyntheticSceneConfig(seed=3, num_views=3, width=40, height=30, num_points=50))

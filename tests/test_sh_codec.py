@@ -34,7 +34,10 @@ def test_dc_is_uint8_within_half_a_step():
 
 def test_default_codebook_size_amortises_over_the_scene():
     """The largest power of two <= N / 100 in [16, 4096]; tiny scenes keep about 4 Gaussians per row."""
-    sizes = {n: default_codebook_size(n) for n in (1, 7, 8, 40, 64, 400, 3199, 3200, 4000, 102_400, 196_000, 204_799)}
+    sizes = {
+        n: default_codebook_size(n)
+        for n in (1, 7, 8, 40, 64, 400, 3199, 3200, 4000, 102_400, 196_000, 204_799)
+    }
     assert sizes == {
         1: 2, 7: 2, 8: 2, 40: 8, 64: 16, 400: 16, 3199: 16, 3200: 32, 4000: 32, 102_400: 1024, 196_000: 1024, 204_799: 1024,
     }  # fmt: skip
@@ -46,7 +49,9 @@ def test_default_codebook_size_amortises_over_the_scene():
 
 def test_rest_codebook_on_clustered_sh_and_zero_rows_exact():
     sh = _clustered_sh()
-    compressed = encode_sh(sh, codebook_size=512)  # the default at 4000 Gaussians is 32, fewer than the 64 clusters
+    compressed = encode_sh(
+        sh, codebook_size=512
+    )  # the default at 4000 Gaussians is 32, fewer than the 64 clusters
     assert compressed.rest_codebook.shape == (512, 45)
     assert compressed.rest_codebook.dtype == torch.float16 and compressed.rest_codes.dtype == torch.uint16
     assert (compressed.rest_codebook[0] == 0).all()  # the reserved zero row
@@ -82,7 +87,9 @@ def test_encoding_is_deterministic_and_tensors_round_trip():
     # 5 bytes per Gaussian + codebook (16 rows by default at 2000 Gaussians) + affine.
     assert first.num_bytes == 2000 * 5 + 16 * 45 * 2 + 24
     with pytest.raises(KeyError, match="sh.rest_codes"):
-        CompressedSH.from_tensors({k: v for k, v in first.tensors("sh.").items() if k != "sh.rest_codes"}, "sh.")
+        CompressedSH.from_tensors(
+            {k: v for k, v in first.tensors("sh.").items() if k != "sh.rest_codes"}, "sh."
+        )
 
 
 def test_encode_refuses_bad_input():

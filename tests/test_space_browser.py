@@ -71,7 +71,9 @@ def _check_model_names(page, expected: list[str]) -> None:
     field = page.locator("#model-choice input")
     field.click()
     # Each option reads "✓" (selected) or nothing, then the name.
-    options = [text.replace("✓", "").strip() for text in page.locator("ul[role=listbox] li").all_inner_texts()]
+    options = [
+        text.replace("✓", "").strip() for text in page.locator("ul[role=listbox] li").all_inner_texts()
+    ]
     assert options == expected and not any("`" in option for option in options)
     page.keyboard.press("Escape")
     # The width each name takes in the field's own font, against the room the field has for text.
@@ -85,7 +87,9 @@ def _check_model_names(page, expected: list[str]) -> None:
         }""",
         expected,
     )
-    assert all(fits), f"cut off in the picker: {[label for label, ok in zip(expected, fits, strict=True) if not ok]}"
+    assert all(fits), (
+        f"cut off in the picker: {[label for label, ok in zip(expected, fits, strict=True) if not ok]}"
+    )
 
 
 def _check_captions(page) -> None:

@@ -295,7 +295,9 @@ def test_read_model_entries(tmp_path):
         ("FiT3D DINOv2-reg-small", None, "dinov2_reg_small"),
     ]
     (tmp_path / "bad.json").write_text(json.dumps({"models": [{"label": "a", "release": "dinov2_large"}]}))
-    with pytest.raises(ValueError, match="names release 'dinov2_large'; the original release has dinov2_small"):
+    with pytest.raises(
+        ValueError, match="names release 'dinov2_large'; the original release has dinov2_small"
+    ):
         app.read_model_entries(tmp_path / "bad.json")
 
     (tmp_path / "local-model").mkdir()
@@ -348,7 +350,9 @@ def test_oversized_cmyk_and_16_bit_uploads_run_with_a_notice(space):
     app, demo, client, folder = space
     big = folder / "huge.png"
     gradient = np.linspace(0, 255, 8000, dtype=np.float32).astype(np.uint8)
-    Image.fromarray(np.broadcast_to(gradient[None, :, None], (6000, 8000, 3)).copy()).save(big, compress_level=1)
+    Image.fromarray(np.broadcast_to(gradient[None, :, None], (6000, 8000, 3)).copy()).save(
+        big, compress_level=1
+    )
     pictures, info = visualize(client, big)
     assert [p.shape for p in pictures] == [(168, 224, 3)] * 4
     assert "your 8000×6000 image was downscaled to 224×168 px" in info

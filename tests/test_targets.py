@@ -6,7 +6,13 @@ from fit3d_hf.targets import decode_at_patch_grid, decode_then_resample
 
 @pytest.mark.parametrize(
     "image_size, grid",
-    [((584, 876), (41, 62)), ((120, 160), (8, 11)), ((61, 45), (4, 3)), ((30, 40), (30, 40)), ((17, 23), (2, 1))],
+    [
+        ((584, 876), (41, 62)),
+        ((120, 160), (8, 11)),
+        ((61, 45), (4, 3)),
+        ((30, 40), (30, 40)),
+        ((17, 23), (2, 1)),
+    ],
 )
 def test_patch_grid_decode_equals_full_decode_then_resample(image_size, grid):
     generator = torch.Generator().manual_seed(0)
@@ -21,7 +27,12 @@ def test_patch_grid_decode_equals_full_decode_then_resample(image_size, grid):
 def test_patch_grid_decode_float32_and_1x1_kernel():
     feature_map = torch.randn(1, 4, 50, 70)
     weight = torch.randn(6, 4, 1, 1)
-    torch.testing.assert_close(decode_at_patch_grid(feature_map, weight, (7, 9)), decode_then_resample(feature_map, weight, (7, 9)), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        decode_at_patch_grid(feature_map, weight, (7, 9)),
+        decode_then_resample(feature_map, weight, (7, 9)),
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 def test_patch_grid_decode_rejects_mismatched_channels():

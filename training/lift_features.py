@@ -23,7 +23,9 @@ from fit3d_hf.scene_claims import SceneClaims
 @dataclass
 class ScenesArguments:
     scenes: str = field(
-        metadata={"help": "The scenes: a scene in any layout, a folder of scenes (or a dataset root with scenes/), a text file listing scenes, or a comma-separated list of these."}
+        metadata={
+            "help": "The scenes: a scene in any layout, a folder of scenes (or a dataset root with scenes/), a text file listing scenes, or a comma-separated list of these."
+        }
     )
     scene_assignment: str = field(
         default="dynamic",
@@ -32,22 +34,30 @@ class ScenesArguments:
     )  # fmt: skip
     claim_lease_seconds: float = field(
         default=600.0,
-        metadata={"help": "Dynamic assignment: a scene whose owner sent no heartbeat for this long is taken over by another process."},
+        metadata={
+            "help": "Dynamic assignment: a scene whose owner sent no heartbeat for this long is taken over by another process."
+        },
     )
 
     def __post_init__(self) -> None:
         if self.scene_assignment not in ("dynamic", "static"):
-            raise ValueError(f"--scene_assignment must be 'dynamic' or 'static', got {self.scene_assignment!r}")
+            raise ValueError(
+                f"--scene_assignment must be 'dynamic' or 'static', got {self.scene_assignment!r}"
+            )
         if self.claim_lease_seconds <= 0:
             raise ValueError(f"--claim_lease_seconds must be positive, got {self.claim_lease_seconds}")
 
 
 def main(argv: list[str]) -> None:
-    scenes_args, lift_args = parse_args("lift_features.py", __doc__, [ScenesArguments, LiftingArguments], argv)
+    scenes_args, lift_args = parse_args(
+        "lift_features.py", __doc__, [ScenesArguments, LiftingArguments], argv
+    )
     accelerator = Accelerator()
     lift_args = replace(lift_args, device=str(accelerator.device))
     scene_paths = resolve_scene_list(scenes_args.scenes)
-    accelerator.print(f"{len(scene_paths)} scenes over {accelerator.num_processes} processes ({scenes_args.scene_assignment})")
+    accelerator.print(
+        f"{len(scene_paths)} scenes over {accelerator.num_processes} processes ({scenes_args.scene_assignment})"
+    )
     claims = None
     if scenes_args.scene_assignment == "dynamic":
         claims = SceneClaims(lift_args.out, lease_seconds=scenes_args.claim_lease_seconds)

@@ -51,7 +51,9 @@ class FeatureGaussiansConfig(datasets.BuilderConfig):
 def _scene_folders(data_dir: Path) -> list[Path]:
     folders = sorted(p.parent for p in data_dir.glob(f"*/{BUNDLE_FILENAME}"))
     if not folders:
-        raise FileNotFoundError(f"{data_dir} holds no <scene_id>/{BUNDLE_FILENAME}: run Stage I (`fit3d lift`) first")
+        raise FileNotFoundError(
+            f"{data_dir} holds no <scene_id>/{BUNDLE_FILENAME}: run Stage I (`fit3d lift`) first"
+        )
     return folders
 
 
@@ -125,15 +127,23 @@ class FeatureGaussians(datasets.ArrowBasedBuilder):
                 "means": _fixed(bundle.means.numpy(), pa.float32()),
                 "quats": _fixed(bundle.quats.numpy(), pa.float16()),
                 "log_scales": _fixed(bundle.log_scales.numpy(), pa.float16()),
-                "opacities": pa.ListArray.from_arrays(pa.array([0, len(bundle)], type=pa.int32()), pa.array(bundle.opacities.numpy(), type=pa.float16())),
+                "opacities": pa.ListArray.from_arrays(
+                    pa.array([0, len(bundle)], type=pa.int32()),
+                    pa.array(bundle.opacities.numpy(), type=pa.float16()),
+                ),
                 "features": _fixed(bundle.features.numpy(), pa.float16()),
                 "sh_degree": pa.array([int(round(sh.num_coefficients**0.5)) - 1], type=pa.int32()),
                 "sh_dc_codes": _fixed(sh.dc_codes.numpy(), pa.uint8()),
                 "sh_dc_offset": pa.array([sh.dc_offset.tolist()], type=pa.list_(pa.float32(), 3)),
                 "sh_dc_step": pa.array([sh.dc_step.tolist()], type=pa.list_(pa.float32(), 3)),
                 "sh_rest_codebook": _fixed(sh.rest_codebook.numpy(), pa.float16()),
-                "sh_rest_codes": pa.ListArray.from_arrays(pa.array([0, len(sh)], type=pa.int32()), pa.array(sh.rest_codes.numpy(), type=pa.uint16())),
-                "decoder_weight": pa.ListArray.from_arrays(pa.array([0, weight.size], type=pa.int32()), pa.array(weight.reshape(-1), type=pa.float32())),
+                "sh_rest_codes": pa.ListArray.from_arrays(
+                    pa.array([0, len(sh)], type=pa.int32()), pa.array(sh.rest_codes.numpy(), type=pa.uint16())
+                ),
+                "decoder_weight": pa.ListArray.from_arrays(
+                    pa.array([0, weight.size], type=pa.int32()),
+                    pa.array(weight.reshape(-1), type=pa.float32()),
+                ),
                 "decoder_shape": pa.array([list(weight.shape)], type=pa.list_(pa.int32(), 4)),
                 "metrics": pa.array([metrics]),
             }
@@ -146,7 +156,11 @@ def bundle_from_row(row: dict) -> GaussianBundle:
     import torch
 
     def tensor(name, dtype):
-        return torch.from_numpy(np.stack(row[name]).astype(dtype) if row[name].dtype == object else np.asarray(row[name], dtype=dtype))
+        return torch.from_numpy(
+            np.stack(row[name]).astype(dtype)
+            if row[name].dtype == object
+            else np.asarray(row[name], dtype=dtype)
+        )
 
     sh = CompressedSH(
         dc_codes=tensor("sh_dc_codes", np.uint8).reshape(-1, 3),
@@ -162,7 +176,11 @@ def bundle_from_row(row: dict) -> GaussianBundle:
         opacities=tensor("opacities", np.float16),
         features=tensor("features", np.float16),
         decoder_weight=tensor("decoder_weight", np.float32).reshape(*[int(v) for v in row["decoder_shape"]]),
-        metadata={"scene_id": str(row["scene_id"]), "backbone": str(row["backbone"]), "metrics": json.loads(str(row["metrics"]))},
+        metadata={
+            "scene_id": str(row["scene_id"]),
+            "backbone": str(row["backbone"]),
+            "metrics": json.loads(str(row["metrics"])),
+        },
         sh=sh.decode(),
     )
 

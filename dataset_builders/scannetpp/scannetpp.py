@@ -347,11 +347,15 @@ def export_parquet(
         data_files = "\n".join(f"  - split: {split}\n    path: data/{split}-*.parquet" for split in shards)
         columns = "\n".join(f"- `{name}`: `{feature}`" for name, feature in builder.info.features.items())
         readme = _README.format(
-            config=config_name, data_files=data_files, source=data_dir if "," in str(data_dir) else Path(data_dir).resolve(),
+            config=config_name,
+            data_files=data_files,
+            source=data_dir if "," in str(data_dir) else Path(data_dir).resolve(),
             columns=columns,
         )
         (export / "README.md").write_text(readme)
-        replace_folder(export, output_dir)  # overwrite: the old folder moved aside, the new one in, the old deleted
+        replace_folder(
+            export, output_dir
+        )  # overwrite: the old folder moved aside, the new one in, the old deleted
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {split: [output_dir / "data" / path.name for path in paths] for split, paths in shards.items()}

@@ -37,7 +37,15 @@ from fit3d_hf.scene import read_scene, resolve_scene_list, split_views
 from fit3d_hf.scene.readers import detect_layout
 from fit3d_hf.scene.undistort import AUX_DIRS, UNDISTORT_CACHE_ENV
 
-__all__ = ["SPLITS", "Scenes", "ScenesConfig", "is_sample_list_root", "load_scenes", "make_frames_builder", "scenes_fingerprint"]
+__all__ = [
+    "SPLITS",
+    "Scenes",
+    "ScenesConfig",
+    "is_sample_list_root",
+    "load_scenes",
+    "make_frames_builder",
+    "scenes_fingerprint",
+]
 
 logger = datasets.logging.get_logger(__name__)
 
@@ -107,18 +115,24 @@ class Scenes(datasets.GeneratorBasedBuilder):
         wanted: dict[str, list[tuple[str, list[str]]]] = {split: [] for split in SPLITS}
         sources: dict[str, Path] = {}
         for path in paths:
-            scene = read_scene(path)  # validates the whole scene (and undistorts it, once) before anything is written
+            scene = read_scene(
+                path
+            )  # validates the whole scene (and undistorts it, once) before anything is written
             if scene.scene_id in sources:
                 raise InputError(
                     f"{path} and {sources[scene.scene_id]} are both scene {scene.scene_id!r} (the readers name a "
                     "scene after its folder); rename one of the folders"
                 )
             sources[scene.scene_id] = path
-            for split, image_ids in split_views(scene.image_ids, scene.test_image_ids, self.config.holdout_every).items():
+            for split, image_ids in split_views(
+                scene.image_ids, scene.test_image_ids, self.config.holdout_every
+            ).items():
                 if image_ids:
                     wanted[split].append((str(path), image_ids))
         generators = [
-            datasets.SplitGenerator(name=split, gen_kwargs={"scenes": scenes}) for split, scenes in wanted.items() if scenes
+            datasets.SplitGenerator(name=split, gen_kwargs={"scenes": scenes})
+            for split, scenes in wanted.items()
+            if scenes
         ]
         if not generators:
             raise InputError(f"the scenes of {self.config.scenes!r} hold no frames")
@@ -129,7 +143,11 @@ class Scenes(datasets.GeneratorBasedBuilder):
         for scene_index, (path, image_ids) in enumerate(scenes):
             scene = read_scene(path)
             if self.config.name == "points":
-                row = {"scene_id": scene.scene_id, "xyz": scene.points.astype(np.float32), "rgb": scene.point_colors}
+                row = {
+                    "scene_id": scene.scene_id,
+                    "xyz": scene.points.astype(np.float32),
+                    "rgb": scene.point_colors,
+                }
                 yield datasets.builder.Key(scene_index, 0), row
                 continue
             frames = {frame.image_id: frame for frame in scene.frames}
@@ -140,7 +158,11 @@ class Scenes(datasets.GeneratorBasedBuilder):
 def is_sample_list_root(source: str | os.PathLike) -> bool:
     """Whether `source` is a ScanNet++ dataset root split by sample lists (`scenes/` + `metadata/*_samples.txt`)."""
     path = Path(source)
-    return "," not in str(source) and (path / "scenes").is_dir() and any((path / "metadata").glob("*_samples.txt"))
+    return (
+        "," not in str(source)
+        and (path / "scenes").is_dir()
+        and any((path / "metadata").glob("*_samples.txt"))
+    )
 
 
 def make_frames_builder(
@@ -166,7 +188,13 @@ def make_frames_builder(
         if holdout_every:
             logger.warning("%s is split by its metadata/*_samples.txt: --holdout_every is not used", source)
         return ScanNetPP(cache_dir=cache_dir, config_name=config_name, data_dir=str(source), **kwargs)
-    return Scenes(cache_dir=cache_dir, config_name=config_name, scenes=str(source), holdout_every=holdout_every, **kwargs)
+    return Scenes(
+        cache_dir=cache_dir,
+        config_name=config_name,
+        scenes=str(source),
+        holdout_every=holdout_every,
+        **kwargs,
+    )
 
 
 def load_scenes(

@@ -26,7 +26,9 @@ logger = logging.getLogger(__name__)
 _VIAS = ("transformers", "timm")
 
 
-@dataclass(kw_only=True)  # lets --backbone/--weights be optional (--from_hub) before the required --output_dir
+@dataclass(
+    kw_only=True
+)  # lets --backbone/--weights be optional (--from_hub) before the required --output_dir
 class ConvertArguments:
     backbone: str | None = field(
         default=None,
@@ -84,10 +86,14 @@ class ConvertArguments:
     def __post_init__(self) -> None:
         if self.from_hub is not None:
             if self.weights is not None or (self.backbone is not None and self.backbone != self.from_hub):
-                raise UsageError("--from_hub names the backbone and its weights: leave out --backbone and --weights")
+                raise UsageError(
+                    "--from_hub names the backbone and its weights: leave out --backbone and --weights"
+                )
             self.backbone = self.from_hub
         elif self.backbone is None or self.weights is None:
-            raise UsageError("pass --backbone and --weights, or --from_hub <name> to download the release's weights")
+            raise UsageError(
+                "pass --backbone and --weights, or --from_hub <name> to download the release's weights"
+            )
 
 
 def load_timm_state_dict(path: str | os.PathLike):
@@ -231,7 +237,10 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"--output_dir {output_dir} already holds files; pass --overwrite to replace them")
     weights = args.weights if args.from_hub is None else _release_weights(args.from_hub)
     model, changed = convert_original_weights(
-        args.backbone, weights, original=args.original, via=args.via,
+        args.backbone,
+        weights,
+        original=args.original,
+        via=args.via,
         pos_embed_interpolation=args.pos_embed_interpolation,
     )
     card = make_model_card(

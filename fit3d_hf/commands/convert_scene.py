@@ -17,17 +17,25 @@ DESCRIPTION = "Write scenes (any layout fit3d-hf reads) as ScanNet++, nerfstudio
 @dataclass
 class ConvertArguments:
     scenes: str = field(
-        metadata={"help": "The scenes, as `fit3d lift` takes them: a scene in any layout, a folder of scenes, a text file listing scenes, or a comma-separated list."}
+        metadata={
+            "help": "The scenes, as `fit3d lift` takes them: a scene in any layout, a folder of scenes, a text file listing scenes, or a comma-separated list."
+        }
     )
     to: str = field(metadata={"help": "Output layout.", "choices": ["scannetpp", "nerfstudio", "colmap"]})
     output_dir: str = field(
-        metadata={"help": "Folder to write: scenes/<scene_id>/ + metadata/ (scannetpp) or <scene_id>/ (nerfstudio, colmap)."}
+        metadata={
+            "help": "Folder to write: scenes/<scene_id>/ + metadata/ (scannetpp) or <scene_id>/ (nerfstudio, colmap)."
+        }
     )
     holdout_every: int = field(
         default=0,
-        metadata={"help": "scannetpp: the val samples are every K-th view of each scene, as `fit3d lift --holdout_every K` held them out (0: the scenes' own test frames)."},
+        metadata={
+            "help": "scannetpp: the val samples are every K-th view of each scene, as `fit3d lift --holdout_every K` held them out (0: the scenes' own test frames)."
+        },
     )
-    overwrite: bool = field(default=False, metadata={"help": "Replace output_dir if it exists and is not empty."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Replace output_dir if it exists and is not empty."}
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -37,7 +45,9 @@ def main(argv: list[str]) -> int:
 
     (args,) = parse_args("fit3d convert-scene", DESCRIPTION, [ConvertArguments], argv)
     try:
-        written = convert_scenes(args.scenes, args.to, args.output_dir, holdout_every=args.holdout_every, overwrite=args.overwrite)
+        written = convert_scenes(
+            args.scenes, args.to, args.output_dir, holdout_every=args.holdout_every, overwrite=args.overwrite
+        )
     except (Fit3DError, FileNotFoundError, ValueError) as error:
         sys.stderr.write(f"fit3d convert-scene: error: {error}\n")
         return getattr(error, "exit_code", 1)

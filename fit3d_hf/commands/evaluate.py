@@ -28,9 +28,7 @@ import sys
 
 __all__ = ["DESCRIPTION", "main"]
 
-DESCRIPTION = (
-    "Probe original vs fine-tuned vs FiT3D features: segmentation, depth, surface normals or multi-view correspondence"
-)
+DESCRIPTION = "Probe original vs fine-tuned vs FiT3D features: segmentation, depth, surface normals or multi-view correspondence"
 _HELP = (
     DESCRIPTION
     + ". --model is a FiT3DModel (rows original, fine-tuned, FiT3D); --baseline a plain backbone (one row). "

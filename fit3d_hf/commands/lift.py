@@ -26,7 +26,11 @@ _HELP = (
 
 @dataclass
 class SceneArguments:
-    scene: str = field(metadata={"help": "The scenes: a scene (ScanNet++ layout, nerfstudio/instant-ngp transforms.json or COLMAP text), a folder of scenes, a text file listing scenes, or a comma-separated list of these."})
+    scene: str = field(
+        metadata={
+            "help": "The scenes: a scene (ScanNet++ layout, nerfstudio/instant-ngp transforms.json or COLMAP text), a folder of scenes, a text file listing scenes, or a comma-separated list of these."
+        }
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -35,6 +39,16 @@ def main(argv: list[str]) -> int:
 
     scene_args, lift_args = parse_args("fit3d lift", _HELP, [SceneArguments, LiftingArguments], argv)
     for metrics in lift_many(resolve_scene_list(scene_args.scene), lift_args):  # one JSON line per scene
-        summary = {key: metrics[key] for key in ("scene_id", "num_gaussians", "psnr_train", "psnr_heldout", "feature_l1_train", "seconds_training")}
+        summary = {
+            key: metrics[key]
+            for key in (
+                "scene_id",
+                "num_gaussians",
+                "psnr_train",
+                "psnr_heldout",
+                "feature_l1_train",
+                "seconds_training",
+            )
+        }
         sys.stdout.write(json.dumps(summary) + "\n")
     return 0

@@ -50,7 +50,9 @@ def main(argv: list[str]) -> int:
         elif not record["ok"]:
             line = f"DAMAGED     {record['problem']}"
         else:
-            line = f"{'ok' if record['checksummed'] else 'unverified':<11} {record['path']} ({record['kind']})"
+            line = (
+                f"{'ok' if record['checksummed'] else 'unverified':<11} {record['path']} ({record['kind']})"
+            )
         sys.stdout.write(line + "\n")
     damaged = sum(not r["ok"] for r in records)
     unverified = sum(r["ok"] and not r["checksummed"] for r in records)

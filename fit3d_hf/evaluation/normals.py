@@ -111,11 +111,16 @@ class NormalsHeads(nn.Module):
     def variants(self) -> list[str]:
         return list(self.heads.keys())
 
-    def forward(self, raw: dict[str, torch.Tensor], output_size: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, raw: dict[str, torch.Tensor], output_size: tuple[int, int] | None = None
+    ) -> dict[str, torch.Tensor]:
         """variant -> `[B, 3, H, W]` unit normals, from the raw frozen outputs of `FrozenFeatures`."""
         from .heads import variant_inputs
 
-        return {variant: head(variant_inputs(raw, variant)[0], output_size) for variant, head in self.heads.items()}
+        return {
+            variant: head(variant_inputs(raw, variant)[0], output_size)
+            for variant, head in self.heads.items()
+        }
 
 
 def angular_errors(prediction: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +134,9 @@ def angular_errors(prediction: torch.Tensor, target: torch.Tensor) -> tuple[torc
         `([B, H, W]` float64 error in degrees, `[B, H, W]` bool validity`)`.
     """
     if prediction.shape != target.shape or prediction.ndim != 4 or prediction.shape[1] != 3:
-        raise ValueError(f"expected prediction and target [B, 3, H, W], got {tuple(prediction.shape)} and {tuple(target.shape)}")
+        raise ValueError(
+            f"expected prediction and target [B, 3, H, W], got {tuple(prediction.shape)} and {tuple(target.shape)}"
+        )
     cosine = F.cosine_similarity(prediction.double(), target.double(), dim=1, eps=1e-12).clamp(-1.0, 1.0)
     return torch.rad2deg(torch.acos(cosine)), valid_normals(target)
 
@@ -155,7 +162,10 @@ def normals_rows(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     offsets = torch.arange(batch, device=bins.device)[:, None] * _HISTOGRAM_BINS
     histogram = torch.bincount((bins + offsets)[valid], minlength=batch * _HISTOGRAM_BINS)
     return torch.cat(
-        [torch.stack([valid.sum(1), errors.sum(1), *within], dim=1).double(), histogram.reshape(batch, -1).double()],
+        [
+            torch.stack([valid.sum(1), errors.sum(1), *within], dim=1).double(),
+            histogram.reshape(batch, -1).double(),
+        ],
         dim=1,
     )
 
@@ -174,7 +184,10 @@ def normals_scores(rows: torch.Tensor) -> dict[str, float]:
     cumulative = totals[2 + len(NORMALS_THRESHOLDS) :].cumsum(0)
     middle = torch.tensor([(count + 1) // 2, count // 2 + 1], dtype=cumulative.dtype)  # 1-based ranks
     median_bins = torch.searchsorted(cumulative, middle).double()
-    scores = {"mean": float(totals[1]) / count, "median": float((median_bins + 0.5).mean()) * 180.0 / _HISTOGRAM_BINS}
+    scores = {
+        "mean": float(totals[1]) / count,
+        "median": float((median_bins + 0.5).mean()) * 180.0 / _HISTOGRAM_BINS,
+    }
     for threshold, within in zip(NORMALS_THRESHOLDS, totals[2 : 2 + len(NORMALS_THRESHOLDS)], strict=True):
         scores[f"within_{threshold:g}"] = float(within) / count
     scores["num_pixels"] = count

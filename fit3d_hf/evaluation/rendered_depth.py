@@ -66,7 +66,12 @@ def render_depth(
 
 
 def fill_depth_from_gaussians(
-    frames, gaussians_dir: str | Path, *, depth_column: str = "depth", depth_scale: float = 1000.0, device="cpu"
+    frames,
+    gaussians_dir: str | Path,
+    *,
+    depth_column: str = "depth",
+    depth_scale: float = 1000.0,
+    device="cpu",
 ):
     """Fills a frames dataset's missing depth maps with depth rendered from each scene's Stage I bundle.
 
@@ -93,7 +98,9 @@ def fill_depth_from_gaussians(
             f"--gaussians {gaussians_dir} has no bundle for scene(s) {missing[:5]}; lift them first (`fit3d lift`)"
         )
     if depth_column not in frames.column_names:
-        frames = frames.add_column(depth_column, [None] * len(frames)).cast_column(depth_column, datasets.Image())
+        frames = frames.add_column(depth_column, [None] * len(frames)).cast_column(
+            depth_column, datasets.Image()
+        )
     cache = GaussianCache(gaussians_dir, torch.device(device), 2e9)
     rendered = 0
 
@@ -101,7 +108,9 @@ def fill_depth_from_gaussians(
         nonlocal rendered
         if depth is not None:
             return {depth_column: depth}
-        metres = render_depth(cache.get(scene_id), torch.tensor(K), torch.tensor(world_to_camera), width, height)
+        metres = render_depth(
+            cache.get(scene_id), torch.tensor(K), torch.tensor(world_to_camera), width, height
+        )
         rendered += 1
         stored = np.clip(np.round(metres.numpy() * depth_scale), 0, np.iinfo(np.uint16).max).astype(np.uint16)
         return {depth_column: {"bytes": _png_bytes(stored), "path": None}}

@@ -253,13 +253,21 @@ def _plot_depth_metrics(results: dict, path: Path) -> None:
 def _plot_normals_metrics(results: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
-    metrics = [("mean", "mean angular error (°) ↓"), ("median", "median angular error (°) ↓"), ("within_11.25", "within 11.25° (%) ↑")]
+    metrics = [
+        ("mean", "mean angular error (°) ↓"),
+        ("median", "median angular error (°) ↓"),
+        ("within_11.25", "within 11.25° (%) ↑"),
+    ]
     figure = Figure(figsize=(9.0, 3.2), layout="constrained")
     names = [row["name"] for row in results["rows"]]
     for index, (key, title) in enumerate(metrics):
         axes = figure.add_subplot(1, len(metrics), index + 1)
         scale = 100 if key.startswith("within") else 1
-        axes.bar(names, [scale * (row.get(key) or 0.0) for row in results["rows"]], color=[f"C{i}" for i in range(len(names))])
+        axes.bar(
+            names,
+            [scale * (row.get(key) or 0.0) for row in results["rows"]],
+            color=[f"C{i}" for i in range(len(names))],
+        )
         axes.set_title(title)
     _save_figure(figure, path)
 

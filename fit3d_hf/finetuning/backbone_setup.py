@@ -54,11 +54,22 @@ def lora_wrap(extractor, model_args: BackboneArguments):
     if model_args.lora_target_modules == "all-linear":
         targets = "all-linear"  # peft's own choice: every linear layer of the backbone
     else:
-        present = {name.rsplit(".", 1)[-1] for name, module in extractor.model.named_modules() if isinstance(module, torch.nn.Linear)}
+        present = {
+            name.rsplit(".", 1)[-1]
+            for name, module in extractor.model.named_modules()
+            if isinstance(module, torch.nn.Linear)
+        }
         targets = [name.strip() for name in model_args.lora_target_modules.split(",") if name.strip()]
         unknown = [t for t in targets if t not in present]
         if unknown or not targets:
-            raise UsageError(f"--lora_target_modules {unknown or targets} are not linear layers of the backbone; it has {sorted(present)}")
-    config = LoraConfig(r=model_args.lora_rank, lora_alpha=model_args.lora_alpha or model_args.lora_rank, target_modules=targets, lora_dropout=0.0)
+            raise UsageError(
+                f"--lora_target_modules {unknown or targets} are not linear layers of the backbone; it has {sorted(present)}"
+            )
+    config = LoraConfig(
+        r=model_args.lora_rank,
+        lora_alpha=model_args.lora_alpha or model_args.lora_rank,
+        target_modules=targets,
+        lora_dropout=0.0,
+    )
     extractor.model = get_peft_model(extractor.model, config)
     return extractor

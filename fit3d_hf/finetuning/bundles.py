@@ -39,7 +39,12 @@ def scenes_without_bundles(scene_ids, gaussians_dir) -> list[str]:
 
 
 def check_frames_against_gaussians(
-    scene_ids, gaussians_dir, backbone_dim: int, feature_dim: int | None = None, *, provenance: dict | None = None,
+    scene_ids,
+    gaussians_dir,
+    backbone_dim: int,
+    feature_dim: int | None = None,
+    *,
+    provenance: dict | None = None,
     allow_backbone_mismatch: bool = False,
 ) -> None:
     """Refuses, before training, frames whose scene has no bundle or a bundle for another backbone: another size,
@@ -66,7 +71,9 @@ def check_frames_against_gaussians(
                 f"{backbone_dim}: it was lifted with another backbone ({metadata.get('backbone')!r})"
             )
         if feature_dim is not None and int(metadata["feature_dim"]) != feature_dim:
-            raise BundleMismatchError(f"{bundle_path(gaussians_dir, scene_id)} has feature dim {metadata['feature_dim']}, expected {feature_dim}")
+            raise BundleMismatchError(
+                f"{bundle_path(gaussians_dir, scene_id)} has feature dim {metadata['feature_dim']}, expected {feature_dim}"
+            )
         differences = check_provenance(metadata, provenance) if provenance else []
         if differences:
             message = (
@@ -74,7 +81,9 @@ def check_frames_against_gaussians(
                 f"fine-tuned: {'; '.join(differences)}"
             )
             if not allow_backbone_mismatch:
-                raise BundleMismatchError(f"{message}. Lift the scenes with this backbone, or pass --allow_backbone_mismatch")
+                raise BundleMismatchError(
+                    f"{message}. Lift the scenes with this backbone, or pass --allow_backbone_mismatch"
+                )
             if not warned:  # once, for the first such scene
                 logger.warning("%s (--allow_backbone_mismatch: training anyway)", message)
                 warned = True
@@ -89,9 +98,20 @@ def drop_scenes_without_bundles(train_frames, validation_frames, gaussians_dir):
             continue
         missing = set(scenes_without_bundles(frames["scene_id"], gaussians_dir))
         if missing:
-            frames = frames.filter(lambda scene_id, missing=missing: scene_id not in missing, input_columns="scene_id")
-            logger.info("leaving out the %s frames of %d scene(s) without a bundle: %s", name, len(missing), ", ".join(sorted(missing)[:5]))
-        kept.append(frames if len(frames) or name == "training" else None)  # no validation frames: no validation
+            frames = frames.filter(
+                lambda scene_id, missing=missing: scene_id not in missing, input_columns="scene_id"
+            )
+            logger.info(
+                "leaving out the %s frames of %d scene(s) without a bundle: %s",
+                name,
+                len(missing),
+                ", ".join(sorted(missing)[:5]),
+            )
+        kept.append(
+            frames if len(frames) or name == "training" else None
+        )  # no validation frames: no validation
     if len(kept[0]) == 0:
-        raise MissingInputError(f"{gaussians_dir} has a Gaussian bundle for none of the training frames' scenes")
+        raise MissingInputError(
+            f"{gaussians_dir} has a Gaussian bundle for none of the training frames' scenes"
+        )
     return kept[0], kept[1]

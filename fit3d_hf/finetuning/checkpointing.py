@@ -44,5 +44,7 @@ def resolve_resume_checkpoint(output_dir: Path, value: str) -> Path | None:
             f"or 'latest' to resume from the newest one in {output_dir} (or start afresh when there is none)"
         )
     if not path.name.split("-", 1)[-1].isdigit() or not is_complete_checkpoint(path):
-        raise InputError(f"--resume_from_checkpoint {value}: not a complete checkpoint-<step> folder written by this trainer")
+        raise InputError(
+            f"--resume_from_checkpoint {value}: not a complete checkpoint-<step> folder written by this trainer"
+        )
     return path

@@ -29,13 +29,17 @@ def load_frames(path: str | Path, split: str, *, holdout_every: int = 0):
 
     spec = str(path)
     if "," not in spec and Path(spec).is_dir() and not is_sample_list_root(spec):
-        shards = sorted(Path(spec).glob(f"**/{split}*.parquet")) or sorted(Path(spec).glob(f"**/{split}/*.parquet"))
+        shards = sorted(Path(spec).glob(f"**/{split}*.parquet")) or sorted(
+            Path(spec).glob(f"**/{split}/*.parquet")
+        )
         if shards:
             from datasets import load_dataset
 
             return load_dataset("parquet", data_files={split: [str(s) for s in shards]}, split=split)
         if any(Path(spec).glob("**/*.parquet")):
-            raise MissingInputError(f"{spec}: no Parquet shards for split {split!r} (expected files like {split}-00000-of-00001.parquet)")
+            raise MissingInputError(
+                f"{spec}: no Parquet shards for split {split!r} (expected files like {split}-00000-of-00001.parquet)"
+            )
     builder = make_frames_builder(spec, "frames", holdout_every=holdout_every)
     builder.download_and_prepare()
     splits = {name: info.num_examples for name, info in (builder.info.splits or {}).items()}
@@ -43,7 +47,11 @@ def load_frames(path: str | Path, split: str, *, holdout_every: int = 0):
         what = f"an empty {split!r} split" if split in splits else f"no {split!r} split"
         raise MissingInputError(
             f"--frames {spec}: {what}; it has {', '.join(f'{k} ({v} frames)' for k, v in sorted(splits.items()))}"
-            + ("" if holdout_every else " (pass --holdout_every K to hold out every K-th view of each scene, as Stage I does)")
+            + (
+                ""
+                if holdout_every
+                else " (pass --holdout_every K to hold out every K-th view of each scene, as Stage I does)"
+            )
         )
     return builder.as_dataset(split=split)
 
@@ -81,7 +89,9 @@ class FrameDataset(torch.utils.data.Dataset):
 def collate_frames(samples: list[dict]) -> dict:
     sizes = {tuple(s["image"].shape) for s in samples}
     if len(sizes) > 1:
-        raise InputError(f"frames of one batch must share their size, got {sorted(sizes)}; use --train_batch_size 1")
+        raise InputError(
+            f"frames of one batch must share their size, got {sorted(sizes)}; use --train_batch_size 1"
+        )
     return {
         "index": torch.tensor([s["index"] for s in samples]),
         "scene_id": [s["scene_id"] for s in samples],
@@ -99,4 +109,3 @@ def build_train_dataloader(frames, args: FinetuningArguments) -> torch.utils.dat
         FrameDataset(frames), batch_size=args.train_batch_size, shuffle=True, drop_last=True,
         collate_fn=collate_frames, num_workers=args.dataloader_num_workers,
     )  # fmt: skip
-

@@ -26,7 +26,11 @@ def save_outputs(extractor, original, model_args, data_args, args, metrics) -> N
         base_model=model_args.backbone,
         datasets=[str(data_args.frames)],
         metrics={k: v for k, v in metrics.items() if isinstance(v, float)},
-        training={"lora_rank": model_args.lora_rank, "learning_rate": metrics.get("learning_rate", args.learning_rate), "steps": metrics.get("steps")},
+        training={
+            "lora_rank": model_args.lora_rank,
+            "learning_rate": metrics.get("learning_rate", args.learning_rate),
+            "steps": metrics.get("steps"),
+        },
         repo_id=args.hub_model_id,
     )
     card.save(fit3d_dir / "README.md")

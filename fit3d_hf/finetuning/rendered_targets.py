@@ -13,7 +13,9 @@ __all__ = ["GaussianCache", "flip_table", "render_targets", "training_step_input
 
 
 @torch.no_grad()
-def render_targets(batch: dict, cache: GaussianCache, grid_size: tuple[int, int], device, near_plane: float = 0.2) -> torch.Tensor:
+def render_targets(
+    batch: dict, cache: GaussianCache, grid_size: tuple[int, int], device, near_plane: float = 0.2
+) -> torch.Tensor:
     """`[B, D, h, w]` targets: each frame's decoded feature render sampled on the patch grid. Frames of
     the same scene are rendered together, all their cameras in one rasterizer launch."""
     from ..render import render

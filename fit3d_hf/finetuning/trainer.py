@@ -35,7 +35,9 @@ __all__ = ["scaled_learning_rate", "train"]
 logger = logging.getLogger(__name__)
 
 
-def scaled_learning_rate(learning_rate: float, global_batch: int, rule: str, reference_batch: int = 2) -> float:
+def scaled_learning_rate(
+    learning_rate: float, global_batch: int, rule: str, reference_batch: int = 2
+) -> float:
     """The learning rate for a global batch under `rule`: "none" (unchanged), "linear" (x batch / 2) or "sqrt"
     (x sqrt(batch / 2)), relative to FiT3D's batch of 2. Neither rule is validated against the paper."""
     if rule == "none":
@@ -71,33 +73,47 @@ def _train(model_args: BackboneArguments, data_args: DataArguments, args: Finetu
     output_dir = Path(args.output_dir)
     check_gaussians_dir(data_args.gaussians)  # before anything loads: a wrong path is the commonest mistake
     # A checkpoint asked for that does not exist is refused before anything loads (not a silent fresh run).
-    resume_path = resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+    resume_path = (
+        resolve_resume_checkpoint(output_dir, args.resume_from_checkpoint)
+        if args.resume_from_checkpoint
+        else None
+    )
     tracker = available_tracker(args.report_to)
     accelerator = _make_accelerator(args, output_dir, tracker)
     learning_rate = _learning_rate(accelerator, args)
     extractor, original, provenance = _load_backbones(model_args)
-    train_frames, validation_frames = _load_checked_frames(accelerator, data_args, extractor.hidden_size, provenance)
+    train_frames, validation_frames = _load_checked_frames(
+        accelerator, data_args, extractor.hidden_size, provenance
+    )
     trainee = _prepare(accelerator, extractor, model_args, train_frames, learning_rate, args)
     extractor = None  # prepared (and wrapped) in `trainee` from here on
     steps_per_epoch = math.ceil(len(trainee.loader) / args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or steps_per_epoch * args.num_train_epochs
     cache = GaussianCache(data_args.gaussians, accelerator.device, data_args.gaussian_cache_gb * 1e9)
     if tracker:
-        accelerator.init_trackers(args.tracker_project_name, config={**asdict(model_args), **asdict(data_args), **asdict(args)})
+        accelerator.init_trackers(
+            args.tracker_project_name, config={**asdict(model_args), **asdict(data_args), **asdict(args)}
+        )
 
     metrics: dict = {}
     if validation_frames is not None:
         original.to(accelerator.device)
-        metrics.update(_validate(original, validation_frames, cache, accelerator, data_args, args, when="before"))
+        metrics.update(
+            _validate(original, validation_frames, cache, accelerator, data_args, args, when="before")
+        )
     start = _resume(accelerator, resume_path, output_dir, steps_per_epoch, args)
-    global_step, losses = _train_epochs(accelerator, trainee, cache, len(train_frames), start, max_steps, args)
+    global_step, losses = _train_epochs(
+        accelerator, trainee, cache, len(train_frames), start, max_steps, args
+    )
     accelerator.wait_for_everyone()
 
     unwrapped = accelerator.unwrap_model(trainee.extractor)
     unwrapped.eval()
     metrics.update(_training_metrics(accelerator, unwrapped, cache, global_step, losses, learning_rate))
     if validation_frames is not None:
-        metrics.update(_validate(unwrapped, validation_frames, cache, accelerator, data_args, args, when="after"))
+        metrics.update(
+            _validate(unwrapped, validation_frames, cache, accelerator, data_args, args, when="after")
+        )
     if accelerator.is_main_process:
         save_outputs(unwrapped, original, model_args, data_args, args, metrics)
     accelerator.log({k: v for k, v in metrics.items() if isinstance(v, float)}, step=global_step)
@@ -114,7 +130,9 @@ def _make_accelerator(args: FinetuningArguments, output_dir: Path, tracker: str 
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=tracker,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
+        ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     set_seed(args.seed)
@@ -124,12 +142,18 @@ def _make_accelerator(args: FinetuningArguments, output_dir: Path, tracker: str 
 def _learning_rate(accelerator, args: FinetuningArguments) -> float:
     """`--learning_rate` after `--scale_lr` for the global batch; prints it and the precision in use."""
     precision = accelerator.mixed_precision
-    accelerator.print(f"Stage II precision: {'fp32' if precision == 'no' else precision} (--mixed_precision {precision})")
+    accelerator.print(
+        f"Stage II precision: {'fp32' if precision == 'no' else precision} (--mixed_precision {precision})"
+    )
     learning_rate = scaled_learning_rate(
-        args.learning_rate, args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps, args.scale_lr
+        args.learning_rate,
+        args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+        args.scale_lr,
     )
     if learning_rate != args.learning_rate:
-        accelerator.print(f"--scale_lr {args.scale_lr}: learning rate {args.learning_rate:g} -> {learning_rate:g}")
+        accelerator.print(
+            f"--scale_lr {args.scale_lr}: learning rate {args.learning_rate:g} -> {learning_rate:g}"
+        )
     return learning_rate
 
 
@@ -139,7 +163,9 @@ def _load_backbones(model_args: BackboneArguments):
     from ..backbones import DenseFeatureExtractor
 
     extractor = DenseFeatureExtractor.from_pretrained(
-        model_args.backbone, normalization=model_args.normalization, pos_embed_interpolation=model_args.pos_embed_interpolation
+        model_args.backbone,
+        normalization=model_args.normalization,
+        pos_embed_interpolation=model_args.pos_embed_interpolation,
     )
     provenance = extractor.provenance()
     # Every weight trains, as in FiT3D (timm models have no frozen weights; transformers' ViT-MAE freezes its
@@ -152,13 +178,19 @@ def _load_backbones(model_args: BackboneArguments):
 def _load_checked_frames(accelerator, data_args: DataArguments, backbone_dim: int, provenance: dict):
     """`(train_frames, validation_frames or None)`, checked against the Gaussians before anything trains."""
     with accelerator.main_process_first():
-        train_frames = load_frames(data_args.frames, data_args.train_split, holdout_every=data_args.holdout_every)
+        train_frames = load_frames(
+            data_args.frames, data_args.train_split, holdout_every=data_args.holdout_every
+        )
         if data_args.max_train_samples:
             train_frames = train_frames.select(range(min(data_args.max_train_samples, len(train_frames))))
         validation_frames = _load_validation_frames(data_args)
     if data_args.skip_scenes_without_bundles:
-        train_frames, validation_frames = drop_scenes_without_bundles(train_frames, validation_frames, data_args.gaussians)
-    scene_ids = set(train_frames["scene_id"]) | (set(validation_frames["scene_id"]) if validation_frames is not None else set())
+        train_frames, validation_frames = drop_scenes_without_bundles(
+            train_frames, validation_frames, data_args.gaussians
+        )
+    scene_ids = set(train_frames["scene_id"]) | (
+        set(validation_frames["scene_id"]) if validation_frames is not None else set()
+    )
     check_frames_against_gaussians(
         scene_ids, data_args.gaussians, backbone_dim, provenance=provenance,
         allow_backbone_mismatch=data_args.allow_backbone_mismatch,
@@ -171,7 +203,9 @@ def _load_validation_frames(data_args: DataArguments):
     if not data_args.validation_split:
         return None
     try:
-        frames = load_frames(data_args.frames, data_args.validation_split, holdout_every=data_args.holdout_every)
+        frames = load_frames(
+            data_args.frames, data_args.validation_split, holdout_every=data_args.holdout_every
+        )
     except (FileNotFoundError, ValueError, KeyError) as error:
         logger.warning("no validation split %r (%s): skipping validation", data_args.validation_split, error)
         return None
@@ -180,7 +214,9 @@ def _load_validation_frames(data_args: DataArguments):
     return frames
 
 
-def _prepare(accelerator, extractor, model_args: BackboneArguments, train_frames, learning_rate: float, args) -> _Trainee:
+def _prepare(
+    accelerator, extractor, model_args: BackboneArguments, train_frames, learning_rate: float, args
+) -> _Trainee:
     """LoRA (if asked for), unused weights frozen, AdamW and the shuffled loader, through `accelerator.prepare`."""
     if model_args.lora_rank > 0:
         extractor = lora_wrap(extractor, model_args)
@@ -192,7 +228,9 @@ def _prepare(accelerator, extractor, model_args: BackboneArguments, train_frames
     optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=args.weight_decay)
     loader = build_train_dataloader(train_frames, args)
     if len(loader) == 0:
-        raise UsageError(f"{len(train_frames)} training frames are fewer than one batch of --train_batch_size {args.train_batch_size}")
+        raise UsageError(
+            f"{len(train_frames)} training frames are fewer than one batch of --train_batch_size {args.train_batch_size}"
+        )
     extractor, optimizer, loader = accelerator.prepare(extractor, optimizer, loader)
     return _Trainee(extractor, optimizer, loader, trainable)
 
@@ -200,13 +238,21 @@ def _prepare(accelerator, extractor, model_args: BackboneArguments, train_frames
 def _validate(extractor, frames, cache, accelerator, data_args: DataArguments, args, *, when: str) -> dict:
     """The validation loss, and on the main process the multi-view consistency, of `extractor` ("before" or
     "after" training: the keys of metrics.json)."""
-    metrics = {"validation_loss_before" if when == "before" else "validation_loss": validation_loss(extractor, frames, cache, accelerator, args)}
+    metrics = {
+        "validation_loss_before" if when == "before" else "validation_loss": validation_loss(
+            extractor, frames, cache, accelerator, args
+        )
+    }
     if accelerator.is_main_process:
-        metrics[f"consistency_{when}"] = multiview_consistency(extractor, frames, cache, data_args.consistency_pairs, accelerator.device, args.near_plane)
+        metrics[f"consistency_{when}"] = multiview_consistency(
+            extractor, frames, cache, data_args.consistency_pairs, accelerator.device, args.near_plane
+        )
     return metrics
 
 
-def _resume(accelerator, resume_path: Path | None, output_dir: Path, steps_per_epoch: int, args) -> tuple[int, int, int]:
+def _resume(
+    accelerator, resume_path: Path | None, output_dir: Path, steps_per_epoch: int, args
+) -> tuple[int, int, int]:
     """`(global step, first epoch, batches of it to skip)`: where `--resume_from_checkpoint` starts (zeros for a new run)."""
     if not args.resume_from_checkpoint:
         return 0, 0, 0
@@ -216,22 +262,35 @@ def _resume(accelerator, resume_path: Path | None, output_dir: Path, steps_per_e
     accelerator.load_state(str(resume_path))
     global_step = int(resume_path.name.split("-")[1])
     accelerator.print(f"resumed from {resume_path} at step {global_step}")
-    return global_step, global_step // steps_per_epoch, (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    return (
+        global_step,
+        global_step // steps_per_epoch,
+        (global_step % steps_per_epoch) * args.gradient_accumulation_steps,
+    )
 
 
-def _train_epochs(accelerator, trainee: _Trainee, cache, num_frames: int, start, max_steps: int, args) -> tuple[int, list[float]]:
+def _train_epochs(
+    accelerator, trainee: _Trainee, cache, num_frames: int, start, max_steps: int, args
+) -> tuple[int, list[float]]:
     """The epoch loop from `start` (see `_resume`) up to `max_steps`; returns the last step and each step's loss."""
     global_step, first_epoch, resume_batches = start
     epochs = math.ceil(max_steps / math.ceil(len(trainee.loader) / args.gradient_accumulation_steps))
     unwrapped = accelerator.unwrap_model(trainee.extractor)
-    progress = tqdm(total=max_steps, initial=global_step, desc="fine-tuning", disable=not accelerator.is_local_main_process)
+    progress = tqdm(
+        total=max_steps,
+        initial=global_step,
+        desc="fine-tuning",
+        disable=not accelerator.is_local_main_process,
+    )
     losses = []
     for epoch in range(first_epoch, epochs):
         if hasattr(trainee.loader, "set_epoch"):
             trainee.loader.set_epoch(epoch)
         flips = flip_table(num_frames, args.flip_probability, args.seed, epoch)
         skip = epoch == first_epoch and resume_batches
-        for batch in accelerator.skip_first_batches(trainee.loader, resume_batches) if skip else trainee.loader:
+        for batch in (
+            accelerator.skip_first_batches(trainee.loader, resume_batches) if skip else trainee.loader
+        ):
             loss = _step(accelerator, trainee, unwrapped, batch, cache, flips, args)
             if accelerator.sync_gradients:
                 global_step += 1
@@ -247,7 +306,9 @@ def _train_epochs(accelerator, trainee: _Trainee, cache, num_frames: int, start,
 def _step(accelerator, trainee: _Trainee, unwrapped, batch, cache, flips, args) -> torch.Tensor:
     """One batch: render the targets, regress them (masked L1), and step the optimizer when gradients sync."""
     with accelerator.accumulate(trainee.extractor):
-        images, targets, masks = training_step_inputs(batch, cache, unwrapped, flips, accelerator.device, args.near_plane)
+        images, targets, masks = training_step_inputs(
+            batch, cache, unwrapped, flips, accelerator.device, args.near_plane
+        )
         with accelerator.autocast():
             predictions = trainee.extractor(images)
         loss = masked_l1(predictions.float(), targets, masks)
@@ -278,12 +339,26 @@ def _after_step(accelerator, loss: torch.Tensor, global_step: int, progress, arg
     return loss_value
 
 
-def _training_metrics(accelerator, unwrapped, cache, global_step: int, losses: list[float], learning_rate: float) -> dict:
+def _training_metrics(
+    accelerator, unwrapped, cache, global_step: int, losses: list[float], learning_rate: float
+) -> dict:
     """The run's own numbers for metrics.json: first and last loss, steps, precision, learning rate, resampling."""
-    metrics = {"train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None, "steps": global_step}
-    metrics.update({"mixed_precision": accelerator.mixed_precision, "learning_rate": learning_rate, "pos_embed_interpolation": extractor_interpolation(unwrapped)})
+    metrics = {
+        "train_loss_first": losses[0] if losses else None,
+        "train_loss_last": losses[-1] if losses else None,
+        "steps": global_step,
+    }
+    metrics.update(
+        {
+            "mixed_precision": accelerator.mixed_precision,
+            "learning_rate": learning_rate,
+            "pos_embed_interpolation": extractor_interpolation(unwrapped),
+        }
+    )
     if cache.verify_seconds:  # what checking each bundle's checksums once cost (read included), per scene
-        metrics["bundle_verify_seconds_per_scene"] = {k: round(v, 4) for k, v in sorted(cache.verify_seconds.items())}
+        metrics["bundle_verify_seconds_per_scene"] = {
+            k: round(v, 4) for k, v in sorted(cache.verify_seconds.items())
+        }
     return metrics
 
 

@@ -13,7 +13,9 @@ __all__ = ["multiview_consistency", "per_frame_masked_l1", "validation_loss"]
 
 
 @torch.no_grad()
-def multiview_consistency(extractor, frames, cache: GaussianCache, pairs_per_scene: int, device, near_plane: float = 0.2) -> float:
+def multiview_consistency(
+    extractor, frames, cache: GaussianCache, pairs_per_scene: int, device, near_plane: float = 0.2
+) -> float:
     """Mean cosine similarity of the backbone's features at ground-truth correspondences between nearby
     views of each validation scene. Depth comes from the frames' `depth` column when they have one
     (synthetic scenes), otherwise from the scene's Gaussians (expected depth / alpha)."""
@@ -25,7 +27,9 @@ def multiview_consistency(extractor, frames, cache: GaussianCache, pairs_per_sce
     for index, scene_id in enumerate(frames["scene_id"]):
         by_scene.setdefault(scene_id, []).append(index)
     scores = []
-    for scene_id, indices in tqdm(sorted(by_scene.items()), desc="multi-view consistency", unit="scene", leave=False):
+    for scene_id, indices in tqdm(
+        sorted(by_scene.items()), desc="multi-view consistency", unit="scene", leave=False
+    ):
         for a, b in list(zip(indices, indices[1:], strict=False))[:pairs_per_scene]:
             rows = [frames[a], frames[b]]
             images = torch.stack([image_to_tensor(r["image"]) for r in rows]).to(device)
@@ -34,13 +38,23 @@ def multiview_consistency(extractor, frames, cache: GaussianCache, pairs_per_sce
             depths = []
             for r, K, pose in zip(rows, Ks, poses, strict=False):
                 if r.get("depth") is not None:
-                    depths.append(depth_to_tensor(r["depth"], "depth", depth_scale=1000.0))  # uint16 millimetres
+                    depths.append(
+                        depth_to_tensor(r["depth"], "depth", depth_scale=1000.0)
+                    )  # uint16 millimetres
                 else:
-                    depths.append(render_depth(cache.get(scene_id), K, pose, images.shape[-1], images.shape[-2], near_plane))
+                    depths.append(
+                        render_depth(
+                            cache.get(scene_id), K, pose, images.shape[-1], images.shape[-2], near_plane
+                        )
+                    )
             features = extractor(images)
-            matches = patch_correspondences(depths[0], Ks[0], poses[0], Ks[1], poses[1], tuple(features.shape[-2:]), depth_b=depths[1])
+            matches = patch_correspondences(
+                depths[0], Ks[0], poses[0], Ks[1], poses[1], tuple(features.shape[-2:]), depth_b=depths[1]
+            )
             if len(matches):
-                scores.append(feature_consistency(features[0], features[1], matches, tuple(images.shape[-2:])))
+                scores.append(
+                    feature_consistency(features[0], features[1], matches, tuple(images.shape[-2:]))
+                )
     if not scores:
         return float("nan")
     return float(torch.cat(scores).mean())
@@ -57,16 +71,24 @@ def validation_loss(extractor, frames, cache, accelerator, args) -> float:
     """Mean over the validation frames of each frame's masked L1: every frame counted once, whatever the
     number of processes (`gather_for_metrics` drops the duplicates that pad the last batches), summed in
     frame order in float64 so that any process count gives the same value."""
-    loader = torch.utils.data.DataLoader(FrameDataset(frames), batch_size=args.train_batch_size, collate_fn=collate_frames)
+    loader = torch.utils.data.DataLoader(
+        FrameDataset(frames), batch_size=args.train_batch_size, collate_fn=collate_frames
+    )
     loader = accelerator.prepare_data_loader(loader)
     no_flips = torch.zeros(len(frames), dtype=torch.bool)
     losses, indices = [], []
-    for batch in tqdm(loader, desc="validation loss", leave=False, disable=not accelerator.is_local_main_process):
-        images, targets, masks = training_step_inputs(batch, cache, extractor, no_flips, accelerator.device, args.near_plane)
+    for batch in tqdm(
+        loader, desc="validation loss", leave=False, disable=not accelerator.is_local_main_process
+    ):
+        images, targets, masks = training_step_inputs(
+            batch, cache, extractor, no_flips, accelerator.device, args.near_plane
+        )
         with accelerator.autocast():
             predictions = extractor(images)
         frame_losses = per_frame_masked_l1(predictions.float(), targets, masks)
-        frame_losses, frame_indices = accelerator.gather_for_metrics((frame_losses, batch["index"].to(accelerator.device)))
+        frame_losses, frame_indices = accelerator.gather_for_metrics(
+            (frame_losses, batch["index"].to(accelerator.device))
+        )
         losses.append(frame_losses.cpu())
         indices.append(frame_indices.cpu())
     if not losses:

@@ -109,7 +109,9 @@ class GaussianBundle:
             active_sh_degree: the SH degree to render with (default: the highest stored).
         """
         if self.sh is None:
-            raise ValueError(f"bundle {self.scene_id!r} was loaded without SH colours: load it with include_sh=True")
+            raise ValueError(
+                f"bundle {self.scene_id!r} was loaded without SH colours: load it with include_sh=True"
+            )
         max_sh_degree = int(round(self.sh.shape[1] ** 0.5)) - 1
         # fp16 opacities may be exactly 0 or 1: keep the logits finite.
         opacities = self.opacities.float().clamp(1e-6, 1 - 1e-6)
@@ -228,7 +230,9 @@ def _stored_tensors(gaussians, decoder_weight, sh_storage, compressed_sh, sh_cod
     else:
         sh = compressed_sh
         if sh is None:
-            sh = encode_sh(gaussians.sh, codebook_size=sh_codebook_size, iterations=sh_kmeans_iterations, seed=seed)
+            sh = encode_sh(
+                gaussians.sh, codebook_size=sh_codebook_size, iterations=sh_kmeans_iterations, seed=seed
+            )
         if len(sh) != len(gaussians):
             raise ValueError(f"compressed_sh holds {len(sh)} Gaussians, the bundle {len(gaussians)}")
         tensors.update(sh.tensors(SH_PREFIX))

@@ -101,7 +101,9 @@ def read_bundle_metadata(path: str | Path) -> dict:
     except Exception as error:  # safetensors raises its own error types for corrupt headers
         raise CorruptFileError(file_problem(path, f"not a readable safetensors file ({error})")) from error
     if metadata.get("format") != "fit3d-gaussian-bundle":
-        raise InputError(file_problem(path, f"not a fit3d Gaussian bundle (metadata format={metadata.get('format')!r})"))
+        raise InputError(
+            file_problem(path, f"not a fit3d Gaussian bundle (metadata format={metadata.get('format')!r})")
+        )
     if metadata.get("format_version") not in READABLE_VERSIONS:
         raise InputError(
             f"{path} has bundle format version {metadata.get('format_version')!r}; this fit3d_hf reads "
@@ -112,12 +114,16 @@ def read_bundle_metadata(path: str | Path) -> dict:
             try:
                 metadata[key] = json.loads(metadata[key])
             except ValueError as error:
-                raise CorruptFileError(file_problem(path, f"metadata {key!r} is not valid JSON ({error})")) from error
+                raise CorruptFileError(
+                    file_problem(path, f"metadata {key!r} is not valid JSON ({error})")
+                ) from error
     metadata.setdefault("extra", {})
     metadata.setdefault("provenance", {})
     for key in ("backbone_dim", "feature_dim", "num_gaussians"):
         if key in metadata and not str(metadata[key]).isdigit():
-            raise CorruptFileError(file_problem(path, f"metadata {key!r} is {metadata[key]!r}, not a whole number"))
+            raise CorruptFileError(
+                file_problem(path, f"metadata {key!r} is {metadata[key]!r}, not a whole number")
+            )
     return metadata
 
 
@@ -148,7 +154,9 @@ def check_provenance(metadata: dict, expected: dict) -> list[str]:
         lifted_with = recorded.get("backbone_id") or metadata.get("backbone")
         names = {expected.get("backbone"), expected.get("backbone_id")} - {None, ""}
         if lifted_with and names and lifted_with not in names:
-            differences.append(f"backbone {lifted_with!r} vs {expected.get('backbone_id') or expected.get('backbone')!r}")
+            differences.append(
+                f"backbone {lifted_with!r} vs {expected.get('backbone_id') or expected.get('backbone')!r}"
+            )
     for key in _PROVENANCE_KEYS:
         if key in recorded and key in expected and recorded[key] != expected[key]:
             differences.append(f"{key} {recorded[key]!r} vs {expected[key]!r}")

@@ -28,7 +28,14 @@ from .bundle_format import (
 )
 from .sh_codec import CompressedSH
 
-__all__ = ["check_finite", "check_tensors", "metadata_digest", "tensor_checksums", "tensor_digest", "verify_checksums"]
+__all__ = [
+    "check_finite",
+    "check_tensors",
+    "metadata_digest",
+    "tensor_checksums",
+    "tensor_digest",
+    "verify_checksums",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +47,9 @@ def tensor_checksums(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
 
 def tensor_digest(name: str, tensor: torch.Tensor) -> str:
     """The checksum of one tensor (see `tensor_checksums`); Stage I checkpoints use it too."""
-    digest = hashlib.sha256(f"{name}|{str(tensor.dtype).removeprefix('torch.')}|{list(tensor.shape)}|".encode())
+    digest = hashlib.sha256(
+        f"{name}|{str(tensor.dtype).removeprefix('torch.')}|{list(tensor.shape)}|".encode()
+    )
     if tensor.numel():
         # A byte view works for every dtype (bfloat16 has no numpy twin) and copies nothing when contiguous.
         digest.update(memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
@@ -49,7 +58,9 @@ def tensor_digest(name: str, tensor: torch.Tensor) -> str:
 
 def metadata_digest(metadata: dict[str, str]) -> str:
     """Checksum of the metadata strings as stored, the checksums themselves left out."""
-    canonical = json.dumps({k: v for k, v in metadata.items() if k != CHECKSUMS_KEY}, sort_keys=True, ensure_ascii=False)
+    canonical = json.dumps(
+        {k: v for k, v in metadata.items() if k != CHECKSUMS_KEY}, sort_keys=True, ensure_ascii=False
+    )
     return hashlib.sha256(canonical.encode()).hexdigest()[:CHECKSUM_HEX_DIGITS]
 
 
@@ -62,11 +73,18 @@ def _notice_unverifiable() -> None:
     )
 
 
-def verify_checksums(path: Path, metadata: dict, tensors: dict[str, torch.Tensor], all_tensors: bool = False) -> bool:
+def verify_checksums(
+    path: Path, metadata: dict, tensors: dict[str, torch.Tensor], all_tensors: bool = False
+) -> bool:
     """Compares `tensors` with the stored checksums; False (and a notice) when the bundle has none."""
     checksums = metadata.get(CHECKSUMS_KEY)
     if checksums is None and metadata["format_version"] in CHECKSUMMED_VERSIONS:
-        raise CorruptFileError(file_problem(path, f"a version-{metadata['format_version']} bundle without its checksums: the header is damaged"))
+        raise CorruptFileError(
+            file_problem(
+                path,
+                f"a version-{metadata['format_version']} bundle without its checksums: the header is damaged",
+            )
+        )
     if checksums is None:
         logger.debug("%s has no checksums: loaded unverified", path)
         _notice_unverifiable()
@@ -81,13 +99,17 @@ def verify_checksums(path: Path, metadata: dict, tensors: dict[str, torch.Tensor
         with safe_open(str(path), framework="pt") as handle:  # the header only: the strings as stored
             raw = dict(handle.metadata() or {})
         if metadata_digest(raw) != checksums[METADATA_CHECKSUM]:
-            raise CorruptFileError(file_problem(path, "its metadata fails its checksum: the header is damaged"))
+            raise CorruptFileError(
+                file_problem(path, "its metadata fails its checksum: the header is damaged")
+            )
     for name, tensor in tensors.items():
         if name not in checksums:
             raise CorruptFileError(file_problem(path, f"tensor {name!r} has no checksum"))
         if tensor_digest(name, tensor) != checksums[name]:
             raise CorruptFileError(
-                file_problem(path, f"tensor {name!r} fails its checksum: the file is damaged; lift the scene again")
+                file_problem(
+                    path, f"tensor {name!r} fails its checksum: the file is damaged; lift the scene again"
+                )
             )
     return True
 
@@ -125,14 +147,22 @@ def check_tensors(path: Path, metadata: dict, tensors: dict[str, torch.Tensor]) 
     shapes = {"means": (n, 3), "quats": (n, 4), "log_scales": (n, 3), "opacities": (n,), "features": (n, f)}
     for name, shape in shapes.items():
         if name in tensors and tuple(tensors[name].shape) != shape:
-            fail(f"tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {shape} (N = {n}, F = {f})")
+            fail(
+                f"tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {shape} (N = {n}, F = {f})"
+            )
     weight = tensors.get("decoder.weight")
-    if weight is not None and (weight.ndim != 4 or weight.shape[:2] != (d, f) or weight.shape[2] != weight.shape[3]):
+    if weight is not None and (
+        weight.ndim != 4 or weight.shape[:2] != (d, f) or weight.shape[2] != weight.shape[3]
+    ):
         fail(f"tensor 'decoder.weight' has shape {tuple(weight.shape)}, expected ({d}, {f}, k, k)")
-    if SH_KEY in tensors and (tensors[SH_KEY].ndim != 3 or tensors[SH_KEY].shape[0] != n or tensors[SH_KEY].shape[2] != 3):
+    if SH_KEY in tensors and (
+        tensors[SH_KEY].ndim != 3 or tensors[SH_KEY].shape[0] != n or tensors[SH_KEY].shape[2] != 3
+    ):
         fail(f"tensor 'sh' has shape {tuple(tensors[SH_KEY].shape)}, expected ({n}, K, 3)")
     if SH_PREFIX + "rest_codes" in tensors:
-        _check_compressed_sh(path, n, {k[len(SH_PREFIX) :]: v for k, v in tensors.items() if k.startswith(SH_PREFIX)}, fail)
+        _check_compressed_sh(
+            path, n, {k[len(SH_PREFIX) :]: v for k, v in tensors.items() if k.startswith(SH_PREFIX)}, fail
+        )
 
 
 def check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -149,7 +179,9 @@ def _check_compressed_sh(path: Path, n: int, sh: dict[str, torch.Tensor], fail) 
         fail(f"lacks the tensors {missing}")
     codebook, codes = sh["rest_codebook"], sh["rest_codes"]
     if sh["dc_codes"].shape != (n, 3) or codes.shape != (n,):
-        fail(f"compressed SH codes have shapes {tuple(sh['dc_codes'].shape)} and {tuple(codes.shape)}, expected ({n}, 3) and ({n},)")
+        fail(
+            f"compressed SH codes have shapes {tuple(sh['dc_codes'].shape)} and {tuple(codes.shape)}, expected ({n}, 3) and ({n},)"
+        )
     if sh["dc_offset"].shape != (3,) or sh["dc_step"].shape != (3,):
         fail("compressed SH DC offset and step must have shape (3,)")
     if codebook.ndim != 2 or codebook.shape[0] < 1 or codebook.shape[1] % 3:

@@ -27,7 +27,9 @@ class GaussianCache:
     """Scenes' Stage II tensors on the device, loaded on first use, least recently used evicted first
     once their total size passes the budget."""
 
-    def __init__(self, gaussians_dir: str | Path, device: torch.device, budget_bytes: float, verify: bool = True):
+    def __init__(
+        self, gaussians_dir: str | Path, device: torch.device, budget_bytes: float, verify: bool = True
+    ):
         self.gaussians_dir, self.device, self.budget_bytes = Path(gaussians_dir), device, budget_bytes
         self._entries: OrderedDict[str, GaussianBundle] = OrderedDict()
         # Each bundle's checksums are checked the first time it is loaded (not again after an eviction):
@@ -37,7 +39,14 @@ class GaussianCache:
 
     @staticmethod
     def _size(bundle: GaussianBundle) -> int:
-        tensors = (bundle.means, bundle.quats, bundle.log_scales, bundle.opacities, bundle.features, bundle.decoder_weight)
+        tensors = (
+            bundle.means,
+            bundle.quats,
+            bundle.log_scales,
+            bundle.opacities,
+            bundle.features,
+            bundle.decoder_weight,
+        )
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def get(self, scene_id: str) -> GaussianBundle:
@@ -52,7 +61,9 @@ class GaussianCache:
         bundle = bundle.to(self.device)
         bundle.metadata["colors"] = torch.zeros(len(bundle), 3, device=self.device)
         self._entries[scene_id] = bundle
-        while len(self._entries) > 1 and sum(self._size(b) for b in self._entries.values()) > self.budget_bytes:
+        while (
+            len(self._entries) > 1 and sum(self._size(b) for b in self._entries.values()) > self.budget_bytes
+        ):
             self._entries.popitem(last=False)
         return bundle
 

@@ -107,22 +107,30 @@ class Densifier:
         """
         device = means2d_grad.device
         if self.grad_accum.device != device:  # keep the statistics where the gradients are: no syncs
-            self.grad_accum, self.denom, self.max_radii = (t.to(device) for t in (self.grad_accum, self.denom, self.max_radii))
+            self.grad_accum, self.denom, self.max_radii = (
+                t.to(device) for t in (self.grad_accum, self.denom, self.max_radii)
+            )
         visible = (radii > 0).float()
         # Pixel -> NDC gradient (x_pixel = (x_ndc + 1) * W / 2), the unit of 3DGS's 2e-4 threshold.
         grad = means2d_grad.detach().float() * torch.tensor([width / 2.0, height / 2.0], device=device)
         self.grad_accum += grad.norm(dim=-1) * visible
         self.denom += visible
-        self.max_radii = torch.where(visible > 0, torch.maximum(self.max_radii, radii.detach().float()), self.max_radii)
+        self.max_radii = torch.where(
+            visible > 0, torch.maximum(self.max_radii, radii.detach().float()), self.max_radii
+        )
 
-    def step(self, iteration: int, model: FeatureGaussians, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    def step(
+        self, iteration: int, model: FeatureGaussians, optimizer: torch.optim.Optimizer
+    ) -> dict[str, int]:
         """Runs the schedule after optimisation step `iteration` (1-based). Returns what changed."""
         config, changes = self.config, {}
         if iteration >= config.densify_until:
             return changes
         if iteration > config.densify_from and iteration % config.densify_interval == 0:
             with torch.no_grad():
-                changes = self.densify_and_prune(model, optimizer, prune_large=iteration > config.opacity_reset_interval)
+                changes = self.densify_and_prune(
+                    model, optimizer, prune_large=iteration > config.opacity_reset_interval
+                )
         if iteration % config.opacity_reset_interval == 0:
             with torch.no_grad():
                 self.reset_opacity(model, optimizer)
@@ -147,7 +155,9 @@ class Densifier:
         clones = {name: getattr(model, name).data[clone_mask] for name in FeatureGaussians.PARAMETER_NAMES}
         # Split: two samples from each large Gaussian, scaled down by 1 / (0.8 * 2).
         scales = model.scales.data[split_mask].repeat(2, 1)
-        offsets = torch.normal(torch.zeros_like(scales).cpu(), scales.cpu(), generator=self.generator).to(scales)
+        offsets = torch.normal(torch.zeros_like(scales).cpu(), scales.cpu(), generator=self.generator).to(
+            scales
+        )
         rotations = quat_to_rotmat(model.quats.data[split_mask]).repeat(2, 1, 1)
         splits = {
             name: getattr(model, name).data[split_mask].repeat(2, *([1] * (getattr(model, name).dim() - 1)))
@@ -182,7 +192,9 @@ class Densifier:
             return clone_mask, split_mask
         allowed = torch.zeros_like(candidates)
         if room > 0:
-            order = torch.argsort(torch.where(candidates, grads, torch.full_like(grads, -1.0)), descending=True)
+            order = torch.argsort(
+                torch.where(candidates, grads, torch.full_like(grads, -1.0)), descending=True
+            )
             allowed[order[:room]] = True
         return clone_mask & allowed, split_mask & allowed
 
@@ -190,7 +202,9 @@ class Densifier:
         """Opacities to at most 0.01, their Adam moments to zero; only the opacity parameter is replaced
         (3DGS's `replace_tensor_to_optimizer`), so only it skips the next optimizer step."""
         target = torch.logit(torch.clamp_max(model.opacities.data, 0.01).float()).to(model.opacity_logits)
-        _edit_parameters(model, optimizer, lambda name, value: target, torch.zeros_like, names=("opacity_logits",))
+        _edit_parameters(
+            model, optimizer, lambda name, value: target, torch.zeros_like, names=("opacity_logits",)
+        )
 
     def _append(self, model, optimizer, new: dict[str, torch.Tensor]) -> None:
         def edit_value(name, value):

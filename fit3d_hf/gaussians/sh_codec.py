@@ -56,7 +56,9 @@ def default_codebook_size(num_gaussians: int) -> int:
     if num_gaussians < 8:
         return 2
     floor = min(MIN_CODEBOOK_SIZE, _floor_power_of_two(num_gaussians // 4))
-    by_count = _floor_power_of_two(num_gaussians // GAUSSIANS_PER_CODE) if num_gaussians >= GAUSSIANS_PER_CODE else 1
+    by_count = (
+        _floor_power_of_two(num_gaussians // GAUSSIANS_PER_CODE) if num_gaussians >= GAUSSIANS_PER_CODE else 1
+    )
     return min(MAX_CODEBOOK_SIZE, max(floor, by_count))
 
 
@@ -154,7 +156,9 @@ def _kmeans_plus_plus(
     norms = (x * x).sum(dim=1)
     for i in range(count):
         cumulative = torch.cumsum(distance, dim=0)
-        index = torch.searchsorted(cumulative, uniforms[i : i + 1] * cumulative[-1:], right=True).clamp_max(len(x) - 1)
+        index = torch.searchsorted(cumulative, uniforms[i : i + 1] * cumulative[-1:], right=True).clamp_max(
+            len(x) - 1
+        )
         # index_select with a 1-element index, not x[index[0]]: a 0-d index tensor would sync with the GPU.
         chosen[i] = x.index_select(0, index)[0]
         # |x - c|^2 through a matrix-vector product: a row-wise sum over 45 values is far slower on CPUs.
@@ -248,11 +252,15 @@ def encode_sh(
     if sh.ndim != 3 or sh.shape[2] != 3 or sh.shape[1] < 1:
         raise ValueError(f"sh must have shape (N, K, 3), got {tuple(sh.shape)}")
     if not torch.isfinite(sh).all():
-        raise ValueError("sh holds non-finite values (NaN or inf): the Gaussians diverged; check the training losses")
+        raise ValueError(
+            "sh holds non-finite values (NaN or inf): the Gaussians diverged; check the training losses"
+        )
     n = sh.shape[0]
     codebook_size = default_codebook_size(n) if codebook_size is None else codebook_size
     if not 2 <= codebook_size <= _CODE_LIMIT:
-        raise ValueError(f"codebook_size must be in [2, {_CODE_LIMIT}] (zero row + uint16 codes), got {codebook_size}")
+        raise ValueError(
+            f"codebook_size must be in [2, {_CODE_LIMIT}] (zero row + uint16 codes), got {codebook_size}"
+        )
     sh = sh.detach().float()
 
     # Higher orders: code 0 is the zero vector; k-means fits the other rows to the non-zero vectors.

@@ -45,27 +45,44 @@ def check_device_name(name: str) -> None:
         raise UsageError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from error
 
 
-
 @dataclass
 class LiftingArguments:
     """Options of Stage I (defaults: FiT3D's, i.e. 3DGS's plus the feature terms)."""
 
-    backbone: str = field(metadata={"help": "Backbone whose features are lifted: Hub id, local folder or short name."})
+    backbone: str = field(
+        metadata={"help": "Backbone whose features are lifted: Hub id, local folder or short name."}
+    )
     out: str = field(metadata={"help": "Output folder; the scene's results go to <out>/<scene_id>/."})
     feature_dim: int = field(default=64, metadata={"help": "Length F of each Gaussian's feature."})
     iterations: int = field(default=30_000, metadata={"help": "Optimisation steps (one view each)."})
-    image_scale: float = field(default=1.0, metadata={"help": "Resize factor applied to the images (and intrinsics)."})
+    image_scale: float = field(
+        default=1.0, metadata={"help": "Resize factor applied to the images (and intrinsics)."}
+    )
     max_gaussians: int | None = field(default=None, metadata={"help": "Cap on the number of Gaussians."})
-    holdout_every: int = field(default=0, metadata={"help": "Keep every K-th view out of training and report on it (0: none)."})
-    random_init_points: int = field(default=100_000, metadata={"help": "Random initial Gaussians when the scene has no sparse points."})
-    seed: int = field(default=0, metadata={"help": "Seed of every random choice (view order, splits, random init)."})
+    holdout_every: int = field(
+        default=0, metadata={"help": "Keep every K-th view out of training and report on it (0: none)."}
+    )
+    random_init_points: int = field(
+        default=100_000, metadata={"help": "Random initial Gaussians when the scene has no sparse points."}
+    )
+    seed: int = field(
+        default=0, metadata={"help": "Seed of every random choice (view order, splits, random init)."}
+    )
     sh_degree: int = field(default=3, metadata={"help": "Highest SH degree of the colours."})
-    sh_increase_interval: int = field(default=1000, metadata={"help": "Raise the active SH degree every N iterations."})
+    sh_increase_interval: int = field(
+        default=1000, metadata={"help": "Raise the active SH degree every N iterations."}
+    )
     lambda_dssim: float = field(default=0.2, metadata={"help": "Weight of (1 - SSIM) in the RGB loss."})
-    rgb_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the whole RGB loss (0: features only, geometry frozen)."})
+    rgb_loss_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the whole RGB loss (0: features only, geometry frozen)."}
+    )
     feature_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the feature L1 loss."})
-    position_lr_init: float = field(default=1.6e-4, metadata={"help": "Initial lr of the means (x scene extent)."})
-    position_lr_final: float = field(default=1.6e-6, metadata={"help": "Final lr of the means (x scene extent)."})
+    position_lr_init: float = field(
+        default=1.6e-4, metadata={"help": "Initial lr of the means (x scene extent)."}
+    )
+    position_lr_final: float = field(
+        default=1.6e-6, metadata={"help": "Final lr of the means (x scene extent)."}
+    )
     position_lr_max_steps: int = field(
         default=30_000,
         metadata={
@@ -83,8 +100,12 @@ class LiftingArguments:
     densify_from: int = field(default=500, metadata={"help": "First iteration of densification."})
     densify_until: int = field(default=15_000, metadata={"help": "Last iteration of densification."})
     densify_interval: int = field(default=100, metadata={"help": "Densify every N iterations."})
-    opacity_reset_interval: int = field(default=3000, metadata={"help": "Reset opacities every N iterations."})
-    densify_grad_threshold: float = field(default=2e-4, metadata={"help": "Screen-space gradient threshold (NDC)."})
+    opacity_reset_interval: int = field(
+        default=3000, metadata={"help": "Reset opacities every N iterations."}
+    )
+    densify_grad_threshold: float = field(
+        default=2e-4, metadata={"help": "Screen-space gradient threshold (NDC)."}
+    )
     prune_screen_size: bool = field(
         default=False,
         metadata={
@@ -95,9 +116,17 @@ class LiftingArguments:
     )
     near_plane: float = field(
         default=0.2,
-        metadata={"help": "Gaussians closer to the camera than this (camera z, scene units) are not rendered (FiT3D's rasterizer: 0.2)."},
+        metadata={
+            "help": "Gaussians closer to the camera than this (camera z, scene units) are not rendered (FiT3D's rasterizer: 0.2)."
+        },
     )
-    normalization: str = field(default="imagenet", metadata={"help": "Backbone input normalisation: 'imagenet' (FiT3D) or 'processor'.", "choices": list(NORMALIZATIONS)})
+    normalization: str = field(
+        default="imagenet",
+        metadata={
+            "help": "Backbone input normalisation: 'imagenet' (FiT3D) or 'processor'.",
+            "choices": list(NORMALIZATIONS),
+        },
+    )
     pos_embed_interpolation: str | None = field(
         default=None,
         metadata={
@@ -107,11 +136,18 @@ class LiftingArguments:
             "choices": ["timm", "native"],
         },
     )
-    checkpoint_interval: int = field(default=1000, metadata={"help": "Save a resumable checkpoint every N iterations (0: never)."})
-    device: str = field(default="auto", metadata={"help": "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."})
+    checkpoint_interval: int = field(
+        default=1000, metadata={"help": "Save a resumable checkpoint every N iterations (0: never)."}
+    )
+    device: str = field(
+        default="auto", metadata={"help": "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."}
+    )
     mixed_precision: str = field(
         default="no",
-        metadata={"help": "'bf16': decode the features and compute their loss in bfloat16 (faster on GPUs; FiT3D: fp32).", "choices": ["no", "bf16"]},
+        metadata={
+            "help": "'bf16': decode the features and compute their loss in bfloat16 (faster on GPUs; FiT3D: fp32).",
+            "choices": ["no", "bf16"],
+        },
     )
     bundle_sh: str = field(
         default="compressed",
@@ -129,16 +165,28 @@ class LiftingArguments:
             "rendering the training views after training (default: min(1000, iterations / 10); 0: none)."
         },
     )
-    previews: bool = field(default=True, metadata={"help": "Write preview PNGs (RGB render, PCA of features)."})
-    keep_checkpoint: bool = field(default=False, metadata={"help": "Keep the last checkpoint after the scene is finished."})
+    previews: bool = field(
+        default=True, metadata={"help": "Write preview PNGs (RGB render, PCA of features)."}
+    )
+    keep_checkpoint: bool = field(
+        default=False, metadata={"help": "Keep the last checkpoint after the scene is finished."}
+    )
     overwrite: bool = field(
         default=False,
-        metadata={"help": "Redo a scene whose earlier result (finished or not) was made with other settings (see settings.json)."},
+        metadata={
+            "help": "Redo a scene whose earlier result (finished or not) was made with other settings (see settings.json)."
+        },
     )
 
     def __post_init__(self) -> None:
         # Range checks; `fit3d_hf.cli.parse_args` reports them as argparse does (usage line, exit 2).
-        for name in ("feature_dim", "iterations", "random_init_points", "sh_increase_interval", "densify_interval"):
+        for name in (
+            "feature_dim",
+            "iterations",
+            "random_init_points",
+            "sh_increase_interval",
+            "densify_interval",
+        ):
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{name} must be positive, got {getattr(self, name)}")
         for name in ("checkpoint_interval", "opacity_reset_interval", "densify_from", "densify_until"):
@@ -161,7 +209,9 @@ class LiftingArguments:
         _check_choice("normalization", self.normalization, NORMALIZATIONS)
         check_device_name(self.device)
         if self.position_lr_max_steps < 0:
-            raise UsageError(f"--position_lr_max_steps must be positive (or 0: --iterations), got {self.position_lr_max_steps}")
+            raise UsageError(
+                f"--position_lr_max_steps must be positive (or 0: --iterations), got {self.position_lr_max_steps}"
+            )
         if self.near_plane <= 0:
             raise UsageError(f"--near_plane must be positive, got {self.near_plane}")
 
@@ -185,11 +235,12 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: this machine has no CUDA device (torch sees none); use --device cpu")
+            raise UsageError(
+                f"--device {name}: this machine has no CUDA device (torch sees none); use --device cpu"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
-
 
 
 def lifting_settings(args: LiftingArguments) -> dict:

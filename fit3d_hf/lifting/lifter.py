@@ -107,7 +107,9 @@ class Lifter:
     def target_features(self, view: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """`[1, D, H, W]` backbone features of a view, bilinearly upsampled to the image (as FiT3D)."""
         low = self.data.targets[view : view + 1].to(dtype)
-        return F.interpolate(low, size=(self.data.height, self.data.width), mode="bilinear", align_corners=False)
+        return F.interpolate(
+            low, size=(self.data.height, self.data.width), mode="bilinear", align_corners=False
+        )
 
     def step(self) -> dict[str, torch.Tensor]:
         args, data = self.args, self.data
@@ -116,7 +118,9 @@ class Lifter:
         for group in self.optimizer.param_groups:
             if group["name"] == "means":
                 decay_steps = args.position_lr_max_steps or args.iterations
-                group["lr"] = self.extent * exponential_lr(it, args.position_lr_init, args.position_lr_final, decay_steps)
+                group["lr"] = self.extent * exponential_lr(
+                    it, args.position_lr_init, args.position_lr_final, decay_steps
+                )
         if it % args.sh_increase_interval == 0:
             self.gaussians.raise_sh_degree()
 
@@ -173,10 +177,13 @@ class Lifter:
         dc = torch.nn.Parameter(g.sh_dc.detach().clone())
         if steps > 0 and codebook.shape[1] > 0:
             optimizer = torch.optim.Adam(
-                [{"params": [dc], "lr": args.sh_dc_lr}, {"params": [codebook], "lr": args.sh_rest_lr}], eps=1e-15
+                [{"params": [dc], "lr": args.sh_dc_lr}, {"params": [codebook], "lr": args.sh_rest_lr}],
+                eps=1e-15,
             )
             geometry = [t.detach() for t in (g.means, g.quats, g.scales, g.opacities)]
-            for _ in tqdm(range(steps), desc=f"{data.scene_id}: refining the compressed colours", disable=not progress):
+            for _ in tqdm(
+                range(steps), desc=f"{data.scene_id}: refining the compressed colours", disable=not progress
+            ):
                 view = self.next_view()
                 colours = torch.cat([dc, codebook[codes].view(len(codes), -1, 3)], dim=1)
                 out = render(

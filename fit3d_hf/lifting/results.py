@@ -35,7 +35,15 @@ INITIAL_METRICS_FILENAME = "initial_metrics.json"
 PREVIEW_FILENAMES = ("preview_rgb.png", "preview_features.png")
 
 
-def finish_scene(lifter: Lifter, extractor, folder: Path, views: tuple[list[int], list[int]], initial: dict, seconds: tuple[float, float], progress: bool) -> dict:
+def finish_scene(
+    lifter: Lifter,
+    extractor,
+    folder: Path,
+    views: tuple[list[int], list[int]],
+    initial: dict,
+    seconds: tuple[float, float],
+    progress: bool,
+) -> dict:
     """A trained scene's results: evaluations, the bundle, previews and metrics.json, then its resume state
     removed (unless `--keep_checkpoint`). Returns the metrics.
 
@@ -51,12 +59,23 @@ def finish_scene(lifter: Lifter, extractor, folder: Path, views: tuple[list[int]
     final_holdout = lifter.evaluate(holdout, desc=label("evaluating the held-out views"))
     bundle_path = _save_scene_bundle(lifter, extractor, folder, progress)
     # Held-out PSNR of the bundle as saved (fp16 geometry, compressed SH): one more pass over the held-out views.
-    saved_holdout = _evaluate_saved_bundle(lifter, bundle_path, holdout, label("evaluating the saved bundle")) if holdout else {}
+    saved_holdout = (
+        _evaluate_saved_bundle(lifter, bundle_path, holdout, label("evaluating the saved bundle"))
+        if holdout
+        else {}
+    )
     if args.previews:
         write_previews(lifter, holdout[0] if holdout else train[0], folder)
-    evaluations = {"initial": initial, "train": final_train, "holdout": final_holdout, "saved_holdout": saved_holdout}
+    evaluations = {
+        "initial": initial,
+        "train": final_train,
+        "holdout": final_holdout,
+        "saved_holdout": saved_holdout,
+    }
     metrics = _scene_metrics(lifter, views, evaluations, bundle_path, seconds)
-    atomic_write_text(folder / METRICS_FILENAME, json.dumps(metrics, indent=2))  # written last: marks the scene done
+    atomic_write_text(
+        folder / METRICS_FILENAME, json.dumps(metrics, indent=2)
+    )  # written last: marks the scene done
     if not args.keep_checkpoint:  # resume state, no longer needed once metrics.json marks the scene done
         (folder / CHECKPOINT_FILENAME).unlink(missing_ok=True)
         (folder / INITIAL_METRICS_FILENAME).unlink(missing_ok=True)
@@ -69,7 +88,9 @@ def _save_scene_bundle(lifter: Lifter, extractor, folder: Path, progress: bool) 
     compressed = None
     if args.bundle_sh == "compressed":
         steps = args.bundle_sh_refine_steps
-        compressed = lifter.fit_compressed_colours(min(1000, args.iterations // 10) if steps is None else steps, progress)
+        compressed = lifter.fit_compressed_colours(
+            min(1000, args.iterations // 10) if steps is None else steps, progress
+        )
     logger.info("%s: writing the bundle (%d Gaussians)", data.scene_id, len(lifter.gaussians))
     return save_bundle(
         folder / BUNDLE_FILENAME, lifter.gaussians, lifter.decoder.weight.detach(),
@@ -90,7 +111,9 @@ def _evaluate_saved_bundle(lifter: Lifter, bundle_path: Path, holdout: list[int]
         lifter.gaussians = trained
 
 
-def _scene_metrics(lifter: Lifter, views, evaluations: dict, bundle_path: Path, seconds: tuple[float, float]) -> dict:
+def _scene_metrics(
+    lifter: Lifter, views, evaluations: dict, bundle_path: Path, seconds: tuple[float, float]
+) -> dict:
     """metrics.json of a scene."""
     args, data = lifter.args, lifter.data
     (train, holdout), (start, train_seconds) = views, seconds
@@ -135,7 +158,9 @@ def write_previews(lifter: Lifter, view: int, folder: Path) -> None:
     size = (data.width, data.height)
     from PIL import Image
 
-    pictures = [np.asarray(Image.fromarray(c).resize(size, Image.NEAREST)) for c in (target_colors, rendered_colors)]
+    pictures = [
+        np.asarray(Image.fromarray(c).resize(size, Image.NEAREST)) for c in (target_colors, rendered_colors)
+    ]
     save_image(folder / "preview_features.png", np.concatenate(pictures, axis=1))
 
 
@@ -143,6 +168,12 @@ def remove_outputs(folder: Path) -> None:
     """Deletes the files a lift writes into `folder` (only those: `--out` may share a folder with anything)."""
     from ..reruns import SETTINGS_FILENAME
 
-    names = (METRICS_FILENAME, CHECKPOINT_FILENAME, INITIAL_METRICS_FILENAME, BUNDLE_FILENAME, SETTINGS_FILENAME)
+    names = (
+        METRICS_FILENAME,
+        CHECKPOINT_FILENAME,
+        INITIAL_METRICS_FILENAME,
+        BUNDLE_FILENAME,
+        SETTINGS_FILENAME,
+    )
     for name in (*names, *PREVIEW_FILENAMES):
         (folder / name).unlink(missing_ok=True)

@@ -68,7 +68,11 @@ def lift_scene(
         overwrite=args.overwrite, what="lifted scene",
     )  # fmt: skip
     if previous == "finished":
-        logger.info("%s: already lifted with these settings (%s): skipping it; --overwrite redoes it", scene.scene_id, folder)
+        logger.info(
+            "%s: already lifted with these settings (%s): skipping it; --overwrite redoes it",
+            scene.scene_id,
+            folder,
+        )
         return json.loads(metrics_path.read_text())
     torch.manual_seed(args.seed)
     if extractor is None:
@@ -146,11 +150,18 @@ def _resume_or_evaluate(lifter: Lifter, folder: Path, train: list[int], progress
     return initial
 
 
-def _optimise(lifter: Lifter, checkpoint_path: Path, max_iterations_this_run: int | None, progress: bool) -> bool:
+def _optimise(
+    lifter: Lifter, checkpoint_path: Path, max_iterations_this_run: int | None, progress: bool
+) -> bool:
     """Steps `lifter` up to `--iterations`, checkpointing every `--checkpoint_interval`. False when it stopped
     early: after a checkpoint, once `max_iterations_this_run` steps were taken (used to test resuming)."""
     args = lifter.args
-    bar = tqdm(total=args.iterations, initial=lifter.iteration, desc=f"{lifter.data.scene_id}: lifting", disable=not progress)
+    bar = tqdm(
+        total=args.iterations,
+        initial=lifter.iteration,
+        desc=f"{lifter.data.scene_id}: lifting",
+        disable=not progress,
+    )
     steps_this_run = 0
     while lifter.iteration < args.iterations:
         losses = lifter.step()
@@ -189,7 +200,9 @@ def lift_many(
         return _load_extractor(args)
 
     if claims is not None:
-        return [lift_scene(path, args, extractor, progress=progress) for path in claims.scenes(list(scene_paths))]
+        return [
+            lift_scene(path, args, extractor, progress=progress) for path in claims.scenes(list(scene_paths))
+        ]
     share = list(scene_paths)[process_index::num_processes]
     results = []
     for path in tqdm(share, desc=f"scenes (process {process_index})", disable=not progress or len(share) < 2):

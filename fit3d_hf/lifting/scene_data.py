@@ -49,9 +49,10 @@ def scene_extent(camera_centers: np.ndarray) -> float:
     return 1.1 * max(float(radius), 1e-6)
 
 
-
 @torch.no_grad()
-def load_scene_data(scene, extractor, image_scale: float, device: torch.device, progress: bool = True) -> SceneData:
+def load_scene_data(
+    scene, extractor, image_scale: float, device: torch.device, progress: bool = True
+) -> SceneData:
     """Loads a scene's images and masks at `image_scale`, and computes the backbone features once.
 
     Args:

@@ -154,7 +154,18 @@ def _apply_spherical_harmonics(sh, means, world_to_camera, sh_degree):
 class _Rasterize(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, means2d, conics, depths, colors, opacities, features, background, radii, width, height, route,
+        ctx,
+        means2d,
+        conics,
+        depths,
+        colors,
+        opacities,
+        features,
+        background,
+        radii,
+        width,
+        height,
+        route,
         clamp_grad,
     ):
         binning = isect_and_rasterize if means2d.is_cuda else isect_and_rasterize_exact

@@ -61,7 +61,11 @@ def _colmap_lines(path: Path) -> list[tuple[int, str]]:
         raise MissingInputError(f"COLMAP file {path} does not exist")
     try:
         with open(path, encoding="utf-8") as handle:
-            return [(number, line.rstrip("\r\n")) for number, line in enumerate(handle, 1) if not line.startswith("#")]
+            return [
+                (number, line.rstrip("\r\n"))
+                for number, line in enumerate(handle, 1)
+                if not line.startswith("#")
+            ]
     except UnicodeDecodeError as error:
         raise CorruptFileError(f"{path} is not a COLMAP text file (not UTF-8 text: {error})") from error
 
@@ -158,13 +162,17 @@ def _colmap_image_names(images_path: Path, headers: list[tuple[int, list[str]]])
             raise InputError(f"{images_path}, image line {number}: expected 10 fields, got {len(tokens)}")
         name = " ".join(tokens[9:])
         if name in seen:
-            raise InputError(f"{images_path}, image line {number}: image {name!r} is listed twice (also line {seen[name]})")
+            raise InputError(
+                f"{images_path}, image line {number}: image {name!r} is listed twice (also line {seen[name]})"
+            )
         seen[name] = number
         names.append(name)
     return names
 
 
-def _colmap_image_pose(tokens: list[str], where: str, cameras: dict, cameras_path: Path) -> tuple[tuple, np.ndarray]:
+def _colmap_image_pose(
+    tokens: list[str], where: str, cameras: dict, cameras_path: Path
+) -> tuple[tuple, np.ndarray]:
     """The camera entry (of `_read_colmap_cameras`) and the `[4, 4]` world-to-camera pose of an image line."""
     try:
         qvec = np.array([float(v) for v in tokens[1:5]])
@@ -211,7 +219,9 @@ def read_colmap_scene(
     missing = _MissingFiles(images_path, len(headers))
     for (number, tokens), name, image_id in zip(headers, names, image_ids, strict=True):
         where = f"{images_path}, image line {number} ({name})"
-        (_, width, height, K, distortion), world_to_camera = _colmap_image_pose(tokens, where, cameras, cameras_path)
+        (_, width, height, K, distortion), world_to_camera = _colmap_image_pose(
+            tokens, where, cameras, cameras_path
+        )
         image_path = missing.resolve(images_dir, name, where, "image")
         if image_path is None:
             continue

@@ -105,14 +105,18 @@ def convert_scenes(
                 relative = Path("scenes") / scene.scene_id
                 split = split_views(scene.image_ids, scene.test_image_ids, holdout_every)
                 for name, image_ids in split.items():
-                    samples[name] += [f"{scene.scene_id}_{image_id.replace('/', '__')}" for image_id in image_ids]
+                    samples[name] += [
+                        f"{scene.scene_id}_{image_id.replace('/', '__')}" for image_id in image_ids
+                    ]
             else:
                 relative = Path(scene.scene_id)
             _write_one(scene, layout, staging / relative)
             written.append(relative)
         if layout == "scannetpp":
             for name, lines in samples.items():
-                atomic_write_text(staging / "metadata" / f"{name}_samples.txt", "".join(f"{s}\n" for s in lines))
+                atomic_write_text(
+                    staging / "metadata" / f"{name}_samples.txt", "".join(f"{s}\n" for s in lines)
+                )
             atomic_write_text(staging / "metadata" / "nvs_sem_train.txt", "".join(f"{s}\n" for s in sources))
         if output_dir.exists():  # overwrite: swap the new folder in, then delete the old one
             old = staging.parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}"

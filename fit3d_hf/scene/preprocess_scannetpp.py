@@ -160,7 +160,13 @@ def _frame_lists(transforms: dict, transforms_path: Path) -> dict[str, list[dict
 
 
 def _preprocess_frame(
-    frame: dict, dslr: Path, tmp: Path, raw_size: tuple[int, int], plan: UndistortionPlan, downscale: float, jpeg_quality: int
+    frame: dict,
+    dslr: Path,
+    tmp: Path,
+    raw_size: tuple[int, int],
+    plan: UndistortionPlan,
+    downscale: float,
+    jpeg_quality: int,
 ) -> dict:
     """Downscales and undistorts one frame's image and mask into `tmp`; returns its output frame entry."""
     cv2 = _cv2()
@@ -218,13 +224,19 @@ def _fill_scene_folder(
     progress = tqdm(total=num_frames, desc=dslr.parent.name, unit="frame", leave=False)  # desc: the scene id
     for key, frames in frame_lists.items():
         for frame in frames:
-            out_frames[key].append(_preprocess_frame(frame, dslr, tmp, raw_size, plan, downscale, jpeg_quality))
+            out_frames[key].append(
+                _preprocess_frame(frame, dslr, tmp, raw_size, plan, downscale, jpeg_quality)
+            )
             progress.update()
     progress.close()
     shutil.copyfile(dslr / "colmap" / "points3D.txt", tmp / "points3D.txt")
     out_transforms = _pinhole_transforms(transforms, plan, out_frames)
     (tmp / "transforms_train.json").write_text(json.dumps(out_transforms, indent=2))
-    marker = {**_marker_options(downscale, jpeg_quality), "camera_model": transforms["camera_model"], "num_frames": num_frames}
+    marker = {
+        **_marker_options(downscale, jpeg_quality),
+        "camera_model": transforms["camera_model"],
+        "num_frames": num_frames,
+    }
     (tmp / DONE_MARKER).write_text(json.dumps(marker, indent=2))
     return num_frames
 

@@ -30,7 +30,14 @@ def _image_size(path: Path, where: str, what: str = "image") -> tuple[int, int]:
     try:
         with Image.open(path) as image:
             return image.size
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, struct.error, Image.DecompressionBombError) as error:
+    except (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        SyntaxError,
+        struct.error,
+        Image.DecompressionBombError,
+    ) as error:
         raise CorruptFileError(f"{where}: {what} {path} cannot be read as an image: {error}") from error
 
 
@@ -75,7 +82,15 @@ def _make_scene(
         if raw.distortion is not None and not raw.distortion.is_identity
     ]
     frames = [
-        Frame(raw.image_id, raw.image_path, camera, raw.mask_path, raw.depth_path, raw.label_path, raw.normal_path)
+        Frame(
+            raw.image_id,
+            raw.image_path,
+            camera,
+            raw.mask_path,
+            raw.depth_path,
+            raw.label_path,
+            raw.normal_path,
+        )
         for raw, camera in zip(raw_frames, cameras, strict=True)
     ]
     if distorted:
@@ -127,7 +142,9 @@ class _MissingFiles:
         self.listing, self.num_frames = listing, num_frames
         self.missing: list[tuple[str, Path]] = []  # (message, path)
 
-    def resolve(self, base: Path, relative: str, where: str, what: str, try_extensions: bool = False) -> Path | None:
+    def resolve(
+        self, base: Path, relative: str, where: str, what: str, try_extensions: bool = False
+    ) -> Path | None:
         try:
             return _resolve_file(base, relative, where, what, try_extensions)
         except FileNotFoundError as error:

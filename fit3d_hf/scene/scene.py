@@ -92,7 +92,9 @@ class Scene:
             raise InputError(f"scene {self.scene_id} ({self.root}): duplicate image ids {duplicates[:5]}")
         unknown = set(self.test_image_ids) - set(ids)
         if unknown:
-            raise InputError(f"scene {self.scene_id} ({self.root}): test image ids {sorted(unknown)[:5]} are not frames")
+            raise InputError(
+                f"scene {self.scene_id} ({self.root}): test image ids {sorted(unknown)[:5]} are not frames"
+            )
 
     def frame(self, image_id: str) -> Frame:
         """The frame with id `image_id` (KeyError if absent)."""
@@ -117,7 +119,14 @@ def _open(path: Path | str, what: str):
     try:
         image = Image.open(path)
         image.load()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, struct.error, Image.DecompressionBombError) as error:
+    except (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        SyntaxError,
+        struct.error,
+        Image.DecompressionBombError,
+    ) as error:
         # Pillow's decoders raise any of these for damaged files (truncated data, broken chunks)
         raise CorruptFileError(f"{what} {path} cannot be read as an image: {error}") from error
     return image

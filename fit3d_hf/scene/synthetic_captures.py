@@ -51,7 +51,10 @@ def distort(normalized: np.ndarray, coefficients: tuple[float, float, float, flo
     r2 = x * x + y * y
     radial = 1 + k1 * r2 + k2 * r2 * r2
     return np.stack(
-        [x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x), y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y],
+        [
+            x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x),
+            y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y,
+        ],
         axis=1,
     )
 
@@ -69,7 +72,9 @@ def undistort_points(distorted: np.ndarray, coefficients: tuple[float, float, fl
     undistorted = np.stack([x, y], axis=1)
     residual = np.abs(distort(undistorted, coefficients) - distorted).max()
     if residual > 1e-9:
-        raise ValueError(f"the distortion {coefficients} is too strong to invert here (residual {residual:.2e})")
+        raise ValueError(
+            f"the distortion {coefficients} is too strong to invert here (residual {residual:.2e})"
+        )
     return undistorted
 
 
@@ -116,7 +121,10 @@ def generate_capture(
         for name, view_camera in zip(names, room.cameras, strict=True):
             view = render_rays(room, view_camera.world_to_camera, rays)
             shape = (camera.height, camera.width)
-            _save(tmp / "images" / f"{name}.png", np.round(np.clip(view["rgb"], 0, 1) * 255).astype(np.uint8).reshape(*shape, 3))
+            _save(
+                tmp / "images" / f"{name}.png",
+                np.round(np.clip(view["rgb"], 0, 1) * 255).astype(np.uint8).reshape(*shape, 3),
+            )
             depth_mm = np.clip(np.round(view["depth"] * 1000.0), 0, np.iinfo(np.uint16).max).astype(np.uint16)
             _save(tmp / "depth" / f"{name}.png", depth_mm.reshape(shape))
             _save(tmp / "normals" / f"{name}.png", encode_normals(view["normals"].reshape(*shape, 3)))
@@ -127,7 +135,9 @@ def generate_capture(
                     "file_path": f"images/{name}.png",
                     "depth_file_path": f"depth/{name}.png",
                     "normal_path": f"normals/{name}.png",
-                    "transform_matrix": opencv_to_opengl_camera_to_world(view_camera.world_to_camera).tolist(),
+                    "transform_matrix": opencv_to_opengl_camera_to_world(
+                        view_camera.world_to_camera
+                    ).tolist(),
                 }
                 for name, view_camera in zip(names, room.cameras, strict=True)
             ]
@@ -141,18 +151,25 @@ def generate_capture(
         else:
             model = tmp / "sparse" / "0"
             model.mkdir(parents=True)
-            params = " ".join(repr(float(v)) for v in (camera.fx, camera.fy, camera.cx, camera.cy, k1, k2, p1, p2))
+            params = " ".join(
+                repr(float(v)) for v in (camera.fx, camera.fy, camera.cx, camera.cy, k1, k2, p1, p2)
+            )
             (model / "cameras.txt").write_text(f"1 OPENCV {camera.width} {camera.height} {params}\n")
             lines = []
             for index, (name, view_camera) in enumerate(zip(names, room.cameras, strict=True)):
-                rotation, translation = view_camera.world_to_camera[:3, :3], view_camera.world_to_camera[:3, 3]
+                rotation, translation = (
+                    view_camera.world_to_camera[:3, :3],
+                    view_camera.world_to_camera[:3, 3],
+                )
                 pose = " ".join(repr(float(v)) for v in (*rotmat_to_qvec(rotation), *translation))
                 lines += [f"{index + 1} {pose} 1 {name}.png", ""]
             (model / "images.txt").write_text("\n".join(lines) + "\n")
             (model / "points3D.txt").write_text(
                 "".join(
                     f"{i + 1} {x!r} {y!r} {z!r} {r} {g} {b} 0.0\n"
-                    for i, ((x, y, z), (r, g, b)) in enumerate(zip(points.xyz.tolist(), points.rgb.tolist(), strict=True))
+                    for i, ((x, y, z), (r, g, b)) in enumerate(
+                        zip(points.xyz.tolist(), points.rgb.tolist(), strict=True)
+                    )
                 )
             )
     return target

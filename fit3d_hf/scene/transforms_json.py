@@ -29,7 +29,12 @@ __all__ = ["read_nerfstudio_scene"]
 _DISTORTION_KEYS = ("k1", "k2", "k3", "k4", "k5", "k6", "p1", "p2")
 _TRANSFORMS_MODELS = ("PINHOLE", "SIMPLE_PINHOLE", "OPENCV", "OPENCV_FISHEYE")
 # Per-frame files besides the image: (kind, key of its path in a frame).
-_FRAME_FILE_KEYS = (("mask", "mask_path"), ("depth", "depth_file_path"), ("label", "label_path"), ("normal", "normal_path"))
+_FRAME_FILE_KEYS = (
+    ("mask", "mask_path"),
+    ("depth", "depth_file_path"),
+    ("label", "label_path"),
+    ("normal", "normal_path"),
+)
 
 
 def _load_json(path: Path) -> dict:
@@ -147,7 +152,11 @@ def _frame_entries(meta: dict, json_path: Path) -> tuple[list[tuple[dict, str]],
             raise InputError(f"{json_path}: '{key}' must be a list")
         for index, frame in enumerate(frames):
             where = f"{json_path}, {key}[{index}]"
-            if not isinstance(frame, dict) or not isinstance(frame.get("file_path"), str) or not frame["file_path"].strip():
+            if (
+                not isinstance(frame, dict)
+                or not isinstance(frame.get("file_path"), str)
+                or not frame["file_path"].strip()
+            ):
                 raise InputError(f"{where}: frame has no 'file_path' string")
             if "\0" in frame["file_path"]:
                 raise InputError(f"{where}: 'file_path' holds a NUL character")
@@ -186,7 +195,8 @@ def read_nerfstudio_scene(transforms_path: Path | str, *, cache_dir: Path | str 
     test_paths |= {os.path.normpath(name) for name in test_filenames}
     missing = _MissingFiles(json_path, len(entries))
     image_paths = [
-        missing.resolve(root, frame["file_path"], where, "image", try_extensions=True) for frame, where in entries
+        missing.resolve(root, frame["file_path"], where, "image", try_extensions=True)
+        for frame, where in entries
     ]
     for frame, where in entries:
         for kind, key in _FRAME_FILE_KEYS:

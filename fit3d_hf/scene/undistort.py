@@ -186,7 +186,9 @@ def _undistort_frame(raw: RawFrame, outputs: dict[str, Path]) -> tuple[np.ndarra
     # Pixels that sample outside the source (or an invalid source pixel) become invalid; the bilinear
     # interpolation of a 0/255 mask is thresholded strictly, like ScanNet++'s undistortion.
     if raw.mask_path is not None:
-        source_mask = np.where(np.asarray(_open(raw.mask_path, "mask").convert("L")) >= 128, 255, 0).astype(np.uint8)
+        source_mask = np.where(np.asarray(_open(raw.mask_path, "mask").convert("L")) >= 128, 255, 0).astype(
+            np.uint8
+        )
     else:
         source_mask = np.full((raw.height, raw.width), 255, dtype=np.uint8)
     mask = cv2.remap(

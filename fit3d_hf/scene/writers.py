@@ -236,7 +236,9 @@ def write_scannetpp_scene(scene: Scene, folder: Path | str) -> Path:
         )
     copied = copy_frame_files(scene, folder)
     frames, test_frames = [], []
-    for frame in copied.frames:  # every frame in `frames` (keeps their order), test frames also in `test_frames`
+    for (
+        frame
+    ) in copied.frames:  # every frame in `frames` (keeps their order), test frames also in `test_frames`
         camera = frame.camera
         entry = {
             "file_path": frame.image_path.name,

@@ -56,9 +56,9 @@ std::string message(const Args&... args) {
     (out << ... << args);
     return out.str();
 }
-#define FIT3D_CHECK(cond, ...)                                                 \
-    do {                                                                       \
-        if (!(cond)) throw std::invalid_argument(message(__VA_ARGS__));       \
+#define FIT3D_CHECK(cond, ...)                                          \
+    do {                                                                \
+        if (!(cond)) throw std::invalid_argument(message(__VA_ARGS__)); \
     } while (0)
 
 // Dtype, device, layout and shape of an argument; `shape` holds the expected sizes, -1 for "any".
@@ -94,10 +94,10 @@ int tiles_along(int64_t pixels) { return int((pixels + fit3d::TILE_SIZE - 1) / f
 }  // namespace
 
 // ---- project ------------------------------------------------------------------------------------------
-std::tuple<Tensor, Tensor, Tensor, Tensor> project_fwd(const Tensor& means, const Tensor& quats,
-                                                       const Tensor& scales, const Tensor& opacities,
-                                                       const Tensor& viewmats, const Tensor& Ks, int64_t width,
-                                                       int64_t height, double near_plane, double far_plane) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> project_fwd(const Tensor& means, const Tensor& quats, const Tensor& scales,
+                                                       const Tensor& opacities, const Tensor& viewmats,
+                                                       const Tensor& Ks, int64_t width, int64_t height,
+                                                       double near_plane, double far_plane) {
     check_tensor(means, "means", {-1, 3});
     const int64_t N = means.size(0), B = viewmats.dim() == 3 ? viewmats.size(0) : -1;
     check_tensor(quats, "quats", {N, 4});
@@ -216,8 +216,8 @@ std::tuple<Tensor, Tensor> sh_bwd(const Tensor& sh, const Tensor& means, const T
 // Returns (tile ranges, Gaussian ids, total) as the CUDA op; the pair list is always sized exactly (`capacity`,
 // the GPU's way to avoid a host sync, is ignored), so `total` is its size.
 std::tuple<Tensor, Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tensor& conics, const Tensor& opacities,
-                                               const Tensor& depths, const Tensor& radii, int64_t width,
-                                               int64_t height, int64_t /*capacity*/) {
+                                               const Tensor& depths, const Tensor& radii, int64_t width, int64_t height,
+                                               int64_t /*capacity*/) {
     check_tensor(means2d, "means2d", {-1, -1, 2});
     const int64_t B = means2d.size(0), N = means2d.size(1);
     check_tensor(conics, "conics", {B, N, 3});
@@ -251,8 +251,8 @@ namespace {
 
 fit3d::RasterizeArgs rasterize_args(const Tensor& means2d, const Tensor& conics, const Tensor& opacities,
                                     const Tensor& colors, const Tensor& depths, const Tensor& features,
-                                    const OptTensor& background, const Tensor& tile_ranges,
-                                    const Tensor& gaussian_ids, int64_t width, int64_t height) {
+                                    const OptTensor& background, const Tensor& tile_ranges, const Tensor& gaussian_ids,
+                                    int64_t width, int64_t height) {
     check_tensor(means2d, "means2d", {-1, -1, 2});
     const int64_t B = means2d.size(0), N = means2d.size(1);
     check_tensor(conics, "conics", {B, N, 3});
@@ -293,8 +293,8 @@ fit3d::RasterizeArgs rasterize_args(const Tensor& means2d, const Tensor& conics,
 
 std::vector<Tensor> rasterize_fwd(const Tensor& means2d, const Tensor& conics, const Tensor& opacities,
                                   const Tensor& colors, const Tensor& depths, const Tensor& features,
-                                  const OptTensor& background, const Tensor& tile_ranges,
-                                  const Tensor& gaussian_ids, int64_t width, int64_t height) {
+                                  const OptTensor& background, const Tensor& tile_ranges, const Tensor& gaussian_ids,
+                                  int64_t width, int64_t height) {
     fit3d::RasterizeArgs a = rasterize_args(means2d, conics, opacities, colors, depths, features, background,
                                             tile_ranges, gaussian_ids, width, height);
     auto opts = means2d.options();
@@ -315,11 +315,10 @@ std::vector<Tensor> rasterize_fwd(const Tensor& means2d, const Tensor& conics, c
 
 std::vector<Tensor> rasterize_bwd(const Tensor& means2d, const Tensor& conics, const Tensor& opacities,
                                   const Tensor& colors, const Tensor& depths, const Tensor& features,
-                                  const OptTensor& background, const Tensor& tile_ranges,
-                                  const Tensor& gaussian_ids, const Tensor& final_t, const Tensor& last_ids,
-                                  int64_t width, int64_t height, const OptTensor& v_rgb, const OptTensor& v_depth,
-                                  const OptTensor& v_features, const OptTensor& v_alpha,
-                                  bool feature_grad_to_geometry, bool alpha_clamp_grad) {
+                                  const OptTensor& background, const Tensor& tile_ranges, const Tensor& gaussian_ids,
+                                  const Tensor& final_t, const Tensor& last_ids, int64_t width, int64_t height,
+                                  const OptTensor& v_rgb, const OptTensor& v_depth, const OptTensor& v_features,
+                                  const OptTensor& v_alpha, bool feature_grad_to_geometry, bool alpha_clamp_grad) {
     fit3d::RasterizeArgs a = rasterize_args(means2d, conics, opacities, colors, depths, features, background,
                                             tile_ranges, gaussian_ids, width, height);
     const int64_t B = a.B, F = a.F, H = height, W = width;
@@ -353,7 +352,7 @@ namespace {
 
 struct FeatureL1Inputs {
     fit3d::FeatureL1Args args = {};  // zeroed: a null mask and grad unless set
-    Tensor decoded, target;  // float32 (converted when given in another dtype)
+    Tensor decoded, target;          // float32 (converted when given in another dtype)
     fit3d::cpu::Strides4 decoded_strides, target_strides;
 };
 
@@ -363,13 +362,12 @@ FeatureL1Inputs feature_l1_inputs(const Tensor& decoded, const Tensor& target, c
     for (const auto& [t, name] : {std::pair{&decoded, "decoded"}, std::pair{&target, "target"}}) {
         FIT3D_CHECK(t->device().is_cpu() && t->dim() == 4, "fit3d feature loss: ", name,
                     " must be a 4-d CPU tensor, got ", t->sizes(), " on ", t->device());
-        FIT3D_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kHalf ||
-                        t->scalar_type() == at::kBFloat16,
-                    "fit3d feature loss: ", name, " must be float32, float16 or bfloat16, got ", t->scalar_type());
+        FIT3D_CHECK(
+            t->scalar_type() == at::kFloat || t->scalar_type() == at::kHalf || t->scalar_type() == at::kBFloat16,
+            "fit3d feature loss: ", name, " must be float32, float16 or bfloat16, got ", t->scalar_type());
     }
-    FIT3D_CHECK(target.size(0) == decoded.size(0) && target.size(1) == decoded.size(1),
-                "fit3d feature loss: target ", target.sizes(), " must have the batch size and channels of decoded ",
-                decoded.sizes());
+    FIT3D_CHECK(target.size(0) == decoded.size(0) && target.size(1) == decoded.size(1), "fit3d feature loss: target ",
+                target.sizes(), " must have the batch size and channels of decoded ", decoded.sizes());
     FeatureL1Inputs in;
     // float32, in its own layout when that is dense (the gradient is allocated like it)
     in.decoded = decoded.scalar_type() == at::kFloat ? decoded : decoded.to(at::kFloat);
@@ -394,8 +392,8 @@ FeatureL1Inputs feature_l1_inputs(const Tensor& decoded, const Tensor& target, c
         FIT3D_CHECK(mask->device().is_cpu() && mask->scalar_type() == at::kBool && mask->is_contiguous() &&
                         mask->dim() == 4 && mask->size(0) == a.B && mask->size(1) == 1 && mask->size(2) == a.H &&
                         mask->size(3) == a.W,
-                    "fit3d feature loss: mask must be a contiguous bool CPU tensor of shape [", a.B, ", 1, ", a.H,
-                    ", ", a.W, "], got ", mask->sizes(), " ", mask->scalar_type(), " on ", mask->device());
+                    "fit3d feature loss: mask must be a contiguous bool CPU tensor of shape [", a.B, ", 1, ", a.H, ", ",
+                    a.W, "], got ", mask->sizes(), " ", mask->scalar_type(), " on ", mask->device());
         a.mask = mask->data_ptr<bool>();
     }
     a.inv_count = 1.f / float(decoded.numel());

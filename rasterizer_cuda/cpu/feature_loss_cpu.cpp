@@ -16,8 +16,8 @@ namespace {
 // Calls fn(b, y, x, c, diff) for every element of image row (b, y) that the mask keeps, channel by channel;
 // diff = decoded - up(target) (PyTorch's association of the bilinear sum, so up() is its value).
 template <typename Fn>
-void for_row(const FeatureL1Args& a, Strides4 ds, Strides4 ts, const std::vector<int>& x0s,
-             const std::vector<int>& x1s, const std::vector<float>& lxs, int b, int y, Fn&& fn) {
+void for_row(const FeatureL1Args& a, Strides4 ds, Strides4 ts, const std::vector<int>& x0s, const std::vector<int>& x1s,
+             const std::vector<float>& lxs, int b, int y, Fn&& fn) {
     int y0, y1;
     float ly;
     source_index(y, a.scale_y, a.h, y0, y1, ly);

@@ -87,7 +87,9 @@ def sample_points(room: SyntheticRoom, workers: int = 1) -> SparsePoints:
             break
         candidates, primitive_ids = _sample_surfaces(room, max(2 * config.num_points, 1024), rng)
         world_points = candidates @ room.room_to_world[:3, :3].T + room.room_to_world[:3, 3]
-        chunks = [chunk for chunk in np.array_split(np.arange(config.num_views), max(workers, 1)) if len(chunk)]
+        chunks = [
+            chunk for chunk in np.array_split(np.arange(config.num_views), max(workers, 1)) if len(chunk)
+        ]
         jobs = [(room, chunk, candidates, world_points) for chunk in chunks]
         if len(jobs) > 1:
             from concurrent.futures import ProcessPoolExecutor

@@ -103,18 +103,27 @@ def render_view(room: SyntheticRoom, camera: Camera, *, supersample: int = 1) ->
         )
         sample_colour = _cast_camera_rays(room, camera.world_to_camera, normalized)[1]
         view["rgb"] = sample_colour.reshape(-1, supersample * supersample, 3).mean(axis=1).astype(np.float32)
-    shapes = {"rgb": (height, width, 3), "depth": (height, width), "labels": (height, width), "normals": (height, width, 3)}
+    shapes = {
+        "rgb": (height, width, 3),
+        "depth": (height, width),
+        "labels": (height, width),
+        "normals": (height, width, 3),
+    }
     return {key: value.reshape(shapes[key]) for key, value in view.items()}
 
 
-def render_rays(room: SyntheticRoom, world_to_camera: np.ndarray, normalized: np.ndarray) -> dict[str, np.ndarray]:
+def render_rays(
+    room: SyntheticRoom, world_to_camera: np.ndarray, normalized: np.ndarray
+) -> dict[str, np.ndarray]:
     """Ray-casts the camera rays (a, b, 1) of normalised camera coordinates `[N, 2]` (any lens model: pass the
     undistorted coordinates of its pixels) from the pose `world_to_camera`.
 
     Returns:
         `render_view`'s entries for the N rays: "rgb" `[N, 3]`, "depth" `[N]`, "labels" `[N]`, "normals" `[N, 3]`.
     """
-    depth, colour, primitive_ids, normals = _cast_camera_rays(room, world_to_camera, np.asarray(normalized, dtype=np.float64))
+    depth, colour, primitive_ids, normals = _cast_camera_rays(
+        room, world_to_camera, np.asarray(normalized, dtype=np.float64)
+    )
     labels = np.where(primitive_ids >= 0, room.primitive_labels()[np.maximum(primitive_ids, 0)], NO_HIT_LABEL)
     return {
         "rgb": colour.astype(np.float32),

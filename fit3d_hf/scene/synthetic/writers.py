@@ -154,7 +154,11 @@ def _write_lines(path: Path, lines: list[str]) -> None:
 
 
 def generate_scene(
-    out_root: str | os.PathLike, scene_id: str, config: SyntheticSceneConfig | None = None, *, workers: int = 1
+    out_root: str | os.PathLike,
+    scene_id: str,
+    config: SyntheticSceneConfig | None = None,
+    *,
+    workers: int = 1,
 ) -> Path:
     """Writes one scene in FiT3D's *preprocessed* ScanNet++ layout, plus depth and label ground truth.
 
