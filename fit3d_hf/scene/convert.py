@@ -18,9 +18,6 @@ Output layouts under the output folder:
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -34,7 +31,7 @@ from fit3d_hf.scene.writers import (
     write_nerfstudio_transforms,
     write_scannetpp_scene,
 )
-from fit3d_hf.utils import atomic_write_text
+from fit3d_hf.utils import atomic_folder, atomic_write_text
 
 __all__ = ["CONVERSION_LAYOUTS", "convert_scenes"]
 
@@ -89,11 +86,8 @@ def convert_scenes(
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not overwrite:
         raise UsageError(f"{output_dir} already exists and is not empty; pass --overwrite to replace it")
     paths = resolve_scene_list(spec)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = output_dir.parent / f".{output_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
     written, sources, samples = [], {}, {"train": [], "val": []}
-    try:
+    with atomic_folder(output_dir) as staging:  # swapped in whole at the end (an existing one replaced)
         for path in tqdm(paths, desc=f"converting to {layout}", unit="scene", disable=not progress):
             scene = read_scene(path)
             if scene.scene_id in sources:
@@ -118,14 +112,5 @@ def convert_scenes(
                     staging / "metadata" / f"{name}_samples.txt", "".join(f"{s}\n" for s in lines)
                 )
             atomic_write_text(staging / "metadata" / "nvs_sem_train.txt", "".join(f"{s}\n" for s in sources))
-        if output_dir.exists():  # overwrite: swap the new folder in, then delete the old one
-            old = staging.parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(output_dir, old)
-            os.replace(staging, output_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     logger.info("wrote %d scene(s) as %s into %s", len(written), layout, output_dir)
     return [output_dir / relative for relative in written]

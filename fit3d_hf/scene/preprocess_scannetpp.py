@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +48,7 @@ from fit3d_hf.scene.preprocess_images import (
     downscale_image,
     make_undistortion_plan,
 )
-from fit3d_hf.utils import atomic_write_text
+from fit3d_hf.utils import atomic_folder, atomic_write_text
 
 # The image steps live in preprocess_images; their public names stay importable from here too.
 __all__ = [
@@ -136,17 +135,6 @@ def _is_finished(scene_dir: Path, options: dict) -> bool:
     except json.JSONDecodeError:
         return False
     return all(recorded.get(key) == value for key, value in options.items())
-
-
-def _staging_folder(scenes_dir: Path, scene_id: str) -> Path:
-    """A fresh temporary folder beside the scene's destination (stale ones of killed runs removed)."""
-    scenes_dir.mkdir(parents=True, exist_ok=True)
-    for stale in scenes_dir.glob(f".{scene_id}.tmp-*"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
-    # mkdir (not mkdtemp, which makes it 0700) so the scene folder gets the usual umask permissions.
-    tmp = scenes_dir / f".{scene_id}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    return tmp
 
 
 def _frame_lists(transforms: dict, transforms_path: Path) -> dict[str, list[dict]]:
@@ -288,15 +276,10 @@ def preprocess_scene(
     width, height = int(raw_size[0] / downscale), int(raw_size[1] / downscale)
     plan = make_undistortion_plan(transforms, width, height, width / raw_size[0], height / raw_size[1])
 
-    tmp = _staging_folder(scenes_dir, scene_id)
-    try:
-        num_frames = _fill_scene_folder(tmp, dslr, transforms, plan, downscale, jpeg_quality)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    for stale in target.parent.glob(f".{scene_id}.*"):  # staging folders left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
+    with atomic_folder(target) as staging:  # swapped in whole at the end; removed on failure
+        num_frames = _fill_scene_folder(staging, dslr, transforms, plan, downscale, jpeg_quality)
     logger.info(
         "scene %s: %d frames preprocessed (%s -> PINHOLE)",
         scene_id,

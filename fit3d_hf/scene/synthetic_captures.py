@@ -29,8 +29,8 @@ from fit3d_hf.scene.camera import opencv_to_opengl_camera_to_world, rotmat_to_qv
 from fit3d_hf.scene.scene import encode_normals
 from fit3d_hf.scene.synthetic import SyntheticSceneConfig, make_scene_spec, render_rays, sample_points
 from fit3d_hf.scene.synthetic.cameras import _pixel_grid
-from fit3d_hf.scene.synthetic.writers import _AtomicFolder
 from fit3d_hf.scene.writers import write_ply_points
+from fit3d_hf.utils import atomic_folder
 
 __all__ = ["CAPTURE_LAYOUTS", "distort", "generate_capture", "undistort_points"]
 
@@ -117,7 +117,7 @@ def generate_capture(
     rays = undistort_points(distorted, distortion)
     names = [f"frame_{index + 1:05d}" for index in range(len(room.cameras))]
     target = Path(folder)
-    with _AtomicFolder(target) as tmp:
+    with atomic_folder(target) as tmp:
         for name, view_camera in zip(names, room.cameras, strict=True):
             view = render_rays(room, view_camera.world_to_camera, rays)
             shape = (camera.height, camera.width)

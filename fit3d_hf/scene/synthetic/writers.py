@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
-import uuid
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from fit3d_hf.scene.synthetic.points import SparsePoints, _fisheye_view_projecti
 from fit3d_hf.scene.synthetic.raycast import render_fisheye_view, render_view
 from fit3d_hf.scene.synthetic.shapes import SyntheticRoom
 from fit3d_hf.scene.synthetic.spec import anonymised_mask, make_scene_spec
-from fit3d_hf.utils import atomic_write_text
+from fit3d_hf.utils import atomic_folder, atomic_write_text
 
 __all__ = ["generate_dataset", "generate_raw_scene", "generate_scene"]
 
@@ -127,28 +125,6 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2))
 
 
-class _AtomicFolder:
-    """Builds a folder under a temporary name beside `target`; swapped in on success, removed on failure."""
-
-    def __init__(self, target: Path) -> None:
-        self.target = Path(target)
-
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        # mkdir (not mkdtemp, which makes it 0700) so the folder gets the usual umask permissions.
-        self.tmp = self.target.parent / f".{self.target.name}.tmp-{uuid.uuid4().hex[:8]}"
-        self.tmp.mkdir()
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, traceback) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        if self.target.exists():
-            shutil.rmtree(self.target)
-        os.replace(self.tmp, self.target)
-
-
 def _write_lines(path: Path, lines: list[str]) -> None:
     atomic_write_text(path, "".join(f"{line}\n" for line in lines))
 
@@ -183,7 +159,7 @@ def generate_scene(
     room = make_scene_spec(config)
     points = sample_points(room, workers=workers)
     target = Path(out_root) / "scenes" / scene_id
-    with _AtomicFolder(target) as tmp:
+    with atomic_folder(target) as tmp:
         for sub in ("images", "masks", "depth", "labels", "normals"):
             (tmp / sub).mkdir()
         jobs = [(room, config, view_index, tmp) for view_index in range(len(room.cameras))]
@@ -256,7 +232,7 @@ def generate_raw_scene(
     points = sample_points(room)
     target = Path(raw_root) / "data" / scene_id
     fisheye = room.fisheye
-    with _AtomicFolder(target) as tmp:
+    with atomic_folder(target) as tmp:
         dslr = tmp / "dslr"
         for sub in ("resized_images", "resized_anon_masks", "colmap", "nerfstudio"):
             (dslr / sub).mkdir(parents=True)
