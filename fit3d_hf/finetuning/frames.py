@@ -104,8 +104,9 @@ def collate_frames(samples: list[dict]) -> dict:
 
 def build_train_dataloader(frames, args: FinetuningArguments) -> torch.utils.data.DataLoader:
     """Shuffled batches of whole frames (the last partial batch dropped); `accelerator.prepare` then
-    gives every process a disjoint share."""
+    gives every process a disjoint share. On CUDA the batches are pinned, so that their upload
+    can run asynchronously (the trainer's `non_blocking` data loader setting)."""
     return torch.utils.data.DataLoader(
         FrameDataset(frames), batch_size=args.train_batch_size, shuffle=True, drop_last=True,
-        collate_fn=collate_frames, num_workers=args.dataloader_num_workers,
+        collate_fn=collate_frames, num_workers=args.dataloader_num_workers, pin_memory=torch.cuda.is_available(),
     )  # fmt: skip

@@ -133,7 +133,9 @@ def _make_accelerator(args: FinetuningArguments, output_dir: Path, tracker: str 
         project_config=ProjectConfiguration(
             project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
         ),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # non_blocking: with the pinned batches of `build_train_dataloader` (on CUDA), the upload overlaps the
+        # host work of the step (session 3, H200: 0.49 -> 0.13 ms per image).
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=True),
     )
     set_seed(args.seed)
     return accelerator
