@@ -29,7 +29,7 @@ from fit3d_hf.evaluation.normals import (
 from fit3d_hf.evaluation.normals_probe import evaluate_normals
 from fit3d_hf.evaluation.samples import CachedFeatureDataset, ProbeDataset, collate_cached
 from fit3d_hf.evaluation.training import train_probe
-from fit3d_hf.frames import normals_to_tensor, parse_axes
+from fit3d_hf.row_decoding import normals_to_tensor, parse_axes
 from fit3d_hf.scene import decode_normals, encode_normals, load_normals, read_scene
 from fit3d_hf.scene.synthetic import SyntheticSceneConfig, generate_dataset, make_scene_spec, render_view
 

@@ -15,7 +15,7 @@ from fit3d_hf.cli import main
 from fit3d_hf.errors import MissingInputError
 from fit3d_hf.evaluation.rendered_depth import fill_depth_from_gaussians, render_depth
 from fit3d_hf.finetuning import GaussianCache, load_frames
-from fit3d_hf.frames import depth_to_tensor
+from fit3d_hf.row_decoding import depth_to_tensor
 from fit3d_hf.scene import read_scene
 from fit3d_hf.scene.synthetic import SyntheticSceneConfig
 from fit3d_hf.scene.synthetic_captures import generate_capture

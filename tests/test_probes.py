@@ -22,7 +22,7 @@ from fit3d_hf.evaluation.samples import CachedFeatureDataset, ProbeDataset, coll
 from fit3d_hf.evaluation.segmentation_depth_probe import depth_head_options, evaluate_probe
 from fit3d_hf.evaluation.training import train_probe
 from fit3d_hf.evaluation.transforms import RandomScaleCropFlip
-from fit3d_hf.frames import label_to_tensor
+from fit3d_hf.row_decoding import label_to_tensor
 from fit3d_hf.scene.synthetic import SyntheticSceneConfig, generate_dataset
 
 DEPTH_LEVELS = torch.tensor([1.0, 2.5, 4.0, 6.0])

@@ -3,7 +3,7 @@ and reports.
 
 From the command down: `probes` (`run_probe`, `fit3d evaluate`) -> one probe (`segmentation_depth_probe`,
 `normals_probe`, `correspondence_probe`) -> the training loop (`training`) on the frozen models (`features`) ->
-samples (`samples`, decoded by `fit3d_hf.frames`) from a data set (`data`, `columns`) with their transforms
+samples (`samples`, decoded by `fit3d_hf.row_decoding`) from a data set (`data`, `columns`) with their transforms
 (`transforms`, `photometric`, in the reference order of `protocol`). Options: `arguments`, `data`. Pieces:
 `heads`, `normals`, `correspondence`, `metrics`, `report`, `rendered_depth`.
 """

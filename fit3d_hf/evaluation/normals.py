@@ -7,7 +7,7 @@ another convention is mapped to it with `axes` (`--normals_axes`), e.g. "x,-y,-z
 (y up, z backwards). Pixels whose target is not a unit vector (zeros, NaN, black PNG pixels) have no ground
 truth and are left out of the loss and of every metric.
 
-- `fit3d_hf.frames.normals_to_tensor` decodes a dataset value (8-bit RGB image `(n + 1) / 2 * 255`, or a float
+- `fit3d_hf.row_decoding.normals_to_tensor` decodes a dataset value (8-bit RGB image `(n + 1) / 2 * 255`, or a float
   array `[H, W, 3]` / `[3, H, W]`) to `[3, H, W]` unit normals, 0 where invalid.
 - `LinearNormalsHead` / `NormalsHeads`: BatchNorm + 1x1 convolution to 3 channels on the frozen patch features,
   bilinearly upsampled and normalised to unit length; one head per feature variant, as `ProbeHeads`.
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UsageError
-from ..frames import valid_normals
+from ..row_decoding import valid_normals
 
 __all__ = [
     "NORMALS_METRICS",

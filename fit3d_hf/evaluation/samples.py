@@ -1,4 +1,4 @@
-"""Probe samples: the rows of a `datasets.Dataset` as tensors (`ProbeDataset`, decoded by `fit3d_hf.frames`),
+"""Probe samples: the rows of a `datasets.Dataset` as tensors (`ProbeDataset`, decoded by `fit3d_hf.row_decoding`),
 batched (`collate_probe_samples`), and the cache of frozen features that trains heads without running the
 backbones again (`CachedFeatureDataset`, `collate_cached`).
 
@@ -17,7 +17,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..frames import depth_to_tensor, image_to_tensor, label_to_tensor, mask_to_tensor, normals_to_tensor
+from ..row_decoding import (
+    depth_to_tensor,
+    image_to_tensor,
+    label_to_tensor,
+    mask_to_tensor,
+    normals_to_tensor,
+)
 from .columns import ColumnMapping
 from .transforms import resize_sample, resize_tensor
 
@@ -42,7 +48,7 @@ class ProbeDataset(torch.utils.data.Dataset):
         ignore_index: label of pixels without ground truth.
         image_size: (H, W) every sample is resized to first (None: native size).
         transform: training augmentation `(image, target) -> (image, target)`, e.g. `RandomScaleCropFlip`.
-        normals_axes: how stored normals' axes map to fit3d-hf's (see `fit3d_hf.frames.parse_axes`).
+        normals_axes: how stored normals' axes map to fit3d-hf's (see `fit3d_hf.row_decoding.parse_axes`).
     """
 
     def __init__(

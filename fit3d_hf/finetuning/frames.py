@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import InputError, MissingInputError
-from ..frames import image_to_uint8
+from ..row_decoding import image_to_uint8
 
 if TYPE_CHECKING:
     from .arguments import FinetuningArguments

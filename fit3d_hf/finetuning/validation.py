@@ -21,7 +21,7 @@ def multiview_consistency(
     (synthetic scenes), otherwise from the scene's Gaussians (expected depth / alpha)."""
     from ..evaluation import feature_consistency, patch_correspondences
     from ..evaluation.rendered_depth import render_depth
-    from ..frames import depth_to_tensor, image_to_tensor
+    from ..row_decoding import depth_to_tensor, image_to_tensor
 
     by_scene: dict[str, list[int]] = {}
     for index, scene_id in enumerate(frames["scene_id"]):
