@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import Dinov2Config, Dinov2Model
+from backbone_helpers import save_tiny_dinov2
 
 from fit3d_hf.backbones import load_backbone
 from fit3d_hf.cli import main, parse_args, run_command
@@ -230,16 +230,7 @@ def test_backbone_errors_name_what_was_tried(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_backbone(tmp_path_factory):
     folder = tmp_path_factory.mktemp("backbone")
-    config = Dinov2Config(
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        patch_size=4,
-        image_size=32,
-    )
-    torch.manual_seed(0)
-    Dinov2Model(config).save_pretrained(folder)
+    save_tiny_dinov2(folder)
     return str(folder)
 
 

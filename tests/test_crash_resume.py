@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from backbone_helpers import save_tiny_dinov2
 from safetensors.torch import load_file
-from transformers import Dinov2Config, Dinov2Model
 
 from fit3d_hf.checkpoints import load_torch_checkpoint, verify_checkpoint_folder
 from fit3d_hf.errors import MissingInputError
@@ -54,16 +54,7 @@ def workspace(tmp_path_factory):
         num_val_scenes=0,
         config=SyntheticSceneConfig(seed=7, num_views=12, width=32, height=24, num_points=600),
     )
-    torch.manual_seed(0)
-    config = Dinov2Config(
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        patch_size=4,
-        image_size=32,
-    )
-    Dinov2Model(config).save_pretrained(root / "backbone")
+    save_tiny_dinov2(root / "backbone")
     scene = resolve_scene_list(str(data))[0]
     lift_scene(scene, LiftingArguments(**_lift_options(root, root / "gaussians")), progress=False)
     return {
@@ -382,16 +373,7 @@ def test_lift_many_over_several_scenes_resumes(tmp_path):
         num_val_scenes=0,
         config=SyntheticSceneConfig(seed=9, num_views=6, width=32, height=24, num_points=300),
     )
-    torch.manual_seed(0)
-    config = Dinov2Config(
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        patch_size=4,
-        image_size=32,
-    )
-    Dinov2Model(config).save_pretrained(root / "backbone")
+    save_tiny_dinov2(root / "backbone")
     scenes = resolve_scene_list(str(root / "data"))
     options = {
         **_lift_options(root, root / "a"),

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from backbone_helpers import save_tiny_dinov2
 from distributed_helpers import REPO, accelerate_launch, free_port, run_processes
 from safetensors.torch import load_file
-from transformers import Dinov2Config, Dinov2Model
 
 from fit3d_hf.finetuning import BackboneArguments, DataArguments, FinetuningArguments, train
 from fit3d_hf.lifting import LiftingArguments, lift_scene, resolve_scene_list
@@ -40,16 +40,7 @@ def workspace(tmp_path_factory):
         num_val_scenes=1,
         config=SyntheticSceneConfig(seed=21, num_views=6, width=32, height=24, num_points=400),
     )
-    torch.manual_seed(0)
-    config = Dinov2Config(
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        patch_size=4,
-        image_size=32,
-    )
-    Dinov2Model(config).save_pretrained(root / "backbone")
+    save_tiny_dinov2(root / "backbone")
     lift = LiftingArguments(**_lift_options(root, root / "gaussians"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -8,8 +8,7 @@ import os
 import stat
 
 import pytest
-import torch
-from transformers import Dinov2Config, Dinov2Model
+from backbone_helpers import save_tiny_dinov2
 
 from fit3d_hf.cli import main
 from fit3d_hf.errors import UsageError
@@ -27,16 +26,7 @@ def setup(tmp_path_factory):
         num_val_scenes=0,
         config=SyntheticSceneConfig(seed=2, num_views=4, width=32, height=24, num_points=300),
     )
-    config = Dinov2Config(
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        patch_size=4,
-        image_size=32,
-    )
-    torch.manual_seed(0)
-    Dinov2Model(config).save_pretrained(root / "backbone")
+    save_tiny_dinov2(root / "backbone")
     scene = next((root / "data" / "scenes").iterdir())
     return {"scene": str(scene), "backbone": str(root / "backbone"), "scene_id": scene.name}
 

@@ -10,8 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import Dinov2Config, Dinov2Model
+from backbone_helpers import save_tiny_dinov2
 
 from fit3d_hf.scene.synthetic import SyntheticSceneConfig, generate_dataset
 from fit3d_hf.scene_claims import SceneClaims
@@ -98,16 +97,7 @@ def many_scenes(tmp_path_factory):
         num_val_scenes=0,
         config=SyntheticSceneConfig(seed=11, num_views=8, width=32, height=24, num_points=400),
     )
-    torch.manual_seed(0)
-    config = Dinov2Config(
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        patch_size=4,
-        image_size=32,
-    )
-    Dinov2Model(config).save_pretrained(root / "backbone")
+    save_tiny_dinov2(root / "backbone")
     return root
 
 

@@ -4,8 +4,7 @@ and a refused start leaves no output folder behind."""
 from __future__ import annotations
 
 import pytest
-import torch
-from transformers import Dinov2Config, Dinov2Model
+from backbone_helpers import save_tiny_dinov2
 
 from fit3d_hf.errors import MissingInputError
 from fit3d_hf.finetuning import BackboneArguments, DataArguments, FinetuningArguments, load_frames, train
@@ -23,16 +22,7 @@ def half_lifted(tmp_path_factory):
         num_val_scenes=1,
         config=SyntheticSceneConfig(seed=4, num_views=4, width=32, height=24, num_points=300),
     )
-    config = Dinov2Config(
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        patch_size=8,
-        image_size=32,
-    )
-    torch.manual_seed(0)
-    Dinov2Model(config).save_pretrained(root / "backbone")
+    save_tiny_dinov2(root / "backbone", patch_size=8)
     train_scene = load_frames(root / "data", "train")["scene_id"][0]
     lift_args = LiftingArguments(
         backbone=str(root / "backbone"), out=str(root / "lifted"), feature_dim=4, iterations=4, densify_from=100,
