@@ -11,7 +11,7 @@ import numpy as np
 
 from fit3d_hf.errors import CorruptFileError, InputError, MissingInputError
 from fit3d_hf.scene.camera import Camera
-from fit3d_hf.scene.scene import Frame, Scene
+from fit3d_hf.scene.scene import Frame, Scene, image_decode_errors
 from fit3d_hf.scene.undistort import AUX_DIRS, RawFrame, undistort_cache_dir, undistort_frames
 
 __all__: list[str] = []
@@ -21,23 +21,14 @@ _IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".JPG", ".PNG", ".JPEG")
 
 
 def _image_size(path: Path, where: str, what: str = "image") -> tuple[int, int]:
-    import struct
-
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     if not path.is_file():
         raise MissingInputError(f"{where}: {what} {path} does not exist")
     try:
         with Image.open(path) as image:
             return image.size
-    except (
-        UnidentifiedImageError,
-        OSError,
-        ValueError,
-        SyntaxError,
-        struct.error,
-        Image.DecompressionBombError,
-    ) as error:
+    except image_decode_errors() as error:
         raise CorruptFileError(f"{where}: {what} {path} cannot be read as an image: {error}") from error
 
 

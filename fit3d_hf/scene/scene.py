@@ -108,10 +108,25 @@ class Scene:
         return [frame.image_id for frame in self.frames]
 
 
-def _open(path: Path | str, what: str):
+def image_decode_errors() -> tuple[type[BaseException], ...]:
+    """What Pillow raises for a damaged image file: its decoders raise any of these for truncated data or
+    broken chunks, and a decompression bomb has its own error."""
     import struct
 
     from PIL import Image, UnidentifiedImageError
+
+    return (
+        UnidentifiedImageError,
+        OSError,
+        ValueError,
+        SyntaxError,
+        struct.error,
+        Image.DecompressionBombError,
+    )
+
+
+def _open(path: Path | str, what: str):
+    from PIL import Image
 
     path = Path(path)
     if not path.is_file():
@@ -119,15 +134,7 @@ def _open(path: Path | str, what: str):
     try:
         image = Image.open(path)
         image.load()
-    except (
-        UnidentifiedImageError,
-        OSError,
-        ValueError,
-        SyntaxError,
-        struct.error,
-        Image.DecompressionBombError,
-    ) as error:
-        # Pillow's decoders raise any of these for damaged files (truncated data, broken chunks)
+    except image_decode_errors() as error:
         raise CorruptFileError(f"{what} {path} cannot be read as an image: {error}") from error
     return image
 
