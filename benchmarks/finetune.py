@@ -40,7 +40,7 @@ import fit3d_hf.finetuning.rendered_targets as rendered_targets
 import fit3d_hf.render
 from fit3d_hf.backbones import DenseFeatureExtractor
 from fit3d_hf.finetuning import BackboneArguments, GaussianCache, freeze_unused_parameters
-from fit3d_hf.finetuning.backbone_setup import lora_wrap
+from fit3d_hf.finetuning.backbone_setup import compile_backbone, lora_wrap
 from fit3d_hf.finetuning.rendered_targets import flip_table, training_step_inputs
 from fit3d_hf.gaussians import FeatureGaussians, save_bundle
 from fit3d_hf.losses import masked_l1
@@ -117,7 +117,8 @@ class Step:
         optimizer = torch.optim.AdamW(self.trainable, lr=1e-5, weight_decay=1e-4)
         self.model, self.optimizer = accelerator.prepare(extractor, optimizer)
         self.unwrapped = accelerator.unwrap_model(self.model)
-        self.forward_model = torch.compile(self.model) if compile_model else self.model
+        if compile_model:  # as the trainer's --torch_compile: the prepared model's forward, in place
+            compile_backbone(self.model)
         self.accelerator = accelerator
 
     def inputs(self, batch, cache, flips):
@@ -125,7 +126,7 @@ class Step:
 
     def forward(self, images, targets, masks):
         with self.accelerator.autocast():
-            predictions = self.forward_model(images)
+            predictions = self.model(images)
         return masked_l1(predictions.float(), targets, masks)
 
     def backward(self, loss) -> None:
@@ -286,7 +287,9 @@ def main() -> None:
     )
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default="bf16")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the backbone")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the backbone (as the trainer's --torch_compile)"
+    )
     parser.add_argument(
         "--pin", action="store_true", help="pinned CPU batches (as a DataLoader with pin_memory)"
     )

@@ -1,5 +1,6 @@
-"""The backbone made ready to train: LoRA adapters (`--lora_rank`), weights that get no gradient frozen, and
-the position-embedding resampling it ends with (recorded in metrics.json)."""
+"""The backbone made ready to train: LoRA adapters (`--lora_rank`), weights that get no gradient frozen, its
+forward compiled (`--torch_compile`), and the position-embedding resampling it ends with (recorded in
+metrics.json)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ from ..errors import UsageError
 if TYPE_CHECKING:
     from .arguments import BackboneArguments
 
-__all__ = ["extractor_interpolation", "freeze_unused_parameters", "lora_wrap"]
+__all__ = [
+    "compile_backbone",
+    "extractor_interpolation",
+    "freeze_unused_parameters",
+    "lora_wrap",
+    "uncompile_backbone",
+]
 
 
 def extractor_interpolation(extractor) -> str:
@@ -73,3 +80,23 @@ def lora_wrap(extractor, model_args: BackboneArguments):
     )
     extractor.model = get_peft_model(extractor.model, config)
     return extractor
+
+
+def compile_backbone(
+    model: torch.nn.Module, backend: str = "inductor", mode: str | None = None
+) -> torch.nn.Module:
+    """Compiles `model`'s forward in place (`nn.Module.compile`) and returns it: the module the training step
+    calls, as `accelerator.prepare` returned it (DDP-wrapped when distributed, where dynamo splits the graph at
+    the gradient buckets). The trainer (`--torch_compile`) and `benchmarks/finetune.py --compile` both call it.
+
+    Unlike `torch.compile(model)`, which wraps the model in an `OptimizedModule` whose `state_dict` keys gain an
+    `_orig_mod.` prefix, the module stays what it was: checkpoints, `unwrap_model` and `save_pretrained` see the
+    same names as without compiling."""
+    model.compile(backend=backend, mode=mode)
+    return model
+
+
+def uncompile_backbone(model: torch.nn.Module) -> torch.nn.Module:
+    """Undoes `compile_backbone`: calls run the eager forward again (what `nn.Module.compile` set, cleared)."""
+    model._compiled_call_impl = None
+    return model

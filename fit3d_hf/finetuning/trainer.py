@@ -1,8 +1,9 @@
 """Stage II's training run: `train`, in the order of the diffusers/accelerate example scripts.
 
 Accelerator and seed -> the backbone and its frozen original -> frames checked against the Gaussians -> the
-prepared model, optimizer and loader -> validation before -> resume -> the epoch loop (accumulate, clip,
-log, checkpoint) -> validation after -> outputs -> teardown. Each step is a function below.
+prepared model, optimizer and loader (the model's forward compiled with `--torch_compile`) -> validation
+before -> resume -> the epoch loop (accumulate, clip, log, checkpoint) -> validation after (eager) -> outputs
+-> teardown. Each step is a function below.
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ from ..losses import masked_l1
 from ..trackers import available_tracker
 from ..utils import deterministic_algorithms
 from .arguments import BackboneArguments, DataArguments, FinetuningArguments
-from .backbone_setup import extractor_interpolation, freeze_unused_parameters, lora_wrap
+from .backbone_setup import (
+    compile_backbone,
+    extractor_interpolation,
+    freeze_unused_parameters,
+    lora_wrap,
+    uncompile_backbone,
+)
 from .bundles import check_frames_against_gaussians, check_gaussians_dir, drop_scenes_without_bundles
 from .checkpointing import resolve_resume_checkpoint, rotate_checkpoints
 from .frames import build_train_dataloader, load_frames
@@ -107,9 +114,12 @@ def _train(model_args: BackboneArguments, data_args: DataArguments, args: Finetu
     )
     accelerator.wait_for_everyone()
 
+    # Validation "after" runs the eager forward, as "before" did (and as the unwrapped module of a DDP run,
+    # which was not the compiled one, would anyway): no recompiling for the no-grad evaluation shapes.
+    uncompile_backbone(trainee.extractor)
     unwrapped = accelerator.unwrap_model(trainee.extractor)
     unwrapped.eval()
-    metrics.update(_training_metrics(accelerator, unwrapped, cache, global_step, losses, learning_rate))
+    metrics.update(_training_metrics(accelerator, unwrapped, cache, global_step, losses, learning_rate, args))
     if validation_frames is not None:
         metrics.update(
             _validate(unwrapped, validation_frames, cache, accelerator, data_args, args, when="after")
@@ -142,10 +152,16 @@ def _make_accelerator(args: FinetuningArguments, output_dir: Path, tracker: str 
 
 
 def _learning_rate(accelerator, args: FinetuningArguments) -> float:
-    """`--learning_rate` after `--scale_lr` for the global batch; prints it and the precision in use."""
+    """`--learning_rate` after `--scale_lr` for the global batch; prints it, the precision and torch.compile."""
     precision = accelerator.mixed_precision
     accelerator.print(
         f"Stage II precision: {'fp32' if precision == 'no' else precision} (--mixed_precision {precision})"
+    )
+    accelerator.print(
+        f"Stage II torch.compile: backend {args.torch_compile_backend}, mode {args.torch_compile_mode or 'default'}"
+        " (--torch_compile; the first steps are slower while it compiles)"
+        if args.torch_compile
+        else "Stage II torch.compile: off (--torch_compile)"
     )
     learning_rate = scaled_learning_rate(
         args.learning_rate,
@@ -219,7 +235,9 @@ def _load_validation_frames(data_args: DataArguments):
 def _prepare(
     accelerator, extractor, model_args: BackboneArguments, train_frames, learning_rate: float, args
 ) -> _Trainee:
-    """LoRA (if asked for), unused weights frozen, AdamW and the shuffled loader, through `accelerator.prepare`."""
+    """LoRA (if asked for), unused weights frozen, AdamW and the shuffled loader, through `accelerator.prepare`;
+    then, with `--torch_compile`, the prepared model's forward compiled in place (as `benchmarks/finetune.py
+    --compile` does), so that its state_dict keys, and the checkpoints', stay those of the eager model."""
     if model_args.lora_rank > 0:
         extractor = lora_wrap(extractor, model_args)
     unused = freeze_unused_parameters(extractor)
@@ -234,6 +252,8 @@ def _prepare(
             f"{len(train_frames)} training frames are fewer than one batch of --train_batch_size {args.train_batch_size}"
         )
     extractor, optimizer, loader = accelerator.prepare(extractor, optimizer, loader)
+    if args.torch_compile:
+        compile_backbone(extractor, args.torch_compile_backend, args.torch_compile_mode)
     return _Trainee(extractor, optimizer, loader, trainable)
 
 
@@ -342,9 +362,10 @@ def _after_step(accelerator, loss: torch.Tensor, global_step: int, progress, arg
 
 
 def _training_metrics(
-    accelerator, unwrapped, cache, global_step: int, losses: list[float], learning_rate: float
+    accelerator, unwrapped, cache, global_step: int, losses: list[float], learning_rate: float, args
 ) -> dict:
-    """The run's own numbers for metrics.json: first and last loss, steps, precision, learning rate, resampling."""
+    """The run's own numbers for metrics.json: first and last loss, steps, precision, torch.compile, learning
+    rate, resampling."""
     metrics = {
         "train_loss_first": losses[0] if losses else None,
         "train_loss_last": losses[-1] if losses else None,
@@ -353,10 +374,14 @@ def _training_metrics(
     metrics.update(
         {
             "mixed_precision": accelerator.mixed_precision,
+            "torch_compile": args.torch_compile,
             "learning_rate": learning_rate,
             "pos_embed_interpolation": extractor_interpolation(unwrapped),
         }
     )
+    if args.torch_compile:
+        metrics["torch_compile_backend"] = args.torch_compile_backend
+        metrics["torch_compile_mode"] = args.torch_compile_mode
     if cache.verify_seconds:  # what checking each bundle's checksums once cost (read included), per scene
         metrics["bundle_verify_seconds_per_scene"] = {
             k: round(v, 4) for k, v in sorted(cache.verify_seconds.items())
