@@ -40,7 +40,7 @@ import fit3d_hf.finetuning.rendered_targets as rendered_targets
 import fit3d_hf.render
 from fit3d_hf.backbones import DenseFeatureExtractor
 from fit3d_hf.finetuning import BackboneArguments, GaussianCache, freeze_unused_parameters
-from fit3d_hf.finetuning.backbone_setup import compile_backbone, lora_wrap
+from fit3d_hf.finetuning.backbone_setup import compile_backbone, lora_wrap, make_optimizer
 from fit3d_hf.finetuning.rendered_targets import flip_table, training_step_inputs
 from fit3d_hf.gaussians import FeatureGaussians, save_bundle
 from fit3d_hf.losses import masked_l1
@@ -113,8 +113,7 @@ class Step:
         self.frozen_unused = freeze_unused_parameters(extractor)
         self.trainable = [p for p in extractor.parameters() if p.requires_grad]
         self.num_trainable = sum(p.numel() for p in self.trainable)
-        # As the trainer: AdamW with torch's default implementation (foreach on CUDA), not the fused one.
-        optimizer = torch.optim.AdamW(self.trainable, lr=1e-5, weight_decay=1e-4)
+        optimizer = make_optimizer(self.trainable, 1e-5, 1e-4, accelerator.device)  # as the trainer
         self.model, self.optimizer = accelerator.prepare(extractor, optimizer)
         self.unwrapped = accelerator.unwrap_model(self.model)
         if compile_model:  # as the trainer's --torch_compile: the prepared model's forward, in place

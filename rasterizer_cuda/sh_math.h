@@ -2,6 +2,8 @@
 // extension (cpu/project_cpu.cpp).
 #pragma once
 
+#include <type_traits>
+
 #include "common.h"
 #include "ops.h"
 
@@ -27,47 +29,62 @@ __host__ __device__ inline ViewDirection view_direction(const float* viewmat, co
     return d;
 }
 
-// Colour of one (camera, Gaussian) pair (`index` = camera * N + Gaussian).
+// Colour of one (camera, Gaussian) pair (`index` = camera * N + Gaussian). The SH degree is a template
+// argument so that the basis and the coefficient loops unroll into registers: with a run-time degree the
+// arrays below lived in local memory and the backward kernel took 1.26 ms for 1M Gaussians on an H100.
+template <int DEG>
 __host__ __device__ inline void sh_fwd_one(const ShArgs& a, int64_t index) {
+    constexpr int n_basis = (DEG + 1) * (DEG + 1);
     const int b = int(index / a.N);
     const int g = int(index % a.N);
     const ViewDirection d = view_direction(a.viewmats + b * 16, a.means + g * 3);
     float basis[16];
-    sh_basis(a.degree, d.x, d.y, d.z, basis);
-    const int n_basis = (a.degree + 1) * (a.degree + 1);
+    sh_basis(DEG, d.x, d.y, d.z, basis);
     const float* sh = a.sh + int64_t(g) * a.K * 3;
+#pragma unroll
     for (int c = 0; c < 3; ++c) {
         float v = 0.f;
+#pragma unroll
         for (int k = 0; k < n_basis; ++k) v += basis[k] * sh[k * 3 + c];
         a.colors[index * 3 + c] = fmaxf(v + 0.5f, 0.f);
     }
 }
 
 // Backward of the colours of one Gaussian, over all cameras (no atomics).
+template <int DEG>
 __host__ __device__ inline void sh_bwd_one(const ShArgs& a, int g) {
-    const int n_basis = (a.degree + 1) * (a.degree + 1);
+    constexpr int n_basis = (DEG + 1) * (DEG + 1);
     const float* sh = a.sh + int64_t(g) * a.K * 3;
-    float v_sh[16][3] = {};
+    float coeffs[n_basis][3];
+#pragma unroll
+    for (int k = 0; k < n_basis; ++k)
+#pragma unroll
+        for (int c = 0; c < 3; ++c) coeffs[k][c] = sh[k * 3 + c];
+    float v_sh[n_basis][3] = {};
     float v_mean[3] = {0.f, 0.f, 0.f};
     for (int b = 0; b < a.B; ++b) {
         const int64_t index = int64_t(b) * a.N + g;
         const ViewDirection d = view_direction(a.viewmats + b * 16, a.means + g * 3);
         float basis[16];
-        sh_basis(a.degree, d.x, d.y, d.z, basis);
+        sh_basis(DEG, d.x, d.y, d.z, basis);
         float v_rgb[3];
+#pragma unroll
         for (int c = 0; c < 3; ++c) {
             float v = 0.f;
-            for (int k = 0; k < n_basis; ++k) v += basis[k] * sh[k * 3 + c];
+#pragma unroll
+            for (int k = 0; k < n_basis; ++k) v += basis[k] * coeffs[k][c];
             // clamp_min(v + 0.5, 0) passes the gradient where v + 0.5 >= 0
             v_rgb[c] = (v + 0.5f >= 0.f) ? a.v_colors[index * 3 + c] : 0.f;
         }
         float coef[16];
+#pragma unroll
         for (int k = 0; k < n_basis; ++k) {
-            coef[k] = sh[k * 3 + 0] * v_rgb[0] + sh[k * 3 + 1] * v_rgb[1] + sh[k * 3 + 2] * v_rgb[2];
+            coef[k] = coeffs[k][0] * v_rgb[0] + coeffs[k][1] * v_rgb[1] + coeffs[k][2] * v_rgb[2];
+#pragma unroll
             for (int c = 0; c < 3; ++c) v_sh[k][c] += basis[k] * v_rgb[c];
         }
         float gx, gy, gz;
-        sh_basis_grad(a.degree, d.x, d.y, d.z, coef, gx, gy, gz);
+        sh_basis_grad(DEG, d.x, d.y, d.z, coef, gx, gy, gz);
         // d = v / |v|: dL/dv = (g - d (d . g)) / |v|
         const float dot = d.x * gx + d.y * gy + d.z * gz;
         v_mean[0] += (gx - d.x * dot) * d.inv_norm;
@@ -75,9 +92,33 @@ __host__ __device__ inline void sh_bwd_one(const ShArgs& a, int g) {
         v_mean[2] += (gz - d.z * dot) * d.inv_norm;
     }
     float* out = a.v_sh + int64_t(g) * a.K * 3;
-    for (int k = 0; k < a.K; ++k)
-        for (int c = 0; c < 3; ++c) out[k * 3 + c] = k < n_basis ? v_sh[k][c] : 0.f;
+#pragma unroll
+    for (int k = 0; k < n_basis; ++k)
+#pragma unroll
+        for (int c = 0; c < 3; ++c) out[k * 3 + c] = v_sh[k][c];
+    for (int k = n_basis; k < a.K; ++k)
+        for (int c = 0; c < 3; ++c) out[k * 3 + c] = 0.f;
     for (int c = 0; c < 3; ++c) a.v_means[g * 3 + c] = v_mean[c];
+}
+
+// Calls `body(std::integral_constant<int, degree>{})` for an SH degree of 0..3 (checked by ext.cpp): the
+// launches pick the kernel compiled for the degree.
+template <typename Body>
+inline void with_sh_degree(int degree, Body&& body) {
+    switch (degree) {
+        case 0:
+            body(std::integral_constant<int, 0>{});
+            break;
+        case 1:
+            body(std::integral_constant<int, 1>{});
+            break;
+        case 2:
+            body(std::integral_constant<int, 2>{});
+            break;
+        default:
+            body(std::integral_constant<int, 3>{});
+            break;
+    }
 }
 
 }  // namespace fit3d

@@ -337,3 +337,26 @@ def test_stage2_trains_every_weight_with_fit3d_settings(workspace, tmp_path, mon
     assert metrics["learning_rate"] == pytest.approx(1e-3 * 2**0.5)  # global batch 2 x 2 accumulation = 4
     trained = AutoModel.from_pretrained(tmp_path / "run" / "finetuned").embeddings.position_embeddings
     assert not torch.equal(trained, mae.embeddings.position_embeddings)
+
+
+def test_optimizer_is_fused_on_cuda_and_steps_as_the_default_adamw():
+    from fit3d_hf.finetuning.backbone_setup import make_optimizer
+
+    assert make_optimizer([torch.nn.Parameter(torch.ones(2))], 1e-3, 1e-4, "cuda").defaults["fused"] is True
+    assert (
+        make_optimizer([torch.nn.Parameter(torch.ones(2))], 1e-3, 1e-4, torch.device("cpu")).defaults["fused"]
+        is False
+    )
+    # the fused kernel computes the default implementation's update (torch runs it on the CPU too)
+    torch.manual_seed(0)
+    start, grads = torch.randn(64), [torch.randn(64) for _ in range(3)]
+    results = []
+    for fused in (True, False):
+        weight = torch.nn.Parameter(start.clone())
+        optimizer = torch.optim.AdamW([weight], lr=1e-2, weight_decay=1e-4, fused=fused)
+        for grad in grads:
+            weight.grad = grad.clone()
+            optimizer.step()
+        results.append(weight.detach())
+    assert not torch.equal(results[0], start)
+    torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-7)

@@ -1,5 +1,5 @@
 """The backbone made ready to train: LoRA adapters (`--lora_rank`), weights that get no gradient frozen, its
-forward compiled (`--torch_compile`), and the position-embedding resampling it ends with (recorded in
+optimizer, its forward compiled (`--torch_compile`), and the position-embedding resampling it ends with (recorded in
 metrics.json)."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ __all__ = [
     "extractor_interpolation",
     "freeze_unused_parameters",
     "lora_wrap",
+    "make_optimizer",
     "uncompile_backbone",
 ]
 
@@ -52,6 +53,19 @@ def freeze_unused_parameters(extractor) -> list[str]:
             p.requires_grad_(False)
     extractor.train(was_training)
     return unused
+
+
+def make_optimizer(
+    parameters, learning_rate: float, weight_decay: float, device: torch.device
+) -> torch.optim.AdamW:
+    """AdamW over the trainable weights, torch's fused implementation where they train on CUDA (`device`: where
+    `accelerator.prepare` puts them).
+
+    Fused AdamW updates every weight in one kernel per dtype; the default (foreach) implementation took 0.28 ms
+    per image of the DINOv2-S step at batch 32 on an H100 (benchmarks/finetune.py, 2026-12-06). Both compute the
+    same update up to float rounding."""
+    fused = torch.device(device).type == "cuda"
+    return torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=weight_decay, fused=fused)
 
 
 def lora_wrap(extractor, model_args: BackboneArguments):

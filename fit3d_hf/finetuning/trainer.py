@@ -28,6 +28,7 @@ from .backbone_setup import (
     extractor_interpolation,
     freeze_unused_parameters,
     lora_wrap,
+    make_optimizer,
     uncompile_backbone,
 )
 from .bundles import check_frames_against_gaussians, check_gaussians_dir, drop_scenes_without_bundles
@@ -245,7 +246,7 @@ def _prepare(
         logger.info("frozen (they get no gradient from dense features): %s", ", ".join(unused))
     extractor.train()
     trainable = [p for p in extractor.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, weight_decay=args.weight_decay)
+    optimizer = make_optimizer(trainable, learning_rate, args.weight_decay, accelerator.device)
     loader = build_train_dataloader(train_frames, args)
     if len(loader) == 0:
         raise UsageError(

@@ -23,14 +23,18 @@ void project_bwd(const ProjectArgs& a) {
 }
 
 void sh_fwd(const ShArgs& a) {
-    parallel_for(int64_t(a.B) * a.N, GRAIN, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) sh_fwd_one(a, i);
+    with_sh_degree(a.degree, [&](auto deg) {
+        parallel_for(int64_t(a.B) * a.N, GRAIN, [&](int64_t begin, int64_t end) {
+            for (int64_t i = begin; i < end; ++i) sh_fwd_one<decltype(deg)::value>(a, i);
+        });
     });
 }
 
 void sh_bwd(const ShArgs& a) {
-    parallel_for(a.N, GRAIN, [&](int64_t begin, int64_t end) {
-        for (int64_t g = begin; g < end; ++g) sh_bwd_one(a, int(g));
+    with_sh_degree(a.degree, [&](auto deg) {
+        parallel_for(a.N, GRAIN, [&](int64_t begin, int64_t end) {
+            for (int64_t g = begin; g < end; ++g) sh_bwd_one<decltype(deg)::value>(a, int(g));
+        });
     });
 }
 

@@ -38,7 +38,9 @@ void host_sh_fwd(int B, int N, int K, int degree, const float* sh, const float* 
     ShArgs a = {};
     a.B = B; a.N = N; a.K = K; a.degree = degree; a.sh = sh; a.means = means; a.viewmats = viewmats;
     a.colors = colors;
-    for (int64_t i = 0; i < int64_t(B) * N; ++i) sh_fwd_one(a, i);
+    with_sh_degree(degree, [&](auto deg) {
+        for (int64_t i = 0; i < int64_t(B) * N; ++i) sh_fwd_one<decltype(deg)::value>(a, i);
+    });
 }
 
 void host_sh_bwd(int B, int N, int K, int degree, const float* sh, const float* means, const float* viewmats,
@@ -46,7 +48,9 @@ void host_sh_bwd(int B, int N, int K, int degree, const float* sh, const float* 
     ShArgs a = {};
     a.B = B; a.N = N; a.K = K; a.degree = degree; a.sh = sh; a.means = means; a.viewmats = viewmats;
     a.v_colors = v_colors; a.v_sh = v_sh; a.v_means = v_means;
-    for (int g = 0; g < N; ++g) sh_bwd_one(a, g);
+    with_sh_degree(degree, [&](auto deg) {
+        for (int g = 0; g < N; ++g) sh_bwd_one<decltype(deg)::value>(a, g);
+    });
 }
 
 }  // extern "C"
