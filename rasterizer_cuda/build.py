@@ -13,6 +13,7 @@ the GPU architectures as usual for torch extensions (e.g. "9.0" for H100); `CXX`
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 __all__ = [
@@ -54,12 +55,22 @@ CPU_SOURCES = (
 )
 
 
+# Links the C++ runtime that torch uses (libstdc++.so) even where the compiler links its own copy statically
+# (`-static-libstdc++`, as the CXX wrapper of the lent H100/H200 image does): an explicit -lstdc++ comes before
+# the driver's implicit one, so the shared library resolves every symbol. With two copies of the runtime in one
+# process, the extension's error messages lost their numbers (reproduced on the CPU with -static-libstdc++) or
+# crashed the interpreter when raised (the lent H100, 2026-12-06). Linux only: elsewhere the platform's C++
+# runtime is already shared.
+SHARED_CXX_RUNTIME = ["-lstdc++"] if sys.platform.startswith("linux") else []
+
+
 def get_build_parameters() -> dict:
     """Sources, include directories and compiler flags of the extension.
 
     Returns:
-        dict with `sources` (absolute paths), `include_dirs`, `extra_cflags` (C++ compiler) and
-        `extra_cuda_cflags` (nvcc). The C++ standard is left to torch (its headers set the minimum).
+        dict with `sources` (absolute paths), `include_dirs`, `extra_cflags` (C++ compiler),
+        `extra_cuda_cflags` (nvcc) and `extra_ldflags`. The C++ standard is left to torch (its headers set
+        the minimum).
     """
     return {
         "sources": [str(SOURCE_DIR / name) for name in SOURCES],
@@ -68,6 +79,7 @@ def get_build_parameters() -> dict:
         # no --use_fast_math: the forward and backward kernels must round alpha identically and stay
         # close to the float64 reference; __expf is used explicitly where precision allows
         "extra_cuda_cflags": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"],
+        "extra_ldflags": list(SHARED_CXX_RUNTIME),
     }
 
 
@@ -87,7 +99,7 @@ def get_cpu_build_parameters() -> dict:
         "sources": [str(SOURCE_DIR / name) for name in CPU_SOURCES],
         "include_dirs": [str(SOURCE_DIR)],
         "extra_cflags": ["-O3", "-g0", "-DFIT3D_CPU_ONLY", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"],
-        "extra_ldflags": ["-fopenmp"],
+        "extra_ldflags": ["-fopenmp", *SHARED_CXX_RUNTIME],
     }
 
 
@@ -151,6 +163,7 @@ def get_setuptools_extension(cuda: bool = True) -> tuple[list, dict]:
                 sources=_relative(params["sources"]),
                 include_dirs=params["include_dirs"],
                 extra_compile_args={"cxx": params["extra_cflags"], "nvcc": params["extra_cuda_cflags"]},
+                extra_link_args=params["extra_ldflags"],
             )
         )
     if not extensions:

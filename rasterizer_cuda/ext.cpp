@@ -23,9 +23,9 @@ using OptTensor = std::optional<Tensor>;
 
 namespace {
 
-// Argument errors are thrown as std::invalid_argument (Python: ValueError, through pybind11's own translation)
-// rather than with TORCH_CHECK: on the lent H100/H200 build (torch 2.11, CUDA 13, 2026-12-06) a c10::Error
-// thrown from this extension crashed the interpreter (segmentation fault) instead of raising RuntimeError.
+// Argument errors are thrown as std::invalid_argument (Python: ValueError, through pybind11's own translation).
+// They once crashed the interpreter on the lent H100/H200 (2026-12-06): its compiler linked a second, static
+// copy of libstdc++ into the extension; rasterizer_cuda/build.py now links torch's shared one.
 template <typename... Args>
 std::string message(const Args&... args) {
     std::ostringstream out;
@@ -209,6 +209,9 @@ std::tuple<Tensor, Tensor> sh_bwd(const Tensor& sh, const Tensor& means, const T
     check_tensor(v_colors, "v_colors", {viewmats.size(0), means.size(0), 3}, at::kFloat, &means);
     FIT3D_CHECK(degree >= 0 && degree <= 3 && (degree + 1) * (degree + 1) <= sh.size(1),
                 "fit3d rasterizer: bad sh_degree ", degree);
+    // the backward stages a block's coefficients in shared memory (sh_bwd.cu); degree 3 uses 16 of them
+    FIT3D_CHECK(sh.size(1) <= 64, "fit3d rasterizer: sh must have at most 64 coefficients per channel, got ",
+                sh.size(1));
     const at::cuda::OptionalCUDAGuard guard(device_of(means));
     Tensor v_sh = torch::empty_like(sh), v_means = torch::empty_like(means);
     fit3d::ShArgs a = {};

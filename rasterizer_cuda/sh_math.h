@@ -50,16 +50,17 @@ __host__ __device__ inline void sh_fwd_one(const ShArgs& a, int64_t index) {
     }
 }
 
-// Backward of the colours of one Gaussian, over all cameras (no atomics).
+// Backward of the colours of Gaussian `g`, over all cameras (no atomics). Its coefficients are read from `sh_g`
+// and their gradients written to `v_sh_g` (both `[K, 3]`, coefficient k, channel c at k * 3 + c, K = a.K;
+// gradients are zero past the degree's basis): global memory on the CPU, a shared-memory staging area on the GPU.
 template <int DEG>
-__host__ __device__ inline void sh_bwd_one(const ShArgs& a, int g) {
+__host__ __device__ inline void sh_bwd_core(const ShArgs& a, int g, const float* sh_g, float* v_sh_g) {
     constexpr int n_basis = (DEG + 1) * (DEG + 1);
-    const float* sh = a.sh + int64_t(g) * a.K * 3;
     float coeffs[n_basis][3];
 #pragma unroll
     for (int k = 0; k < n_basis; ++k)
 #pragma unroll
-        for (int c = 0; c < 3; ++c) coeffs[k][c] = sh[k * 3 + c];
+        for (int c = 0; c < 3; ++c) coeffs[k][c] = sh_g[k * 3 + c];
     float v_sh[n_basis][3] = {};
     float v_mean[3] = {0.f, 0.f, 0.f};
     for (int b = 0; b < a.B; ++b) {
@@ -91,14 +92,19 @@ __host__ __device__ inline void sh_bwd_one(const ShArgs& a, int g) {
         v_mean[1] += (gy - d.y * dot) * d.inv_norm;
         v_mean[2] += (gz - d.z * dot) * d.inv_norm;
     }
-    float* out = a.v_sh + int64_t(g) * a.K * 3;
 #pragma unroll
     for (int k = 0; k < n_basis; ++k)
 #pragma unroll
-        for (int c = 0; c < 3; ++c) out[k * 3 + c] = v_sh[k][c];
+        for (int c = 0; c < 3; ++c) v_sh_g[k * 3 + c] = v_sh[k][c];
     for (int k = n_basis; k < a.K; ++k)
-        for (int c = 0; c < 3; ++c) out[k * 3 + c] = 0.f;
+        for (int c = 0; c < 3; ++c) v_sh_g[k * 3 + c] = 0.f;
     for (int c = 0; c < 3; ++c) a.v_means[g * 3 + c] = v_mean[c];
+}
+
+// The backward of one Gaussian, straight from and to the `[N, K, 3]` tensors (the CPU extension's loop).
+template <int DEG>
+__host__ __device__ inline void sh_bwd_one(const ShArgs& a, int g) {
+    sh_bwd_core<DEG>(a, g, a.sh + int64_t(g) * a.K * 3, a.v_sh + int64_t(g) * a.K * 3);
 }
 
 // Calls `body(std::integral_constant<int, degree>{})` for an SH degree of 0..3 (checked by ext.cpp): the

@@ -86,6 +86,7 @@ def _load() -> tuple[ModuleType | None, str | None]:
             extra_include_paths=params["include_dirs"],
             extra_cflags=params["extra_cflags"],
             extra_cuda_cflags=params["extra_cuda_cflags"],
+            extra_ldflags=params["extra_ldflags"],
         )
     except Exception as exc:  # any compiler/linker failure: report it once, fall back to the reference
         return None, f"the JIT build of the CUDA rasterizer failed: {exc}"
