@@ -64,6 +64,23 @@ const float* optional_ptr(const OptTensor& t, const char* name, std::initializer
     return t->data_ptr<float>();
 }
 
+// The feature images' gradient, planar or channels-last (Stage I's decoder gives the latter); sets its strides.
+const float* feature_grad_ptr(const OptTensor& t, std::initializer_list<int64_t> shape, const Tensor& like,
+                              fit3d::RasterizeArgs& a) {
+    a.v_features_channel_stride = int64_t(a.width) * a.height;
+    a.v_features_pixel_stride = 1;
+    if (!t.has_value() || !t->defined()) return nullptr;
+    if (t->dim() == 4 && !t->is_contiguous() && t->is_contiguous(at::MemoryFormat::ChannelsLast)) {
+        check_tensor(t->permute({0, 2, 3, 1}), "v_features (channels-last)",
+                     {shape.begin()[0], shape.begin()[2], shape.begin()[3], shape.begin()[1]}, at::kFloat, &like);
+        a.v_features_channel_stride = 1;
+        a.v_features_pixel_stride = a.F;
+        return t->data_ptr<float>();
+    }
+    check_tensor(*t, "v_features", shape, at::kFloat, &like);
+    return t->data_ptr<float>();
+}
+
 // The launches put cameras on the grid's y dimension (at most 65535 blocks).
 void check_cameras(int64_t B) {
     FIT3D_CHECK(B <= 65535, "fit3d rasterizer: ", B,
@@ -476,7 +493,7 @@ std::vector<Tensor> rasterize_bwd(const Tensor& means2d, const Tensor& conics, c
     a.last_ids = last_ids.data_ptr<int32_t>();
     a.v_rgb = optional_ptr(v_rgb, "v_rgb", {B, 3, H, W}, means2d);
     a.v_depth = optional_ptr(v_depth, "v_depth", {B, 1, H, W}, means2d);
-    a.v_features = optional_ptr(v_features, "v_features", {B, F, H, W}, means2d);
+    a.v_features = feature_grad_ptr(v_features, {B, F, H, W}, means2d, a);
     a.v_alpha = optional_ptr(v_alpha, "v_alpha", {B, 1, H, W}, means2d);
     a.alpha_clamp_grad = alpha_clamp_grad;
     Tensor v_means2d = torch::zeros_like(means2d), v_conics = torch::zeros_like(conics);

@@ -114,10 +114,12 @@ struct RasterizeArgs {
     float* final_t;       // [B, H, W] (also a backward input)
     int32_t* last_ids;    // [B, H, W] index of the last composited entry, -1 if none (idem)
     // backward inputs: gradients of the images (any may be nullptr = zero)
-    const float* v_rgb;       // [B, 3, H, W]
-    const float* v_depth;     // [B, 1, H, W]
-    const float* v_features;  // [B, F, H, W]
-    const float* v_alpha;     // [B, 1, H, W]
+    const float* v_rgb;                 // [B, 3, H, W]
+    const float* v_depth;               // [B, 1, H, W]
+    const float* v_features;            // [B, F, H, W], planar or channels-last (the strides below; CUDA only)
+    const float* v_alpha;               // [B, 1, H, W]
+    int64_t v_features_channel_stride;  // H * W (planar) or 1 (channels-last)
+    int64_t v_features_pixel_stride;    // 1 (planar) or F (channels-last)
     // backward outputs (accumulated with atomics; zero them first)
     float* v_means2d;    // [B, N, 2]
     float* v_conics;     // [B, N, 3]

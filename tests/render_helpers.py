@@ -144,3 +144,20 @@ def compare_render(params, K, w2c, width, height, seed, backend, **kwargs):
         assert_matches(f"grad {name}", a, b, **GRAD)
     assert_matches("grad means2d", out.means2d.grad, ref.means2d.grad, **GRAD)
     return out, grads
+
+
+def feature_grads_planar_and_channels_last(device: str, n_features: int = 24):
+    """The Gaussians' gradients from the same feature-image gradient given planar and channels-last (the layout
+    Stage I's decoder passes back): `(planar grads, channels-last grads)`, one tensor per parameter."""
+    params = scene(300, n_features, seed=31, device=device)
+    K, w2c = cameras(2, 40, 32, device)
+    grads = []
+    g = torch.Generator().manual_seed(5)
+    v_features = torch.randn(2, n_features, 32, 40, generator=g).to(device)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        leaves = [p.clone().requires_grad_(True) for p in params]
+        out = render(*leaves, K, w2c, 40, 32, feature_grad_to_geometry=True)
+        grad_image = v_features.contiguous(memory_format=layout)
+        assert grad_image.is_contiguous(memory_format=layout)
+        grads.append(torch.autograd.grad(out.features, leaves, grad_outputs=grad_image))
+    return grads

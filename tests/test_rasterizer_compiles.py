@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import subprocess
+import sysconfig
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -54,6 +55,28 @@ def test_every_kernel_source_compiles_for_sm90(tmp_path):
     failures = [f"{p.name}:\n{r.stderr}" for p, r in zip(sources, results, strict=True) if r.returncode != 0]
     assert not failures, "\n".join(failures)
     assert all((tmp_path / f"{p.stem}.o").stat().st_size > 0 for p in sources)
+
+
+def test_the_torch_binding_compiles(tmp_path):
+    """ext.cpp (argument checks, allocation, launches) against torch's headers, syntax and types only: CI's torch
+    is the CPU wheel, so the one header its CUDA build generates (the CUDA library's export macros) is stubbed."""
+    from torch.utils.cpp_extension import include_paths
+
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        pytest.skip(f"no C++ compiler ({compiler})")
+    stub = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    stub.parent.mkdir(parents=True)
+    stub.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    cuda_include = Path(NVCC).resolve().parent.parent / "include"
+    result = _run(
+        [
+            compiler, "-std=c++17", "-fsyntax-only", "-w", "-DTORCH_EXTENSION_NAME=_C",
+            "-DTORCH_API_INCLUDE_EXTENSION_H", f"-I{tmp_path}", *(f"-I{p}" for p in include_paths()),
+            f"-I{sysconfig.get_paths()['include']}", f"-I{cuda_include}", f"-I{SOURCES}", str(SOURCES / "ext.cpp"),
+        ]
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
 
 
 @pytest.fixture(scope="module")

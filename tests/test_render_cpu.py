@@ -526,3 +526,12 @@ def test_feature_loss_in_float64_takes_the_composed_ops():
     )
     loss.backward()
     assert decoded.grad.dtype == torch.float64
+
+
+def test_a_channels_last_feature_gradient_gives_the_planar_gradients():
+    from render_helpers import feature_grads_planar_and_channels_last
+
+    planar, channels_last = feature_grads_planar_and_channels_last("cpu")
+    assert planar[5].abs().sum() > 0 and planar[0].abs().sum() > 0  # features and (routed) means
+    for a, b in zip(planar, channels_last, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

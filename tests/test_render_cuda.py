@@ -496,3 +496,13 @@ def test_second_device_renders_the_same():
     assert second.backend == "cuda" and second.rgb.device == torch.device("cuda:1")
     for name in ("rgb", "depth", "features", "alpha"):
         assert torch.equal(getattr(second, name).cpu(), getattr(first, name).cpu()), name
+
+
+def test_a_channels_last_feature_gradient_is_read_in_place():
+    """Stage I's decoder passes the feature gradient back channels-last; the backward reads it as such."""
+    from render_helpers import feature_grads_planar_and_channels_last
+
+    planar, channels_last = feature_grads_planar_and_channels_last("cuda", n_features=70)  # two passes
+    assert planar[5].abs().sum() > 0 and planar[0].abs().sum() > 0
+    for a, b in zip(planar, channels_last, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # float atomics: summation order only

@@ -29,8 +29,9 @@ def exponential_lr(step: int, lr_init: float, lr_final: float, max_steps: int) -
 
 
 class _ToChannelsLast(torch.autograd.Function):
-    """`x.to(dtype, channels_last)` as one copy, and its gradient back to x's dtype and layout as one copy
-    (a layout change then autocast's cast take two copies each way, over a 64-channel full-size map)."""
+    """`x.to(dtype, channels_last)` as one copy (a layout change then autocast's cast would take two, over a
+    64-channel full-size map), and its gradient back to x's dtype, left channels-last: the CUDA rasterizer's
+    backward reads that layout, and transposing the map back took 0.65 ms per iteration on an H100."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -39,7 +40,7 @@ class _ToChannelsLast(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad.to(dtype=ctx.input_dtype, memory_format=torch.contiguous_format), None
+        return grad.to(dtype=ctx.input_dtype), None
 
 
 class Lifter:

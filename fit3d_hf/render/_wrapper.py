@@ -39,6 +39,14 @@ def _contiguous(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.contiguous()
 
 
+def _feature_grad(t: Tensor | None) -> Tensor | None:
+    """The feature images' gradient as the extension reads it: the CUDA one also reads it channels-last (the
+    layout Stage I's decoder gives it), which saves a transposing copy of the whole map."""
+    if t is not None and t.is_cuda and t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    return _contiguous(t)
+
+
 class _Project(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -224,7 +232,7 @@ class _Rasterize(torch.autograd.Function):
             height,
             _contiguous(v_rgb),
             _contiguous(v_depth),
-            _contiguous(v_feats),
+            _feature_grad(v_feats),
             _contiguous(v_alpha),
             route,
             clamp_grad,
