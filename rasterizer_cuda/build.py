@@ -55,13 +55,13 @@ CPU_SOURCES = (
 )
 
 
-# Links the C++ runtime that torch uses (libstdc++.so) even where the compiler links its own copy statically
-# (`-static-libstdc++`, as the CXX wrapper of the lent H100/H200 image does): an explicit -lstdc++ comes before
-# the driver's implicit one, so the shared library resolves every symbol. With two copies of the runtime in one
-# process, the extension's error messages lost their numbers (reproduced on the CPU with -static-libstdc++) or
-# crashed the interpreter when raised (the lent H100, 2026-12-06). Linux only: elsewhere the platform's C++
-# runtime is already shared.
-SHARED_CXX_RUNTIME = ["-lstdc++"] if sys.platform.startswith("linux") else []
+# Links the C++ runtime that torch uses (the shared libstdc++.so.6), named by file: a plain -lstdc++ takes the
+# first libstdc++ on the linker's path, and the g++ of the lent H100/H200 image (a wrapper whose own library
+# directory, searched first, holds only libstdc++.a) gave the extensions a second, static copy of the runtime.
+# With two copies in one process, raising an argument error crashed the interpreter there (2026-12-06), and
+# error messages lost their numbers here (reproduced with -static-libstdc++). Linux only: elsewhere the
+# platform's C++ runtime is already shared.
+SHARED_CXX_RUNTIME = ["-Wl,-Bdynamic", "-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
 
 
 def get_build_parameters() -> dict:
