@@ -109,7 +109,7 @@ struct RasterizeArgs {
     // forward outputs
     float* out_rgb;       // [B, 3, H, W]
     float* out_depth;     // [B, 1, H, W]
-    float* out_features;  // [B, F, H, W]
+    float* out_features;  // [B, F, H, W]: planar (CUDA), channels-last (CPU)
     float* out_alpha;     // [B, 1, H, W]
     float* final_t;       // [B, H, W] (also a backward input)
     int32_t* last_ids;    // [B, H, W] index of the last composited entry, -1 if none (idem)

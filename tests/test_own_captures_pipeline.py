@@ -141,8 +141,8 @@ def test_lift_finetune_and_evaluate_mixed_formats(workspace, capsys):
         expected = render_depth(bundle, torch.tensor(row["K"]), torch.tensor(row["world_to_camera"]), 48, 32)
         assert (expected > 0).float().mean() > 0.5  # the Gaussians cover most of the view
         torch.testing.assert_close(
-            depth_to_tensor(row["depth"], "depth"), expected, atol=5e-4, rtol=0
-        )  # 16-bit mm
+            depth_to_tensor(row["depth"], "depth"), expected, atol=5e-4 + 1e-6, rtol=0
+        )  # 16-bit mm: half a millimetre of rounding, plus float32's error at about 1.4 m
     with_depth = load_frames(spec, "val", holdout_every=2)
     assert (
         fill_depth_from_gaussians(with_depth, root / "gaussians")[0]["depth"] == with_depth[0]["depth"]

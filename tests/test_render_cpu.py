@@ -535,3 +535,14 @@ def test_a_channels_last_feature_gradient_gives_the_planar_gradients():
     assert planar[5].abs().sum() > 0 and planar[0].abs().sum() > 0  # features and (routed) means
     for a, b in zip(planar, channels_last, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_cpu_features_come_channels_last_with_the_reference_values():
+    """The CPU rasterizer writes features pixel-major (channels-last), as its tiles accumulate them."""
+    params = scene(300, 12, seed=8, device="cpu")
+    K, w2c = cameras(2, 40, 32, "cpu")
+    out = render(*params, K, w2c, 40, 32, backend="cpu")
+    want = render(*[p.double() for p in params], K.double(), w2c.double(), 40, 32, backend="reference")
+    assert out.features.is_contiguous(memory_format=torch.channels_last) and not out.features.is_contiguous()
+    assert out.features.shape == (2, 12, 32, 40)
+    assert_matches("features", out.features, want.features, **FWD)

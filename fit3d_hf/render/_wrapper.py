@@ -40,9 +40,9 @@ def _contiguous(t: Tensor | None) -> Tensor | None:
 
 
 def _feature_grad(t: Tensor | None) -> Tensor | None:
-    """The feature images' gradient as the extension reads it: the CUDA one also reads it channels-last (the
-    layout Stage I's decoder gives it), which saves a transposing copy of the whole map."""
-    if t is not None and t.is_cuda and t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+    """The feature images' gradient as the extensions read it: planar or channels-last (the layout a convolution
+    of the features, Stage I's decoder, passes back), which saves a transposing copy of the whole map."""
+    if t is not None and t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
         return t
     return _contiguous(t)
 

@@ -33,7 +33,8 @@ class RenderOutput:
 
     Attributes:
         rgb: `[B, 3, H, W]` composited colour plus T_final * background.
-        features: `[B, F, H, W]` composited features (no background term).
+        features: `[B, F, H, W]` composited features (no background term); channels-last in memory from the
+            CPU backend, which accumulates them pixel by pixel (the values do not depend on the layout).
         depth: `[B, 1, H, W]` expected depth sum_i w_i z_i (not divided by alpha); None when
             `render_depth=False`.
         alpha: `[B, 1, H, W]` accumulated opacity 1 - T_final.

@@ -84,6 +84,23 @@ const float* optional_ptr(const OptTensor& t, const char* name, std::initializer
     return t->data_ptr<float>();
 }
 
+// The feature images' gradient, planar or channels-last (the layout of the features this extension returns, and
+// of what a convolution of them passes back); sets its strides.
+const float* feature_grad_ptr(const OptTensor& t, std::initializer_list<int64_t> shape, fit3d::RasterizeArgs& a) {
+    a.v_features_channel_stride = int64_t(a.width) * a.height;
+    a.v_features_pixel_stride = 1;
+    if (!t.has_value() || !t->defined()) return nullptr;
+    if (t->dim() == 4 && !t->is_contiguous() && t->is_contiguous(at::MemoryFormat::ChannelsLast)) {
+        check_tensor(t->permute({0, 2, 3, 1}), "v_features (channels-last)",
+                     {shape.begin()[0], shape.begin()[2], shape.begin()[3], shape.begin()[1]});
+        a.v_features_channel_stride = 1;
+        a.v_features_pixel_stride = a.F;
+        return t->data_ptr<float>();
+    }
+    check_tensor(*t, "v_features", shape);
+    return t->data_ptr<float>();
+}
+
 void check_image(int64_t width, int64_t height) {
     FIT3D_CHECK(width > 0 && height > 0 && width <= INT_MAX - fit3d::TILE_SIZE && height <= INT_MAX - fit3d::TILE_SIZE,
                 "fit3d CPU rasterizer: bad image size ", width, " x ", height);
@@ -300,7 +317,10 @@ std::vector<Tensor> rasterize_fwd(const Tensor& means2d, const Tensor& conics, c
     auto opts = means2d.options();
     const int64_t B = a.B, H = height, W = width;
     Tensor rgb = at::empty({B, 3, H, W}, opts), depth = at::empty({B, 1, H, W}, opts);
-    Tensor feats = at::empty({B, int64_t(a.F), H, W}, opts), alpha = at::empty({B, 1, H, W}, opts);
+    // features channels-last: the tiles accumulate them pixel-major, so this layout is written without a
+    // transpose, and a convolution of them (Stage I's decoder) runs on it without one either
+    Tensor feats = at::empty({B, int64_t(a.F), H, W}, opts.memory_format(at::MemoryFormat::ChannelsLast));
+    Tensor alpha = at::empty({B, 1, H, W}, opts);
     Tensor final_t = at::empty({B, H, W}, opts), last_ids = at::empty({B, H, W}, opts.dtype(at::kInt));
     a.out_rgb = rgb.data_ptr<float>();
     a.out_depth = depth.data_ptr<float>();
@@ -328,7 +348,7 @@ std::vector<Tensor> rasterize_bwd(const Tensor& means2d, const Tensor& conics, c
     a.last_ids = last_ids.data_ptr<int32_t>();
     a.v_rgb = optional_ptr(v_rgb, "v_rgb", {B, 3, H, W});
     a.v_depth = optional_ptr(v_depth, "v_depth", {B, 1, H, W});
-    a.v_features = optional_ptr(v_features, "v_features", {B, F, H, W});
+    a.v_features = feature_grad_ptr(v_features, {B, F, H, W}, a);
     a.v_alpha = optional_ptr(v_alpha, "v_alpha", {B, 1, H, W});
     a.alpha_clamp_grad = alpha_clamp_grad;
     Tensor v_means2d = at::zeros_like(means2d), v_conics = at::zeros_like(conics);

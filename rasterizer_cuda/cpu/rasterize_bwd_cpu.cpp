@@ -25,12 +25,11 @@ namespace {
 
 constexpr int GEO = 6;  // per pair: dL/d(mean x, mean y, conic a, conic b, conic c, opacity)
 
-// The gradient image of channel c of camera b (nullptr: none, zero).
+// The gradient image of colour or depth channel c < 4 of camera b (nullptr: none, zero).
 const float* grad_plane(const RasterizeArgs& a, int b, int c) {
     const int64_t hw = int64_t(a.width) * a.height;
     if (c < 3) return a.v_rgb ? a.v_rgb + (int64_t(b) * 3 + c) * hw : nullptr;
-    if (c == 3) return a.v_depth ? a.v_depth + int64_t(b) * hw : nullptr;
-    return a.v_features ? a.v_features + (int64_t(b) * a.F + (c - 4)) * hw : nullptr;
+    return a.v_depth ? a.v_depth + int64_t(b) * hw : nullptr;
 }
 
 // Tile `job` (camera * tiles + tile): writes the slots ([GEO + C] floats each) of the pairs that composited some
@@ -46,11 +45,14 @@ FIT3D_CPU_HOT void backward_tile(const RasterizeArgs& a, int64_t job, float* slo
     const int start = a.tile_ranges[job * 2], stop = a.tile_ranges[job * 2 + 1];
     if (start == stop) return;
     for (int c = 0; c < C; ++c) {
-        const float* plane = grad_plane(a, b, c);
+        const float* plane = c < 4 ? grad_plane(a, b, c) : nullptr;
         for (int row = y0; row <= y1; ++row)
-            for (int col = x0; col <= x1; ++col)
+            for (int col = x0; col <= x1; ++col) {
+                const int64_t pix = int64_t(row) * a.width + col;
+                // feature gradients planar or channels-last: image_grad reads either (raster_common.h)
                 grads[size_t((row - y0) * TILE_SIZE + (col - x0)) * C + c] =
-                    plane ? plane[int64_t(row) * a.width + col] : 0.f;
+                    c < 4 ? (plane ? plane[pix] : 0.f) : image_grad(a, b, c, pix);
+            }
     }
     float T[BLOCK_SIZE], S[BLOCK_SIZE];
     int32_t last[BLOCK_SIZE];

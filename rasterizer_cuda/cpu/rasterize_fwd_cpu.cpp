@@ -67,7 +67,7 @@ FIT3D_CPU_HOT void forward_tile(const RasterizeArgs& a, int64_t job, float* acc,
     }
 
     const int64_t hw = int64_t(a.width) * a.height;
-    for (int c = 0; c < C; ++c) {
+    for (int c = 0; c < std::min(C, 4); ++c) {
         float* plane = output_plane(a, b, c);
         const float bg = (c < 3 && a.background != nullptr) ? a.background[c] : 0.f;
         for (int row = y0; row <= y1; ++row)
@@ -76,6 +76,13 @@ FIT3D_CPU_HOT void forward_tile(const RasterizeArgs& a, int64_t job, float* acc,
                 plane[int64_t(row) * a.width + col] = acc[size_t(p) * C + c] + T[p] * bg;
             }
     }
+    if (C > 4)  // features, channels-last (ext_cpu.cpp): each pixel's row of the accumulator, as it is
+        for (int row = y0; row <= y1; ++row)
+            for (int col = x0; col <= x1; ++col) {
+                const int p = (row - y0) * TILE_SIZE + (col - x0);
+                float* out = a.out_features + (int64_t(b) * hw + int64_t(row) * a.width + col) * a.F;
+                std::copy(acc + size_t(p) * C + 4, acc + size_t(p) * C + C, out);
+            }
     for (int row = y0; row <= y1; ++row)
         for (int col = x0; col <= x1; ++col) {
             const int p = (row - y0) * TILE_SIZE + (col - x0);
