@@ -28,10 +28,14 @@ for stage in $STAGES; do
     echo "== $stage"
     case "$stage" in
         smoke)
+            # the extensions must link the shared libstdc++ (rasterizer_cuda/build.py says why)
+            ldd fit3d_hf/_C.*.so fit3d_hf/_C_cpu.*.so | grep -E "^fit3d|libstdc" || echo "no shared libstdc++ linked"
             "$PY" -X faulthandler benchmarks/smoke_cuda.py 2>&1 | tail -n 25 ;;
         tests)
             # shellcheck disable=SC2086
             timeout "${TESTS_TIMEOUT:-600}" "$PY" -m pytest -m cuda ${TESTS:-tests} -q -p no:cacheprovider -rf 2>&1 | tee "$OUT/tests.log" \
+                | grep -v -E "^  File|^Extension modules" | tail -n 25
+            "$PY" -m pytest tests/test_extension_runtime.py -q -p no:cacheprovider -rf 2>&1 | tee -a "$OUT/tests.log" \
                 | grep -v -E "^  File|^Extension modules" | tail -n 25
             if "$PY" -c "import timm" 2>/dev/null && ls tests/test_timm*.py >/dev/null 2>&1; then
                 "$PY" -m pytest tests/test_timm*.py -q -p no:cacheprovider 2>&1 | tee -a "$OUT/tests.log" | tail -n 6
@@ -42,8 +46,11 @@ for stage in $STAGES; do
             (cd "$tree" && PYTHONPATH="$PWD:$PYTHONPATH" timeout 120 "$PY" -m pytest tests/test_timm_parity.py -q \
                 -p no:cacheprovider -rf 2>&1 | tee -a "$OUT/tests.log" | tail -n 8) ;;
         raster)
+            # gsplat JIT-compiles here: with the system g++ where there is one, since the image's CXX wrapper
+            # links a static libstdc++ (an error raised by gsplat then crashed the process, session 5)
+            cxx="${CXX:-c++}"; [ -x /usr/bin/g++ ] && cxx=/usr/bin/g++
             # shellcheck disable=SC2086
-            "$PY" benchmarks/rasterizer.py ${RASTER_ARGS:---lib both --quick} 2>&1 | tee "$OUT/rasterizer.jsonl" | tail -n 14 ;;
+            CXX="$cxx" "$PY" benchmarks/rasterizer.py ${RASTER_ARGS:---lib both --quick} 2>&1 | tee "$OUT/rasterizer.jsonl" | tail -n 14 ;;
         profile)
             "$PY" benchmarks/profile_rasterizer.py --n 1000000 --ch 64 >"$OUT/profile.txt" 2>&1
             head -n 30 "$OUT/profile.txt"; grep -E "^forward" "$OUT/profile.txt"
