@@ -47,7 +47,8 @@ for stage in $STAGES; do
                 -p no:cacheprovider -rf 2>&1 | tee -a "$OUT/tests.log" | tail -n 8) ;;
         raster)
             # gsplat JIT-compiles here: with the system g++ where there is one, since the image's CXX wrapper
-            # links a static libstdc++ (an error raised by gsplat then crashed the process, session 5)
+            # links a static libstdc++ (session 5: gsplat's one-pass run at 385 channels ended the process without
+            # a line, likely an error raised through that mix, as ours did)
             cxx="${CXX:-c++}"; [ -x /usr/bin/g++ ] && cxx=/usr/bin/g++
             # shellcheck disable=SC2086
             CXX="$cxx" "$PY" benchmarks/rasterizer.py ${RASTER_ARGS:---lib both --quick} 2>&1 | tee "$OUT/rasterizer.jsonl" | tail -n 14 ;;
