@@ -19,11 +19,11 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: demo test install quality style clean
 
+# torch goes in first: the package's build (no isolation) needs it to compile the CPU extension; installed in the
+# same command, it would arrive only after the build, and the extension would be left to a JIT build at first use.
 $(STAMP): setup.cfg pyproject.toml setup.py $(RASTERIZER_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=24" setuptools wheel ninja
-	# torch first: the package's build (no isolation) needs it to compile the CPU extension; installed in the
-	# same command, it would arrive only after the build, and the extension would be left to a JIT build
 	$(PY) -m pip install -q "$(TORCH_PIN)"
 	BUILD_NO_CUDA=1 $(PY) -m pip install -q --no-build-isolation "$(TORCH_PIN)" -e ".[test,space]"
 	rm -f $(VENV)/.installed-*
