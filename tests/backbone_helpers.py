@@ -1,9 +1,13 @@
-"""The tiny backbone the pipeline tests lift and fine-tune with (no Hub here: random weights, saved locally)."""
+"""The tiny backbone the pipeline tests lift and fine-tune with (no Hub here: random weights, saved locally), and
+the smallest Stage II workspace built around it."""
 
 from pathlib import Path
 
 import torch
 from transformers import Dinov2Config, Dinov2Model
+
+from fit3d_hf.lifting import LiftingArguments
+from fit3d_hf.scene.synthetic import SyntheticSceneConfig, generate_dataset
 
 
 def save_tiny_dinov2(folder, *, patch_size: int = 4, image_size: int = 32) -> Path:
@@ -20,3 +24,20 @@ def save_tiny_dinov2(folder, *, patch_size: int = 4, image_size: int = 32) -> Pa
     torch.manual_seed(0)
     Dinov2Model(config).save_pretrained(folder)
     return Path(folder)
+
+
+def tiny_stage2_workspace(root: Path) -> LiftingArguments:
+    """Writes one training and one validation synthetic scene of 4 views at 32x24 to `root/data` and the tiny
+    backbone (patch 8) to `root/backbone`; returns the arguments of a 4-iteration lift into `root/lifted` (the
+    caller lifts the scenes it needs)."""
+    generate_dataset(
+        root / "data",
+        num_scenes=1,
+        num_val_scenes=1,
+        config=SyntheticSceneConfig(seed=4, num_views=4, width=32, height=24, num_points=300),
+    )
+    save_tiny_dinov2(root / "backbone", patch_size=8)
+    return LiftingArguments(
+        backbone=str(root / "backbone"), out=str(root / "lifted"), feature_dim=4, iterations=4, densify_from=100,
+        checkpoint_interval=0, previews=False, bundle_sh="fp16", device="cpu",
+    )  # fmt: skip

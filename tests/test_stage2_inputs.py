@@ -4,30 +4,19 @@ and a refused start leaves no output folder behind."""
 from __future__ import annotations
 
 import pytest
-from backbone_helpers import save_tiny_dinov2
+from backbone_helpers import tiny_stage2_workspace
 
 from fit3d_hf.errors import MissingInputError
 from fit3d_hf.finetuning import BackboneArguments, DataArguments, FinetuningArguments, load_frames, train
-from fit3d_hf.lifting import LiftingArguments, lift_scene
-from fit3d_hf.scene.synthetic import SyntheticSceneConfig, generate_dataset
+from fit3d_hf.lifting import lift_scene
 
 
 @pytest.fixture(scope="module")
 def half_lifted(tmp_path_factory):
     """One training and one validation scene; only the training scene is lifted (a short run)."""
     root = tmp_path_factory.mktemp("half-lifted")
-    generate_dataset(
-        root / "data",
-        num_scenes=1,
-        num_val_scenes=1,
-        config=SyntheticSceneConfig(seed=4, num_views=4, width=32, height=24, num_points=300),
-    )
-    save_tiny_dinov2(root / "backbone", patch_size=8)
+    lift_args = tiny_stage2_workspace(root)
     train_scene = load_frames(root / "data", "train")["scene_id"][0]
-    lift_args = LiftingArguments(
-        backbone=str(root / "backbone"), out=str(root / "lifted"), feature_dim=4, iterations=4, densify_from=100,
-        checkpoint_interval=0, previews=False, bundle_sh="fp16", device="cpu",
-    )  # fmt: skip
     lift_scene(root / "data" / "scenes" / train_scene, lift_args, progress=False)
     validation_scene = load_frames(root / "data", "val")["scene_id"][0]
     return {"root": root, "validation_scene": validation_scene}

@@ -7,32 +7,21 @@ import json
 
 import pytest
 import torch
-from backbone_helpers import save_tiny_dinov2
+from backbone_helpers import tiny_stage2_workspace
 from safetensors.torch import load_file
 
 from fit3d_hf.cli import parse_args
 from fit3d_hf.errors import UsageError
 from fit3d_hf.finetuning import BackboneArguments, DataArguments, FinetuningArguments, train
 from fit3d_hf.finetuning.backbone_setup import compile_backbone, uncompile_backbone
-from fit3d_hf.lifting import LiftingArguments, lift_scene, resolve_scene_list
-from fit3d_hf.scene.synthetic import SyntheticSceneConfig, generate_dataset
+from fit3d_hf.lifting import lift_scene, resolve_scene_list
 
 
 @pytest.fixture(scope="module")
 def lifted(tmp_path_factory):
     """One training and one validation scene of 4 views, both lifted by a short run of the tiny backbone."""
     root = tmp_path_factory.mktemp("compile")
-    generate_dataset(
-        root / "data",
-        num_scenes=1,
-        num_val_scenes=1,
-        config=SyntheticSceneConfig(seed=4, num_views=4, width=32, height=24, num_points=300),
-    )
-    save_tiny_dinov2(root / "backbone", patch_size=8)
-    lift_args = LiftingArguments(
-        backbone=str(root / "backbone"), out=str(root / "lifted"), feature_dim=4, iterations=4, densify_from=100,
-        checkpoint_interval=0, previews=False, bundle_sh="fp16", device="cpu",
-    )  # fmt: skip
+    lift_args = tiny_stage2_workspace(root)
     for scene in resolve_scene_list(str(root / "data")):
         lift_scene(scene, lift_args, progress=False)
     return root
