@@ -25,13 +25,6 @@ namespace {
 
 constexpr int GEO = 6;  // per pair: dL/d(mean x, mean y, conic a, conic b, conic c, opacity)
 
-// The gradient image of colour or depth channel c < 4 of camera b (nullptr: none, zero).
-const float* grad_plane(const RasterizeArgs& a, int b, int c) {
-    const int64_t hw = int64_t(a.width) * a.height;
-    if (c < 3) return a.v_rgb ? a.v_rgb + (int64_t(b) * 3 + c) * hw : nullptr;
-    return a.v_depth ? a.v_depth + int64_t(b) * hw : nullptr;
-}
-
 // Tile `job` (camera * tiles + tile): writes the slots ([GEO + C] floats each) of the pairs that composited some
 // pixel and marks them in `used`. grads: [BLOCK_SIZE * C], values: [R] scratch.
 FIT3D_CPU_HOT void backward_tile(const RasterizeArgs& a, int64_t job, float* slots, uint8_t* used, float* grads,
@@ -44,16 +37,12 @@ FIT3D_CPU_HOT void backward_tile(const RasterizeArgs& a, int64_t job, float* slo
     const int x1 = std::min(x0 + TILE_SIZE, a.width) - 1, y1 = std::min(y0 + TILE_SIZE, a.height) - 1;
     const int start = a.tile_ranges[job * 2], stop = a.tile_ranges[job * 2 + 1];
     if (start == stop) return;
-    for (int c = 0; c < C; ++c) {
-        const float* plane = c < 4 ? grad_plane(a, b, c) : nullptr;
-        for (int row = y0; row <= y1; ++row)
-            for (int col = x0; col <= x1; ++col) {
-                const int64_t pix = int64_t(row) * a.width + col;
-                // feature gradients planar or channels-last: image_grad reads either (raster_common.h)
-                grads[size_t((row - y0) * TILE_SIZE + (col - x0)) * C + c] =
-                    c < 4 ? (plane ? plane[pix] : 0.f) : image_grad(a, b, c, pix);
-            }
-    }
+    // the pixels' image gradients, as the CUDA kernel reads them (image_grad: planar or channels-last features)
+    for (int row = y0; row <= y1; ++row)
+        for (int col = x0; col <= x1; ++col) {
+            float* gp = grads + size_t((row - y0) * TILE_SIZE + (col - x0)) * C;
+            for (int c = 0; c < C; ++c) gp[c] = image_grad(a, b, c, int64_t(row) * a.width + col);
+        }
     float T[BLOCK_SIZE], S[BLOCK_SIZE];
     int32_t last[BLOCK_SIZE];
     int walk_end = start;  // one past the last entry any pixel composited
