@@ -6,6 +6,10 @@
 #include "constants.h"
 #include "host_device.h"
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "fit3d's CUDA rasterizer needs compute capability 8.0 or newer (warp reductions, TF32 tensor cores)"
+#endif
+
 namespace fit3d {
 
 // ---- small vector / matrix helpers -------------------------------------------------------------------

@@ -22,7 +22,7 @@ constexpr int WARPS_PER_BLOCK = BLOCK_SIZE / 32;
 constexpr int FWD_BATCH = 32;              // Gaussians staged in shared memory per step of the forward kernel
 constexpr int BWD_BATCH = 16;              // ... of the backward kernel (bits of a 32-bit mask; shared memory bound)
 constexpr int FWD_MAX_PASS_CHANNELS = 72;  // channels blended per forward launch (registers per thread)
-constexpr int BWD_MAX_PASS_CHANNELS = 68;  // channels per backward launch (2 blocks/SM of shared memory)
+constexpr int BWD_MAX_PASS_FEATURES = 64;  // feature channels per backward launch (8 warps x 8 channels)
 constexpr unsigned FULL_MASK = 0xffffffffu;
 
 }  // namespace fit3d

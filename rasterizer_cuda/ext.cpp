@@ -99,11 +99,16 @@ int tiles_along(int pixels) { return (pixels + fit3d::TILE_SIZE - 1) / fit3d::TI
 
 // Channel ranges [begin, end) of the launches: as few as the per-launch limit and the device's shared
 // memory allow, of balanced widths; the first always holds rgb + depth.
-std::vector<std::pair<int, int>> plan_passes(int channels, int max_width, size_t (*shared_bytes)(int)) {
+size_t shared_memory_optin() {
     int device = 0, optin = 0;
     check_cuda(cudaGetDevice(&device), "cudaGetDevice");
     check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
                "cudaDeviceGetAttribute");
+    return size_t(optin);
+}
+
+std::vector<std::pair<int, int>> plan_passes(int channels, int max_width, size_t (*shared_bytes)(int)) {
+    const size_t optin = shared_memory_optin();
     while (max_width > 4 && shared_bytes(max_width) > size_t(optin)) max_width -= 4;
     FIT3D_CHECK(shared_bytes(std::min(max_width, channels)) <= size_t(optin), "fit3d rasterizer: the device offers ",
                 optin, " bytes of shared memory per block, fewer than ", shared_bytes(std::min(max_width, channels)),
@@ -112,6 +117,24 @@ std::vector<std::pair<int, int>> plan_passes(int channels, int max_width, size_t
     const int width = (channels + n_passes - 1) / n_passes;
     std::vector<std::pair<int, int>> passes;
     for (int begin = 0; begin < channels; begin += width) passes.emplace_back(begin, std::min(channels, begin + width));
+    return passes;
+}
+
+// The backward's launches: the first takes colour, depth (channels 0-3) and a share of the F features, the others
+// a share each; shares are equal, in whole 8-channel blocks of the tensor-core product, of at most
+// BWD_MAX_PASS_FEATURES (fewer where the device has less shared memory).
+std::vector<std::pair<int, int>> plan_bwd_passes(int features) {
+    const size_t optin = shared_memory_optin();
+    int width = fit3d::BWD_MAX_PASS_FEATURES;
+    while (width > 8 && fit3d::rasterize_bwd_shared_bytes(4 + width, true) > optin) width -= 8;
+    const size_t needed = fit3d::rasterize_bwd_shared_bytes(4 + std::min(width, features), true);
+    FIT3D_CHECK(needed <= optin, "fit3d rasterizer: the device offers ", optin,
+                " bytes of shared memory per block, fewer than ", needed, " needed");
+    const int n_passes = std::max(1, (features + width - 1) / width);
+    const int share = std::min(features, ((features + n_passes - 1) / n_passes + 7) / 8 * 8);
+    std::vector<std::pair<int, int>> passes{{0, 4 + share}};
+    for (int begin = 4 + share; begin < 4 + features; begin += share)
+        passes.emplace_back(begin, std::min(4 + features, begin + share));
     return passes;
 }
 
@@ -506,8 +529,7 @@ std::vector<Tensor> rasterize_bwd(const Tensor& means2d, const Tensor& conics, c
     a.v_depths = v_depths.data_ptr<float>();
     a.v_feats = v_feats.data_ptr<float>();
     // feature channels need a launch only when their image has a gradient
-    const int channels = a.v_features != nullptr ? 4 + a.F : 4;
-    const auto passes = plan_passes(channels, fit3d::BWD_MAX_PASS_CHANNELS, fit3d::rasterize_bwd_shared_bytes);
+    const auto passes = plan_bwd_passes(a.v_features != nullptr ? a.F : 0);
     for (const auto& [begin, end] : passes) {
         a.channel_begin = begin;
         a.channel_count = end - begin;

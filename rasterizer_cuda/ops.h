@@ -128,9 +128,10 @@ struct RasterizeArgs {
     float* v_depths;     // [B, N]
     float* v_feats;      // [N, F]
 };
-// Shared memory (bytes) one launch of `channel_count` channels needs.
+// Shared memory (bytes) one launch of `channel_count` channels needs (backward: the first launch, with colour
+// and depth, lays its channels out differently).
 size_t rasterize_fwd_shared_bytes(int channel_count);
-size_t rasterize_bwd_shared_bytes(int channel_count);
+size_t rasterize_bwd_shared_bytes(int channel_count, bool first_pass);
 cudaError_t launch_rasterize_fwd(const RasterizeArgs& args, cudaStream_t stream);
 cudaError_t launch_rasterize_bwd(const RasterizeArgs& args, cudaStream_t stream);
 

@@ -10,10 +10,12 @@
 //  * geometry: the gradients of mean and conic are linear in the pixel moments sum_p u_p {1, x, y, x^2,
 //    xy, y^2}, and dL/dopacity = sum_p G_p dL/dalpha_p = -sum_p u_p / opacity (alpha = o G, unclamped), so
 //    each warp sums 6 moments per Gaussian (no per-pixel shuffles) and one thread adds the 6 gradients with
-//    one atomic each per tile;
-//  * channels: dL/dc_k = sum_p w_kp g_p, a small product W (Gaussians x pixels) G (pixels x channels),
-//    4 x 4 outputs per thread, skipping 32-pixel groups (warps) where none of the 4 Gaussians landed, then
-//    one atomic per (Gaussian, channel, tile).
+//    one atomic each per tile. In the first launch the same warp also sums sum_p w_p g_p for the colour and
+//    depth channels (0-3).
+//  * the other channels: dL/dc_k = sum_p w_kp g_p, the product W (16 Gaussians x 256 pixels) G (256 pixels x
+//    channels), one 8-channel column block per warp, on the tensor cores (mma m16n8k8 in TF32, three products
+//    of split operands so that the sum keeps float32 accuracy: see mma_3xtf32), skipping 32-pixel groups where
+//    no Gaussian of the batch landed; then one atomic per (Gaussian, channel, tile).
 // Twin of fit3d_hf.render._reference._rasterize (backward, through autograd).
 #include "common.h"
 #include "ops.h"
@@ -23,37 +25,124 @@ namespace fit3d {
 
 constexpr int GROUP = 32;                   // pixels per warp (an 8 x 4 pixel group of the tile)
 constexpr int GROUPS = BLOCK_SIZE / GROUP;  // 8
+constexpr int MMA_K = 8;                    // pixels per tensor-core step (m16n8k8)
+constexpr int MMA_N = 8;                    // channels per column block
+static_assert(BWD_BATCH == 16, "one 16-row tensor-core tile per batch");
 // Pixel p's slot in a per-pixel row: one float4 of skew per 32-pixel group, so that the eight lanes of a
 // quarter-warp reading the same offset in eight different groups hit eight different bank groups.
 __host__ __device__ inline int skewed(int p) { return p + (p / GROUP) * 4; }
 constexpr int ROW = BLOCK_SIZE + (GROUPS - 1) * 4;  // floats per (Gaussian) row of s_w/s_u: 71 float4s, odd
 static_assert((ROW / 4) % 2 == 1, "rows must start in alternating bank groups");
+static_assert(ROW % 32 == 28, "the tensor-core loads of W (rows g and g + 8, columns t) hit 32 banks");
 // Pixel p's row of the pixel-major gradient matrix starts here (the same skew, per group).
 __host__ __device__ inline int grad_row(int p, int rs) { return p * rs + (p / GROUP) * 4; }
 
-__host__ __device__ inline int bwd_channel_stride(int channel_count) { return round_up(channel_count, 4); }
+// The first channel of a launch that the channel product handles: colour and depth (0-3) of the first
+// launch go with the geometry.
+__host__ __device__ inline int product_begin(bool first_pass) { return first_pass ? 4 : 0; }
 
-// Floats per pixel row of the gradient matrix: a multiple of 4 with an odd number of float4s, so that
-// consecutive pixels' rows start in different bank groups.
-__host__ __device__ inline int bwd_pixel_stride(int cp) { return (cp / 4) % 2 == 1 ? cp : cp + 4; }
+// Channels stored per pixel: the launch's channels, the product's part padded to whole 8-channel blocks.
+__host__ __device__ inline int bwd_channel_stride(int channel_count, bool first_pass) {
+    const int begin = product_begin(first_pass);
+    return begin + round_up(channel_count - begin, MMA_N);
+}
 
-size_t rasterize_bwd_shared_bytes(int channel_count) {
-    const size_t cp = size_t(bwd_channel_stride(channel_count));
+// Floats per pixel row of the gradient matrix: = 8 or 24 (mod 32), so that the tensor-core loads of G (rows t
+// and t + 4 of a step, 8 consecutive channels) hit 32 different banks.
+__host__ __device__ inline int bwd_pixel_stride(int cp) {
+    int rs = cp;
+    while (rs % 32 != 8 && rs % 32 != 24) rs += 4;
+    return rs;
+}
+
+size_t rasterize_bwd_shared_bytes(int channel_count, bool first_pass) {
+    const size_t cp = size_t(bwd_channel_stride(channel_count, first_pass));
     const size_t rs = size_t(bwd_pixel_stride(int(cp)));
-    const size_t floats = BLOCK_SIZE * rs + GROUPS * 4 + 2 * size_t(BWD_BATCH) * ROW + size_t(BWD_BATCH) * cp;
+    const size_t rc = size_t(round_up(channel_count, 4));  // routed channel values: at most the launch's channels
+    const size_t floats = BLOCK_SIZE * rs + GROUPS * 4 + 2 * size_t(BWD_BATCH) * ROW + size_t(BWD_BATCH) * rc;
     return sizeof(float) * floats + sizeof(Splat) * BWD_BATCH + sizeof(int) * (2 * BWD_BATCH + GROUPS + 2);
+}
+
+// x = hi + lo with hi the TF32 value of x (its 10 leading mantissa bits, by truncation) and lo the exact
+// float32 rest; the tensor core reads the 10 leading mantissa bits of lo too. Two instructions, where
+// cvt.rna.tf32.f32 takes several on sm_90.
+__device__ inline void split_tf32(float x, uint32_t& hi, uint32_t& lo) {
+    hi = __float_as_uint(x) & 0xffffe000u;
+    lo = __float_as_uint(x - __uint_as_float(hi));
+}
+
+__device__ inline void mma_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// d += a b in float32 accuracy from TF32 products: with a = a_hi + a_lo and b = b_hi + b_lo, the three terms
+// a_hi b_hi + a_hi b_lo + a_lo b_hi miss a_lo b_lo and the bits of the lo parts past TF32 (each about 2^-20 of
+// a b), where one TF32 product would be off by about 2^-11. Small terms first.
+__device__ inline void mma_3xtf32(float (&d)[4], const float (&a)[4], const float (&b)[2]) {
+    uint32_t a_hi[4], a_lo[4], b_hi[2], b_lo[2];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) split_tf32(a[i], a_hi[i], a_lo[i]);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) split_tf32(b[i], b_hi[i], b_lo[i]);
+    mma_tf32(d, a_lo, b_hi);
+    mma_tf32(d, a_hi, b_lo);
+    mma_tf32(d, a_hi, b_hi);
+}
+
+// dL/dc_k = sum_p W[k][p] G[p][c] for the launch's channels [c0, cc) and the composited slots of `mask`, added
+// to the channel gradients: one 8-channel column block per warp.
+__device__ inline void channel_product(const RasterizeArgs& a, int b, const float* s_w, const float* s_g, int rs,
+                                       const int* s_gid, const unsigned* s_wmask, unsigned mask, int c0, int cc,
+                                       int warp, int lane) {
+    // mma fragments: lane = 4 row + col; A (16 x 8, W) rows row and row + 8, columns col and col + 4; B (8 x 8, G)
+    // rows col and col + 4, column row; D rows row and row + 8, columns 2 col and 2 col + 1
+    const int row = lane / 4, col = lane % 4;
+    const int blocks = ceil_div(cc - c0, MMA_N);
+    for (int block = warp; block < blocks; block += WARPS_PER_BLOCK) {
+        const int n0 = c0 + block * MMA_N;
+        float d[4] = {0.f, 0.f, 0.f, 0.f};
+        // pixel p = 32 group + 8 step + col (+ 4) sits at skewed(p) = 36 group + 8 step + col (+ 4) of a W row and
+        // starts G's row grad_row(p, rs) = p rs + 4 group
+        const float* w_top = s_w + row * ROW + col;
+        const float* w_bottom = w_top + 8 * ROW;
+        const float* g_col = s_g + col * rs + n0 + row;
+        for (int group = 0; group < GROUPS; ++group) {
+            if (s_wmask[group] == 0u) continue;  // W is 0 there (uniform over the block)
+            const int w_at = group * (GROUP + 4);
+            const float* g_at = g_col + group * (GROUP * rs + 4);
+#pragma unroll
+            for (int step = 0; step < GROUP / MMA_K; ++step) {
+                const int k = step * MMA_K;
+                const float w[4] = {w_top[w_at + k], w_bottom[w_at + k], w_top[w_at + k + 4], w_bottom[w_at + k + 4]};
+                const float g[2] = {g_at[k * rs], g_at[(k + 4) * rs]};
+                mma_3xtf32(d, w, g);
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            // rows of slots past the batch or not composited hold stale weights: a row of D depends only on its
+            // row of W, so they are just not added
+            const int k = row + (i / 2) * 8, c = n0 + 2 * col + i % 2;
+            if (((mask >> k) & 1u) && c < cc) atomicAdd(channel_grad(a, b, s_gid[k], a.channel_begin + c), d[i]);
+        }
+    }
 }
 
 __global__ void __launch_bounds__(BLOCK_SIZE, 2) rasterize_bwd_kernel(RasterizeArgs a) {
     extern __shared__ float4 shared[];
     const int cc = a.channel_count;
-    const int cp = bwd_channel_stride(cc);
+    const int cp = bwd_channel_stride(cc, a.first_pass);
     const int rs = bwd_pixel_stride(cp);
+    const int rcap = round_up(cc, 4);
     float* s_g = reinterpret_cast<float*>(shared);    // pixel p's gradients at grad_row(p, rs)
     float* s_w = s_g + BLOCK_SIZE * rs + GROUPS * 4;  // [BWD_BATCH][ROW] weights w
     float* s_u = s_w + BWD_BATCH * ROW;               // [BWD_BATCH][ROW] dL/dsigma
     float* s_chan = s_u + BWD_BATCH * ROW;            // [BWD_BATCH][rc] routed channel values
-    Splat* s_splat = reinterpret_cast<Splat*>(s_chan + BWD_BATCH * cp);
+    Splat* s_splat = reinterpret_cast<Splat*>(s_chan + BWD_BATCH * rcap);
     int* s_gid = reinterpret_cast<int*>(s_splat + BWD_BATCH);              // [BWD_BATCH]
     int* s_klist = s_gid + BWD_BATCH;                                      // [BWD_BATCH] slots some pixel composited
     unsigned* s_wmask = reinterpret_cast<unsigned*>(s_klist + BWD_BATCH);  // [GROUPS] per-warp slot masks
@@ -72,9 +161,30 @@ __global__ void __launch_bounds__(BLOCK_SIZE, 2) rasterize_bwd_kernel(RasterizeA
     const int64_t pix = int64_t(row) * a.width + col;
     const int start = a.tile_ranges[(int64_t(b) * n_tiles + tile) * 2];
     const int my_slot = skewed(tid);
+    const int c0 = product_begin(a.first_pass);  // channels [0, c0) go with the geometry
 
+    // this pixel's image gradients, its row of G: the loads of a row go out together (one at a time, each
+    // waiting for the last, they took a fifth of the kernel's time)
     float* my_g = s_g + grad_row(tid, rs);
-    for (int c = 0; c < cp; ++c) my_g[c] = (inside && c < cc) ? image_grad(a, b, a.channel_begin + c, pix) : 0.f;
+    if (c0 > 0) {  // colour and depth
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (inside)
+            v = make_float4(image_grad(a, b, 0, pix), image_grad(a, b, 1, pix), image_grad(a, b, 2, pix),
+                            image_grad(a, b, 3, pix));
+        *reinterpret_cast<float4*>(my_g) = v;
+    }
+    const float* my_features = nullptr;  // channel c0 of the launch (a feature) of this pixel
+    if (inside && a.v_features != nullptr)
+        my_features = a.v_features + int64_t(b) * a.F * hw + (a.channel_begin + c0 - 4) * a.v_features_channel_stride +
+                      pix * a.v_features_pixel_stride;
+    for (int c = c0; c < cp; c += 8) {
+        float v[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+            v[i] = my_features != nullptr && c + i < cc ? my_features[(c + i - c0) * a.v_features_channel_stride] : 0.f;
+        *reinterpret_cast<float4*>(my_g + c) = make_float4(v[0], v[1], v[2], v[3]);
+        *reinterpret_cast<float4*>(my_g + c + 4) = make_float4(v[4], v[5], v[6], v[7]);
+    }
     float T = inside ? a.final_t[int64_t(b) * hw + pix] : 1.f;
     const int last = inside ? a.last_ids[int64_t(b) * hw + pix] : -1;
     // suffix sum S, seeded with the terms of the background (rgb += T_final bg) and the alpha image
@@ -88,7 +198,7 @@ __global__ void __launch_bounds__(BLOCK_SIZE, 2) rasterize_bwd_kernel(RasterizeA
         S = T * (bg_dot - v_alpha_image);
     }
     const bool geometry = a.routed_count > 0;
-    const int rc = round_up(a.routed_count, 4);  // only routed channels are needed (for q); <= cp
+    const int rc = round_up(a.routed_count, 4);  // only routed channels are needed (for q); <= rcap
     const float4 g_routed4 = reinterpret_cast<const float4*>(my_g)[0];  // the common case: rgb + depth
     if (tid == 0) *s_last = -1;
     __syncthreads();
@@ -161,23 +271,40 @@ __global__ void __launch_bounds__(BLOCK_SIZE, 2) rasterize_bwd_kernel(RasterizeA
         __syncthreads();
         const int nk = __popc(mask);
 
-        // ---- geometry: per Gaussian, 6 pixel moments summed by one warp, then 6 atomics -----------------
-        if (geometry) {
+        // ---- geometry (6 pixel moments of u) and colour/depth (sum_p w g), per Gaussian by one warp -------
+        if (geometry || c0 > 0) {
+            const float lane_x = pixel_x(lane) + 0.5f, lane_y = pixel_y(lane) + 0.5f;  // + the group's corner
             for (int kk = warp; kk < nk; kk += WARPS_PER_BLOCK) {
                 const int k = s_klist[kk];
                 float su = 0.f, sux = 0.f, suy = 0.f, suxx = 0.f, suxy = 0.f, suyy = 0.f;
+                float4 swg = make_float4(0.f, 0.f, 0.f, 0.f);
                 for (int group = 0; group < GROUPS; ++group) {
                     if (!(s_wmask[group] & (1u << k))) continue;  // uniform over the warp
                     const int p = group * GROUP + lane;
                     const float u = s_u[k * ROW + skewed(p)];
-                    const float x = pixel_x(p) + 0.5f, y = pixel_y(p) + 0.5f;  // tile-local centre
+                    const float x = lane_x + (group % 2) * 8, y = lane_y + (group / 2) * 4;  // tile-local centre
                     su += u;
                     sux += u * x;
                     suy += u * y;
                     suxx += u * x * x;
                     suxy += u * x * y;
                     suyy += u * y * y;
+                    if (c0 > 0) {
+                        const float w = s_w[k * ROW + skewed(p)];
+                        const float4 g = *reinterpret_cast<const float4*>(s_g + grad_row(p, rs));
+                        swg.x = fmaf(w, g.x, swg.x);
+                        swg.y = fmaf(w, g.y, swg.y);
+                        swg.z = fmaf(w, g.z, swg.z);
+                        swg.w = fmaf(w, g.w, swg.w);
+                    }
                 }
+                const int g = s_gid[k];
+                if (c0 > 0) {
+                    const float r = warp_sum(swg.x), gr = warp_sum(swg.y), bl = warp_sum(swg.z), d = warp_sum(swg.w);
+                    if (lane < 4)
+                        atomicAdd(channel_grad(a, b, g, lane), lane == 0 ? r : lane == 1 ? gr : lane == 2 ? bl : d);
+                }
+                if (!geometry) continue;
                 su = warp_sum(su);
                 sux = warp_sum(sux);
                 suy = warp_sum(suy);
@@ -192,88 +319,27 @@ __global__ void __launch_bounds__(BLOCK_SIZE, 2) rasterize_bwd_kernel(RasterizeA
                     const float sdxx = suxx - 2.f * ox * sux + ox * ox * su;
                     const float sdxy = suxy - ox * suy - oy * sux + ox * oy * su;
                     const float sdyy = suyy - 2.f * oy * suy + oy * oy * su;
-                    const int64_t i = int64_t(b) * a.N + s_gid[k];
+                    const int64_t i = int64_t(b) * a.N + g;
                     // sigma = (a dx^2 + c dy^2) / 2 + b dx dy, d = pixel - mean
                     atomicAdd(a.v_means2d + i * 2 + 0, -(s.a * sdx + s.b * sdy));
                     atomicAdd(a.v_means2d + i * 2 + 1, -(s.b * sdx + s.c * sdy));
                     atomicAdd(a.v_conics + i * 3 + 0, 0.5f * sdxx);
                     atomicAdd(a.v_conics + i * 3 + 1, sdxy);
                     atomicAdd(a.v_conics + i * 3 + 2, 0.5f * sdyy);
-                    atomicAdd(a.v_opacities + s_gid[k], -su / s.opacity);
+                    atomicAdd(a.v_opacities + g, -su / s.opacity);
                 }
             }
         }
 
-        // ---- channels: V[kk][c] = sum_p W[klist[kk]][p] G[p][c], 4 Gaussians x 4 channels per item --------
-        // An item is (Gaussian group, channel group, pixel group); the 8 pixel groups of an output block are
-        // adjacent lanes, summed with shuffles; lanes run the loop in lockstep (uniform trip count).
-        const int nkg = (nk + 3) / 4, ncg = cp / 4;
-        const int items = nkg * ncg * GROUPS;
-        for (int base = 0; base < items; base += BLOCK_SIZE) {
-            const int item = base + tid;
-            const int group = item % GROUPS, rest = item / GROUPS;
-            const int cg = rest % ncg, kg = rest / ncg;
-            float acc[4][4] = {};
-            if (item < items) {
-                int rows[4];
-                unsigned slots = 0;
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    const int kk = kg * 4 + j;
-                    rows[j] = s_klist[kk < nk ? kk : 0];
-                    if (kk < nk) slots |= 1u << rows[j];
-                }
-                if (s_wmask[group] & slots) {
-                    const int p0 = group * GROUP;
-#pragma unroll 2
-                    for (int q4 = 0; q4 < GROUP / 4; ++q4) {
-                        const int p = p0 + q4 * 4;
-                        float4 wv[4];
-#pragma unroll
-                        for (int j = 0; j < 4; ++j)
-                            wv[j] = *reinterpret_cast<const float4*>(s_w + rows[j] * ROW + skewed(p));
-#pragma unroll
-                        for (int i = 0; i < 4; ++i) {
-                            const float4 gv = *reinterpret_cast<const float4*>(s_g + grad_row(p + i, rs) + cg * 4);
-#pragma unroll
-                            for (int j = 0; j < 4; ++j) {
-                                const float wji = i == 0 ? wv[j].x : i == 1 ? wv[j].y : i == 2 ? wv[j].z : wv[j].w;
-                                acc[j][0] = fmaf(wji, gv.x, acc[j][0]);
-                                acc[j][1] = fmaf(wji, gv.y, acc[j][1]);
-                                acc[j][2] = fmaf(wji, gv.z, acc[j][2]);
-                                acc[j][3] = fmaf(wji, gv.w, acc[j][3]);
-                            }
-                        }
-                    }
-                }
-            }
-#pragma unroll
-            for (int offset = 1; offset < GROUPS; offset <<= 1)
-#pragma unroll
-                for (int j = 0; j < 4; ++j)
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) acc[j][i] += __shfl_xor_sync(FULL_MASK, acc[j][i], offset);
-            if (item < items && group == 0) {
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    const int kk = kg * 4 + j;
-                    if (kk >= nk) continue;
-                    const int g = s_gid[s_klist[kk]];
-#pragma unroll
-                    for (int i = 0; i < 4; ++i) {
-                        const int c = cg * 4 + i;
-                        if (c < cc) atomicAdd(channel_grad(a, b, g, a.channel_begin + c), acc[j][i]);
-                    }
-                }
-            }
-        }
+        // ---- the other channels: V = W G --------------------------------------------------------------------
+        if (cc > c0) channel_product(a, b, s_w, s_g, rs, s_gid, s_wmask, mask, c0, cc, warp, lane);
     }
 }
 
 cudaError_t launch_rasterize_bwd(const RasterizeArgs& args, cudaStream_t stream) {
     const int n_tiles = args.tiles_x * args.tiles_y;
     if (args.B == 0 || n_tiles == 0 || args.channel_count <= 0) return cudaSuccess;
-    const size_t shared = rasterize_bwd_shared_bytes(args.channel_count);
+    const size_t shared = rasterize_bwd_shared_bytes(args.channel_count, args.first_pass);
     cudaError_t err =
         cudaFuncSetAttribute(rasterize_bwd_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared));
     if (err != cudaSuccess) return err;

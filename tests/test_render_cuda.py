@@ -382,8 +382,10 @@ def test_forced_pair_buffer_overflow_is_redone_exactly():
 
 
 # Feature counts F whose 4 + F channels sit at each edge of the forward's compiled capacities (4 ... 72) and
-# of the passes of both directions (forward passes of <= 72 channels, backward passes of <= 68).
-PASS_EDGES = [1, 4, 5, 8, 9, 12, 13, 20, 21, 28, 29, 44, 45, 60, 61, 64, 65, 68, 69, 132, 133, 140, 141]
+# of the passes of both directions (forward passes of <= 72 channels; backward passes of colour, depth and <= 64
+# features, then <= 64 features, in 8-channel tensor-core blocks).
+PASS_EDGES = [1, 4, 5, 7, 8, 9, 12, 13, 16, 17, 20, 21, 28, 29, 44, 45, 60, 61, 64, 65, 68, 69, 128, 129, 132, 133,
+              140, 141]  # fmt: skip
 
 
 @pytest.mark.parametrize("n_features", PASS_EDGES)
@@ -506,3 +508,28 @@ def test_a_channels_last_feature_gradient_is_read_in_place():
     assert planar[5].abs().sum() > 0 and planar[0].abs().sum() > 0
     for a, b in zip(planar, channels_last, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)  # float atomics: summation order only
+
+
+@pytest.mark.parametrize("n_features", [64, 129])  # one backward pass; three, the last with a partial block
+def test_feature_gradients_keep_float32_accuracy(n_features):
+    """The feature channels' gradient, sum_p w_p g_p, is a tensor-core product of split TF32 operands; colour's is
+    summed in float32 FMAs. Fed the colour image's gradient, every feature triple must get the colours' gradient
+    to float32 rounding (one TF32 product per term would be off by about 3e-4 in rel L2)."""
+    width, height = 61, 45
+    params = _scene(2000, n_features, seed=11, device="cuda")
+    K, w2c = _cameras(2, width, height, "cuda")
+    leaves = [p.clone().requires_grad_(True) for p in params]
+    out = render(*leaves, K, w2c, width, height, backend="cuda")
+    g = torch.Generator().manual_seed(3)
+    v_rgb = torch.randn(2, 3, height, width, generator=g).cuda()
+    v_features = v_rgb.repeat(1, n_features // 3 + 1, 1, 1)[:, :n_features]
+    v_colors, v_feats = torch.autograd.grad(
+        (out.rgb, out.features), (leaves[4], leaves[5]), (v_rgb, v_features)
+    )
+    triples = n_features // 3
+    expected = v_colors.repeat(1, triples)
+    actual = v_feats[:, : 3 * triples]
+    assert v_colors.abs().sum() > 0
+    rel_l2 = ((actual - expected).norm() / expected.norm()).item()
+    assert rel_l2 < 1e-5, f"rel L2 {rel_l2:.2e}"  # summation order and the dropped lo x lo terms only
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5 * expected.abs().max().item())
