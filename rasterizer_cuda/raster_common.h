@@ -23,11 +23,17 @@ __host__ __device__ inline Splat load_splat(const RasterizeArgs& a, int b, int g
     return s;
 }
 
+// Where channel `c` of Gaussian `g` seen from camera `b` is read (one address, so that a kernel can issue many
+// such loads before it waits for the first).
+__host__ __device__ inline const float* channel_source(const RasterizeArgs& a, int b, int g, int c) {
+    return c < 3    ? a.colors + b * a.colors_camera_stride + int64_t(g) * 3 + c
+           : c == 3 ? a.depths + int64_t(b) * a.N + g
+                    : a.features + int64_t(g) * a.F + (c - 4);
+}
+
 // Value of channel `c` of Gaussian `g` seen from camera `b`.
 __host__ __device__ inline float channel_value(const RasterizeArgs& a, int b, int g, int c) {
-    if (c < 3) return a.colors[b * a.colors_camera_stride + int64_t(g) * 3 + c];
-    if (c == 3) return a.depths[int64_t(b) * a.N + g];
-    return a.features[int64_t(g) * a.F + (c - 4)];
+    return *channel_source(a, b, g, c);
 }
 
 // Where the gradient of channel `c` of Gaussian `g` (camera `b`) is accumulated.

@@ -28,7 +28,7 @@ int fwd_capacity(int channel_count) {
 size_t rasterize_fwd_shared_bytes(int channel_count) {
     const size_t cp = size_t(fwd_capacity(channel_count));
     return sizeof(float) * (size_t(FWD_BATCH) * cp + size_t(FWD_BATCH) * BLOCK_SIZE) + sizeof(Splat) * FWD_BATCH +
-           sizeof(unsigned);
+           sizeof(int) * FWD_BATCH + sizeof(unsigned);
 }
 
 template <int CP>
@@ -38,7 +38,8 @@ __global__ void __launch_bounds__(BLOCK_SIZE, 2) rasterize_fwd_kernel(RasterizeA
     float* s_chan = reinterpret_cast<float*>(shared);                         // [FWD_BATCH][CP] channel values
     float* s_w = s_chan + FWD_BATCH * CP;                                     // [FWD_BATCH][BLOCK_SIZE] weights
     Splat* s_splat = reinterpret_cast<Splat*>(s_w + FWD_BATCH * BLOCK_SIZE);  // [FWD_BATCH]
-    unsigned* s_mask = reinterpret_cast<unsigned*>(s_splat + FWD_BATCH);      // slots some pixel composited
+    int* s_gid = reinterpret_cast<int*>(s_splat + FWD_BATCH);                 // [FWD_BATCH] Gaussian ids
+    unsigned* s_mask = reinterpret_cast<unsigned*>(s_gid + FWD_BATCH);        // slots some pixel composited
 
     const int tid = threadIdx.x;
     const int tile = blockIdx.x, b = blockIdx.y;
@@ -60,7 +61,11 @@ __global__ void __launch_bounds__(BLOCK_SIZE, 2) rasterize_fwd_kernel(RasterizeA
         // also the barrier that lets the previous batch's shared memory be overwritten
         if (__syncthreads_count(done) == BLOCK_SIZE) break;
         const int count = min(FWD_BATCH, end - batch);
-        if (tid < count) s_splat[tid] = load_splat(a, b, a.gaussian_ids[batch + tid]);
+        if (tid < count) {
+            const int g = a.gaussian_ids[batch + tid];
+            s_gid[tid] = g;
+            s_splat[tid] = load_splat(a, b, g);
+        }
         if (tid == 0) *s_mask = 0u;
         __syncthreads();
 
@@ -92,11 +97,19 @@ __global__ void __launch_bounds__(BLOCK_SIZE, 2) rasterize_fwd_kernel(RasterizeA
         // channel values, only of the Gaussians some pixel of the tile composited
         const unsigned mask = *s_mask;
         if (mask == 0) continue;
-        for (int e = tid; e < count * CP; e += BLOCK_SIZE) {
-            const int k = e / CP, c = e - k * CP;
-            if (mask & (1u << k))
-                s_chan[e] = c < cc ? channel_value(a, b, a.gaussian_ids[batch + k], a.channel_begin + c) : 0.f;
+        // (all loads of a thread first, then the stores: one at a time, each waited for, they took an eighth of
+        // the kernel's time)
+        constexpr int LOADS = (FWD_BATCH * CP + BLOCK_SIZE - 1) / BLOCK_SIZE;
+        float v[LOADS];
+#pragma unroll
+        for (int i = 0; i < LOADS; ++i) {
+            const int e = tid + i * BLOCK_SIZE, k = e / CP, c = e - k * CP;
+            v[i] = e < count * CP && (mask & (1u << k)) && c < cc ? *channel_source(a, b, s_gid[k], a.channel_begin + c)
+                                                                  : 0.f;
         }
+#pragma unroll
+        for (int i = 0; i < LOADS; ++i)
+            if (tid + i * BLOCK_SIZE < count * CP) s_chan[tid + i * BLOCK_SIZE] = v[i];
         __syncthreads();
 
         // blend the Gaussians some lane of this warp composited (warp-uniform loop)
