@@ -5,6 +5,8 @@
 #   profile  per-kernel times, host time per call (benchmarks/profile_rasterizer.py)
 #   finetune benchmarks/finetune.py (Stage II step, 1 process; needs the datasets wheels in .whl/)
 #   lift     benchmarks/profile_lift.py at LIFT_N Gaussians (Stage I iteration time split)
+#   ncu      Nsight Compute reports of both blending kernels (benchmark scene) and of the backward at Stage I's
+#            density, read per source line (benchmarks/ncu_lines.py)
 # Options: RASTER_ARGS (default --quick), TESTS (test paths) and TESTS_TIMEOUT, FINETUNE_ARGS and FINETUNE_TIMEOUT,
 # LIFT_N (default 1000000). Logs and JSON lines go to $OUT.
 set -uo pipefail
@@ -60,6 +62,16 @@ for stage in $STAGES; do
             # shellcheck disable=SC2086
             timeout "${FINETUNE_TIMEOUT:-600}" "$PY" benchmarks/finetune.py ${FINETUNE_ARGS:---batch 32 --loader_workers} 2>"$OUT/finetune.log" \
                 | tee "$OUT/finetune.jsonl" || tail -n 30 "$OUT/finetune.log" ;;
+        ncu)
+            # 64 channels render in one launch per direction: skip two calls' kernels, report the third's pair
+            timeout 300 ncu --clock-control none -k regex:rasterize_ --launch-skip 4 --launch-count 2 --set full \
+                --import-source yes -o "$OUT/rasterize" "$PY" benchmarks/profile_rasterizer.py --plain 3 >"$OUT/ncu.log" 2>&1
+            "$PY" benchmarks/ncu_lines.py "$OUT/rasterize.ncu-rep" --top 40 | tee "$OUT/ncu_lines.txt" | head -n 60
+            # the backward at Stage I's density (opacity 0.1 at the start: long walks, every Gaussian composited)
+            timeout 300 ncu --clock-control none -k regex:rasterize_bwd --launch-skip 5 --launch-count 1 --set full \
+                --import-source yes -o "$OUT/lift_bwd" "$PY" benchmarks/profile_lift.py --gaussians "${LIFT_N:-1000000}" \
+                --steps 1 >"$OUT/ncu_lift.log" 2>&1
+            "$PY" benchmarks/ncu_lines.py "$OUT/lift_bwd.ncu-rep" --top 40 | tee "$OUT/ncu_lift_lines.txt" | head -n 50 ;;
         lift)
             "$PY" benchmarks/profile_lift.py --gaussians "${LIFT_N:-1000000}" --steps 50 >"$OUT/lift_profile.txt" 2>&1
             head -n 45 "$OUT/lift_profile.txt" ;;

@@ -14,8 +14,8 @@
 //    depth channels (0-3).
 //  * the other channels: dL/dc_k = sum_p w_kp g_p, the product W (16 Gaussians x 256 pixels) G (256 pixels x
 //    channels), one 8-channel column block per warp, on the tensor cores (mma m16n8k8 in TF32, three products
-//    of split operands so that the sum keeps float32 accuracy: see mma_3xtf32), skipping 32-pixel groups where
-//    no Gaussian of the batch landed; then one atomic per (Gaussian, channel, tile).
+//    of split operands, so that each term is within about 1e-6 of float32's: see mma_3xtf32), skipping 32-pixel
+//    groups where no Gaussian of the batch landed; then one atomic per (Gaussian, channel, tile).
 // Twin of fit3d_hf.render._reference._rasterize (backward, through autograd).
 #include "common.h"
 #include "ops.h"
@@ -79,7 +79,7 @@ __device__ inline void mma_tf32(float (&d)[4], const uint32_t (&a)[4], const uin
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-// d += a b in float32 accuracy from TF32 products: with a = a_hi + a_lo and b = b_hi + b_lo, the three terms
+// d += a b to nearly float32 accuracy from TF32 products: with a = a_hi + a_lo and b = b_hi + b_lo, the three terms
 // a_hi b_hi + a_hi b_lo + a_lo b_hi miss a_lo b_lo and the bits of the lo parts past TF32 (each about 2^-20 of
 // a b), where one TF32 product would be off by about 2^-11. Small terms first.
 __device__ inline void mma_3xtf32(float (&d)[4], const float (&a)[4], const float (&b)[2]) {
