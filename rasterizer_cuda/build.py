@@ -7,19 +7,25 @@
 
 Loaded by file path (it is not part of the installed package), hence no package-relative imports.
 Environment: `BUILD_NO_CUDA=1` skips the CUDA extension only (read by setup.py); `TORCH_CUDA_ARCH_LIST` picks
-the GPU architectures as usual for torch extensions (e.g. "9.0" for H100); `CXX` names the C++ compiler.
+the GPU architectures as usual for torch extensions (e.g. "9.0" for H100; compute capability 8.0 or newer, see
+`architecture_problem`); `CXX` names the C++ compiler.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 __all__ = [
     "CPU_EXTENSION_NAME",
     "EXTENSION_NAME",
+    "MIN_COMPUTE_CAPABILITY",
     "SOURCE_DIR",
+    "architecture_problem",
     "cpu_toolchain_problem",
     "cuda_toolkit_problem",
     "get_build_parameters",
@@ -54,6 +60,13 @@ CPU_SOURCES = (
     "cpu/feature_loss_cpu.cpp",
 )
 
+
+# The CUDA kernels use warp reductions and TF32 tensor cores of compute capability 8.0 (common.h refuses
+# older targets); fit3d_hf/render/_backend.py checks the GPU against the same value.
+MIN_COMPUTE_CAPABILITY = (8, 0)
+# The architecture names TORCH_CUDA_ARCH_LIST may use (torch.utils.cpp_extension), by compute capability.
+_NAMED_ARCHITECTURES = {"kepler": (3, 5), "maxwell": (5, 0), "pascal": (6, 0), "volta": (7, 0),
+                        "turing": (7, 5), "ampere": (8, 0), "ada": (8, 9), "hopper": (9, 0)}  # fmt: skip
 
 # Links the C++ runtime that torch uses (the shared libstdc++.so.6), named by file: a plain -lstdc++ takes the
 # first libstdc++ on the linker's path, and the g++ of the lent H100/H200 image (a wrapper whose own library
@@ -98,7 +111,14 @@ def get_cpu_build_parameters() -> dict:
     return {
         "sources": [str(SOURCE_DIR / name) for name in CPU_SOURCES],
         "include_dirs": [str(SOURCE_DIR)],
-        "extra_cflags": ["-O3", "-g0", "-DFIT3D_CPU_ONLY", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"],
+        "extra_cflags": [
+            "-O3",
+            "-g0",
+            "-DFIT3D_CPU_ONLY",
+            "-ffp-contract=off",
+            "-fno-math-errno",
+            "-fopenmp",
+        ],
         "extra_ldflags": ["-fopenmp", *SHARED_CXX_RUNTIME],
     }
 
@@ -109,16 +129,58 @@ def cpu_toolchain_problem() -> str | None:
         import torch  # noqa: F401
     except ImportError:
         return "torch is not installed"
-    import os
-
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         return f"no C++ compiler found ({compiler!r} is not on PATH; install g++ or set CXX)"
     return None
 
 
+def _capability_of(entry: str) -> tuple[int, int] | None:
+    """(major, minor) of a TORCH_CUDA_ARCH_LIST entry ("8.6", "9.0a", "8.0+PTX", "Ampere"), else None."""
+    match = re.match(r"(\d+)\.(\d+)", entry)
+    if match:
+        return int(match.group(1)), int(match.group(2))
+    return _NAMED_ARCHITECTURES.get(entry.split("+")[0].lower())
+
+
+def architecture_problem(arch_list: str | None, capabilities: list[tuple[int, int]]) -> str | None:
+    """Why the CUDA kernels cannot be built for the architectures torch would target, or None.
+
+    Args:
+        arch_list: TORCH_CUDA_ARCH_LIST (None or empty: torch targets the visible GPUs, or, where none is
+            visible, every architecture of its CUDA version, older ones included).
+        capabilities: (major, minor) of each visible GPU.
+    """
+    minimum = ".".join(map(str, MIN_COMPUTE_CAPABILITY))
+    if arch_list:
+        entries = arch_list.replace(";", " ").split()
+        old = [e for e in entries if (_capability_of(e) or MIN_COMPUTE_CAPABILITY) < MIN_COMPUTE_CAPABILITY]
+        if old:
+            return (
+                f"TORCH_CUDA_ARCH_LIST={arch_list!r} names architectures older than compute capability "
+                f"{minimum} ({', '.join(old)}), which the CUDA rasterizer does not support; leave them out"
+            )
+        return None
+    if not capabilities:
+        return (
+            "no GPU is visible and TORCH_CUDA_ARCH_LIST is unset, so torch would build for every "
+            f"architecture of its CUDA version, some older than compute capability {minimum}; set it to "
+            "your GPUs' (e.g. TORCH_CUDA_ARCH_LIST=9.0 for H100)"
+        )
+    old = sorted(
+        {f"{major}.{minor}" for major, minor in capabilities if (major, minor) < MIN_COMPUTE_CAPABILITY}
+    )
+    if old:
+        return (
+            f"this machine's GPU has compute capability {', '.join(old)}; the CUDA rasterizer needs "
+            f"{minimum} or newer (A100, RTX 30xx, H100 and later)"
+        )
+    return None
+
+
 def cuda_toolkit_problem() -> str | None:
-    """Why the extension cannot be built here, or None when torch has CUDA and nvcc is found."""
+    """Why the extension cannot be built here, or None when torch has CUDA, nvcc is found and the targeted
+    GPU architectures are supported (`architecture_problem`)."""
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME
@@ -128,7 +190,11 @@ def cuda_toolkit_problem() -> str | None:
         return f"torch {torch.__version__} was built without CUDA"
     if CUDA_HOME is None and shutil.which("nvcc") is None:
         return "no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)"
-    return None
+    visible = torch.cuda.is_available()
+    capabilities = (
+        [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())] if visible else []
+    )
+    return architecture_problem(os.environ.get("TORCH_CUDA_ARCH_LIST"), capabilities)
 
 
 def get_setuptools_extension(cuda: bool = True) -> tuple[list, dict]:
@@ -153,7 +219,15 @@ def get_setuptools_extension(cuda: bool = True) -> tuple[list, dict]:
                 optional=True,
             )
         )
-    if cuda and cuda_toolkit_problem() is None:
+    cuda_problem = cuda_toolkit_problem() if cuda else None
+    if (
+        cuda
+        and cuda_problem is not None
+        and "without CUDA" not in cuda_problem
+        and "not installed" not in cuda_problem
+    ):
+        warnings.warn(f"fit3d-hf installs without its CUDA rasterizer: {cuda_problem}", stacklevel=2)
+    if cuda and cuda_problem is None:
         from torch.utils.cpp_extension import CUDAExtension
 
         params = get_build_parameters()

@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 
 _BUILD_FILE = Path(__file__).resolve().parents[2] / "rasterizer_cuda" / "build.py"
 _NO_DEVICE = "no CUDA device is available"
+# The oldest GPUs the CUDA kernels run on (rasterizer_cuda/build.py has the same value, and says why).
+MIN_COMPUTE_CAPABILITY = (8, 0)
+_UNSUPPORTED_GPU = "the CUDA rasterizer needs compute capability"
 _FIX = (
     "To fix: install a CUDA toolkit whose major version matches torch.version.cuda, put nvcc on PATH "
     "(or set CUDA_HOME), and build once with "
@@ -54,13 +57,21 @@ def _load_build_module() -> ModuleType | None:
 @functools.lru_cache(maxsize=1)
 def _load() -> tuple[ModuleType | None, str | None]:
     """(module, None) or (None, reason); cached, so each process tries once."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() < MIN_COMPUTE_CAPABILITY:
+        major, minor = torch.cuda.get_device_capability()
+        return None, (
+            f"{_UNSUPPORTED_GPU} {'.'.join(map(str, MIN_COMPUTE_CAPABILITY))} or newer, and "
+            f"{torch.cuda.get_device_name()} has {major}.{minor}; render on the CPU (the CPU backend) or with "
+            "backend='reference'"
+        )
     try:
         from fit3d_hf import _C  # prebuilt by setup.py
 
         return _C, None
     except ImportError:
         pass
-    import torch
 
     if os.environ.get("FIT3D_HF_NO_JIT", "0") == "1":
         return None, "no prebuilt extension and FIT3D_HF_NO_JIT=1 disables the JIT build"
@@ -101,7 +112,7 @@ def load_extension() -> ModuleType | None:
 def extension_error() -> str | None:
     """Why the extension is unavailable, with how to fix it; None when it loaded."""
     reason = _load()[1]
-    if reason is None or reason == _NO_DEVICE:
+    if reason is None or reason == _NO_DEVICE or reason.startswith(_UNSUPPORTED_GPU):
         return reason
     return f"{reason}. {_FIX}"
 
