@@ -28,11 +28,16 @@ def main(argv=None):
     parser.add_argument(
         "--plain", type=int, default=0, metavar="K", help="only run K forward+backward calls (for ncu / nsys)"
     )
+    parser.add_argument(
+        "--device",
+        default="cuda",
+        help="--host only: cuda, or cpu (the CPU extension; checks the script here)",
+    )
     parser.add_argument("--width", type=int, default=876)
     parser.add_argument("--height", type=int, default=584)
     args = parser.parse_args(argv)
     if args.host:
-        return host_overhead()
+        return host_overhead(device=args.device)
     dev, w, h = "cuda", args.width, args.height
     means, quats, scales, opac = make_scene(args.n, dev)
     viewmats, ks = cameras(args.cams, w, h, dev)
@@ -99,20 +104,32 @@ def main(argv=None):
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))  # noqa: T201
 
 
-def host_overhead(n: int = 1000, calls: int = 300) -> None:
-    """Host time per call of each step of the forward, with so few Gaussians that the GPU never lags behind."""
+def host_overhead(n: int = 1000, calls: int = 300, device: str = "cuda") -> None:
+    """Host time per call of each step of the forward, with so few Gaussians that the GPU never lags behind;
+    last, `render` with the compiled ops stubbed out (they return the outputs of one real call): Python's share."""
     import time
 
+    from fit3d_hf.render import _binning
+    from fit3d_hf.render._backend import extension_for
     from fit3d_hf.render.rasterize import _validate
 
-    dev, w, h = "cuda", 876, 584
+    dev, w, h = device, 876, 584
     means, quats, scales, opac = make_scene(n, dev)
     viewmats, ks = cameras(1, w, h, dev)
     colors, feats = torch.rand(n, 3, device=dev), torch.randn(n, 64, device=dev)
-    ext = require_extension()
+    ext = extension_for(torch.device(dev))
+
+    def synchronize():
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    def call_render():
+        render(means, quats, scales, opac, colors, feats, ks, viewmats, w, h, backend=dev)
+
     with torch.no_grad():
         m2d, con, dep, radii = _wrapper.project(means, quats, scales, opac, viewmats, ks, w, h)
-        ranges, ids, _ = ext.isect_tiles(m2d, con, opac, dep, radii, w, h, 0)
+        ranges, ids, total = ext.isect_tiles(m2d, con, opac, dep, radii, w, h, 0)
+        images = ext.rasterize_fwd(m2d, con, opac, colors, dep, feats, None, ranges, ids, w, h)
         steps = {
             "validate": lambda: _validate(
                 means, quats, scales, opac, colors, feats, ks, viewmats, w, h, None, 0.01, 1e10
@@ -123,20 +140,33 @@ def host_overhead(n: int = 1000, calls: int = 300) -> None:
             "rasterize_fwd": lambda: ext.rasterize_fwd(
                 m2d, con, opac, colors, dep, feats, None, ranges, ids, w, h
             ),
-            "render": lambda: render(
-                means, quats, scales, opac, colors, feats, ks, viewmats, w, h, backend="cuda"
-            ),
+            "render": call_render,
+            "render, compiled ops stubbed": call_render,
         }
+
+        class Stub:  # the extension's forward ops, answering at once with the outputs above
+            def project_fwd(self, *args):
+                return m2d, con, dep, radii
+
+            def isect_tiles(self, *args):
+                return ranges, ids, total
+
+            def rasterize_fwd(self, *args):
+                return images
+
         for name, step in steps.items():
+            if name.endswith("stubbed"):
+                _wrapper.extension_for = _binning.extension_for = lambda device: Stub()
             for _ in range(20):
                 step()
-            torch.cuda.synchronize()
+            synchronize()
             start = time.perf_counter()
             for _ in range(calls):
                 step()
             host_us = 1e6 * (time.perf_counter() - start) / calls
-            torch.cuda.synchronize()
-            print(f"host time per call, n={n}: {name:28s} {host_us:7.1f} us")  # noqa: T201
+            synchronize()
+            print(f"host time per call, n={n}: {name:30s} {host_us:7.1f} us")  # noqa: T201
+        _wrapper.extension_for = _binning.extension_for = extension_for
 
 
 if __name__ == "__main__":
