@@ -160,9 +160,8 @@ def test_convert_scene_round_trips_every_layout(captures, tmp_path, layout):
                 assert (pa is None) == (pb is None), kind
                 if pa is not None:
                     assert np.array_equal(np.asarray(Image.open(pa)), np.asarray(Image.open(pb))), kind
-    if (
-        layout == "scannetpp"
-    ):  # a dataset root the scannetpp builder reads, split as the scenes builder splits
+    # a dataset root the scannetpp builder reads, split as the scenes builder splits
+    if layout == "scannetpp":
         samples = (out / "metadata" / "val_samples.txt").read_text().split()
         assert samples == [
             "kitchen_frame_00002",
@@ -177,57 +176,21 @@ def test_convert_scene_round_trips_every_layout(captures, tmp_path, layout):
 
 def test_convert_scene_cli_and_its_refusals(captures, tmp_path, capsys):
     out = tmp_path / "ns"
-    assert (
-        main(
-            [
-                "convert-scene",
-                "--scenes",
-                str(captures / "own" / "office"),
-                "--to",
-                "nerfstudio",
-                "--output_dir",
-                str(out),
-            ]
-        )
-        == 0
-    )
+
+    def convert(to, *extra):
+        command = ["convert-scene", "--scenes", str(captures / "own" / "office"), "--to", to]
+        return main([*command, "--output_dir", str(out), *extra])
+
+    assert convert("nerfstudio") == 0
     assert capsys.readouterr().out.strip() == str(out / "office")
     meta = json.loads((out / "office" / "transforms.json").read_text())
     assert meta["camera_model"] == "PINHOLE" and meta["frames"][0]["normal_path"] == "normals/frame_00001.png"
     # an existing output is kept unless --overwrite
-    assert (
-        main(
-            [
-                "convert-scene",
-                "--scenes",
-                str(captures / "own" / "office"),
-                "--to",
-                "colmap",
-                "--output_dir",
-                str(out),
-            ]
-        )
-        == 2
-    )
+    assert convert("colmap") == 2
     assert "already exists" in capsys.readouterr().err and (out / "office" / "transforms.json").is_file()
-    assert (
-        main(
-            [
-                "convert-scene",
-                "--scenes",
-                str(captures / "own" / "office"),
-                "--to",
-                "colmap",
-                "--output_dir",
-                str(out),
-                "--overwrite",
-            ]
-        )
-        == 0
-    )
-    assert (out / "office" / "sparse" / "0" / "cameras.txt").is_file() and not (
-        out / "office" / "transforms.json"
-    ).exists()
+    assert convert("colmap", "--overwrite") == 0
+    assert (out / "office" / "sparse" / "0" / "cameras.txt").is_file()
+    assert not (out / "office" / "transforms.json").exists()
     # ScanNet++ needs sparse points: a capture without them is refused, and nothing is left behind
     bare = tmp_path / "bare"
     generate_capture(bare, SyntheticSceneConfig(seed=3, num_views=3, width=40, height=30, num_points=50))
