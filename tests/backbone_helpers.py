@@ -10,17 +10,22 @@ from fit3d_hf.lifting import LiftingArguments
 from fit3d_hf.scene.synthetic import SyntheticSceneConfig, generate_dataset
 
 
-def save_tiny_dinov2(folder, *, patch_size: int = 4, image_size: int = 32) -> Path:
-    """Saves a 1-layer, 16-wide DINOv2 with seeded random weights (the same weights on every call) to `folder`
-    with `save_pretrained`, and returns the folder."""
-    config = Dinov2Config(
-        hidden_size=16,
+def tiny_dinov2_config(hidden_size: int = 16, *, patch_size: int = 4, image_size: int = 32) -> Dinov2Config:
+    """A 1-layer, 2-head DINOv2 config `hidden_size` wide (MLP twice as wide): the tests' backbone."""
+    return Dinov2Config(
+        hidden_size=hidden_size,
         num_hidden_layers=1,
         num_attention_heads=2,
-        intermediate_size=32,
+        intermediate_size=2 * hidden_size,
         patch_size=patch_size,
         image_size=image_size,
     )
+
+
+def save_tiny_dinov2(folder, *, patch_size: int = 4, image_size: int = 32) -> Path:
+    """Saves a 1-layer, 16-wide DINOv2 with seeded random weights (the same weights on every call) to `folder`
+    with `save_pretrained`, and returns the folder."""
+    config = tiny_dinov2_config(16, patch_size=patch_size, image_size=image_size)
     torch.manual_seed(0)
     Dinov2Model(config).save_pretrained(folder)
     return Path(folder)

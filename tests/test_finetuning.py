@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from backbone_helpers import tiny_dinov2_config
 from transformers import AutoModel, Dinov2Config, Dinov2Model
 
 import fit3d_hf  # noqa: F401  (registers the fit3d model type)
@@ -185,14 +186,7 @@ def test_weights_without_a_gradient_are_frozen_before_ddp():
     """DDP stops at the second step when a trainable weight gets no gradient (DINOv2's mask token is used
     only with `bool_masked_pos`): the trainer freezes such weights, and only those, before `prepare`.
     (Checked here rather than with two gloo processes: torch's CPU process group can deadlock at teardown.)"""
-    config = Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        patch_size=8,
-        image_size=32,
-    )
+    config = tiny_dinov2_config(32, patch_size=8, image_size=32)
     extractor = DenseFeatureExtractor(Dinov2Model(config)).train()
     trainable = {name for name, p in extractor.named_parameters() if p.requires_grad}
     assert freeze_unused_parameters(extractor) == ["model.embeddings.mask_token"]

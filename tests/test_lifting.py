@@ -5,7 +5,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-from transformers import Dinov2Config, Dinov2Model
+from backbone_helpers import tiny_dinov2_config
+from transformers import Dinov2Model
 
 from fit3d_hf.backbones import DenseFeatureExtractor
 from fit3d_hf.gaussians import BundleMismatchError, load_bundle
@@ -26,14 +27,7 @@ def scene_root(tmp_path_factory):
 def backbone_dir(tmp_path_factory):
     torch.manual_seed(0)
     # Patch size 4: a 12 x 16 feature grid on the 48 x 64 images, fine enough to be lifted in a short run.
-    config = Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        patch_size=4,
-        image_size=64,
-    )
+    config = tiny_dinov2_config(32, patch_size=4, image_size=64)
     folder = tmp_path_factory.mktemp("backbone")
     Dinov2Model(config).save_pretrained(folder)
     return str(folder)

@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from backbone_helpers import tiny_dinov2_config
 from datasets import Dataset
 from safetensors.torch import load_file
-from transformers import Dinov2Config
 
 from fit3d_hf import FiT3DConfig, FiT3DModel
 from fit3d_hf.errors import UsageError
@@ -254,14 +254,7 @@ def probe_setup(tmp_path_factory):
         SyntheticSceneConfig(num_views=4, width=64, height=48, num_points=100, test_every=0),
     )
     torch.manual_seed(0)
-    backbone = Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        patch_size=8,
-        image_size=32,
-    )
+    backbone = tiny_dinov2_config(32, patch_size=8, image_size=32)
     FiT3DModel(FiT3DConfig(backbone_config=backbone, backbone=None)).save_pretrained(root / "fit3d")
     return {"data": data, "model": root / "fit3d", "cache": root / "cache"}
 

@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModel, Dinov2Config, Dinov2Model
+from backbone_helpers import tiny_dinov2_config
+from transformers import AutoModel, Dinov2Model
 
 import fit3d_hf  # noqa: F401  (registers the fit3d model type)
 from fit3d_hf.cli import main
@@ -45,14 +46,7 @@ def workspace(tmp_path_factory):
         captures / "office", SyntheticSceneConfig(**{**vars(config), "seed": 12}), layout="colmap"
     )
     torch.manual_seed(0)
-    backbone = Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        patch_size=8,
-        image_size=32,
-    )
+    backbone = tiny_dinov2_config(32, patch_size=8, image_size=32)
     Dinov2Model(backbone).save_pretrained(root / "backbone")
     return {"root": root, "captures": captures, "backbone": str(root / "backbone")}
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from backbone_helpers import tiny_dinov2_config
 from safetensors.torch import load_file
-from transformers import Dinov2Config
 
 from fit3d_hf import FiT3DConfig, FiT3DModel
 from fit3d_hf.evaluation.arguments import ModelArguments, ProbeArguments
@@ -122,14 +122,7 @@ def synthetic_setup(tmp_path_factory):
         root / "data", num_scenes=1, num_val_scenes=1,
         config=SyntheticSceneConfig(num_views=6, width=112, height=84, num_points=100, test_every=0),
     )  # fmt: skip
-    backbone = Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        patch_size=14,
-        image_size=28,
-    )
+    backbone = tiny_dinov2_config(32, patch_size=14, image_size=28)
     torch.manual_seed(0)
     model = FiT3DModel(FiT3DConfig(backbone_config=backbone, backbone=None))
     model.save_pretrained(root / "fit3d")
