@@ -178,6 +178,14 @@ def architecture_problem(arch_list: str | None, capabilities: list[tuple[int, in
     return None
 
 
+def _torch_has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.version.cuda is not None
+
+
 def cuda_toolkit_problem() -> str | None:
     """Why the extension cannot be built here, or None when torch has CUDA, nvcc is found and the targeted
     GPU architectures are supported (`architecture_problem`)."""
@@ -220,12 +228,7 @@ def get_setuptools_extension(cuda: bool = True) -> tuple[list, dict]:
             )
         )
     cuda_problem = cuda_toolkit_problem() if cuda else None
-    if (
-        cuda
-        and cuda_problem is not None
-        and "without CUDA" not in cuda_problem
-        and "not installed" not in cuda_problem
-    ):
+    if cuda_problem is not None and _torch_has_cuda():  # a CPU-only torch wants no CUDA build: no warning
         warnings.warn(f"fit3d-hf installs without its CUDA rasterizer: {cuda_problem}", stacklevel=2)
     if cuda and cuda_problem is None:
         from torch.utils.cpp_extension import CUDAExtension

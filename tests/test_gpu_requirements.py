@@ -67,9 +67,18 @@ def test_the_minimum_is_the_same_in_the_kernels_the_build_and_the_runtime():
 def test_setup_warns_when_it_installs_without_the_cuda_rasterizer(monkeypatch):
     problem = "this machine's GPU has compute capability 7.5; the CUDA rasterizer needs 8.0 or newer"
     monkeypatch.setattr(build, "cuda_toolkit_problem", lambda: problem)
+    monkeypatch.setattr(build, "_torch_has_cuda", lambda: True)
     with pytest.warns(UserWarning, match="installs without its CUDA rasterizer: this machine's GPU has"):
         extensions, _ = build.get_setuptools_extension(cuda=True)
     assert build.EXTENSION_NAME not in [extension.name for extension in extensions]
+
+
+def test_setup_is_silent_about_cuda_for_a_cpu_only_torch(monkeypatch, recwarn):
+    monkeypatch.setattr(build, "cuda_toolkit_problem", lambda: "torch 2.13.0+cpu was built without CUDA")
+    monkeypatch.setattr(build, "_torch_has_cuda", lambda: False)
+    extensions, _ = build.get_setuptools_extension(cuda=True)
+    assert build.EXTENSION_NAME not in [extension.name for extension in extensions]
+    assert not [w for w in recwarn if "CUDA rasterizer" in str(w.message)]
 
 
 def test_an_older_gpu_gets_the_reference_with_the_reason(monkeypatch):

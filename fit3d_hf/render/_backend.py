@@ -59,12 +59,12 @@ def _load() -> tuple[ModuleType | None, str | None]:
     """(module, None) or (None, reason); cached, so each process tries once."""
     import torch
 
-    if torch.cuda.is_available() and torch.cuda.get_device_capability() < MIN_COMPUTE_CAPABILITY:
-        major, minor = torch.cuda.get_device_capability()
+    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    if capability is not None and capability < MIN_COMPUTE_CAPABILITY:
         return None, (
             f"{_UNSUPPORTED_GPU} {'.'.join(map(str, MIN_COMPUTE_CAPABILITY))} or newer, and "
-            f"{torch.cuda.get_device_name()} has {major}.{minor}; render on the CPU (the CPU backend) or with "
-            "backend='reference'"
+            f"{torch.cuda.get_device_name()} has {'.'.join(map(str, capability))}; render on the CPU (the CPU "
+            "backend) or with backend='reference'"
         )
     try:
         from fit3d_hf import _C  # prebuilt by setup.py
