@@ -50,8 +50,9 @@ def show(action, top):
             where = f"{info.file_name().split('/')[-1]}:{info.line()}" if info is not None else "?"
             lines[where][name] += value
             if name == "inst_executed":
-                sass = action.sass_by_pc(pc) or "?"
-                opcodes[sass.split()[0] if sass.split() else "?"]["inst_executed"] += value
+                # the opcode: the first word that is not a predicate guard (@P0, @!P1)
+                words = [word for word in (action.sass_by_pc(pc) or "?").split() if not word.startswith("@")]
+                opcodes[words[0] if words else "?"]["inst_executed"] += value
     totals = {name: sum(values.values()) for name, values in per_pc.items()}
     print("totals:", totals)  # noqa: T201
     key = "inst_executed"
