@@ -174,9 +174,7 @@ __global__ void __launch_bounds__(BLOCK_SIZE, 2) rasterize_bwd_kernel(RasterizeA
         *reinterpret_cast<float4*>(my_g) = v;
     }
     const float* my_features = nullptr;  // channel c0 of the launch (a feature) of this pixel
-    if (inside && a.v_features != nullptr)
-        my_features = a.v_features + int64_t(b) * a.F * hw + (a.channel_begin + c0 - 4) * a.v_features_channel_stride +
-                      pix * a.v_features_pixel_stride;
+    if (inside && a.v_features != nullptr) my_features = feature_grad_source(a, b, a.channel_begin + c0, pix);
     for (int c = c0; c < cp; c += 8) {
         float v[8];
 #pragma unroll
