@@ -8,10 +8,16 @@
 #   ncu      Nsight Compute reports of both blending kernels (benchmark scene) and of the backward at Stage I's
 #            density, read per source line (benchmarks/ncu_lines.py)
 # Options: RASTER_ARGS (default --quick), TESTS (test paths) and TESTS_TIMEOUT, FINETUNE_ARGS and FINETUNE_TIMEOUT,
-# LIFT_N (default 1000000). Logs and JSON lines go to $OUT.
+# LIFT_N (default 1000000); AB_PATCH (a patch file) and AB_STAGES: after the stages, apply the patch, rebuild and
+# run AB_STAGES again, an A/B comparison on one machine. Logs and JSON lines go to $LOGS; where the device tool sets
+# $OUT (it returns at most 8 files), they come back as one $OUT/logs.tgz (Nsight reports left out).
 set -uo pipefail
-OUT="${OUT:-benchmarks/results/device_all}"
-mkdir -p "$OUT"
+LOGS="${LOGS:-benchmarks/results/device_all}"
+mkdir -p "$LOGS"
+OUT_DIR="${OUT:-}"
+OUT="$LOGS"
+# the logs come back even when the device tool's time limit ends the run
+[ -n "$OUT_DIR" ] && trap 'tar czf "$OUT_DIR/logs.tgz" --exclude="*.ncu-rep" -C "$LOGS" .' EXIT
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" PYTHONUNBUFFERED=1
 export FIT3D_HF_NO_JIT=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PY="${PYTHON:-python3}"
@@ -25,7 +31,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 start=$(date +%s)
 if ! "$PY" setup.py build_ext --inplace >>"$OUT/setup.log" 2>&1; then tail -n 60 "$OUT/setup.log"; echo BUILD FAILED; exit 1; fi
 echo "== built in $(( $(date +%s) - start )) s"
-for stage in $STAGES; do
+run_stages() {
+for stage in "$@"; do
     t0=$(date +%s)
     echo "== $stage"
     case "$stage" in
@@ -78,4 +85,17 @@ for stage in $STAGES; do
     esac
     echo "== $stage took $(( $(date +%s) - t0 )) s"
 done
+}
+# shellcheck disable=SC2086
+run_stages $STAGES
+if [ -n "${AB_PATCH:-}" ]; then
+    echo "== applying $AB_PATCH"
+    if patch -p1 <"$AB_PATCH" >>"$OUT/setup.log" 2>&1 && "$PY" setup.py build_ext --inplace >>"$OUT/setup.log" 2>&1; then
+        OUT="$LOGS/ab" && mkdir -p "$OUT"
+        # shellcheck disable=SC2086
+        run_stages ${AB_STAGES:-$STAGES}
+    else
+        tail -n 60 "$LOGS/setup.log"; echo "AB BUILD FAILED"
+    fi
+fi
 echo "== done in $(( $(date +%s) - start )) s"
