@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .render import feature_l1
+from .render._backend import load_extension
 
 __all__ = ["masked_l1", "psnr", "ssim", "upsampled_feature_l1"]
 
@@ -30,6 +31,58 @@ def ssim(
     """Mean SSIM of two `[B, C, H, W]` images in [0, 1] (the 3DGS variant: 11x11 Gaussian window,
     sigma 1.5, C1 = 0.01^2, C2 = 0.03^2, zero padding). Written here because it is a few lines and the
     training loss needs exactly this variant, differentiable, on any device.
+
+    Float32 CUDA images with the default window, whose target takes no gradient, go to a fused kernel of the
+    CUDA extension (rasterizer_cuda/ssim.cu: one launch forward and one backward, where the composed ops take
+    two convolutions and about 30 elementwise kernels each way); the gradient then reaches `prediction` only.
+    Elsewhere (the CPU, float64, other windows, a target that requires grad, no extension) the composed torch
+    ops of `_ssim_torch` compute it. Both agree to float32 rounding.
+    """
+    if _fused_ssim_applies(prediction, target, window_size, sigma) and load_extension() is not None:
+        return _FusedSSIM.apply(prediction.contiguous(), target.contiguous())
+    return _ssim_torch(prediction, target, window_size, sigma)
+
+
+def _fused_ssim_applies(
+    prediction: torch.Tensor, target: torch.Tensor, window_size: int, sigma: float
+) -> bool:
+    """Whether the CUDA kernel computes exactly what `_ssim_torch` would (it knows the default window only)."""
+    return (
+        window_size == 11
+        and sigma == 1.5
+        and prediction.is_cuda
+        and target.device == prediction.device
+        and prediction.dtype == torch.float32
+        and target.dtype == torch.float32
+        and prediction.dim() == 4
+        and prediction.shape == target.shape
+        and prediction.shape[2] > 0
+        and prediction.shape[3] > 0
+        and not target.requires_grad
+    )
+
+
+class _FusedSSIM(torch.autograd.Function):
+    """`ssim` by the CUDA extension's fused kernels (rasterizer_cuda/ssim.cu). The forward also returns, per
+    pixel, the SSIM map's derivatives w.r.t. the local means that the backward blurs back onto `prediction`."""
+
+    @staticmethod
+    def forward(ctx, prediction, target):
+        value, derivatives = load_extension().ssim_fwd(prediction, target)
+        ctx.save_for_backward(prediction, target, derivatives)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        prediction, target, derivatives = ctx.saved_tensors
+        grad_output = grad_output.float().reshape(1).contiguous()  # read on the device: no host sync
+        return load_extension().ssim_bwd(prediction, target, derivatives, grad_output), None
+
+
+def _ssim_torch(
+    prediction: torch.Tensor, target: torch.Tensor, window_size: int = 11, sigma: float = 1.5
+) -> torch.Tensor:
+    """`ssim` composed of torch ops, on any device and dtype.
 
     The window is separable, so the five local means are one column pass and one row pass of 11 taps over
     all five maps at once (with zero padding that equals the 11x11 window exactly, up to rounding).

@@ -48,6 +48,7 @@ SOURCES = (
     "rasterize_fwd.cu",
     "rasterize_bwd.cu",
     "feature_loss.cu",
+    "ssim.cu",
 )
 CPU_EXTENSION_NAME = "fit3d_hf._C_cpu"
 CPU_JIT_NAME = "fit3d_hf_rasterizer_cpu"

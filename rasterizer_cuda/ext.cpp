@@ -17,6 +17,8 @@
 
 #include "constants.h"
 #include "ops.h"
+#include "sh_math.h"
+#include "ssim.h"
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
@@ -219,54 +221,60 @@ std::tuple<Tensor, Tensor, Tensor> project_bwd(const Tensor& means, const Tensor
 }
 
 // ---- spherical harmonics ------------------------------------------------------------------------------
-Tensor sh_fwd(const Tensor& sh, const Tensor& means, const Tensor& viewmats, int64_t degree) {
+namespace {
+
+// The coefficients as one [N, K, 3] tensor `sh_dc` (no `sh_rest`), or as 3DGS's two parameters, the DC terms
+// [N, 1, 3] and the rest [N, K - 1, 3], read where they are (see ShArgs).
+fit3d::ShArgs sh_args(const Tensor& sh_dc, const OptTensor& sh_rest, const Tensor& means, const Tensor& viewmats,
+                      int64_t degree) {
     check_tensor(means, "means", {-1, 3});
-    check_tensor(sh, "sh", {means.size(0), -1, 3}, at::kFloat, &means);
+    const bool split = sh_rest.has_value() && sh_rest->defined();
+    check_tensor(sh_dc, split ? "sh_dc" : "sh", {means.size(0), split ? 1 : -1, 3}, at::kFloat, &means);
+    if (split) check_tensor(*sh_rest, "sh_rest", {means.size(0), -1, 3}, at::kFloat, &means);
     check_tensor(viewmats, "world_to_camera", {-1, 4, 4}, at::kFloat, &means);
-    FIT3D_CHECK(degree >= 0 && degree <= 3 && (degree + 1) * (degree + 1) <= sh.size(1),
-                "fit3d rasterizer: bad sh_degree ", degree);
-    const at::cuda::OptionalCUDAGuard guard(device_of(means));
-    const int64_t B = viewmats.size(0), N = means.size(0);
-    Tensor colors = torch::empty({B, N, 3}, means.options());
     fit3d::ShArgs a = {};
-    a.B = int(B);
-    a.N = int(N);
-    a.K = int(sh.size(1));
+    a.B = int(viewmats.size(0));
+    a.N = int(means.size(0));
+    const int K = int(split ? 1 + sh_rest->size(1) : sh_dc.size(1));
     a.degree = int(degree);
-    a.sh = sh.data_ptr<float>();
+    FIT3D_CHECK(degree >= 0 && degree <= 3 && (degree + 1) * (degree + 1) <= K, "fit3d rasterizer: bad sh_degree ",
+                degree, " for ", K, " coefficients");
+    // the backward stages a block's coefficients in shared memory (sh_bwd.cu); degree 3 uses 16 of them
+    FIT3D_CHECK(K <= 64, "fit3d rasterizer: sh must have at most 64 coefficients per channel, got ", K);
+    fit3d::set_sh_layout(a, split, K, sh_dc.data_ptr<float>(), split ? sh_rest->data_ptr<float>() : nullptr);
     a.means = means.data_ptr<float>();
     a.viewmats = viewmats.data_ptr<float>();
+    return a;
+}
+
+}  // namespace
+
+Tensor sh_fwd(const Tensor& sh_dc, const OptTensor& sh_rest, const Tensor& means, const Tensor& viewmats,
+              int64_t degree) {
+    fit3d::ShArgs a = sh_args(sh_dc, sh_rest, means, viewmats, degree);
+    const at::cuda::OptionalCUDAGuard guard(device_of(means));
+    Tensor colors = torch::empty({a.B, a.N, 3}, means.options());
     a.colors = colors.data_ptr<float>();
     check_cuda(fit3d::launch_sh_fwd(a, stream()), "sh_fwd");
     return colors;
 }
 
-std::tuple<Tensor, Tensor> sh_bwd(const Tensor& sh, const Tensor& means, const Tensor& viewmats, int64_t degree,
-                                  const Tensor& v_colors) {
-    check_tensor(means, "means", {-1, 3});
-    check_tensor(sh, "sh", {means.size(0), -1, 3}, at::kFloat, &means);
-    check_tensor(viewmats, "world_to_camera", {-1, 4, 4}, at::kFloat, &means);
-    check_tensor(v_colors, "v_colors", {viewmats.size(0), means.size(0), 3}, at::kFloat, &means);
-    FIT3D_CHECK(degree >= 0 && degree <= 3 && (degree + 1) * (degree + 1) <= sh.size(1),
-                "fit3d rasterizer: bad sh_degree ", degree);
-    // the backward stages a block's coefficients in shared memory (sh_bwd.cu); degree 3 uses 16 of them
-    FIT3D_CHECK(sh.size(1) <= 64, "fit3d rasterizer: sh must have at most 64 coefficients per channel, got ",
-                sh.size(1));
+// Returns the gradients of the coefficients in their layout (v_sh, None, v_means for one tensor; v_dc, v_rest,
+// v_means for two) and of the means.
+std::tuple<Tensor, OptTensor, Tensor> sh_bwd(const Tensor& sh_dc, const OptTensor& sh_rest, const Tensor& means,
+                                             const Tensor& viewmats, int64_t degree, const Tensor& v_colors) {
+    fit3d::ShArgs a = sh_args(sh_dc, sh_rest, means, viewmats, degree);
+    check_tensor(v_colors, "v_colors", {a.B, a.N, 3}, at::kFloat, &means);
     const at::cuda::OptionalCUDAGuard guard(device_of(means));
-    Tensor v_sh = torch::empty_like(sh), v_means = torch::empty_like(means);
-    fit3d::ShArgs a = {};
-    a.B = int(viewmats.size(0));
-    a.N = int(means.size(0));
-    a.K = int(sh.size(1));
-    a.degree = int(degree);
-    a.sh = sh.data_ptr<float>();
-    a.means = means.data_ptr<float>();
-    a.viewmats = viewmats.data_ptr<float>();
+    Tensor v_dc = torch::empty_like(sh_dc), v_means = torch::empty_like(means);
+    OptTensor v_rest;
+    if (sh_rest.has_value() && sh_rest->defined()) v_rest = torch::empty_like(*sh_rest);
     a.v_colors = v_colors.data_ptr<float>();
-    a.v_sh = v_sh.data_ptr<float>();
+    fit3d::set_sh_gradient_layout(a, v_rest.has_value(), v_dc.data_ptr<float>(),
+                                  v_rest.has_value() ? v_rest->data_ptr<float>() : nullptr);
     a.v_means = v_means.data_ptr<float>();
     check_cuda(fit3d::launch_sh_bwd(a, stream()), "sh_bwd");
-    return {v_sh, v_means};
+    return {v_dc, v_rest, v_means};
 }
 
 // ---- isect_tiles --------------------------------------------------------------------------------------
@@ -616,6 +624,60 @@ Tensor feature_l1_bwd(const Tensor& decoded, const Tensor& target, const OptTens
     return grad;
 }
 
+// ---- ssim ---------------------------------------------------------------------------------------------
+namespace {
+
+// The images' checks and the arguments both directions share (the 3DGS window: 11 taps, sigma 1.5).
+fit3d::SsimArgs ssim_args(const Tensor& prediction, const Tensor& target) {
+    check_tensor(prediction, "prediction", {-1, -1, -1, -1});
+    check_tensor(target, "target", {prediction.size(0), prediction.size(1), prediction.size(2), prediction.size(3)},
+                 at::kFloat, &prediction);
+    FIT3D_CHECK(prediction.size(2) > 0 && prediction.size(3) > 0, "fit3d ssim: the images must have pixels, got ",
+                prediction.sizes());
+    for (int64_t dim = 0; dim < 4; ++dim)  // ceil_div of the tile counts must not overflow an int
+        FIT3D_CHECK(prediction.size(dim) <= INT_MAX / 2, "fit3d ssim: images of size ", prediction.sizes(),
+                    " are too large");
+    fit3d::SsimArgs a = {};
+    a.B = int(prediction.size(0));
+    a.C = int(prediction.size(1));
+    a.H = int(prediction.size(2));
+    a.W = int(prediction.size(3));
+    fit3d::ssim_gaussian_taps(1.5, a.taps);
+    a.prediction = prediction.data_ptr<float>();
+    a.target = target.data_ptr<float>();
+    a.inv_count = float(1.0 / double(std::max<int64_t>(prediction.numel(), 1)));
+    return a;
+}
+
+}  // namespace
+
+// Mean SSIM of prediction and target (a 0-d tensor) and the derivatives [3, B, C, H, W] that ssim_bwd reads.
+std::tuple<Tensor, Tensor> ssim_fwd(const Tensor& prediction, const Tensor& target) {
+    fit3d::SsimArgs a = ssim_args(prediction, target);
+    const at::cuda::OptionalCUDAGuard guard(device_of(prediction));
+    Tensor derivatives = torch::empty({3, a.B, a.C, a.H, a.W}, prediction.options());
+    Tensor partials = torch::empty({fit3d::ssim_blocks(a)}, prediction.options());
+    a.derivatives = derivatives.data_ptr<float>();
+    a.partials = partials.data_ptr<float>();
+    check_cuda(fit3d::launch_ssim_fwd(a, stream()), "ssim forward");
+    // per-block sums, added up by torch: a fixed order, so the value is the same on every run
+    return {partials.sum() / double(prediction.numel()), derivatives};
+}
+
+// The gradient of grad_output * mean SSIM w.r.t. prediction (the target receives none).
+Tensor ssim_bwd(const Tensor& prediction, const Tensor& target, const Tensor& derivatives, const Tensor& grad_output) {
+    fit3d::SsimArgs a = ssim_args(prediction, target);
+    check_tensor(derivatives, "derivatives", {3, a.B, a.C, a.H, a.W}, at::kFloat, &prediction);
+    check_tensor(grad_output, "grad_output", {1}, at::kFloat, &prediction);
+    const at::cuda::OptionalCUDAGuard guard(device_of(prediction));
+    Tensor grad = torch::empty_like(prediction);
+    a.derivatives = derivatives.data_ptr<float>();
+    a.grad_output = grad_output.data_ptr<float>();
+    a.grad = grad.data_ptr<float>();
+    check_cuda(fit3d::launch_ssim_bwd(a, stream()), "ssim backward");
+    return grad;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "fit3d-hf CUDA rasterizer of RGB, depth and feature channels (see fit3d_hf/render/_wrapper.py)";
     m.def("project_fwd", &project_fwd);
@@ -628,4 +690,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("feature_l1_fwd", &feature_l1_fwd);
     m.def("feature_l1_bwd", &feature_l1_bwd);
     m.attr("TILE_SIZE") = fit3d::TILE_SIZE;
+    m.def("ssim_fwd", &ssim_fwd);
+    m.def("ssim_bwd", &ssim_bwd);
 }

@@ -40,14 +40,20 @@ cudaError_t launch_project_bwd(const ProjectArgs& args, cudaStream_t stream);
 
 // ---- spherical_harmonics: view-dependent colour (sh_fwd.cu / sh_bwd.cu) ---------------------------------
 struct ShArgs {
-    int B, N, K, degree;    // K coefficients per channel, K >= (degree + 1)^2
-    const float* sh;        // [N, K, 3]
-    const float* means;     // [N, 3]
-    const float* viewmats;  // [B, 4, 4]
-    float* colors;          // [B, N, 3] forward output
-    const float* v_colors;  // [B, N, 3] backward input
-    float* v_sh;            // [N, K, 3] backward output (fully written)
-    float* v_means;         // [N, 3] backward output (fully written)
+    int B, N, K, degree;  // K coefficients per channel (the DC term and K - 1 more), K >= (degree + 1)^2
+    // Gaussian g's coefficient 0 is at sh_dc + g * dc_stride, its coefficients 1..K-1 at sh_rest + g * rest_stride
+    // (see sh_coefficients): one [N, K, 3] tensor (sh_rest = sh_dc + 3, both strides K * 3), or 3DGS's two
+    // parameters [N, 1, 3] and [N, K - 1, 3], read in place instead of concatenated at every iteration
+    const float* sh_dc;
+    const float* sh_rest;
+    int64_t dc_stride, rest_stride;  // floats per Gaussian; the gradients v_dc / v_rest have the same layout
+    const float* means;              // [N, 3]
+    const float* viewmats;           // [B, 4, 4]
+    float* colors;                   // [B, N, 3] forward output
+    const float* v_colors;           // [B, N, 3] backward input
+    float* v_dc;                     // backward outputs (fully written)
+    float* v_rest;
+    float* v_means;  // [N, 3] backward output (fully written)
 };
 cudaError_t launch_sh_fwd(const ShArgs& args, cudaStream_t stream);
 cudaError_t launch_sh_bwd(const ShArgs& args, cudaStream_t stream);

@@ -29,6 +29,31 @@ __host__ __device__ inline ViewDirection view_direction(const float* viewmat, co
     return d;
 }
 
+// The coefficients' layout (see ShArgs): one [N, K, 3] tensor at `dc` (split false), or the DC terms [N, 1, 3] at
+// `dc` and the K - 1 others [N, K - 1, 3] at `rest` (split true); the gradients, at `v_dc` and `v_rest`, alike.
+inline void set_sh_layout(ShArgs& a, bool split, int K, const float* dc, const float* rest) {
+    a.K = K;
+    a.sh_dc = dc;
+    a.sh_rest = split ? rest : dc + 3;
+    a.dc_stride = split ? 3 : int64_t(K) * 3;
+    a.rest_stride = split ? int64_t(K - 1) * 3 : int64_t(K) * 3;
+}
+inline void set_sh_gradient_layout(ShArgs& a, bool split, float* v_dc, float* v_rest) {
+    a.v_dc = v_dc;
+    a.v_rest = split ? v_rest : v_dc + 3;
+}
+
+// Coefficient k (3 floats, one per channel) of Gaussian g, and where its gradient goes (see ShArgs).
+__host__ __device__ inline int64_t sh_offset(const ShArgs& a, int g, int k) {
+    return k == 0 ? int64_t(g) * a.dc_stride : int64_t(g) * a.rest_stride + (k - 1) * 3;
+}
+__host__ __device__ inline const float* sh_coefficient(const ShArgs& a, int g, int k) {
+    return (k == 0 ? a.sh_dc : a.sh_rest) + sh_offset(a, g, k);
+}
+__host__ __device__ inline float* sh_gradient(const ShArgs& a, int g, int k) {
+    return (k == 0 ? a.v_dc : a.v_rest) + sh_offset(a, g, k);
+}
+
 // Colour of one (camera, Gaussian) pair (`index` = camera * N + Gaussian). The SH degree is a template
 // argument so that the basis and the coefficient loops unroll into registers: with a run-time degree the
 // arrays below lived in local memory and the backward kernel took 1.26 ms for 1M Gaussians on an H100.
@@ -40,19 +65,21 @@ __host__ __device__ inline void sh_fwd_one(const ShArgs& a, int64_t index) {
     const ViewDirection d = view_direction(a.viewmats + b * 16, a.means + g * 3);
     float basis[16];
     sh_basis(DEG, d.x, d.y, d.z, basis);
-    const float* sh = a.sh + int64_t(g) * a.K * 3;
+    float v[3] = {0.f, 0.f, 0.f};
 #pragma unroll
-    for (int c = 0; c < 3; ++c) {
-        float v = 0.f;
+    for (int k = 0; k < n_basis; ++k) {
+        const float* sh = sh_coefficient(a, g, k);
 #pragma unroll
-        for (int k = 0; k < n_basis; ++k) v += basis[k] * sh[k * 3 + c];
-        a.colors[index * 3 + c] = fmaxf(v + 0.5f, 0.f);
+        for (int c = 0; c < 3; ++c) v[c] += basis[k] * sh[c];
     }
+#pragma unroll
+    for (int c = 0; c < 3; ++c) a.colors[index * 3 + c] = fmaxf(v[c] + 0.5f, 0.f);
 }
 
 // Backward of the colours of Gaussian `g`, over all cameras (no atomics). Its coefficients are read from `sh_g`
-// and their gradients written to `v_sh_g` (both `[K, 3]`, coefficient k, channel c at k * 3 + c, K = a.K;
-// gradients are zero past the degree's basis): global memory on the CPU, a shared-memory staging area on the GPU.
+// and the gradients of the degree's (DEG + 1)^2 coefficients written to `v_sh_g` (coefficient k, channel c at
+// k * 3 + c; those of any further coefficients are zero, written by the callers): local copies on the CPU, a
+// shared-memory staging area on the GPU.
 template <int DEG>
 __host__ __device__ inline void sh_bwd_core(const ShArgs& a, int g, const float* sh_g, float* v_sh_g) {
     constexpr int n_basis = (DEG + 1) * (DEG + 1);
@@ -96,15 +123,19 @@ __host__ __device__ inline void sh_bwd_core(const ShArgs& a, int g, const float*
     for (int k = 0; k < n_basis; ++k)
 #pragma unroll
         for (int c = 0; c < 3; ++c) v_sh_g[k * 3 + c] = v_sh[k][c];
-    for (int k = n_basis; k < a.K; ++k)
-        for (int c = 0; c < 3; ++c) v_sh_g[k * 3 + c] = 0.f;
     for (int c = 0; c < 3; ++c) a.v_means[g * 3 + c] = v_mean[c];
 }
 
-// The backward of one Gaussian, straight from and to the `[N, K, 3]` tensors (the CPU extension's loop).
+// The backward of one Gaussian through local copies of its coefficients (the CPU extension's loop).
 template <int DEG>
 __host__ __device__ inline void sh_bwd_one(const ShArgs& a, int g) {
-    sh_bwd_core<DEG>(a, g, a.sh + int64_t(g) * a.K * 3, a.v_sh + int64_t(g) * a.K * 3);
+    constexpr int n_basis = (DEG + 1) * (DEG + 1);
+    float sh_g[n_basis * 3], v_sh_g[n_basis * 3];
+    for (int k = 0; k < n_basis; ++k)
+        for (int c = 0; c < 3; ++c) sh_g[k * 3 + c] = sh_coefficient(a, g, k)[c];
+    sh_bwd_core<DEG>(a, g, sh_g, v_sh_g);
+    for (int k = 0; k < a.K; ++k)
+        for (int c = 0; c < 3; ++c) sh_gradient(a, g, k)[c] = k < n_basis ? v_sh_g[k * 3 + c] : 0.f;
 }
 
 // Calls `body(std::integral_constant<int, degree>{})` for an SH degree of 0..3 (checked by ext.cpp): the

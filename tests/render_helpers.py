@@ -16,7 +16,17 @@ import torch
 
 from fit3d_hf.render import render
 
-__all__ = ["FWD", "GRAD", "NAMES", "assert_matches", "cameras", "compare_render", "loss_weights", "scene"]
+__all__ = [
+    "FWD",
+    "GRAD",
+    "NAMES",
+    "assert_matches",
+    "cameras",
+    "compare_render",
+    "loss_weights",
+    "scene",
+    "sh_parts_and_joined",
+]
 
 # Tolerances: float32 compiled backend vs float64 reference, calibrated on an H100 (torch 2.11 + CUDA 13.0),
 # where the forward's rel L2 was <= 6.5e-5 (one pixel whose alpha flipped at the 1/255 threshold, |err| 3e-3,
@@ -161,3 +171,26 @@ def feature_grads_planar_and_channels_last(device: str, n_features: int = 24):
         assert grad_image.is_contiguous(memory_format=layout)
         grads.append(torch.autograd.grad(out.features, leaves, grad_outputs=grad_image))
     return grads
+
+
+def sh_parts_and_joined(device: str, backend: str):
+    """Renders the same SH colours given as one `[N, 16, 3]` tensor and as the pair (DC `[N, 1, 3]`, rest
+    `[N, 15, 3]`) at each degree; yields `(degree, joined, split)`, each `(rgb image, grad of the coefficients
+    [N, 16, 3], grad of the means)` (the pair's gradients concatenated)."""
+    means, quats, scales, opacities, sh, features = scene(700, 3, seed=41, device=device, sh_coeffs=16)
+    K, w2c = cameras(2, 48, 40, device)
+    weights = torch.randn(2, 3, 40, 48, generator=torch.Generator().manual_seed(3)).to(device)
+    for degree in range(4):
+        results = []
+        for split in (False, True):
+            leaves = [t.clone().requires_grad_(True) for t in (means, sh[:, :1], sh[:, 1:])]
+            colors = (leaves[1], leaves[2]) if split else torch.cat(leaves[1:], dim=1)
+            out = render(
+                leaves[0], quats, scales, opacities, colors, features, K, w2c, 48, 40,
+                sh_degree=degree, backend=backend,
+            )  # fmt: skip
+            (out.rgb * weights).sum().backward()
+            results.append(
+                (out.rgb.detach(), torch.cat([leaves[1].grad, leaves[2].grad], dim=1), leaves[0].grad)
+            )
+        yield degree, *results

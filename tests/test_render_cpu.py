@@ -11,7 +11,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from render_helpers import FWD, GRAD, NAMES, assert_matches, cameras, compare_render, loss_weights, scene
+from render_helpers import (
+    FWD,
+    GRAD,
+    NAMES,
+    assert_matches,
+    cameras,
+    compare_render,
+    loss_weights,
+    scene,
+    sh_parts_and_joined,
+)
 
 from fit3d_hf.render import _backend, _reference, _wrapper, backend, render
 from fit3d_hf.render import rasterize as rasterize_module
@@ -230,6 +240,42 @@ def test_spherical_harmonics_op_matches_reference():
                 assert_matches(f"grad {name} (degree {degree})", a, b, **GRAD)
             else:
                 assert torch.count_nonzero(a) == 0
+
+
+def test_sh_parameter_pair_renders_like_the_joined_coefficients():
+    """3DGS's two SH parameters, read in place, give the images and gradients of their concatenation exactly."""
+    for degree, joined, split in sh_parts_and_joined("cpu", "cpu"):
+        assert torch.equal(joined[0], split[0]), f"rgb differs at degree {degree}"
+        # the rasterizer's gradients are summed in no fixed order (atomics): equal up to float32 rounding of sums
+        for name, a, b in zip(("grad sh", "grad means"), joined[1:], split[1:], strict=True):
+            scale = a.abs().amax().item()
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * scale, msg=f"{name} at degree {degree}")
+        used = (degree + 1) ** 2
+        assert split[1][:, :used].abs().amax() > 0 and torch.count_nonzero(split[1][:, used:]) == 0
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_sh_parameter_pair_is_checked(backend):
+    means, quats, scales, opacities, sh, features = scene(10, 2, seed=4, device="cpu", sh_coeffs=16)
+    K, w2c = cameras(1, 16, 16, "cpu")
+
+    def call(colors, **kwargs):
+        return render(
+            means, quats, scales, opacities, colors, features, K, w2c, 16, 16, backend=backend, **kwargs
+        )
+
+    with pytest.raises(
+        ValueError, match=r"colors\[1\] \(SH higher orders\) must have shape \(10, K - 1, 3\)"
+    ):
+        call((sh[:, :1], sh[:9, 1:]))
+    with pytest.raises(ValueError, match=r"colors\[0\] \(SH DC terms\) must have shape \(10, 1, 3\)"):
+        call((sh[:, :2], sh[:, 2:]))
+    with pytest.raises(ValueError, match=r"must be a pair"):
+        call((sh[:, :1], sh[:, 1:4], sh[:, 4:]))
+    with pytest.raises(ValueError, match=r"sh_degree=2 needs 9 SH coefficients, colors has 4"):
+        call((sh[:, :1], sh[:, 1:4]), sh_degree=2)
+    out = call((sh[:, :1], sh[:, 1:4]))  # 4 coefficients: degree 1
+    assert torch.allclose(out.rgb, call(sh[:, :4].contiguous()).rgb, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("n_features,route", [(5, False), (5, True), (150, False), (150, True)])

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from render_helpers import FWD, GRAD, NAMES, compare_render
+from render_helpers import FWD, GRAD, NAMES, compare_render, sh_parts_and_joined
 from render_helpers import assert_matches as _assert_matches
 from render_helpers import cameras as _cameras
 from render_helpers import loss_weights as _loss_weights
@@ -181,6 +181,18 @@ def test_spherical_harmonics_op_matches_reference(coeffs):
                 assert torch.count_nonzero(a) == 0
 
 
+def test_sh_parameter_pair_renders_like_the_joined_coefficients():
+    """3DGS's two SH parameters, read in place, give the images and gradients of their concatenation exactly."""
+    for degree, joined, split in sh_parts_and_joined("cuda", "cuda"):
+        assert torch.equal(joined[0], split[0]), f"rgb differs at degree {degree}"
+        # the rasterizer's gradients are summed in no fixed order (atomics): equal up to float32 rounding of sums
+        for name, a, b in zip(("grad sh", "grad means"), joined[1:], split[1:], strict=True):
+            scale = a.abs().amax().item()
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * scale, msg=f"{name} at degree {degree}")
+        used = (degree + 1) ** 2
+        assert split[1][:, :used].abs().amax() > 0 and torch.count_nonzero(split[1][:, used:]) == 0
+
+
 @pytest.mark.parametrize("n_features,route", [(5, False), (5, True), (150, False), (150, True)])
 def test_rasterize_op_matches_reference(n_features, route):
     """Same projected inputs into both rasterizers: isolates compositing, binning and its backward."""
@@ -262,7 +274,7 @@ def _extension_checks_shapes_and_devices():
         ext.project_fwd(means, quats, scales, opacities, w2c, K, 40, 30, 0.0, 1e10)
     with pytest.raises(ValueError, match=r"at most 64 coefficients per channel, got 65"):
         sh = torch.zeros(50, 65, 3, device="cuda")
-        ext.spherical_harmonics_bwd(sh, means, w2c, 3, torch.zeros(2, 50, 3, device="cuda"))
+        ext.spherical_harmonics_bwd(sh, None, means, w2c, 3, torch.zeros(2, 50, 3, device="cuda"))
     m2d, con, dep, radii = ext.project_fwd(means, quats, scales, opacities, w2c, K, 40, 30, 0.01, 1e10)
     with pytest.raises(ValueError, match=r"radii must have shape \[2, 50\]"):
         ext.isect_tiles(m2d, con, opacities, dep, radii[:1].contiguous(), 40, 30, 0)
@@ -512,9 +524,10 @@ def test_a_channels_last_feature_gradient_is_read_in_place():
 
 @pytest.mark.parametrize("n_features", [64, 129])  # one backward pass; three, the last with a partial block
 def test_feature_gradients_keep_float32_accuracy(n_features):
-    """The feature channels' gradient, sum_p w_p g_p, is a tensor-core product of split TF32 operands; colour's is
-    summed in float32 FMAs. Fed the colour image's gradient, every feature triple must get the colours' gradient
-    to a relative L2 of 1e-5 (one TF32 product per term would be off by about 3e-4)."""
+    """The feature channels' gradient, sum_p w_p g_p, is a tensor-core product of split TF32 operands, per 8-channel
+    block over all pixels; colour's too, but per warp of 32 pixels, added up in shared memory. Fed the colour
+    image's gradient, every feature triple must get the colours' gradient to a relative L2 of 1e-5 (one TF32
+    product per term in either would be off by about 3e-4)."""
     width, height = 61, 45
     params = _scene(2000, n_features, seed=11, device="cuda")
     K, w2c = _cameras(2, width, height, "cuda")

@@ -432,7 +432,11 @@ def _good_args():
         (dict(means=torch.zeros(4, 2).double()), ValueError, r"means must have shape \(N, 3\), got \(4, 2\)"),
         (dict(quats=torch.zeros(5, 4).double()), ValueError, r"quats must have shape \(4, 4\).*got \(5, 4\)"),
         (dict(opacities=torch.zeros(4, 1).double()), ValueError, r"opacities must have shape \(4,\)"),
-        (dict(colors=torch.zeros(4)), ValueError, r"colors must have shape \(N, 3\) or SH"),
+        (
+            dict(colors=torch.zeros(4)),
+            ValueError,
+            r"colors must have shape \(N, 3\), SH coefficients \(N, K, 3\) or the pair",
+        ),
         (dict(features=torch.zeros(3, 2).double()), ValueError, r"features must have shape \(4, F\)"),
         (dict(K=torch.eye(3).double()), ValueError, r"K must have shape \(B, 3, 3\), got \(3, 3\)"),
         (

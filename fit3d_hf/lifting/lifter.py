@@ -103,8 +103,9 @@ class Lifter:
 
         g = self.gaussians
         with torch.set_grad_enabled(with_grad):
+            # the SH parameters as they are (the degree limits the terms used): no concatenation per iteration
             return render(
-                g.means, g.quats, g.scales, g.opacities, g.active_sh(), g.features,
+                g.means, g.quats, g.scales, g.opacities, (g.sh_dc, g.sh_rest), g.features,
                 self.data.K[view : view + 1], self.data.world_to_camera[view : view + 1],
                 self.data.width, self.data.height, sh_degree=g.active_sh_degree, near_plane=self.args.near_plane,
             )  # fmt: skip

@@ -14,7 +14,9 @@ __all__ = [
     "check_feature_l1_inputs",
     "check_image_and_planes",
     "check_image_size",
+    "check_sh_coefficients",
     "check_tensor",
+    "sh_parts",
 ]
 
 
@@ -75,6 +77,39 @@ def check_tensor(
     if device is not None and value.device != device:
         raise ValueError(f"{name} is on {value.device}, but {device_of} are on {device}")
     return value
+
+
+def sh_parts(sh: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
+    """(DC terms, rest) of SH coefficients given as a pair, or (the `[N, K, 3]` tensor, None)."""
+    if isinstance(sh, tuple | list):
+        return sh[0], sh[1]
+    return sh, None
+
+
+def check_sh_coefficients(
+    sh: object,
+    dims: MutableMapping[str, int],
+    dtypes: Iterable[torch.dtype],
+    device: torch.device | None = None,
+    name: str = "colors",
+) -> None:
+    """Checks SH coefficients, one `[N, K, 3]` tensor or the pair (DC terms `[N, 1, 3]`, the rest
+    `[N, K - 1, 3]`) in which 3DGS keeps them; binds N and K (the number of coefficients per channel)."""
+    if not isinstance(sh, tuple | list):
+        check_tensor(sh, f"{name} (SH)", ("N", "K", 3), dims, dtypes, device)
+        return
+    if len(sh) != 2:
+        raise ValueError(
+            f"{name} as SH parts must be a pair (DC terms [N, 1, 3], the rest [N, K - 1, 3]), got {len(sh)} tensors"
+        )
+    dc, rest = sh
+    check_tensor(dc, f"{name}[0] (SH DC terms)", ("N", 1, 3), dims, dtypes, device)
+    check_tensor(rest, f"{name}[1] (SH higher orders)", ("N", "K - 1", 3), dims, dtypes, device)
+    k = 1 + dims.pop("K - 1")
+    if dims.setdefault("K", k) != k:
+        raise ValueError(
+            f"{name} has {k} SH coefficients per channel, but {dims['K']} from an earlier argument"
+        )
 
 
 def check_image_size(width: object, height: object) -> None:

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from fit3d_hf.render import _reference, _wrapper
 from fit3d_hf.render._backend import cpu_extension_error, extension_error, load_cpu_extension, load_extension
-from fit3d_hf.render._checks import check_image_and_planes, check_tensor
+from fit3d_hf.render._checks import check_image_and_planes, check_sh_coefficients, check_tensor
 
 __all__ = ["RenderOutput", "backend", "render"]
 
@@ -114,15 +114,15 @@ def _choose_backend(requested: str | None, device: torch.device, dtype: torch.dt
     return "reference"
 
 
-def _resolve_sh_degree(colors: Tensor, sh_degree: int | None) -> int | None:
-    """None for plain colours `[N, 3]`; the SH degree for coefficients `[N, K, 3]`."""
-    if colors.dim() == 2:
+def _resolve_sh_degree(colors: Tensor | tuple[Tensor, Tensor], sh_degree: int | None) -> int | None:
+    """None for plain colours `[N, 3]`; the SH degree for coefficients `[N, K, 3]` (or their two parts)."""
+    if isinstance(colors, Tensor) and colors.dim() == 2:
         if sh_degree is not None:
             raise ValueError(
                 f"sh_degree={sh_degree} needs SH coefficients colors [N, K, 3], got {tuple(colors.shape)}"
             )
         return None
-    n_coeffs = colors.shape[1]
+    n_coeffs = 1 + colors[1].shape[1] if isinstance(colors, tuple | list) else colors.shape[1]
     if sh_degree is None:
         sh_degree = math.isqrt(n_coeffs) - 1
         if (sh_degree + 1) ** 2 != n_coeffs:
@@ -162,10 +162,16 @@ def _validate(
     check_tensor(quats, "quats", ("N", 4), dims, dtypes, device)
     check_tensor(scales, "scales", ("N", 3), dims, dtypes, device)
     check_tensor(opacities, "opacities", ("N",), dims, dtypes, device)
-    if not isinstance(colors, Tensor) or colors.dim() not in (2, 3):
+    if isinstance(colors, Tensor) and colors.dim() == 2:
+        check_tensor(colors, "colors", ("N", 3), dims, dtypes, device)
+    elif isinstance(colors, tuple | list) or (isinstance(colors, Tensor) and colors.dim() == 3):
+        check_sh_coefficients(colors, dims, dtypes, device)
+    else:
         shape = tuple(colors.shape) if isinstance(colors, Tensor) else type(colors).__name__
-        raise ValueError(f"colors must have shape (N, 3) or SH coefficients (N, K, 3), got {shape}")
-    check_tensor(colors, "colors", ("N", 3) if colors.dim() == 2 else ("N", "K", 3), dims, dtypes, device)
+        raise ValueError(
+            f"colors must have shape (N, 3), SH coefficients (N, K, 3) or the pair (N, 1, 3), (N, K - 1, 3); "
+            f"got {shape}"
+        )
     if features is None:
         features = means.new_zeros(dims["N"], 0)
     check_tensor(features, "features", ("N", "F"), dims, dtypes, device)
@@ -182,7 +188,7 @@ def render(
     quats: Tensor,  # [N, 4]
     scales: Tensor,  # [N, 3]
     opacities: Tensor,  # [N]
-    colors: Tensor,  # [N, 3] or [N, K, 3]
+    colors: Tensor | tuple[Tensor, Tensor],  # [N, 3], [N, K, 3] or ([N, 1, 3], [N, K - 1, 3])
     features: Tensor | None,  # [N, F]
     K: Tensor,  # [B, 3, 3]
     world_to_camera: Tensor,  # [B, 4, 4]
@@ -216,7 +222,9 @@ def render(
         scales: `[N, 3]` activated scales (standard deviations).
         opacities: `[N]` activated opacities in [0, 1].
         colors: `[N, 3]` RGB, or `[N, K, 3]` SH coefficients (colour = SH along the view direction from the
-            camera centre, + 0.5, clamped at 0).
+            camera centre, + 0.5, clamped at 0), or those coefficients as 3DGS's two parameters, the pair
+            (DC terms `[N, 1, 3]`, the rest `[N, K - 1, 3]`), which the compiled backends read without
+            concatenating them.
         features: `[N, F]` features (F chosen at run time; may be 0) or None.
         K: `[B, 3, 3]` intrinsics.
         world_to_camera: `[B, 4, 4]` poses; all B cameras share `width` x `height`.
@@ -277,6 +285,8 @@ def render(
     means2d, conics, depths, radii = project(
         means, quats, scales, opacities, world_to_camera, K, width, height, near_plane, far_plane
     )
+    if not compiled and isinstance(colors, tuple | list):
+        colors = torch.cat(tuple(colors), dim=1)  # the reference takes one [N, K, 3] tensor
     rgb = colors if sh_degree is None else spherical_harmonics(colors, means, world_to_camera, sh_degree)
     images = rasterize(
         means2d,

@@ -25,6 +25,7 @@
 
 #include "constants.h"
 #include "cpu/ops_cpu.h"
+#include "sh_math.h"
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
@@ -190,18 +191,23 @@ std::tuple<Tensor, Tensor, Tensor> project_bwd(const Tensor& means, const Tensor
 // ---- spherical harmonics ------------------------------------------------------------------------------
 namespace {
 
-fit3d::ShArgs sh_args(const Tensor& sh, const Tensor& means, const Tensor& viewmats, int64_t degree) {
+// The coefficients as one [N, K, 3] tensor `sh_dc` (no `sh_rest`), or as the DC terms [N, 1, 3] and the rest
+// [N, K - 1, 3] (see ShArgs).
+fit3d::ShArgs sh_args(const Tensor& sh_dc, const OptTensor& sh_rest, const Tensor& means, const Tensor& viewmats,
+                      int64_t degree) {
     check_tensor(means, "means", {-1, 3});
-    check_tensor(sh, "sh", {means.size(0), -1, 3});
+    const bool split = sh_rest.has_value() && sh_rest->defined();
+    check_tensor(sh_dc, split ? "sh_dc" : "sh", {means.size(0), split ? 1 : -1, 3});
+    if (split) check_tensor(*sh_rest, "sh_rest", {means.size(0), -1, 3});
     check_tensor(viewmats, "world_to_camera", {-1, 4, 4});
-    FIT3D_CHECK(degree >= 0 && degree <= 3 && (degree + 1) * (degree + 1) <= sh.size(1),
-                "fit3d CPU rasterizer: bad sh_degree ", degree, " for ", sh.size(1), " coefficients");
+    const int K = int(split ? 1 + sh_rest->size(1) : sh_dc.size(1));
+    FIT3D_CHECK(degree >= 0 && degree <= 3 && (degree + 1) * (degree + 1) <= K, "fit3d CPU rasterizer: bad sh_degree ",
+                degree, " for ", K, " coefficients");
     fit3d::ShArgs a = {};
     a.B = int(viewmats.size(0));
     a.N = int(means.size(0));
-    a.K = int(sh.size(1));
     a.degree = int(degree);
-    a.sh = sh.data_ptr<float>();
+    fit3d::set_sh_layout(a, split, K, sh_dc.data_ptr<float>(), split ? sh_rest->data_ptr<float>() : nullptr);
     a.means = means.data_ptr<float>();
     a.viewmats = viewmats.data_ptr<float>();
     return a;
@@ -209,24 +215,28 @@ fit3d::ShArgs sh_args(const Tensor& sh, const Tensor& means, const Tensor& viewm
 
 }  // namespace
 
-Tensor sh_fwd(const Tensor& sh, const Tensor& means, const Tensor& viewmats, int64_t degree) {
-    fit3d::ShArgs a = sh_args(sh, means, viewmats, degree);
+Tensor sh_fwd(const Tensor& sh_dc, const OptTensor& sh_rest, const Tensor& means, const Tensor& viewmats,
+              int64_t degree) {
+    fit3d::ShArgs a = sh_args(sh_dc, sh_rest, means, viewmats, degree);
     Tensor colors = at::empty({a.B, a.N, 3}, means.options());
     a.colors = colors.data_ptr<float>();
     fit3d::cpu::sh_fwd(a);
     return colors;
 }
 
-std::tuple<Tensor, Tensor> sh_bwd(const Tensor& sh, const Tensor& means, const Tensor& viewmats, int64_t degree,
-                                  const Tensor& v_colors) {
-    fit3d::ShArgs a = sh_args(sh, means, viewmats, degree);
+std::tuple<Tensor, OptTensor, Tensor> sh_bwd(const Tensor& sh_dc, const OptTensor& sh_rest, const Tensor& means,
+                                             const Tensor& viewmats, int64_t degree, const Tensor& v_colors) {
+    fit3d::ShArgs a = sh_args(sh_dc, sh_rest, means, viewmats, degree);
     check_tensor(v_colors, "v_colors", {a.B, a.N, 3});
-    Tensor v_sh = at::empty_like(sh), v_means = at::empty_like(means);
+    Tensor v_dc = at::empty_like(sh_dc), v_means = at::empty_like(means);
+    OptTensor v_rest;
+    if (sh_rest.has_value() && sh_rest->defined()) v_rest = at::empty_like(*sh_rest);
     a.v_colors = v_colors.data_ptr<float>();
-    a.v_sh = v_sh.data_ptr<float>();
+    fit3d::set_sh_gradient_layout(a, v_rest.has_value(), v_dc.data_ptr<float>(),
+                                  v_rest.has_value() ? v_rest->data_ptr<float>() : nullptr);
     a.v_means = v_means.data_ptr<float>();
     fit3d::cpu::sh_bwd(a);
-    return {v_sh, v_means};
+    return {v_dc, v_rest, v_means};
 }
 
 // ---- isect_tiles --------------------------------------------------------------------------------------

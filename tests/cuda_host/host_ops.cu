@@ -36,7 +36,8 @@ void host_project_bwd(int B, int N, int width, int height, const float* means, c
 void host_sh_fwd(int B, int N, int K, int degree, const float* sh, const float* means, const float* viewmats,
                  float* colors) {
     ShArgs a = {};
-    a.B = B; a.N = N; a.K = K; a.degree = degree; a.sh = sh; a.means = means; a.viewmats = viewmats;
+    a.B = B; a.N = N; a.degree = degree; a.means = means; a.viewmats = viewmats;
+    set_sh_layout(a, false, K, sh, nullptr);
     a.colors = colors;
     with_sh_degree(degree, [&](auto deg) {
         for (int64_t i = 0; i < int64_t(B) * N; ++i) sh_fwd_one<decltype(deg)::value>(a, i);
@@ -46,8 +47,10 @@ void host_sh_fwd(int B, int N, int K, int degree, const float* sh, const float* 
 void host_sh_bwd(int B, int N, int K, int degree, const float* sh, const float* means, const float* viewmats,
                  const float* v_colors, float* v_sh, float* v_means) {
     ShArgs a = {};
-    a.B = B; a.N = N; a.K = K; a.degree = degree; a.sh = sh; a.means = means; a.viewmats = viewmats;
-    a.v_colors = v_colors; a.v_sh = v_sh; a.v_means = v_means;
+    a.B = B; a.N = N; a.degree = degree; a.means = means; a.viewmats = viewmats;
+    set_sh_layout(a, false, K, sh, nullptr);
+    set_sh_gradient_layout(a, false, v_sh, nullptr);
+    a.v_colors = v_colors; a.v_means = v_means;
     with_sh_degree(degree, [&](auto deg) {
         for (int g = 0; g < N; ++g) sh_bwd_one<decltype(deg)::value>(a, g);
     });
