@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU issue's runs in one device call, from the repository root. Stages (env STAGES, space-separated):
+#   quick    QUICK_TESTS (CUDA test ids), to vet a kernel change first
 #   tests    CUDA tests (rasterizer, feature loss, pipeline) and, where timm is installed, the timm parity tests
+#            (TESTS_ONLY=1: TESTS alone)
 #   raster   benchmarks/rasterizer.py against gsplat 1.5.3 (default chunk and one pass) when .whl/ holds its wheel
 #   profile  per-kernel times, host time per call (benchmarks/profile_rasterizer.py)
 #   finetune benchmarks/finetune.py (Stage II step, 1 process; needs the datasets wheels in .whl/)
@@ -8,8 +10,8 @@
 #   ncu      Nsight Compute reports of both blending kernels (benchmark scene) and of the backward at Stage I's
 #            density, read per source line (benchmarks/ncu_lines.py)
 # Options: RASTER_ARGS (default --quick), TESTS (test paths) and TESTS_TIMEOUT, FINETUNE_ARGS and FINETUNE_TIMEOUT,
-# LIFT_N (default 1000000); AB_PATCH (a patch file) and AB_STAGES: after the stages, apply the patch, rebuild and
-# run AB_STAGES again, an A/B comparison on one machine. Logs and JSON lines go to $LOGS; where the device tool sets
+# LIFT_N (default 1000000); AB_PATCH (patch files) and AB_STAGES: after the stages, apply each patch in turn (on top
+# of the last), rebuild and run AB_STAGES again, an A/B comparison on one machine; FINAL_STAGES run last. Logs and JSON lines go to $LOGS; where the device tool sets
 # $OUT (it returns at most 8 files), they come back as one $OUT/logs.tgz (Nsight reports left out).
 set -uo pipefail
 LOGS="${LOGS:-benchmarks/results/device_all}"
@@ -40,10 +42,16 @@ for stage in "$@"; do
             # the extensions must link the shared libstdc++ (rasterizer_cuda/build.py says why)
             ldd fit3d_hf/_C.*.so fit3d_hf/_C_cpu.*.so | grep -E "^fit3d|libstdc" || echo "no shared libstdc++ linked"
             "$PY" -X faulthandler benchmarks/smoke_cuda.py 2>&1 | tail -n 25 ;;
+        quick)
+            # QUICK_TESTS: a few test ids that vet a kernel change before the long stages ("failed" in quick.log)
+            # shellcheck disable=SC2086
+            timeout 300 "$PY" -m pytest -m cuda ${QUICK_TESTS:-tests/test_render_cuda.py} -q -p no:cacheprovider -x \
+                2>&1 | tee "$OUT/quick.log" | tail -n 8 ;;
         tests)
             # shellcheck disable=SC2086
             timeout "${TESTS_TIMEOUT:-600}" "$PY" -m pytest -m cuda ${TESTS:-tests} -q -p no:cacheprovider -rf 2>&1 | tee "$OUT/tests.log" \
                 | grep -v -E "^  File|^Extension modules" | tail -n 25
+            [ -n "${TESTS_ONLY:-}" ] && continue
             "$PY" -m pytest tests/test_extension_runtime.py -q -p no:cacheprovider -rf 2>&1 | tee -a "$OUT/tests.log" \
                 | grep -v -E "^  File|^Extension modules" | tail -n 25
             if "$PY" -c "import timm" 2>/dev/null && ls tests/test_timm*.py >/dev/null 2>&1; then
@@ -88,14 +96,17 @@ done
 }
 # shellcheck disable=SC2086
 run_stages $STAGES
-if [ -n "${AB_PATCH:-}" ]; then
-    echo "== applying $AB_PATCH"
-    if patch -p1 <"$AB_PATCH" >>"$OUT/setup.log" 2>&1 && "$PY" setup.py build_ext --inplace >>"$OUT/setup.log" 2>&1; then
-        OUT="$LOGS/ab" && mkdir -p "$OUT"
+# shellcheck disable=SC2086
+for patch in ${AB_PATCH:-}; do
+    echo "== applying $patch"
+    if patch -p1 <"$patch" >>"$LOGS/setup.log" 2>&1 && "$PY" setup.py build_ext --inplace >>"$LOGS/setup.log" 2>&1; then
+        OUT="$LOGS/ab_$(basename "$patch" .patch)" && mkdir -p "$OUT"
         # shellcheck disable=SC2086
         run_stages ${AB_STAGES:-$STAGES}
     else
-        tail -n 60 "$LOGS/setup.log"; echo "AB BUILD FAILED"
+        tail -n 60 "$LOGS/setup.log"; echo "AB BUILD FAILED"; break
     fi
-fi
+done
+# shellcheck disable=SC2086
+[ -n "${FINAL_STAGES:-}" ] && run_stages $FINAL_STAGES
 echo "== done in $(( $(date +%s) - start )) s"
