@@ -52,7 +52,8 @@ __global__ void __launch_bounds__(SH_BWD_THREADS) sh_bwd_kernel(ShArgs a) {
     const int count = min(SH_BWD_THREADS, a.N - g0);
     // The block's coefficients: its stretch of each tensor, consecutive threads on consecutive floats, the DC
     // terms' (3 floats per Gaussian, at offset 0 of a row) then the rest's; a thread's loads go out before its
-    // stores (one at a time, each waited for, the kernel took 2.5 times as long on an H100)
+    // stores (element by element, through a branch between the two tensors, the kernel took 0.63 ms for 1M
+    // Gaussians on an H100; 0.39 ms so)
     stage_rows(a.sh_dc + int64_t(g0) * a.dc_stride, a.dc_stride, count, 0, 3, s_coeffs, stride);
     stage_rows(a.sh_rest + int64_t(g0) * a.rest_stride, a.rest_stride, count, 3, row - 3, s_coeffs, stride);
     __syncthreads();
