@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from render_helpers import FWD, GRAD, NAMES, compare_render, sh_parts_and_joined
+from render_helpers import FWD, GRAD, NAMES, assert_sh_parts_render_like_joined, compare_render
 from render_helpers import assert_matches as _assert_matches
 from render_helpers import cameras as _cameras
 from render_helpers import loss_weights as _loss_weights
@@ -183,14 +183,7 @@ def test_spherical_harmonics_op_matches_reference(coeffs):
 
 def test_sh_parameter_pair_renders_like_the_joined_coefficients():
     """3DGS's two SH parameters, read in place, give the images and gradients of their concatenation exactly."""
-    for degree, joined, split in sh_parts_and_joined("cuda", "cuda"):
-        assert torch.equal(joined[0], split[0]), f"rgb differs at degree {degree}"
-        # the rasterizer's gradients are summed in no fixed order (atomics): equal up to float32 rounding of sums
-        for name, a, b in zip(("grad sh", "grad means"), joined[1:], split[1:], strict=True):
-            scale = a.abs().amax().item()
-            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * scale, msg=f"{name} at degree {degree}")
-        used = (degree + 1) ** 2
-        assert split[1][:, :used].abs().amax() > 0 and torch.count_nonzero(split[1][:, used:]) == 0
+    assert_sh_parts_render_like_joined("cuda")
 
 
 @pytest.mark.parametrize("n_features,route", [(5, False), (5, True), (150, False), (150, True)])
