@@ -4,7 +4,7 @@ tensors, and the inputs of the fused feature loss."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 
 import torch
 from torch import Tensor
@@ -49,34 +49,45 @@ def check_tensor(
         ValueError: a wrong number of dimensions, a size that differs from `shape` or from an earlier
             argument, or another device.
     """
-    dtypes = tuple(dtypes)
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not isinstance(dtypes, tuple):
+        dtypes = tuple(dtypes)
     if value.dtype not in dtypes:
         allowed = " or ".join(str(d) for d in dtypes)
         raise TypeError(f"{name} must have dtype {allowed}, got {value.dtype}")
-    # the message is built only on failure (render() checks ten tensors per call), from the sizes bound before
-    known = dict(dims)
-
-    def pretty() -> str:
-        expected = tuple(known.get(d, d) if isinstance(d, str) else d for d in shape)
-        return "(" + ", ".join(str(d) for d in expected) + ("," if len(expected) == 1 else "") + ")"
-
-    if value.dim() != len(shape):
-        raise ValueError(f"{name} must have shape {pretty()}, got {tuple(value.shape)}")
-    for axis, (want, got) in enumerate(zip(shape, value.shape, strict=True)):
+    # render() checks ten tensors per call: the fast path binds sizes and compares, and the message (which shows
+    # the sizes bound before this call) is built only on failure
+    sizes = value.shape
+    if len(sizes) != len(shape):
+        raise ValueError(f"{name} must have shape {_expected(shape, dims)}, got {tuple(sizes)}")
+    bound_here = []
+    for axis, (want, got) in enumerate(zip(shape, sizes, strict=True)):
         if isinstance(want, str):
-            bound = dims.setdefault(want, got)
-            if bound != got:
+            bound = dims.get(want)
+            if bound is None:
+                dims[want] = got
+                bound_here.append(want)
+            elif bound != got:
+                before = {k: v for k, v in dims.items() if k not in bound_here}
                 raise ValueError(
-                    f"{name} must have shape {pretty()} ({want} = {bound} from an earlier argument), "
-                    f"got {tuple(value.shape)}"
+                    f"{name} must have shape {_expected(shape, before)} ({want} = {bound} from an earlier argument), "
+                    f"got {tuple(sizes)}"
                 )
         elif want != got:
-            raise ValueError(f"{name} must have shape {pretty()}, got {tuple(value.shape)} (axis {axis})")
+            before = {k: v for k, v in dims.items() if k not in bound_here}
+            raise ValueError(
+                f"{name} must have shape {_expected(shape, before)}, got {tuple(sizes)} (axis {axis})"
+            )
     if device is not None and value.device != device:
         raise ValueError(f"{name} is on {value.device}, but {device_of} are on {device}")
     return value
+
+
+def _expected(shape: tuple[int | str, ...], known: Mapping[str, int]) -> str:
+    """The expected shape for a message: named sizes replaced by their values where known."""
+    expected = tuple(known.get(d, d) if isinstance(d, str) else d for d in shape)
+    return "(" + ", ".join(str(d) for d in expected) + ("," if len(expected) == 1 else "") + ")"
 
 
 def sh_parts(sh: Tensor | tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor | None]:
