@@ -7,6 +7,7 @@
 #   profile  per-kernel times, host time per call (benchmarks/profile_rasterizer.py)
 #   finetune benchmarks/finetune.py (Stage II step, 1 process; needs the datasets wheels in .whl/)
 #   lift     benchmarks/profile_lift.py at LIFT_N Gaussians (Stage I iteration time split)
+#   liftfull benchmarks/lift.py, the whole Stage I of a 300-view scene from ~1M Gaussians (LIFT_COPIES)
 #   ncu      Nsight Compute reports of both blending kernels (benchmark scene) and of the backward at Stage I's
 #            density, read per source line (benchmarks/ncu_lines.py)
 # Options: RASTER_ARGS (default --quick), TESTS (test paths) and TESTS_TIMEOUT, FINETUNE_ARGS and FINETUNE_TIMEOUT,
@@ -87,6 +88,13 @@ for stage in "$@"; do
                 --import-source yes -o "$OUT/lift_bwd" "$PY" benchmarks/profile_lift.py --gaussians "${LIFT_N:-1000000}" \
                 --steps 1 >"$OUT/ncu_lift.log" 2>&1
             "$PY" benchmarks/ncu_lines.py "$OUT/lift_bwd.ncu-rep" --top 40 | tee "$OUT/ncu_lift_lines.txt" | head -n 50 ;;
+        liftfull)
+            # the whole Stage I of one synthetic scene (benchmarks/lift.py: 300 views, 30k iterations) from ~1M
+            # Gaussians (200k sparse points x LIFT_COPIES); generation ~3.5 min on 16 processes, training ~4.5 min:
+            # a call of its own, on the machine a previous call built on
+            timeout "${LIFT_TIMEOUT:-590}" "$PY" benchmarks/lift.py --views 300 --iterations 30000 --workers 16 \
+                --points_per_sample "${LIFT_COPIES:-5}" 2>"$OUT/lift_full.log" | tee "$OUT/lift_full.jsonl" \
+                || tail -n 20 "$OUT/lift_full.log" ;;
         lift)
             "$PY" benchmarks/profile_lift.py --gaussians "${LIFT_N:-1000000}" --steps 50 >"$OUT/lift_profile.txt" 2>&1
             head -n 45 "$OUT/lift_profile.txt" ;;
