@@ -190,7 +190,7 @@ class Lifter:
                 range(steps), desc=f"{data.scene_id}: refining the compressed colours", disable=not progress
             ):
                 view = self.next_view()
-                colours = torch.cat([dc, codebook[codes].view(len(codes), -1, 3)], dim=1)
+                colours = (dc, codebook[codes].view(len(codes), -1, 3))  # the SH pair, read in place
                 out = render(
                     *geometry, colours, None, data.K[view : view + 1], data.world_to_camera[view : view + 1],
                     data.width, data.height, sh_degree=g.active_sh_degree, render_depth=False, near_plane=args.near_plane,
