@@ -11,6 +11,7 @@ import torch
 
 from fit3d_hf.render import _constants, _reference, _reference_compositing, render
 from fit3d_hf.render._constants import MAX_ALPHA
+from fit3d_hf.render.rasterize import _validate, _well_formed
 from fit3d_hf.render.spec import rasterize_per_pixel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -426,41 +427,41 @@ def _good_args():
     )
 
 
-@pytest.mark.parametrize(
-    "change,error,pattern",
-    [
-        (dict(means=torch.zeros(4, 2).double()), ValueError, r"means must have shape \(N, 3\), got \(4, 2\)"),
-        (dict(quats=torch.zeros(5, 4).double()), ValueError, r"quats must have shape \(4, 4\).*got \(5, 4\)"),
-        (dict(opacities=torch.zeros(4, 1).double()), ValueError, r"opacities must have shape \(4,\)"),
-        (
-            dict(colors=torch.zeros(4)),
-            ValueError,
-            r"colors must have shape \(N, 3\), SH coefficients \(N, K, 3\) or the pair",
-        ),
-        (dict(features=torch.zeros(3, 2).double()), ValueError, r"features must have shape \(4, F\)"),
-        (dict(K=torch.eye(3).double()), ValueError, r"K must have shape \(B, 3, 3\), got \(3, 3\)"),
-        (
-            dict(world_to_camera=torch.eye(4).double()[None].repeat(2, 1, 1)),
-            ValueError,
-            r"world_to_camera.*B = 1",
-        ),
-        (
-            dict(scales=torch.zeros(4, 3, dtype=torch.int64)),
-            TypeError,
-            r"scales must have dtype torch.float64",
-        ),
-        (dict(means=torch.zeros(4, 3, dtype=torch.int32)), TypeError, r"means must have dtype"),
-        (dict(opacities=[0.5] * 4), TypeError, r"opacities must be a torch.Tensor, got list"),
-        (dict(width=0), ValueError, r"width must be a positive int, got 0"),
-        (dict(height=9.5), ValueError, r"height must be a positive int"),
-        (dict(near_plane=0.0), ValueError, r"near_plane"),
-        (dict(sh_degree=1), ValueError, r"sh_degree=1 needs SH coefficients"),
-        (dict(colors=torch.zeros(4, 5, 3).double()), ValueError, r"5 SH coefficients, not a square"),
-        (dict(backend="cuda"), ValueError, r"backend='cuda' needs CUDA tensors"),
-        (dict(backend="vulkan"), ValueError, r"backend must be one of"),
-        (dict(background=torch.zeros(4).double()), ValueError, r"background must have shape \(3,\)"),
-    ],
-)
+BAD_INPUTS = [
+    (dict(means=torch.zeros(4, 2).double()), ValueError, r"means must have shape \(N, 3\), got \(4, 2\)"),
+    (dict(quats=torch.zeros(5, 4).double()), ValueError, r"quats must have shape \(4, 4\).*got \(5, 4\)"),
+    (dict(opacities=torch.zeros(4, 1).double()), ValueError, r"opacities must have shape \(4,\)"),
+    (
+        dict(colors=torch.zeros(4)),
+        ValueError,
+        r"colors must have shape \(N, 3\), SH coefficients \(N, K, 3\) or the pair",
+    ),
+    (dict(features=torch.zeros(3, 2).double()), ValueError, r"features must have shape \(4, F\)"),
+    (dict(K=torch.eye(3).double()), ValueError, r"K must have shape \(B, 3, 3\), got \(3, 3\)"),
+    (
+        dict(world_to_camera=torch.eye(4).double()[None].repeat(2, 1, 1)),
+        ValueError,
+        r"world_to_camera.*B = 1",
+    ),
+    (
+        dict(scales=torch.zeros(4, 3, dtype=torch.int64)),
+        TypeError,
+        r"scales must have dtype torch.float64",
+    ),
+    (dict(means=torch.zeros(4, 3, dtype=torch.int32)), TypeError, r"means must have dtype"),
+    (dict(opacities=[0.5] * 4), TypeError, r"opacities must be a torch.Tensor, got list"),
+    (dict(width=0), ValueError, r"width must be a positive int, got 0"),
+    (dict(height=9.5), ValueError, r"height must be a positive int"),
+    (dict(near_plane=0.0), ValueError, r"near_plane"),
+    (dict(sh_degree=1), ValueError, r"sh_degree=1 needs SH coefficients"),
+    (dict(colors=torch.zeros(4, 5, 3).double()), ValueError, r"5 SH coefficients, not a square"),
+    (dict(backend="cuda"), ValueError, r"backend='cuda' needs CUDA tensors"),
+    (dict(backend="vulkan"), ValueError, r"backend must be one of"),
+    (dict(background=torch.zeros(4).double()), ValueError, r"background must have shape \(3,\)"),
+]
+
+
+@pytest.mark.parametrize("change,error,pattern", BAD_INPUTS)
 def test_bad_input_is_rejected(change, error, pattern):
     args = _good_args()
     args.update(change)
@@ -502,3 +503,44 @@ def test_constants_match_cuda_header():
     for name in _constants.__all__:
         assert name in values, f"{name} missing from constants.h"
         assert values[name] == pytest.approx(getattr(_constants, name), rel=1e-7), name
+
+
+_ORDER = ("means", "quats", "scales", "opacities", "colors", "features", "K", "world_to_camera", "width", "height",
+          "background", "near_plane", "far_plane")  # fmt: skip
+
+
+def _validation_arguments(**change):
+    args = {**_good_args(), "background": None, "near_plane": 0.01, "far_plane": 1e10, **change}
+    return [args[name] for name in _ORDER]
+
+
+@pytest.mark.parametrize("change,error,pattern", BAD_INPUTS)
+def test_the_fast_argument_check_passes_nothing_the_detailed_one_refuses(change, error, pattern):
+    """render() runs its detailed checks only when a fast test of the common form fails (rasterize._well_formed)."""
+    arguments = _validation_arguments(
+        **{k: v for k, v in change.items() if k != "backend" and k != "sh_degree"}
+    )
+    try:
+        _validate(*arguments)
+    except (TypeError, ValueError):
+        assert not _well_formed(*arguments)
+
+
+def test_the_fast_argument_check_takes_the_common_forms():
+    good = _good_args()
+    sh = torch.randn(4, 16, 3, dtype=torch.float64)
+    variants = [
+        {},
+        {"colors": sh},
+        {"colors": (sh[:, :1], sh[:, 1:])},
+        {"features": None},
+        {"background": torch.zeros(3, dtype=torch.float64)},
+        {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in good.items()},
+    ]
+    for change in variants:
+        arguments = _validation_arguments(**change)
+        assert _well_formed(*arguments), change.keys()
+        _validate(*arguments)  # accepts too
+    assert not _well_formed(
+        *_validation_arguments(colors=[sh[:, :1], sh[:, 1:]])
+    )  # a list: the detailed path
