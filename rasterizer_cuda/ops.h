@@ -42,7 +42,7 @@ cudaError_t launch_project_bwd(const ProjectArgs& args, cudaStream_t stream);
 struct ShArgs {
     int B, N, K, degree;  // K coefficients per channel (the DC term and K - 1 more), K >= (degree + 1)^2
     // Gaussian g's coefficient 0 is at sh_dc + g * dc_stride, its coefficients 1..K-1 at sh_rest + g * rest_stride
-    // (see sh_coefficients): one [N, K, 3] tensor (sh_rest = sh_dc + 3, both strides K * 3), or 3DGS's two
+    // (see sh_coefficient in sh_math.h): one [N, K, 3] tensor (sh_rest = sh_dc + 3, both strides K * 3), or 3DGS's two
     // parameters [N, 1, 3] and [N, K - 1, 3], read in place instead of concatenated at every iteration
     const float* sh_dc;
     const float* sh_rest;

@@ -21,11 +21,11 @@ __all__ = [
     "GRAD",
     "NAMES",
     "assert_matches",
+    "assert_sh_parts_render_like_joined",
     "cameras",
     "compare_render",
     "loss_weights",
     "scene",
-    "assert_sh_parts_render_like_joined",
 ]
 
 # Tolerances: float32 compiled backend vs float64 reference, calibrated on an H100 (torch 2.11 + CUDA 13.0),

@@ -243,7 +243,8 @@ def test_spherical_harmonics_op_matches_reference():
 
 
 def test_sh_parameter_pair_renders_like_the_joined_coefficients():
-    """3DGS's two SH parameters, read in place, give the images and gradients of their concatenation exactly."""
+    """3DGS's two SH parameters, read in place, give the images of their concatenation exactly and its
+    gradients up to the order of float32 sums."""
     assert_sh_parts_render_like_joined("cpu")
 
 

@@ -182,7 +182,8 @@ def test_spherical_harmonics_op_matches_reference(coeffs):
 
 
 def test_sh_parameter_pair_renders_like_the_joined_coefficients():
-    """3DGS's two SH parameters, read in place, give the images and gradients of their concatenation exactly."""
+    """3DGS's two SH parameters, read in place, give the images of their concatenation exactly and its
+    gradients up to the order of float32 sums."""
     assert_sh_parts_render_like_joined("cuda")
 
 
@@ -517,10 +518,9 @@ def test_a_channels_last_feature_gradient_is_read_in_place():
 
 @pytest.mark.parametrize("n_features", [64, 129])  # one backward pass; three, the last with a partial block
 def test_feature_gradients_keep_float32_accuracy(n_features):
-    """The feature channels' gradient, sum_p w_p g_p, is a tensor-core product of split TF32 operands, per 8-channel
-    block over all pixels; colour's too, but per warp of 32 pixels, added up in shared memory. Fed the colour
-    image's gradient, every feature triple must get the colours' gradient to a relative L2 of 1e-5 (one TF32
-    product per term in either would be off by about 3e-4)."""
+    """The feature channels' gradient, sum_p w_p g_p, is a tensor-core product of split TF32 operands; colour's is
+    summed in float32 FMAs. Fed the colour image's gradient, every feature triple must get the colours' gradient
+    to a relative L2 of 1e-5 (one TF32 product per term would be off by about 3e-4)."""
     width, height = 61, 45
     params = _scene(2000, n_features, seed=11, device="cuda")
     K, w2c = _cameras(2, width, height, "cuda")
