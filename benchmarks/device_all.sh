@@ -12,7 +12,8 @@
 #            density, read per source line (benchmarks/ncu_lines.py)
 # Options: RASTER_ARGS (default --quick), TESTS (test paths) and TESTS_TIMEOUT, FINETUNE_ARGS and FINETUNE_TIMEOUT,
 # LIFT_N (default 1000000); AB_PATCH (patch files) and AB_STAGES: after the stages, apply each patch in turn (on top
-# of the last), rebuild and run AB_STAGES again, an A/B comparison on one machine; FINAL_STAGES run last. Logs and
+# of the last; one whose quick tests fail is reverted), rebuild and run AB_STAGES again, an A/B comparison on one
+# machine; FINAL_STAGES run last. Logs and
 # JSON lines go to $LOGS; where the device tool sets $OUT (it returns at most 8 files), they come back as one
 # $OUT/logs.tgz (Nsight reports left out).
 set -uo pipefail
@@ -112,6 +113,11 @@ for patch in ${AB_PATCH:-}; do
         OUT="$LOGS/ab_$(basename "$patch" .patch)" && mkdir -p "$OUT"
         # shellcheck disable=SC2086
         run_stages ${AB_STAGES:-$STAGES}
+        # a patch whose quick tests fail is taken back, so the next ones are measured without it
+        if grep -q -E "[0-9]+ (failed|errors?)" "$OUT/quick.log" 2>/dev/null; then
+            echo "== $patch failed its quick tests: reverted"
+            patch -R -p1 <"$patch" >>"$LOGS/setup.log" 2>&1
+        fi
     else
         tail -n 60 "$LOGS/setup.log"; echo "AB BUILD FAILED"; break
     fi

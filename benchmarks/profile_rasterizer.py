@@ -169,6 +169,19 @@ def host_overhead(n: int = 1000, calls: int = 300, device: str = "cuda") -> None
         with mock.patch.object(_wrapper, "extension_for", lambda device: Stub()):
             report("render, compiled ops stubbed", call_render)
 
+        # where a render's host time goes: every torch op and CUDA runtime call (launches, copies, syncs,
+        # attribute queries) with its host time per render
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(50):
+                call_render()
+            synchronize()
+        print("host time per render by call (self CPU time / 50 renders):")  # noqa: T201
+        for event in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:30]:
+            print(  # noqa: T201
+                f"  {event.key[:60]:60s} {event.self_cpu_time_total / 50:8.1f} us  {event.count / 50:5.1f} calls"
+            )
+
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -4,6 +4,8 @@ and capacities are kept per size. A stand-in extension records the calls, so thi
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -38,6 +40,7 @@ def _no_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Event", _Event)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
     monkeypatch.setattr(_binning, "_PAIR_CAPACITY", {})
+    monkeypatch.setattr(_binning, "_EVENTS", threading.local())  # no stand-in event outlives the test
 
 
 def _render(ext, n=1000, width=64, height=48):

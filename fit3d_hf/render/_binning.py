@@ -8,6 +8,8 @@ alpha 1/255 there, front to back. Its pure-PyTorch twin is `_reference._isect_ti
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import Tensor
 
@@ -58,6 +60,15 @@ _PAIR_CAPACITY: dict[tuple, int] = {}
 _CAPACITY_MARGIN = 1.06  # slots per pair of the last call
 _CAPACITY_DECAY = 0.98  # lets the capacity shrink slowly after a large render
 _CAPACITY_ENTRIES = 64
+# one event per thread and device marks the end of the binning: creating one per render costs a driver call
+_EVENTS = threading.local()
+
+
+def _binning_event(device: torch.device) -> torch.cuda.Event:
+    events = _EVENTS.__dict__.setdefault("by_device", {})
+    if device not in events:
+        events[device] = torch.cuda.Event()
+    return events[device]
 
 
 def isect_and_rasterize_exact(ext, means2d, conics, depths, colors, opacities, features, background, radii, width,
@@ -85,7 +96,7 @@ def isect_and_rasterize(
         tile_ranges, gaussian_ids, total = ext.isect_tiles(
             means2d, conics, opacities, depths, radii, width, height, capacity
         )
-        counted = torch.cuda.Event()
+        counted = _binning_event(means2d.device)
         counted.record(torch.cuda.current_stream(means2d.device))
         images = ext.rasterize_fwd(
             means2d, conics, opacities, colors, depths, features, background, tile_ranges, gaussian_ids, width, height

@@ -51,9 +51,9 @@ def _feature_grad(t: Tensor | None) -> Tensor | None:
 
 class _Project(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx, means, quats, scales, opacities, world_to_camera, K, width, height, near_plane, far_plane
-    ):
+    def forward(ctx, means, quats, scales, opacities, world_to_camera, K, config):
+        # the camera settings come as one tuple: autograd's per-argument bookkeeping is a host cost per render
+        width, height, near_plane, far_plane = config
         means2d, conics, depths, radii = extension_for(means.device).project_fwd(
             means, quats, scales, opacities, world_to_camera, K, width, height, near_plane, far_plane
         )
@@ -77,7 +77,7 @@ class _Project(torch.autograd.Function):
             v_conics.contiguous(),
             v_depths.contiguous(),
         )
-        return v_means, v_quats, v_scales, None, None, None, None, None, None, None
+        return v_means, v_quats, v_scales, None, None, None, None
 
 
 def project(
@@ -117,7 +117,7 @@ def project(
 
 def _apply_project(means, quats, scales, opacities, world_to_camera, K, width, height, near_plane, far_plane):
     args = [t.contiguous() for t in (means, quats, scales, opacities, world_to_camera, K)]
-    return _Project.apply(*args, int(width), int(height), float(near_plane), float(far_plane))
+    return _Project.apply(*args, (int(width), int(height), float(near_plane), float(far_plane)))
 
 
 class _SphericalHarmonics(torch.autograd.Function):
@@ -183,11 +183,9 @@ class _Rasterize(torch.autograd.Function):
         features,
         background,
         radii,
-        width,
-        height,
-        route,
-        clamp_grad,
+        config,  # (width, height, feature_grad_to_geometry, alpha_clamp_grad)
     ):
+        width, height = config[:2]
         binning = isect_and_rasterize if means2d.is_cuda else isect_and_rasterize_exact
         tile_ranges, gaussian_ids, images = binning(
             extension_for(means2d.device), means2d, conics, depths, colors, opacities, features, background, radii,
@@ -207,7 +205,7 @@ class _Rasterize(torch.autograd.Function):
             final_t,
             last_ids,
         )
-        ctx.config = (width, height, route, clamp_grad)
+        ctx.config = config
         ctx.set_materialize_grads(False)  # an unused image costs no gradient work
         return rgb, depth, feats, alpha
 
@@ -262,9 +260,6 @@ class _Rasterize(torch.autograd.Function):
             v_opacities,
             v_features,
             v_background,
-            None,
-            None,
-            None,
             None,
             None,
         )
@@ -340,10 +335,7 @@ def _apply_rasterize(
         *args,
         _contiguous(background),
         radii.contiguous(),
-        int(width),
-        int(height),
-        bool(feature_grad_to_geometry),
-        bool(alpha_clamp_grad),
+        (int(width), int(height), bool(feature_grad_to_geometry), bool(alpha_clamp_grad)),
     )
 
 
