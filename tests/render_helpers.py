@@ -11,16 +11,18 @@ the norm.
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import torch
 
-from fit3d_hf.render import render
+from fit3d_hf.render import _wrapper, render
 
 __all__ = [
     "FWD",
     "GRAD",
     "NAMES",
     "assert_matches",
+    "assert_render_without_graph_matches",
     "assert_sh_parts_render_like_joined",
     "cameras",
     "compare_render",
@@ -201,3 +203,29 @@ def assert_sh_parts_render_like_joined(backend: str):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * scale, msg=f"{name} at degree {degree}")
         used = (degree + 1) ** 2
         assert parts[1][:, :used].abs().amax() > 0 and torch.count_nonzero(parts[1][:, used:]) == 0
+
+
+def assert_render_without_graph_matches(backend: str):
+    """A render that needs no gradient (inside no_grad, or of inputs that require none) calls the extension
+    without autograd's Functions and returns exactly the images of the recorded render."""
+    width, height = 64, 48
+    params = scene(800, 16, seed=12, device=backend, sh_coeffs=9)
+    K, w2c = cameras(2, width, height, backend)
+    leaves = [p.clone().requires_grad_(True) for p in params]
+    recorded = render(*leaves, K, w2c, width, height, backend=backend)
+    assert recorded.rgb.grad_fn is not None and recorded.means2d.grad_fn is not None
+
+    refuse = mock.Mock(side_effect=AssertionError("an autograd Function ran for a render without gradients"))
+    with (
+        mock.patch.multiple(_wrapper._Project, apply=refuse),
+        mock.patch.multiple(_wrapper._SphericalHarmonics, apply=refuse),
+        mock.patch.multiple(_wrapper._Rasterize, apply=refuse),
+    ):
+        with torch.no_grad():
+            direct = [render(*leaves, K, w2c, width, height, backend=backend)]
+        direct.append(render(*params, K, w2c, width, height, backend=backend))
+    for out in direct:
+        for name in ("rgb", "depth", "features", "alpha", "radii", "means2d", "depths"):
+            actual, expected = getattr(out, name), getattr(recorded, name).detach()
+            assert not actual.requires_grad, name
+            assert torch.equal(actual, expected), name

@@ -16,6 +16,7 @@ from render_helpers import (
     GRAD,
     NAMES,
     assert_matches,
+    assert_render_without_graph_matches,
     assert_sh_parts_render_like_joined,
     cameras,
     compare_render,
@@ -240,6 +241,10 @@ def test_spherical_harmonics_op_matches_reference():
                 assert_matches(f"grad {name} (degree {degree})", a, b, **GRAD)
             else:
                 assert torch.count_nonzero(a) == 0
+
+
+def test_render_without_gradients_skips_autograd():
+    assert_render_without_graph_matches("cpu")
 
 
 def test_sh_parameter_pair_renders_like_the_joined_coefficients():

@@ -11,7 +11,14 @@ import math
 
 import pytest
 import torch
-from render_helpers import FWD, GRAD, NAMES, assert_sh_parts_render_like_joined, compare_render
+from render_helpers import (
+    FWD,
+    GRAD,
+    NAMES,
+    assert_render_without_graph_matches,
+    assert_sh_parts_render_like_joined,
+    compare_render,
+)
 from render_helpers import assert_matches as _assert_matches
 from render_helpers import cameras as _cameras
 from render_helpers import loss_weights as _loss_weights
@@ -179,6 +186,10 @@ def test_spherical_harmonics_op_matches_reference(coeffs):
                 _assert_matches(f"grad {name} (degree {degree})", a, b, **GRAD)
             else:
                 assert torch.count_nonzero(a) == 0
+
+
+def test_render_without_gradients_skips_autograd():
+    assert_render_without_graph_matches("cuda")
 
 
 def test_sh_parameter_pair_renders_like_the_joined_coefficients():

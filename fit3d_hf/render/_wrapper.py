@@ -49,16 +49,28 @@ def _feature_grad(t: Tensor | None) -> Tensor | None:
     return _contiguous(t)
 
 
+def _needs_graph(tensors) -> bool:
+    """Whether autograd must record an op: gradients are on and an input requires one. Renders without
+    gradients (evaluation, Stage II's targets) call the extension directly, as an autograd Function's
+    bookkeeping is a large share of a small render's host time."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _project_fwd(means, quats, scales, opacities, world_to_camera, K, config):
+    """config: (width, height, near_plane, far_plane), one tuple: autograd's bookkeeping is per argument."""
+    return extension_for(means.device).project_fwd(
+        means, quats, scales, opacities, world_to_camera, K, *config
+    )
+
+
 class _Project(torch.autograd.Function):
     @staticmethod
     def forward(ctx, means, quats, scales, opacities, world_to_camera, K, config):
-        # the camera settings come as one tuple: autograd's per-argument bookkeeping is a host cost per render
-        width, height, near_plane, far_plane = config
-        means2d, conics, depths, radii = extension_for(means.device).project_fwd(
-            means, quats, scales, opacities, world_to_camera, K, width, height, near_plane, far_plane
+        means2d, conics, depths, radii = _project_fwd(
+            means, quats, scales, opacities, world_to_camera, K, config
         )
         ctx.save_for_backward(means, quats, scales, world_to_camera, K, radii)
-        ctx.image_size = (width, height)
+        ctx.image_size = config[:2]
         ctx.mark_non_differentiable(radii)
         return means2d, conics, depths, radii
 
@@ -117,7 +129,14 @@ def project(
 
 def _apply_project(means, quats, scales, opacities, world_to_camera, K, width, height, near_plane, far_plane):
     args = [t.contiguous() for t in (means, quats, scales, opacities, world_to_camera, K)]
-    return _Project.apply(*args, (int(width), int(height), float(near_plane), float(far_plane)))
+    config = (int(width), int(height), float(near_plane), float(far_plane))
+    return _Project.apply(*args, config) if _needs_graph(args) else _project_fwd(*args, config)
+
+
+def _spherical_harmonics_fwd(sh_dc, sh_rest, means, world_to_camera, sh_degree):
+    return extension_for(means.device).spherical_harmonics_fwd(
+        sh_dc, sh_rest, means, world_to_camera, sh_degree
+    )
 
 
 class _SphericalHarmonics(torch.autograd.Function):
@@ -127,9 +146,7 @@ class _SphericalHarmonics(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, sh_dc, sh_rest, means, world_to_camera, sh_degree):
-        colors = extension_for(means.device).spherical_harmonics_fwd(
-            sh_dc, sh_rest, means, world_to_camera, sh_degree
-        )
+        colors = _spherical_harmonics_fwd(sh_dc, sh_rest, means, world_to_camera, sh_degree)
         ctx.save_for_backward(sh_dc, sh_rest, means, world_to_camera)
         ctx.sh_degree = sh_degree
         return colors
@@ -166,9 +183,20 @@ def spherical_harmonics(
 
 def _apply_spherical_harmonics(sh, means, world_to_camera, sh_degree):
     sh_dc, sh_rest = sh_parts(sh)
-    return _SphericalHarmonics.apply(
-        sh_dc.contiguous(), _contiguous(sh_rest), means.contiguous(), world_to_camera.contiguous(), sh_degree
-    )
+    args = (sh_dc.contiguous(), _contiguous(sh_rest), means.contiguous(), world_to_camera.contiguous())
+    if _needs_graph(args):
+        return _SphericalHarmonics.apply(*args, sh_degree)
+    return _spherical_harmonics_fwd(*args, sh_degree)
+
+
+def _rasterize_fwd(means2d, conics, depths, colors, opacities, features, background, radii, config):
+    """Bins and composites; returns (tile_ranges, gaussian_ids, the images of the extension's rasterize_fwd)."""
+    width, height = config[:2]
+    binning = isect_and_rasterize if means2d.is_cuda else isect_and_rasterize_exact
+    return binning(
+        extension_for(means2d.device), means2d, conics, depths, colors, opacities, features, background, radii,
+        width, height,
+    )  # fmt: skip
 
 
 class _Rasterize(torch.autograd.Function):
@@ -185,12 +213,9 @@ class _Rasterize(torch.autograd.Function):
         radii,
         config,  # (width, height, feature_grad_to_geometry, alpha_clamp_grad)
     ):
-        width, height = config[:2]
-        binning = isect_and_rasterize if means2d.is_cuda else isect_and_rasterize_exact
-        tile_ranges, gaussian_ids, images = binning(
-            extension_for(means2d.device), means2d, conics, depths, colors, opacities, features, background, radii,
-            width, height,
-        )  # fmt: skip
+        tile_ranges, gaussian_ids, images = _rasterize_fwd(
+            means2d, conics, depths, colors, opacities, features, background, radii, config
+        )
         rgb, depth, feats, alpha, final_t, last_ids = images
         ctx.save_for_backward(
             means2d,
@@ -331,12 +356,12 @@ def _apply_rasterize(
     alpha_clamp_grad=True,
 ):
     args = [t.contiguous() for t in (means2d, conics, depths, colors, opacities, features)]
-    return _Rasterize.apply(
-        *args,
-        _contiguous(background),
-        radii.contiguous(),
-        (int(width), int(height), bool(feature_grad_to_geometry), bool(alpha_clamp_grad)),
-    )
+    args += [_contiguous(background), radii.contiguous()]
+    config = (int(width), int(height), bool(feature_grad_to_geometry), bool(alpha_clamp_grad))
+    if _needs_graph(args):
+        return _Rasterize.apply(*args, config)
+    rgb, depth, feats, alpha = _rasterize_fwd(*args, config)[2][:4]
+    return rgb, depth, feats, alpha
 
 
 class _FeatureL1(torch.autograd.Function):
