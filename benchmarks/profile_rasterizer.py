@@ -140,7 +140,7 @@ def host_overhead(n: int = 1000, calls: int = 300, device: str = "cuda") -> None
     with torch.no_grad():
         m2d, con, dep, radii = _wrapper.project(means, quats, scales, opac, viewmats, ks, w, h)
         ranges, ids, total = ext.isect_tiles(m2d, con, opac, dep, radii, w, h, 0)
-        images = ext.rasterize_fwd(m2d, con, opac, colors, dep, feats, None, ranges, ids, w, h)
+        images = ext.rasterize_fwd(m2d, con, opac, colors, dep, feats, None, ranges, ids, w, h, False)
         steps = {
             "validate": lambda: _validate(
                 means, quats, scales, opac, colors, feats, ks, viewmats, w, h, None, 0.01, 1e10
@@ -149,7 +149,7 @@ def host_overhead(n: int = 1000, calls: int = 300, device: str = "cuda") -> None
             "isect_tiles (capacity)": lambda: ext.isect_tiles(m2d, con, opac, dep, radii, w, h, 10_000),
             "isect_tiles (exact, sync)": lambda: ext.isect_tiles(m2d, con, opac, dep, radii, w, h, 0),
             "rasterize_fwd": lambda: ext.rasterize_fwd(
-                m2d, con, opac, colors, dep, feats, None, ranges, ids, w, h
+                m2d, con, opac, colors, dep, feats, None, ranges, ids, w, h, False
             ),
             "render": call_render,
         }

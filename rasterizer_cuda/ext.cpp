@@ -66,21 +66,26 @@ const float* optional_ptr(const OptTensor& t, const char* name, std::initializer
     return t->data_ptr<float>();
 }
 
-// The feature images' gradient, planar or channels-last (Stage I's decoder gives the latter); sets its strides.
-const float* feature_grad_ptr(const OptTensor& t, std::initializer_list<int64_t> shape, const Tensor& like,
-                              fit3d::RasterizeArgs& a) {
+// The feature images' gradient, float32 or bfloat16, planar or channels-last (Stage I's decoder gives bfloat16
+// channels-last): sets v_features or v_features_bf16 and the strides.
+void set_feature_grad(const OptTensor& t, std::initializer_list<int64_t> shape, const Tensor& like,
+                      fit3d::RasterizeArgs& a) {
     a.v_features_channel_stride = int64_t(a.width) * a.height;
     a.v_features_pixel_stride = 1;
-    if (!t.has_value() || !t->defined()) return nullptr;
+    if (!t.has_value() || !t->defined()) return;
+    const at::ScalarType dtype = t->scalar_type() == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
     if (t->dim() == 4 && !t->is_contiguous() && t->is_contiguous(at::MemoryFormat::ChannelsLast)) {
         check_tensor(t->permute({0, 2, 3, 1}), "v_features (channels-last)",
-                     {shape.begin()[0], shape.begin()[2], shape.begin()[3], shape.begin()[1]}, at::kFloat, &like);
+                     {shape.begin()[0], shape.begin()[2], shape.begin()[3], shape.begin()[1]}, dtype, &like);
         a.v_features_channel_stride = 1;
         a.v_features_pixel_stride = a.F;
-        return t->data_ptr<float>();
+    } else {
+        check_tensor(*t, "v_features", shape, dtype, &like);
     }
-    check_tensor(*t, "v_features", shape, at::kFloat, &like);
-    return t->data_ptr<float>();
+    if (dtype == at::kBFloat16)
+        a.v_features_bf16 = reinterpret_cast<const uint16_t*>(t->data_ptr());
+    else
+        a.v_features = t->data_ptr<float>();
 }
 
 // The launches put cameras on the grid's y dimension (at most 65535 blocks).
@@ -483,18 +488,25 @@ fit3d::RasterizeArgs rasterize_args(const Tensor& means2d, const Tensor& conics,
 std::vector<Tensor> rasterize_fwd(const Tensor& means2d, const Tensor& conics, const Tensor& opacities,
                                   const Tensor& colors, const Tensor& depths, const Tensor& features,
                                   const OptTensor& background, const Tensor& tile_ranges, const Tensor& gaussian_ids,
-                                  int64_t width, int64_t height) {
+                                  int64_t width, int64_t height, bool features_bf16) {
     const at::cuda::OptionalCUDAGuard guard(device_of(means2d));
     fit3d::RasterizeArgs a = rasterize_args(means2d, conics, opacities, colors, depths, features, background,
                                             tile_ranges, gaussian_ids, width, height);
     auto opts = means2d.options();
     const int64_t B = a.B, H = height, W = width;
     Tensor rgb = torch::empty({B, 3, H, W}, opts), depth = torch::empty({B, 1, H, W}, opts);
-    Tensor feats = torch::empty({B, int64_t(a.F), H, W}, opts), alpha = torch::empty({B, 1, H, W}, opts);
+    // bfloat16 features channels-last: what Stage I's bf16 decoder convolves, without a converting copy
+    Tensor feats = features_bf16 ? torch::empty({B, int64_t(a.F), H, W},
+                                                opts.dtype(at::kBFloat16).memory_format(at::MemoryFormat::ChannelsLast))
+                                 : torch::empty({B, int64_t(a.F), H, W}, opts);
+    Tensor alpha = torch::empty({B, 1, H, W}, opts);
     Tensor final_t = torch::empty({B, H, W}, opts), last_ids = torch::empty({B, H, W}, opts.dtype(at::kInt));
     a.out_rgb = rgb.data_ptr<float>();
     a.out_depth = depth.data_ptr<float>();
-    a.out_features = feats.data_ptr<float>();
+    if (features_bf16)
+        a.out_features_bf16 = reinterpret_cast<uint16_t*>(feats.data_ptr());
+    else
+        a.out_features = feats.data_ptr<float>();
     a.out_alpha = alpha.data_ptr<float>();
     a.final_t = final_t.data_ptr<float>();
     a.last_ids = last_ids.data_ptr<int32_t>();
@@ -524,7 +536,7 @@ std::vector<Tensor> rasterize_bwd(const Tensor& means2d, const Tensor& conics, c
     a.last_ids = last_ids.data_ptr<int32_t>();
     a.v_rgb = optional_ptr(v_rgb, "v_rgb", {B, 3, H, W}, means2d);
     a.v_depth = optional_ptr(v_depth, "v_depth", {B, 1, H, W}, means2d);
-    a.v_features = feature_grad_ptr(v_features, {B, F, H, W}, means2d, a);
+    set_feature_grad(v_features, {B, F, H, W}, means2d, a);
     a.v_alpha = optional_ptr(v_alpha, "v_alpha", {B, 1, H, W}, means2d);
     a.alpha_clamp_grad = alpha_clamp_grad;
     Tensor v_means2d = torch::zeros_like(means2d), v_conics = torch::zeros_like(conics);
@@ -537,7 +549,7 @@ std::vector<Tensor> rasterize_bwd(const Tensor& means2d, const Tensor& conics, c
     a.v_depths = v_depths.data_ptr<float>();
     a.v_feats = v_feats.data_ptr<float>();
     // feature channels need a launch only when their image has a gradient
-    const auto passes = plan_bwd_passes(a.v_features != nullptr ? a.F : 0);
+    const auto passes = plan_bwd_passes(a.v_features != nullptr || a.v_features_bf16 != nullptr ? a.F : 0);
     for (const auto& [begin, end] : passes) {
         a.channel_begin = begin;
         a.channel_count = end - begin;

@@ -115,10 +115,12 @@ struct RasterizeArgs {
     // forward outputs
     float* out_rgb;       // [B, 3, H, W]
     float* out_depth;     // [B, 1, H, W]
-    float* out_features;  // [B, F, H, W]: planar (CUDA), channels-last (CPU)
-    float* out_alpha;     // [B, 1, H, W]
-    float* final_t;       // [B, H, W] (also a backward input)
-    int32_t* last_ids;    // [B, H, W] index of the last composited entry, -1 if none (idem)
+    float* out_features;  // [B, F, H, W]: planar (CUDA), channels-last (CPU); or nullptr, when:
+    // CUDA only: the features written as bfloat16 (bits), channels-last [B, H, W, F] (what a bf16 decoder reads)
+    uint16_t* out_features_bf16;
+    float* out_alpha;   // [B, 1, H, W]
+    float* final_t;     // [B, H, W] (also a backward input)
+    int32_t* last_ids;  // [B, H, W] index of the last composited entry, -1 if none (idem)
     // backward inputs: gradients of the images (any may be nullptr = zero)
     const float* v_rgb;                 // [B, 3, H, W]
     const float* v_depth;               // [B, 1, H, W]
@@ -126,6 +128,7 @@ struct RasterizeArgs {
     const float* v_alpha;               // [B, 1, H, W]
     int64_t v_features_channel_stride;  // H * W (planar) or 1 (channels-last)
     int64_t v_features_pixel_stride;    // 1 (planar) or F (channels-last)
+    const uint16_t* v_features_bf16;    // CUDA only, instead of v_features: that gradient in bfloat16 (bits)
     // backward outputs (accumulated with atomics; zero them first)
     float* v_means2d;    // [B, N, 2]
     float* v_conics;     // [B, N, 3]

@@ -51,12 +51,11 @@ __host__ __device__ inline float* output_plane(const RasterizeArgs& a, int b, in
     return a.out_features + (int64_t(b) * a.F + (c - 4)) * hw;
 }
 
-// Where the gradient of feature channel `c` (>= 4) of camera `b` at pixel `pix` is (v_features is not null);
-// the next channel's is v_features_channel_stride floats on.
-__host__ __device__ inline const float* feature_grad_source(const RasterizeArgs& a, int b, int c, int64_t pix) {
+// Where the gradient of feature channel `c` (>= 4) of camera `b` at pixel `pix` is, in elements of v_features (or
+// v_features_bf16); the next channel's is v_features_channel_stride elements on.
+__host__ __device__ inline int64_t feature_grad_offset(const RasterizeArgs& a, int b, int c, int64_t pix) {
     const int64_t hw = int64_t(a.width) * a.height;
-    return a.v_features + int64_t(b) * a.F * hw + (c - 4) * a.v_features_channel_stride +
-           pix * a.v_features_pixel_stride;
+    return int64_t(b) * a.F * hw + (c - 4) * a.v_features_channel_stride + pix * a.v_features_pixel_stride;
 }
 
 // Gradient of the image value of channel `c`, camera `b`, at pixel index `pix` (0 where none was given). The
@@ -66,7 +65,7 @@ __host__ __device__ inline float image_grad(const RasterizeArgs& a, int b, int c
     const int64_t hw = int64_t(a.width) * a.height;
     if (c < 3) return a.v_rgb ? a.v_rgb[(int64_t(b) * 3 + c) * hw + pix] : 0.f;
     if (c == 3) return a.v_depth ? a.v_depth[int64_t(b) * hw + pix] : 0.f;
-    return a.v_features ? *feature_grad_source(a, b, c, pix) : 0.f;
+    return a.v_features ? a.v_features[feature_grad_offset(a, b, c, pix)] : 0.f;  // (float32 gradients only)
 }
 
 // The alpha of a Gaussian at a pixel, written with explicit fused multiply-adds so that the forward and

@@ -17,6 +17,8 @@
 //    of split operands, so that each term is within about 1e-6 of float32's: see mma_3xtf32), skipping 32-pixel
 //    groups where no Gaussian of the batch landed; then one atomic per (Gaussian, channel, tile).
 // Twin of fit3d_hf.render._reference._rasterize (backward, through autograd).
+#include <cuda_bf16.h>
+
 #include "common.h"
 #include "ops.h"
 #include "raster_common.h"
@@ -144,13 +146,25 @@ __global__ void __launch_bounds__(BLOCK_SIZE, 2) rasterize_bwd_kernel(RasterizeA
                             image_grad(a, b, 3, pix));
         *reinterpret_cast<float4*>(my_g) = v;
     }
-    const float* my_features = nullptr;  // channel c0 of the launch (a feature) of this pixel
-    if (inside && a.v_features != nullptr) my_features = feature_grad_source(a, b, a.channel_begin + c0, pix);
+    // channel c0 of the launch (a feature) of this pixel, in float32 or bfloat16
+    const float* my_features = nullptr;
+    const __nv_bfloat16* my_features_bf16 = nullptr;
+    if (inside) {
+        const int64_t at = feature_grad_offset(a, b, a.channel_begin + c0, pix);
+        if (a.v_features != nullptr) my_features = a.v_features + at;
+        if (a.v_features_bf16 != nullptr)
+            my_features_bf16 = reinterpret_cast<const __nv_bfloat16*>(a.v_features_bf16) + at;
+    }
     for (int c = c0; c < cp; c += 8) {
         float v[8];
 #pragma unroll
-        for (int i = 0; i < 8; ++i)
-            v[i] = my_features != nullptr && c + i < cc ? my_features[(c + i - c0) * a.v_features_channel_stride] : 0.f;
+        for (int i = 0; i < 8; ++i) {
+            const int64_t at = (c + i - c0) * a.v_features_channel_stride;
+            v[i] = c + i >= cc                   ? 0.f
+                   : my_features != nullptr      ? my_features[at]
+                   : my_features_bf16 != nullptr ? __bfloat162float(my_features_bf16[at])
+                                                 : 0.f;
+        }
         *reinterpret_cast<float4*>(my_g + c) = make_float4(v[0], v[1], v[2], v[3]);
         *reinterpret_cast<float4*>(my_g + c + 4) = make_float4(v[4], v[5], v[6], v[7]);
     }

@@ -11,6 +11,8 @@
 // FWD_MAX_PASS_CHANNELS (72: rgb + depth + 68 features) go in one launch; wider feature maps take further
 // launches over the same lists, each recomputing the weights (ext.cpp plans them).
 // Twin of fit3d_hf.render._reference._rasterize (forward).
+#include <cuda_bf16.h>
+
 #include "common.h"
 #include "ops.h"
 #include "raster_common.h"
@@ -203,7 +205,12 @@ __global__ void __launch_bounds__(BLOCK_SIZE, 2) rasterize_fwd_kernel(RasterizeA
                     const int channel = a.channel_begin + c;
                     float value = acc[m][n][2 * half + j];
                     if (channel < 3 && a.background != nullptr) value += t_pixel * a.background[channel];
-                    output_plane(a, b, channel)[pix] = value;
+                    if (channel >= 4 && a.out_features_bf16 != nullptr)
+                        reinterpret_cast<__nv_bfloat16*>(
+                            a.out_features_bf16)[(int64_t(b) * hw + pix) * a.F + channel - 4] =
+                            __float2bfloat16(value);  // round to nearest even, as torch's .to(torch.bfloat16)
+                    else
+                        output_plane(a, b, channel)[pix] = value;
                 }
             }
         }

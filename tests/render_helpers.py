@@ -21,6 +21,7 @@ __all__ = [
     "FWD",
     "GRAD",
     "NAMES",
+    "assert_bf16_features_match_float",
     "assert_matches",
     "assert_render_without_graph_matches",
     "assert_sh_parts_render_like_joined",
@@ -203,6 +204,40 @@ def assert_sh_parts_render_like_joined(backend: str):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * scale, msg=f"{name} at degree {degree}")
         used = (degree + 1) ** 2
         assert parts[1][:, :used].abs().amax() > 0 and torch.count_nonzero(parts[1][:, used:]) == 0
+
+
+def assert_bf16_features_match_float(backend: str):
+    """`render(..., feature_dtype=torch.bfloat16)` with `backend`: bfloat16 channels-last features equal to the
+    float32 render's rounded to bfloat16, and every gradient from a bfloat16 feature-image gradient equal to the
+    float32 render's from the same gradient in float32 (up to the order of float32 sums)."""
+    params = scene(400, 20, seed=52, device=backend)
+    K, w2c = cameras(2, 40, 32, backend)
+    g = torch.Generator().manual_seed(9)
+    v_features = torch.randn(2, 20, 32, 40, generator=g).to(backend, torch.bfloat16)
+    v_features = v_features.contiguous(memory_format=torch.channels_last)
+    results = []
+    for feature_dtype in (None, torch.bfloat16):
+        leaves = [p.clone().requires_grad_(True) for p in params]
+        out = render(
+            *leaves,
+            K,
+            w2c,
+            40,
+            32,
+            feature_dtype=feature_dtype,
+            feature_grad_to_geometry=True,
+            backend=backend,
+        )
+        grad = v_features if feature_dtype is not None else v_features.float()
+        results.append((out.features, torch.autograd.grad(out.features, leaves, grad_outputs=grad)))
+    (float_features, float_grads), (bf16_features, bf16_grads) = results
+    assert bf16_features.dtype == torch.bfloat16
+    assert bf16_features.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(bf16_features, float_features.to(torch.bfloat16))
+    for name, a, b in zip(NAMES, float_grads, bf16_grads, strict=True):
+        scale = a.abs().amax().item()
+        assert (scale > 0) == (name != "colors"), name  # the features reach all but the colours
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * scale, msg=name)
 
 
 def assert_render_without_graph_matches(backend: str):

@@ -216,3 +216,53 @@ def test_lifter_steps_as_3dgs_with_fixed_lr_schedule_and_near_plane(
         data.camera_centers
     )
     assert near_planes and set(near_planes) == {0.2}
+
+
+def test_bf16_steps_render_features_as_the_decoder_reads_them(
+    scene_root, backbone_dir, tmp_path, monkeypatch
+):
+    """With mixed_precision bf16 the rasterizer returns bfloat16 channels-last features (and takes their gradient
+    so): the same steps as rendering float32 and converting, which the lifter did before."""
+    import dataclasses
+
+    import fit3d_hf.render
+    from fit3d_hf.lifting import load_scene_data
+    from fit3d_hf.lifting.lifter import Lifter
+
+    scene = read_scene(resolve_scene_list(str(scene_root))[0])
+    data = load_scene_data(
+        scene, DenseFeatureExtractor.from_pretrained(backbone_dir), 1.0, torch.device("cpu"), progress=False
+    )
+    args = LiftingArguments(
+        backbone=backbone_dir, out=str(tmp_path), feature_dim=8, iterations=10, densify_until=0,
+        mixed_precision="bf16", device="cpu",
+    )  # fmt: skip
+    real_render = fit3d_hf.render.render
+    feature_dtypes = []
+
+    def converting_render(*args, feature_dtype=None, **kwargs):
+        out = real_render(*args, **kwargs)
+        if feature_dtype is None:
+            return out
+        feature_dtypes.append(feature_dtype)
+        features = out.features.to(feature_dtype, memory_format=torch.channels_last)
+        return dataclasses.replace(out, features=features)
+
+    lifters = []
+    for render in (real_render, converting_render):
+        monkeypatch.setattr(fit3d_hf.render, "render", render)
+        torch.manual_seed(0)  # the decoder's initial weights
+        lifter = Lifter(args, data, list(range(len(data.image_ids))), torch.device("cpu"))
+        with torch.no_grad():
+            lifter.gaussians.features.normal_(generator=torch.Generator().manual_seed(0))
+        initial = lifter.gaussians.features.detach().clone()
+        for _ in range(3):
+            lifter.step()
+        lifters.append(lifter)
+    assert feature_dtypes == [torch.bfloat16] * 3
+    direct, converted = (lifter.gaussians for lifter in lifters)
+    assert (direct.features - initial).abs().amax() > 1e-4  # the feature loss's gradient reached them
+    for name in ("features", "means", "opacity_logits"):
+        torch.testing.assert_close(
+            getattr(direct, name), getattr(converted, name), rtol=1e-5, atol=1e-7, msg=name
+        )

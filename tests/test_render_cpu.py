@@ -15,6 +15,7 @@ from render_helpers import (
     FWD,
     GRAD,
     NAMES,
+    assert_bf16_features_match_float,
     assert_matches,
     assert_render_without_graph_matches,
     assert_sh_parts_render_like_joined,
@@ -241,6 +242,10 @@ def test_spherical_harmonics_op_matches_reference():
                 assert_matches(f"grad {name} (degree {degree})", a, b, **GRAD)
             else:
                 assert torch.count_nonzero(a) == 0
+
+
+def test_bf16_channels_last_features_match_float32():
+    assert_bf16_features_match_float("cpu")
 
 
 def test_render_without_gradients_skips_autograd():
@@ -512,7 +517,7 @@ def test_extension_checks_shapes():
     ranges, ids, _ = ext.isect_tiles(m2d, con, opacities, dep, radii, 40, 30, 0)
     with pytest.raises(ValueError, match=r"tile_ranges must have shape \[12, 2\]"):
         ext.rasterize_fwd(
-            m2d, con, opacities, colors, dep, features, None, ranges[:5].contiguous(), ids, 40, 30
+            m2d, con, opacities, colors, dep, features, None, ranges[:5].contiguous(), ids, 40, 30, False
         )
     with pytest.raises(
         ValueError, match=r"mask must be a contiguous bool CPU tensor of shape \[1, 1, 20, 30\]"

@@ -15,6 +15,7 @@ from render_helpers import (
     FWD,
     GRAD,
     NAMES,
+    assert_bf16_features_match_float,
     assert_render_without_graph_matches,
     assert_sh_parts_render_like_joined,
     compare_render,
@@ -188,6 +189,10 @@ def test_spherical_harmonics_op_matches_reference(coeffs):
                 assert torch.count_nonzero(a) == 0
 
 
+def test_bf16_channels_last_features_match_float32():
+    assert_bf16_features_match_float("cuda")
+
+
 def test_render_without_gradients_skips_autograd():
     assert_render_without_graph_matches("cuda")
 
@@ -288,18 +293,29 @@ def _extension_checks_shapes_and_devices():
     ranges, ids, _ = ext.isect_tiles(m2d, con, opacities, dep, radii, 40, 30, 0)
     with pytest.raises(ValueError, match=r"tile_ranges must have shape \[12, 2\]"):
         ext.rasterize_fwd(
-            m2d, con, opacities, colors, dep, features, None, ranges[:5].contiguous(), ids, 40, 30
+            m2d, con, opacities, colors, dep, features, None, ranges[:5].contiguous(), ids, 40, 30, False
         )
     with pytest.raises(ValueError, match=r"background must have shape \[3\]"):
         ext.rasterize_fwd(
-            m2d, con, opacities, colors, dep, features, torch.zeros(4, device="cuda"), ranges, ids, 40, 30
+            m2d,
+            con,
+            opacities,
+            colors,
+            dep,
+            features,
+            torch.zeros(4, device="cuda"),
+            ranges,
+            ids,
+            40,
+            30,
+            False,
         )
     if torch.cuda.device_count() > 1:
         with pytest.raises(ValueError, match=r"features is on cuda:1 but the other arguments are on cuda:0"):
             ext.rasterize_fwd(
-                m2d, con, opacities, colors, dep, features.to("cuda:1"), None, ranges, ids, 40, 30
+                m2d, con, opacities, colors, dep, features.to("cuda:1"), None, ranges, ids, 40, 30, False
             )
-    images = ext.rasterize_fwd(m2d, con, opacities, colors, dep, features, None, ranges, ids, 40, 30)
+    images = ext.rasterize_fwd(m2d, con, opacities, colors, dep, features, None, ranges, ids, 40, 30, False)
     final_t, last_ids = images[4], images[5]
     v_features = torch.ones(2, 4, 30, 40, device="cuda")
     with pytest.raises(ValueError, match=r"v_features must have shape \[2, 4, 30, 40\]"):

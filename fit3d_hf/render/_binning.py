@@ -72,19 +72,31 @@ def _binning_event(device: torch.device) -> torch.cuda.Event:
 
 
 def isect_and_rasterize_exact(ext, means2d, conics, depths, colors, opacities, features, background, radii, width,
-                               height):  # fmt: skip
+                               height, features_bf16=False):  # fmt: skip
     """The CPU path: its binning always sizes the pair list exactly (there is no device to keep busy)."""
     tile_ranges, gaussian_ids, _ = ext.isect_tiles(
         means2d, conics, opacities, depths, radii, width, height, 0
     )
     images = ext.rasterize_fwd(
-        means2d, conics, opacities, colors, depths, features, background, tile_ranges, gaussian_ids, width, height
+        means2d, conics, opacities, colors, depths, features, background, tile_ranges, gaussian_ids, width, height,
+        features_bf16,
     )  # fmt: skip
     return tile_ranges, gaussian_ids, images
 
 
 def isect_and_rasterize(
-    ext, means2d, conics, depths, colors, opacities, features, background, radii, width, height
+    ext,
+    means2d,
+    conics,
+    depths,
+    colors,
+    opacities,
+    features,
+    background,
+    radii,
+    width,
+    height,
+    features_bf16=False,
 ):
     """The CUDA path: bins with the capacity of the recent calls of this size (see `_PAIR_CAPACITY`), queues
     the rasterizer, then checks the pair count; returns (tile_ranges, gaussian_ids, images of rasterize_fwd)."""
@@ -99,7 +111,8 @@ def isect_and_rasterize(
         counted = _binning_event(means2d.device)
         counted.record(torch.cuda.current_stream(means2d.device))
         images = ext.rasterize_fwd(
-            means2d, conics, opacities, colors, depths, features, background, tile_ranges, gaussian_ids, width, height
+            means2d, conics, opacities, colors, depths, features, background, tile_ranges, gaussian_ids, width, height,
+            features_bf16,
         )  # fmt: skip
         counted.synchronize()  # waits for the binning only: the rasterizer queued above keeps the GPU busy
         pairs = int(total)

@@ -158,6 +158,7 @@ def _rasterize(
     background: Tensor | None = None,
     feature_grad_to_geometry: bool = False,
     alpha_clamp_grad: bool = True,
+    features_bf16: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Pytorch implementation of `fit3d_hf.render._wrapper.rasterize()`.
 
@@ -178,6 +179,7 @@ def _rasterize(
             (the blending weights are constants for it); if True it reaches the geometry too.
         alpha_clamp_grad: if True (3DGS, which FiT3D forks), alpha = min(0.99, o G) is differentiated as
             o G, also where the clamp holds it; if False (gsplat) its gradient is zero there.
+        features_bf16: return the features rounded to bfloat16, channels-last.
 
     Returns:
         rgb `[B, 3, H, W]`, depth `[B, 1, H, W]` (sum of w_i z_i, not normalised), features
@@ -207,7 +209,10 @@ def _rasterize(
         depth.append(geo[3:4])
         feats.append(feat)
         alpha.append(1.0 - final_t[None])
-    return torch.stack(rgb), torch.stack(depth), torch.stack(feats), torch.stack(alpha)
+    features = torch.stack(feats)
+    if features_bf16:
+        features = features.to(torch.bfloat16, memory_format=torch.channels_last)
+    return torch.stack(rgb), torch.stack(depth), features, torch.stack(alpha)
 
 
 def _feature_l1(decoded: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:

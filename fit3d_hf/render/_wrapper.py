@@ -191,11 +191,11 @@ def _apply_spherical_harmonics(sh, means, world_to_camera, sh_degree):
 
 def _rasterize_fwd(means2d, conics, depths, colors, opacities, features, background, radii, config):
     """Bins and composites; returns (tile_ranges, gaussian_ids, the images of the extension's rasterize_fwd)."""
-    width, height = config[:2]
+    width, height, _, _, features_bf16 = config
     binning = isect_and_rasterize if means2d.is_cuda else isect_and_rasterize_exact
     return binning(
         extension_for(means2d.device), means2d, conics, depths, colors, opacities, features, background, radii,
-        width, height,
+        width, height, features_bf16,
     )  # fmt: skip
 
 
@@ -211,7 +211,7 @@ class _Rasterize(torch.autograd.Function):
         features,
         background,
         radii,
-        config,  # (width, height, feature_grad_to_geometry, alpha_clamp_grad)
+        config,  # (width, height, feature_grad_to_geometry, alpha_clamp_grad, features_bf16)
     ):
         tile_ranges, gaussian_ids, images = _rasterize_fwd(
             means2d, conics, depths, colors, opacities, features, background, radii, config
@@ -249,7 +249,7 @@ class _Rasterize(torch.autograd.Function):
             final_t,
             last_ids,
         ) = ctx.saved_tensors
-        width, height, route, clamp_grad = ctx.config
+        width, height, route, clamp_grad, _ = ctx.config
         ext = extension_for(means2d.device)
         v_means2d, v_conics, v_opacities, v_colors, v_depths, v_features = ext.rasterize_bwd(
             means2d,
@@ -303,9 +303,10 @@ def rasterize(
     background: Tensor | None = None,  # [3]
     feature_grad_to_geometry: bool = False,
     alpha_clamp_grad: bool = True,
+    features_bf16: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Alpha compositing of rgb, depth and F feature channels by the compiled extension (CUDA or CPU), in one
-    pass over the tile lists.
+    pass over the tile lists; with `features_bf16`, the feature images come as bfloat16, channels-last.
 
     See `_reference._rasterize` for the semantics.
 
@@ -338,6 +339,7 @@ def rasterize(
         background,
         feature_grad_to_geometry,
         alpha_clamp_grad,
+        features_bf16,
     )
 
 
@@ -354,10 +356,17 @@ def _apply_rasterize(
     background,
     feature_grad_to_geometry,
     alpha_clamp_grad=True,
+    features_bf16=False,
 ):
     args = [t.contiguous() for t in (means2d, conics, depths, colors, opacities, features)]
     args += [_contiguous(background), radii.contiguous()]
-    config = (int(width), int(height), bool(feature_grad_to_geometry), bool(alpha_clamp_grad))
+    config = (
+        int(width),
+        int(height),
+        bool(feature_grad_to_geometry),
+        bool(alpha_clamp_grad),
+        bool(features_bf16),
+    )
     if _needs_graph(args):
         return _Rasterize.apply(*args, config)
     rgb, depth, feats, alpha = _rasterize_fwd(*args, config)[2][:4]

@@ -34,7 +34,8 @@ class RenderOutput:
     Attributes:
         rgb: `[B, 3, H, W]` composited colour plus T_final * background.
         features: `[B, F, H, W]` composited features (no background term); channels-last in memory from the
-            CPU backend, which accumulates them pixel by pixel (the values do not depend on the layout).
+            CPU backend, which accumulates them pixel by pixel (the values do not depend on the layout), and
+            bfloat16 channels-last with `feature_dtype=torch.bfloat16`.
         depth: `[B, 1, H, W]` expected depth sum_i w_i z_i (not divided by alpha); None when
             `render_depth=False`.
         alpha: `[B, 1, H, W]` accumulated opacity 1 - T_final.
@@ -253,6 +254,7 @@ def render(
     near_plane: float = 0.01,
     far_plane: float = 1e10,
     render_depth: bool = True,
+    feature_dtype: torch.dtype | None = None,
     backend: str | None = None,
 ) -> RenderOutput:
     """Renders RGB, features, depth and alpha of 3D Gaussians for a batch of cameras.
@@ -290,6 +292,9 @@ def render(
         near_plane: Gaussians closer than this (camera z) are culled.
         far_plane: Gaussians farther than this are culled.
         render_depth: return the depth image (it is composited in the same pass either way).
+        feature_dtype: None (the Gaussians' dtype) or torch.bfloat16: the feature images rounded to bfloat16
+            and channels-last, as a bf16 convolution reads them (Stage I's decoder); the CUDA kernels write them
+            so and read their gradient so, without converting copies of the whole map.
         backend: "cuda", "cpu", "reference" or None: the compiled extension of the tensors' device for
             float32 tensors when it is available (else the reference, with a one-time warning naming the
             cause), the reference for float64 tensors.
@@ -311,6 +316,8 @@ def render(
         _validate(*arguments)  # raises, naming the argument and the problem, or accepts
     if features is None:
         features = means.new_zeros(means.shape[0], 0)
+    if feature_dtype not in (None, means.dtype, torch.bfloat16):
+        raise ValueError(f"feature_dtype must be None, {means.dtype} or torch.bfloat16, got {feature_dtype}")
     sh_degree = _resolve_sh_degree(colors, sh_degree)
     chosen = _choose_backend(backend, means.device, means.dtype)
     if chosen != "reference" and means.dtype != torch.float32:
@@ -343,6 +350,7 @@ def render(
         background,
         feature_grad_to_geometry,
         alpha_clamp_grad,
+        feature_dtype == torch.bfloat16,
     )
     if means2d.requires_grad:
         means2d.retain_grad()

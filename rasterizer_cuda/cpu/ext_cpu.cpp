@@ -321,7 +321,7 @@ fit3d::RasterizeArgs rasterize_args(const Tensor& means2d, const Tensor& conics,
 std::vector<Tensor> rasterize_fwd(const Tensor& means2d, const Tensor& conics, const Tensor& opacities,
                                   const Tensor& colors, const Tensor& depths, const Tensor& features,
                                   const OptTensor& background, const Tensor& tile_ranges, const Tensor& gaussian_ids,
-                                  int64_t width, int64_t height) {
+                                  int64_t width, int64_t height, bool features_bf16) {
     fit3d::RasterizeArgs a = rasterize_args(means2d, conics, opacities, colors, depths, features, background,
                                             tile_ranges, gaussian_ids, width, height);
     auto opts = means2d.options();
@@ -340,6 +340,8 @@ std::vector<Tensor> rasterize_fwd(const Tensor& means2d, const Tensor& conics, c
     a.last_ids = last_ids.data_ptr<int32_t>();
     a.channel_count = 4 + a.F;
     fit3d::cpu::rasterize_fwd(a);
+    // bfloat16 on request (the CUDA kernel writes them so directly); the layout stays channels-last
+    if (features_bf16) feats = feats.to(at::kBFloat16);
     return {rgb, depth, feats, alpha, final_t, last_ids};
 }
 
@@ -358,7 +360,12 @@ std::vector<Tensor> rasterize_bwd(const Tensor& means2d, const Tensor& conics, c
     a.last_ids = last_ids.data_ptr<int32_t>();
     a.v_rgb = optional_ptr(v_rgb, "v_rgb", {B, 3, H, W});
     a.v_depth = optional_ptr(v_depth, "v_depth", {B, 1, H, W});
-    a.v_features = feature_grad_ptr(v_features, {B, F, H, W}, a);
+    // a bfloat16 gradient (of bfloat16 features) is read as float32, converted here
+    const OptTensor v_features_float =
+        v_features.has_value() && v_features->defined() && v_features->scalar_type() == at::kBFloat16
+            ? OptTensor(v_features->to(at::kFloat))
+            : v_features;
+    a.v_features = feature_grad_ptr(v_features_float, {B, F, H, W}, a);
     a.v_alpha = optional_ptr(v_alpha, "v_alpha", {B, 1, H, W});
     a.alpha_clamp_grad = alpha_clamp_grad;
     Tensor v_means2d = at::zeros_like(means2d), v_conics = at::zeros_like(conics);
