@@ -84,20 +84,8 @@ def isect_and_rasterize_exact(ext, means2d, conics, depths, colors, opacities, f
     return tile_ranges, gaussian_ids, images
 
 
-def isect_and_rasterize(
-    ext,
-    means2d,
-    conics,
-    depths,
-    colors,
-    opacities,
-    features,
-    background,
-    radii,
-    width,
-    height,
-    features_bf16=False,
-):
+def isect_and_rasterize(ext, means2d, conics, depths, colors, opacities, features, background, radii, width, height,
+                        features_bf16=False):  # fmt: skip
     """The CUDA path: bins with the capacity of the recent calls of this size (see `_PAIR_CAPACITY`), queues
     the rasterizer, then checks the pair count; returns (tile_ranges, gaussian_ids, images of rasterize_fwd)."""
     key = (means2d.device.index or 0, *means2d.shape[:2], width, height)
