@@ -6,6 +6,8 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <climits>
 #include <optional>
 #include <sstream>
@@ -107,10 +109,14 @@ int tiles_along(int pixels) { return (pixels + fit3d::TILE_SIZE - 1) / fit3d::TI
 // Channel ranges [begin, end) of the launches: as few as the per-launch limit and the device's shared
 // memory allow, of balanced widths; the first always holds rgb + depth.
 size_t shared_memory_optin() {
+    // asked once per device (a driver call per launch plan otherwise); 0 = not asked yet
+    static std::array<std::atomic<int>, 64> known = {};
     int device = 0, optin = 0;
     check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+    if (device >= 0 && device < int(known.size()) && (optin = known[device].load()) > 0) return size_t(optin);
     check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
                "cudaDeviceGetAttribute");
+    if (device >= 0 && device < int(known.size())) known[device].store(optin);
     return size_t(optin);
 }
 

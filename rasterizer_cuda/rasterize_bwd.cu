@@ -22,6 +22,7 @@
 #include "common.h"
 #include "ops.h"
 #include "raster_common.h"
+#include "shared_memory_grant.h"
 #include "tensor_core.h"
 
 namespace fit3d {
@@ -324,9 +325,9 @@ __global__ void __launch_bounds__(BLOCK_SIZE, 2) rasterize_bwd_kernel(RasterizeA
 cudaError_t launch_rasterize_bwd(const RasterizeArgs& args, cudaStream_t stream) {
     const int n_tiles = args.tiles_x * args.tiles_y;
     if (args.B == 0 || n_tiles == 0 || args.channel_count <= 0) return cudaSuccess;
+    static SharedMemoryGrant grant;
     const size_t shared = rasterize_bwd_shared_bytes(args.channel_count, args.first_pass);
-    cudaError_t err =
-        cudaFuncSetAttribute(rasterize_bwd_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared));
+    const cudaError_t err = grant.ensure(rasterize_bwd_kernel, shared);
     if (err != cudaSuccess) return err;
     rasterize_bwd_kernel<<<dim3(unsigned(n_tiles), unsigned(args.B)), BLOCK_SIZE, shared, stream>>>(args);
     return cudaGetLastError();

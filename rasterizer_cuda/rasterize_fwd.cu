@@ -16,6 +16,7 @@
 #include "common.h"
 #include "ops.h"
 #include "raster_common.h"
+#include "shared_memory_grant.h"
 #include "tensor_core.h"
 
 namespace fit3d {
@@ -225,9 +226,9 @@ __global__ void __launch_bounds__(BLOCK_SIZE, 2) rasterize_fwd_kernel(RasterizeA
 
 template <int CP>
 cudaError_t launch_fwd(const RasterizeArgs& args, cudaStream_t stream) {
+    static SharedMemoryGrant grant;
     const size_t shared = rasterize_fwd_shared_bytes(args.channel_count);
-    cudaError_t err =
-        cudaFuncSetAttribute(rasterize_fwd_kernel<CP>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared));
+    const cudaError_t err = grant.ensure(rasterize_fwd_kernel<CP>, shared);
     if (err != cudaSuccess) return err;
     const dim3 grid(unsigned(args.tiles_x * args.tiles_y), unsigned(args.B));
     rasterize_fwd_kernel<CP><<<grid, BLOCK_SIZE, shared, stream>>>(args);

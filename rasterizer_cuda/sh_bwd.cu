@@ -8,6 +8,7 @@
 #include "common.h"
 #include "ops.h"
 #include "sh_math.h"
+#include "shared_memory_grant.h"
 
 namespace fit3d {
 
@@ -93,7 +94,8 @@ cudaError_t launch_sh_bwd(const ShArgs& args, cudaStream_t stream) {
     cudaError_t err = cudaSuccess;
     with_sh_degree(args.degree, [&](auto deg) {
         constexpr int DEG = decltype(deg)::value;
-        err = cudaFuncSetAttribute(sh_bwd_kernel<DEG>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared));
+        static SharedMemoryGrant grant;  // one per degree's kernel
+        err = grant.ensure(sh_bwd_kernel<DEG>, shared);
         if (err == cudaSuccess) sh_bwd_kernel<DEG><<<blocks, SH_BWD_THREADS, shared, stream>>>(args);
     });
     return err != cudaSuccess ? err : cudaGetLastError();
