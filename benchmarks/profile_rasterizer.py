@@ -106,7 +106,10 @@ def main(argv=None):
 
 def host_overhead(n: int = 1000, calls: int = 300, device: str = "cuda") -> None:
     """Host time per call of each step of the forward, with so few Gaussians that the GPU never lags behind;
-    last, `render` with the compiled ops stubbed out (they return the outputs of one real call): Python's share."""
+    `render` at the benchmark's 876x584 and at 128x96 (where the GPU's work, mostly writing the images, is far
+    shorter than the host's: a render waits for its binning, queued behind the previous render's kernels, so the
+    larger image's figure can be GPU time); last, `render` with the compiled ops stubbed out (they return the
+    outputs of one real call): Python's share."""
     import time
     from unittest import mock
 
@@ -116,6 +119,7 @@ def host_overhead(n: int = 1000, calls: int = 300, device: str = "cuda") -> None
     dev, w, h = device, 876, 584
     means, quats, scales, opac = make_scene(n, dev)
     viewmats, ks = cameras(1, w, h, dev)
+    small_viewmats, small_ks = cameras(1, 128, 96, dev)
     colors, feats = torch.rand(n, 3, device=dev), torch.randn(n, 64, device=dev)
     ext = extension_for(torch.device(dev))
 
@@ -137,6 +141,9 @@ def host_overhead(n: int = 1000, calls: int = 300, device: str = "cuda") -> None
     def call_render():
         render(means, quats, scales, opac, colors, feats, ks, viewmats, w, h, backend=dev)
 
+    def call_small_render():
+        render(means, quats, scales, opac, colors, feats, small_ks, small_viewmats, 128, 96, backend=dev)
+
     with torch.no_grad():
         m2d, con, dep, radii = _wrapper.project(means, quats, scales, opac, viewmats, ks, w, h)
         ranges, ids, total = ext.isect_tiles(m2d, con, opac, dep, radii, w, h, 0)
@@ -152,6 +159,7 @@ def host_overhead(n: int = 1000, calls: int = 300, device: str = "cuda") -> None
                 m2d, con, opac, colors, dep, feats, None, ranges, ids, w, h, False
             ),
             "render": call_render,
+            "render, 128 x 96 image": call_small_render,
         }
         for name, step in steps.items():
             report(name, step)
@@ -176,8 +184,11 @@ def host_overhead(n: int = 1000, calls: int = 300, device: str = "cuda") -> None
             for _ in range(50):
                 call_render()
             synchronize()
+        events = prof.key_averages()
+        gpu_us = sum(getattr(event, "self_device_time_total", 0) for event in events) / 50
+        print(f"GPU time per render (kernels, copies, memsets): {gpu_us:.1f} us")  # noqa: T201
         print("host time per render by call (self CPU time / 50 renders):")  # noqa: T201
-        for event in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:30]:
+        for event in sorted(events, key=lambda e: -e.self_cpu_time_total)[:30]:
             print(  # noqa: T201
                 f"  {event.key[:60]:60s} {event.self_cpu_time_total / 50:8.1f} us  {event.count / 50:5.1f} calls"
             )
