@@ -12,9 +12,12 @@ Prints one JSON line. On an H100 in session 7 the fused step took 1.88 ms at 1M 
 import argparse
 import json
 import sys
-import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import median_seconds  # noqa: E402
 
 # floats per Gaussian of each parameter group of fit3d_hf/lifting/lifter.py (feature_dim 64)
 GROUP_WIDTHS = {
@@ -27,22 +30,6 @@ GROUP_WIDTHS = {
     "quats": 4,
 }
 ADAM_BYTES_PER_ELEMENT = 28  # read p, g, m, v; write p, m, v (float32)
-
-
-def timed(step, device: torch.device, repeats: int) -> float:
-    """Median seconds of `step` over `repeats` runs, after three warm-ups."""
-    for _ in range(3):
-        step()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def main(argv=None) -> None:
@@ -60,13 +47,13 @@ def main(argv=None) -> None:
         p.grad = torch.randn_like(p)
     groups = [{"params": [p], "lr": 1e-3 * (i + 1)} for i, p in enumerate(params)]
     optimizer = torch.optim.Adam(groups, eps=1e-15, fused=device.type in ("cuda", "cpu"))
-    adam_s = timed(optimizer.step, device, args.repeats)
+    adam_s = median_seconds(optimizer.step, device, 3, args.repeats)
 
     elements = sum(p.numel() for p in params)
     # a copy reads and writes 4 bytes per element: copy 3.5 elements per Adam element to stream the same bytes
     source = torch.empty(int(elements * ADAM_BYTES_PER_ELEMENT / 8), device=device)
     target = torch.empty_like(source)
-    copy_s = timed(lambda: target.copy_(source), device, args.repeats)
+    copy_s = median_seconds(lambda: target.copy_(source), device, 3, args.repeats)
 
     moved = elements * ADAM_BYTES_PER_ELEMENT
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
+from pathlib import Path
 
 import torch
 from transformers import Dinov2Config
@@ -27,28 +27,15 @@ from transformers import Dinov2Config
 from fit3d_hf import FiT3DConfig, FiT3DModel
 from fit3d_hf.modeling_fit3d import resize_to_patch_multiple
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import median_seconds  # noqa: E402
+
 MODELS = {
     "dinov2-small-random": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6),
     "dinov2-base-random": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12),
 }
 SIZES = [(518, 518), (876, 584)]  # width x height
 QUICK_SIZES = [(112, 112), (146, 98)]
-
-
-def _timed(function, device: torch.device, warmup: int, iterations: int) -> float:
-    """Median seconds per call of `function`, timed with device synchronisation around each call."""
-    for _ in range(warmup):
-        function()
-    timings = []
-    for _ in range(iterations):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        function()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        timings.append(time.perf_counter() - start)
-    return sorted(timings)[len(timings) // 2]
 
 
 def build_model(name: str, device: torch.device) -> FiT3DModel:
@@ -77,8 +64,8 @@ def benchmark(
     # Interleave the two measurements so clock or thermal drift affects both alike.
     fit3d_seconds, separate_seconds = [], []
     for _ in range(2):
-        fit3d_seconds.append(_timed(fit3d, device, warmup, iterations))
-        separate_seconds.append(_timed(separate, device, warmup, iterations))
+        fit3d_seconds.append(median_seconds(fit3d, device, warmup, iterations))
+        separate_seconds.append(median_seconds(separate, device, warmup, iterations))
     images_per_s = batch / min(fit3d_seconds)
     separate_images_per_s = batch / min(separate_seconds)
     return {
