@@ -14,9 +14,8 @@
 # Options: RASTER_ARGS (default --quick), TESTS (test paths) and TESTS_TIMEOUT, FINETUNE_ARGS and FINETUNE_TIMEOUT,
 # LIFT_N (default 1000000); AB_PATCH (patch files) and AB_STAGES: after the stages, apply each patch in turn (on top
 # of the last; one whose quick tests fail is reverted), rebuild and run AB_STAGES again, an A/B comparison on one
-# machine; FINAL_STAGES run last. Logs and
-# JSON lines go to $LOGS; where the device tool sets $OUT (it returns at most 8 files), they come back as one
-# $OUT/logs.tgz (Nsight reports left out).
+# machine; FINAL_STAGES run last. Logs and JSON lines go to $LOGS; where the device tool sets $OUT (it returns at
+# most 8 files), they come back as one $OUT/logs.tgz (Nsight reports left out).
 set -uo pipefail
 LOGS="${LOGS:-benchmarks/results/device_all}"
 mkdir -p "$LOGS"
