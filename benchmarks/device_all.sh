@@ -8,6 +8,7 @@
 #   finetune benchmarks/finetune.py (Stage II step, 1 process; needs the datasets wheels in .whl/)
 #   lift     benchmarks/profile_lift.py at LIFT_N Gaussians (Stage I iteration time split)
 #   liftfull benchmarks/lift.py, the whole Stage I of a 300-view scene from ~1M Gaussians (LIFT_COPIES)
+#   liftgen  only that scene's generation (kept in /tmp while the machine is held: a later liftfull reuses it)
 #   adam     benchmarks/adam_bandwidth.py: Stage I's fused Adam step against a copy of as many bytes
 #   ncu      Nsight Compute reports of both blending kernels (benchmark scene) and of the backward at Stage I's
 #            density, read per source line (benchmarks/ncu_lines.py)
@@ -90,13 +91,15 @@ for stage in "$@"; do
                 --import-source yes -o "$OUT/lift_bwd" "$PY" benchmarks/profile_lift.py --gaussians "${LIFT_N:-1000000}" \
                 --steps 1 >"$OUT/ncu_lift.log" 2>&1
             "$PY" benchmarks/ncu_lines.py "$OUT/lift_bwd.ncu-rep" --top 40 | tee "$OUT/ncu_lift_lines.txt" | head -n 50 ;;
-        liftfull)
+        liftgen|liftfull)
             # the whole Stage I of one synthetic scene (benchmarks/lift.py: 300 views, 30k iterations) from ~1M
             # Gaussians (200k sparse points x LIFT_COPIES); generation ~3.5 min on 16 processes, training ~4.5 min:
-            # a call of its own, on the machine a previous call built on
+            # a call of its own, on the machine a previous call built on. The scene stays in /tmp/fit3d-liftbench
+            # while the machine is held: liftgen only writes it, so that a later liftfull only trains.
+            extra=""; [ "$stage" = liftgen ] && extra="--generate_only"
             timeout "${LIFT_TIMEOUT:-590}" "$PY" benchmarks/lift.py --views 300 --iterations 30000 --workers 16 \
-                --points_per_sample "${LIFT_COPIES:-5}" 2>"$OUT/lift_full.log" | tee "$OUT/lift_full.jsonl" \
-                || tail -n 20 "$OUT/lift_full.log" ;;
+                --points_per_sample "${LIFT_COPIES:-5}" --work_dir /tmp/fit3d-liftbench $extra \
+                2>"$OUT/$stage.log" | tee "$OUT/$stage.jsonl" || tail -n 20 "$OUT/$stage.log" ;;
         adam)
             "$PY" benchmarks/adam_bandwidth.py --gaussians "${LIFT_N:-1000000}" 2>&1 | tee "$OUT/adam.jsonl" ;;
         lift)

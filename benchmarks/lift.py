@@ -60,7 +60,8 @@ def main() -> None:
     parser.add_argument("--feature_dim", type=int, default=64)
     parser.add_argument("--workers", type=int, default=8, help="processes generating the synthetic views")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--work_dir", default=None)
+    parser.add_argument("--work_dir", default=None, help="reused where it holds this scene already")
+    parser.add_argument("--generate_only", action="store_true", help="write the scene to --work_dir and stop")
     parser.add_argument(
         "--mixed_precision", default="bf16", choices=("no", "bf16"), help="decoder + feature loss precision"
     )
@@ -71,10 +72,22 @@ def main() -> None:
     config = SyntheticSceneConfig(
         seed=0, num_views=args.views, width=args.width, height=args.height, num_points=args.num_points
     )
-    scene_dir = generate_scene(work / "data", "bench00000", config, workers=args.workers)
-    if args.points_per_sample > 1:
-        replicate_points(scene_dir / "points3D.txt", args.points_per_sample, args.jitter)
+    # a --work_dir that holds this scene already (a marker written once it is whole) is reused: generating a
+    # 300-view scene takes minutes, a device call at most ten
+    recipe = json.dumps([repr(config), args.points_per_sample, args.jitter])
+    marker = work / "scene_recipe.json"
+    scene_dir = work / "data" / "scenes" / "bench00000"
+    if not (marker.is_file() and marker.read_text() == recipe and scene_dir.is_dir()):
+        marker.unlink(missing_ok=True)
+        scene_dir = generate_scene(work / "data", "bench00000", config, workers=args.workers)
+        if args.points_per_sample > 1:
+            replicate_points(scene_dir / "points3D.txt", args.points_per_sample, args.jitter)
+        marker.write_text(recipe)
     generation_s = time.perf_counter() - start
+    if args.generate_only:
+        record = {"benchmark": "lift", "scene": str(scene_dir), "scene_generation_s": round(generation_s, 1)}
+        print(json.dumps(record))  # noqa: T201
+        return
 
     torch.manual_seed(0)  # a DINOv2-small-sized backbone with random weights (no Hub here)
     backbone = work / "backbone"
