@@ -156,15 +156,35 @@ __global__ void __launch_bounds__(BLOCK_SIZE, 2) rasterize_bwd_kernel(RasterizeA
         if (a.v_features_bf16 != nullptr)
             my_features_bf16 = reinterpret_cast<const __nv_bfloat16*>(a.v_features_bf16) + at;
     }
+    // channels-last gradients (Stage I's decoder) are read 8 channels per 16-byte load (bf16) or two (float32)
+    // where aligned, rather than one element per load
+    const bool channels_last = a.v_features_channel_stride == 1;
+    const bool vector_bf16 = channels_last && my_features_bf16 != nullptr && is_aligned(my_features_bf16, 16);
+    const bool vector_f32 = channels_last && my_features != nullptr && is_aligned(my_features, 16);
     for (int c = c0; c < cp; c += 8) {
         float v[8];
+        if (c + 8 <= cc && vector_bf16) {
+            const uint4 raw = *reinterpret_cast<const uint4*>(my_features_bf16 + (c - c0));
+            const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            const int64_t at = (c + i - c0) * a.v_features_channel_stride;
-            v[i] = c + i >= cc                   ? 0.f
-                   : my_features != nullptr      ? my_features[at]
-                   : my_features_bf16 != nullptr ? __bfloat162float(my_features_bf16[at])
-                                                 : 0.f;
+            for (int i = 0; i < 4; ++i) {
+                const float2 f = __bfloat1622float2(pairs[i]);
+                v[2 * i] = f.x;
+                v[2 * i + 1] = f.y;
+            }
+        } else if (c + 8 <= cc && vector_f32) {
+            const float4 lo = *reinterpret_cast<const float4*>(my_features + (c - c0));
+            const float4 hi = *reinterpret_cast<const float4*>(my_features + (c - c0) + 4);
+            v[0] = lo.x, v[1] = lo.y, v[2] = lo.z, v[3] = lo.w, v[4] = hi.x, v[5] = hi.y, v[6] = hi.z, v[7] = hi.w;
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                const int64_t at = (c + i - c0) * a.v_features_channel_stride;
+                v[i] = c + i >= cc                   ? 0.f
+                       : my_features != nullptr      ? my_features[at]
+                       : my_features_bf16 != nullptr ? __bfloat162float(my_features_bf16[at])
+                                                     : 0.f;
+            }
         }
         *reinterpret_cast<float4*>(my_g + c) = make_float4(v[0], v[1], v[2], v[3]);
         *reinterpret_cast<float4*>(my_g + c + 4) = make_float4(v[4], v[5], v[6], v[7]);
