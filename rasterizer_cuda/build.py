@@ -49,6 +49,7 @@ SOURCES = (
     "rasterize_bwd.cu",
     "feature_loss.cu",
     "ssim.cu",
+    "adam.cu",
 )
 CPU_EXTENSION_NAME = "fit3d_hf._C_cpu"
 CPU_JIT_NAME = "fit3d_hf_rasterizer_cpu"

@@ -705,6 +705,53 @@ Tensor ssim_bwd(const Tensor& prediction, const Tensor& target, const Tensor& de
     return grad;
 }
 
+// ---- adam ---------------------------------------------------------------------------------------------
+// One Adam step of every tensor in `params` (in place, with their moments), in one launch per
+// fit3d::ADAM_MAX_TENSORS tensors; `hyper` holds per tensor (step_size, bias_correction2_sqrt, beta1, beta2, eps),
+// see fit3d::AdamTensor.
+void adam_step(const std::vector<Tensor>& params, const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs,
+               const std::vector<Tensor>& exp_avg_sqs, const std::vector<std::array<double, 5>>& hyper) {
+    const size_t count = params.size();
+    FIT3D_CHECK(
+        grads.size() == count && exp_avgs.size() == count && exp_avg_sqs.size() == count && hyper.size() == count,
+        "fit3d adam: ", count, " parameters but ", grads.size(), " gradients, ", exp_avgs.size(), " and ",
+        exp_avg_sqs.size(), " moments and ", hyper.size(), " settings");
+    if (count == 0) return;
+    std::vector<fit3d::AdamTensor> tensors(count);
+    for (size_t i = 0; i < count; ++i) {
+        const Tensor& p = params[i];
+        // elementwise: any dense layout does, if the four tensors share it (the decoder's weight is channels-last)
+        FIT3D_CHECK(p.is_cuda() && p.scalar_type() == at::kFloat && p.is_non_overlapping_and_dense(),
+                    "fit3d adam: parameter ", i, " must be a dense float32 CUDA tensor, got ", p.scalar_type(), " on ",
+                    p.device());
+        const std::pair<const Tensor*, const char*> others[] = {
+            {&grads[i], "gradient"}, {&exp_avgs[i], "exp_avg"}, {&exp_avg_sqs[i], "exp_avg_sq"}};
+        for (const auto& [t, name] : others) {
+            FIT3D_CHECK(t->device() == params[0].device() && t->scalar_type() == at::kFloat &&
+                            t->sizes() == p.sizes() && t->strides() == p.strides(),
+                        "fit3d adam: the ", name, " of parameter ", i,
+                        " must be a float32 tensor of the parameter's shape ", p.sizes(), " and strides ", p.strides(),
+                        " on ", params[0].device(), ", got ", t->scalar_type(), " ", t->sizes(), " strides ",
+                        t->strides(), " on ", t->device());
+        }
+        FIT3D_CHECK(p.device() == params[0].device(), "fit3d adam: parameter ", i, " is on ", p.device(),
+                    " but parameter 0 is on ", params[0].device());
+        const auto& [step_size, bias_correction2_sqrt, beta1, beta2, eps] = hyper[i];
+        tensors[i] = {p.data_ptr<float>(),
+                      grads[i].data_ptr<float>(),
+                      exp_avgs[i].data_ptr<float>(),
+                      exp_avg_sqs[i].data_ptr<float>(),
+                      p.numel(),
+                      float(step_size),
+                      float(bias_correction2_sqrt),
+                      float(beta1),
+                      float(beta2),
+                      float(eps)};
+    }
+    const at::cuda::OptionalCUDAGuard guard(device_of(params[0]));
+    check_cuda(fit3d::launch_adam(tensors.data(), int(count), stream()), "adam");
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "fit3d-hf CUDA rasterizer of RGB, depth and feature channels (see fit3d_hf/render/_wrapper.py)";
     m.def("project_fwd", &project_fwd);
@@ -719,4 +766,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.attr("TILE_SIZE") = fit3d::TILE_SIZE;
     m.def("ssim_fwd", &ssim_fwd);
     m.def("ssim_bwd", &ssim_bwd);
+    m.def("adam_step", &adam_step);
 }

@@ -161,4 +161,19 @@ struct FeatureL1Args {
 int64_t feature_l1_blocks(const FeatureL1Args& args);
 cudaError_t launch_feature_l1(const FeatureL1Args& args, cudaStream_t stream);
 
+// ---- adam: Adam steps of many tensors in one launch (adam.cu; fit3d_hf/optim.py) -------------------------
+// One tensor's update, as torch's Adam without weight decay or amsgrad: m = beta1 m + (1 - beta1) g,
+// v = beta2 v + (1 - beta2) g^2, param -= step_size * m / (sqrt(v) / bias_correction2_sqrt + eps), with
+// step_size = lr / (1 - beta1^step) and bias_correction2_sqrt = sqrt(1 - beta2^step) (computed by the caller).
+struct AdamTensor {
+    float* param;
+    const float* grad;
+    float* exp_avg;
+    float* exp_avg_sq;
+    int64_t n;  // elements of each of the four (dense float32 tensors of one layout)
+    float step_size, bias_correction2_sqrt, beta1, beta2, eps;
+};
+constexpr int ADAM_MAX_TENSORS = 16;  // tensors per launch (more take more launches)
+cudaError_t launch_adam(const AdamTensor* tensors, int count, cudaStream_t stream);
+
 }  // namespace fit3d

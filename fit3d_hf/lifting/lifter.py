@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from ..gaussians import Densifier, FeatureGaussians
 from ..gaussians.sh_codec import CompressedSH, assemble_sh, encode_sh
 from ..losses import psnr, ssim, upsampled_feature_l1
+from ..optim import make_adam
 from .arguments import LiftingArguments
 from .scene_data import SceneData, scene_extent
 
@@ -71,9 +72,8 @@ class Lifter:
             {"params": [g.quats], "lr": args.rotation_lr, "name": "quats"},
             {"params": list(self.decoder.parameters()), "lr": args.decoder_lr, "name": "decoder"},
         ]
-        # fused: one pass over each tensor instead of a dozen elementwise ops; torch has it for CUDA and the CPU
-        # (a tenth of a CPU Stage I iteration went to the unfused update's sqrt and div)
-        return torch.optim.Adam(groups, lr=0.0, eps=1e-15, fused=self.device.type in ("cuda", "cpu"))
+        # one launch for all eight groups on CUDA, torch's fused Adam elsewhere (fit3d_hf/optim.py)
+        return make_adam(groups, eps=1e-15, device=self.device)
 
     def next_view(self) -> int:
         # 3DGS's order: a shuffled stack of the training views, refilled when empty.
