@@ -17,6 +17,20 @@ def _seed_everything():
     yield
 
 
+@pytest.fixture
+def cuda_extension():
+    """The compiled CUDA extension; skips the test where there is no GPU or no extension (see
+    `render_helpers.cuda_test`)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from fit3d_hf.render._backend import extension_error, load_extension
+
+    ext = load_extension()
+    if ext is None:
+        pytest.skip(f"CUDA extension unavailable: {extension_error()}")
+    return ext
+
+
 def pytest_terminal_summary(terminalreporter):
     """How many inputs each property-based (fuzz) target was fed in this session."""
     import sys

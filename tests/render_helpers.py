@@ -13,11 +13,13 @@ from __future__ import annotations
 import math
 from unittest import mock
 
+import pytest
 import torch
 
 from fit3d_hf.render import _wrapper, render
 
 __all__ = [
+    "cuda_test",
     "FWD",
     "GRAD",
     "NAMES",
@@ -264,3 +266,9 @@ def assert_render_without_graph_matches(backend: str):
             actual, expected = getattr(out, name), getattr(recorded, name).detach()
             assert not actual.requires_grad, name
             assert torch.equal(actual, expected), name
+
+
+def cuda_test(test):
+    """Marks a test as needing the GPU and the compiled extension: the `cuda` mark (which the CPU-only CI
+    deselects) and conftest's `cuda_extension` fixture (which skips where either is missing)."""
+    return pytest.mark.cuda(pytest.mark.usefixtures("cuda_extension")(test))

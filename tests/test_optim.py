@@ -6,23 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from render_helpers import cuda_test
 
 from fit3d_hf.optim import GroupedAdam, make_adam
-
-
-def _cuda(test):
-    """Marks a test as needing the GPU and the compiled extension, as the other CUDA tests are."""
-    test = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test)
-    return pytest.mark.cuda(pytest.mark.usefixtures("_extension")(test))
-
-
-@pytest.fixture
-def _extension():
-    from fit3d_hf.render._backend import extension_error, load_extension
-
-    if load_extension() is None:
-        pytest.skip(f"CUDA extension unavailable: {extension_error()}")
-
 
 # Stage I's shapes in small: per-Gaussian attributes of odd widths and a count that is no multiple of the
 # kernel's vectors or blocks (partial blocks), plus a channels-last convolution weight (the decoder).
@@ -72,7 +58,7 @@ def test_make_adam_on_cpu_is_torch_fused():
     assert type(optimizer) is torch.optim.Adam and optimizer.defaults["fused"]
 
 
-@_cuda
+@cuda_test
 def test_one_launch_step_matches_torch_adam():
     ours, theirs = _parameters("cuda"), _parameters("cuda")
     optimizer = make_adam(_groups(ours), eps=1e-15, device=torch.device("cuda"))
@@ -102,7 +88,7 @@ def test_one_launch_step_matches_torch_adam():
     assert ours[-1].is_contiguous(memory_format=torch.channels_last)  # the layout survived
 
 
-@_cuda
+@cuda_test
 def test_state_round_trips_through_torch_adam():
     """A checkpoint of the grouped step resumes in torch's fused Adam and back, with the same result as either
     alone (Stage I's checkpoints, and a resume on a machine without the extension)."""
@@ -126,7 +112,7 @@ def test_state_round_trips_through_torch_adam():
     assert all(back.state[p]["step"].item() == 7 for p in params)
 
 
-@_cuda
+@cuda_test
 def test_bad_state_is_refused_by_name():
     from fit3d_hf.render._backend import load_extension
 

@@ -6,22 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from render_helpers import cuda_test
 
 from fit3d_hf.losses import _FusedSSIM, _ssim_torch, ssim
-
-
-def _cuda(test):
-    """Marks a test as needing the GPU and the compiled extension, as the other CUDA tests are."""
-    test = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test)
-    return pytest.mark.cuda(pytest.mark.usefixtures("_extension")(test))
-
-
-@pytest.fixture
-def _extension():
-    from fit3d_hf.render._backend import extension_error, load_extension
-
-    if load_extension() is None:
-        pytest.skip(f"CUDA extension unavailable: {extension_error()}")
 
 
 def _images(shape, seed=0, device="cuda"):
@@ -41,7 +28,7 @@ def _grad(fn, prediction, target, weight=1.0):
 SHAPES = [(1, 3, 37, 53), (2, 3, 584, 876), (2, 2, 33, 65), (1, 1, 5, 7), (1, 3, 1, 1), (1, 2, 1, 40)]
 
 
-@_cuda
+@cuda_test
 @pytest.mark.parametrize("shape", SHAPES)
 def test_fused_forward_matches_torch(shape):
     prediction, target = _images(shape)
@@ -56,14 +43,14 @@ def test_fused_forward_matches_torch(shape):
         assert float(value) < 0.95  # the images differ: not trivially 1
 
 
-@_cuda
+@cuda_test
 @pytest.mark.parametrize("shape", [(1, 3, 37, 53), (1, 1, 5, 7), (2, 3, 64, 96)])
 def test_identical_images_give_one(shape):
     prediction, _ = _images(shape)
     assert float(ssim(prediction, prediction.clone())) == pytest.approx(1.0, abs=1e-6)
 
 
-@_cuda
+@cuda_test
 @pytest.mark.parametrize("shape", SHAPES)
 def test_fused_gradient_matches_autograd(shape):
     prediction, target = _images(shape, seed=1)
@@ -78,7 +65,7 @@ def test_fused_gradient_matches_autograd(shape):
     assert (fused - exact).abs().max() <= 2 * (float32 - exact).abs().max() + 1e-6 * scale
 
 
-@_cuda
+@cuda_test
 def test_incoming_gradient_scales_the_result():
     """Stage I's loss takes 0.2 * (1 - SSIM): the backward reads the incoming gradient (-0.2) on the device."""
     prediction, target = _images((1, 3, 70, 90), seed=2)
@@ -93,7 +80,7 @@ def test_incoming_gradient_scales_the_result():
     )
 
 
-@_cuda
+@cuda_test
 def test_fused_ssim_is_deterministic_and_takes_non_contiguous_input():
     prediction, target = _images((2, 3, 50, 70), seed=3)
     first, again = ssim(prediction, target), ssim(prediction, target)
@@ -109,7 +96,7 @@ def test_fused_ssim_is_deterministic_and_takes_non_contiguous_input():
     assert torch.equal(base.grad.transpose(2, 3), _grad(ssim, prediction, target))
 
 
-@_cuda
+@cuda_test
 def test_torch_ops_serve_what_the_kernel_does_not_cover():
     prediction, target = _images((1, 3, 30, 40), seed=4)
     # a target that takes a gradient: the torch ops, which give it one
@@ -126,7 +113,7 @@ def test_torch_ops_serve_what_the_kernel_does_not_cover():
     )
 
 
-@_cuda
+@cuda_test
 def test_extension_refuses_bad_arguments():
     from fit3d_hf.render._backend import load_extension
 
