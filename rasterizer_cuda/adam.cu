@@ -25,8 +25,8 @@ struct AdamLaunch {
 };
 
 __device__ __forceinline__ float adam_update(const AdamTensor& t, float& param, float grad, float& m, float& v) {
-    m = t.beta1 * m + (1.0f - t.beta1) * grad;
-    v = t.beta2 * v + (1.0f - t.beta2) * grad * grad;
+    m = t.beta1 * m + t.one_minus_beta1 * grad;
+    v = t.beta2 * v + t.one_minus_beta2 * grad * grad;
     const float denom = sqrtf(v) / t.bias_correction2_sqrt + t.eps;
     param -= t.step_size * m / denom;
     return param;

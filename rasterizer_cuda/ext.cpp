@@ -745,7 +745,9 @@ void adam_step(const std::vector<Tensor>& params, const std::vector<Tensor>& gra
                       float(step_size),
                       float(bias_correction2_sqrt),
                       float(beta1),
+                      float(1.0 - beta1),
                       float(beta2),
+                      float(1.0 - beta2),
                       float(eps)};
     }
     const at::cuda::OptionalCUDAGuard guard(device_of(params[0]));
