@@ -76,9 +76,8 @@ class GroupedAdam(torch.optim.Adam):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 elif state["step"].device.type != "cpu":
-                    state["step"] = state[
-                        "step"
-                    ].cpu()  # (from a fused Adam's checkpoint) read without a sync
+                    # a fused Adam's checkpoint keeps the count on the GPU: moved once, read without syncs after
+                    state["step"] = state["step"].cpu()
                 state["step"] += 1
                 step = state["step"].item()
                 params.append(p)
