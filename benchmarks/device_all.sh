@@ -14,9 +14,11 @@
 #            density, read per source line (benchmarks/ncu_lines.py)
 # Options: RASTER_ARGS (default --quick), TESTS (test paths) and TESTS_TIMEOUT, FINETUNE_ARGS and FINETUNE_TIMEOUT,
 # LIFT_N (default 1000000); AB_PATCH (patch files) and AB_STAGES: after the stages, apply each patch in turn (on top
-# of the last; one whose quick tests fail is reverted), rebuild and run AB_STAGES again, an A/B comparison on one
-# machine; FINAL_STAGES run last. Logs and JSON lines go to $LOGS; where the device tool sets $OUT (it returns at
-# most 8 files), they come back as one $OUT/logs.tgz (Nsight reports left out).
+# of the last; one whose quick tests fail is reverted, so give each one diff per file, e.g. `git diff branch~2
+# branch~1`: format-patches that create a file and then change it, concatenated, do not revert cleanly), rebuild and
+# run AB_STAGES again, an A/B comparison on one machine; FINAL_STAGES run last. Logs and JSON lines go to $LOGS;
+# where the device tool sets $OUT (it returns at most 8 files), they come back as one $OUT/logs.tgz (Nsight reports
+# left out).
 set -uo pipefail
 LOGS="${LOGS:-benchmarks/results/device_all}"
 mkdir -p "$LOGS"
@@ -47,9 +49,15 @@ for stage in "$@"; do
             ldd fit3d_hf/_C.*.so fit3d_hf/_C_cpu.*.so | grep -E "^fit3d|libstdc" || echo "no shared libstdc++ linked"
             "$PY" -X faulthandler benchmarks/smoke_cuda.py 2>&1 | tail -n 25 ;;
         quick)
-            # QUICK_TESTS: a few test ids that vet a kernel change before the long stages ("failed" in quick.log)
+            # QUICK_TESTS (a few test files that vet a kernel change before the long stages; "failed" in quick.log),
+            # then the test files the A/B's current patch adds or changes; files missing from the tree are left out
+            # (a reverted patch's test file must not fail the next patch), and one failure does not hide the rest
+            quick_tests=()
             # shellcheck disable=SC2086
-            timeout 300 "$PY" -m pytest -m cuda ${QUICK_TESTS:-tests/test_render_cuda.py} -q -p no:cacheprovider -x \
+            for t in ${QUICK_TESTS:-tests/test_render_cuda.py} ${PATCH_TESTS:-}; do
+                [ -e "$t" ] && [[ " ${quick_tests[*]} " != *" $t "* ]] && quick_tests+=("$t")
+            done
+            timeout 300 "$PY" -m pytest -m cuda "${quick_tests[@]}" -q -p no:cacheprovider --maxfail=5 \
                 2>&1 | tee "$OUT/quick.log" | tail -n 8 ;;
         tests)
             # shellcheck disable=SC2086
@@ -114,6 +122,8 @@ run_stages $STAGES
 # shellcheck disable=SC2086
 for patch in ${AB_PATCH:-}; do
     echo "== applying $patch"
+    # the test files it touches join its quick tests
+    PATCH_TESTS=$(sed -n 's|^+++ b/\(tests/test_[^ \t]*\.py\).*|\1|p' "$patch" | sort -u | tr '\n' ' ')
     if patch -p1 <"$patch" >>"$LOGS/setup.log" 2>&1 && "$PY" setup.py build_ext --inplace >>"$LOGS/setup.log" 2>&1; then
         OUT="$LOGS/ab_$(basename "$patch" .patch)" && mkdir -p "$OUT"
         # shellcheck disable=SC2086
