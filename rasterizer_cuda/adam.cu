@@ -4,7 +4,9 @@
 // attribute, 3DGS's learning rates) cost eight calls and 13 launches; on an H100 the step moved its 3.4 GB at
 // about 1.8 TB/s (session 8). Here every tensor's step size comes with it, and one launch streams them all:
 // a block takes ADAM_BLOCK_ELEMENTS consecutive elements of one tensor, four per 16-byte load where the
-// tensor's pointers allow. The update is torch's (_fused_adam, no weight decay, no amsgrad) term by term.
+// tensor's pointers allow (H100, Stage I at 1M Gaussians: 1.89 -> 1.19 ms, 2.89 TB/s, session 9). The update is
+// torch's Adam (no weight decay, no amsgrad) term by term, with the scalars that involve beta (1 - beta, the bias
+// corrections) computed in double by the caller, as torch's per-tensor Adam has them.
 #include <algorithm>
 
 #include "common.h"
