@@ -3,12 +3,17 @@ random views, random target features and ~230k random Gaussians in a 6x4x6 m roo
 benchmark ends with), densification off so every step costs the same.
 
 python benchmarks/profile_lift.py [--gaussians 230000] [--steps 50] [--mixed_precision bf16]
+
+Prints the wall time per iteration, the GPU time per kernel, and the GPU's idle time between kernels with the host
+operators that kept it waiting (benchmarks/gpu_gaps.py).
 """
 
 import argparse
 import math
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,6 +21,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from fit3d_hf.lifting import LiftingArguments, SceneData
 from fit3d_hf.lifting.lifter import Lifter
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_gaps import gpu_idle_gaps_of_file  # noqa: E402
 
 
 def random_scene(n_points: int, views: int, width: int, height: int, dim: int, device) -> SceneData:
@@ -86,6 +94,22 @@ def main(argv=None):
     print(f"GPU time per iteration: {total:.3f} ms; per kernel (ms per iteration, launches per iteration):")  # noqa: T201
     for e in kernels[:60]:
         print(f"  {e.self_device_time_total / steps / 1000:7.3f}  {e.count / steps:5.1f}  {e.key[:110]}")  # noqa: T201
+
+    # where the GPU waits between kernels, and on which host operator (a second pass: recording the host's
+    # operators slows the host, so this overstates host-bound time somewhat)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            lifter.step()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        gaps = gpu_idle_gaps_of_file(f"{tmp}/trace.json")
+    print(  # noqa: T201
+        f"GPU idle per iteration (host operators recorded): {gaps['idle_us'] / steps / 1000:.3f} ms, of which "
+        f"host-bound {gaps['host_bound_us'] / steps / 1000:.3f} ms; host-bound idle by operator (ms per iteration):"
+    )
+    for name, us in gaps["by_operator"]:
+        print(f"  {us / steps / 1000:7.3f}  {name[:110]}")  # noqa: T201
 
 
 if __name__ == "__main__":
