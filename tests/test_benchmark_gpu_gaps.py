@@ -1,21 +1,14 @@
 """benchmarks/gpu_gaps.py: the GPU's idle time between activities of a profiler trace, and the part the host
 caused, attributed to the innermost host operator around the late launch."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from benchmark_helpers import load_benchmark
 from torch.profiler import ProfilerActivity, profile
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _gpu_gaps():
-    spec = importlib.util.spec_from_file_location("gpu_gaps", REPO / "benchmarks" / "gpu_gaps.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_gaps")
 
 
 def _event(cat, name, ts, dur, correlation=None):

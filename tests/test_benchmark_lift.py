@@ -1,21 +1,14 @@
 """The Stage I benchmark's point replication (benchmarks/lift.py --points_per_sample): a ScanNet++-sized Gaussian
 count from the sparse points the synthetic generator can afford."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
+from benchmark_helpers import load_benchmark
 
 from fit3d_hf.scene.colmap_text import read_colmap_points
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def _lift_benchmark():
-    spec = importlib.util.spec_from_file_location("lift_benchmark", REPO / "benchmarks" / "lift.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("lift")
 
 
 def test_points_are_replicated_with_their_colours_and_jittered(tmp_path):
