@@ -18,6 +18,14 @@ import torch
 __all__ = ["GroupedAdam", "make_adam"]
 
 
+def _adam_extension():
+    """The CUDA extension where it has the one-launch Adam kernel, else None."""
+    from .render._backend import load_extension
+
+    ext = load_extension()
+    return ext if ext is not None and hasattr(ext, "adam_step") else None
+
+
 def _dense(t: torch.Tensor) -> bool:
     return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
 
@@ -32,10 +40,7 @@ class GroupedAdam(torch.optim.Adam):
         super().__init__(params, lr=lr, betas=betas, eps=eps, foreach=False)
 
     def _extension(self):
-        from .render._backend import load_extension
-
-        ext = load_extension()
-        return ext if ext is not None and hasattr(ext, "adam_step") else None
+        return _adam_extension()
 
     def _fast_path_applies(self, params: list[torch.Tensor]) -> bool:
         for group in self.param_groups:
@@ -94,10 +99,6 @@ def make_adam(groups: list[dict], eps: float, device: torch.device) -> torch.opt
     """Adam over `groups` for tensors on `device`: `GroupedAdam` where the CUDA extension has its kernel, else
     torch's fused Adam (CUDA and CPU: one pass over each tensor instead of a dozen elementwise ops; a tenth of a
     CPU Stage I iteration went to the unfused update's sqrt and div)."""
-    if device.type == "cuda":
-        from .render._backend import load_extension
-
-        ext = load_extension()
-        if ext is not None and hasattr(ext, "adam_step"):
-            return GroupedAdam(groups, lr=0.0, eps=eps)
+    if device.type == "cuda" and _adam_extension() is not None:
+        return GroupedAdam(groups, lr=0.0, eps=eps)
     return torch.optim.Adam(groups, lr=0.0, eps=eps, fused=device.type in ("cuda", "cpu"))

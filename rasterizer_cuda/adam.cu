@@ -26,12 +26,11 @@ struct AdamLaunch {
     int count;
 };
 
-__device__ __forceinline__ float adam_update(const AdamTensor& t, float& param, float grad, float& m, float& v) {
+__device__ __forceinline__ void adam_update(const AdamTensor& t, float& param, float grad, float& m, float& v) {
     m = t.beta1 * m + t.one_minus_beta1 * grad;
     v = t.beta2 * v + t.one_minus_beta2 * grad * grad;
     const float denom = sqrtf(v) / t.bias_correction2_sqrt + t.eps;
     param -= t.step_size * m / denom;
-    return param;
 }
 
 __global__ void __launch_bounds__(ADAM_THREADS) adam_kernel(const __grid_constant__ AdamLaunch launch) {
