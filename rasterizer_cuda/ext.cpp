@@ -117,7 +117,9 @@ int tiles_along(int pixels) { return (pixels + fit3d::TILE_SIZE - 1) / fit3d::TI
 // Channel ranges [begin, end) of the launches: as few as the per-launch limit and the device's shared
 // memory allow, of balanced widths; the first always holds rgb + depth.
 size_t shared_memory_optin() {
-    // asked once per device (a driver call per launch plan otherwise); 0 = not asked yet
+    // asked once per device (a driver call per launch plan otherwise); 0 = not asked yet. Kept here rather than
+    // read from torch's cached at::cuda::getDeviceProperties: its header (ATen/cuda/CUDAContext.h) needs the
+    // cuSPARSE and cuBLAS headers, which a CUDA toolkit without those libraries (CI's) lacks
     static std::array<std::atomic<int>, 64> known = {};
     int device = 0, optin = 0;
     check_cuda(cudaGetDevice(&device), "cudaGetDevice");
