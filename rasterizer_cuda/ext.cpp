@@ -334,6 +334,21 @@ Tensor pinned_total(int device) {
     return (*slots)[device];
 }
 
+// 0, 1, ..., n - 1 as int32 on `device`, the values of the depth sort: made once per device and thread (and grown
+// when a call needs more) rather than written at every call.
+const int32_t* entry_ids(int device, int64_t n) {
+    thread_local auto* cache = new std::vector<Tensor>();  // never destroyed, as pinned_total's slots
+    if (int(cache->size()) <= device) cache->resize(device + 1);
+    Tensor& ids = (*cache)[device];
+    if (!ids.defined() || ids.numel() < n) {
+        ids = torch::arange(std::max<int64_t>(n, 2 * (ids.defined() ? ids.numel() : 0)),
+                            at::TensorOptions().dtype(at::kInt).device(at::kCUDA, device));
+        // complete before any stream reads it (a later call may run on another stream)
+        check_cuda(cudaStreamSynchronize(stream()), "entry id sync");
+    }
+    return ids.data_ptr<int32_t>();
+}
+
 }  // namespace
 
 // Returns (tile ranges, Gaussian ids, total): `total` is the number of (tile, Gaussian) pairs, a pinned CPU
@@ -365,14 +380,43 @@ std::tuple<Tensor, Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tens
     FIT3D_CHECK(B * N < INT_MAX, "fit3d rasterizer: ", B, " cameras x ", N, " Gaussians exceed the int32 limit");
     FIT3D_CHECK(capacity < INT_MAX, "fit3d rasterizer: a capacity of ", capacity, " pairs exceeds the int32 limit");
     auto int_opts = means2d.options().dtype(at::kInt);
-    Tensor ranges = zeros_on_stream({B * tiles_x * tiles_y, 2}, int_opts);
     Tensor total = pinned_total(means2d.get_device());
+    const int64_t n_ranges = B * tiles_x * tiles_y * 2;
     if (B * N == 0) {
         total.zero_();
-        return {ranges, torch::empty({0}, int_opts), total};
+        return {zeros_on_stream({n_ranges / 2, 2}, int_opts), torch::empty({0}, int_opts), total};
     }
     const int64_t entries = B * N;
     const size_t e4 = sizeof(int32_t) * entries, e8 = sizeof(int64_t) * entries;
+    const bool exact = capacity <= 0;
+    const uint32_t no_tile = uint32_t(B * tiles_x * tiles_y);
+    const int key_bits = fit3d::tile_key_bits(int(B), tiles_x * tiles_y);
+
+    // The temporaries are slices of one allocation, and the two outputs (tile ranges, then the Gaussian ids from
+    // a 256-byte boundary) of another; with a capacity both are sized before anything runs, exactly sized pair
+    // buffers take a second temporary allocation once the count is known.
+    struct PairSlices {
+        size_t keys, values, sorted, sort_temp, sort_bytes;
+    };
+    const auto reserve_pairs = [&](Workspace& work, int64_t slots) {
+        PairSlices o = {};
+        check_cuda(
+            fit3d::sort_pairs(nullptr, o.sort_bytes, nullptr, nullptr, nullptr, nullptr, slots, key_bits, stream()),
+            "radix sort (size query)");
+        const size_t p4 = sizeof(int32_t) * slots;
+        o.keys = work.reserve(p4);
+        o.values = work.reserve(p4);
+        o.sorted = work.reserve(p4);
+        o.sort_temp = work.reserve(o.sort_bytes);
+        return o;
+    };
+    const int64_t ids_offset = (n_ranges + 63) / 64 * 64;
+    const auto allocate_outputs = [&](int64_t slots) {
+        Tensor outputs = torch::empty({ids_offset + slots}, int_opts);
+        check_cuda(cudaMemsetAsync(outputs.data_ptr(), 0, sizeof(int32_t) * n_ranges, stream()), "cudaMemsetAsync");
+        return std::make_pair(outputs.narrow(0, 0, n_ranges).view({n_ranges / 2, 2}),
+                              outputs.narrow(0, ids_offset, slots));
+    };
 
     // 1. all (camera, Gaussian) entries in depth order; 2. tiles per entry; 3. offsets
     size_t depth_sort_bytes = 0, scan_bytes = 0;
@@ -381,15 +425,18 @@ std::tuple<Tensor, Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tens
     check_cuda(fit3d::inclusive_sum(nullptr, scan_bytes, nullptr, nullptr, entries, stream()),
                "prefix sum (size query)");
     Workspace first;
-    const size_t o_depth_keys = first.reserve(e4), o_entries = first.reserve(e4), o_sorted_keys = first.reserve(e4);
-    const size_t o_order = first.reserve(e4), o_sort_temp = first.reserve(depth_sort_bytes);
+    const size_t o_sorted_keys = first.reserve(e4), o_order = first.reserve(e4);
+    const size_t o_sort_temp = first.reserve(depth_sort_bytes);
     const size_t o_counts = first.reserve(e8), o_ends = first.reserve(e8), o_scan_temp = first.reserve(scan_bytes);
+    PairSlices pairs = {};
+    if (!exact) pairs = reserve_pairs(first, capacity);
     first.allocate(means2d.options());
-    check_cuda(fit3d::launch_depth_keys(depths.data_ptr<float>(), entries, first.get<uint32_t>(o_depth_keys),
-                                        first.get<int32_t>(o_entries), stream()),
-               "depth_keys");
-    check_cuda(fit3d::sort_pairs(first.get<void>(o_sort_temp), depth_sort_bytes, first.get<uint32_t>(o_depth_keys),
-                                 first.get<uint32_t>(o_sorted_keys), first.get<int32_t>(o_entries),
+    Tensor ranges, sorted_values;
+    if (!exact) std::tie(ranges, sorted_values) = allocate_outputs(capacity);
+    // the depths' bits are the sort keys as they are; the values, entry ids 0..entries - 1, come from a cache
+    check_cuda(fit3d::sort_pairs(first.get<void>(o_sort_temp), depth_sort_bytes,
+                                 reinterpret_cast<const uint32_t*>(depths.data_ptr<float>()),
+                                 first.get<uint32_t>(o_sorted_keys), entry_ids(means2d.get_device(), entries),
                                  first.get<int32_t>(o_order), entries, 32, stream()),
                "radix sort");
     fit3d::IsectArgs a = {};
@@ -409,46 +456,32 @@ std::tuple<Tensor, Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tens
     check_cuda(fit3d::launch_isect_count(a, stream()), "isect_count");
     check_cuda(fit3d::inclusive_sum(first.get<void>(o_scan_temp), scan_bytes, a.counts, ends, entries, stream()),
                "prefix sum");
-    const int64_t* device_total = ends + entries - 1;
-    const bool exact = capacity <= 0;
+    check_cuda(cudaMemcpyAsync(total.data_ptr<int64_t>(), ends + entries - 1, sizeof(int64_t), cudaMemcpyDeviceToHost,
+                               stream()),
+               "pair count copy");
+    Workspace second;  // exactly sized pair buffers only
+    Workspace* pair_work = &first;
     if (exact) {
-        check_cuda(
-            cudaMemcpyAsync(total.data_ptr<int64_t>(), device_total, sizeof(int64_t), cudaMemcpyDeviceToHost, stream()),
-            "pair count copy");
         check_cuda(cudaStreamSynchronize(stream()), "pair count sync");  // host sync
         capacity = *total.data_ptr<int64_t>();
         FIT3D_CHECK(capacity < INT_MAX, "fit3d rasterizer: ", capacity,
                     " (Gaussian, tile) pairs exceed the int32 limit");
-        if (capacity == 0) return {ranges, torch::empty({0}, int_opts), total};
-    } else {
-        check_cuda(
-            cudaMemcpyAsync(total.data_ptr<int64_t>(), device_total, sizeof(int64_t), cudaMemcpyDeviceToHost, stream()),
-            "pair count copy");
+        std::tie(ranges, sorted_values) = allocate_outputs(capacity);
+        if (capacity == 0) return {ranges, sorted_values, total};
+        pairs = reserve_pairs(second, capacity);
+        second.allocate(means2d.options());
+        pair_work = &second;
     }
 
-    // 4. (tile, Gaussian) pairs in depth order, 5. stable sort by tile, 6. per-tile ranges
-    const uint32_t no_tile = uint32_t(B * tiles_x * tiles_y);
-    const int key_bits = fit3d::tile_key_bits(int(B), tiles_x * tiles_y);
-    size_t tile_sort_bytes = 0;
-    check_cuda(
-        fit3d::sort_pairs(nullptr, tile_sort_bytes, nullptr, nullptr, nullptr, nullptr, capacity, key_bits, stream()),
-        "radix sort (size query)");
-    const size_t p4 = sizeof(int32_t) * capacity;
-    Workspace second;
-    const size_t o_keys = second.reserve(p4), o_values = second.reserve(p4), o_sorted = second.reserve(p4);
-    const size_t o_tile_temp = second.reserve(tile_sort_bytes);
-    second.allocate(means2d.options());
-    Tensor sorted_values = torch::empty({capacity}, int_opts);
+    // 4. (tile, Gaussian) pairs in depth order (slots past the count: "no tile"), 5. stable sort by tile,
+    // 6. per-tile ranges
     a.ends = ends;
     a.capacity = capacity;
-    a.keys = second.get<uint32_t>(o_keys);
-    a.values = second.get<int32_t>(o_values);
+    a.keys = pair_work->get<uint32_t>(pairs.keys);
+    a.values = pair_work->get<int32_t>(pairs.values);
     check_cuda(fit3d::launch_isect_emit(a, stream()), "isect_emit");
-    if (!exact)
-        check_cuda(fit3d::launch_fill_unused(device_total, capacity, no_tile, a.keys, a.values, stream()),
-                   "fill_unused");
-    uint32_t* sorted_keys = second.get<uint32_t>(o_sorted);
-    check_cuda(fit3d::sort_pairs(second.get<void>(o_tile_temp), tile_sort_bytes, a.keys, sorted_keys, a.values,
+    uint32_t* sorted_keys = pair_work->get<uint32_t>(pairs.sorted);
+    check_cuda(fit3d::sort_pairs(pair_work->get<void>(pairs.sort_temp), pairs.sort_bytes, a.keys, sorted_keys, a.values,
                                  sorted_values.data_ptr<int32_t>(), capacity, key_bits, stream()),
                "radix sort");
     check_cuda(fit3d::launch_tile_ranges(sorted_keys, int(capacity), no_tile, ranges.data_ptr<int32_t>(), stream()),
@@ -516,7 +549,9 @@ std::vector<Tensor> rasterize_fwd(const Tensor& means2d, const Tensor& conics, c
                                                 opts.dtype(at::kBFloat16).memory_format(at::MemoryFormat::ChannelsLast))
                                  : torch::empty({B, int64_t(a.F), H, W}, opts);
     Tensor alpha = torch::empty({B, 1, H, W}, opts);
-    Tensor final_t = torch::empty({B, H, W}, opts), last_ids = torch::empty({B, H, W}, opts.dtype(at::kInt));
+    // the backward's two per-pixel inputs share one allocation
+    Tensor per_pixel = torch::empty({2, B, H, W}, opts);
+    Tensor final_t = per_pixel[0], last_ids = per_pixel[1].view(at::kInt);
     a.out_rgb = rgb.data_ptr<float>();
     a.out_depth = depth.data_ptr<float>();
     if (features_bf16)

@@ -1,6 +1,7 @@
 // Binning: for every camera and tile, the list of Gaussians whose alpha can reach 1/255 in it, front to back.
 //
-// 1. sort all (camera, Gaussian) entries by depth (32-bit keys; stable, so ties keep index order);
+// 1. sort all (camera, Gaussian) entries by depth (the depths' own bits as keys: depths are >= near_plane > 0,
+//    or 0 when culled, and such floats order as their bits; stable, so ties keep index order);
 // 2. count, in that order, the tiles each visible Gaussian touches: the tiles of its exact alpha >= 1/255
 //    pixel box (pixel_box in common.h, the box the Python reference uses) that its alpha ellipse meets
 //    (found per row of tiles, see tile_rows);
@@ -15,13 +16,6 @@
 #include "ops.h"
 
 namespace fit3d {
-
-__global__ void depth_keys_kernel(const float* depths, int64_t total, uint32_t* keys, int32_t* values) {
-    const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (i >= total) return;
-    keys[i] = __float_as_uint(depths[i]);  // depths are >= near_plane > 0 (or 0 when culled): bits sort like floats
-    values[i] = int32_t(i);
-}
 
 __global__ void isect_count_kernel(IsectArgs a) {
     const int64_t s = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -141,6 +135,14 @@ __global__ void __launch_bounds__(256) isect_emit_kernel(IsectArgs a) {
     __shared__ uint32_t s_keys[EMIT_STAGE];
     __shared__ int32_t s_values[EMIT_STAGE];
     const int64_t total = int64_t(a.B) * a.N;
+    // slots past the pair count, when the buffers were sized ahead (a capacity), get the "no tile" key, which
+    // sorts last and is in no range: spread over all blocks here rather than a launch of their own
+    const uint32_t no_tile = uint32_t(a.tiles_x * a.tiles_y) * uint32_t(a.B);
+    for (int64_t i = a.ends[total - 1] + int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < a.capacity;
+         i += int64_t(gridDim.x) * blockDim.x) {
+        a.keys[i] = no_tile;
+        a.values[i] = 0;
+    }
     const int64_t first = int64_t(blockIdx.x) * blockDim.x;
     const int64_t last = min(first + int64_t(blockDim.x), total) - 1;
     const int64_t base = a.ends[first] - a.counts[first];
@@ -183,30 +185,6 @@ __global__ void tile_ranges_kernel(const uint32_t* keys, int n, uint32_t n_tiles
     if (tile >= n_tiles) return;  // the never-used "no tile" key
     if (i == 0 || keys[i - 1] != tile) ranges[int64_t(tile) * 2] = i;
     if (i == n - 1 || keys[i + 1] != tile) ranges[int64_t(tile) * 2 + 1] = i + 1;
-}
-
-__global__ void fill_unused_kernel(const int64_t* total, int64_t capacity, uint32_t no_tile_key, uint32_t* keys,
-                                   int32_t* values) {
-    for (int64_t i = *total + int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < capacity;
-         i += int64_t(gridDim.x) * blockDim.x) {
-        keys[i] = no_tile_key;
-        values[i] = 0;
-    }
-}
-
-cudaError_t launch_fill_unused(const int64_t* total, int64_t capacity, uint32_t no_tile_key, uint32_t* keys,
-                               int32_t* values, cudaStream_t stream) {
-    if (capacity == 0) return cudaSuccess;
-    fill_unused_kernel<<<unsigned(std::min<int64_t>((capacity + 255) / 256, 1024)), 256, 0, stream>>>(
-        total, capacity, no_tile_key, keys, values);
-    return cudaGetLastError();
-}
-
-cudaError_t launch_depth_keys(const float* depths, int64_t total, uint32_t* keys, int32_t* values,
-                              cudaStream_t stream) {
-    if (total == 0) return cudaSuccess;
-    depth_keys_kernel<<<unsigned((total + 255) / 256), 256, 0, stream>>>(depths, total, keys, values);
-    return cudaGetLastError();
 }
 
 cudaError_t launch_isect_count(const IsectArgs& args, cudaStream_t stream) {

@@ -72,14 +72,9 @@ struct IsectArgs {
     uint32_t* keys;              // [capacity] camera * tiles + tile
     int32_t* values;             // [capacity] Gaussian index
 };
-// keys[i] = depth bits of entry i, values[i] = i, for the depth sort.
-cudaError_t launch_depth_keys(const float* depths, int64_t total, uint32_t* keys, int32_t* values, cudaStream_t stream);
 cudaError_t launch_isect_count(const IsectArgs& args, cudaStream_t stream);
+// Also gives the slots [total pairs, capacity) the "no tile" key (B * tiles), which sorts last and is in no range.
 cudaError_t launch_isect_emit(const IsectArgs& args, cudaStream_t stream);
-// Slots [*total, capacity) of keys/values get the "no tile" key (B * tiles), which sorts last and is in no
-// range; `total` points to the pair count on the device, so no host sync is needed.
-cudaError_t launch_fill_unused(const int64_t* total, int64_t capacity, uint32_t no_tile_key, uint32_t* keys,
-                               int32_t* values, cudaStream_t stream);
 // ends = inclusive prefix sum of counts (call with temp == nullptr to query `temp_bytes`).
 cudaError_t inclusive_sum(void* temp, size_t& temp_bytes, const int64_t* counts, int64_t* ends, int64_t n,
                           cudaStream_t stream);
