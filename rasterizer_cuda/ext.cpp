@@ -677,6 +677,41 @@ Tensor feature_l1_fwd(const Tensor& decoded, const Tensor& target, const OptTens
     return partials.sum() * double(a.inv_count);
 }
 
+// The forward that also keeps the signs of decoded - up(target), 2 bits per value (an int16 per 8 channels), for
+// feature_l1_bwd_from_signs: the backward then reads 1/8 of the decoded map's bytes instead of the map and the
+// target. Returns (loss, signs); signs is None where the 8-channel kernel does not apply (use feature_l1_bwd).
+std::tuple<Tensor, Tensor> feature_l1_fwd_signs(const Tensor& decoded, const Tensor& target, const OptTensor& mask) {
+    const at::cuda::OptionalCUDAGuard guard(device_of(decoded));
+    fit3d::FeatureL1Args a = feature_l1_args(decoded, target, mask);
+    Tensor signs;  // undefined (None) where the 8-channel kernel does not apply
+    if (fit3d::feature_l1_keeps_signs(a)) {
+        signs = torch::empty({decoded.numel() / 8}, decoded.options().dtype(at::kShort));
+        a.signs = reinterpret_cast<uint16_t*>(signs.data_ptr());
+    }
+    Tensor partials = torch::empty({fit3d::feature_l1_blocks(a)}, decoded.options().dtype(at::kFloat));
+    a.partials = partials.data_ptr<float>();
+    check_cuda(fit3d::launch_feature_l1(a, stream()), "feature_l1 forward");
+    return {partials.sum() * double(a.inv_count), signs};
+}
+
+// The gradient w.r.t. decoded (`sizes` [B, D, H, W], channels-last, the dtype of `like`) from the forward's signs.
+Tensor feature_l1_bwd_from_signs(const Tensor& signs, const Tensor& grad_output, std::vector<int64_t> sizes,
+                                 const Tensor& like) {
+    const at::cuda::OptionalCUDAGuard guard(device_of(signs));
+    FIT3D_CHECK(sizes.size() == 4, "fit3d feature loss: sizes must be [B, D, H, W], got ", c10::IntArrayRef(sizes));
+    check_tensor(grad_output, "grad_output", {1}, at::kFloat, &signs);
+    const int64_t count = sizes[0] * sizes[1] * sizes[2] * sizes[3];
+    check_tensor(signs, "signs", {count / 8}, at::kShort);
+    FIT3D_CHECK(sizes[1] % 8 == 0, "fit3d feature loss: signs need a multiple of 8 channels, got ", sizes[1]);
+    Tensor grad =
+        torch::empty(sizes, like.options().device(signs.device()).memory_format(at::MemoryFormat::ChannelsLast));
+    check_cuda(fit3d::launch_feature_l1_from_signs(reinterpret_cast<const uint16_t*>(signs.data_ptr()), count,
+                                                   scalar_type(grad, "decoded"), grad_output.data_ptr<float>(),
+                                                   1.f / float(count), grad.data_ptr(), stream()),
+               "feature_l1 backward (signs)");
+    return grad;
+}
+
 Tensor feature_l1_bwd(const Tensor& decoded, const Tensor& target, const OptTensor& mask, const Tensor& grad_output) {
     const at::cuda::OptionalCUDAGuard guard(device_of(decoded));
     check_tensor(grad_output, "grad_output", {1}, at::kFloat, &decoded);
@@ -802,6 +837,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("rasterize_bwd", &rasterize_bwd);
     m.def("feature_l1_fwd", &feature_l1_fwd);
     m.def("feature_l1_bwd", &feature_l1_bwd);
+    m.def("feature_l1_fwd_signs", &feature_l1_fwd_signs);
+    m.def("feature_l1_bwd_from_signs", &feature_l1_bwd_from_signs);
     m.attr("TILE_SIZE") = fit3d::TILE_SIZE;
     m.def("ssim_fwd", &ssim_fwd);
     m.def("ssim_bwd", &ssim_bwd);

@@ -5,11 +5,13 @@
 // Composed from PyTorch ops this takes an upsampled copy of the target, a where(), a difference, abs, mean
 // and their backward: about ten passes over a D x H x W map (D = 384 at 876 x 584: 196M values), which
 // cost more than the rasterizer itself. Here the forward reads the decoded map once (the small target
-// stays in L2) and the backward reads it once more and writes the gradient. Layout: channels last
-// (NHWC) for both tensors, so a warp reads consecutive channels of one pixel.
+// stays in L2) and the backward reads it once more and writes the gradient; or, where the forward kept the
+// signs of the differences (2 bits per value, the 8-channel kernel), the backward reads only those. Layout: channels
+// last (NHWC) for both tensors, so a warp reads consecutive channels of one pixel.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "feature_loss_math.h"
@@ -91,6 +93,7 @@ __global__ void __launch_bounds__(LOSS_BLOCK)
         const int p = item / groups, c = (item - p * groups) * VEC;
         const int64_t index = (first + p) * a.D + c;
         if (a.mask != nullptr && !a.mask[first + p]) {
+            if (VEC == 8 && a.signs != nullptr) a.signs[index / 8] = 0;
             if (grad != nullptr) {
                 Channels<TD, VEC> zero;
 #pragma unroll
@@ -106,6 +109,7 @@ __global__ void __launch_bounds__(LOSS_BLOCK)
         const auto t10 = *reinterpret_cast<const Channels<TT, VEC>*>(target + src.t10 + c);
         const auto t11 = *reinterpret_cast<const Channels<TT, VEC>*>(target + src.t11 + c);
         Channels<TD, VEC> out;
+        uint32_t code = 0;
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
             // same association as PyTorch: h0 * (w0 * t00 + w1 * t01) + h1 * (w0 * t10 + w1 * t11)
@@ -114,8 +118,10 @@ __global__ void __launch_bounds__(LOSS_BLOCK)
             const float diff = to_float(d.v[k]) - up;
             sum += fabsf(diff);
             out.v[k] = from_float<TD>(diff > 0.f ? scale : (diff < 0.f ? -scale : 0.f));
+            code |= (diff > 0.f ? 1u : (diff < 0.f ? 2u : 0u)) << (2 * k);
         }
         if (grad != nullptr) *reinterpret_cast<Channels<TD, VEC>*>(grad + index) = out;
+        if (VEC == 8 && a.signs != nullptr) a.signs[index / 8] = uint16_t(code);
     }
     if (grad != nullptr) return;
     for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
@@ -128,6 +134,35 @@ __global__ void __launch_bounds__(LOSS_BLOCK)
     }
 }
 
+// The backward from the forward's signs: one thread per 8 channels, one 2-byte read and one vector store, instead of
+// reading the decoded map and the target again.
+template <typename TD>
+__global__ void __launch_bounds__(LOSS_BLOCK)
+    feature_l1_from_signs_kernel(const uint16_t* signs, int64_t items, const float* grad_output, float inv_count,
+                                 TD* grad) {
+    const float scale = *grad_output * inv_count;
+    for (int64_t item = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; item < items;
+         item += int64_t(gridDim.x) * blockDim.x) {
+        const uint32_t code = signs[item];
+        Channels<TD, 8> out;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+            const uint32_t s = (code >> (2 * k)) & 3u;
+            out.v[k] = from_float<TD>(s == 1u ? scale : (s == 2u ? -scale : 0.f));
+        }
+        *reinterpret_cast<Channels<TD, 8>*>(grad + 8 * item) = out;
+    }
+}
+
+// 8 channels at a time where every pixel's channels start on a vector boundary
+bool vector_path(const FeatureL1Args& a, size_t decoded_bytes, size_t target_bytes) {
+    const auto aligned = [](const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
+    return a.D % 8 == 0 && aligned(a.decoded, 8 * decoded_bytes) && aligned(a.target, 8 * target_bytes) &&
+           (a.grad == nullptr || aligned(a.grad, 8 * decoded_bytes));
+}
+
+size_t type_bytes(ScalarType t) { return t == ScalarType::Float32 ? 4 : 2; }
+
 template <typename TD, typename TT>
 cudaError_t launch_typed(const FeatureL1Args& a, cudaStream_t stream) {
     const int64_t blocks = feature_l1_blocks(a);
@@ -135,10 +170,7 @@ cudaError_t launch_typed(const FeatureL1Args& a, cudaStream_t stream) {
     const auto decoded = static_cast<const TD*>(a.decoded);
     const auto target = static_cast<const TT*>(a.target);
     const auto grad = static_cast<TD*>(a.grad);
-    // 8 channels at a time where every pixel's channels start on a vector boundary
-    const auto aligned = [](const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
-    if (a.D % 8 == 0 && aligned(decoded, 8 * sizeof(TD)) && aligned(target, 8 * sizeof(TT)) &&
-        (grad == nullptr || aligned(grad, 8 * sizeof(TD))))
+    if (vector_path(a, sizeof(TD), sizeof(TT)))
         feature_l1_kernel<TD, TT, 8><<<unsigned(blocks), LOSS_BLOCK, 0, stream>>>(a, decoded, target, grad);
     else
         feature_l1_kernel<TD, TT, 1><<<unsigned(blocks), LOSS_BLOCK, 0, stream>>>(a, decoded, target, grad);
@@ -159,6 +191,32 @@ cudaError_t launch_decoded(const FeatureL1Args& a, cudaStream_t stream) {
 }
 
 }  // namespace
+
+bool feature_l1_keeps_signs(const FeatureL1Args& a) {
+    return vector_path(a, type_bytes(a.decoded_type), type_bytes(a.target_type));
+}
+
+cudaError_t launch_feature_l1_from_signs(const uint16_t* signs, int64_t count, ScalarType grad_type,
+                                         const float* grad_output, float inv_count, void* grad, cudaStream_t stream) {
+    const int64_t items = count / 8;
+    if (items == 0) return cudaSuccess;
+    const unsigned blocks = unsigned(std::min<int64_t>((items + LOSS_BLOCK - 1) / LOSS_BLOCK, 65535));
+    switch (grad_type) {
+        case ScalarType::Float32:
+            feature_l1_from_signs_kernel<<<blocks, LOSS_BLOCK, 0, stream>>>(signs, items, grad_output, inv_count,
+                                                                            static_cast<float*>(grad));
+            break;
+        case ScalarType::Float16:
+            feature_l1_from_signs_kernel<<<blocks, LOSS_BLOCK, 0, stream>>>(signs, items, grad_output, inv_count,
+                                                                            static_cast<__half*>(grad));
+            break;
+        case ScalarType::BFloat16:
+            feature_l1_from_signs_kernel<<<blocks, LOSS_BLOCK, 0, stream>>>(signs, items, grad_output, inv_count,
+                                                                            static_cast<__nv_bfloat16*>(grad));
+            break;
+    }
+    return cudaGetLastError();
+}
 
 int64_t feature_l1_blocks(const FeatureL1Args& a) {
     return (int64_t(a.B) * a.H * a.W + PIXELS_PER_BLOCK - 1) / PIXELS_PER_BLOCK;

@@ -152,9 +152,19 @@ struct FeatureL1Args {
     float* partials;           // forward: [feature_l1_blocks()] per-block sums of |decoded - up(target)|
     const float* grad_output;  // backward: the loss's gradient (one value on the device)
     void* grad;                // backward: [B, H, W, D] like decoded; nullptr in the forward
+    // forward, optional (feature_l1_keeps_signs): the sign of decoded - up(target) per element, 2 bits each (1:
+    // positive, 2: negative, 0: zero or masked), 8 channels per uint16, so that the backward need not read the
+    // decoded map again
+    uint16_t* signs;
 };
 int64_t feature_l1_blocks(const FeatureL1Args& args);
 cudaError_t launch_feature_l1(const FeatureL1Args& args, cudaStream_t stream);
+// Whether the forward can keep the signs: D a multiple of 8 and both maps' vectors aligned (the 8-channel kernel).
+bool feature_l1_keeps_signs(const FeatureL1Args& args);
+// The backward from the forward's signs: grad[i] = sign_i * grad_output * inv_count, `count` elements (a multiple
+// of 8) of type `grad_type` (channels-last, like decoded).
+cudaError_t launch_feature_l1_from_signs(const uint16_t* signs, int64_t count, ScalarType grad_type,
+                                         const float* grad_output, float inv_count, void* grad, cudaStream_t stream);
 
 // ---- adam: Adam steps of many tensors in one launch (adam.cu; fit3d_hf/optim.py) -------------------------
 // One tensor's update, as torch's Adam without weight decay or amsgrad: m = beta1 m + (1 - beta1) g,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from render_helpers import cuda_test
 
 from fit3d_hf.losses import _gaussian_window_1d, ssim, upsampled_feature_l1
 
@@ -113,6 +114,43 @@ def test_feature_l1_kernel_matches_composed_ops(dtype, use_mask):
     grad = decoded.grad.float()
     assert torch.equal(grad[decided], expected_grad.to(dtype).float()[decided])
     assert decided.float().mean() > 0.99
+
+
+@cuda_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_feature_l1_backward_from_signs_equals_the_rereading_backward(cuda_extension, dtype):
+    """The forward's 2-bit signs give the backward the re-reading one computes, bit for bit: positive, negative,
+    exactly zero (decoded 0 where the target is 0) and masked values; and the autograd Function takes that path."""
+    g = torch.Generator().manual_seed(1)
+    decoded = torch.randn(2, 16, 30, 44, generator=g)
+    decoded[:, :5] = 0.0  # channels whose target is 0: differences exactly 0
+    target = torch.randn(2, 16, 3, 5, generator=g)
+    target[:, :5] = 0.0
+    mask = torch.rand(2, 1, 30, 44, generator=g) > 0.3
+    decoded = decoded.to("cuda", dtype).contiguous(memory_format=torch.channels_last)
+    target = target.to("cuda", dtype).contiguous(memory_format=torch.channels_last)
+    mask = mask.cuda()
+    grad_output = torch.tensor([3.0], device="cuda")
+    loss, signs = cuda_extension.feature_l1_fwd_signs(decoded, target, mask)
+    assert signs is not None and signs.numel() == decoded.numel() // 8
+    assert torch.equal(loss, cuda_extension.feature_l1_fwd(decoded, target, mask))
+    from_signs = cuda_extension.feature_l1_bwd_from_signs(signs, grad_output, list(decoded.shape), decoded)
+    reread = cuda_extension.feature_l1_bwd(decoded, target, mask, grad_output)
+    assert from_signs.dtype == dtype and from_signs.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(from_signs, reread)
+    assert (reread == 0).any() and (reread > 0).any() and (reread < 0).any()
+    # through autograd: the Function keeps the signs, not the decoded map
+    leaf = decoded.detach().requires_grad_(True)
+    upsampled_feature_l1(leaf, target, mask).backward(grad_output[0])
+    assert torch.equal(leaf.grad, reread)
+
+
+@cuda_test
+def test_feature_l1_keeps_no_signs_off_the_8_channel_kernel(cuda_extension):
+    decoded = torch.randn(1, 12, 20, 30, device="cuda").contiguous(memory_format=torch.channels_last)
+    target = torch.randn(1, 12, 2, 3, device="cuda").contiguous(memory_format=torch.channels_last)
+    loss, signs = cuda_extension.feature_l1_fwd_signs(decoded, target, None)
+    assert signs is None and torch.equal(loss, cuda_extension.feature_l1_fwd(decoded, target, None))
 
 
 @pytest.mark.cuda

@@ -379,13 +379,27 @@ class _FeatureL1(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, decoded, target, mask):
+        ext = extension_for(decoded.device)
+        ctx.sizes = None
+        if hasattr(ext, "feature_l1_fwd_signs"):
+            # CUDA: the forward keeps 2 bits per value, the signs its gradient needs, so the backward reads those
+            # instead of the decoded map and the target (and the map need not be kept for it)
+            loss, signs = ext.feature_l1_fwd_signs(decoded, target, mask)
+            if signs is not None:
+                ctx.sizes, ctx.like = list(decoded.shape), decoded.new_empty(0)
+                ctx.save_for_backward(signs)
+                return loss
         ctx.save_for_backward(decoded, target, mask)
-        return extension_for(decoded.device).feature_l1_fwd(decoded, target, mask)
+        return ext.feature_l1_fwd(decoded, target, mask)
 
     @staticmethod
     def backward(ctx, v_loss):
-        decoded, target, mask = ctx.saved_tensors
         v_loss = v_loss.float().reshape(1).contiguous()
+        if ctx.sizes is not None:
+            (signs,) = ctx.saved_tensors
+            grad = extension_for(signs.device).feature_l1_bwd_from_signs(signs, v_loss, ctx.sizes, ctx.like)
+            return grad, None, None
+        decoded, target, mask = ctx.saved_tensors
         return extension_for(decoded.device).feature_l1_bwd(decoded, target, mask, v_loss), None, None
 
 
