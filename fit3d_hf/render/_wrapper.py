@@ -381,7 +381,7 @@ class _FeatureL1(torch.autograd.Function):
     def forward(ctx, decoded, target, mask):
         ext = extension_for(decoded.device)
         ctx.sizes = None
-        if hasattr(ext, "feature_l1_fwd_signs"):
+        if ctx.needs_input_grad[0] and hasattr(ext, "feature_l1_fwd_signs"):
             # CUDA: the forward keeps 2 bits per value, the signs its gradient needs, so the backward reads those
             # instead of the decoded map and the target (and the map need not be kept for it)
             loss, signs = ext.feature_l1_fwd_signs(decoded, target, mask)
