@@ -82,10 +82,13 @@ def test_one_launch_step_matches_torch_adam():
         torch.testing.assert_close(x, y, rtol=2e-6, atol=2e-7)
     # the step counts follow torch's: the parameter without a gradient at step 3 has taken one step fewer
     assert [optimizer.state[p]["step"].item() for p in ours] == [6, 6, 5, 6, 6, 6]
+    # torch's Adam moves exp_avg by lerp (m + 0.1 (g - m)) where the kernel takes 0.9 m + 0.1 g: a few ulp apart at
+    # the gradients' unit scale (5e-8 on the H100), which is all an atol can allow near m's zero crossings
+    atol = {"exp_avg": 2e-7, "exp_avg_sq": 1e-9}
     for p, q in zip(ours, theirs, strict=True):
         for key in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(
-                optimizer.state[p][key], torch_adam.state[q][key], rtol=2e-6, atol=1e-9
+                optimizer.state[p][key], torch_adam.state[q][key], rtol=2e-6, atol=atol[key]
             )
     assert ours[-1].is_contiguous(memory_format=torch.channels_last)  # the layout survived
 
