@@ -13,10 +13,11 @@
 #   ncu      Nsight Compute reports of both blending kernels (benchmark scene) and of the backward at Stage I's
 #            density, read per source line (benchmarks/ncu_lines.py)
 # Options: RASTER_ARGS (default --quick), TESTS (test paths) and TESTS_TIMEOUT, FINETUNE_ARGS and FINETUNE_TIMEOUT,
-# LIFT_N (default 1000000); AB_PATCH (patch files) and AB_STAGES: after the stages, apply each patch in turn (on top
-# of the last; one whose quick tests fail is reverted, so give each one diff per file, e.g. `git diff branch~2
-# branch~1`: format-patches that create a file and then change it, concatenated, do not revert cleanly), rebuild and
-# run AB_STAGES again, an A/B comparison on one machine; FINAL_STAGES run last. Logs and JSON lines go to $LOGS;
+# LIFT_N (default 1000000), LIFT_ARGS (more profile_lift.py options, e.g. --densification); AB_PATCH (patch files)
+# and AB_STAGES: after the stages, apply each patch in turn (on top of the last; one whose quick tests fail is
+# reverted, so give each one diff per file, e.g. `git diff branch~2 branch~1`: format-patches that create a file and
+# then change it, concatenated, do not revert cleanly), rebuild and run AB_STAGES again, an A/B comparison on one
+# machine; FINAL_STAGES run last. Logs and JSON lines go to $LOGS;
 # where the device tool sets $OUT (it returns at most 8 files), they come back as one $OUT/logs.tgz (Nsight reports
 # left out).
 set -uo pipefail
@@ -111,8 +112,9 @@ for stage in "$@"; do
         adam)
             "$PY" benchmarks/adam_bandwidth.py --gaussians "${LIFT_N:-1000000}" 2>&1 | tee "$OUT/adam.jsonl" ;;
         lift)
-            "$PY" benchmarks/profile_lift.py --gaussians "${LIFT_N:-1000000}" --steps 50 >"$OUT/lift_profile.txt" 2>&1
-            head -n 45 "$OUT/lift_profile.txt" ;;
+            # shellcheck disable=SC2086
+            "$PY" benchmarks/profile_lift.py --gaussians "${LIFT_N:-1000000}" --steps 50 ${LIFT_ARGS:-} >"$OUT/lift_profile.txt" 2>&1
+            head -n 45 "$OUT/lift_profile.txt"; grep "^densification event" "$OUT/lift_profile.txt" ;;
     esac
     echo "== $stage took $(( $(date +%s) - t0 )) s"
 done

@@ -120,6 +120,7 @@ def main() -> None:
         "minutes_per_scene": round(metrics["seconds_total"] / 60, 2),
         "minutes_training": round(metrics["seconds_training"] / 60, 2),
         "ms_per_iteration": round(1000 * metrics["seconds_training"] / args.iterations, 2),
+        "seconds_by_phase": metrics["seconds_by_phase"],
         # the whole file (header, decoder weight and SH codebook included) / N: the figure against FiT3D's 492 B
         "bundle_bytes_per_gaussian": round(metrics["bundle_bytes"] / metrics["num_gaussians"], 1),
         # without the per-scene decoder weight (384 x 64 x 3 x 3 fp16 = 0.44 MB), which small scenes can't amortise

@@ -2,10 +2,12 @@
 random views, random target features and ~230k random Gaussians in a 6x4x6 m room (the size the Stage I
 benchmark ends with), densification off so every step costs the same.
 
-python benchmarks/profile_lift.py [--gaussians 230000] [--steps 50] [--mixed_precision bf16]
+python benchmarks/profile_lift.py [--gaussians 230000] [--steps 50] [--mixed_precision bf16] [--densification]
 
 Prints the wall time per iteration, the GPU time per kernel, and the GPU's idle time between kernels with the host
-operators that kept it waiting (benchmarks/gpu_gaps.py).
+operators that kept it waiting (benchmarks/gpu_gaps.py). With --densification, the iterations gather
+densification's statistics as in the first half of a run (no Gaussians added or removed, so every step still costs
+the same), and the time of one densification event (clone, split, prune) is printed after them.
 """
 
 import argparse
@@ -39,7 +41,7 @@ def random_scene(n_points: int, views: int, width: int, height: int, dim: int, d
             [[math.cos(a), 0, math.sin(a)], [0, 1, 0], [-math.sin(a), 0, math.cos(a)]]
         )
         poses.append(pose)
-        centers.append(np.zeros(3) + 0.01 * i)
+        centers.append(np.array([0.3 * i, 0.0, 0.0]))  # for the scene's extent only (2.5 m, a room's)
         f = 0.9 * width
         Ks.append(torch.tensor([[f, 0, width / 2], [0, f, height / 2], [0, 0, 1.0]]))
     h, w = height // 14, width // 14
@@ -60,12 +62,20 @@ def main(argv=None):
     parser.add_argument("--width", type=int, default=876)
     parser.add_argument("--height", type=int, default=584)
     parser.add_argument("--mixed_precision", default="bf16")
+    parser.add_argument(
+        "--densification",
+        action="store_true",
+        help="gather densification statistics; time densification events",
+    )
     args = parser.parse_args(argv)
     device = torch.device("cuda")
     data = random_scene(args.gaussians, 16, args.width, args.height, 384, device)
+    # with --densification: statistics at every step, events only where this script calls them (densify_from)
+    # (and a cap 2% above the start, so that the timed events cannot grow the scene far from --gaussians)
     lift_args = LiftingArguments(
-        backbone="random", out="/tmp/unused", iterations=30_000, densify_until=0, checkpoint_interval=0,
-        mixed_precision=args.mixed_precision, device="cuda",
+        backbone="random", out="/tmp/unused", iterations=30_000, checkpoint_interval=0,
+        densify_until=30_000 if args.densification else 0, densify_from=10**9,
+        max_gaussians=int(1.02 * args.gaussians), mixed_precision=args.mixed_precision, device="cuda",
     )  # fmt: skip
     lifter = Lifter(lift_args, data, list(range(16)), device)
     lifter.gaussians.active_sh_degree = lifter.gaussians.max_sh_degree
@@ -110,6 +120,36 @@ def main(argv=None):
     )
     for name, us in gaps["by_operator"]:
         print(f"  {us / steps / 1000:7.3f}  {name[:110]}")  # noqa: T201
+    if args.densification:
+        time_densification_events(lifter)
+
+
+def time_densification_events(lifter: Lifter, events: int = 5, steps_between: int = 20) -> None:
+    """Wall time of a densification event (3DGS's every 100 steps until 15k), each after `steps_between` steps
+    of statistics, with what it changed."""
+    seconds, changes = [], []
+    for _ in range(events):
+        for _ in range(steps_between):
+            lifter.step()
+        _synchronize(lifter.device)
+        start = time.perf_counter()
+        with (
+            torch.no_grad()
+        ):  # (transparent ones pruned only: random Gaussians this sparse would all be too large)
+            changes.append(
+                lifter.densifier.densify_and_prune(lifter.gaussians, lifter.optimizer, prune_large=False)
+            )
+        _synchronize(lifter.device)
+        seconds.append(time.perf_counter() - start)
+    print(  # noqa: T201
+        f"densification event: {1000 * np.mean(seconds):.1f} ms (min {1000 * min(seconds):.1f}); "
+        f"changes: {changes}"
+    )
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 if __name__ == "__main__":

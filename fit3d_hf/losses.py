@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from .render import feature_l1
 from .render._backend import load_extension
 
-__all__ = ["masked_l1", "psnr", "ssim", "upsampled_feature_l1"]
+__all__ = ["masked_l1", "masked_mse", "psnr", "psnr_of_mse", "ssim", "upsampled_feature_l1"]
 
 
 @functools.lru_cache(maxsize=8)
@@ -106,15 +106,26 @@ def _ssim_torch(
     return ssim_map.mean()
 
 
+def masked_mse(
+    prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean squared error (a float32 scalar tensor: no wait for the device); with a `[B, 1, H, W]` mask, over the
+    valid pixels only."""
+    error = (prediction.float() - target.float()) ** 2
+    if mask is None:
+        return error.mean()
+    mask = mask.float().expand_as(error)
+    return (error * mask).sum() / mask.sum().clamp_min(1)
+
+
+def psnr_of_mse(mse: float) -> float:
+    """PSNR in dB of images in [0, 1] from their mean squared error."""
+    return float(10 * math.log10(1.0 / max(float(mse), 1e-12)))
+
+
 def psnr(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> float:
     """PSNR in dB of images in [0, 1]; with a `[B, 1, H, W]` mask, over the valid pixels only."""
-    error = (prediction.float() - target.float()) ** 2
-    if mask is not None:
-        mask = mask.float().expand_as(error)
-        mse = (error * mask).sum() / mask.sum().clamp_min(1)
-    else:
-        mse = error.mean()
-    return float(10 * math.log10(1.0 / max(float(mse), 1e-12)))
+    return psnr_of_mse(masked_mse(prediction, target, mask))
 
 
 def masked_l1(

@@ -1,13 +1,16 @@
-"""Small helpers shared across the library: atomic file and folder writes, and deterministic CPU kernels."""
+"""Small helpers shared across the library: atomic file and folder writes, deterministic CPU kernels, and
+reading ahead on threads."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -19,6 +22,7 @@ __all__ = [
     "current_umask",
     "deterministic_algorithms",
     "make_staging_dir",
+    "map_ahead",
     "replace_folder",
 ]
 
@@ -118,3 +122,27 @@ def deterministic_algorithms(enabled: bool):
         yield
     finally:
         torch.use_deterministic_algorithms(previous)
+
+
+def map_ahead(fn: Callable, items: Iterable, workers: int, ahead: int | None = None) -> Iterator:
+    """`fn(item)` for each item, in order, computed by `workers` threads up to `ahead` items (default
+    2 x workers) before the caller takes them: file decoding (Pillow and torch release the GIL) overlaps the
+    caller's work, with a bounded number of results in memory. Written here because `Executor.map` submits
+    every item at once (its `buffersize` arrived in Python 3.14) and a DataLoader's worker processes would
+    pickle every decoded image back. An exception in `fn` is raised here, at its item."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    ahead = ahead or 2 * workers
+    with ThreadPoolExecutor(workers) as pool:
+        pending = collections.deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) > ahead:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:  # an error or an abandoned generator: drop what has not started
+            for future in pending:
+                future.cancel()

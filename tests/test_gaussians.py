@@ -190,3 +190,17 @@ def test_replaced_parameters_skip_the_next_optimizer_step_as_in_3dgs():
     state = optimizer.state[gaussians.opacity_logits]
     assert torch.all(state["exp_avg"] == 0) and torch.all(state["exp_avg_sq"] == 0)
     assert int(state["step"]) == int(optimizer.state[gaussians.means]["step"]) - 1
+
+
+def test_densification_statistics_are_ndc_gradient_norms_of_visible_views():
+    """3DGS's statistic: the norm of the projected centre's gradient in NDC units (x_pixel = (x_ndc + 1) W / 2,
+    so a pixel gradient scales by W / 2 and H / 2), summed over the views that see the Gaussian, with the count
+    of those views and the largest screen radius."""
+    densifier = Densifier(DensificationConfig(), scene_extent=1.0, num_gaussians=3)
+    pixel_grads = torch.tensor([[3.0, 4.0], [3.0, 4.0], [-1.0, 0.5]])
+    densifier.update_stats(pixel_grads, torch.tensor([2, 0, 7]), width=100, height=80)
+    densifier.update_stats(pixel_grads, torch.tensor([5, 0, 0]), width=100, height=80)
+    ndc = math.hypot(3 * 50, 4 * 40)
+    torch.testing.assert_close(densifier.grad_accum, torch.tensor([2 * ndc, 0.0, math.hypot(50, 20)]))
+    torch.testing.assert_close(densifier.denom, torch.tensor([2.0, 0.0, 1.0]))
+    torch.testing.assert_close(densifier.max_radii, torch.tensor([5.0, 0.0, 7.0]))

@@ -55,6 +55,14 @@ def test_short_run_fits_rgb_and_features(scene_root, backbone_dir, tmp_path):
     # The bundle as saved (fp16 geometry, compressed SH) renders the held-out views as well as the trained Gaussians.
     assert abs(metrics["psnr_heldout"] - metrics["psnr_heldout_uncompressed"]) <= 0.5, metrics
     assert metrics["feature_l1_train"] <= 0.5 * metrics["feature_l1_train_start"], metrics
+    # where the time went: every phase, in order, adding up to (nearly) the whole
+    phases = metrics["seconds_by_phase"]
+    assert list(phases) == [
+        "scene_data", "initial_evaluation", "training", "evaluation", "colour_compression", "bundle_writing",
+        "saved_bundle_evaluation", "previews",
+    ]  # fmt: skip
+    assert min(phases.values()) > 0 and phases["training"] == round(metrics["seconds_training"], 3)
+    assert 0.95 * metrics["seconds_total"] < sum(phases.values()) <= metrics["seconds_total"] + 0.01
     densification = metrics["densification"]
     # Densification ran and its bookkeeping adds up (a split replaces one Gaussian by two). Nothing need be
     # pruned here: before the first opacity reset, FiT3D prunes only transparent Gaussians.
@@ -154,6 +162,81 @@ def test_refining_the_compressed_colours_recovers_held_out_psnr(scene_root, back
         plain
     )  # the codebook costs colour
     assert refined["psnr_heldout"] > plain["psnr_heldout"] + 0.3, (plain, refined)
+
+
+def test_evaluation_is_psnr_and_feature_l1_over_valid_pixels(scene_root, backbone_dir, tmp_path):
+    """`Lifter.evaluate`: the mean over views of the PSNR and of |decoded - up(target)| (channel mean) over each
+    view's valid pixels, as composed ops compute them in float64 (it uses the training loss's fused kernel)."""
+    import math
+
+    import torch.nn.functional as F
+
+    from fit3d_hf.lifting import load_scene_data
+    from fit3d_hf.lifting.lifter import Lifter
+
+    scene = read_scene(resolve_scene_list(str(scene_root))[0])
+    data = load_scene_data(
+        scene, DenseFeatureExtractor.from_pretrained(backbone_dir), 1.0, torch.device("cpu"), progress=False
+    )
+    data.masks[1, :, :20] = False  # a view with a third of its pixels invalid
+    lifter = Lifter(
+        _args(tmp_path, backbone_dir), data, list(range(len(data.image_ids))), torch.device("cpu")
+    )
+    with torch.no_grad():
+        lifter.gaussians.features.normal_()
+    views = [0, 1, 2]
+    metrics = lifter.evaluate(views)
+    psnrs, l1s = [], []
+    with torch.no_grad():
+        for view in views:
+            out = lifter.render(view, with_grad=False)
+            valid = data.masks[view : view + 1].double()
+            error = (out.rgb.clamp(0, 1).double() - data.image(view).double()) ** 2
+            psnrs.append(10 * math.log10(1 / float((error * valid).sum() / (3 * valid.sum()))))
+            decoded = lifter.decoder(out.features).double()
+            target = F.interpolate(
+                data.targets[view : view + 1].double(), size=decoded.shape[2:], mode="bilinear"
+            )
+            channel_mean = (decoded - target).abs().mean(dim=1, keepdim=True)
+            l1s.append(float((channel_mean * valid).sum() / valid.sum()))
+    assert metrics["psnr"] == pytest.approx(sum(psnrs) / 3, abs=1e-4)
+    assert metrics["feature_l1"] == pytest.approx(sum(l1s) / 3, rel=1e-5)
+    assert l1s[1] != pytest.approx(l1s[0], rel=1e-2)  # the views differ: a mean over views is being checked
+
+
+def test_colour_refinement_steps_only_the_used_codebook_rows(scene_root, backbone_dir, tmp_path):
+    """One refinement step is one Adam step on the codebook rows that the view's Gaussians use: such rows move by
+    the lr, no other row moves, and row 0 (the zero vector of never-trained higher orders, here over half the
+    Gaussians) stays exactly zero; the codes do not change."""
+    from fit3d_hf.gaussians.sh_codec import encode_sh
+    from fit3d_hf.lifting import load_scene_data
+    from fit3d_hf.lifting.lifter import Lifter
+
+    scene = read_scene(resolve_scene_list(str(scene_root))[0])
+    extractor = DenseFeatureExtractor.from_pretrained(backbone_dir)
+    data = load_scene_data(scene, extractor, 1.0, torch.device("cpu"), progress=False)
+    args = _args(tmp_path, backbone_dir, sh_rest_lr=0.01)
+    lifter = Lifter(args, data, list(range(len(data.image_ids))), torch.device("cpu"))
+    g = lifter.gaussians
+    g.active_sh_degree = g.max_sh_degree
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(0)
+        g.sh_rest.copy_(0.2 * torch.randn(g.sh_rest.shape, generator=generator))
+        g.sh_rest[::2] = 0  # never trained: code 0
+    before = encode_sh(g.sh.detach(), seed=args.seed)
+    after = lifter.fit_compressed_colours(steps=1)
+    assert torch.equal(after.rest_codes, before.rest_codes)
+    codes = before.rest_codes.long()
+    assert (codes[::2] == 0).all() and (codes[1::2] != 0).float().mean() > 0.5
+    moved = (after.rest_codebook.float() - before.rest_codebook.float()).abs()
+    assert torch.equal(after.rest_codebook[0], torch.zeros_like(after.rest_codebook[0]))
+    used = torch.zeros(len(moved), dtype=torch.bool)
+    used[codes] = True
+    # Adam's first step moves each element with a gradient by lr (fp16 storage: within its rounding); rows whose
+    # Gaussians the view does not see have none
+    stepped = moved.amax(dim=1) > 0
+    assert stepped.sum() >= 10 and not stepped[~used].any()
+    assert ((moved[stepped] - 0.01).abs() < 2e-4).float().mean() > 0.95, moved[stepped]
 
 
 def test_lifter_steps_as_3dgs_with_fixed_lr_schedule_and_near_plane(

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from ..gaussians import Densifier, FeatureGaussians
 from ..gaussians.sh_codec import CompressedSH, assemble_sh, encode_sh
-from ..losses import psnr, ssim, upsampled_feature_l1
+from ..losses import masked_mse, psnr_of_mse, ssim, upsampled_feature_l1
 from ..optim import make_adam
 from .arguments import LiftingArguments
 from .scene_data import SceneData, scene_extent
@@ -95,13 +95,6 @@ class Lifter:
                 feature_dtype=feature_dtype,
             )  # fmt: skip
 
-    def target_features(self, view: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """`[1, D, H, W]` backbone features of a view, bilinearly upsampled to the image (as FiT3D)."""
-        low = self.data.targets[view : view + 1].to(dtype)
-        return F.interpolate(
-            low, size=(self.data.height, self.data.width), mode="bilinear", align_corners=False
-        )
-
     def step(self) -> dict[str, torch.Tensor]:
         args, data = self.args, self.data
         self.iteration += 1
@@ -177,14 +170,17 @@ class Lifter:
                 range(steps), desc=f"{data.scene_id}: refining the compressed colours", disable=not progress
             ):
                 view = self.next_view()
-                colours = (dc, codebook[codes].view(len(codes), -1, 3))  # the SH pair, read in place
+                # embedding, not codebook[codes]: indexing's backward accumulates each run of equal codes in
+                # one warp, one Gaussian after another, and code 0 (never-trained higher orders) can hold half
+                # a scene; embedding's backward splits long runs. padding_idx keeps row 0 the zero vector.
+                rest = F.embedding(codes, codebook, padding_idx=0).view(len(codes), -1, 3)
+                colours = (dc, rest)  # the SH pair, read in place
                 out = render(
                     *geometry, colours, None, data.K[view : view + 1], data.world_to_camera[view : view + 1],
                     data.width, data.height, sh_degree=g.active_sh_degree, render_depth=False, near_plane=args.near_plane,
                 )  # fmt: skip
                 optimizer.zero_grad(set_to_none=True)
                 self.rgb_loss(out.rgb, view)[0].backward()
-                codebook.grad[0] = 0  # row 0 stays the exact zero vector of untrained higher orders
                 optimizer.step()
         return assemble_sh(dc.detach()[:, 0], codebook.detach(), codes)
 
@@ -193,15 +189,18 @@ class Lifter:
         """Mean PSNR (valid pixels) and feature L1 over `views` (with a progress bar labelled `desc`, if given)."""
         if not views:
             return {}
-        psnrs, l1s = [], []
+        # per-view values stay on the device until the end: reading each would wait for the GPU every view
+        mses, l1s = [], []
         for view in tqdm(views, desc=desc, disable=desc is None, leave=False):
             out = self.render(view, with_grad=False)
             mask = self.data.masks[view : view + 1]
-            psnrs.append(psnr(out.rgb.clamp(0, 1), self.data.image(view), mask))
+            mses.append(masked_mse(out.rgb.clamp(0, 1), self.data.image(view), mask))
             decoded = self.decoder(out.features)
-            error = (decoded - self.target_features(view)).abs().mean(dim=1, keepdim=True)
-            l1s.append(float((error * mask).sum() / mask.sum().clamp_min(1)))
-        return {"psnr": float(np.mean(psnrs)), "feature_l1": float(np.mean(l1s))}
+            # the training loss's fused kernel; it divides by all pixels, the metric by the valid ones
+            l1 = upsampled_feature_l1(decoded, self.data.targets[view : view + 1], mask)
+            l1s.append(l1 * mask.numel() / mask.sum().clamp_min(1))
+        psnrs = [psnr_of_mse(mse) for mse in torch.stack(mses).tolist()]
+        return {"psnr": float(np.mean(psnrs)), "feature_l1": float(torch.stack(l1s).mean())}
 
     # --- checkpoints (torch.save of tensors and plain values only; loaded with weights_only=True) ---
     def state_dict(self) -> dict:

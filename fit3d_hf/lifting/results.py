@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 
 from ..gaussians import load_bundle, save_bundle
@@ -22,6 +23,7 @@ __all__ = [
     "INITIAL_METRICS_FILENAME",
     "METRICS_FILENAME",
     "PREVIEW_FILENAMES",
+    "PhaseClock",
     "finish_scene",
     "remove_outputs",
     "write_previews",
@@ -35,13 +37,31 @@ INITIAL_METRICS_FILENAME = "initial_metrics.json"
 PREVIEW_FILENAMES = ("preview_rgb.png", "preview_features.png")
 
 
+class PhaseClock:
+    """Wall seconds per phase of a scene's lift (metrics.json's `seconds_by_phase`), each taken once the device
+    has finished the phase's queued work, so that a phase is not billed for the one before it."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start = self._last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        """Ends `phase`: the time since the previous lap (or since the clock started) is added to it."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
+        self._last = now
+
+
 def finish_scene(
     lifter: Lifter,
     extractor,
     folder: Path,
     views: tuple[list[int], list[int]],
     initial: dict,
-    seconds: tuple[float, float],
+    clock: PhaseClock,
     progress: bool,
 ) -> dict:
     """A trained scene's results: evaluations, the bundle, previews and metrics.json, then its resume state
@@ -50,29 +70,32 @@ def finish_scene(
     Args:
         views: `(train, holdout)` view indices.
         initial: the evaluation of the training views before training (`feature_l1` is reported).
-        seconds: `(start, training)`: `time.perf_counter()` when the scene started, and the training's seconds.
+        clock: the scene's clock, its phases so far lapped (`training` among them); this adds the rest.
     """
     args, scene_id = lifter.args, lifter.data.scene_id
     train, holdout = views
     label = (lambda what: f"{scene_id}: {what}") if progress else (lambda what: None)
     final_train = lifter.evaluate(train, desc=label("evaluating the training views"))
     final_holdout = lifter.evaluate(holdout, desc=label("evaluating the held-out views"))
-    bundle_path = _save_scene_bundle(lifter, extractor, folder, progress)
+    clock.lap("evaluation")
+    bundle_path = _save_scene_bundle(lifter, extractor, folder, clock, progress)
     # Held-out PSNR of the bundle as saved (fp16 geometry, compressed SH): one more pass over the held-out views.
     saved_holdout = (
         _evaluate_saved_bundle(lifter, bundle_path, holdout, label("evaluating the saved bundle"))
         if holdout
         else {}
     )
+    clock.lap("saved_bundle_evaluation")
     if args.previews:
         write_previews(lifter, holdout[0] if holdout else train[0], folder)
+        clock.lap("previews")
     evaluations = {
         "initial": initial,
         "train": final_train,
         "holdout": final_holdout,
         "saved_holdout": saved_holdout,
     }
-    metrics = _scene_metrics(lifter, views, evaluations, bundle_path, seconds)
+    metrics = _scene_metrics(lifter, views, evaluations, bundle_path, clock)
     atomic_write_text(
         folder / METRICS_FILENAME, json.dumps(metrics, indent=2)
     )  # written last: marks the scene done
@@ -82,7 +105,7 @@ def finish_scene(
     return metrics
 
 
-def _save_scene_bundle(lifter: Lifter, extractor, folder: Path, progress: bool) -> Path:
+def _save_scene_bundle(lifter: Lifter, extractor, folder: Path, clock: PhaseClock, progress: bool) -> Path:
     """Writes the scene's bundle (colours compressed first with `--bundle_sh compressed`); returns its path."""
     args, data = lifter.args, lifter.data
     compressed = None
@@ -91,13 +114,16 @@ def _save_scene_bundle(lifter: Lifter, extractor, folder: Path, progress: bool) 
         compressed = lifter.fit_compressed_colours(
             min(1000, args.iterations // 10) if steps is None else steps, progress
         )
+        clock.lap("colour_compression")
     logger.info("%s: writing the bundle (%d Gaussians)", data.scene_id, len(lifter.gaussians))
-    return save_bundle(
+    bundle_path = save_bundle(
         folder / BUNDLE_FILENAME, lifter.gaussians, lifter.decoder.weight.detach(),
         scene_id=data.scene_id, backbone=args.backbone,
         extra_metadata={"image_size": [data.width, data.height], "iterations": args.iterations}, seed=args.seed,
         sh_storage=args.bundle_sh, compressed_sh=compressed, provenance=extractor.provenance(),
     )  # fmt: skip
+    clock.lap("bundle_writing")
+    return bundle_path
 
 
 def _evaluate_saved_bundle(lifter: Lifter, bundle_path: Path, holdout: list[int], desc: str | None) -> dict:
@@ -111,12 +137,10 @@ def _evaluate_saved_bundle(lifter: Lifter, bundle_path: Path, holdout: list[int]
         lifter.gaussians = trained
 
 
-def _scene_metrics(
-    lifter: Lifter, views, evaluations: dict, bundle_path: Path, seconds: tuple[float, float]
-) -> dict:
+def _scene_metrics(lifter: Lifter, views, evaluations: dict, bundle_path: Path, clock: PhaseClock) -> dict:
     """metrics.json of a scene."""
     args, data = lifter.args, lifter.data
-    (train, holdout), (start, train_seconds) = views, seconds
+    train, holdout = views
     return {
         "scene_id": data.scene_id,
         "backbone": args.backbone,
@@ -136,8 +160,11 @@ def _scene_metrics(
         "feature_l1_train": evaluations["train"]["feature_l1"],
         "feature_l1_heldout": evaluations["holdout"].get("feature_l1"),
         "bundle_bytes": bundle_path.stat().st_size,
-        "seconds_training": train_seconds,
-        "seconds_total": time.perf_counter() - start,
+        "seconds_training": clock.seconds["training"],
+        "seconds_total": time.perf_counter() - clock.start,
+        # where the rest of seconds_total went: scene_data (images and the backbone's targets), evaluations, the
+        # colours' compression and refinement, writing the bundle
+        "seconds_by_phase": {phase: round(seconds, 3) for phase, seconds in clock.seconds.items()},
         "device": str(lifter.device),
         "arguments": asdict(args),
     }

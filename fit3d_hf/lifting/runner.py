@@ -22,6 +22,7 @@ from .results import (
     CHECKPOINT_FILENAME,
     INITIAL_METRICS_FILENAME,
     METRICS_FILENAME,
+    PhaseClock,
     finish_scene,
     remove_outputs,
 )
@@ -120,20 +121,19 @@ def _lift(scene, args, extractor, folder, device, max_iterations_this_run, progr
     for param in extractor.parameters():
         param.requires_grad_(False)
 
-    start = time.perf_counter()
+    clock = PhaseClock(device)
     data = load_scene_data(scene, extractor, args.image_scale, device, progress=progress)
+    clock.lap("scene_data")
     views = list(range(len(data.image_ids)))
     holdout = heldout_view_indices(len(views), args.holdout_every)  # the `scenes` builder's val split too
     train = [v for v in views if v not in holdout]
     lifter = Lifter(args, data, train, device)
     initial = _resume_or_evaluate(lifter, folder, train, progress)
-    train_start = time.perf_counter()
+    clock.lap("initial_evaluation")
     if not _optimise(lifter, folder / CHECKPOINT_FILENAME, max_iterations_this_run, progress):
         return None
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = (start, time.perf_counter() - train_start)
-    return finish_scene(lifter, extractor, folder, (train, holdout), initial, seconds, progress)
+    clock.lap("training")
+    return finish_scene(lifter, extractor, folder, (train, holdout), initial, clock, progress)
 
 
 def _resume_or_evaluate(lifter: Lifter, folder: Path, train: list[int], progress: bool) -> dict:
@@ -162,13 +162,15 @@ def _optimise(
         desc=f"{lifter.data.scene_id}: lifting",
         disable=not progress,
     )
-    steps_this_run = 0
+    steps_this_run, shown = 0, 0.0
     while lifter.iteration < args.iterations:
         losses = lifter.step()
         steps_this_run += 1
         bar.update(1)
-        if lifter.iteration % 10 == 0:
+        # reading the loss waits for the GPU to finish every queued step: once a second, not every few steps
+        if progress and time.monotonic() - shown >= 1.0:
             bar.set_postfix(loss=f"{float(losses['loss']):.4f}", gaussians=len(lifter.gaussians))
+            shown = time.monotonic()
         interval = args.checkpoint_interval
         if interval and lifter.iteration % interval == 0 and lifter.iteration < args.iterations:
             save_torch_checkpoint(lifter.state_dict(), checkpoint_path)  # atomic, with tensor checksums

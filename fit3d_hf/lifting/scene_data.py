@@ -3,6 +3,8 @@ target features computed once per image (`load_scene_data`), and the scene's ext
 
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,7 +12,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..utils import map_ahead
+
 __all__ = ["SceneData", "load_scene_data", "scene_extent"]
+
+# threads reading views ahead of the backbone (decoding a 1752x1168 JPEG and resizing it takes ~25 ms)
+_READ_THREADS = min(8, os.cpu_count() or 1)
 
 
 @dataclass
@@ -42,6 +49,27 @@ class SceneData:
         return self.images[index : index + 1].float() / 255.0
 
 
+def _load_view(frame, image_scale: float):
+    """A frame's image `[1, 3, H, W]` in [0, 1] and as uint8, its mask `[1, 1, H, W]` and its camera, at
+    `image_scale`."""
+    from ..scene import load_image, load_mask
+
+    image = torch.from_numpy(load_image(frame.image_path)).permute(2, 0, 1)[None]
+    camera = frame.camera
+    if image_scale != 1.0:
+        camera = camera.scaled(image_scale)
+        image = F.interpolate(image, size=(camera.height, camera.width), mode="bilinear", antialias=True)
+    if frame.mask_path is not None:
+        mask = torch.from_numpy(load_mask(frame.mask_path))[None, None].float()
+        if image_scale != 1.0:
+            mask = F.interpolate(mask, size=(camera.height, camera.width), mode="bilinear")
+        mask = mask > 0.5
+    else:
+        mask = torch.ones(1, 1, camera.height, camera.width, dtype=torch.bool)
+    image = image.clamp(0, 1)
+    return image, (image * 255).round().to(torch.uint8), mask, camera
+
+
 def scene_extent(camera_centers: np.ndarray) -> float:
     """3DGS's `cameras_extent`: 1.1 x the largest distance of a camera centre from their mean."""
     centers = np.asarray(camera_centers, dtype=np.float64)
@@ -59,25 +87,14 @@ def load_scene_data(
         scene: a `fit3d_hf.scene.Scene`.
         extractor: a `fit3d_hf.backbones.DenseFeatureExtractor` (images in [0, 1] -> `[B, D, h, w]`).
     """
-    from ..scene import load_image, load_mask
-
     images, masks, Ks, poses, targets = [], [], [], [], []
-    for frame in tqdm(scene.frames, desc=f"{scene.scene_id}: target features", disable=not progress):
-        image = torch.from_numpy(load_image(frame.image_path)).permute(2, 0, 1)[None]
-        camera = frame.camera
-        if image_scale != 1.0:
-            camera = camera.scaled(image_scale)
-            image = F.interpolate(image, size=(camera.height, camera.width), mode="bilinear", antialias=True)
-        if frame.mask_path is not None:
-            mask = torch.from_numpy(load_mask(frame.mask_path))[None, None].float()
-            if image_scale != 1.0:
-                mask = F.interpolate(mask, size=(camera.height, camera.width), mode="bilinear")
-            mask = mask > 0.5
-        else:
-            mask = torch.ones(1, 1, camera.height, camera.width, dtype=torch.bool)
-        image = image.clamp(0, 1)
+    # the next views are read and resized on threads while the backbone runs on this one
+    loaded = map_ahead(functools.partial(_load_view, image_scale=image_scale), scene.frames, _READ_THREADS)
+    for image, image_uint8, mask, camera in tqdm(
+        loaded, total=len(scene.frames), desc=f"{scene.scene_id}: target features", disable=not progress
+    ):
         targets.append(extractor(image.to(device)).to(torch.float16))
-        images.append((image * 255).round().to(torch.uint8))
+        images.append(image_uint8)
         masks.append(mask)
         Ks.append(torch.from_numpy(camera.K).float())
         poses.append(torch.from_numpy(camera.world_to_camera).float())

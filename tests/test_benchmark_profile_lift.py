@@ -1,0 +1,29 @@
+"""benchmarks/profile_lift.py runs only on a GPU; its densification timing runs here on the CPU, on a small random
+scene, so that the device call does not find it broken: events change the Gaussians as they report."""
+
+import torch
+from benchmark_helpers import load_benchmark
+
+from fit3d_hf.lifting import LiftingArguments
+from fit3d_hf.lifting.lifter import Lifter
+
+
+def test_densification_events_are_timed_and_change_the_gaussians(capsys):
+    profile_lift = load_benchmark("profile_lift")
+    device = torch.device("cpu")
+    data = profile_lift.random_scene(3000, 4, 64, 48, 32, device)
+    args = LiftingArguments(
+        backbone="random", out="/tmp/unused", feature_dim=8, iterations=30_000, checkpoint_interval=0,
+        densify_until=30_000, densify_from=10**9, densify_grad_threshold=0.0, max_gaussians=3060, device="cpu",
+    )  # fmt: skip
+    lifter = Lifter(args, data, list(range(4)), device)
+    before = len(lifter.gaussians)
+    profile_lift.time_densification_events(lifter, events=2, steps_between=2)
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("densification event: ") and " ms (min " in line
+    changes = eval(line.split("changes: ", 1)[1])  # the printed list of dicts
+    # threshold 0: every Gaussian seen is a candidate, and the cap lets 60 of them through
+    assert len(changes) == 2 and changes[0]["cloned"] + changes[0]["split"] == 60
+    # each event's total is the count it left, and the last one is the lifter's
+    assert changes[0]["total"] == before + changes[0]["cloned"] + changes[0]["split"] - changes[0]["pruned"]
+    assert changes[-1]["total"] == len(lifter.gaussians)
