@@ -171,8 +171,9 @@ class Lifter:
             ):
                 view = self.next_view()
                 # embedding, not codebook[codes]: indexing's backward accumulates each run of equal codes in
-                # one warp, one Gaussian after another, and code 0 (never-trained higher orders) can hold half
-                # a scene; embedding's backward splits long runs. padding_idx keeps row 0 the zero vector.
+                # one warp, one Gaussian after another, and code 0 (never-trained higher orders, e.g. Gaussians
+                # no view sees) can hold much of a scene; embedding's backward splits long runs. padding_idx
+                # keeps row 0 the zero vector.
                 rest = F.embedding(codes, codebook, padding_idx=0).view(len(codes), -1, 3)
                 colours = (dc, rest)  # the SH pair, read in place
                 out = render(
