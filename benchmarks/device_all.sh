@@ -4,6 +4,7 @@
 #   tests    CUDA tests (rasterizer, feature loss, pipeline) and, where timm is installed, the timm parity tests
 #            (TESTS_ONLY=1: TESTS alone)
 #   raster   benchmarks/rasterizer.py against gsplat 1.5.3 (default chunk and one pass) when .whl/ holds its wheel
+#   rastertrees  our benchmarks/rasterizer.py in each older snapshot in RASTER_TREES, then here (a drift bisected)
 #   profile  per-kernel times, host time per call (benchmarks/profile_rasterizer.py)
 #   finetune benchmarks/finetune.py (Stage II step, 1 process; needs the datasets wheels in .whl/)
 #   lift     benchmarks/profile_lift.py at LIFT_N Gaussians (Stage I iteration time split)
@@ -23,6 +24,7 @@
 set -uo pipefail
 LOGS="${LOGS:-benchmarks/results/device_all}"
 mkdir -p "$LOGS"
+LOGS="$(cd "$LOGS" && pwd)"  # absolute: some stages run in other folders
 OUT_DIR="${OUT:-}"
 OUT="$LOGS"
 # the logs come back even when the device tool's time limit ends the run
@@ -82,6 +84,16 @@ for stage in "$@"; do
             cxx="${CXX:-c++}"; [ -x /usr/bin/g++ ] && cxx=/usr/bin/g++
             # shellcheck disable=SC2086
             CXX="$cxx" "$PY" benchmarks/rasterizer.py ${RASTER_ARGS:---lib both --quick} 2>&1 | tee "$OUT/rasterizer.jsonl" | tail -n 14 ;;
+        rastertrees)
+            # our rasterizer's benchmark (RASTER_ARGS) in each snapshot of an older checkout in RASTER_TREES (plain
+            # files, e.g. `git archive <commit> | tar -x -C snap/<name>`), each built here, then in this tree: a
+            # timing drift bisected on one machine; every JSON line gets the tree's name
+            for tree in ${RASTER_TREES:-} .; do
+                # shellcheck disable=SC2086
+                (cd "$tree" && "$PY" setup.py build_ext --inplace >>"$OUT/setup.log" 2>&1 \
+                    && PYTHONPATH="$PWD:$PYTHONPATH" "$PY" benchmarks/rasterizer.py ${RASTER_ARGS:---quick --channels 64}) \
+                    2>&1 | sed "s|^{|{\"tree\": \"$tree\", |" | tee -a "$OUT/rastertrees.jsonl" | tail -n 4
+            done ;;
         profile)
             "$PY" benchmarks/profile_rasterizer.py --n 1000000 --ch 64 >"$OUT/profile.txt" 2>&1
             head -n 30 "$OUT/profile.txt"; grep -E "^forward" "$OUT/profile.txt"
