@@ -26,6 +26,7 @@ import math
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,6 +45,9 @@ from fit3d_hf.finetuning.backbone_setup import compile_backbone, lora_wrap, make
 from fit3d_hf.finetuning.rendered_targets import flip_table, training_step_inputs
 from fit3d_hf.gaussians import FeatureGaussians, save_bundle
 from fit3d_hf.losses import masked_l1
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import synchronize  # noqa: E402
 
 BACKBONES = {
     # DINOv2-S/14, and a tiny one for the CPU smoke test
@@ -93,11 +97,6 @@ def batch_of(b: int, width: int, height: int, first_view: int = 0) -> dict:
         "K": torch.stack(Ks),
         "world_to_camera": torch.stack(views),
     }
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Step:

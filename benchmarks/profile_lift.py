@@ -26,6 +26,7 @@ from fit3d_hf.lifting.lifter import Lifter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_gaps import gpu_idle_gaps_of_file  # noqa: E402
+from timing import synchronize  # noqa: E402
 
 
 def random_scene(n_points: int, views: int, width: int, height: int, dim: int, device) -> SceneData:
@@ -131,7 +132,7 @@ def time_densification_events(lifter: Lifter, events: int = 5, steps_between: in
     for _ in range(events):
         for _ in range(steps_between):
             lifter.step()
-        _synchronize(lifter.device)
+        synchronize(lifter.device)
         start = time.perf_counter()
         with (
             torch.no_grad()
@@ -139,17 +140,12 @@ def time_densification_events(lifter: Lifter, events: int = 5, steps_between: in
             changes.append(
                 lifter.densifier.densify_and_prune(lifter.gaussians, lifter.optimizer, prune_large=False)
             )
-        _synchronize(lifter.device)
+        synchronize(lifter.device)
         seconds.append(time.perf_counter() - start)
     print(  # noqa: T201
         f"densification event: {1000 * np.mean(seconds):.1f} ms (min {1000 * min(seconds):.1f}); "
         f"changes: {changes}"
     )
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rasterizer import cameras, make_scene, timeit  # noqa: E402
+from timing import synchronize  # noqa: E402
 
 from fit3d_hf.render import _wrapper, render  # noqa: E402
 from fit3d_hf.render._backend import require_extension  # noqa: E402
@@ -117,25 +118,22 @@ def host_overhead(n: int = 1000, calls: int = 300, device: str = "cuda") -> None
     from fit3d_hf.render.rasterize import _validate
 
     dev, w, h = device, 876, 584
+    device = torch.device(device)
     means, quats, scales, opac = make_scene(n, dev)
     viewmats, ks = cameras(1, w, h, dev)
     small_viewmats, small_ks = cameras(1, 128, 96, dev)
     colors, feats = torch.rand(n, 3, device=dev), torch.randn(n, 64, device=dev)
-    ext = extension_for(torch.device(dev))
-
-    def synchronize():
-        if dev == "cuda":
-            torch.cuda.synchronize()
+    ext = extension_for(device)
 
     def report(name, step):
         for _ in range(20):
             step()
-        synchronize()
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(calls):
             step()
         host_us = 1e6 * (time.perf_counter() - start) / calls
-        synchronize()
+        synchronize(device)
         print(f"host time per call, n={n}: {name:30s} {host_us:7.1f} us")  # noqa: T201
 
     def call_render():
@@ -183,7 +181,7 @@ def host_overhead(n: int = 1000, calls: int = 300, device: str = "cuda") -> None
         with profile(activities=activities) as prof:
             for _ in range(50):
                 call_render()
-            synchronize()
+            synchronize(device)
         events = prof.key_averages()
         gpu_us = sum(getattr(event, "self_device_time_total", 0) for event in events) / 50
         print(f"GPU time per render (kernels, copies, memsets): {gpu_us:.1f} us")  # noqa: T201

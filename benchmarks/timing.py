@@ -1,8 +1,15 @@
-"""Wall-clock timing shared by the benchmarks that time whole steps (inference.py, adam_bandwidth.py)."""
+"""Wall-clock timing shared by the benchmarks that time whole steps (inference.py, adam_bandwidth.py, finetune.py,
+profile_lift.py)."""
 
 import time
 
 import torch
+
+
+def synchronize(device: torch.device) -> None:
+    """Waits for the device's queued work (a no-op on the CPU), so that a wall-clock reading covers it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def median_seconds(function, device: torch.device, warmup: int, iterations: int) -> float:
@@ -11,11 +18,9 @@ def median_seconds(function, device: torch.device, warmup: int, iterations: int)
         function()
     timings = []
     for _ in range(iterations):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         function()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         timings.append(time.perf_counter() - start)
     return sorted(timings)[len(timings) // 2]
