@@ -40,9 +40,8 @@ __global__ void __launch_bounds__(ADAM_THREADS) adam_kernel(const __grid_constan
     const AdamTensor& t = launch.tensors[i];
     const int64_t begin = (block - launch.first_block[i]) * ADAM_BLOCK_ELEMENTS;
     const int64_t end = begin + ADAM_BLOCK_ELEMENTS < t.n ? begin + ADAM_BLOCK_ELEMENTS : t.n;
-    const bool vectorised = ((reinterpret_cast<uintptr_t>(t.param) | reinterpret_cast<uintptr_t>(t.grad) |
-                              reinterpret_cast<uintptr_t>(t.exp_avg) | reinterpret_cast<uintptr_t>(t.exp_avg_sq)) %
-                             16) == 0;
+    const bool vectorised =
+        is_aligned(t.param, 16) && is_aligned(t.grad, 16) && is_aligned(t.exp_avg, 16) && is_aligned(t.exp_avg_sq, 16);
     if (vectorised && end - begin == ADAM_BLOCK_ELEMENTS) {
         // loads first, then the arithmetic: the block's 2 x 4 loads per thread are in flight together
         float4 p[ADAM_VECTORS_PER_THREAD], g[ADAM_VECTORS_PER_THREAD], m[ADAM_VECTORS_PER_THREAD],

@@ -156,9 +156,8 @@ __global__ void __launch_bounds__(LOSS_BLOCK)
 
 // 8 channels at a time where every pixel's channels start on a vector boundary
 bool vector_path(const FeatureL1Args& a, size_t decoded_bytes, size_t target_bytes) {
-    const auto aligned = [](const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
-    return a.D % 8 == 0 && aligned(a.decoded, 8 * decoded_bytes) && aligned(a.target, 8 * target_bytes) &&
-           (a.grad == nullptr || aligned(a.grad, 8 * decoded_bytes));
+    return a.D % 8 == 0 && is_aligned(a.decoded, 8 * decoded_bytes) && is_aligned(a.target, 8 * target_bytes) &&
+           (a.grad == nullptr || is_aligned(a.grad, 8 * decoded_bytes));
 }
 
 size_t type_bytes(ScalarType t) { return t == ScalarType::Float32 ? 4 : 2; }

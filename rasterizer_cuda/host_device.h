@@ -30,7 +30,15 @@ using cudaError_t = int;
 using cudaStream_t = struct CUstream_st*;
 #endif
 
+#include <cstddef>
+#include <cstdint>
+
 namespace fit3d {
+
+// Whether `p` lies on a multiple of `bytes` (for vector loads).
+__host__ __device__ inline bool is_aligned(const void* p, size_t bytes) {
+    return reinterpret_cast<uintptr_t>(p) % bytes == 0;
+}
 
 // exp(x) as the kernels take it: the GPU's fast __expf (within a few ulp), libm's expf on the CPU. A forward
 // and its backward always run on the same device, so both round alpha the same way.

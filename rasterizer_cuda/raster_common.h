@@ -58,11 +58,6 @@ __host__ __device__ inline int64_t feature_grad_offset(const RasterizeArgs& a, i
     return int64_t(b) * a.F * hw + (c - 4) * a.v_features_channel_stride + pix * a.v_features_pixel_stride;
 }
 
-// Whether `p` lies on a multiple of `bytes` (for vector loads).
-__host__ __device__ inline bool is_aligned(const void* p, size_t bytes) {
-    return reinterpret_cast<uintptr_t>(p) % bytes == 0;
-}
-
 // Gradient of the image value of channel `c`, camera `b`, at pixel index `pix` (0 where none was given). The
 // feature gradient may be channels-last: Stage I's decoder convolves channels-last maps, so its gradient
 // arrives in that layout, and transposing it took 0.65 ms per iteration at 876 x 584 x 64 on an H100.
