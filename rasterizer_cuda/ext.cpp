@@ -665,16 +665,21 @@ fit3d::FeatureL1Args feature_l1_args(const Tensor& decoded, const Tensor& target
     return a;
 }
 
-}  // namespace
-
-Tensor feature_l1_fwd(const Tensor& decoded, const Tensor& target, const OptTensor& mask) {
-    const at::cuda::OptionalCUDAGuard guard(device_of(decoded));
-    fit3d::FeatureL1Args a = feature_l1_args(decoded, target, mask);
+// The forward's launch (with or without signs) and its loss.
+Tensor feature_l1_loss(fit3d::FeatureL1Args& a, const Tensor& decoded) {
     // per-block sums, added up by torch: a fixed order, so the loss is the same on every run
     Tensor partials = torch::empty({fit3d::feature_l1_blocks(a)}, decoded.options().dtype(at::kFloat));
     a.partials = partials.data_ptr<float>();
     check_cuda(fit3d::launch_feature_l1(a, stream()), "feature_l1 forward");
     return partials.sum() * double(a.inv_count);
+}
+
+}  // namespace
+
+Tensor feature_l1_fwd(const Tensor& decoded, const Tensor& target, const OptTensor& mask) {
+    const at::cuda::OptionalCUDAGuard guard(device_of(decoded));
+    fit3d::FeatureL1Args a = feature_l1_args(decoded, target, mask);
+    return feature_l1_loss(a, decoded);
 }
 
 // The forward that also keeps the signs of decoded - up(target), 2 bits per value (an int16 per 8 channels), for
@@ -688,10 +693,7 @@ std::tuple<Tensor, Tensor> feature_l1_fwd_signs(const Tensor& decoded, const Ten
         signs = torch::empty({decoded.numel() / 8}, decoded.options().dtype(at::kShort));
         a.signs = reinterpret_cast<uint16_t*>(signs.data_ptr());
     }
-    Tensor partials = torch::empty({fit3d::feature_l1_blocks(a)}, decoded.options().dtype(at::kFloat));
-    a.partials = partials.data_ptr<float>();
-    check_cuda(fit3d::launch_feature_l1(a, stream()), "feature_l1 forward");
-    return {partials.sum() * double(a.inv_count), signs};
+    return {feature_l1_loss(a, decoded), signs};
 }
 
 // The gradient w.r.t. decoded (`sizes` [B, D, H, W], channels-last, the dtype of `like`) from the forward's signs.
