@@ -7,10 +7,6 @@ from benchmark_helpers import load_benchmark
 from fit3d_hf.scene.colmap_text import read_colmap_points
 
 
-def _lift_benchmark():
-    return load_benchmark("lift")
-
-
 def test_points_are_replicated_with_their_colours_and_jittered(tmp_path):
     path = tmp_path / "points3D.txt"
     xyz = np.array([[0.0, 1.0, 2.0], [3.0, -1.0, 0.5]])
@@ -19,7 +15,7 @@ def test_points_are_replicated_with_their_colours_and_jittered(tmp_path):
         "# a COLMAP header line\n"
         + "".join(f"{i + 1} {p[0]} {p[1]} {p[2]} {c[0]} {c[1]} {c[2]} 0.1 1 0 2 5\n" for i, (p, c) in enumerate(zip(xyz, rgb, strict=True)))
     )  # fmt: skip
-    _lift_benchmark().replicate_points(path, copies=400, jitter=0.01)
+    load_benchmark("lift").replicate_points(path, copies=400, jitter=0.01)
     new_xyz, new_rgb = read_colmap_points(path)
     assert new_xyz.shape == (800, 3)
     for index in range(2):
