@@ -354,3 +354,37 @@ def test_optimizer_is_fused_on_cuda_and_steps_as_the_default_adamw():
         results.append(weight.detach())
     assert not torch.equal(results[0], start)
     torch.testing.assert_close(results[0], results[1], rtol=1e-6, atol=1e-7)
+
+
+def test_the_loss_is_read_only_at_logging_steps_and_the_last(workspace, tmp_path, monkeypatch):
+    """Reading the loss waits for the GPU (and gathers across processes): it happens at the run's first
+    step, every --logging_steps and the last step only, and metrics.json's first and last losses are those
+    steps' losses."""
+    from accelerate import Accelerator
+
+    from fit3d_hf.finetuning import trainer
+
+    step_losses, logged = [], []
+    real_step, real_log = trainer._step, Accelerator.log
+
+    def recording_step(*args, **kwargs):
+        loss = real_step(*args, **kwargs)
+        step_losses.append(float(loss.detach()))
+        return loss
+
+    def recording_log(self, values, step=None, **kwargs):
+        if "train/loss" in values:
+            logged.append((step, values["train/loss"]))
+        return real_log(self, values, step=step, **kwargs)
+
+    monkeypatch.setattr(trainer, "_step", recording_step)
+    monkeypatch.setattr(Accelerator, "log", recording_log)
+    metrics = train(
+        *_arguments(workspace, tmp_path / "run", max_train_steps=7, logging_steps=3, validation_split=None)
+    )
+    assert len(step_losses) == 7
+    assert [step for step, _ in logged] == [1, 3, 6, 7]
+    for step, value in logged:
+        assert value == pytest.approx(step_losses[step - 1])  # one process: the gathered mean is the loss
+    assert metrics["train_loss_first"] == pytest.approx(step_losses[0])
+    assert metrics["train_loss_last"] == pytest.approx(step_losses[-1])

@@ -112,7 +112,7 @@ def _train(model_args: BackboneArguments, data_args: DataArguments, args: Finetu
     start = _resume(accelerator, resume_path, output_dir, steps_per_epoch, args)
     global_step, losses = _train_epochs(
         accelerator, trainee, cache, len(train_frames), start, max_steps, args
-    )
+    )  # the run's first and last loss
     accelerator.wait_for_everyone()
 
     # Validation "after" runs the eager forward, as "before" did (and as the unwrapped module of a DDP run,
@@ -295,7 +295,8 @@ def _resume(
 def _train_epochs(
     accelerator, trainee: _Trainee, cache, num_frames: int, start, max_steps: int, args
 ) -> tuple[int, list[float]]:
-    """The epoch loop from `start` (see `_resume`) up to `max_steps`; returns the last step and each step's loss."""
+    """The epoch loop from `start` (see `_resume`) up to `max_steps`; returns the last step and the losses of
+    this run's first and last steps (averaged over processes; empty if no step ran)."""
     global_step, first_epoch, resume_batches = start
     epochs = math.ceil(max_steps / math.ceil(len(trainee.loader) / args.gradient_accumulation_steps))
     unwrapped = accelerator.unwrap_model(trainee.extractor)
@@ -305,7 +306,7 @@ def _train_epochs(
         desc="fine-tuning",
         disable=not accelerator.is_local_main_process,
     )
-    losses = []
+    losses, loss, read_step = [], None, None
     for epoch in range(first_epoch, epochs):
         if hasattr(trainee.loader, "set_epoch"):
             trainee.loader.set_epoch(epoch)
@@ -317,11 +318,18 @@ def _train_epochs(
             loss = _step(accelerator, trainee, unwrapped, batch, cache, flips, args)
             if accelerator.sync_gradients:
                 global_step += 1
-                losses.append(_after_step(accelerator, loss, global_step, progress, args))
+                # the loss is read (a wait for the GPU and a collective) at the run's first step and every
+                # --logging_steps only: the same steps on every process, and no wait at the others
+                if not losses or global_step % args.logging_steps == 0:
+                    losses[1:] = [_read_loss(accelerator, loss, global_step, progress)]
+                    read_step = global_step
+                _after_step(accelerator, global_step, progress, args)
                 if global_step >= max_steps:
                     break
         if global_step >= max_steps:
             break
+    if loss is not None and read_step != global_step:  # the last step's loss, unless already read
+        losses[1:] = [_read_loss(accelerator, loss, global_step, progress)]
     progress.close()
     return global_step, losses
 
@@ -343,23 +351,26 @@ def _step(accelerator, trainee: _Trainee, unwrapped, batch, cache, flips, args) 
     return loss
 
 
-def _after_step(accelerator, loss: torch.Tensor, global_step: int, progress, args) -> float:
-    """After an optimisation step: the loss averaged over processes, shown, logged and, every
-    `--checkpointing_steps`, a checkpoint (the oldest ones rotated out). Returns the loss."""
+def _read_loss(accelerator, loss: torch.Tensor, global_step: int, progress) -> float:
+    """The step's loss averaged over processes, shown and logged."""
+    loss_value = accelerator.gather(loss.detach()[None]).mean().item()
+    progress.set_postfix(loss=f"{loss_value:.4f}")
+    accelerator.log({"train/loss": loss_value}, step=global_step)
+    return loss_value
+
+
+def _after_step(accelerator, global_step: int, progress, args) -> None:
+    """After an optimisation step: the progress bar and, every `--checkpointing_steps`, a checkpoint (the
+    oldest ones rotated out)."""
     from ..checkpoints import save_state_atomically
 
     progress.update(1)
-    loss_value = accelerator.gather(loss.detach()[None]).mean().item()
-    progress.set_postfix(loss=f"{loss_value:.4f}")
-    if global_step % args.logging_steps == 0 or global_step == 1:
-        accelerator.log({"train/loss": loss_value}, step=global_step)
     if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
         output_dir = Path(args.output_dir)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process and args.checkpoints_total_limit:
             rotate_checkpoints(output_dir, args.checkpoints_total_limit - 1)  # room for the new one
         save_state_atomically(accelerator, output_dir / f"checkpoint-{global_step}")
-    return loss_value
 
 
 def _training_metrics(
