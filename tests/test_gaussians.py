@@ -204,3 +204,17 @@ def test_densification_statistics_are_ndc_gradient_norms_of_visible_views():
     torch.testing.assert_close(densifier.grad_accum, torch.tensor([2 * ndc, 0.0, math.hypot(50, 20)]))
     torch.testing.assert_close(densifier.denom, torch.tensor([2.0, 0.0, 1.0]))
     torch.testing.assert_close(densifier.max_radii, torch.tensor([5.0, 0.0, 7.0]))
+
+
+def test_scale_initialisation_is_the_mean_squared_distance_to_three_nearest_neighbours():
+    """3DGS's distCUDA2: the mean of the squared distances to the 3 nearest other points (the k-d tree's
+    parallel query against a brute-force float64 computation)."""
+    from fit3d_hf.gaussians.model import mean_distance_to_neighbours
+
+    points = np.random.default_rng(3).normal(size=(700, 3))
+    squared = ((points[:, None] - points[None]) ** 2).sum(-1)
+    np.fill_diagonal(squared, np.inf)
+    expected = np.sort(squared, axis=1)[:, :3].mean(axis=1)
+    np.testing.assert_allclose(mean_distance_to_neighbours(points), expected, rtol=1e-12)
+    two = mean_distance_to_neighbours(points[:2])  # k capped at the one other point
+    assert two.tolist() == pytest.approx([squared[0, 1]] * 2)
