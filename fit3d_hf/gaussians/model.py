@@ -35,7 +35,7 @@ def mean_distance_to_neighbours(points: np.ndarray, k: int = 3) -> np.ndarray:
         return np.full(len(points), 1e-2)
     k = min(k, len(points) - 1)
     # the first neighbour is the point itself; the query on all cores (the same result: each point's query is
-    # independent), about 2 s single-threaded for a ScanNet++-sized 1M points
+    # independent): seconds on one core for a ScanNet++-sized 1M points
     distances, _ = cKDTree(points).query(points, k=k + 1, workers=-1)
     return (distances[:, 1:] ** 2).mean(axis=1)
 
