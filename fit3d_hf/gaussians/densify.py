@@ -151,39 +151,50 @@ class Densifier:
         split_mask = candidates & ~is_small
         if config.max_gaussians is not None:
             clone_mask, split_mask = self._apply_cap(len(model), grads, clone_mask, split_mask)
-        n_clone, n_split = int(clone_mask.sum()), int(split_mask.sum())
+        # Rows are gathered by index tensors made once: a boolean mask as an index costs a wait for the GPU
+        # (its count) per tensor, some forty per densification.
+        clone_rows, split_rows = clone_mask.nonzero().squeeze(1), split_mask.nonzero().squeeze(1)
+        n_clone, n_split = len(clone_rows), len(split_rows)
 
         # Clone: exact copies (the optimiser then moves them apart).
-        clones = {name: getattr(model, name).data[clone_mask] for name in FeatureGaussians.PARAMETER_NAMES}
+        clones = {name: getattr(model, name).data[clone_rows] for name in FeatureGaussians.PARAMETER_NAMES}
         # Split: two samples from each large Gaussian, scaled down by 1 / (0.8 * 2).
-        scales = model.scales.data[split_mask].repeat(2, 1)
+        scales = model.scales.data[split_rows].repeat(2, 1)
         offsets = torch.normal(torch.zeros_like(scales).cpu(), scales.cpu(), generator=self.generator).to(
             scales
         )
-        rotations = quat_to_rotmat(model.quats.data[split_mask]).repeat(2, 1, 1)
+        rotations = quat_to_rotmat(model.quats.data[split_rows]).repeat(2, 1, 1)
         splits = {
-            name: getattr(model, name).data[split_mask].repeat(2, *([1] * (getattr(model, name).dim() - 1)))
+            name: getattr(model, name).data[split_rows].repeat(2, *([1] * (getattr(model, name).dim() - 1)))
             for name in FeatureGaussians.PARAMETER_NAMES
         }
         splits["means"] = splits["means"] + torch.bmm(rotations, offsets[..., None])[..., 0]
         splits["log_scales"] = torch.log(scales / (0.8 * 2))
         new = {name: torch.cat([clones[name], splits[name]]) for name in FeatureGaussians.PARAMETER_NAMES}
-        self._append(model, optimizer, new)
 
-        # Remove the split originals, then prune transparent (and, later, too large) Gaussians.
-        n_new = n_clone + 2 * n_split
-        remove = torch.cat([split_mask, torch.zeros(n_new, dtype=torch.bool, device=split_mask.device)])
-        prune = model.opacities.data < config.min_opacity
-        if prune_large:
-            prune |= model.scales.data.max(dim=1).values > config.max_world_scale * self.scene_extent
-            if config.prune_screen_size:
-                # Gaussians added just now have no screen statistics yet (radius 0).
-                radii = torch.cat([self.max_radii.to(prune.device), torch.zeros(n_new, device=prune.device)])
-                prune |= radii > config.max_screen_size
-        remove |= prune
-        self._keep(model, optimizer, ~remove)
+        # Remove the split originals, then prune transparent (and, later, too large) Gaussians, old and new.
+        current = {name: getattr(model, name).data for name in ("opacity_logits", "log_scales")}
+        prune_old, prune_new = self._prune_mask(current, prune_large), self._prune_mask(new, prune_large)
+        if prune_large and config.prune_screen_size:
+            # Gaussians added just now have no screen statistics yet (radius 0).
+            prune_old |= self.max_radii.to(prune_old.device) > config.max_screen_size
+        keep_old = (~(split_mask | prune_old)).nonzero().squeeze(1)
+        keep_new = (~prune_new).nonzero().squeeze(1)
+        n_pruned = int(prune_old.sum() + prune_new.sum())
+        self._rebuild(model, optimizer, keep_old, new, keep_new)
         self._reset_stats(len(model), model.means.device)
-        return {"cloned": n_clone, "split": n_split, "pruned": int(prune.sum()), "total": len(model)}
+        return {"cloned": n_clone, "split": n_split, "pruned": n_pruned, "total": len(model)}
+
+    def _prune_mask(self, values: dict[str, torch.Tensor], prune_large: bool) -> torch.Tensor:
+        """Which of the Gaussians with these parameter `values` are transparent or, with `prune_large`, too
+        large in the world."""
+        prune = torch.sigmoid(values["opacity_logits"]) < self.config.min_opacity
+        if prune_large:
+            prune |= (
+                torch.exp(values["log_scales"]).max(dim=1).values
+                > self.config.max_world_scale * self.scene_extent
+            )
+        return prune
 
     def _apply_cap(self, n, grads, clone_mask, split_mask):
         """Keeps only the highest-gradient candidates so that the count stays within `max_gaussians`."""
@@ -208,19 +219,28 @@ class Densifier:
             model, optimizer, lambda name, value: target, torch.zeros_like, names=("opacity_logits",)
         )
 
-    def _append(self, model, optimizer, new: dict[str, torch.Tensor]) -> None:
-        def edit_value(name, value):
-            return torch.cat([value, new[name].to(value)])
+    def _rebuild(
+        self, model, optimizer, keep_old: torch.Tensor, new: dict[str, torch.Tensor], keep_new: torch.Tensor
+    ):
+        """Every parameter becomes its rows `keep_old` followed by rows `keep_new` of `new[name]`, and its Adam
+        moments the same rows, zero for the new ones: one gather per tensor."""
+        n_old = len(keep_old)
 
-        n_new = next(iter(new.values())).shape[0]
+        def gather(old: torch.Tensor, new_rows: torch.Tensor | None) -> torch.Tensor:
+            out = old.new_empty((n_old + len(keep_new), *old.shape[1:]))
+            torch.index_select(old, 0, keep_old, out=out[:n_old])
+            if new_rows is None:
+                out[n_old:] = 0
+            else:
+                out[n_old:] = new_rows[keep_new].to(old)
+            return out
 
-        def edit_moment(moment):
-            return torch.cat([moment, moment.new_zeros((n_new, *moment.shape[1:]))])
-
-        _edit_parameters(model, optimizer, edit_value, edit_moment)
-
-    def _keep(self, model, optimizer, keep: torch.Tensor) -> None:
-        _edit_parameters(model, optimizer, lambda name, value: value[keep], lambda moment: moment[keep])
+        _edit_parameters(
+            model,
+            optimizer,
+            lambda name, value: gather(value, new[name]),
+            lambda moment: gather(moment, None),
+        )
 
     def state_dict(self) -> dict:
         return {
