@@ -112,7 +112,7 @@ def _train(model_args: BackboneArguments, data_args: DataArguments, args: Finetu
     start = _resume(accelerator, resume_path, output_dir, steps_per_epoch, args)
     global_step, losses = _train_epochs(
         accelerator, trainee, cache, len(train_frames), start, max_steps, args
-    )  # the run's first and last loss
+    )
     accelerator.wait_for_everyone()
 
     # Validation "after" runs the eager forward, as "before" did (and as the unwrapped module of a DDP run,
@@ -294,9 +294,9 @@ def _resume(
 
 def _train_epochs(
     accelerator, trainee: _Trainee, cache, num_frames: int, start, max_steps: int, args
-) -> tuple[int, list[float]]:
+) -> tuple[int, tuple[float | None, float | None]]:
     """The epoch loop from `start` (see `_resume`) up to `max_steps`; returns the last step and the losses of
-    this run's first and last steps (averaged over processes; empty if no step ran)."""
+    this run's first and last steps (averaged over processes; None if no step ran)."""
     global_step, first_epoch, resume_batches = start
     epochs = math.ceil(max_steps / math.ceil(len(trainee.loader) / args.gradient_accumulation_steps))
     unwrapped = accelerator.unwrap_model(trainee.extractor)
@@ -306,7 +306,7 @@ def _train_epochs(
         desc="fine-tuning",
         disable=not accelerator.is_local_main_process,
     )
-    losses, loss, read_step = [], None, None
+    first_loss = last_loss = loss = read_step = None
     for epoch in range(first_epoch, epochs):
         if hasattr(trainee.loader, "set_epoch"):
             trainee.loader.set_epoch(epoch)
@@ -320,18 +320,18 @@ def _train_epochs(
                 global_step += 1
                 # the loss is read (a wait for the GPU and a collective) at the run's first step and every
                 # --logging_steps only: the same steps on every process, and no wait at the others
-                if not losses or global_step % args.logging_steps == 0:
-                    losses[1:] = [_read_loss(accelerator, loss, global_step, progress)]
-                    read_step = global_step
+                if read_step is None or global_step % args.logging_steps == 0:
+                    last_loss, read_step = _read_loss(accelerator, loss, global_step, progress), global_step
+                    first_loss = last_loss if first_loss is None else first_loss
                 _after_step(accelerator, global_step, progress, args)
                 if global_step >= max_steps:
                     break
         if global_step >= max_steps:
             break
-    if loss is not None and read_step != global_step:  # the last step's loss, unless already read
-        losses[1:] = [_read_loss(accelerator, loss, global_step, progress)]
+    if read_step is not None and read_step != global_step:  # the last step's loss, unless already read
+        last_loss = _read_loss(accelerator, loss, global_step, progress)
     progress.close()
-    return global_step, losses
+    return global_step, (first_loss, last_loss)
 
 
 def _step(accelerator, trainee: _Trainee, unwrapped, batch, cache, flips, args) -> torch.Tensor:
@@ -374,13 +374,19 @@ def _after_step(accelerator, global_step: int, progress, args) -> None:
 
 
 def _training_metrics(
-    accelerator, unwrapped, cache, global_step: int, losses: list[float], learning_rate: float, args
+    accelerator,
+    unwrapped,
+    cache,
+    global_step: int,
+    losses: tuple[float | None, float | None],
+    learning_rate: float,
+    args,
 ) -> dict:
     """The run's own numbers for metrics.json: first and last loss, steps, precision, torch.compile, learning
     rate, resampling."""
     metrics = {
-        "train_loss_first": losses[0] if losses else None,
-        "train_loss_last": losses[-1] if losses else None,
+        "train_loss_first": losses[0],
+        "train_loss_last": losses[1],
         "steps": global_step,
     }
     metrics.update(
