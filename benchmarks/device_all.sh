@@ -126,7 +126,8 @@ for stage in "$@"; do
         lift)
             # shellcheck disable=SC2086
             "$PY" benchmarks/profile_lift.py --gaussians "${LIFT_N:-1000000}" --steps 50 ${LIFT_ARGS:-} >"$OUT/lift_profile.txt" 2>&1
-            head -n 45 "$OUT/lift_profile.txt"; grep "^densification event" "$OUT/lift_profile.txt" ;;
+            head -n 45 "$OUT/lift_profile.txt"; grep "^densification event" "$OUT/lift_profile.txt"
+            grep "^{" "$OUT/lift_profile.txt" | tee -a "$OUT/lift_profile.jsonl" ;;
     esac
     echo "== $stage took $(( $(date +%s) - t0 )) s"
 done

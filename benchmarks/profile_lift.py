@@ -7,10 +7,12 @@ python benchmarks/profile_lift.py [--gaussians 230000] [--steps 50] [--mixed_pre
 Prints the wall time per iteration, the GPU time per kernel, and the GPU's idle time between kernels with the host
 operators that kept it waiting (benchmarks/gpu_gaps.py). With --densification, the iterations gather
 densification's statistics as in the first half of a run (no Gaussians added or removed, so every step still costs
-the same), and the time of one densification event (clone, split, prune) is printed after them.
+the same), and the time of one densification event (clone, split, prune) is printed after them. The last line is
+the run's JSON line (for results/lift.jsonl).
 """
 
 import argparse
+import json
 import math
 import sys
 import tempfile
@@ -89,6 +91,12 @@ def main(argv=None):
     torch.cuda.synchronize()
     ms = 1000 * (time.perf_counter() - start) / args.steps
     peak = torch.cuda.max_memory_allocated() / 2**20
+    record = {
+        "benchmark": "lift_iteration_profile", "device": torch.cuda.get_device_name(), "gaussians": len(lifter.gaussians),
+        "image_size": [args.width, args.height], "feature_dim": lift_args.feature_dim, "mixed_precision": args.mixed_precision,
+        "command": "python benchmarks/profile_lift.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "ms_per_iteration": round(ms, 2), "minutes_per_30k_iterations": round(30 * ms / 60, 2), "peak_mib": round(peak),
+    }  # fmt: skip
     print(  # noqa: T201
         f"{len(lifter.gaussians)} Gaussians, {args.width}x{args.height}: {ms:.2f} ms / iteration, "
         f"30k iterations: {30 * ms / 60:.2f} min, peak {peak:.0f} MiB ({torch.cuda.get_device_name()})"
@@ -105,6 +113,10 @@ def main(argv=None):
     print(f"GPU time per iteration: {total:.3f} ms; per kernel (ms per iteration, launches per iteration):")  # noqa: T201
     for e in kernels[:60]:
         print(f"  {e.self_device_time_total / steps / 1000:7.3f}  {e.count / steps:5.1f}  {e.key[:110]}")  # noqa: T201
+    record["gpu_ms_per_iteration"] = round(total, 3)
+    record["top_kernels_ms"] = {
+        e.key[:80]: round(e.self_device_time_total / steps / 1000, 3) for e in kernels[:8]
+    }
 
     # where the GPU waits between kernels, and on which host operator (a second pass: recording the host's
     # operators slows the host, so this overstates host-bound time somewhat)
@@ -121,13 +133,16 @@ def main(argv=None):
     )
     for name, us in gaps["by_operator"]:
         print(f"  {us / steps / 1000:7.3f}  {name[:110]}")  # noqa: T201
+    record["gpu_idle_ms"] = round(gaps["idle_us"] / steps / 1000, 3)
+    record["host_bound_idle_ms"] = round(gaps["host_bound_us"] / steps / 1000, 3)
     if args.densification:
-        time_densification_events(lifter)
+        record.update(time_densification_events(lifter))
+    print(json.dumps(record))  # noqa: T201
 
 
-def time_densification_events(lifter: Lifter, events: int = 5, steps_between: int = 20) -> None:
+def time_densification_events(lifter: Lifter, events: int = 5, steps_between: int = 20) -> dict:
     """Wall time of a densification event (3DGS's every 100 steps until 15k), each after `steps_between` steps
-    of statistics, with what it changed."""
+    of statistics, with what it changed: printed, and returned for the JSON line."""
     seconds, changes = [], []
     for _ in range(events):
         for _ in range(steps_between):
@@ -146,6 +161,11 @@ def time_densification_events(lifter: Lifter, events: int = 5, steps_between: in
         f"densification event: {1000 * np.mean(seconds):.1f} ms (min {1000 * min(seconds):.1f}); "
         f"changes: {changes}"
     )
+    return {
+        "densification_event_ms": round(1000 * float(np.mean(seconds)), 1),
+        "densification_event_min_ms": round(1000 * min(seconds), 1),
+        "densification_changes": changes,
+    }
 
 
 if __name__ == "__main__":

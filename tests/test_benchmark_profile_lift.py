@@ -18,7 +18,7 @@ def test_densification_events_are_timed_and_change_the_gaussians(capsys):
     )  # fmt: skip
     lifter = Lifter(args, data, list(range(4)), device)
     before = len(lifter.gaussians)
-    profile_lift.time_densification_events(lifter, events=2, steps_between=2)
+    timed = profile_lift.time_densification_events(lifter, events=2, steps_between=2)
     line = capsys.readouterr().out.strip()
     assert line.startswith("densification event: ") and " ms (min " in line
     changes = eval(line.split("changes: ", 1)[1])  # the printed list of dicts
@@ -27,3 +27,6 @@ def test_densification_events_are_timed_and_change_the_gaussians(capsys):
     # each event's total is the count it left, and the last one is the lifter's
     assert changes[0]["total"] == before + changes[0]["cloned"] + changes[0]["split"] - changes[0]["pruned"]
     assert changes[-1]["total"] == len(lifter.gaussians)
+    # the JSON line's fields: the printed figures
+    assert timed["densification_changes"] == changes
+    assert f"{timed['densification_event_ms']:.1f} ms (min {timed['densification_event_min_ms']:.1f})" in line
