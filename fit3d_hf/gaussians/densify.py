@@ -187,7 +187,7 @@ class Densifier:
 
     def _prune_mask(self, values: dict[str, torch.Tensor], prune_large: bool) -> torch.Tensor:
         """Which of the Gaussians with these parameter `values` are transparent or, with `prune_large`, too
-        large in the world."""
+        large in the world (the activations of `FeatureGaussians.opacities` and `.scales`)."""
         prune = torch.sigmoid(values["opacity_logits"]) < self.config.min_opacity
         if prune_large:
             prune |= (
@@ -221,7 +221,7 @@ class Densifier:
 
     def _rebuild(
         self, model, optimizer, keep_old: torch.Tensor, new: dict[str, torch.Tensor], keep_new: torch.Tensor
-    ):
+    ) -> None:
         """Every parameter becomes its rows `keep_old` followed by rows `keep_new` of `new[name]`, and its Adam
         moments the same rows, zero for the new ones: one gather per tensor."""
         n_old = len(keep_old)
