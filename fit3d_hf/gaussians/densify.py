@@ -110,7 +110,7 @@ class Densifier:
             self.grad_accum, self.denom, self.max_radii = (
                 t.to(device) for t in (self.grad_accum, self.denom, self.max_radii)
             )
-        visible = (radii > 0).float()
+        visible = radii > 0  # (bool: multiplied and added as 0 / 1)
         # Pixel -> NDC gradient (x_pixel = (x_ndc + 1) * W / 2), the unit of 3DGS's 2e-4 threshold. Scaled by
         # Python numbers: a tensor of the two factors made here would be a blocking host-to-device copy, i.e. a
         # wait for the GPU at every iteration.
@@ -118,7 +118,7 @@ class Densifier:
         self.grad_accum += torch.hypot(grad[:, 0] * (width / 2.0), grad[:, 1] * (height / 2.0)) * visible
         self.denom += visible
         self.max_radii = torch.where(
-            visible > 0, torch.maximum(self.max_radii, radii.detach().float()), self.max_radii
+            visible, torch.maximum(self.max_radii, radii.detach().float()), self.max_radii
         )
 
     def step(
