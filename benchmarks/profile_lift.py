@@ -149,9 +149,8 @@ def time_densification_events(lifter: Lifter, events: int = 5, steps_between: in
             lifter.step()
         synchronize(lifter.device)
         start = time.perf_counter()
-        with (
-            torch.no_grad()
-        ):  # (transparent ones pruned only: random Gaussians this sparse would all be too large)
+        # transparent ones pruned only: random Gaussians this sparse would all be too large
+        with torch.no_grad():
             changes.append(
                 lifter.densifier.densify_and_prune(lifter.gaussians, lifter.optimizer, prune_large=False)
             )
