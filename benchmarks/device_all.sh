@@ -18,7 +18,7 @@
 # and AB_STAGES: after the stages, apply each patch in turn (on top of the last; one whose quick tests fail is
 # reverted, so give each one diff per file, e.g. `git diff branch~2 branch~1`: format-patches that create a file and
 # then change it, concatenated, do not revert cleanly), rebuild and run AB_STAGES again, an A/B comparison on one
-# machine; FINAL_STAGES run last. Logs and JSON lines go to $LOGS;
+# machine (their quick stage runs AB_QUICK_TESTS where given); FINAL_STAGES run last. Logs and JSON lines go to $LOGS;
 # where the device tool sets $OUT (it returns at most 8 files), they come back as one $OUT/logs.tgz (Nsight reports
 # left out).
 set -uo pipefail
@@ -141,6 +141,7 @@ for patch in ${AB_PATCH:-}; do
     PATCH_TESTS=$(sed -n 's|^+++ b/\(tests/test_[^ \t]*\.py\).*|\1|p' "$patch" | sort -u | tr '\n' ' ')
     if patch -p1 <"$patch" >>"$LOGS/setup.log" 2>&1 && "$PY" setup.py build_ext --inplace >>"$LOGS/setup.log" 2>&1; then
         OUT="$LOGS/ab_$(basename "$patch" .patch)" && mkdir -p "$OUT"
+        QUICK_TESTS="${AB_QUICK_TESTS:-${QUICK_TESTS:-}}"
         # shellcheck disable=SC2086
         run_stages ${AB_STAGES:-$STAGES}
         # a patch whose quick tests fail is taken back, so the next ones are measured without it
