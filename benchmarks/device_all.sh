@@ -116,8 +116,10 @@ for stage in "$@"; do
             # the whole Stage I of one synthetic scene (benchmarks/lift.py: 300 views, 30k iterations) from ~1M
             # Gaussians (200k sparse points x LIFT_COPIES); generation ~3.5 min on 16 processes, training ~4.5 min:
             # a call of its own, on the machine a previous call built on. The scene stays in /tmp/fit3d-liftbench
-            # while the machine is held: liftgen only writes it, so that a later liftfull only trains.
+            # while the machine is held: liftgen only writes it, so that a later liftfull only trains. LIFT_SCENE: a
+            # scene generated elsewhere with LIFT_COPIES 1 (benchmarks/lift.py --generate_only), carried along
             extra=""; [ "$stage" = liftgen ] && extra="--generate_only"
+            [ -n "${LIFT_SCENE:-}" ] && extra="$extra --base_scene $LIFT_SCENE"
             timeout "${LIFT_TIMEOUT:-590}" "$PY" benchmarks/lift.py --views 300 --iterations 30000 --workers 16 \
                 --points_per_sample "${LIFT_COPIES:-5}" --work_dir /tmp/fit3d-liftbench $extra \
                 2>"$OUT/$stage.log" | tee "$OUT/$stage.jsonl" || tail -n 20 "$OUT/$stage.log" ;;
