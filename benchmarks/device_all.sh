@@ -12,7 +12,7 @@
 #   liftgen  only that scene's generation (kept in /tmp while the machine is held: a later liftfull reuses it)
 #   adam     benchmarks/adam_bandwidth.py: Stage I's fused Adam step against a copy of as many bytes
 #   ncu      Nsight Compute reports of both blending kernels (benchmark scene) and of the backward at Stage I's
-#            density, read per source line (benchmarks/ncu_lines.py)
+#            density, read per source line (benchmarks/ncu_lines.py); ncu_lift: only the latter
 # Options: RASTER_ARGS (default --quick), TESTS (test paths) and TESTS_TIMEOUT, FINETUNE_ARGS and FINETUNE_TIMEOUT,
 # LIFT_N (default 1000000), LIFT_ARGS (more profile_lift.py options, e.g. --densification); AB_PATCH (patch files)
 # and AB_STAGES: after the stages, apply each patch in turn (on top of the last; one whose quick tests fail is
@@ -102,11 +102,11 @@ for stage in "$@"; do
             # shellcheck disable=SC2086
             timeout "${FINETUNE_TIMEOUT:-600}" "$PY" benchmarks/finetune.py ${FINETUNE_ARGS:---batch 32 --loader_workers} 2>"$OUT/finetune.log" \
                 | tee "$OUT/finetune.jsonl" || tail -n 30 "$OUT/finetune.log" ;;
-        ncu)
+        ncu|ncu_lift)
             # 64 channels render in one launch per direction: skip two calls' kernels, report the third's pair
-            timeout 300 ncu --clock-control none -k regex:rasterize_ --launch-skip 4 --launch-count 2 --set full \
+            [ "$stage" = ncu ] && timeout 300 ncu --clock-control none -k regex:rasterize_ --launch-skip 4 --launch-count 2 --set full \
                 --import-source yes -o "$OUT/rasterize" "$PY" benchmarks/profile_rasterizer.py --plain 3 >"$OUT/ncu.log" 2>&1
-            "$PY" benchmarks/ncu_lines.py "$OUT/rasterize.ncu-rep" --top 40 | tee "$OUT/ncu_lines.txt" | head -n 60
+            [ "$stage" = ncu ] && "$PY" benchmarks/ncu_lines.py "$OUT/rasterize.ncu-rep" --top 40 | tee "$OUT/ncu_lines.txt" | head -n 60
             # the backward at Stage I's density (opacity 0.1 at the start: long walks, every Gaussian composited)
             timeout 300 ncu --clock-control none -k regex:rasterize_bwd --launch-skip 5 --launch-count 1 --set full \
                 --import-source yes -o "$OUT/lift_bwd" "$PY" benchmarks/profile_lift.py --gaussians "${LIFT_N:-1000000}" \
