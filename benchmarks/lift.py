@@ -73,6 +73,14 @@ def main() -> None:
         "--mixed_precision", default="bf16", choices=("no", "bf16"), help="decoder + feature loss precision"
     )
     args = parser.parse_args()
+    if args.base_scene:
+        # the recipe marker below vouches for the scene: one of another size would be timed as this one
+        images = Path(args.base_scene) / "images"
+        views = len(list(images.iterdir())) if images.is_dir() else 0
+        if views != args.views:
+            parser.error(
+                f"--base_scene {args.base_scene}: {views} images in images/, --views is {args.views}"
+            )
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="fit3d-lift-bench-"))
     start = time.perf_counter()

@@ -3,6 +3,7 @@ ScanNet++-sized Gaussian count from the sparse points the synthetic generator ca
 elsewhere copied in (--base_scene)."""
 
 import numpy as np
+import pytest
 from benchmark_helpers import load_benchmark
 
 from fit3d_hf.scene.colmap_text import read_colmap_points
@@ -60,3 +61,13 @@ def test_a_scene_generated_elsewhere_is_copied_and_replicated_as_if_generated_he
     assert all(
         (generated / "images" / n).read_bytes() == (copied / "images" / n).read_bytes() for n in images
     )
+
+
+def test_a_base_scene_of_another_view_count_is_refused(tmp_path, monkeypatch, capsys):
+    lift = load_benchmark("lift")
+    (tmp_path / "scene" / "images").mkdir(parents=True)
+    (tmp_path / "scene" / "images" / "DSC00000.JPG").write_bytes(b"")
+    monkeypatch.setattr("sys.argv", ["lift.py", "--views", "9", "--base_scene", str(tmp_path / "scene")])
+    with pytest.raises(SystemExit):
+        lift.main()
+    assert "1 images in images/, --views is 9" in capsys.readouterr().err
