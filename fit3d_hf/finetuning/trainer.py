@@ -321,8 +321,10 @@ def _train_epochs(
                 # the loss is read (a wait for the GPU and a collective) at the run's first step and every
                 # --logging_steps only: the same steps on every process, and no wait at the others
                 if read_step is None or global_step % args.logging_steps == 0:
-                    last_loss, read_step = _read_loss(accelerator, loss, global_step, progress), global_step
-                    first_loss = last_loss if first_loss is None else first_loss
+                    last_loss = _read_loss(accelerator, loss, global_step, progress)
+                    if read_step is None:
+                        first_loss = last_loss
+                    read_step = global_step
                 _after_step(accelerator, global_step, progress, args)
                 if global_step >= max_steps:
                     break
