@@ -103,10 +103,12 @@ for stage in "$@"; do
             timeout "${FINETUNE_TIMEOUT:-600}" "$PY" benchmarks/finetune.py ${FINETUNE_ARGS:---batch 32 --loader_workers} 2>"$OUT/finetune.log" \
                 | tee "$OUT/finetune.jsonl" || tail -n 30 "$OUT/finetune.log" ;;
         ncu|ncu_lift)
-            # 64 channels render in one launch per direction: skip two calls' kernels, report the third's pair
-            [ "$stage" = ncu ] && timeout 300 ncu --clock-control none -k regex:rasterize_ --launch-skip 4 --launch-count 2 --set full \
-                --import-source yes -o "$OUT/rasterize" "$PY" benchmarks/profile_rasterizer.py --plain 3 >"$OUT/ncu.log" 2>&1
-            [ "$stage" = ncu ] && "$PY" benchmarks/ncu_lines.py "$OUT/rasterize.ncu-rep" --top 40 | tee "$OUT/ncu_lines.txt" | head -n 60
+            if [ "$stage" = ncu ]; then
+                # 64 channels render in one launch per direction: skip two calls' kernels, report the third's pair
+                timeout 300 ncu --clock-control none -k regex:rasterize_ --launch-skip 4 --launch-count 2 --set full \
+                    --import-source yes -o "$OUT/rasterize" "$PY" benchmarks/profile_rasterizer.py --plain 3 >"$OUT/ncu.log" 2>&1
+                "$PY" benchmarks/ncu_lines.py "$OUT/rasterize.ncu-rep" --top 40 | tee "$OUT/ncu_lines.txt" | head -n 60
+            fi
             # the backward at Stage I's density (opacity 0.1 at the start: long walks, every Gaussian composited)
             timeout 300 ncu --clock-control none -k regex:rasterize_bwd --launch-skip 5 --launch-count 1 --set full \
                 --import-source yes -o "$OUT/lift_bwd" "$PY" benchmarks/profile_lift.py --gaussians "${LIFT_N:-1000000}" \
@@ -117,7 +119,7 @@ for stage in "$@"; do
             # Gaussians (200k sparse points x LIFT_COPIES); generation ~3.5 min on 16 processes, training ~4.5 min:
             # a call of its own, on the machine a previous call built on. The scene stays in /tmp/fit3d-liftbench
             # while the machine is held: liftgen only writes it, so that a later liftfull only trains. LIFT_SCENE: a
-            # scene generated elsewhere with LIFT_COPIES 1 (benchmarks/lift.py --generate_only), carried along
+            # scene generated elsewhere (benchmarks/lift.py --generate_only, one copy per point), carried along
             extra=""; [ "$stage" = liftgen ] && extra="--generate_only"
             [ -n "${LIFT_SCENE:-}" ] && extra="$extra --base_scene $LIFT_SCENE"
             timeout "${LIFT_TIMEOUT:-590}" "$PY" benchmarks/lift.py --views 300 --iterations 30000 --workers 16 \
