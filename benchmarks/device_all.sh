@@ -151,7 +151,7 @@ for patch in ${AB_PATCH:-}; do
         # a patch whose quick tests fail is taken back, so the next ones are measured without it
         if grep -q -E "[0-9]+ (failed|errors?)" "$OUT/quick.log" 2>/dev/null; then
             echo "== $patch failed its quick tests: reverted"
-            patch -R -p1 <"$patch" >>"$LOGS/setup.log" 2>&1
+            patch -R -p1 <"$patch" >>"$LOGS/setup.log" 2>&1 && "$PY" setup.py build_ext --inplace >>"$LOGS/setup.log" 2>&1
         fi
     else
         tail -n 60 "$LOGS/setup.log"; echo "AB BUILD FAILED"; break
