@@ -5,6 +5,7 @@
 #            (TESTS_ONLY=1: TESTS alone)
 #   raster   benchmarks/rasterizer.py against gsplat 1.5.3 (default chunk and one pass) when .whl/ holds its wheel
 #   rastertrees  our benchmarks/rasterizer.py in each older snapshot in RASTER_TREES, then here (a drift bisected)
+#   abba     A/B of each patch in ABBA_PATCH, its stages alternated between this tree and a patched copy
 #   profile  per-kernel times, host time per call (benchmarks/profile_rasterizer.py)
 #   finetune benchmarks/finetune.py (Stage II step, 1 process; needs the datasets wheels in .whl/)
 #   lift     benchmarks/profile_lift.py at LIFT_N Gaussians (Stage I iteration time split)
@@ -42,6 +43,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 start=$(date +%s)
 if ! "$PY" setup.py build_ext --inplace >>"$OUT/setup.log" 2>&1; then tail -n 60 "$OUT/setup.log"; echo BUILD FAILED; exit 1; fi
 echo "== built in $(( $(date +%s) - start )) s"
+# the test files a patch adds or changes (they join its quick tests)
+patch_tests() { sed -n 's|^+++ b/\(tests/test_[^ \t]*\.py\).*|\1|p' "$1" | sort -u | tr '\n' ' '; }
 run_stages() {
 for stage in "$@"; do
     t0=$(date +%s)
@@ -94,6 +97,30 @@ for stage in "$@"; do
                     && PYTHONPATH="$PWD:$PYTHONPATH" "$PY" benchmarks/rasterizer.py ${RASTER_ARGS:---quick --channels 64}) \
                     2>&1 | sed "s|^{|{\"tree\": \"$tree\", |" | tee -a "$OUT/rastertrees.jsonl" | tail -n 4
             done ;;
+        abba)
+            # each patch of ABBA_PATCH applied to a copy of this tree (built there); ABBA_STAGES (default "lift
+            # raster") then run here and in the copy alternately, ABBA_ROUNDS times (default 2), each run's logs in
+            # $OUT/abba/<patch>/<round><A|B>: an A/B whose two sides share the machine's drift (one run after the
+            # other, sides have differed by 5% on one machine). The copy's quick tests (QUICK_TESTS) run first.
+            root="$PWD"
+            for patch in ${ABBA_PATCH:-}; do
+                name=$(basename "$patch" .patch); copy="/tmp/abba/$name"
+                rm -rf "$copy" && mkdir -p "$copy"
+                tar --exclude=./.whl --exclude=./.liftscene --exclude=./benchmarks/results -cf - . | tar -xf - -C "$copy"
+                if ! (cd "$copy" && patch -p1 <"$root/$patch" && "$PY" setup.py build_ext --inplace) >>"$OUT/setup.log" 2>&1; then
+                    echo "ABBA BUILD FAILED: $patch"; continue
+                fi
+                dir="$OUT/abba/$name"; mkdir -p "$dir/quick"
+                (cd "$copy" && OUT="$dir/quick" PATCH_TESTS="$(patch_tests "$patch")" PYTHONPATH="$copy:$PYTHONPATH" run_stages quick)
+                for round in $(seq "${ABBA_ROUNDS:-2}"); do
+                    for side in A B; do
+                        tree="$root"; [ "$side" = B ] && tree="$copy"
+                        mkdir -p "$dir/$round$side"; echo "== abba $name round $round side $side"
+                        # shellcheck disable=SC2086
+                        (cd "$tree" && OUT="$dir/$round$side" PYTHONPATH="$tree:$PYTHONPATH" run_stages ${ABBA_STAGES:-lift raster})
+                    done
+                done
+            done ;;
         profile)
             "$PY" benchmarks/profile_rasterizer.py --n 1000000 --ch 64 >"$OUT/profile.txt" 2>&1
             head -n 30 "$OUT/profile.txt"; grep -E "^forward" "$OUT/profile.txt"
@@ -142,7 +169,7 @@ run_stages $STAGES
 for patch in ${AB_PATCH:-}; do
     echo "== applying $patch"
     # the test files it touches join its quick tests
-    PATCH_TESTS=$(sed -n 's|^+++ b/\(tests/test_[^ \t]*\.py\).*|\1|p' "$patch" | sort -u | tr '\n' ' ')
+    PATCH_TESTS=$(patch_tests "$patch")
     if patch -p1 <"$patch" >>"$LOGS/setup.log" 2>&1 && "$PY" setup.py build_ext --inplace >>"$LOGS/setup.log" 2>&1; then
         OUT="$LOGS/ab_$(basename "$patch" .patch)" && mkdir -p "$OUT"
         QUICK_TESTS="${AB_QUICK_TESTS:-${QUICK_TESTS:-}}"
