@@ -30,3 +30,16 @@ def test_densification_events_are_timed_and_change_the_gaussians(capsys):
     # the JSON line's fields: the printed figures
     assert timed["densification_changes"] == changes
     assert f"{timed['densification_event_ms']:.1f} ms (min {timed['densification_event_min_ms']:.1f})" in line
+
+
+def test_steps_are_timed_in_windows():
+    profile_lift = load_benchmark("profile_lift")
+    device = torch.device("cpu")
+    data = profile_lift.random_scene(500, 4, 64, 48, 32, device)
+    args = LiftingArguments(
+        backbone="random", out="/tmp/unused", feature_dim=8, iterations=30_000, checkpoint_interval=0, device="cpu"
+    )
+    lifter = Lifter(args, data, list(range(4)), device)
+    windows = profile_lift.time_steps(lifter, steps=6, windows=3)
+    assert len(windows) == 3 and all(0 < w < 10_000 for w in windows)
+    assert lifter.iteration == 6  # every step of the three windows of two ran
