@@ -37,7 +37,12 @@ def test_steps_are_timed_in_windows():
     device = torch.device("cpu")
     data = profile_lift.random_scene(500, 4, 64, 48, 32, device)
     args = LiftingArguments(
-        backbone="random", out="/tmp/unused", feature_dim=8, iterations=30_000, checkpoint_interval=0, device="cpu"
+        backbone="random",
+        out="/tmp/unused",
+        feature_dim=8,
+        iterations=30_000,
+        checkpoint_interval=0,
+        device="cpu",
     )
     lifter = Lifter(args, data, list(range(4)), device)
     windows = profile_lift.time_steps(lifter, steps=6, windows=3)
