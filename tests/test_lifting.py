@@ -58,8 +58,8 @@ def test_short_run_fits_rgb_and_features(scene_root, backbone_dir, tmp_path):
     # where the time went: every phase, in order, adding up to (nearly) the whole
     phases = metrics["seconds_by_phase"]
     assert list(phases) == [
-        "scene_data", "initial_evaluation", "training", "evaluation", "colour_compression", "bundle_writing",
-        "saved_bundle_evaluation", "previews",
+        "scene_data", "initial_evaluation", "training", "evaluation", "colour_kmeans", "colour_refinement",
+        "bundle_writing", "saved_bundle_evaluation", "previews",
     ]  # fmt: skip
     assert min(phases.values()) > 0 and phases["training"] == round(metrics["seconds_training"], 3)
     assert 0.95 * metrics["seconds_total"] < sum(phases.values()) <= metrics["seconds_total"] + 0.01
@@ -224,7 +224,9 @@ def test_colour_refinement_steps_only_the_used_codebook_rows(scene_root, backbon
         g.sh_rest.copy_(0.2 * torch.randn(g.sh_rest.shape, generator=generator))
         g.sh_rest[::2] = 0  # never trained: code 0
     before = encode_sh(g.sh.detach(), seed=args.seed)
-    after = lifter.fit_compressed_colours(steps=1)
+    compressed = lifter.compress_colours()
+    assert torch.equal(compressed.rest_codebook, before.rest_codebook)  # the k-means of encode_sh, same seed
+    after = lifter.refine_compressed_colours(compressed, steps=1)
     assert torch.equal(after.rest_codes, before.rest_codes)
     codes = before.rest_codes.long()
     assert (codes[::2] == 0).all() and (codes[1::2] != 0).float().mean() > 0.5

@@ -17,7 +17,7 @@ rows: 164.07 B) to about 209.5k; under 147k the decoder weight alone passes 3 B 
 `save_bundle(..., sh_storage="fp16")` (`fit3d lift --bundle_sh fp16`) keeps all 48 SH values in fp16 instead
 (252 B per Gaussian). The codebook keeps only the dominant higher-order colour patterns; Stage I therefore
 refines the DC terms and the codebook by rendering before it saves
-(`fit3d_hf.lifting.lifter.Lifter.fit_compressed_colours`). On the 300-view synthetic benchmark scene the
+(`fit3d_hf.lifting.lifter.Lifter.refine_compressed_colours`). On the 300-view synthetic benchmark scene the
 held-out PSNR of the bundle as saved is 41.0 dB, against 42.5 dB with exact colours (33.2 dB with the k-means
 codebook alone). Features and geometry are stored the same way either
 way, so Stage II is unaffected.

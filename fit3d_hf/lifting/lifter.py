@@ -145,18 +145,27 @@ class Lifter:
         l1 = (rgb - target).abs().mean()
         return (1 - self.args.lambda_dssim) * l1 + self.args.lambda_dssim * (1.0 - ssim(rgb, target)), l1
 
-    def fit_compressed_colours(self, steps: int, progress: bool = False) -> CompressedSH:
-        """The SH colours compressed for the bundle, with the DC terms and the codebook then refined by
-        rendering the training views for `steps` iterations (RGB loss; geometry, features and each Gaussian's
-        code fixed), as compact 3DGS methods do after vector quantisation: the k-means codebook alone keeps
-        only the dominant higher-order patterns, and the DC terms can take up the average of what it misses
-        over the directions each Gaussian is seen from.
+    def compress_colours(self) -> CompressedSH:
+        """The SH colours compressed for the bundle: 8-bit DC terms and a k-means codebook of the higher orders
+        (`fit3d_hf.gaussians.sh_codec.encode_sh`)."""
+        logger.info(
+            "%s: compressing the SH colours of %d Gaussians (k-means)",
+            self.data.scene_id,
+            len(self.gaussians),
+        )
+        return encode_sh(self.gaussians.sh, seed=self.args.seed)
+
+    def refine_compressed_colours(
+        self, compressed: CompressedSH, steps: int, progress: bool = False
+    ) -> CompressedSH:
+        """`compressed` with its DC terms and codebook refined by rendering the training views for `steps`
+        iterations (RGB loss; geometry, features and each Gaussian's code fixed), as compact 3DGS methods do
+        after vector quantisation: the k-means codebook alone keeps only the dominant higher-order patterns, and
+        the DC terms can take up the average of what it misses over the directions each Gaussian is seen from.
         """
         from ..render import render
 
         args, data, g = self.args, self.data, self.gaussians
-        logger.info("%s: compressing the SH colours of %d Gaussians (k-means)", data.scene_id, len(g))
-        compressed = encode_sh(g.sh, seed=args.seed)
         codes = compressed.rest_codes.to(torch.int32).long().to(self.device)
         codebook = torch.nn.Parameter(compressed.rest_codebook.float().to(self.device))
         dc = torch.nn.Parameter(g.sh_dc.detach().clone())

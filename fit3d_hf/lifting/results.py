@@ -111,10 +111,12 @@ def _save_scene_bundle(lifter: Lifter, extractor, folder: Path, clock: PhaseCloc
     compressed = None
     if args.bundle_sh == "compressed":
         steps = args.bundle_sh_refine_steps
-        compressed = lifter.fit_compressed_colours(
-            min(1000, args.iterations // 10) if steps is None else steps, progress
+        compressed = lifter.compress_colours()
+        clock.lap("colour_kmeans")
+        compressed = lifter.refine_compressed_colours(
+            compressed, min(1000, args.iterations // 10) if steps is None else steps, progress
         )
-        clock.lap("colour_compression")
+        clock.lap("colour_refinement")
     logger.info("%s: writing the bundle (%d Gaussians)", data.scene_id, len(lifter.gaussians))
     bundle_path = save_bundle(
         folder / BUNDLE_FILENAME, lifter.gaussians, lifter.decoder.weight.detach(),
