@@ -106,7 +106,9 @@ for stage in "$@"; do
             for patch in ${ABBA_PATCH:-}; do
                 name=$(basename "$patch" .patch); copy="/tmp/abba/$name"
                 rm -rf "$copy" && mkdir -p "$copy"
-                tar --exclude=./.whl --exclude=./.liftscene --exclude=./benchmarks/results -cf - . | tar -xf - -C "$copy"
+                # without this tree's build: the copy's extensions come from its own sources only
+                tar --exclude=./.whl --exclude=./.liftscene --exclude=./benchmarks/results --exclude=./build \
+                    --exclude='./fit3d_hf/_C*.so' -cf - . | tar -xf - -C "$copy"
                 if ! (cd "$copy" && patch -p1 <"$root/$patch" && "$PY" setup.py build_ext --inplace) >>"$OUT/setup.log" 2>&1; then
                     echo "ABBA BUILD FAILED: $patch"; continue
                 fi
