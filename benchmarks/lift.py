@@ -8,6 +8,15 @@ bytes per Gaussian, held-out PSNR of the bundle as saved, i.e. with compressed S
 `--points_per_sample K` replaces each sparse point by K copies jittered by `--jitter` metres: a scene that starts
 from ~1M Gaussians (ScanNet++'s size) without the generator casting visibility rays for 1M points (its cost grows
 with points x views: hours for 1M points and 300 views, ~3 min for 200k on 16 processes).
+
+A scene generated here ahead of a device call travels with it instead (`--base_scene`; `device_all.sh`:
+`LIFT_SCENE=.liftscene/bench00000`, carried as `.liftscene`): what the run reads, with points3D.txt cut to
+its first eight columns (the tracks make it 124 MB; 44 MB in all without them):
+
+    python benchmarks/lift.py --views 300 --workers 2 --work_dir /tmp/liftbench --generate_only  # ~9 min, 2 cores
+    REPO=$PWD; mkdir -p .liftscene/bench00000 && cd /tmp/liftbench/data/scenes/bench00000  # from the repository
+    cp -r images masks transforms_train.json $REPO/.liftscene/bench00000/
+    awk '/^#/ {print; next} {print $1,$2,$3,$4,$5,$6,$7,$8}' points3D.txt > $REPO/.liftscene/bench00000/points3D.txt
 """
 
 import argparse
