@@ -48,3 +48,21 @@ def test_steps_are_timed_in_windows():
     windows = profile_lift.time_steps(lifter, steps=6, windows=3)
     assert len(windows) == 3 and all(0 < w < 10_000 for w in windows)
     assert lifter.iteration == 6  # every step of the three windows of two ran
+
+
+def test_colour_compression_is_timed(capsys):
+    profile_lift = load_benchmark("profile_lift")
+    device = torch.device("cpu")
+    data = profile_lift.random_scene(500, 4, 64, 48, 32, device)
+    args = LiftingArguments(
+        backbone="random", out="/tmp/unused", feature_dim=8, checkpoint_interval=0, device="cpu"
+    )
+    lifter = Lifter(args, data, list(range(4)), device)
+    timed = profile_lift.time_colour_refinement(lifter, steps=2)
+    line = capsys.readouterr().out.strip()
+    # the printed figures are the returned ones, and both phases took time
+    assert line == (
+        f"colour compression: k-means {timed['colour_kmeans_s']:.2f} s, "
+        f"refinement {timed['colour_refinement_ms_per_step']:.2f} ms / step"
+    )
+    assert timed["colour_refinement_ms_per_step"] > 0
