@@ -190,9 +190,8 @@ def time_colour_refinement(lifter: Lifter, steps: int = 50) -> dict:
     """Wall time of the k-means colour compression and of one step of the compressed colours' refinement
     (1000 steps at the end of a 30k run; 4.8 ms per step at 1M Gaussians on an H100 in session 13, against a
     Stage I iteration's 7.9 with about 2.5 times the GPU work): printed, and returned for the JSON line."""
-    with (
-        torch.no_grad()
-    ):  # higher orders as a trained scene has them (a fresh one's are zero: nothing to fit)
+    # higher orders as a trained scene has them (a fresh one's are zero: k-means would have nothing to fit)
+    with torch.no_grad():
         lifter.gaussians.sh_rest.normal_(0.0, 0.1)
     synchronize(lifter.device)
     start = time.perf_counter()
