@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from transformers import Dinov2Config, Dinov2Model
 
+from fit3d_hf.cli import show_status_lines
 from fit3d_hf.lifting import LiftingArguments, lift_scene
 from fit3d_hf.scene.colmap_text import read_colmap_points
 from fit3d_hf.scene.synthetic import SyntheticSceneConfig, generate_scene
@@ -82,6 +83,7 @@ def main() -> None:
         "--mixed_precision", default="bf16", choices=("no", "bf16"), help="decoder + feature loss precision"
     )
     args = parser.parse_args()
+    show_status_lines()  # the lift's INFO lines (phases, where the scene data's time goes) in the log, as `fit3d lift`
     if args.base_scene:
         # the recipe marker below vouches for the scene: one of another size would be timed as this one
         images = Path(args.base_scene) / "images"

@@ -351,3 +351,23 @@ def test_bf16_steps_render_features_as_the_decoder_reads_them(
         torch.testing.assert_close(
             getattr(direct, name), getattr(converted, name), rtol=1e-5, atol=1e-7, msg=name
         )
+
+
+def test_scene_data_reports_how_long_it_waited_for_the_image_readers(scene_root, backbone_dir, caplog):
+    import logging
+    import re
+
+    from fit3d_hf.lifting import load_scene_data
+
+    scene = read_scene(resolve_scene_list(str(scene_root))[0])
+    extractor = DenseFeatureExtractor.from_pretrained(backbone_dir)
+    with caplog.at_level(logging.INFO, logger="fit3d_hf.lifting.scene_data"):
+        data = load_scene_data(scene, extractor, 1.0, torch.device("cpu"), progress=False)
+    assert len(data.image_ids) == 24
+    (message,) = [r.getMessage() for r in caplog.records if "image readers" in r.getMessage()]
+    match = re.fullmatch(
+        r"\S+: 24 views read and encoded in ([\d.]+) s, ([\d.]+) s of it waiting for the image readers",
+        message,
+    )
+    assert match, message
+    assert 0 <= float(match.group(2)) <= float(match.group(1))

@@ -4,7 +4,9 @@ target features computed once per image (`load_scene_data`), and the scene's ext
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +17,8 @@ from tqdm.auto import tqdm
 from ..utils import map_ahead
 
 __all__ = ["SceneData", "load_scene_data", "scene_extent"]
+
+logger = logging.getLogger(__name__)
 
 # threads reading views ahead of the backbone (decoding a 1752x1168 JPEG and resizing it takes ~25 ms)
 _READ_THREADS = min(8, os.cpu_count() or 1)
@@ -89,15 +93,24 @@ def load_scene_data(
     """
     images, masks, Ks, poses, targets = [], [], [], [], []
     # the next views are read and resized on threads while the backbone runs on this one
-    loaded = map_ahead(functools.partial(_load_view, image_scale=image_scale), scene.frames, _READ_THREADS)
-    for image, image_uint8, mask, camera in tqdm(
-        loaded, total=len(scene.frames), desc=f"{scene.scene_id}: target features", disable=not progress
-    ):
+    loaded = iter(
+        map_ahead(functools.partial(_load_view, image_scale=image_scale), scene.frames, _READ_THREADS)
+    )
+    start, waiting = time.perf_counter(), 0.0
+    for _ in tqdm(range(len(scene.frames)), desc=f"{scene.scene_id}: target features", disable=not progress):
+        before = time.perf_counter()
+        image, image_uint8, mask, camera = next(loaded)
+        waiting += time.perf_counter() - before
         targets.append(extractor(image.to(device)).to(torch.float16))
         images.append(image_uint8)
         masks.append(mask)
         Ks.append(torch.from_numpy(camera.K).float())
         poses.append(torch.from_numpy(camera.world_to_camera).float())
+    # which side bounds this phase: the readers (decoding, resizing) or the backbone
+    logger.info(
+        "%s: %d views read and encoded in %.1f s, %.1f s of it waiting for the image readers",
+        scene.scene_id, len(scene.frames), time.perf_counter() - start, waiting,
+    )  # fmt: skip
     return SceneData(
         scene_id=scene.scene_id,
         image_ids=[frame.image_id for frame in scene.frames],
