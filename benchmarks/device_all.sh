@@ -19,10 +19,10 @@
 # and AB_STAGES: after the stages, apply each patch in turn (on top of the last; one whose quick tests fail is
 # reverted, so give each one diff per file, e.g. `git diff branch~2 branch~1`: format-patches that create a file and
 # then change it, concatenated, do not revert cleanly), rebuild and run AB_STAGES again, an A/B comparison on one
-# machine (their quick stage runs AB_QUICK_TESTS where given; for patches whose gain is near the run-to-run spread,
-# the abba stage alternates the two sides instead: ABBA_PATCH, ABBA_STAGES, ABBA_ROUNDS); FINAL_STAGES run last. Logs and JSON lines go to $LOGS;
-# where the device tool sets $OUT (it returns at most 8 files), they come back as one $OUT/logs.tgz (Nsight reports
-# left out).
+# machine (their quick stage runs AB_QUICK_TESTS where given; for patches whose gain is near the run-to-run
+# spread, the abba stage alternates the two sides instead: ABBA_PATCH, ABBA_STAGES, ABBA_ROUNDS); FINAL_STAGES run
+# last. Logs and JSON lines go to $LOGS; where the device tool sets $OUT (it returns at most 8 files), they come back
+# as one $OUT/logs.tgz (Nsight reports left out).
 set -uo pipefail
 LOGS="${LOGS:-benchmarks/results/device_all}"
 mkdir -p "$LOGS"

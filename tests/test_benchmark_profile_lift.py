@@ -8,15 +8,27 @@ from fit3d_hf.lifting import LiftingArguments
 from fit3d_hf.lifting.lifter import Lifter
 
 
-def test_densification_events_are_timed_and_change_the_gaussians(capsys):
-    profile_lift = load_benchmark("profile_lift")
+def _cpu_lifter(profile_lift, points: int, **overrides) -> Lifter:
+    """A Lifter on the script's random scene (4 views, 64 x 48), on the CPU."""
     device = torch.device("cpu")
-    data = profile_lift.random_scene(3000, 4, 64, 48, 32, device)
+    data = profile_lift.random_scene(points, 4, 64, 48, 32, device)
     args = LiftingArguments(
         backbone="random", out="/tmp/unused", feature_dim=8, iterations=30_000, checkpoint_interval=0,
-        densify_until=30_000, densify_from=10**9, densify_grad_threshold=0.0, max_gaussians=3060, device="cpu",
+        device="cpu", **overrides,
     )  # fmt: skip
-    lifter = Lifter(args, data, list(range(4)), device)
+    return Lifter(args, data, list(range(4)), device)
+
+
+def test_densification_events_are_timed_and_change_the_gaussians(capsys):
+    profile_lift = load_benchmark("profile_lift")
+    lifter = _cpu_lifter(
+        profile_lift,
+        3000,
+        densify_until=30_000,
+        densify_from=10**9,
+        densify_grad_threshold=0.0,
+        max_gaussians=3060,
+    )
     before = len(lifter.gaussians)
     timed = profile_lift.time_densification_events(lifter, events=2, steps_between=2)
     line = capsys.readouterr().out.strip()
@@ -34,17 +46,7 @@ def test_densification_events_are_timed_and_change_the_gaussians(capsys):
 
 def test_steps_are_timed_in_windows():
     profile_lift = load_benchmark("profile_lift")
-    device = torch.device("cpu")
-    data = profile_lift.random_scene(500, 4, 64, 48, 32, device)
-    args = LiftingArguments(
-        backbone="random",
-        out="/tmp/unused",
-        feature_dim=8,
-        iterations=30_000,
-        checkpoint_interval=0,
-        device="cpu",
-    )
-    lifter = Lifter(args, data, list(range(4)), device)
+    lifter = _cpu_lifter(profile_lift, 500)
     windows = profile_lift.time_steps(lifter, steps=6, windows=3)
     assert len(windows) == 3 and all(0 < w < 10_000 for w in windows)
     assert lifter.iteration == 6  # every step of the three windows of two ran
@@ -52,12 +54,7 @@ def test_steps_are_timed_in_windows():
 
 def test_colour_compression_is_timed(capsys):
     profile_lift = load_benchmark("profile_lift")
-    device = torch.device("cpu")
-    data = profile_lift.random_scene(500, 4, 64, 48, 32, device)
-    args = LiftingArguments(
-        backbone="random", out="/tmp/unused", feature_dim=8, checkpoint_interval=0, device="cpu"
-    )
-    lifter = Lifter(args, data, list(range(4)), device)
+    lifter = _cpu_lifter(profile_lift, 500)
     timed = profile_lift.time_colour_refinement(lifter, steps=2)
     line = capsys.readouterr().out.strip()
     # the printed figures are the returned ones, and both phases took time
