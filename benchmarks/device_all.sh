@@ -11,6 +11,7 @@
 #   lift     benchmarks/profile_lift.py at LIFT_N Gaussians (Stage I iteration time split)
 #   liftfull benchmarks/lift.py, the whole Stage I of a 300-view scene from ~1M Gaussians (LIFT_COPIES)
 #   liftgen  only that scene's generation (kept in /tmp while the machine is held: a later liftfull reuses it)
+#   targets  benchmarks/target_features.py: Stage I's scene-data phase split (readers, backbone by precision/batch)
 #   adam     benchmarks/adam_bandwidth.py: Stage I's fused Adam step against a copy of as many bytes
 #   ncu      Nsight Compute reports of both blending kernels (benchmark scene) and of the backward at Stage I's
 #            density, read per source line (benchmarks/ncu_lines.py); ncu_lift: only the latter
@@ -155,6 +156,10 @@ for stage in "$@"; do
             timeout "${LIFT_TIMEOUT:-590}" "$PY" benchmarks/lift.py --views 300 --iterations 30000 --workers 16 \
                 --points_per_sample "${LIFT_COPIES:-5}" --work_dir /tmp/fit3d-liftbench $extra \
                 2>"$OUT/$stage.log" | tee "$OUT/$stage.jsonl" || tail -n 20 "$OUT/$stage.log" ;;
+        targets)
+            # the carried scene's images where there is one (LIFT_SCENE), else random ones
+            timeout 240 "$PY" benchmarks/target_features.py ${LIFT_SCENE:+--scene "$LIFT_SCENE"} 2>"$OUT/targets.log" \
+                | tee "$OUT/targets.jsonl" || tail -n 20 "$OUT/targets.log" ;;
         adam)
             "$PY" benchmarks/adam_bandwidth.py --gaussians "${LIFT_N:-1000000}" 2>&1 | tee "$OUT/adam.jsonl" ;;
         lift)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-__all__ = ["HIGH_BIT_DEPTH_MODES", "to_8bit", "to_float_rgb"]
+__all__ = ["HIGH_BIT_DEPTH_MODES", "to_8bit", "to_float_rgb", "to_rgb_array"]
 
 # Pillow modes of grey pictures deeper than 8 bits -> the largest value of their bit depth. Pillow opens 16-bit
 # PNG and TIFF files as "I;16*" or "I" (32-bit int, holding the 16-bit values), so "I" counts as 16-bit.
@@ -38,10 +38,19 @@ def to_8bit(image: Image.Image) -> Image.Image:
     return Image.fromarray((fraction * 255.0).round().astype(np.uint8), mode="L")
 
 
-def to_float_rgb(image: Image.Image) -> np.ndarray:
-    """`[H, W, 3]` float32 RGB in [0, 1]; grey pictures of any bit depth scaled by their bit depth (kept at
-    full precision), everything else through Pillow's `convert("RGB")` (alpha dropped)."""
+def to_rgb_array(image: Image.Image) -> np.ndarray:
+    """`[H, W, 3]` RGB without loss: uint8 through Pillow's `convert("RGB")` (alpha dropped) for 8-bit
+    pictures, float32 in [0, 1] for high-bit-depth and float grey ones (scaled by their bit depth). Its values
+    / 255 (uint8) or as they are (float32) are `to_float_rgb`'s: a caller that keeps the uint8 image anyway
+    skips converting the whole picture to float on the host."""
     fraction = _grey_fraction(image)
     if fraction is not None:
         return np.repeat(fraction.astype(np.float32)[:, :, None], 3, axis=2)
-    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    return np.array(image.convert("RGB"))  # a writable copy (asarray's is read-only), as torch wants
+
+
+def to_float_rgb(image: Image.Image) -> np.ndarray:
+    """`[H, W, 3]` float32 RGB in [0, 1]; grey pictures of any bit depth scaled by their bit depth (kept at
+    full precision), everything else through Pillow's `convert("RGB")` (alpha dropped)."""
+    rgb = to_rgb_array(image)
+    return rgb if rgb.dtype == np.float32 else rgb.astype(np.float32) / 255.0

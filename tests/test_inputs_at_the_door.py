@@ -16,7 +16,7 @@ from transformers.utils import logging as transformers_logging
 from fit3d_hf import FiT3DConfig, FiT3DModel
 from fit3d_hf.errors import MissingInputError
 from fit3d_hf.images import to_8bit, to_float_rgb
-from fit3d_hf.scene import load_image, read_scene
+from fit3d_hf.scene import load_image, load_image_pixels, read_scene
 
 
 def test_a_scene_with_many_missing_images_counts_them_and_names_the_first_few(tmp_path):
@@ -70,6 +70,23 @@ def test_16_bit_pictures_are_scaled_by_their_bit_depth(tmp_path):
     )
     assert np.asarray(to_8bit(dark)).tolist() == [[0, 4], [8, 16]]
     assert to_8bit(Image.fromarray(grey8)).mode == "L"  # 8-bit pictures pass unchanged
+
+
+def test_lossless_pixels_are_uint8_for_8_bit_pictures_and_float_for_deeper_ones(tmp_path):
+    """`load_image_pixels` (Stage I's readers): an 8-bit picture as uint8 whose / 255 is `load_image`'s float
+    image, RGBA without its alpha; a 16-bit grey one as `load_image`'s float image itself (not rounded)."""
+    rng = np.random.default_rng(1)
+    rgba = rng.integers(0, 256, size=(6, 5, 4), dtype=np.uint8)
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "rgba.png")
+    pixels = load_image_pixels(tmp_path / "rgba.png")
+    assert pixels.dtype == np.uint8 and pixels.flags.writeable
+    np.testing.assert_array_equal(pixels, rgba[:, :, :3])
+    np.testing.assert_array_equal(pixels.astype(np.float32) / 255.0, load_image(tmp_path / "rgba.png"))
+    Image.fromarray(np.array([[0, 1000], [2000, 65535]], np.uint16)).save(tmp_path / "grey16.png")
+    deep = load_image_pixels(tmp_path / "grey16.png")
+    assert deep.dtype == np.float32 and deep.shape == (2, 2, 3)
+    np.testing.assert_array_equal(deep, load_image(tmp_path / "grey16.png"))
+    assert deep[0, 1, 0] == np.float32(1000 / 65535)
 
 
 @pytest.fixture(scope="module")

@@ -371,3 +371,36 @@ def test_scene_data_reports_how_long_it_waited_for_the_image_readers(scene_root,
     )
     assert match, message
     assert 0 <= float(match.group(2)) <= float(match.group(1))
+
+
+@pytest.mark.parametrize(("image_scale", "batch"), [(1.0, 1), (1.0, 5), (0.5, 5)])
+def test_scene_data_holds_the_decoded_views_and_the_backbone_features_of_each(
+    scene_root, backbone_dir, monkeypatch, image_scale, batch
+):
+    """Full-size views travel as uint8 and become floats on the device, resized ones are resized as floats on the
+    host; either way the kept images are the decoded (resized) views rounded to uint8, and the targets are the
+    backbone's features of each view on its own, whether the views went through it one by one or in batches (5:
+    24 views end with a batch of 4)."""
+    import torch.nn.functional as F
+
+    from fit3d_hf.lifting import load_scene_data, scene_data
+    from fit3d_hf.scene import load_image
+
+    monkeypatch.setitem(scene_data._TARGET_BATCH, "cpu", batch)
+    scene = read_scene(resolve_scene_list(str(scene_root))[0])
+    extractor = DenseFeatureExtractor.from_pretrained(backbone_dir)
+    data = load_scene_data(scene, extractor, image_scale, torch.device("cpu"), progress=False)
+    height, width = round(48 * image_scale), round(64 * image_scale)
+    assert data.images.dtype == torch.uint8 and data.images.shape == (24, 3, height, width)
+    assert data.targets.dtype == torch.float16
+    for view in (0, 13, 23):
+        image = torch.from_numpy(load_image(scene.frames[view].image_path)).permute(2, 0, 1)[None]
+        if image_scale != 1.0:
+            image = F.interpolate(image, size=(height, width), mode="bilinear", antialias=True).clamp(0, 1)
+        assert torch.equal(data.images[view : view + 1], (image * 255).round().to(torch.uint8))
+        with torch.no_grad():
+            expected = extractor(image).to(torch.float16)
+        tolerance = {} if batch == 1 else {"atol": 2e-3, "rtol": 2e-3}  # a batch's matmuls round differently
+        torch.testing.assert_close(
+            data.targets[view : view + 1], expected, **({"atol": 0, "rtol": 0} | tolerance)
+        )

@@ -22,6 +22,9 @@ logger = logging.getLogger(__name__)
 
 # threads reading views ahead of the backbone (decoding a 1752x1168 JPEG and resizing it takes ~25 ms)
 _READ_THREADS = min(8, os.cpu_count() or 1)
+# views per backbone call, by device type: on CUDA, one view at a time leaves a small backbone waiting on its
+# kernel launches; on the CPU, batching gains nothing and costs memory (1)
+_TARGET_BATCH = {"cuda": 8}
 
 
 @dataclass
@@ -54,24 +57,29 @@ class SceneData:
 
 
 def _load_view(frame, image_scale: float):
-    """A frame's image `[1, 3, H, W]` in [0, 1] and as uint8, its mask `[1, 1, H, W]` and its camera, at
-    `image_scale`."""
-    from ..scene import load_image, load_mask
+    """A frame's image as Stage I keeps it (uint8 `[1, 3, H, W]`), the float image in [0, 1] the backbone reads
+    where that is not the uint8 image / 255 (a resized or high-bit-depth picture; else None: the float copy is
+    then made on the device, a quarter of the bytes to upload and no float conversion on the host), its mask
+    `[1, 1, H, W]` and its camera, at `image_scale`."""
+    from ..scene import load_image_pixels, load_mask
 
-    image = torch.from_numpy(load_image(frame.image_path)).permute(2, 0, 1)[None]
-    camera = frame.camera
-    if image_scale != 1.0:
-        camera = camera.scaled(image_scale)
-        image = F.interpolate(image, size=(camera.height, camera.width), mode="bilinear", antialias=True)
-    if frame.mask_path is not None:
-        mask = torch.from_numpy(load_mask(frame.mask_path))[None, None].float()
+    pixels = torch.from_numpy(load_image_pixels(frame.image_path)).permute(2, 0, 1)[None]
+    camera, image = frame.camera, None
+    if image_scale != 1.0 or pixels.dtype != torch.uint8:
+        image = pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels
         if image_scale != 1.0:
-            mask = F.interpolate(mask, size=(camera.height, camera.width), mode="bilinear")
-        mask = mask > 0.5
-    else:
+            camera = camera.scaled(image_scale)
+            image = F.interpolate(image, size=(camera.height, camera.width), mode="bilinear", antialias=True)
+        image = image.clamp(0, 1)
+        pixels = (image * 255).round().to(torch.uint8)
+    if frame.mask_path is None:
         mask = torch.ones(1, 1, camera.height, camera.width, dtype=torch.bool)
-    image = image.clamp(0, 1)
-    return image, (image * 255).round().to(torch.uint8), mask, camera
+    elif image_scale != 1.0:
+        mask = torch.from_numpy(load_mask(frame.mask_path))[None, None].float()
+        mask = F.interpolate(mask, size=(camera.height, camera.width), mode="bilinear") > 0.5
+    else:
+        mask = torch.from_numpy(load_mask(frame.mask_path))[None, None]
+    return pixels, image, mask, camera
 
 
 def scene_extent(camera_centers: np.ndarray) -> float:
@@ -96,13 +104,21 @@ def load_scene_data(
     loaded = iter(
         map_ahead(functools.partial(_load_view, image_scale=image_scale), scene.frames, _READ_THREADS)
     )
+    batch_size = _TARGET_BATCH.get(device.type, 1)
+    batch = []  # the backbone's inputs on the device, run as one batch
     start, waiting = time.perf_counter(), 0.0
-    for _ in tqdm(range(len(scene.frames)), desc=f"{scene.scene_id}: target features", disable=not progress):
+    for index in tqdm(
+        range(len(scene.frames)), desc=f"{scene.scene_id}: target features", disable=not progress
+    ):
         before = time.perf_counter()
-        image, image_uint8, mask, camera = next(loaded)
+        pixels, image, mask, camera = next(loaded)
         waiting += time.perf_counter() - before
-        targets.append(extractor(image.to(device)).to(torch.float16))
-        images.append(image_uint8)
+        pixels = pixels.to(device)
+        batch.append(pixels.float() / 255.0 if image is None else image.to(device))
+        if len(batch) == batch_size or index == len(scene.frames) - 1:
+            targets.append(extractor(torch.cat(batch)).to(torch.float16))
+            batch = []
+        images.append(pixels)
         masks.append(mask)
         Ks.append(torch.from_numpy(camera.K).float())
         poses.append(torch.from_numpy(camera.world_to_camera).float())

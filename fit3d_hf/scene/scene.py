@@ -29,6 +29,7 @@ __all__ = [
     "encode_normals",
     "load_depth",
     "load_image",
+    "load_image_pixels",
     "load_labels",
     "load_mask",
     "load_normals",
@@ -156,6 +157,14 @@ def load_image(path: Path | str) -> np.ndarray:
 
     # 16-bit grey pictures are scaled by their bit depth (Pillow's convert("RGB") would clip them at 255).
     return to_float_rgb(_open(path, "image"))
+
+
+def load_image_pixels(path: Path | str) -> np.ndarray:
+    """Reads an RGB image without loss: `[H, W, 3]` uint8 for 8-bit pictures, float32 in [0, 1] for deeper grey
+    ones; `load_image` is this in float32 (uint8 values / 255). Raises as `load_image`."""
+    from fit3d_hf.images import to_rgb_array
+
+    return to_rgb_array(_open(path, "image"))
 
 
 def load_mask(path: Path | str) -> np.ndarray:
