@@ -23,6 +23,25 @@ def test_lifting_on_cuda_fits_rgb_and_features(scene_root, backbone_dir, tmp_pat
     assert metrics["device"].startswith("cuda")
     assert metrics["psnr_heldout"] >= 22.0, metrics
     assert metrics["feature_l1_train"] <= 0.5 * metrics["feature_l1_train_start"], metrics
+    # the compressed colours, refined with the training's one-launch Adam, render as the exact ones (CPU test too)
+    assert abs(metrics["psnr_heldout"] - metrics["psnr_heldout_uncompressed"]) <= 0.5, metrics
+
+
+def test_scene_data_on_cuda_holds_the_cpu_images_and_targets(scene_root, backbone_dir):  # noqa: F811
+    """On CUDA the views travel as uint8, become floats on the device and meet the backbone 8 at a time (24
+    views: three batches): the same images as the CPU's one view at a time, and the same targets up to rounding
+    (the patch embedding's convolution runs in TF32 under cuDNN's default; a view out of place would be off by
+    the features' own scale)."""
+    from fit3d_hf.backbones import DenseFeatureExtractor
+    from fit3d_hf.lifting import load_scene_data
+    from fit3d_hf.scene import read_scene
+
+    scene = read_scene(resolve_scene_list(str(scene_root))[0])
+    extractor = DenseFeatureExtractor.from_pretrained(backbone_dir)
+    on_cpu = load_scene_data(scene, extractor, 1.0, torch.device("cpu"), progress=False)
+    on_cuda = load_scene_data(scene, extractor.to("cuda"), 1.0, torch.device("cuda"), progress=False)
+    assert torch.equal(on_cuda.images.cpu(), on_cpu.images)
+    torch.testing.assert_close(on_cuda.targets.cpu(), on_cpu.targets, atol=1e-2, rtol=1e-2)
 
 
 def test_finetuning_on_cuda_improves_consistency(workspace, tmp_path):  # noqa: F811

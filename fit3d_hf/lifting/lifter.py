@@ -170,10 +170,9 @@ class Lifter:
         codebook = torch.nn.Parameter(compressed.rest_codebook.float().to(self.device))
         dc = torch.nn.Parameter(g.sh_dc.detach().clone())
         if steps > 0 and codebook.shape[1] > 0:
-            optimizer = torch.optim.Adam(
-                [{"params": [dc], "lr": args.sh_dc_lr}, {"params": [codebook], "lr": args.sh_rest_lr}],
-                eps=1e-15,
-            )
+            # the training's Adam: one kernel launch per step on CUDA (torch's foreach Adam launches several)
+            groups = [{"params": [dc], "lr": args.sh_dc_lr}, {"params": [codebook], "lr": args.sh_rest_lr}]
+            optimizer = make_adam(groups, eps=1e-15, device=self.device)
             geometry = [t.detach() for t in (g.means, g.quats, g.scales, g.opacities)]
             for _ in tqdm(
                 range(steps), desc=f"{data.scene_id}: refining the compressed colours", disable=not progress
