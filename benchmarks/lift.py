@@ -36,6 +36,18 @@ from fit3d_hf.scene.colmap_text import read_colmap_points
 from fit3d_hf.scene.synthetic import SyntheticSceneConfig, generate_scene
 
 
+def dinov2_small_config() -> Dinov2Config:
+    """DINOv2-S/14's sizes (the Stage I benchmarks' backbone, with random weights)."""
+    return Dinov2Config(
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        intermediate_size=1536,
+        patch_size=14,
+        image_size=518,
+    )
+
+
 def replicate_points(path: Path, copies: int, jitter: float, seed: int = 0) -> None:
     """Rewrites a COLMAP points3D.txt with `copies` points per point, offset by Gaussian noise of std `jitter`
     (tracks dropped: Stage I reads positions and colours only)."""
@@ -121,16 +133,7 @@ def main() -> None:
 
     torch.manual_seed(0)  # a DINOv2-small-sized backbone with random weights (no Hub here)
     backbone = work / "backbone"
-    Dinov2Model(
-        Dinov2Config(
-            hidden_size=384,
-            num_hidden_layers=12,
-            num_attention_heads=6,
-            intermediate_size=1536,
-            patch_size=14,
-            image_size=518,
-        )
-    ).save_pretrained(backbone)
+    Dinov2Model(dinov2_small_config()).save_pretrained(backbone)
     lift_args = LiftingArguments(
         backbone=str(backbone), out=str(work / "lifted"), feature_dim=args.feature_dim, iterations=args.iterations,
         holdout_every=8, checkpoint_interval=0, previews=False, device=args.device, mixed_precision=args.mixed_precision,

@@ -3,7 +3,7 @@ image readers alone, the backbone alone at each precision and batch size, and th
 
     python benchmarks/target_features.py --scene .liftscene/bench00000 [--views 64] [--batches 1,8]
 
-The backbone is a DINOv2-small-sized model with random weights (as benchmarks/lift.py's). Each precision's
+The backbone is benchmarks/lift.py's DINOv2-small-sized model with random weights. Each precision's
 features are compared with fp32 at batch 1 after the fp16 cast the targets are stored in: `max_abs_diff`, and
 `mean_rel_diff` (mean |difference| / mean |feature|). One JSON line per measured configuration.
 """
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import Dinov2Config, Dinov2Model
+from transformers import Dinov2Model
 
 from fit3d_hf.backbones import DenseFeatureExtractor
 from fit3d_hf.lifting import scene_data
@@ -24,6 +24,7 @@ from fit3d_hf.scene import read_scene
 from fit3d_hf.utils import map_ahead
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lift import dinov2_small_config  # noqa: E402
 from timing import synchronize  # noqa: E402
 
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -31,10 +32,7 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 
 def random_dinov2_small(device: torch.device) -> DenseFeatureExtractor:
     torch.manual_seed(0)
-    config = Dinov2Config(
-        hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, patch_size=14
-    )
-    return DenseFeatureExtractor(Dinov2Model(config)).to(device).eval()
+    return DenseFeatureExtractor(Dinov2Model(dinov2_small_config())).to(device).eval()
 
 
 @torch.no_grad()

@@ -101,9 +101,7 @@ def load_scene_data(
     """
     images, masks, Ks, poses, targets = [], [], [], [], []
     # the next views are read and resized on threads while the backbone runs on this one
-    loaded = iter(
-        map_ahead(functools.partial(_load_view, image_scale=image_scale), scene.frames, _READ_THREADS)
-    )
+    loaded = map_ahead(functools.partial(_load_view, image_scale=image_scale), scene.frames, _READ_THREADS)
     batch_size = _TARGET_BATCH.get(device.type, 1)
     batch = []  # the backbone's inputs on the device, run as one batch
     start, waiting = time.perf_counter(), 0.0
