@@ -42,11 +42,11 @@ def to_rgb_array(image: Image.Image) -> np.ndarray:
     """`[H, W, 3]` RGB without loss: uint8 through Pillow's `convert("RGB")` (alpha dropped) for 8-bit
     pictures, float32 in [0, 1] for high-bit-depth and float grey ones (scaled by their bit depth). Its values
     / 255 (uint8) or as they are (float32) are `to_float_rgb`'s: a caller that keeps the uint8 image anyway
-    skips converting the whole picture to float on the host."""
+    skips converting the whole picture to float on the host. The uint8 array may be read-only."""
     fraction = _grey_fraction(image)
     if fraction is not None:
         return np.repeat(fraction.astype(np.float32)[:, :, None], 3, axis=2)
-    return np.array(image.convert("RGB"))  # a writable copy (asarray's is read-only), as torch wants
+    return np.asarray(image.convert("RGB"))  # read-only (a view of Pillow's bytes): no copy
 
 
 def to_float_rgb(image: Image.Image) -> np.ndarray:

@@ -164,7 +164,8 @@ def load_image_pixels(path: Path | str) -> np.ndarray:
     ones; `load_image` is this in float32 (uint8 values / 255). Raises as `load_image`."""
     from fit3d_hf.images import to_rgb_array
 
-    return to_rgb_array(_open(path, "image"))
+    # writable, as torch.from_numpy wants (copied only when it is not)
+    return np.require(to_rgb_array(_open(path, "image")), requirements="W")
 
 
 def load_mask(path: Path | str) -> np.ndarray:
