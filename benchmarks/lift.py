@@ -20,6 +20,7 @@ its first eight columns (the tracks make it 124 MB; 44 MB in all without them):
 """
 
 import argparse
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -94,6 +95,16 @@ def main() -> None:
     parser.add_argument(
         "--mixed_precision", default="bf16", choices=("no", "bf16"), help="decoder + feature loss precision"
     )
+    lift_default = next(
+        f.default for f in dataclasses.fields(LiftingArguments) if f.name == "checkpoint_interval"
+    )
+    parser.add_argument(
+        "--checkpoint_interval",
+        type=int,
+        default=lift_default,
+        help=f"Stage I checkpoints every N iterations (default: {lift_default}, as `fit3d lift`; 0: none, the "
+        "setting of the figures before session 15)",
+    )
     args = parser.parse_args()
     show_status_lines()  # the lift's INFO lines (phases, where the scene data's time goes) in the log, as `fit3d lift`
     if args.base_scene:
@@ -136,7 +147,7 @@ def main() -> None:
     Dinov2Model(dinov2_small_config()).save_pretrained(backbone)
     lift_args = LiftingArguments(
         backbone=str(backbone), out=str(work / "lifted"), feature_dim=args.feature_dim, iterations=args.iterations,
-        holdout_every=8, checkpoint_interval=0, previews=False, device=args.device, mixed_precision=args.mixed_precision,
+        holdout_every=8, checkpoint_interval=args.checkpoint_interval, previews=False, device=args.device, mixed_precision=args.mixed_precision,
     )  # fmt: skip
     metrics = lift_scene(scene_dir, lift_args)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
@@ -148,6 +159,7 @@ def main() -> None:
         "image_size": [args.width, args.height],
         "iterations": args.iterations,
         "mixed_precision": args.mixed_precision,
+        "checkpoint_interval": args.checkpoint_interval,
         "gaussians": metrics["num_gaussians"],
         "gaussians_initial": metrics["num_gaussians_initial"],
         "minutes_per_scene": round(metrics["seconds_total"] / 60, 2),

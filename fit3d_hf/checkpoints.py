@@ -31,6 +31,7 @@ __all__ = [
     "PARTIAL_PREFIX",
     "is_complete_checkpoint",
     "load_torch_checkpoint",
+    "map_tensors",
     "save_state_atomically",
     "save_torch_checkpoint",
     "verify_checkpoint_folder",
@@ -65,13 +66,26 @@ def _tensor_leaves(value, prefix: str = "") -> dict[str, torch.Tensor]:
     return leaves
 
 
+def map_tensors(value, function):
+    """`value` (nested dicts, lists and tuples) with `function` applied to each of its tensors; other leaves kept."""
+    if isinstance(value, torch.Tensor):
+        return function(value)
+    if isinstance(value, dict):
+        return {key: map_tensors(item, function) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(map_tensors(item, function) for item in value)
+    return value
+
+
 def _checksums(state: dict) -> dict[str, str]:
     return {name: _tensor_digest(name, tensor) for name, tensor in _tensor_leaves(state).items()}
 
 
 def save_torch_checkpoint(state: dict, path: str | os.PathLike) -> Path:
-    """`torch.save`s `state` (tensors and plain values only) atomically, with the checksum of every tensor."""
+    """`torch.save`s `state` (tensors and plain values only) atomically, with the checksum of every tensor.
+    Tensors on a GPU are saved as CPU tensors (copied once, before the checksums read them)."""
     path = Path(path)
+    state = map_tensors(state, lambda tensor: tensor.detach().cpu())
     with atomic_path(path) as temporary:
         torch.save({**state, CHECKSUMS_KEY: _checksums(state)}, temporary)
     return path

@@ -216,8 +216,9 @@ class Lifter:
         return {
             "iteration": self.iteration,
             "active_sh_degree": self.gaussians.active_sh_degree,
-            "gaussians": {k: v.detach().cpu() for k, v in self.gaussians.state_dict().items()},
-            "decoder": {k: v.detach().cpu() for k, v in self.decoder.state_dict().items()},
+            # tensors on the device, read in place: the checkpoint writer copies them (see CheckpointWriter)
+            "gaussians": {k: v.detach() for k, v in self.gaussians.state_dict().items()},
+            "decoder": {k: v.detach() for k, v in self.decoder.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "densifier": self.densifier.state_dict(),
             "view_generator": self.view_generator.get_state(),

@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoints import load_torch_checkpoint, save_torch_checkpoint
+from ..checkpoints import load_torch_checkpoint
 from ..scene.specs import heldout_view_indices
 from ..utils import atomic_write_text, deterministic_algorithms
 from .arguments import LiftingArguments, lifting_settings, resolve_device
+from .checkpoint_writer import CheckpointWriter
 from .lifter import Lifter
 from .results import (
     CHECKPOINT_FILENAME,
@@ -163,20 +164,22 @@ def _optimise(
         disable=not progress,
     )
     steps_this_run, shown = 0, 0.0
-    while lifter.iteration < args.iterations:
-        losses = lifter.step()
-        steps_this_run += 1
-        bar.update(1)
-        # reading the loss waits for the GPU to finish every queued step: once a second, not every few steps
-        if progress and time.monotonic() - shown >= 1.0:
-            bar.set_postfix(loss=f"{float(losses['loss']):.4f}", gaussians=len(lifter.gaussians))
-            shown = time.monotonic()
-        interval = args.checkpoint_interval
-        if interval and lifter.iteration % interval == 0 and lifter.iteration < args.iterations:
-            save_torch_checkpoint(lifter.state_dict(), checkpoint_path)  # atomic, with tensor checksums
-            if max_iterations_this_run is not None and steps_this_run >= max_iterations_this_run:
-                bar.close()
-                return False
+    # atomic files with tensor checksums, written while the next steps run on a GPU (see CheckpointWriter)
+    with CheckpointWriter(background=lifter.device.type == "cuda") as writer:
+        while lifter.iteration < args.iterations:
+            losses = lifter.step()
+            steps_this_run += 1
+            bar.update(1)
+            # reading the loss waits for the GPU to finish every queued step: once a second, not every few steps
+            if progress and time.monotonic() - shown >= 1.0:
+                bar.set_postfix(loss=f"{float(losses['loss']):.4f}", gaussians=len(lifter.gaussians))
+                shown = time.monotonic()
+            interval = args.checkpoint_interval
+            if interval and lifter.iteration % interval == 0 and lifter.iteration < args.iterations:
+                writer.submit(lifter.state_dict(), checkpoint_path)
+                if max_iterations_this_run is not None and steps_this_run >= max_iterations_this_run:
+                    bar.close()
+                    return False  # once the writer has finished
     bar.close()
     return True
 

@@ -1,0 +1,128 @@
+"""Stage I's background checkpoint writer: the file it writes is the state at `submit`, whatever the training
+does to its tensors afterwards; one write at a time; a failed write is raised in the training thread."""
+
+import logging
+import threading
+
+import pytest
+import torch
+
+from fit3d_hf.checkpoints import load_torch_checkpoint, save_torch_checkpoint
+from fit3d_hf.lifting import checkpoint_writer
+from fit3d_hf.lifting.checkpoint_writer import CheckpointWriter
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _state(device):
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "iteration": 1000,
+        "gaussians": {"means": torch.randn(4000, 3, generator=generator).to(device)},
+        "optimizer": {
+            "state": {
+                0: {
+                    "step": torch.tensor(7.0),
+                    "exp_avg": torch.randn(4000, 3, generator=generator).to(device),
+                }
+            },
+            "param_groups": [{"lr": 0.1, "params": [0]}],
+        },
+        "view_stack": [3, 1, 2],
+    }
+
+
+def _assert_same(loaded, expected):
+    assert loaded["iteration"] == expected["iteration"] and loaded["view_stack"] == expected["view_stack"]
+    assert loaded["optimizer"]["param_groups"] == expected["optimizer"]["param_groups"]
+    for got, want in (
+        (loaded["gaussians"]["means"], expected["gaussians"]["means"]),
+        (loaded["optimizer"]["state"][0]["exp_avg"], expected["optimizer"]["state"][0]["exp_avg"]),
+        (loaded["optimizer"]["state"][0]["step"], expected["optimizer"]["state"][0]["step"]),
+    ):
+        assert got.device.type == "cpu" and torch.equal(got, want.cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("background", [False, True])
+def test_the_file_holds_the_state_at_submit(tmp_path, monkeypatch, device, background):
+    state = _state(device)
+    expected = {**state, "gaussians": {"means": state["gaussians"]["means"].clone()}}
+    expected["optimizer"] = {
+        **state["optimizer"],
+        "state": {0: {k: v.clone() for k, v in state["optimizer"]["state"][0].items()}},
+    }
+    # hold the background write until the tensors were changed, as the next training steps would
+    release = threading.Event()
+    save = checkpoint_writer.save_torch_checkpoint
+
+    def held_save(state, path):
+        assert release.wait(30)
+        return save(state, path)
+
+    if background:
+        monkeypatch.setattr(checkpoint_writer, "save_torch_checkpoint", held_save)
+    else:
+        release.set()
+    path = tmp_path / "checkpoint.pt"
+    with CheckpointWriter(background=background) as writer:
+        writer.submit(state, path)
+        assert path.exists() != background  # a background write is still in flight
+        state["gaussians"]["means"].add_(1.0)  # the live tensors change in place
+        state["optimizer"]["state"][0]["exp_avg"].mul_(0.0)
+        release.set()
+    _assert_same(load_torch_checkpoint(path), expected)
+    # and it is the same file a synchronous save writes
+    direct = save_torch_checkpoint(expected, tmp_path / "direct.pt")
+    _assert_same(load_torch_checkpoint(direct), load_torch_checkpoint(path))
+
+
+def test_one_write_at_a_time_and_the_last_one_wins(tmp_path, monkeypatch):
+    running, most = [0], [0]
+    lock = threading.Lock()
+    save = checkpoint_writer.save_torch_checkpoint
+
+    def counted_save(state, path):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            return save(state, path)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(checkpoint_writer, "save_torch_checkpoint", counted_save)
+    state = _state("cpu")
+    path = tmp_path / "checkpoint.pt"
+    with CheckpointWriter(background=True) as writer:
+        for iteration in (1000, 2000, 3000):
+            writer.submit({**state, "iteration": iteration}, path)
+    assert most[0] == 1
+    assert load_torch_checkpoint(path)["iteration"] == 3000
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary file left
+
+
+def test_a_failed_write_is_raised_by_the_next_submit_or_wait(tmp_path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the checkpoint's folder should be")
+    writer = CheckpointWriter(background=True)
+    writer.submit(_state("cpu"), blocker / "checkpoint.pt")
+    with pytest.raises(OSError):
+        writer.wait()
+    writer.wait()  # reported once
+    writer.submit(_state("cpu"), blocker / "checkpoint.pt")
+    with pytest.raises(OSError):
+        writer.submit(_state("cpu"), tmp_path / "checkpoint.pt")
+    assert not (tmp_path / "checkpoint.pt").exists()  # the failed write stopped the next one
+
+
+def test_leaving_with_an_error_logs_a_failed_write_instead_of_hiding_the_error(tmp_path, caplog):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")
+    with caplog.at_level(logging.ERROR, logger=checkpoint_writer.__name__):
+        with pytest.raises(KeyboardInterrupt):
+            with CheckpointWriter(background=True) as writer:
+                writer.submit(_state("cpu"), blocker / "checkpoint.pt")
+                raise KeyboardInterrupt
+    assert any("checkpoint write failed" in record.getMessage() for record in caplog.records)
