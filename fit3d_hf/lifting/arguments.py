@@ -137,7 +137,11 @@ class LiftingArguments:
         },
     )
     checkpoint_interval: int = field(
-        default=1000, metadata={"help": "Save a resumable checkpoint every N iterations (0: never)."}
+        default=1000,
+        metadata={
+            "help": "Save a resumable checkpoint every N iterations (0: never). On a GPU it is written on a "
+            "background thread from a copy on the device (about 1.5 GB at 1M Gaussians, held while it is written)."
+        },
     )
     device: str = field(
         default="auto", metadata={"help": "'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."}
