@@ -13,6 +13,7 @@
 #   liftgen  only that scene's generation (kept in /tmp while the machine is held: a later liftfull reuses it)
 #   targets  benchmarks/target_features.py: Stage I's scene-data phase split (readers, backbone by precision/batch)
 #   adam     benchmarks/adam_bandwidth.py: Stage I's fused Adam step against a copy of as many bytes
+#   ckpt     benchmarks/checkpoint_write.py: a Stage I checkpoint at LIFT_N Gaussians, synchronous and in the background
 #   ncu      Nsight Compute reports of both blending kernels (benchmark scene) and of the backward at Stage I's
 #            density, read per source line (benchmarks/ncu_lines.py); ncu_lift: only the latter
 # Options: RASTER_ARGS (default --quick), TESTS (test paths) and TESTS_TIMEOUT, FINETUNE_ARGS and FINETUNE_TIMEOUT,
@@ -160,6 +161,9 @@ for stage in "$@"; do
             # the carried scene's images where there is one (LIFT_SCENE), else random ones
             timeout 240 "$PY" benchmarks/target_features.py ${LIFT_SCENE:+--scene "$LIFT_SCENE"} 2>"$OUT/targets.log" \
                 | tee "$OUT/targets.jsonl" || tail -n 20 "$OUT/targets.log" ;;
+        ckpt)
+            "$PY" benchmarks/checkpoint_write.py --gaussians "${LIFT_N:-1000000}" --work_dir /tmp/fit3d-ckpt 2>&1 \
+                | tee "$OUT/checkpoint_write.jsonl" ;;
         adam)
             "$PY" benchmarks/adam_bandwidth.py --gaussians "${LIFT_N:-1000000}" 2>&1 | tee "$OUT/adam.jsonl" ;;
         lift)

@@ -59,6 +59,11 @@ class CheckpointWriter:
         )
         self._thread.start()
 
+    @property
+    def writing(self) -> bool:
+        """Whether a background write is still in flight."""
+        return self._thread is not None and self._thread.is_alive()
+
     def wait(self) -> None:
         if self._thread is not None:
             self._thread.join()
