@@ -48,3 +48,23 @@ def test_finetuning_on_cuda_improves_consistency(workspace, tmp_path):  # noqa: 
     metrics = train(*_arguments(workspace, tmp_path / "run", mixed_precision="bf16"))
     assert metrics["validation_loss"] < 0.9 * metrics["validation_loss_before"], metrics
     assert metrics["consistency_after"] > metrics["consistency_before"], metrics
+
+
+def test_lifting_on_cuda_resumes_from_a_background_checkpoint(scene_root, backbone_dir, tmp_path):  # noqa: F811
+    """On CUDA the checkpoints are written on a thread (CheckpointWriter): a run stopped after one has it whole
+    on disk (checksums verified on loading, every tensor on the CPU), and the next run resumes from it."""
+    from fit3d_hf.checkpoints import load_torch_checkpoint, map_tensors
+
+    scene = resolve_scene_list(str(scene_root))[0]
+    args = _args(tmp_path, backbone_dir, device="cuda", iterations=300, checkpoint_interval=100)
+    assert lift_scene(scene, args, max_iterations_this_run=200, progress=False) is None
+    checkpoint = tmp_path / scene.name / "checkpoint.pt"
+    state = load_torch_checkpoint(checkpoint)
+    assert state["iteration"] == 200
+    devices = set()
+    map_tensors(state, lambda tensor: devices.add(tensor.device.type))
+    assert devices == {"cpu"}
+    assert len(state["gaussians"]["means"]) == len(state["optimizer"]["state"][0]["exp_avg"])
+    metrics = lift_scene(scene, args, progress=False)
+    assert metrics["iterations"] == 300 and not checkpoint.exists()
+    assert metrics["feature_l1_train"] < metrics["feature_l1_train_start"], metrics
