@@ -35,6 +35,14 @@ GROUP_WIDTHS = {
 ADAM_BYTES_PER_ELEMENT = 28  # read p, g, m, v; write p, m, v (float32)
 
 
+def stage_one_parameters(gaussians: int, device: torch.device) -> list[torch.Tensor]:
+    """Random parameters of Stage I's groups (GROUP_WIDTHS) for `gaussians` Gaussians, each with a random gradient."""
+    params = [torch.randn(gaussians, w, device=device, requires_grad=True) for w in GROUP_WIDTHS.values()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    return params
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gaussians", type=int, default=1_000_000)
@@ -43,11 +51,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
 
-    params = [
-        torch.randn(args.gaussians, w, device=device, requires_grad=True) for w in GROUP_WIDTHS.values()
-    ]
-    for p in params:
-        p.grad = torch.randn_like(p)
+    params = stage_one_parameters(args.gaussians, device)
 
     def groups():  # fresh dicts for each optimizer (torch fills in its defaults in place)
         return [{"params": [p], "lr": 1e-3 * (i + 1)} for i, p in enumerate(params)]

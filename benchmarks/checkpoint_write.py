@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from adam_bandwidth import GROUP_WIDTHS  # noqa: E402
+from adam_bandwidth import GROUP_WIDTHS, stage_one_parameters  # noqa: E402
 from timing import synchronize  # noqa: E402
 
 from fit3d_hf.checkpoints import save_torch_checkpoint  # noqa: E402
@@ -48,11 +48,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
 
-    params = [
-        torch.randn(args.gaussians, w, device=device, requires_grad=True) for w in GROUP_WIDTHS.values()
-    ]
-    for p in params:
-        p.grad = torch.randn_like(p)
+    params = stage_one_parameters(args.gaussians, device)
     optimizer = make_adam(
         [{"params": [p], "lr": 1e-3} for p in params], eps=1e-15, device=device
     )  # the lifter's groups
