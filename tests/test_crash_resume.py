@@ -167,6 +167,7 @@ def test_stage1_killed_while_writing_a_checkpoint_keeps_the_previous_one(
     assert load_torch_checkpoint(folder / "checkpoint.pt")["iteration"] == 20  # the previous one, whole
     _run(_lift_command(workspace, out), tmp_path / "b.log")
     assert _bundle_bytes(out, workspace) == lifted_uninterrupted
+    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # the resumed run removed the leftover
 
 
 def test_stage1_killed_while_writing_the_bundle_redoes_it(workspace, lifted_uninterrupted, tmp_path):

@@ -161,3 +161,20 @@ def test_atomic_outputs_get_the_permissions_the_umask_gives(tmp_path):
     assert stat.S_IMODE((tmp_path / "model.safetensors").stat().st_mode) == 0o640
     assert stat.S_IMODE(staging.stat().st_mode) == 0o750  # mkdtemp alone would leave 0o700
     assert staging.parent == tmp_path and staging.name.startswith(".checkpoint.")
+
+
+def test_partial_writes_of_a_killed_lift_are_removed_and_nothing_else(tmp_path):
+    from fit3d_hf.lifting.results import remove_partial_writes
+
+    leftovers = [
+        ".checkpoint.pt.k2x_9ab1.pt",
+        ".gaussians.safetensors.q7m3zz0p.safetensors",
+        ".metrics.json.a1.json",
+    ]
+    kept = ["checkpoint.pt", ".checkpoint.pt", ".gaussians.safetensors.notes.txt", "mine.pt", ".hidden"]
+    for name in leftovers + kept:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / ".settings.json.dir.json").mkdir()  # not a file: left alone
+    removed = remove_partial_writes(tmp_path)
+    assert sorted(p.name for p in removed) == sorted(leftovers)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, ".settings.json.dir.json"])

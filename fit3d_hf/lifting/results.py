@@ -3,6 +3,7 @@ it marks the scene done), preview PNGs, and the resume state that is dropped onc
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import time
@@ -193,16 +194,37 @@ def write_previews(lifter: Lifter, view: int, folder: Path) -> None:
     save_image(folder / "preview_features.png", np.concatenate(pictures, axis=1))
 
 
-def remove_outputs(folder: Path) -> None:
-    """Deletes the files a lift writes into `folder` (only those: `--out` may share a folder with anything)."""
+def _output_names() -> tuple[str, ...]:
     from ..reruns import SETTINGS_FILENAME
 
-    names = (
+    return (
         METRICS_FILENAME,
         CHECKPOINT_FILENAME,
         INITIAL_METRICS_FILENAME,
         BUNDLE_FILENAME,
         SETTINGS_FILENAME,
+        *PREVIEW_FILENAMES,
     )
-    for name in (*names, *PREVIEW_FILENAMES):
+
+
+def remove_outputs(folder: Path) -> None:
+    """Deletes the files a lift writes into `folder` (only those: `--out` may share a folder with anything),
+    and what a killed write of them left (`remove_partial_writes`)."""
+    for name in _output_names():
         (folder / name).unlink(missing_ok=True)
+    remove_partial_writes(folder)
+
+
+def remove_partial_writes(folder: Path) -> list[Path]:
+    """Deletes the temporary files of writes that a killed lift left in `folder` (`fit3d_hf.utils.atomic_path`
+    names them `.<name>.<random><suffix>`; a checkpoint's is ~1.5 GB at 1M Gaussians, and a job killed while one
+    is written, e.g. preempted, would leave it behind at every kill). Called when the scene's lift starts: one
+    process lifts a scene at a time (its claim), so no write of another process is in flight. Returns them."""
+    removed = []
+    for name in _output_names():
+        suffix = Path(name).suffix or ".tmp"
+        for leftover in folder.glob(f".{glob.escape(name)}.*{suffix}"):
+            if leftover.is_file():
+                leftover.unlink(missing_ok=True)
+                removed.append(leftover)
+    return removed

@@ -26,6 +26,7 @@ from .results import (
     PhaseClock,
     finish_scene,
     remove_outputs,
+    remove_partial_writes,
 )
 from .scene_data import load_scene_data
 
@@ -86,6 +87,10 @@ def lift_scene(
         remove_outputs(folder)
     created = _missing_ancestors(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    for leftover in remove_partial_writes(folder):
+        logger.info(
+            "%s: removed %s, left by a write that a killed run did not finish", scene.scene_id, leftover
+        )
     write_settings(folder, settings)
     try:
         with deterministic_algorithms(device.type == "cpu"):
