@@ -404,3 +404,18 @@ def test_scene_data_holds_the_decoded_views_and_the_backbone_features_of_each(
         torch.testing.assert_close(
             data.targets[view : view + 1], expected, **({"atol": 0, "rtol": 0} | tolerance)
         )
+
+
+def test_bf16_scene_data_runs_the_backbone_in_bfloat16(scene_root, backbone_dir):
+    """`--mixed_precision bf16` computes the targets under bfloat16 autocast: close to the fp32 ones (bfloat16
+    keeps 8 bits of mantissa) but not them; the images are the same."""
+    from fit3d_hf.lifting import load_scene_data
+
+    scene = read_scene(resolve_scene_list(str(scene_root))[0])
+    extractor = DenseFeatureExtractor.from_pretrained(backbone_dir)
+    exact = load_scene_data(scene, extractor, 1.0, torch.device("cpu"), progress=False)
+    fast = load_scene_data(scene, extractor, 1.0, torch.device("cpu"), progress=False, bf16=True)
+    assert torch.equal(fast.images, exact.images)
+    difference = (fast.targets.float() - exact.targets.float()).abs()
+    scale = exact.targets.float().abs().mean()
+    assert 1e-4 < float(difference.mean() / scale) < 5e-2

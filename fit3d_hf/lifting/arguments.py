@@ -137,10 +137,11 @@ class LiftingArguments:
         },
     )
     checkpoint_interval: int = field(
-        default=1000,
+        default=5000,
         metadata={
             "help": "Save a resumable checkpoint every N iterations (0: never). On a GPU it is written on a "
-            "background thread from a copy on the device (about 1.5 GB at 1M Gaussians, held while it is written)."
+            "background thread from a copy on the device (about 1.5 GB at 1M Gaussians, held while it is written; "
+            "written in the loop it took 3 s on an H100 host, about 40 s of training at that size)."
         },
     )
     device: str = field(
@@ -149,7 +150,8 @@ class LiftingArguments:
     mixed_precision: str = field(
         default="no",
         metadata={
-            "help": "'bf16': decode the features and compute their loss in bfloat16 (faster on GPUs; FiT3D: fp32).",
+            "help": "'bf16': compute the backbone's target features under bfloat16 autocast, and decode the "
+            "features and compute their loss in bfloat16 (faster on GPUs; FiT3D: fp32).",
             "choices": ["no", "bf16"],
         },
     )

@@ -128,7 +128,8 @@ def _lift(scene, args, extractor, folder, device, max_iterations_this_run, progr
         param.requires_grad_(False)
 
     clock = PhaseClock(device)
-    data = load_scene_data(scene, extractor, args.image_scale, device, progress=progress)
+    bf16 = args.mixed_precision == "bf16"
+    data = load_scene_data(scene, extractor, args.image_scale, device, progress=progress, bf16=bf16)
     clock.lap("scene_data")
     views = list(range(len(data.image_ids)))
     holdout = heldout_view_indices(len(views), args.holdout_every)  # the `scenes` builder's val split too

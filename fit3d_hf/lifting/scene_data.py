@@ -91,13 +91,14 @@ def scene_extent(camera_centers: np.ndarray) -> float:
 
 @torch.no_grad()
 def load_scene_data(
-    scene, extractor, image_scale: float, device: torch.device, progress: bool = True
+    scene, extractor, image_scale: float, device: torch.device, progress: bool = True, bf16: bool = False
 ) -> SceneData:
     """Loads a scene's images and masks at `image_scale`, and computes the backbone features once.
 
     Args:
         scene: a `fit3d_hf.scene.Scene`.
         extractor: a `fit3d_hf.backbones.DenseFeatureExtractor` (images in [0, 1] -> `[B, D, h, w]`).
+        bf16: run the backbone under bfloat16 autocast (Stage I's `--mixed_precision bf16`; FiT3D: fp32).
     """
     images, masks, Ks, poses, targets = [], [], [], [], []
     # the next views are read and resized on threads while the backbone runs on this one
@@ -114,7 +115,8 @@ def load_scene_data(
         pixels = pixels.to(device)
         batch.append(pixels.float() / 255.0 if image is None else image.to(device))
         if len(batch) == batch_size or index == len(scene.frames) - 1:
-            targets.append(extractor(torch.cat(batch)).to(torch.float16))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                targets.append(extractor(torch.cat(batch)).to(torch.float16))
             batch = []
         images.append(pixels)
         masks.append(mask)
