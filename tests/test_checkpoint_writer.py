@@ -128,3 +128,18 @@ def test_leaving_with_an_error_logs_a_failed_write_instead_of_hiding_the_error(t
                 writer.submit(_state("cpu"), blocker / "checkpoint.pt")
                 raise KeyboardInterrupt
     assert any("checkpoint write failed" in record.getMessage() for record in caplog.records)
+
+
+def test_without_room_for_the_snapshot_the_checkpoint_is_written_at_once(tmp_path, monkeypatch, caplog):
+    def no_room(state):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.48 GiB")
+
+    monkeypatch.setattr(checkpoint_writer, "_snapshot", no_room)
+    state = _state("cpu")
+    path = tmp_path / "checkpoint.pt"
+    with caplog.at_level(logging.WARNING, logger=checkpoint_writer.__name__):
+        with CheckpointWriter(background=True) as writer:
+            writer.submit(state, path)
+            assert path.exists() and not writer.writing  # written before submit returned
+    assert any("writing it in the training loop instead" in r.getMessage() for r in caplog.records)
+    _assert_same(load_torch_checkpoint(path), state)

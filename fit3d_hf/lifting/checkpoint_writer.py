@@ -36,7 +36,8 @@ class CheckpointWriter:
     `submit` waits for the previous write, then snapshots the state and (in the background) writes it; `wait`
     waits for the write in flight and raises its error, if any. As a context manager it waits on exit; when the
     block is already leaving with an exception, a failed write is logged instead of hiding that exception.
-    The snapshot costs one copy of the state's memory on its device for as long as the write takes.
+    The snapshot costs one copy of the state's memory on its device for as long as the write takes; where the
+    device lacks the room, that checkpoint is written synchronously (with a warning).
     """
 
     def __init__(self, background: bool):
@@ -50,7 +51,16 @@ class CheckpointWriter:
         if not self.background:
             save_torch_checkpoint(state, path)
             return
-        snapshot = map_tensors(state, lambda tensor: tensor.detach().clone())
+        try:
+            snapshot = _snapshot(state)
+        except torch.cuda.OutOfMemoryError:
+            # the copy needs the state's size once more on its device: without the room, write as the CPU does
+            logger.warning(
+                "no device memory for a copy of the checkpoint (%s): writing it in the training loop instead",
+                path,
+            )
+            save_torch_checkpoint(state, path)
+            return
         ready = {}  # per GPU: the copies are queued on its current stream; the writer's stream waits for them
         for tensor in _tensors(snapshot):
             if tensor.is_cuda and tensor.device not in ready:
@@ -101,6 +111,11 @@ class CheckpointWriter:
             stream.wait_event(ready[tensor.device])
             # a synchronous copy on this stream: this thread waits for it, the training's stream does not
             return tensor.cpu()
+
+
+def _snapshot(state: dict) -> dict:
+    """`state` with a copy of each of its tensors, on the tensor's device."""
+    return map_tensors(state, lambda tensor: tensor.detach().clone())
 
 
 def _tensors(value) -> list[torch.Tensor]:
