@@ -3,12 +3,11 @@
 A checkpoint of a 1M-Gaussian scene holds about 1.5 GB (the Gaussians and Adam's two moments). Written inside
 the training loop it took 3.0 s on an H100 host and 5-9 s on a 2-core machine (checksums, `torch.save`): at
 the earlier default of one every 1000 of 30,000 iterations, about 1.5 minutes of a scene that trains in four
-(`benchmarks/checkpoint_write.py`). On a GPU the writer instead
-takes a snapshot of the state on the device (a copy of every tensor: milliseconds, and later steps cannot change
-it) and hands it to a thread, which copies it to the host on a stream of its own, so that the training's stream
-never waits for the transfer, and writes it with `save_torch_checkpoint` (checksums and `torch.save` release
-the GIL, so the training loop keeps launching). What reaches the disk is the same file a synchronous save
-writes at that iteration.
+(`benchmarks/checkpoint_write.py`). On a GPU the writer instead takes a snapshot of the state on the device (a
+copy of every tensor: milliseconds, and later steps cannot change it) and hands it to a thread, which copies it
+to the host on a stream of its own, so that the training's stream never waits for the transfer, and writes it
+with `save_torch_checkpoint` (checksums and `torch.save` release the GIL, so the training loop keeps launching).
+What reaches the disk is the same file a synchronous save writes at that iteration.
 
 On the CPU it writes synchronously: training and writing would share the same cores, and a checkpoint is then
 on disk as soon as `submit` returns (the crash-resume tests rely on it).
