@@ -6,8 +6,9 @@ the earlier default of one every 1000 of 30,000 iterations, about 1.5 minutes of
 (`benchmarks/checkpoint_write.py`). On a GPU the writer instead takes a snapshot of the state on the device (a
 copy of every tensor: milliseconds, and later steps cannot change it) and hands it to a thread, which copies it
 to the host on a stream of its own, so that the training's stream never waits for the transfer, and writes it
-with `save_torch_checkpoint` (checksums and `torch.save` release the GIL, so the training loop keeps launching).
-What reaches the disk is the same file a synchronous save writes at that iteration.
+with `save_torch_checkpoint` (hashing and writing release the GIL, so the training loop keeps launching; Adam
+steps synchronised one by one ran 1.26 -> 2.06 ms during a write on an H100 host, a bound for looser loops; the
+snapshot held the loop 5.8 ms). What reaches the disk is the same file a synchronous save writes then.
 
 On the CPU it writes synchronously: training and writing would share the same cores, and a checkpoint is then
 on disk as soon as `submit` returns (the crash-resume tests rely on it).
