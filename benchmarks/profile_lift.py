@@ -7,8 +7,9 @@ python benchmarks/profile_lift.py [--gaussians 230000] [--steps 50] [--mixed_pre
 Prints the wall time per iteration, the GPU time per kernel, and the GPU's idle time between kernels with the host
 operators that kept it waiting (benchmarks/gpu_gaps.py). With --densification, the iterations gather
 densification's statistics as in the first half of a run (no Gaussians added or removed, so every step still costs
-the same), and the time of one densification event (clone, split, prune) is printed after them. The last line is
-the run's JSON line (for results/lift.jsonl).
+the same), and the time of one densification event (clone, split, prune) is printed after them. Also timed: a
+checkpoint written in the background while the steps go on, and the colours' compression and refinement. The last
+line is the run's JSON line (for results/lift.jsonl).
 """
 
 import argparse
@@ -24,6 +25,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from fit3d_hf.lifting import LiftingArguments, SceneData
+from fit3d_hf.lifting.checkpoint_writer import CheckpointWriter
 from fit3d_hf.lifting.lifter import Lifter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -147,6 +149,7 @@ def main(argv=None):
         print(f"  {us / steps / 1000:7.3f}  {name[:110]}")  # noqa: T201
     record["gpu_idle_ms"] = round(gaps["idle_us"] / steps / 1000, 3)
     record["host_bound_idle_ms"] = round(gaps["host_bound_us"] / steps / 1000, 3)
+    record.update(time_checkpoint_write(lifter, ms))
     if args.densification:
         record.update(time_densification_events(lifter))
     record.update(time_colour_refinement(lifter))
@@ -189,6 +192,36 @@ def time_densification_events(lifter: Lifter, events: int = 5, steps_between: in
         "densification_event_ms": round(1000 * float(np.mean(seconds)), 1),
         "densification_event_min_ms": round(1000 * min(seconds), 1),
         "densification_changes": changes,
+    }
+
+
+def time_checkpoint_write(lifter: Lifter, ms_per_iteration: float) -> dict:
+    """What a background checkpoint (`CheckpointWriter`, as Stage I writes them on a GPU) costs the training:
+    the time `submit` holds the loop, the write's duration, and the steps taken meanwhile against
+    `ms_per_iteration` without one (`checkpoint_cost_s`: the extra wall time of those steps)."""
+    writer = CheckpointWriter(background=True)
+    with tempfile.TemporaryDirectory() as folder:
+        synchronize(lifter.device)
+        start = time.perf_counter()
+        writer.submit(lifter.state_dict(), Path(folder) / "checkpoint.pt")
+        submit_ms = 1000 * (time.perf_counter() - start)
+        steps = 0
+        while writer.writing or steps == 0:
+            lifter.step()
+            steps += 1
+        writer.wait()
+        synchronize(lifter.device)
+        seconds = time.perf_counter() - start
+    during = 1000 * seconds / steps
+    print(  # noqa: T201
+        f"checkpoint in the background: loop held {submit_ms:.1f} ms, written in {seconds:.2f} s over {steps} "
+        f"steps at {during:.2f} ms each (without one: {ms_per_iteration:.2f})"
+    )
+    return {
+        "checkpoint_submit_ms": round(submit_ms, 2),
+        "checkpoint_write_s": round(seconds, 3),
+        "ms_per_iteration_during_checkpoint": round(during, 2),
+        "checkpoint_cost_s": round(steps * (during - ms_per_iteration) / 1000, 3),
     }
 
 

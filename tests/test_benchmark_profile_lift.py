@@ -1,6 +1,7 @@
 """benchmarks/profile_lift.py runs only on a GPU; its densification timing runs here on the CPU, on a small random
 scene, so that the device call does not find it broken: events change the Gaussians as they report."""
 
+import pytest
 import torch
 from benchmark_helpers import load_benchmark
 
@@ -63,3 +64,17 @@ def test_colour_compression_is_timed(capsys):
         f"refinement {timed['colour_refinement_ms_per_step']:.2f} ms / step"
     )
     assert timed["colour_refinement_ms_per_step"] > 0
+
+
+def test_a_background_checkpoint_is_timed_against_the_steps_it_overlaps(capsys):
+    profile_lift = load_benchmark("profile_lift")
+    lifter = _cpu_lifter(profile_lift, 500)
+    timed = profile_lift.time_checkpoint_write(lifter, ms_per_iteration=1.0)
+    line = capsys.readouterr().out.strip()
+    steps = lifter.iteration
+    assert steps >= 1  # the training went on while the checkpoint was written
+    assert line.startswith("checkpoint in the background: ") and f"over {steps} steps" in line
+    assert 0 <= timed["checkpoint_submit_ms"] and timed["checkpoint_write_s"] > 0
+    during = timed["ms_per_iteration_during_checkpoint"]
+    assert during == pytest.approx(1000 * timed["checkpoint_write_s"] / steps, rel=1e-2)
+    assert abs(timed["checkpoint_cost_s"] - steps * (during - 1.0) / 1000) < 1e-3 * steps
