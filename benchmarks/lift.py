@@ -20,7 +20,6 @@ its first eight columns (the tracks make it 124 MB; 44 MB in all without them):
 """
 
 import argparse
-import dataclasses
 import json
 import shutil
 import tempfile
@@ -95,9 +94,7 @@ def main() -> None:
     parser.add_argument(
         "--mixed_precision", default="bf16", choices=("no", "bf16"), help="decoder + feature loss precision"
     )
-    lift_default = next(
-        f.default for f in dataclasses.fields(LiftingArguments) if f.name == "checkpoint_interval"
-    )
+    lift_default = LiftingArguments.checkpoint_interval  # the dataclass field's default
     parser.add_argument(
         "--checkpoint_interval",
         type=int,
