@@ -113,6 +113,29 @@ def test_kmeans_finds_separated_blobs():
     assert torch.equal(found[0], torch.zeros(5))
 
 
+def test_seeding_in_rounds_keeps_the_distance_weighting(monkeypatch):
+    """64 far-apart blobs, 64 seeds drawn in 16 rounds of 4: each round draws against the seeds of the
+    earlier ones, so the seeds cover the blobs far better than uniform draws do (those leave about a third
+    of the blobs without a seed)."""
+    from fit3d_hf.gaussians import sh_codec
+
+    g = torch.Generator().manual_seed(0)
+    centres = 10 * torch.randn(64, 5, generator=g)
+    x = centres[torch.arange(6400) % 64] + 0.01 * torch.randn(6400, 5, generator=g)
+
+    def inertia(seeds):
+        return float(torch.cdist(x, seeds).min(dim=1).values.pow(2).mean())
+
+    monkeypatch.setattr(sh_codec, "_SEEDING_ROUNDS", 16)
+    in_rounds = [inertia(sh_codec._kmeans_plus_plus(x, x[:0], 64, torch.Generator().manual_seed(s))) for s in range(5)]
+    uniform = [inertia(x[torch.randperm(6400, generator=torch.Generator().manual_seed(s))[:64]]) for s in range(5)]
+    assert max(in_rounds) < 0.25 * min(uniform)
+    # One round is a uniform draw (no seed to weigh against yet), so its cover is as poor.
+    monkeypatch.setattr(sh_codec, "_SEEDING_ROUNDS", 1)
+    one_round = [inertia(sh_codec._kmeans_plus_plus(x, x[:0], 64, torch.Generator().manual_seed(s))) for s in range(5)]
+    assert min(one_round) > 4 * max(in_rounds)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_encoding_of_a_million_gaussians_is_fast_and_matches_the_cpu():
     import time
