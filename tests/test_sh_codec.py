@@ -127,12 +127,18 @@ def test_seeding_in_rounds_keeps_the_distance_weighting(monkeypatch):
         return float(torch.cdist(x, seeds).min(dim=1).values.pow(2).mean())
 
     monkeypatch.setattr(sh_codec, "_SEEDING_ROUNDS", 16)
-    in_rounds = [inertia(sh_codec._kmeans_plus_plus(x, x[:0], 64, torch.Generator().manual_seed(s))) for s in range(5)]
-    uniform = [inertia(x[torch.randperm(6400, generator=torch.Generator().manual_seed(s))[:64]]) for s in range(5)]
+    in_rounds = [
+        inertia(sh_codec._kmeans_plus_plus(x, x[:0], 64, torch.Generator().manual_seed(s))) for s in range(5)
+    ]
+    uniform = [
+        inertia(x[torch.randperm(6400, generator=torch.Generator().manual_seed(s))[:64]]) for s in range(5)
+    ]
     assert max(in_rounds) < 0.25 * min(uniform)
     # One round is a uniform draw (no seed to weigh against yet), so its cover is as poor.
     monkeypatch.setattr(sh_codec, "_SEEDING_ROUNDS", 1)
-    one_round = [inertia(sh_codec._kmeans_plus_plus(x, x[:0], 64, torch.Generator().manual_seed(s))) for s in range(5)]
+    one_round = [
+        inertia(sh_codec._kmeans_plus_plus(x, x[:0], 64, torch.Generator().manual_seed(s))) for s in range(5)
+    ]
     assert min(one_round) > 4 * max(in_rounds)
 
 
