@@ -576,7 +576,8 @@ std::vector<Tensor> rasterize_bwd(const Tensor& means2d, const Tensor& conics, c
                                   const OptTensor& background, const Tensor& tile_ranges, const Tensor& gaussian_ids,
                                   const Tensor& final_t, const Tensor& last_ids, int64_t width, int64_t height,
                                   const OptTensor& v_rgb, const OptTensor& v_depth, const OptTensor& v_features,
-                                  const OptTensor& v_alpha, bool feature_grad_to_geometry, bool alpha_clamp_grad) {
+                                  const OptTensor& v_alpha, bool feature_grad_to_geometry, bool alpha_clamp_grad,
+                                  bool geometry_grad) {
     const at::cuda::OptionalCUDAGuard guard(device_of(means2d));
     fit3d::RasterizeArgs a = rasterize_args(means2d, conics, opacities, colors, depths, features, background,
                                             tile_ranges, gaussian_ids, width, height);
@@ -606,7 +607,11 @@ std::vector<Tensor> rasterize_bwd(const Tensor& means2d, const Tensor& conics, c
         a.channel_begin = begin;
         a.channel_count = end - begin;
         a.first_pass = begin == 0;
-        a.routed_count = feature_grad_to_geometry ? a.channel_count : std::max(0, std::min(a.channel_count, 4 - begin));
+        // no channel routed: the kernel skips the alpha gradient and the geometry's sums (v_means2d, v_conics and
+        // v_opacities stay zero), when no 2D mean, conic or opacity needs a gradient
+        a.routed_count = !geometry_grad             ? 0
+                         : feature_grad_to_geometry ? a.channel_count
+                                                    : std::max(0, std::min(a.channel_count, 4 - begin));
         check_cuda(fit3d::launch_rasterize_bwd(a, stream()), "rasterize_bwd");
     }
     return {v_means2d, v_conics, v_opacities, v_colors, v_depths, v_feats};

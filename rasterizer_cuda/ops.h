@@ -94,7 +94,8 @@ cudaError_t launch_tile_ranges(const uint32_t* sorted_keys, int n, uint32_t n_ti
 struct RasterizeArgs {
     int B, N, F, width, height, tiles_x, tiles_y;
     int channel_begin, channel_count;
-    int routed_count;              // backward: leading channels of this launch whose gradient reaches geometry
+    int routed_count;              // backward: leading channels of this launch whose gradient reaches geometry (0: none
+                                   // does, and the geometry gets no gradient)
     bool first_pass;               // forward: write alpha/T/last ids; backward: add background and alpha terms
     bool alpha_clamp_grad;         // backward: the gradient passes the 0.99 alpha clamp (3DGS) or stops (gsplat)
     const float* means2d;          // [B, N, 2]

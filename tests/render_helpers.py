@@ -268,6 +268,55 @@ def assert_render_without_graph_matches(backend: str):
             assert torch.equal(actual, expected), name
 
 
+def assert_fixed_geometry_skips_its_gradients(backend: str):
+    """With the geometry held fixed (means, rotations, scales and opacities requiring no gradient, as in Stage I's
+    refinement of the compressed colours), the colours' and features' gradients are those of the render that
+    differentiates everything; the rasterizer's op, told that no geometry gradient is needed, leaves the 2D means',
+    conics' and opacities' gradients at zero and the channels' as they were."""
+    width, height = 56, 40
+    params = scene(700, 8, seed=61, device=backend)
+    K, w2c = cameras(2, width, height, backend)
+    weights = loss_weights(2, 8, width, height, K.device, seed=61)
+    _, _, everything = render_and_grads(params, K, w2c, width, height, weights, backend)
+    fixed = [p.clone() for p in params[:4]] + [p.clone().requires_grad_(True) for p in params[4:]]
+    out = render(*fixed, K, w2c, width, height, backend=backend)
+    images = (out.rgb, out.depth, out.features, out.alpha)
+    sum((image * w).sum() for image, w in zip(images, weights, strict=True)).backward()
+    assert out.means2d.grad_fn is None
+    for name, a, b in zip(NAMES[4:], everything[4:], (p.grad for p in fixed[4:]), strict=True):
+        assert a.abs().amax() > 0, name
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * a.abs().amax().item(), msg=name)
+
+    # the op itself: geometry_grad=False zeroes exactly the geometry's gradients
+    from fit3d_hf.render._backend import extension_for
+    from fit3d_hf.render._binning import isect_tiles
+    from fit3d_hf.render._wrapper import project
+
+    ext = extension_for(params[0].device)
+    means, quats, scales, opacities, _, features = params
+    means2d, conics, depths, radii = project(means, quats, scales, opacities, w2c, K, width, height)
+    colors = torch.rand(2, len(means), 3, generator=torch.Generator().manual_seed(0)).to(K.device)
+    ranges, ids = isect_tiles(means2d, conics, opacities, depths, radii, width, height)
+    fwd = ext.rasterize_fwd(
+        means2d, conics, opacities, colors, depths, features, None, ranges, ids, width, height, False
+    )
+    grads = {}
+    for geometry_grad in (True, False):
+        grads[geometry_grad] = ext.rasterize_bwd(
+            means2d, conics, opacities, colors, depths, features, None, ranges, ids, fwd[4], fwd[5], width, height,
+            *(w.contiguous() for w in weights), False, True, geometry_grad,
+        )  # fmt: skip
+    for i, name in enumerate(("means2d", "conics", "opacities", "colors", "depths", "features")):
+        full, skipped = grads[True][i], grads[False][i]
+        assert full.abs().amax() > 0, name
+        if i < 3:
+            assert torch.count_nonzero(skipped) == 0, name
+        else:
+            torch.testing.assert_close(
+                skipped, full, rtol=1e-5, atol=1e-6 * full.abs().amax().item(), msg=name
+            )
+
+
 def cuda_test(test):
     """Marks a test as needing the GPU and the compiled extension: the `cuda` mark (which the CPU-only CI
     deselects) and conftest's `cuda_extension` fixture (which skips where either is missing)."""

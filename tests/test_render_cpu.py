@@ -16,6 +16,7 @@ from render_helpers import (
     GRAD,
     NAMES,
     assert_bf16_features_match_float,
+    assert_fixed_geometry_skips_its_gradients,
     assert_matches,
     assert_render_without_graph_matches,
     assert_sh_parts_render_like_joined,
@@ -596,3 +597,7 @@ def test_cpu_features_come_channels_last_with_the_reference_values():
     assert out.features.is_contiguous(memory_format=torch.channels_last) and not out.features.is_contiguous()
     assert out.features.shape == (2, 12, 32, 40)
     assert_matches("features", out.features, want.features, **FWD)
+
+
+def test_fixed_geometry_skips_its_gradients():
+    assert_fixed_geometry_skips_its_gradients("cpu")

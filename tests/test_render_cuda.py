@@ -16,6 +16,7 @@ from render_helpers import (
     GRAD,
     NAMES,
     assert_bf16_features_match_float,
+    assert_fixed_geometry_skips_its_gradients,
     assert_render_without_graph_matches,
     assert_sh_parts_render_like_joined,
     compare_render,
@@ -197,6 +198,10 @@ def test_render_without_gradients_skips_autograd():
     assert_render_without_graph_matches("cuda")
 
 
+def test_fixed_geometry_skips_its_gradients():
+    assert_fixed_geometry_skips_its_gradients("cuda")
+
+
 def test_sh_parameter_pair_renders_like_the_joined_coefficients():
     """3DGS's two SH parameters, read in place, give the images of their concatenation exactly and its
     gradients up to the order of float32 sums."""
@@ -321,7 +326,7 @@ def _extension_checks_shapes_and_devices():
     with pytest.raises(ValueError, match=r"v_features must have shape \[2, 4, 30, 40\]"):
         ext.rasterize_bwd(
             m2d, con, opacities, colors, dep, features, None, ranges, ids, final_t, last_ids, 40, 30,
-            None, None, v_features.transpose(2, 3).contiguous(), None, False, True,
+            None, None, v_features.transpose(2, 3).contiguous(), None, False, True, True,
         )  # fmt: skip
 
 

@@ -250,6 +250,9 @@ class _Rasterize(torch.autograd.Function):
             last_ids,
         ) = ctx.saved_tensors
         width, height, route, clamp_grad, _ = ctx.config
+        # with no 2D mean, conic or opacity to differentiate (geometry held fixed), the kernels skip the alpha
+        # gradient and the geometry's sums (Stage I's refinement of the compressed colours)
+        geometry_grad = any(ctx.needs_input_grad[i] for i in (0, 1, 4))
         ext = extension_for(means2d.device)
         v_means2d, v_conics, v_opacities, v_colors, v_depths, v_features = ext.rasterize_bwd(
             means2d,
@@ -271,12 +274,15 @@ class _Rasterize(torch.autograd.Function):
             _contiguous(v_alpha),
             route,
             clamp_grad,
+            geometry_grad,
         )
         v_background = None
         if background is not None and ctx.needs_input_grad[6] and v_rgb is not None:
             v_background = (final_t[:, None] * v_rgb).sum(dim=(0, 2, 3))
         if v_feats is None:
             v_features = None
+        if not geometry_grad:
+            v_means2d = v_conics = v_opacities = None
         return (
             v_means2d,
             v_conics,

@@ -350,7 +350,8 @@ std::vector<Tensor> rasterize_bwd(const Tensor& means2d, const Tensor& conics, c
                                   const OptTensor& background, const Tensor& tile_ranges, const Tensor& gaussian_ids,
                                   const Tensor& final_t, const Tensor& last_ids, int64_t width, int64_t height,
                                   const OptTensor& v_rgb, const OptTensor& v_depth, const OptTensor& v_features,
-                                  const OptTensor& v_alpha, bool feature_grad_to_geometry, bool alpha_clamp_grad) {
+                                  const OptTensor& v_alpha, bool feature_grad_to_geometry, bool alpha_clamp_grad,
+                                  bool geometry_grad) {
     fit3d::RasterizeArgs a = rasterize_args(means2d, conics, opacities, colors, depths, features, background,
                                             tile_ranges, gaussian_ids, width, height);
     const int64_t B = a.B, F = a.F, H = height, W = width;
@@ -379,7 +380,8 @@ std::vector<Tensor> rasterize_bwd(const Tensor& means2d, const Tensor& conics, c
     a.v_feats = v_feats.data_ptr<float>();
     // feature channels take part only when their image has a gradient
     a.channel_count = a.v_features != nullptr ? 4 + a.F : 4;
-    a.routed_count = feature_grad_to_geometry ? a.channel_count : 4;
+    // none routed: no alpha gradient and no geometry sums (as the CUDA kernel), when the geometry needs no gradient
+    a.routed_count = !geometry_grad ? 0 : feature_grad_to_geometry ? a.channel_count : 4;
     fit3d::cpu::rasterize_bwd(a, gaussian_ids.numel());
     return {v_means2d, v_conics, v_opacities, v_colors, v_depths, v_feats};
 }

@@ -95,8 +95,9 @@ FIT3D_CPU_HOT void backward_tile(const RasterizeArgs& a, int64_t job, float* slo
                 for (int c = 0; c < R; ++c) q += values[c] * gp[c];
                 const float v_alpha = t_before * q - S[p] / one_minus;
                 S[p] += w * q;
-                // 3DGS differentiates alpha = o G through the min(0.99, .) clamp; gsplat stops there
-                if (a.alpha_clamp_grad || raw <= MAX_ALPHA) {
+                // 3DGS differentiates alpha = o G through the min(0.99, .) clamp; gsplat stops there. No channel
+                // routed (R = 0): the geometry needs no gradient.
+                if (R > 0 && (a.alpha_clamp_grad || raw <= MAX_ALPHA)) {
                     const float v_sigma = -raw * v_alpha;  // sigma = (a dx^2 + c dy^2) / 2 + b dx dy
                     geo[0] -= v_sigma * (s.a * dx + s.b * dy);
                     geo[1] -= v_sigma * (s.b * dx + s.c * dy);
