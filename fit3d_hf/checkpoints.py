@@ -86,8 +86,10 @@ def save_torch_checkpoint(state: dict, path: str | os.PathLike) -> Path:
     Tensors on a GPU are saved as CPU tensors (copied once, before the checksums read them)."""
     path = Path(path)
     state = map_tensors(state, lambda tensor: tensor.detach().cpu())
-    with atomic_path(path) as temporary:
-        torch.save({**state, CHECKSUMS_KEY: _checksums(state)}, temporary)
+    with atomic_path(path) as temporary, open(temporary, "wb") as file:
+        # through a Python file object, not the path: torch's own file writer holds the GIL while it finishes the
+        # file (0.25-0.35 s for 600 MB on a 2-core machine), which stalls a training loop writing in the background
+        torch.save({**state, CHECKSUMS_KEY: _checksums(state)}, file)
     return path
 
 
