@@ -8,8 +8,9 @@ Prints the wall time per iteration, the GPU time per kernel, and the GPU's idle 
 operators that kept it waiting (benchmarks/gpu_gaps.py). With --densification, the iterations gather
 densification's statistics as in the first half of a run (no Gaussians added or removed, so every step still costs
 the same), and the time of one densification event (clone, split, prune) is printed after them. Also timed: a
-checkpoint written in the background while the steps go on, and the colours' compression and refinement. The last
-line is the run's JSON line (for results/lift.jsonl).
+checkpoint written in the background while the steps go on (and, to see where its cost comes from, its host
+copy alone and with the checksums), and the colours' compression and refinement. The last line is the run's
+JSON line (for results/lift.jsonl).
 """
 
 import argparse
@@ -18,13 +19,16 @@ import math
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fit3d_hf.lifting import LiftingArguments, SceneData
+from fit3d_hf import checkpoints
+from fit3d_hf.lifting import LiftingArguments, SceneData, checkpoint_writer
 from fit3d_hf.lifting.checkpoint_writer import CheckpointWriter
 from fit3d_hf.lifting.lifter import Lifter
 
@@ -150,6 +154,10 @@ def main(argv=None):
     record["gpu_idle_ms"] = round(gaps["idle_us"] / steps / 1000, 3)
     record["host_bound_idle_ms"] = round(gaps["host_bound_us"] / steps / 1000, 3)
     record.update(time_checkpoint_write(lifter, ms))
+    record["checkpoint_part_cost_s"] = {
+        name: time_checkpoint_write(lifter, ms, f"checkpoint part {name}", save)["checkpoint_cost_s"]
+        for name, save in CHECKPOINT_PARTS.items()
+    }
     if args.densification:
         record.update(time_densification_events(lifter))
     record.update(time_colour_refinement(lifter))
@@ -195,12 +203,24 @@ def time_densification_events(lifter: Lifter, events: int = 5, steps_between: in
     }
 
 
-def time_checkpoint_write(lifter: Lifter, ms_per_iteration: float) -> dict:
+# Parts of a background checkpoint's work, timed alone against the steps they overlap: the writer thread runs
+# with `save_torch_checkpoint` replaced, so that it copies the snapshot to the host and then does only this.
+CHECKPOINT_PARTS = {
+    "host_copy": lambda state, path: None,
+    "host_copy_and_checksums": lambda state, path: checkpoints._checksums(state),
+}
+
+
+def time_checkpoint_write(
+    lifter: Lifter, ms_per_iteration: float, label: str = "checkpoint", save=None
+) -> dict:
     """What a background checkpoint (`CheckpointWriter`, as Stage I writes them on a GPU) costs the training:
     the time `submit` holds the loop, the write's duration, and the steps taken meanwhile against
-    `ms_per_iteration` without one (`checkpoint_cost_s`: the extra wall time of those steps)."""
+    `ms_per_iteration` without one (`checkpoint_cost_s`: the extra wall time of those steps). With `save`, the
+    writer thread calls it instead of `save_torch_checkpoint` (see CHECKPOINT_PARTS)."""
     writer = CheckpointWriter(background=True)
-    with tempfile.TemporaryDirectory() as folder:
+    replaced = mock.patch.object(checkpoint_writer, "save_torch_checkpoint", save) if save else nullcontext()
+    with tempfile.TemporaryDirectory() as folder, replaced:
         synchronize(lifter.device)
         start = time.perf_counter()
         writer.submit(lifter.state_dict(), Path(folder) / "checkpoint.pt")
@@ -214,7 +234,7 @@ def time_checkpoint_write(lifter: Lifter, ms_per_iteration: float) -> dict:
         seconds = time.perf_counter() - start
     during = 1000 * seconds / steps
     print(  # noqa: T201
-        f"checkpoint in the background: loop held {submit_ms:.1f} ms, written in {seconds:.2f} s over {steps} "
+        f"{label} in the background: loop held {submit_ms:.1f} ms, written in {seconds:.2f} s over {steps} "
         f"steps at {during:.2f} ms each (without one: {ms_per_iteration:.2f})"
     )
     return {

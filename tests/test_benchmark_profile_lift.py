@@ -78,3 +78,23 @@ def test_a_background_checkpoint_is_timed_against_the_steps_it_overlaps(capsys):
     during = timed["ms_per_iteration_during_checkpoint"]
     assert during == pytest.approx(1000 * timed["checkpoint_write_s"] / steps, rel=1e-2)
     assert abs(timed["checkpoint_cost_s"] - steps * (during - 1.0) / 1000) < 1e-3 * steps
+
+
+def test_a_part_of_the_checkpoint_is_timed_in_place_of_the_write(tmp_path, capsys):
+    """With `save`, the writer thread hands the host copy of the state to it instead of writing a file."""
+    profile_lift = load_benchmark("profile_lift")
+    lifter = _cpu_lifter(profile_lift, 500)
+    received, before = [], lifter.gaussians.means.detach().clone()
+    timed = profile_lift.time_checkpoint_write(
+        lifter, 1.0, "checkpoint part test", save=lambda state, path: received.append((state, path))
+    )
+    assert capsys.readouterr().out.startswith("checkpoint part test in the background: ")
+    ((state, path),) = received
+    assert not path.exists()  # nothing written
+    # the state at submit, copied, while the steps went on
+    assert state["iteration"] == 0 and lifter.iteration >= 1
+    assert torch.equal(state["gaussians"]["means"], before)
+    assert timed["checkpoint_write_s"] > 0
+    # the parts the lift stage times run on such a state: the checksums of every tensor
+    sums = profile_lift.CHECKPOINT_PARTS["host_copy_and_checksums"](state, path)
+    assert "gaussians/means" in sums and profile_lift.CHECKPOINT_PARTS["host_copy"](state, path) is None
