@@ -1,7 +1,6 @@
 """benchmarks/profile_lift.py runs only on a GPU; its densification timing runs here on the CPU, on a small random
 scene, so that the device call does not find it broken: events change the Gaussians as they report."""
 
-import pytest
 import torch
 from benchmark_helpers import load_benchmark
 
@@ -76,7 +75,8 @@ def test_a_background_checkpoint_is_timed_against_the_steps_it_overlaps(capsys):
     assert line.startswith("checkpoint in the background: ") and f"over {steps} steps" in line
     assert 0 <= timed["checkpoint_submit_ms"] and timed["checkpoint_write_s"] > 0
     during = timed["ms_per_iteration_during_checkpoint"]
-    assert during == pytest.approx(1000 * timed["checkpoint_write_s"] / steps, rel=1e-2)
+    # (the write's seconds are rounded to 1 ms, the steps' ms to 0.01: a short write of few steps differs by that)
+    assert abs(during * steps / 1000 - timed["checkpoint_write_s"]) <= 0.0005 + 0.000005 * steps
     assert abs(timed["checkpoint_cost_s"] - steps * (during - 1.0) / 1000) < 1e-3 * steps
 
 
