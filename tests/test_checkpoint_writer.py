@@ -167,7 +167,7 @@ def test_a_write_in_the_background_leaves_the_training_thread_running(tmp_path):
             now = time.perf_counter()
             longest, last = max(longest, now - last), now
         writer.join()
-        assert longest < 0.06, f"the loop waited {1000 * longest:.0f} ms for the writer thread"
+        assert longest < 0.1, f"the loop waited {1000 * longest:.0f} ms for the writer thread"
     assert torch.equal(
         load_torch_checkpoint(tmp_path / "checkpoint.pt")["moments"]["exp_avg"], state["moments"]["exp_avg"]
     )
