@@ -9,8 +9,8 @@ operators that kept it waiting (benchmarks/gpu_gaps.py). With --densification, t
 densification's statistics as in the first half of a run (no Gaussians added or removed, so every step still costs
 the same), and the time of one densification event (clone, split, prune) is printed after them. Also timed: a
 checkpoint written in the background while the steps go on (and, to see where its cost comes from, its host
-copy alone and with the checksums), and the colours' compression and refinement. The last line is the run's
-JSON line (for results/lift.jsonl).
+copy alone and with the checksums), the evaluation of views, and the colours' compression and refinement. The
+last line is the run's JSON line (for results/lift.jsonl).
 """
 
 import argparse
@@ -160,6 +160,7 @@ def main(argv=None):
     }
     if args.densification:
         record.update(time_densification_events(lifter))
+    record.update(time_evaluation(lifter))
     record.update(time_colour_refinement(lifter))
     print(json.dumps(record))  # noqa: T201
 
@@ -243,6 +244,20 @@ def time_checkpoint_write(
         "ms_per_iteration_during_checkpoint": round(during, 2),
         "checkpoint_cost_s": round(steps * (during - ms_per_iteration) / 1000, 3),
     }
+
+
+def time_evaluation(lifter: Lifter, rounds: int = 3) -> dict:
+    """Wall time per view of `Lifter.evaluate` (render, decode, PSNR and feature L1; a whole run evaluates its
+    training views before training and every view after it: about 560 views, 2.5 s in session 16): printed, and
+    returned for the JSON line."""
+    views = list(lifter.train_views) * rounds
+    lifter.evaluate(lifter.train_views[:2])  # warm-up
+    synchronize(lifter.device)
+    start = time.perf_counter()
+    lifter.evaluate(views)
+    per_view = (time.perf_counter() - start) / len(views)
+    print(f"evaluation: {1000 * per_view:.2f} ms / view")  # noqa: T201
+    return {"evaluation_ms_per_view": round(1000 * per_view, 2)}
 
 
 def time_colour_refinement(lifter: Lifter, steps: int = 50) -> dict:

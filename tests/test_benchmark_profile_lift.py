@@ -98,3 +98,15 @@ def test_a_part_of_the_checkpoint_is_timed_in_place_of_the_write(tmp_path, capsy
     # the parts the lift stage times run on such a state: the checksums of every tensor
     sums = profile_lift.CHECKPOINT_PARTS["host_copy_and_checksums"](state, path)
     assert "gaussians/means" in sums and profile_lift.CHECKPOINT_PARTS["host_copy"](state, path) is None
+
+
+def test_evaluation_is_timed_per_view(capsys):
+    profile_lift = load_benchmark("profile_lift")
+    lifter = _cpu_lifter(profile_lift, 500)
+    calls = []
+    evaluate = lifter.evaluate
+    lifter.evaluate = lambda views: calls.append(list(views)) or evaluate(views)
+    timed = profile_lift.time_evaluation(lifter, rounds=2)
+    assert capsys.readouterr().out.strip() == f"evaluation: {timed['evaluation_ms_per_view']:.2f} ms / view"
+    assert timed["evaluation_ms_per_view"] > 0
+    assert calls == [[0, 1], [0, 1, 2, 3] * 2]  # a warm-up, then every training view twice in one call
