@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -18,6 +19,7 @@ import torch
 __all__ = [
     "atomic_folder",
     "atomic_path",
+    "atomic_path_leftovers",
     "atomic_write_text",
     "current_umask",
     "deterministic_algorithms",
@@ -53,6 +55,19 @@ def make_staging_dir(beside: str | os.PathLike) -> Path:
     return folder
 
 
+def _temporary_affixes(path: Path) -> tuple[str, str]:
+    """The prefix and suffix of `atomic_path`'s temporary files for `path` (the random part goes between)."""
+    return f".{path.name}.", path.suffix or ".tmp"
+
+
+def atomic_path_leftovers(path: str | os.PathLike) -> list[Path]:
+    """The temporary files of `atomic_path(path)` that a killed process left beside `path` (a finished or failed
+    write removes its own)."""
+    path = Path(path)
+    prefix, suffix = _temporary_affixes(path)
+    return [p for p in path.parent.glob(f"{glob.escape(prefix)}*{glob.escape(suffix)}") if p.is_file()]
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary file beside `path` (same suffix, so writers that look at it pick the right format).
@@ -61,7 +76,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     permissions the umask gives any new file (`mkstemp` alone would leave it 0600, unreadable to others)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".tmp")
+    prefix, suffix = _temporary_affixes(path)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
     os.close(handle)
     temporary = Path(name)
     try:

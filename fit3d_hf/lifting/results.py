@@ -3,7 +3,6 @@ it marks the scene done), preview PNGs, and the resume state that is dropped onc
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import time
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 
 from ..gaussians import load_bundle, save_bundle
 from ..gaussians.bundle import BUNDLE_FILENAME
-from ..utils import atomic_write_text
+from ..utils import atomic_path_leftovers, atomic_write_text
 from .lifter import Lifter
 
 __all__ = [
@@ -216,15 +215,11 @@ def remove_outputs(folder: Path) -> None:
 
 
 def remove_partial_writes(folder: Path) -> list[Path]:
-    """Deletes the temporary files of writes that a killed lift left in `folder` (`fit3d_hf.utils.atomic_path`
-    names them `.<name>.<random><suffix>`; a checkpoint's is ~1.5 GB at 1M Gaussians, and a job killed while one
-    is written, e.g. preempted, would leave it behind at every kill). Called when the scene's lift starts: one
+    """Deletes the temporary files of writes that a killed lift left in `folder` (`fit3d_hf.utils.
+    atomic_path_leftovers`; a checkpoint's is ~1.5 GB at 1M Gaussians, and a job killed while one is written,
+    e.g. preempted, would leave it behind at every kill). Called when the scene's lift starts: one
     process lifts a scene at a time (its claim), so no write of another process is in flight. Returns them."""
-    removed = []
-    for name in _output_names():
-        suffix = Path(name).suffix or ".tmp"
-        for leftover in folder.glob(f".{glob.escape(name)}.*{suffix}"):
-            if leftover.is_file():
-                leftover.unlink(missing_ok=True)
-                removed.append(leftover)
+    removed = [leftover for name in _output_names() for leftover in atomic_path_leftovers(folder / name)]
+    for leftover in removed:
+        leftover.unlink(missing_ok=True)
     return removed
