@@ -419,3 +419,39 @@ def test_bf16_scene_data_runs_the_backbone_in_bfloat16(scene_root, backbone_dir)
     difference = (fast.targets.float() - exact.targets.float()).abs()
     scale = exact.targets.float().abs().mean()
     assert 1e-4 < float(difference.mean() / scale) < 5e-2
+
+
+def test_bf16_evaluation_decodes_as_the_training_does(scene_root, backbone_dir, tmp_path):
+    """With mixed_precision bf16 the evaluation decodes bfloat16 channels-last features under bf16 autocast, as the
+    steps do: the same PSNR as in float32 (the RGB image is float32 either way) and a feature L1 within bfloat16's
+    rounding of it."""
+    from fit3d_hf.lifting import load_scene_data
+    from fit3d_hf.lifting.lifter import Lifter
+
+    scene = read_scene(resolve_scene_list(str(scene_root))[0])
+    data = load_scene_data(
+        scene, DenseFeatureExtractor.from_pretrained(backbone_dir), 1.0, torch.device("cpu"), progress=False
+    )
+    results, decoder_inputs = {}, {}
+    for precision in ("no", "bf16"):
+        args = LiftingArguments(
+            backbone=backbone_dir, out=str(tmp_path), feature_dim=8, iterations=10, mixed_precision=precision,
+            device="cpu",
+        )  # fmt: skip
+        torch.manual_seed(0)  # the decoder's initial weights
+        lifter = Lifter(args, data, list(range(len(data.image_ids))), torch.device("cpu"))
+        with torch.no_grad():
+            lifter.gaussians.features.normal_(generator=torch.Generator().manual_seed(0))
+
+        def record(module, inputs, output, precision=precision):
+            decoder_inputs.setdefault(precision, (inputs[0], output))
+
+        lifter.decoder.register_forward_hook(record)
+        results[precision] = lifter.evaluate([0, 1])
+    features, decoded = decoder_inputs["bf16"]
+    assert features.dtype == torch.bfloat16 and features.is_contiguous(memory_format=torch.channels_last)
+    assert decoded.dtype == torch.bfloat16
+    assert decoder_inputs["no"][1].dtype == torch.float32
+    assert results["bf16"]["psnr"] == results["no"]["psnr"]
+    assert results["bf16"]["feature_l1"] == pytest.approx(results["no"]["feature_l1"], rel=1e-2)
+    assert results["bf16"]["feature_l1"] != results["no"]["feature_l1"]
