@@ -56,11 +56,12 @@ class SceneData:
         return self.images[index : index + 1].float() / 255.0
 
 
-def _load_view(frame, image_scale: float):
+def _load_view(frame, image_scale: float, pin: bool = False):
     """A frame's image as Stage I keeps it (uint8 `[1, 3, H, W]`), the float image in [0, 1] the backbone reads
     where that is not the uint8 image / 255 (a resized or high-bit-depth picture; else None: the float copy is
     then made on the device, a quarter of the bytes to upload and no float conversion on the host), its mask
-    `[1, 1, H, W]` and its camera, at `image_scale`."""
+    `[1, 1, H, W]` and its camera, at `image_scale`. With `pin`, the two images are in page-locked memory, for
+    an upload that does not wait for the GPU."""
     from ..scene import load_image_pixels, load_mask
 
     pixels = torch.from_numpy(load_image_pixels(frame.image_path)).permute(2, 0, 1)[None]
@@ -79,6 +80,9 @@ def _load_view(frame, image_scale: float):
         mask = F.interpolate(mask, size=(camera.height, camera.width), mode="bilinear") > 0.5
     else:
         mask = torch.from_numpy(load_mask(frame.mask_path))[None, None]
+    if pin:
+        pixels = pixels.pin_memory()
+        image = None if image is None else image.pin_memory()
     return pixels, image, mask, camera
 
 
@@ -101,8 +105,14 @@ def load_scene_data(
         bf16: run the backbone under bfloat16 autocast (Stage I's `--mixed_precision bf16`; FiT3D: fp32).
     """
     images, masks, Ks, poses, targets = [], [], [], [], []
-    # the next views are read and resized on threads while the backbone runs on this one
-    loaded = map_ahead(functools.partial(_load_view, image_scale=image_scale), scene.frames, _READ_THREADS)
+    # the next views are read and resized on threads while the backbone runs on this one. On CUDA they are
+    # uploaded from page-locked memory: an upload from pageable memory waits for the GPU to finish the batch
+    # queued before it, so this thread then launched the next batch only once the GPU had run dry (the phase
+    # ran at 115 views/s where its backbone alone runs 471 and its readers 730, H100, session 17)
+    cuda = device.type == "cuda"
+    loaded = map_ahead(
+        functools.partial(_load_view, image_scale=image_scale, pin=cuda), scene.frames, _READ_THREADS
+    )
     batch_size = _TARGET_BATCH.get(device.type, 1)
     batch = []  # the backbone's inputs on the device, run as one batch
     start, waiting = time.perf_counter(), 0.0
@@ -112,8 +122,8 @@ def load_scene_data(
         before = time.perf_counter()
         pixels, image, mask, camera = next(loaded)
         waiting += time.perf_counter() - before
-        pixels = pixels.to(device)
-        batch.append(pixels.float() / 255.0 if image is None else image.to(device))
+        pixels = pixels.to(device, non_blocking=cuda)
+        batch.append(pixels.float() / 255.0 if image is None else image.to(device, non_blocking=cuda))
         if len(batch) == batch_size or index == len(scene.frames) - 1:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 targets.append(extractor(torch.cat(batch)).to(torch.float16))
