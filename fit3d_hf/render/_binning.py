@@ -8,8 +8,6 @@ alpha 1/255 there, front to back. Its pure-PyTorch twin is `_reference._isect_ti
 
 from __future__ import annotations
 
-import threading
-
 import torch
 from torch import Tensor
 
@@ -57,18 +55,14 @@ def isect_tiles(
 # Capacities are kept per (device, cameras, Gaussians, width, height), so renders of other sizes in between
 # (evaluation, other scenes) neither overflow nor pad each other's buffers.
 _PAIR_CAPACITY: dict[tuple, int] = {}
+# The capacity shrinks by at most 0.1% a call after a large render: it holds about the largest count of the last
+# few hundred calls. An overflow costs a wasted forward (1.1 ms at 1M Gaussians, H100) and an exact binning,
+# a padding slot only its share of the pair sort. On the 300 views of benchmarks/lift.py's 1M-Gaussian scene,
+# drawn in Stage I's order with densification's new counts (benchmarks/pair_capacity.py), 2% a call overflowed
+# 10.6% of the renders (padding 27%), 0.1% overflows 0.7% of them (padding 36%).
 _CAPACITY_MARGIN = 1.06  # slots per pair of the last call
-_CAPACITY_DECAY = 0.98  # lets the capacity shrink slowly after a large render
+_CAPACITY_DECAY = 0.999
 _CAPACITY_ENTRIES = 64
-# one event per thread and device marks the end of the binning: creating one per render costs a driver call
-_EVENTS = threading.local()
-
-
-def _binning_event(device: torch.device) -> torch.cuda.Event:
-    events = _EVENTS.__dict__.setdefault("by_device", {})
-    if device not in events:
-        events[device] = torch.cuda.Event()
-    return events[device]
 
 
 def isect_and_rasterize_exact(ext, means2d, conics, depths, colors, opacities, features, background, radii, width,
@@ -96,13 +90,13 @@ def isect_and_rasterize(ext, means2d, conics, depths, colors, opacities, feature
         tile_ranges, gaussian_ids, total = ext.isect_tiles(
             means2d, conics, opacities, depths, radii, width, height, capacity
         )
-        counted = _binning_event(means2d.device)
-        counted.record(torch.cuda.current_stream(means2d.device))
         images = ext.rasterize_fwd(
             means2d, conics, opacities, colors, depths, features, background, tile_ranges, gaussian_ids, width, height,
             features_bf16,
         )  # fmt: skip
-        counted.synchronize()  # waits for the binning only: the rasterizer queued above keeps the GPU busy
+        # waits for the count only, not for the rest of the binning (emitting and sorting the pairs, ~0.3 ms at
+        # 1M Gaussians, H100): this thread gets back to launching that much sooner, ahead of the GPU
+        ext.wait_pair_count(means2d.device.index or 0)
         pairs = int(total)
         _PAIR_CAPACITY[key] = max(int(_CAPACITY_MARGIN * pairs) + 1024, int(_CAPACITY_DECAY * capacity))
         if capacity <= 0 or pairs <= capacity:
