@@ -49,7 +49,7 @@ class CheckpointWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
-        self._staging: list[torch.Tensor] | None = None  # page-locked, made at the first background write
+        self._staging: list[torch.Tensor] | None = None  # page-locked, made at the first write from a GPU
 
     def submit(self, state: dict, path: str | os.PathLike) -> None:
         self.wait()
@@ -70,6 +70,11 @@ class CheckpointWriter:
         for tensor in _tensors(snapshot):
             if tensor.is_cuda and tensor.device not in ready:
                 ready[tensor.device] = torch.cuda.current_stream(tensor.device).record_event()
+        if ready and self._staging is None:
+            # made here, once: allocating page-locked memory may hold up other threads' CUDA calls
+            self._staging = [
+                torch.empty(_STAGING_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2)
+            ]
         self._thread = threading.Thread(
             target=self._write, args=(snapshot, ready, Path(path)), name="fit3d-checkpoint-writer"
         )
@@ -112,10 +117,6 @@ class CheckpointWriter:
         stream = self._streams.get(tensor.device)
         if stream is None:
             stream = self._streams[tensor.device] = torch.cuda.Stream(tensor.device)
-        if self._staging is None:
-            self._staging = [
-                torch.empty(_STAGING_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2)
-            ]
         with torch.cuda.stream(stream):
             stream.wait_event(ready[tensor.device])
             return _copy_through_staging(tensor, self._staging, stream)
