@@ -7,6 +7,12 @@ per tensor and streams all of them in one launch. The update is torch's Adam ter
 amsgrad, not maximising); the state (`step`, `exp_avg`, `exp_avg_sq`) has torch's layout, so checkpoints and
 densification's edits of the moments work as with `torch.optim.Adam`. Where the fast path does not apply (CPU
 tensors, other dtypes, options it lacks, no extension), `torch.optim.Adam.step` runs instead.
+
+A group may say that only a prefix of each row of its parameters can move (`group["live_prefix"]`: the number
+of leading elements of each row, a row being a parameter's elements past its first dimension): the caller
+guarantees that the other elements have zero gradients and zero moments, so that Adam leaves them as they are,
+and the kernel skips them (Stage I's higher SH orders before their degree is in use, 3DGS's schedule: 45 of a
+Gaussian's 123 stepped floats until iteration 1000). torch's step, which steps them all, gives the same result.
 """
 
 from __future__ import annotations
@@ -69,9 +75,10 @@ class GroupedAdam(torch.optim.Adam):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        params, grads, exp_avgs, exp_avg_sqs, hyper = [], [], [], [], []
+        params, grads, exp_avgs, exp_avg_sqs, hyper, live = [], [], [], [], [], []
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
+            prefix = group.get("live_prefix")
             for p in group["params"]:
                 if p.grad is None:
                     continue  # as torch: a parameter without a gradient is left alone, its step count too
@@ -91,7 +98,8 @@ class GroupedAdam(torch.optim.Adam):
                 exp_avg_sqs.append(state["exp_avg_sq"])
                 step_size = group["lr"] / (1 - beta1**step)
                 hyper.append((step_size, math.sqrt(1 - beta2**step), beta1, beta2, group["eps"]))
-        ext.adam_step(params, grads, exp_avgs, exp_avg_sqs, hyper)
+                live.append(-1 if prefix is None or not p.is_contiguous() else int(prefix))
+        ext.adam_step(params, grads, exp_avgs, exp_avg_sqs, hyper, live)
         return loss
 
 

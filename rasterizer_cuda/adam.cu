@@ -40,8 +40,8 @@ __global__ void __launch_bounds__(ADAM_THREADS) adam_kernel(const __grid_constan
     const AdamTensor& t = launch.tensors[i];
     const int64_t begin = (block - launch.first_block[i]) * ADAM_BLOCK_ELEMENTS;
     const int64_t end = begin + ADAM_BLOCK_ELEMENTS < t.n ? begin + ADAM_BLOCK_ELEMENTS : t.n;
-    const bool vectorised =
-        is_aligned(t.param, 16) && is_aligned(t.grad, 16) && is_aligned(t.exp_avg, 16) && is_aligned(t.exp_avg_sq, 16);
+    const bool vectorised = t.row == 0 && is_aligned(t.param, 16) && is_aligned(t.grad, 16) &&
+                            is_aligned(t.exp_avg, 16) && is_aligned(t.exp_avg_sq, 16);
     if (vectorised && end - begin == ADAM_BLOCK_ELEMENTS) {
         // loads first, then the arithmetic: the block's 2 x 4 loads per thread are in flight together
         float4 p[ADAM_VECTORS_PER_THREAD], g[ADAM_VECTORS_PER_THREAD], m[ADAM_VECTORS_PER_THREAD],
@@ -67,20 +67,23 @@ __global__ void __launch_bounds__(ADAM_THREADS) adam_kernel(const __grid_constan
         }
         return;
     }
-    // a tensor's last, partial block, or unaligned pointers: one element per thread at a time
+    // a tensor's last, partial block, unaligned pointers or a live prefix per row: one element per thread at a time
     for (int64_t e = begin + threadIdx.x; e < end; e += ADAM_THREADS) {
-        float p = t.param[e], m = t.exp_avg[e], v = t.exp_avg_sq[e];
-        adam_update(t, p, t.grad[e], m, v);
-        t.param[e] = p;
-        t.exp_avg[e] = m;
-        t.exp_avg_sq[e] = v;
+        // the live element e of a row-prefix tensor (n < 2^31 then) is in row e / live
+        const int64_t at =
+            t.row == 0 ? e : int64_t(unsigned(e) / unsigned(t.live)) * t.row + int64_t(unsigned(e) % unsigned(t.live));
+        float p = t.param[at], m = t.exp_avg[at], v = t.exp_avg_sq[at];
+        adam_update(t, p, t.grad[at], m, v);
+        t.param[at] = p;
+        t.exp_avg[at] = m;
+        t.exp_avg_sq[at] = v;
     }
 }
 
 }  // namespace
 
 cudaError_t launch_adam(const AdamTensor* tensors, int count, cudaStream_t stream) {
-    // ADAM_MAX_TENSORS per launch: the launch's argument block (under 1 KB) holds their pointers
+    // ADAM_MAX_TENSORS per launch: the launch's argument block (1.4 KB of the 4 KB allowed) holds their pointers
     for (int first = 0; first < count; first += ADAM_MAX_TENSORS) {
         AdamLaunch launch = {};
         launch.count = std::min(count - first, ADAM_MAX_TENSORS);

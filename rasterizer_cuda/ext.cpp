@@ -807,14 +807,18 @@ void wait_pair_count(int64_t device) {
 // ---- adam ---------------------------------------------------------------------------------------------
 // One Adam step of every tensor in `params` (in place, with their moments), in one launch per
 // fit3d::ADAM_MAX_TENSORS tensors; `hyper` holds per tensor (step_size, bias_correction2_sqrt, beta1, beta2, eps),
-// see fit3d::AdamTensor.
+// and `live`, if not empty, per tensor the number of leading elements of each row (its elements past the first
+// dimension) that the step updates, or -1 for all of them; see fit3d::AdamTensor.
 void adam_step(const std::vector<Tensor>& params, const std::vector<Tensor>& grads, const std::vector<Tensor>& exp_avgs,
-               const std::vector<Tensor>& exp_avg_sqs, const std::vector<std::array<double, 5>>& hyper) {
+               const std::vector<Tensor>& exp_avg_sqs, const std::vector<std::array<double, 5>>& hyper,
+               const std::vector<int64_t>& live) {
     const size_t count = params.size();
     FIT3D_CHECK(
         grads.size() == count && exp_avgs.size() == count && exp_avg_sqs.size() == count && hyper.size() == count,
         "fit3d adam: ", count, " parameters but ", grads.size(), " gradients, ", exp_avgs.size(), " and ",
         exp_avg_sqs.size(), " moments and ", hyper.size(), " settings");
+    FIT3D_CHECK(live.empty() || live.size() == count, "fit3d adam: ", count, " parameters but ", live.size(),
+                " live row prefixes");
     if (count == 0) return;
     std::vector<fit3d::AdamTensor> tensors(count);
     for (size_t i = 0; i < count; ++i) {
@@ -835,19 +839,36 @@ void adam_step(const std::vector<Tensor>& params, const std::vector<Tensor>& gra
         }
         FIT3D_CHECK(p.device() == params[0].device(), "fit3d adam: parameter ", i, " is on ", p.device(),
                     " but parameter 0 is on ", params[0].device());
+        int64_t n = p.numel(), row = 0, prefix = 0;
+        if (!live.empty() && live[i] >= 0) {
+            const int64_t rows = p.dim() > 0 ? p.size(0) : 1;
+            const int64_t row_length = rows > 0 ? n / rows : 0;
+            FIT3D_CHECK(p.is_contiguous() && live[i] <= row_length && n < INT_MAX, "fit3d adam: a live prefix of ",
+                        live[i],
+                        " elements per row needs a contiguous parameter of fewer than 2^31 elements with rows that "
+                        "long; parameter ",
+                        i, " has shape ", p.sizes());
+            if (live[i] < row_length) {  // else all of it: the dense path
+                row = row_length;
+                prefix = live[i];
+                n = rows * prefix;
+            }
+        }
         const auto& [step_size, bias_correction2_sqrt, beta1, beta2, eps] = hyper[i];
         tensors[i] = {p.data_ptr<float>(),
                       grads[i].data_ptr<float>(),
                       exp_avgs[i].data_ptr<float>(),
                       exp_avg_sqs[i].data_ptr<float>(),
-                      p.numel(),
+                      n,
                       float(step_size),
                       float(bias_correction2_sqrt),
                       float(beta1),
                       float(1.0 - beta1),
                       float(beta2),
                       float(1.0 - beta2),
-                      float(eps)};
+                      float(eps),
+                      int(row),
+                      int(prefix)};
     }
     const at::cuda::OptionalCUDAGuard guard(device_of(params[0]));
     check_cuda(fit3d::launch_adam(tensors.data(), int(count), stream()), "adam");

@@ -176,9 +176,12 @@ struct AdamTensor {
     const float* grad;
     float* exp_avg;
     float* exp_avg_sq;
-    int64_t n;  // elements of each of the four (dense float32 tensors of one layout)
+    int64_t n;  // elements stepped (dense float32 tensors of one layout)
     // 1 - beta as given (in double by the caller): 1 - 0.999f in float32 is 1.3e-5 off
     float step_size, bias_correction2_sqrt, beta1, one_minus_beta1, beta2, one_minus_beta2, eps;
+    // row > 0: only the first `live` of each `row` elements are stepped (n = rows * live, contiguous tensors),
+    // the rest having zero gradients and moments, which Adam leaves unchanged (Stage I's SH orders not yet in use)
+    int row, live;
 };
 constexpr int ADAM_MAX_TENSORS = 16;  // tensors per launch (more take more launches)
 cudaError_t launch_adam(const AdamTensor* tensors, int count, cudaStream_t stream);

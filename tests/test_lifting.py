@@ -455,3 +455,40 @@ def test_bf16_evaluation_decodes_as_the_training_does(scene_root, backbone_dir, 
     assert results["bf16"]["psnr"] == results["no"]["psnr"]
     assert results["bf16"]["feature_l1"] == pytest.approx(results["no"]["feature_l1"], rel=1e-2)
     assert results["bf16"]["feature_l1"] != results["no"]["feature_l1"]
+
+
+def test_the_optimizer_is_told_which_sh_orders_can_move(scene_root, backbone_dir, tmp_path):
+    """The higher SH orders past the degree in use have zero gradients and keep zero moments, and the optimizer's
+    `live_prefix` of the sh_rest group says how many of a Gaussian's 45 coefficients are in use (none at degree
+    0, 9 at 1, 24 at 2, all at 3); on the CPU torch's Adam steps them all, which leaves those zeros as they are.
+    The prefix is set before each optimizer step from the degree that step rendered with."""
+    from fit3d_hf.lifting import load_scene_data
+    from fit3d_hf.lifting.lifter import Lifter
+
+    scene = read_scene(resolve_scene_list(str(scene_root))[0])
+    data = load_scene_data(
+        scene, DenseFeatureExtractor.from_pretrained(backbone_dir), 1.0, torch.device("cpu"), progress=False
+    )
+    args = LiftingArguments(
+        backbone=backbone_dir, out=str(tmp_path), feature_dim=8, iterations=10, sh_increase_interval=2,
+        densify_from=0, densify_interval=3, densify_grad_threshold=0.0, device="cpu",
+    )  # fmt: skip
+    lifter = Lifter(args, data, list(range(len(data.image_ids))), torch.device("cpu"))
+
+    def live_prefix(of):
+        return next(g["live_prefix"] for g in of.optimizer.param_groups if g["name"] == "sh_rest")
+
+    seen = []
+    for _ in range(8):
+        lifter.step()
+        g = lifter.gaussians
+        live = live_prefix(lifter)  # the degree this step rendered with
+        rest = g.sh_rest.detach().flatten(1)
+        moments = lifter.optimizer.state[g.sh_rest]
+        dead = slice(live if live is not None else rest.shape[1], None)
+        assert not rest[:, dead].any() and not moments["exp_avg"].flatten(1)[:, dead].any()
+        assert not moments["exp_avg_sq"].flatten(1)[:, dead].any()
+        if live:  # the live orders move
+            assert rest[:, :live].abs().sum() > 0
+        seen.append(live)
+    assert seen == [0, 9, 9, 24, 24, None, None, None]  # raised at iterations 2, 4, 6

@@ -129,4 +129,55 @@ def test_bad_state_is_refused_by_name():
     p = torch.zeros(4, 3, device="cuda")
     with pytest.raises(ValueError, match="exp_avg of parameter 0"):
         load_extension().adam_step([p], [p.clone()], [torch.zeros(3, 4, device="cuda")], [p.clone()],
-                                   [(1e-3, 1.0, 0.9, 0.999, 1e-8)])  # fmt: skip
+                                   [(1e-3, 1.0, 0.9, 0.999, 1e-8)], [])  # fmt: skip
+
+
+@cuda_test
+def test_a_live_prefix_steps_only_the_leading_elements_of_each_row():
+    """`live_prefix` (Stage I's SH orders in use): with zero gradients and moments past the prefix, the kernel's
+    step equals torch's Adam stepping everything, as the prefix grows 0 -> 9 -> 24 -> all; and it really skips
+    them: gradients put there on purpose leave those elements and their moments untouched."""
+    g = torch.Generator().manual_seed(3)
+    shape = (2051, 15, 3)
+    ours = torch.nn.Parameter(torch.zeros(shape, device="cuda"))
+    theirs = torch.nn.Parameter(torch.zeros(shape, device="cuda"))
+    group = {"params": [ours], "lr": 2.5e-3}
+    grouped = GroupedAdam([group], eps=1e-15)
+    reference = torch.optim.Adam([{"params": [theirs], "lr": 2.5e-3}], eps=1e-15, foreach=False)
+    for live in (0, 0, 9, 9, 24, 24, None, None):
+        group["live_prefix"] = live
+        grad = torch.randn(shape, generator=g).view(shape[0], -1)
+        grad[:, 45 if live is None else live :] = 0  # nothing past the prefix: its orders are not in use
+        ours.grad, theirs.grad = grad.view(shape).cuda(), grad.view(shape).cuda()
+        grouped.step()
+        reference.step()
+    torch.testing.assert_close(ours, theirs, rtol=2e-6, atol=2e-7)
+    assert ours.view(shape[0], -1)[:, :24].abs().min() > 0  # the early orders moved
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(
+            grouped.state[ours][key], reference.state[theirs][key], rtol=2e-6, atol=2e-7
+        )
+
+    group["live_prefix"] = 9
+    before = {
+        "param": ours.detach().clone(),
+        **{k: grouped.state[ours][k].clone() for k in ("exp_avg", "exp_avg_sq")},
+    }
+    ours.grad = torch.ones(shape, device="cuda")
+    grouped.step()
+    after = {"param": ours.detach(), **{k: grouped.state[ours][k] for k in ("exp_avg", "exp_avg_sq")}}
+    for key in before:
+        rows_before, rows_after = before[key].view(shape[0], -1), after[key].view(shape[0], -1)
+        assert torch.equal(rows_after[:, 9:], rows_before[:, 9:]), key  # skipped, gradient or not
+        assert not torch.equal(rows_after[:, :9], rows_before[:, :9]), key
+
+
+@cuda_test
+def test_a_live_prefix_longer_than_the_rows_is_refused():
+    from fit3d_hf.render._backend import load_extension
+
+    p = torch.zeros(4, 3, device="cuda")
+    with pytest.raises(ValueError, match="live prefix of 4 elements per row"):
+        load_extension().adam_step(
+            [p], [p.clone()], [p.clone()], [p.clone()], [(1e-3, 1.0, 0.9, 0.999, 1e-8)], [4]
+        )

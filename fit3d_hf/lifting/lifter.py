@@ -75,6 +75,16 @@ class Lifter:
         # one launch for all eight groups on CUDA, torch's fused Adam elsewhere (fit3d_hf/optim.py)
         return make_adam(groups, eps=1e-15, device=self.device)
 
+    def _mark_live_sh_orders(self) -> None:
+        """Tells the optimizer which higher-order SH coefficients can move: those of the degrees in use. The others
+        get zero gradients (the SH backward writes zeros past the degree) and keep zero moments until their degree
+        comes, so Adam leaves them unchanged and GroupedAdam's kernel skips them (fit3d_hf/optim.py)."""
+        g = self.gaussians
+        live = 3 * ((g.active_sh_degree + 1) ** 2 - 1)
+        for group in self.optimizer.param_groups:
+            if group["name"] == "sh_rest":
+                group["live_prefix"] = live if live < g.sh_rest.shape[1] * g.sh_rest.shape[2] else None
+
     def next_view(self) -> int:
         # 3DGS's order: a shuffled stack of the training views, refilled when empty.
         if not self.view_stack:
@@ -138,6 +148,7 @@ class Lifter:
                 if key in self.densification_totals:
                     self.densification_totals[key] += value
             if it < args.iterations:
+                self._mark_live_sh_orders()  # from the degree this step rendered with, however it was set
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         # Detached tensors, not floats: reading a value would wait for the GPU at every step.
