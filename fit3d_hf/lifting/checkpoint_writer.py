@@ -10,8 +10,9 @@ with `save_torch_checkpoint` (hashing and writing release the GIL, so the traini
 snapshot held the loop 5.8 ms). The host copy goes through two small page-locked staging buffers: copied
 straight into pageable memory, the 1.5 GB held the training thread's kernel launches for the whole transfer
 (its steps took 113 instead of 8 ms for 1.2 s: 1.15 s of the checkpoint's 1.2 s cost to the training, H100,
-session 17), while a copy into page-locked memory is a DMA that blocks no other thread; copying all of it into
-page-locked memory instead would pin 1.5 GB of the host for good. What reaches the disk is the same file a
+session 17), while a copy into page-locked memory is a DMA that blocks no other thread (copying all of it into
+page-locked memory instead would pin 1.5 GB of the host for good). A checkpoint now costs the training 0.10-0.14
+s, its steps at 8.0 instead of 7.6 ms during the 3 s write. What reaches the disk is the same file a
 synchronous save writes then.
 
 On the CPU it writes synchronously: training and writing would share the same cores, and a checkpoint is then
