@@ -80,7 +80,7 @@ def replay(
     return {"overflow_rate": round(overflows / iterations, 4), "mean_padding": round(padding / iterations, 3)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -89,7 +89,7 @@ def main() -> None:
     )
     parser.add_argument("--points_per_sample", type=int, default=1, help="jittered copies of each point")
     parser.add_argument("--iterations", type=int, default=30000)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         scene_dir = args.scene
