@@ -190,9 +190,8 @@ def test_three_processes_one_killed_mid_scene_finish_every_scene_once(many_scene
     assert f":{victim_pid}:" not in owners[killed_scene]  # finished by a survivor ...
     assert f"{killed_scene}: the claim of" in survivors_logs and "taking the scene over" in survivors_logs
     assert "was already finished by" not in survivors_logs  # ... and by one only
-    assert (
-        len({owner for owner in owners.values() if f":{victim_pid}:" not in owner}) == 2
-    )  # both survivors got work
+    # (whether both survivors got a scene depends on how fast each started: on a loaded 2-core machine one of them
+    # has finished the three free scenes and the killed one before the other claimed any, session 17's CI run)
     for scene in scenes:
         assert (out / scene / "gaussians.safetensors").read_bytes() == (
             reference / scene / "gaussians.safetensors"
