@@ -146,6 +146,19 @@ def test_without_room_for_the_snapshot_the_checkpoint_is_written_at_once(tmp_pat
     _assert_same(load_torch_checkpoint(path), state)
 
 
+def _longest_round(x: torch.Tensor, running, end_round=lambda: None) -> float:
+    """The longest round, in seconds, of 20 small ops on `x` (each round ended by `end_round`) while `running()`:
+    a training loop's launches, to see whether another thread holds them up."""
+    longest, last = 0.0, time.perf_counter()
+    while running():
+        for _ in range(20):
+            x.add_(1)
+        end_round()
+        now = time.perf_counter()
+        longest, last = max(longest, now - last), now
+    return longest
+
+
 def test_a_write_in_the_background_leaves_the_training_thread_running(tmp_path):
     """The writer thread holds the GIL only briefly: a loop of small torch ops on this thread (as a training loop
     launching kernels) is never held up for long while a 400 MB checkpoint is written. torch.save given a path
@@ -160,12 +173,7 @@ def test_a_write_in_the_background_leaves_the_training_thread_running(tmp_path):
     for _ in range(2):
         writer = threading.Thread(target=save_torch_checkpoint, args=(state, tmp_path / "checkpoint.pt"))
         writer.start()
-        longest, last = 0.0, time.perf_counter()
-        while writer.is_alive():
-            for _ in range(20):
-                x.add_(1)
-            now = time.perf_counter()
-            longest, last = max(longest, now - last), now
+        longest = _longest_round(x, writer.is_alive)
         writer.join()
         assert longest < 0.1, f"the loop waited {1000 * longest:.0f} ms for the writer thread"
     assert torch.equal(
@@ -216,12 +224,7 @@ def test_the_host_copy_does_not_hold_the_training_threads_launches(tmp_path):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(checkpoint_writer, "save_torch_checkpoint", lambda state, path: saved.set())
         writer.submit(state, tmp_path / "checkpoint.pt")
-        longest, last = 0.0, time.perf_counter()
-        while not saved.is_set():
-            for _ in range(20):
-                x.add_(1)
-            torch.cuda.current_stream().synchronize()  # as a training step waits on its own stream's progress
-            now = time.perf_counter()
-            longest, last = max(longest, now - last), now
+        # each round waits on its own stream's progress, as a training step does
+        longest = _longest_round(x, lambda: not saved.is_set(), torch.cuda.current_stream().synchronize)
         writer.wait()
     assert longest < 0.05, f"the loop waited {1000 * longest:.0f} ms for the host copy"
