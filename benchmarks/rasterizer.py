@@ -4,8 +4,8 @@ The workload, timing and JSON fields mirror the anchors' gsplat_bench.py (in sha
 repository): a synthetic 6x4x6 m room of Gaussians, 876x584, N in {100k, 500k, 1M}, 1 and 4 cameras, C in
 {3, 32, 64, 128, 384}; forward without grad and forward+backward of (out * w).sum(); median of 20 after 5
 warm-ups with CUDA events; also `renderer_fwdbwd_ms`, the same forward+backward without the loss's kernels and
-the accumulation into `.grad` (the renderer's own share); peak memory after resetting the peak counter, so it includes the scene, the
-parameters and their gradients.
+the accumulation into `.grad` (the renderer's own share); peak memory after resetting the peak counter, so it
+includes the scene, the parameters and their gradients.
 
 For gsplat, "ch" colour channels are rendered with render_mode="RGB+ED", packed=False, exactly as in the
 anchor script. For fit3d, "ch" feature channels are rendered together with RGB and depth (ch + 4 blended
@@ -123,7 +123,7 @@ def bench_gsplat(scene, n, ncam, ch, width, height, dev, channel_chunk=32):
 
     w = torch.randn(ncam, height, width, ch + 1, device=dev)
 
-    def fwdbwd():
+    def render_all():
         m, q, s, o, f = params
         out, alpha, meta = rasterization(
             m,
@@ -139,14 +139,10 @@ def bench_gsplat(scene, n, ncam, ch, width, height, dev, channel_chunk=32):
             render_mode="RGB+ED",
             channel_chunk=channel_chunk,
         )
-        (out * w).sum().backward()
-
-    def render_all():
-        m, q, s, o, f = params
-        out, _, _ = rasterization(
-            m, q, s, o, f, viewmats, ks, width, height, packed=False, render_mode="RGB+ED", channel_chunk=channel_chunk
-        )  # fmt: skip
         return out
+
+    def fwdbwd():
+        (render_all() * w).sum().backward()
 
     tf = timeit(fwd)
     tb = timeit(fwdbwd)
@@ -186,13 +182,13 @@ def bench_fit3d(scene, n, ncam, ch, width, height, dev, route):
     w_depth = torch.randn(ncam, 1, height, width, device=dev)
     w_feat = torch.randn(ncam, ch, height, width, device=dev)
 
-    def fwdbwd():
-        out = render(*params, ks, viewmats, width, height, backend="cuda", feature_grad_to_geometry=route)
-        ((out.rgb * w_rgb).sum() + (out.depth * w_depth).sum() + (out.features * w_feat).sum()).backward()
-
     def render_all():
         out = render(*params, ks, viewmats, width, height, backend="cuda", feature_grad_to_geometry=route)
         return out.rgb, out.depth, out.features
+
+    def fwdbwd():
+        rgb, depth, features = render_all()
+        ((rgb * w_rgb).sum() + (depth * w_depth).sum() + (features * w_feat).sum()).backward()
 
     tf = timeit(fwd)
     tb = timeit(fwdbwd)
