@@ -172,6 +172,9 @@ def host_overhead(n: int = 1000, calls: int = 300, device: str = "cuda") -> None
             def rasterize_fwd(self, *args):
                 return images
 
+            def wait_pair_count(self, device):  # the count above is already on the host
+                pass
+
         with mock.patch.object(_wrapper, "extension_for", lambda device: Stub()):
             report("render, compiled ops stubbed", call_render)
 
