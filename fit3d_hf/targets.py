@@ -3,10 +3,11 @@
 FiT3D decodes the full-resolution 64-channel render with a 3x3 convolution to D channels (D x 584 x 876
 per image) and then bilinearly resamples it to the patch grid (e.g. 41 x 62). Both steps are linear, and
 bilinear resampling (align_corners=False, no antialiasing) reads only 2 x 2 pixels per output, so the same
-numbers come from evaluating the convolution only at those pixels: for each kernel tap, gather the
-rows and columns the resampling needs from the low-dimensional render, then apply the kernel's D x F
-matrix. That is about 1/200 of the work and never materialises the D x H x W map (whose batch of 16 at
-384 channels overflows `F.interpolate`'s element limit).
+numbers come from evaluating the convolution only at those pixels: gather, for each output, the (k+1) x (k+1)
+window of the low-dimensional render that its k x k kernel reads at those pixels, blend the window's rows and
+then its columns with the resampling's weights (k x k left), and apply the kernel as one D x (F k k) matrix.
+That is about 1/200 of the work and never materialises the D x H x W map (whose batch of 16 at 384 channels
+overflows `F.interpolate`'s element limit).
 """
 
 from __future__ import annotations
@@ -32,6 +33,32 @@ def _bilinear_taps(
     return torch.stack([low, high], dim=1), torch.stack([1 - frac, frac], dim=1)
 
 
+def _window_weights(
+    in_size: int, out_size: int, kernel: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Along one axis, for a k-tap convolution (zero padding k // 2) followed by bilinear resampling: each
+    output's window of k + 1 source indices `[out, k + 1]` (clamped into the image), and the weights
+    `[out, k]` of window positions u and u + 1 in the blend that gives the k inputs the kernel reads.
+
+    Output o reads conv[low] and conv[low + 1] with the bilinear weights; conv[p] reads the inputs
+    p - k // 2 ... p + k // 2, so kernel tap y reads low_weight * window[y] + high_weight * window[y + 1] with
+    the window starting at low - k // 2. Where resampling clamps its second tap onto the first (the image's
+    last pixel, or upsampling), that tap's weight joins the first. Inputs outside the image (the convolution's
+    zero padding) get weight 0."""
+    taps, tap_weights = _bilinear_taps(in_size, out_size, device, dtype)
+    low = taps[:, 0]
+    distinct = taps[:, 1] > low
+    low_weight = tap_weights[:, 0] + tap_weights[:, 1] * ~distinct
+    high_weight = tap_weights[:, 1] * distinct
+    window = (low - kernel // 2)[:, None] + torch.arange(kernel + 1, device=device)
+    inside = (window >= 0) & (window < in_size)
+    return (
+        window.clamp(0, in_size - 1),
+        (low_weight[:, None] * inside[:, :-1]).to(dtype),
+        (high_weight[:, None] * inside[:, 1:]).to(dtype),
+    )
+
+
 def decode_at_patch_grid(
     feature_map: torch.Tensor, weight: torch.Tensor, size: tuple[int, int]
 ) -> torch.Tensor:
@@ -53,22 +80,16 @@ def decode_at_patch_grid(
         )
     _, _, height, width = feature_map.shape
     kernel_h, kernel_w = weight.shape[2:]
-    rows_index, rows_weight = _bilinear_taps(height, size[0], feature_map.device, feature_map.dtype)
-    cols_index, cols_weight = _bilinear_taps(width, size[1], feature_map.device, feature_map.dtype)
-    weight = weight.to(feature_map.dtype)
-    output = None
-    for ky in range(kernel_h):
-        rows = rows_index + ky - kernel_h // 2  # [h, 2]; outside the image = zero padding
-        row_weights = (rows_weight * ((rows >= 0) & (rows < height))).to(feature_map.dtype)
-        gathered_rows = feature_map[:, :, rows.clamp(0, height - 1)]  # [B, F, h, 2, W]
-        blended_rows = (gathered_rows * row_weights[None, None, :, :, None]).sum(dim=3)  # [B, F, h, W]
-        for kx in range(kernel_w):
-            cols = cols_index + kx - kernel_w // 2  # [w, 2]
-            col_weights = (cols_weight * ((cols >= 0) & (cols < width))).to(feature_map.dtype)
-            taps = (blended_rows[..., cols.clamp(0, width - 1)] * col_weights).sum(dim=-1)  # [B, F, h, w]
-            contribution = torch.einsum("bfhw,df->bdhw", taps, weight[:, :, ky, kx])
-            output = contribution if output is None else output + contribution
-    return output
+    device, dtype = feature_map.device, feature_map.dtype
+    rows, row_low, row_high = _window_weights(height, size[0], kernel_h, device, dtype)
+    cols, col_low, col_high = _window_weights(width, size[1], kernel_w, device, dtype)
+    # one gather of every output's window: [B, F, h, k_h + 1, w, k_w + 1]
+    window = feature_map[:, :, rows[:, :, None, None], cols[None, None, :, :]]
+    # the resampling's rows, then its columns: [B, F, h, k_h, w, k_w + 1], then [B, F, h, k_h, w, k_w]
+    row_low, row_high = row_low[:, :, None, None], row_high[:, :, None, None]
+    blended = torch.addcmul(window[:, :, :, :-1] * row_low, window[:, :, :, 1:], row_high)
+    blended = torch.addcmul(blended[..., :-1] * col_low, blended[..., 1:], col_high)
+    return torch.einsum("bfiyjx,dfyx->bdij", blended, weight.to(dtype))
 
 
 def decode_then_resample(

@@ -12,6 +12,7 @@ from fit3d_hf.targets import decode_at_patch_grid, decode_then_resample
         ((61, 45), (4, 3)),
         ((30, 40), (30, 40)),
         ((17, 23), (2, 1)),
+        ((20, 30), (40, 50)),  # upsampling: the second tap clamps onto the first at the last rows
     ],
 )
 def test_patch_grid_decode_equals_full_decode_then_resample(image_size, grid):
@@ -35,6 +36,31 @@ def test_patch_grid_decode_float32_and_1x1_kernel():
     )
 
 
+def test_patch_grid_decode_5x5_kernel_reaches_the_padding():
+    generator = torch.Generator().manual_seed(1)
+    feature_map = torch.randn(1, 3, 11, 13, generator=generator, dtype=torch.float64)
+    weight = torch.randn(5, 3, 5, 5, generator=generator, dtype=torch.float64)
+    torch.testing.assert_close(
+        decode_at_patch_grid(feature_map, weight, (4, 6)),
+        decode_then_resample(feature_map, weight, (4, 6)),
+        rtol=1e-10,
+        atol=1e-10,
+    )
+
+
 def test_patch_grid_decode_rejects_mismatched_channels():
     with pytest.raises(ValueError, match="same F"):
         decode_at_patch_grid(torch.zeros(1, 4, 8, 8), torch.zeros(6, 5, 3, 3), (2, 2))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_patch_grid_decode_on_cuda_matches_the_cpu_result():
+    # Stage II's shapes (a batch of 876 x 584 renders of 64 channels, DINOv2's 41 x 62 grid, 384 channels)
+    generator = torch.Generator().manual_seed(2)
+    feature_map = torch.randn(2, 64, 584, 876, generator=generator).cuda()
+    weight = torch.randn(384, 64, 3, 3, generator=generator).cuda() / 24
+    expected = decode_then_resample(feature_map.double(), weight.double(), (41, 62))  # float64: no TF32
+    on_cuda = decode_at_patch_grid(feature_map, weight, (41, 62))
+    assert on_cuda.shape == (2, 384, 41, 62)
+    torch.testing.assert_close(on_cuda.double(), expected, rtol=1e-4, atol=1e-4)
