@@ -47,7 +47,7 @@ from fit3d_hf.gaussians import FeatureGaussians, save_bundle
 from fit3d_hf.losses import masked_l1
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import synchronize  # noqa: E402
+from timing import device_kernels, synchronize  # noqa: E402
 
 BACKBONES = {
     # DINOv2-S/14, and a tiny one for the CPU smoke test
@@ -156,6 +156,25 @@ def images_per_s(step: Step, batch, cache, flips, warmup: int, steps: int) -> fl
     synchronize(device)
     accelerator.wait_for_everyone()  # the slowest process ends the timed region
     return accelerator.num_processes * len(batch["image"]) * steps / (time.perf_counter() - start)
+
+
+def gpu_time(step: Step, batch, cache, flips, steps: int = 3) -> dict:
+    """GPU time of `steps` undisturbed steps (torch.profiler's kernels and copies; CUDA only): per image of one
+    process, and the slowest kernels in ms per step. Set against `step_ms_per_image`, it says how close the
+    step is to GPU-bound, which the synchronised time split cannot (its phases include host time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step(batch, cache, flips)
+        synchronize(step.accelerator.device)
+    kernels, ms_per_step = device_kernels(prof, steps)
+    return {
+        "gpu_ms_per_image": round(ms_per_step / len(batch["image"]), 3),
+        "top_kernels_ms_per_step": {
+            e.key[:80]: round(e.self_device_time_total / steps / 1000, 3) for e in kernels[:10]
+        },
+    }
 
 
 def _timed(function, totals: dict, name: str, device: torch.device):
@@ -338,6 +357,7 @@ def main() -> None:
                 torch.cuda.reset_peak_memory_stats(device)
             rate = images_per_s(step, batch, cache, flips, args.warmup, args.steps)
             split = time_split(step, batch, cache, flips, args.profile_steps) if args.profile_steps else None
+            gpu = gpu_time(step, batch, cache, flips) if device.type == "cuda" else {}
             if lora_rank == 0:
                 best_full = max(best_full or 0.0, rate)
             record = {
@@ -366,6 +386,8 @@ def main() -> None:
                 "step_ms_per_image": round(
                     1000 * accelerator.num_processes / rate, 3
                 ),  # undisturbed, one process
+                "gpu_ms_per_image": gpu.get("gpu_ms_per_image"),  # CUDA only
+                "top_kernels_ms_per_step": gpu.get("top_kernels_ms_per_step"),
                 "peak_mib": round(torch.cuda.max_memory_allocated(device) / 2**20)
                 if device.type == "cuda"
                 else None,

@@ -34,7 +34,7 @@ from fit3d_hf.lifting.lifter import Lifter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_gaps import gpu_idle_gaps_of_file  # noqa: E402
-from timing import synchronize  # noqa: E402
+from timing import device_kernels, synchronize  # noqa: E402
 
 
 def random_scene(n_points: int, views: int, width: int, height: int, dim: int, device) -> SceneData:
@@ -168,9 +168,7 @@ def main(argv=None):
 def kernel_times(prof, steps: int, unit: str, rows: int) -> tuple[list, float]:
     """The profiled GPU kernels and copies (no CPU-side operator rows, which double-count them), slowest first,
     and their total in ms per `unit`; the first `rows` printed per `unit`."""
-    kernels = [e for e in prof.key_averages() if e.self_device_time_total > 0]
-    kernels.sort(key=lambda e: -e.self_device_time_total)
-    total = sum(e.self_device_time_total for e in kernels) / steps / 1000
+    kernels, total = device_kernels(prof, steps)
     print(f"GPU time per {unit}: {total:.3f} ms; per kernel (ms per {unit}, launches per {unit}):")  # noqa: T201
     for e in kernels[:rows]:
         print(f"  {e.self_device_time_total / steps / 1000:7.3f}  {e.count / steps:5.1f}  {e.key[:110]}")  # noqa: T201

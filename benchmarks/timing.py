@@ -1,5 +1,5 @@
-"""Wall-clock timing shared by the benchmarks that time whole steps (inference.py, adam_bandwidth.py, finetune.py,
-profile_lift.py)."""
+"""Timing shared by the benchmarks that time whole steps (inference.py, adam_bandwidth.py, finetune.py,
+profile_lift.py): wall clock, and the GPU time of a profiled run."""
 
 import time
 
@@ -24,3 +24,11 @@ def median_seconds(function, device: torch.device, warmup: int, iterations: int)
         synchronize(device)
         timings.append(time.perf_counter() - start)
     return sorted(timings)[len(timings) // 2]
+
+
+def device_kernels(prof, steps: int) -> tuple[list, float]:
+    """The GPU kernels and copies a `torch.profiler` run recorded (no CPU-side operator rows, which double-count
+    them), slowest first, and their total in ms per step of the `steps` profiled."""
+    kernels = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    kernels.sort(key=lambda e: -e.self_device_time_total)
+    return kernels, sum(e.self_device_time_total for e in kernels) / steps / 1000

@@ -45,6 +45,7 @@ def test_finetune_benchmark_tiny_cpu_run():
         assert set(phases) == {"upload_flip", "render", "decode", "forward", "backward", "optimizer"}
         assert all(value > 0 for value in phases.values())  # the render/decode wrappers saw their calls
         assert abs(sum(phases.values()) - record["profiled_ms_per_image"]) < 0.01
+        assert record["gpu_ms_per_image"] is None and record["top_kernels_ms_per_step"] is None  # CUDA only
     # workers=0: one batch untimed, then ceil(32 / 4) batches of 4 timed
     assert loading["benchmark"] == "finetune_data_loading"
     assert (loading["workers"], loading["frames_timed"]) == (0, 32)
