@@ -4,7 +4,8 @@
 #   tests    CUDA tests (rasterizer, feature loss, pipeline) and, where timm is installed, the timm parity tests
 #            (TESTS_ONLY=1: TESTS alone)
 #   raster   benchmarks/rasterizer.py against gsplat 1.5.3 (default chunk and one pass) when .whl/ holds its wheel
-#   rastertrees  our benchmarks/rasterizer.py in each older snapshot in RASTER_TREES, then here (a drift bisected)
+#   rastertrees  our benchmarks/rasterizer.py (or TREES_BENCH, e.g. "benchmarks/profile_rasterizer.py --host") in each
+#            older snapshot in RASTER_TREES, then here (a drift bisected)
 #   abba     A/B of each patch in ABBA_PATCH, its stages alternated between this tree and a patched copy
 #   profile  per-kernel times, host time per call (benchmarks/profile_rasterizer.py)
 #   finetune benchmarks/finetune.py (Stage II step, 1 process; needs the datasets wheels in .whl/)
@@ -91,15 +92,19 @@ for stage in "$@"; do
             # shellcheck disable=SC2086
             CXX="$cxx" "$PY" benchmarks/rasterizer.py ${RASTER_ARGS:---lib both --quick} 2>&1 | tee "$OUT/rasterizer.jsonl" | tail -n 14 ;;
         rastertrees)
-            # our rasterizer's benchmark (RASTER_ARGS) in each snapshot of an older checkout in RASTER_TREES (plain
-            # files, e.g. `git archive <commit> | tar -x -C snap/<name>`), each built here, then in this tree: a
-            # timing drift bisected on one machine; every JSON line gets the tree's name
+            # our rasterizer's benchmark (RASTER_ARGS; or the script and options in TREES_BENCH) in each snapshot of
+            # an older checkout in RASTER_TREES (plain files, e.g. `git archive <commit> | tar -x -C snap/<name>`),
+            # each built here, then in this tree: a timing drift bisected on one machine; every JSON line gets the
+            # tree's name, and every line goes to rastertrees.txt after a header naming the tree
+            bench="${TREES_BENCH:-benchmarks/rasterizer.py ${RASTER_ARGS:---quick --channels 64}}"
             for tree in ${RASTER_TREES:-} .; do
+                echo "== tree $tree: $bench" >>"$OUT/rastertrees.txt"
                 # shellcheck disable=SC2086
                 (cd "$tree" && "$PY" setup.py build_ext --inplace >>"$OUT/setup.log" 2>&1 \
-                    && PYTHONPATH="$PWD:$PYTHONPATH" "$PY" benchmarks/rasterizer.py ${RASTER_ARGS:---quick --channels 64}) \
-                    2>&1 | sed "s|^{|{\"tree\": \"$tree\", |" | tee -a "$OUT/rastertrees.jsonl" | tail -n 4
-            done ;;
+                    && PYTHONPATH="$PWD:$PYTHONPATH" "$PY" $bench) \
+                    2>&1 | sed "s|^{|{\"tree\": \"$tree\", |" | tee -a "$OUT/rastertrees.txt" | tail -n 10
+            done
+            grep "^{" "$OUT/rastertrees.txt" >"$OUT/rastertrees.jsonl" ;;
         abba)
             # each patch of ABBA_PATCH applied to a copy of this tree (built there); ABBA_STAGES (default "lift
             # raster") then run here and in the copy alternately, ABBA_ROUNDS times (default 2), each run's logs in
