@@ -47,7 +47,7 @@ from fit3d_hf.gaussians import FeatureGaussians, save_bundle
 from fit3d_hf.losses import masked_l1
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import device_kernels, synchronize  # noqa: E402
+from timing import device_kernels, synchronize, top_kernels_ms  # noqa: E402
 
 BACKBONES = {
     # DINOv2-S/14, and a tiny one for the CPU smoke test
@@ -171,9 +171,7 @@ def gpu_time(step: Step, batch, cache, flips, steps: int = 3) -> dict:
     kernels, ms_per_step = device_kernels(prof, steps)
     return {
         "gpu_ms_per_image": round(ms_per_step / len(batch["image"]), 3),
-        "top_kernels_ms_per_step": {
-            e.key[:80]: round(e.self_device_time_total / steps / 1000, 3) for e in kernels[:10]
-        },
+        "top_kernels_ms_per_step": top_kernels_ms(kernels, steps, 10),
     }
 
 

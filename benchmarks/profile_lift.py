@@ -34,7 +34,7 @@ from fit3d_hf.lifting.lifter import Lifter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_gaps import gpu_idle_gaps_of_file  # noqa: E402
-from timing import device_kernels, synchronize  # noqa: E402
+from timing import device_kernels, synchronize, top_kernels_ms  # noqa: E402
 
 
 def random_scene(n_points: int, views: int, width: int, height: int, dim: int, device) -> SceneData:
@@ -132,9 +132,7 @@ def main(argv=None):
     record["gpu_ms_per_iteration"] = round(total, 3)
     # the wall time of these same steps: set against ms_per_iteration, whether the profiled steps are typical
     record["profiled_wall_ms_per_iteration"] = round(profiled_wall, 2)
-    record["top_kernels_ms"] = {
-        e.key[:80]: round(e.self_device_time_total / steps / 1000, 3) for e in kernels[:8]
-    }
+    record["top_kernels_ms"] = top_kernels_ms(kernels, steps, 8)
 
     # where the GPU waits between kernels, and on which host operator (a second pass: recording the host's
     # operators slows the host, so this overstates host-bound time somewhat)

@@ -32,3 +32,8 @@ def device_kernels(prof, steps: int) -> tuple[list, float]:
     kernels = [e for e in prof.key_averages() if e.self_device_time_total > 0]
     kernels.sort(key=lambda e: -e.self_device_time_total)
     return kernels, sum(e.self_device_time_total for e in kernels) / steps / 1000
+
+
+def top_kernels_ms(kernels: list, steps: int, count: int) -> dict[str, float]:
+    """The first `count` of `device_kernels`' rows as {name (80 characters): ms per step}, for a JSON line."""
+    return {e.key[:80]: round(e.self_device_time_total / steps / 1000, 3) for e in kernels[:count]}

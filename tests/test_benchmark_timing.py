@@ -24,3 +24,4 @@ def test_device_kernels_keeps_device_rows_slowest_first_and_totals_them_per_step
     kernels, ms_per_step = timing.device_kernels(_Profile(rows), steps=3)
     assert [e.key for e in kernels] == ["gemm", "sort", "copy"]
     assert ms_per_step == (9000 + 3000 + 1500) / 3 / 1000  # microseconds over 3 steps, in ms
+    assert timing.top_kernels_ms(kernels, steps=3, count=2) == {"gemm": 3.0, "sort": 1.0}
