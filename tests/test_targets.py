@@ -55,12 +55,18 @@ def test_patch_grid_decode_rejects_mismatched_channels():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_patch_grid_decode_on_cuda_equals_full_decode_in_float64():
+def test_patch_grid_decode_on_cuda_equals_full_decode():
     # Stage II's shapes (a batch of 876 x 584 renders of 64 channels, DINOv2's 41 x 62 grid, 384 channels)
     generator = torch.Generator().manual_seed(2)
     feature_map = torch.randn(2, 64, 584, 876, generator=generator).cuda()
     weight = torch.randn(384, 64, 3, 3, generator=generator).cuda() / 24
-    expected = decode_then_resample(feature_map.double(), weight.double(), (41, 62))  # float64: no TF32
     on_cuda = decode_at_patch_grid(feature_map, weight, (41, 62))
     assert on_cuda.shape == (2, 384, 41, 62)
-    torch.testing.assert_close(on_cuda.double(), expected, rtol=1e-4, atol=1e-4)
+    # the oracle in float32 without TF32 convolutions: both resample at float32 source coordinates, which
+    # differ from float64's by up to ~6e-5 pixels at x = 876 (PyTorch's own float32 interpolate is ~2e-4 off
+    # its float64 result here, measured on an H100 and on the CPU)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        expected = decode_then_resample(feature_map, weight, (41, 62))
+    torch.testing.assert_close(on_cuda, expected, rtol=1e-4, atol=1e-4)
+    in_float64 = decode_then_resample(feature_map.double(), weight.double(), (41, 62))
+    torch.testing.assert_close(on_cuda.double(), in_float64, rtol=1e-3, atol=1e-3)
