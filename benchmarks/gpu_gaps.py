@@ -14,7 +14,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["gpu_idle_gaps", "gpu_idle_gaps_of_file"]
+__all__ = ["gpu_idle_gaps", "gpu_idle_gaps_of_file", "gpu_time_per_call"]
 
 _GPU_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
 _RUNTIME_CATEGORIES = {"cuda_runtime", "cuda_driver"}
@@ -62,6 +62,35 @@ def gpu_idle_gaps(events: list[dict], min_gap_us: float = 1.0, top: int = 10) ->
     ranked = sorted(by_operator.items(), key=lambda item: -item[1])[:top]
     result["by_operator"] = [(name, round(us, 1)) for name, us in ranked]
     return result
+
+
+def gpu_time_per_call(events: list[dict], annotation: str, **kwargs) -> list[dict]:
+    """Where each call's time goes, for calls marked by host regions named `annotation`
+    (`torch.profiler.record_function`), each followed by a synchronisation so that calls do not overlap.
+
+    For each region, in order: `latency_us`, from the region's start to its first GPU activity (the host work before
+    the first launch reaches the GPU, which a CUDA-event timing of the call counts); `span_us`, from its start to the
+    end of its last activity (what such a timing measures); and `gpu_idle_gaps` (with `kwargs`) of its activities:
+    those that start after the region's start and before the next region's.
+    """
+    complete = [e for e in events if e.get("ph") == "X" and "ts" in e and "dur" in e]
+    starts = sorted(
+        float(e["ts"]) for e in complete if e.get("cat") == "user_annotation" and e.get("name") == annotation
+    )
+    host = [e for e in complete if e.get("cat") not in _GPU_CATEGORIES]
+    gpu = [e for e in complete if e.get("cat") in _GPU_CATEGORIES]
+    calls = []
+    for start, next_start in zip(starts, starts[1:] + [float("inf")], strict=True):
+        own = [e for e in gpu if start <= float(e["ts"]) < next_start]
+        if not own:
+            calls.append({"latency_us": None, "span_us": None, **gpu_idle_gaps([], **kwargs)})
+            continue
+        first = min(float(e["ts"]) for e in own)
+        last = max(float(e["ts"]) + float(e["dur"]) for e in own)
+        calls.append(
+            {"latency_us": first - start, "span_us": last - start, **gpu_idle_gaps(host + own, **kwargs)}
+        )
+    return calls
 
 
 def gpu_idle_gaps_of_file(path: str | Path, **kwargs) -> dict:

@@ -4,13 +4,17 @@ python benchmarks/profile_rasterizer.py [--n 1000000] [--ch 64] [--cams 1] [--ho
 """
 
 import argparse
+import json
 import sys
+import tempfile
+from collections import defaultdict
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_gaps import gpu_time_per_call  # noqa: E402
 from rasterizer import cameras, make_scene, timeit  # noqa: E402
 from timing import synchronize  # noqa: E402
 
@@ -103,6 +107,40 @@ def main(argv=None):
             forward(args.n)
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))  # noqa: T201
+    time_per_call("forward", lambda: forward(args.n))
+    time_per_call("forward+backward", fwdbwd)
+
+
+def time_per_call(label: str, call, calls: int = 10) -> None:
+    """Splits what `rasterizer.py` times for one call (CUDA events around it, the GPU idle before): the host time
+    before the first kernel, the GPU's busy time and its idle gaps within the call, and the host operators the
+    gaps waited on (medians over `calls` profiled calls, each synchronised as the benchmark does)."""
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            with record_function("fit3d call"):
+                call()
+            torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        events = json.loads(Path(f"{tmp}/trace.json").read_text())["traceEvents"]
+    per_call = gpu_time_per_call(events, "fit3d call")
+
+    def median(key):
+        values = sorted(c[key] for c in per_call if c[key] is not None)
+        return values[len(values) // 2] if values else float("nan")
+
+    print(  # noqa: T201
+        f"{label}, per call (profiler on, median of {calls}): first GPU activity after {median('latency_us'):.1f} us, "
+        f"last ends at {median('span_us'):.1f} us; GPU busy {median('busy_us'):.1f} us, idle within "
+        f"{median('idle_us'):.1f} us, of which host-bound {median('host_bound_us'):.1f} us; host-bound idle by "
+        f"operator (us, summed over the calls):"
+    )
+    by_operator = defaultdict(float)
+    for c in per_call:
+        for name, us in c["by_operator"]:
+            by_operator[name] += us
+    for name, us in sorted(by_operator.items(), key=lambda item: -item[1])[:8]:
+        print(f"  {us:8.1f}  {name[:100]}")  # noqa: T201
 
 
 def host_overhead(n: int = 1000, calls: int = 300, device: str = "cuda") -> None:

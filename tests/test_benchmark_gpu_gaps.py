@@ -72,3 +72,40 @@ def test_reads_a_trace_torch_exports(tmp_path):
     prof.export_chrome_trace(str(tmp_path / "trace.json"))
     gaps = _gpu_gaps().gpu_idle_gaps_of_file(tmp_path / "trace.json")
     assert gaps == {"busy_us": 0.0, "idle_us": 0.0, "host_bound_us": 0.0, "by_operator": []}
+
+
+def test_time_per_call_splits_latency_from_gaps():
+    events = [
+        # call 1 starts at 0: its first kernel starts at 30 (latency 30), idles [40, 50) waiting for a launch
+        _event("user_annotation", "forward", 0, 60),
+        _event("cpu_op", "aten::validate", 0, 25),
+        _event("cuda_runtime", "cudaLaunchKernel", 26, 2, correlation=1),
+        _event("cpu_op", "aten::slow_host", 30, 25),
+        _event("cuda_runtime", "cudaLaunchKernel", 45, 4, correlation=2),
+        _event("kernel", "k1", 30, 10, correlation=1),
+        _event("kernel", "k2", 50, 20, correlation=2),
+        # call 2 starts at 100: first kernel at 110, no gaps
+        _event("user_annotation", "forward", 100, 20),
+        _event("cuda_runtime", "cudaLaunchKernel", 105, 2, correlation=3),
+        _event("kernel", "k3", 110, 15, correlation=3),
+        # another region's name is not a call
+        _event("user_annotation", "other", 200, 5),
+    ]
+    calls = _gpu_gaps().gpu_time_per_call(events, "forward")
+    assert [c["latency_us"] for c in calls] == [30.0, 10.0]
+    assert [c["span_us"] for c in calls] == [70.0, 25.0]
+    assert calls[0]["idle_us"] == pytest.approx(10)
+    assert calls[0]["host_bound_us"] == pytest.approx(9)  # the launch returned at 49, the GPU idled from 40
+    assert calls[0]["by_operator"] == [("aten::slow_host", 9.0)]
+    assert calls[1]["busy_us"] == pytest.approx(15) and calls[1]["idle_us"] == 0.0
+    # a region without GPU work
+    assert _gpu_gaps().gpu_time_per_call([_event("user_annotation", "forward", 0, 5)], "forward") == [
+        {
+            "latency_us": None,
+            "span_us": None,
+            "busy_us": 0.0,
+            "idle_us": 0.0,
+            "host_bound_us": 0.0,
+            "by_operator": [],
+        }
+    ]
