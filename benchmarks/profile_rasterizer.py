@@ -1,4 +1,5 @@
-"""Per-kernel GPU times of fit3d's renderer on the benchmark workload (torch.profiler), plus binning stats.
+"""Per-kernel GPU times of fit3d's renderer on the benchmark workload (torch.profiler), plus binning stats and, per
+forward and forward+backward call, its host latency, GPU busy time and idle gaps (gpu_gaps.gpu_time_per_call).
 
 python benchmarks/profile_rasterizer.py [--n 1000000] [--ch 64] [--cams 1] [--host]
 """
