@@ -423,8 +423,7 @@ std::tuple<Tensor, Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tens
     };
     const int64_t ids_offset = (n_ranges + 63) / 64 * 64;
     const auto allocate_outputs = [&](int64_t slots) {
-        Tensor outputs = torch::empty({ids_offset + slots}, int_opts);
-        check_cuda(cudaMemsetAsync(outputs.data_ptr(), 0, sizeof(int32_t) * n_ranges, stream()), "cudaMemsetAsync");
+        Tensor outputs = torch::empty({ids_offset + slots}, int_opts);  // tile_ranges writes every range
         return std::make_pair(outputs.narrow(0, 0, n_ranges).view({n_ranges / 2, 2}),
                               outputs.narrow(0, ids_offset, slots));
     };
@@ -479,7 +478,11 @@ std::tuple<Tensor, Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tens
         FIT3D_CHECK(capacity < INT_MAX, "fit3d rasterizer: ", capacity,
                     " (Gaussian, tile) pairs exceed the int32 limit");
         std::tie(ranges, sorted_values) = allocate_outputs(capacity);
-        if (capacity == 0) return {ranges, sorted_values, total};
+        if (capacity == 0) {  // no pairs: every range empty
+            check_cuda(fit3d::launch_tile_ranges(nullptr, 0, no_tile, ranges.data_ptr<int32_t>(), stream()),
+                       "tile_ranges");
+            return {ranges, sorted_values, total};
+        }
         pairs = reserve_pairs(second, capacity);
         second.allocate(means2d.options());
         pair_work = &second;

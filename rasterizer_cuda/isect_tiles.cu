@@ -178,13 +178,29 @@ __global__ void __launch_bounds__(256) isect_emit_kernel(IsectArgs a) {
     }
 }
 
+// The first of the n sorted keys that is not below `key` (n if none).
+__device__ inline int first_not_below(const uint32_t* keys, int n, uint32_t key) {
+    int low = 0, high = n;
+    while (low < high) {
+        const int mid = low + (high - low) / 2;
+        if (keys[mid] < key)
+            low = mid + 1;
+        else
+            high = mid;
+    }
+    return low;
+}
+
+// One thread per tile (of every camera): its range of the sorted pairs by two binary searches, about 2 log2(n)
+// reads, most of them cached, rather than a pass over all n pairs after a fill of every range with zeros (1M
+// Gaussians on an H100: 4.4M pairs, a 17 us kernel and a memset). An empty tile gets [0, 0), as the CPU binning's
+// and the reference's; the "no tile" key of unused slots sorts after every tile.
 __global__ void tile_ranges_kernel(const uint32_t* keys, int n, uint32_t n_tiles, int32_t* ranges) {
-    const int i = int(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    const uint32_t tile = keys[i];
-    if (tile >= n_tiles) return;  // the never-used "no tile" key
-    if (i == 0 || keys[i - 1] != tile) ranges[int64_t(tile) * 2] = i;
-    if (i == n - 1 || keys[i + 1] != tile) ranges[int64_t(tile) * 2 + 1] = i + 1;
+    const uint32_t tile = blockIdx.x * blockDim.x + threadIdx.x;
+    if (tile >= n_tiles) return;
+    const int start = first_not_below(keys, n, tile), end = first_not_below(keys, n, tile + 1);
+    ranges[int64_t(tile) * 2] = start < end ? start : 0;
+    ranges[int64_t(tile) * 2 + 1] = start < end ? end : 0;
 }
 
 cudaError_t launch_isect_count(const IsectArgs& args, cudaStream_t stream) {
@@ -221,8 +237,8 @@ cudaError_t sort_pairs(void* temp, size_t& temp_bytes, const uint32_t* keys_in, 
 
 cudaError_t launch_tile_ranges(const uint32_t* sorted_keys, int n, uint32_t n_tiles, int32_t* ranges,
                                cudaStream_t stream) {
-    if (n == 0) return cudaSuccess;
-    tile_ranges_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(sorted_keys, n, n_tiles, ranges);
+    if (n_tiles == 0) return cudaSuccess;
+    tile_ranges_kernel<<<ceil_div(int(n_tiles), 256), 256, 0, stream>>>(sorted_keys, n, n_tiles, ranges);
     return cudaGetLastError();
 }
 

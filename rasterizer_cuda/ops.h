@@ -84,8 +84,8 @@ int tile_key_bits(int B, int tiles);
 // `temp_bytes`.
 cudaError_t sort_pairs(void* temp, size_t& temp_bytes, const uint32_t* keys_in, uint32_t* keys_out,
                        const int32_t* values_in, int32_t* values_out, int64_t n, int end_bit, cudaStream_t stream);
-// ranges[t] = [first, last + 1) of the sorted entries of tile t (t < n_tiles = B * tiles); untouched tiles
-// stay 0.
+// ranges[t] = [first, last + 1) of the sorted entries of tile t (t < n_tiles = B * tiles), or [0, 0) for an empty
+// tile: every range is written (sorted_keys may be null when n is 0).
 cudaError_t launch_tile_ranges(const uint32_t* sorted_keys, int n, uint32_t n_tiles, int32_t* ranges,
                                cudaStream_t stream);
 

@@ -484,6 +484,39 @@ def test_binning_matches_its_twin():
         assert set(a) != set(b) or a == b
 
 
+@pytest.mark.parametrize("gaussians", [3000, 4, 0])  # 4: most tiles empty; 0 visible: no pair at all
+def test_tile_ranges_with_spare_slots_equal_the_exact_ones(gaussians):
+    """The binning with more slots than pairs (the unused ones keyed "no tile", sorted last) gives every tile the
+    exact binning's range, an empty tile [0, 0) in both (the CPU binning's and the reference's convention)."""
+    width, height = 129, 97
+    means, quats, scales, opacities, _, _ = _scene(max(gaussians, 4), 0, seed=33, device="cuda")
+    K, w2c = _cameras(2, width, height, "cuda")
+    means2d, conics, depths, radii = _wrapper.project(means, quats, scales, opacities, w2c, K, width, height)
+    if gaussians == 0:
+        radii = torch.zeros_like(radii)  # all culled
+    ext = load_extension()
+    exact_ranges, exact_ids, total = ext.isect_tiles(
+        means2d, conics, opacities, depths, radii, width, height, 0
+    )
+    pairs = int(total)  # the pinned count slot is reused by the next call
+    assert (pairs > 0) == (gaussians > 0) and exact_ranges.shape == (2 * 9 * 7, 2)
+    ranges, ids, total = ext.isect_tiles(
+        means2d, conics, opacities, depths, radii, width, height, pairs + 777
+    )
+    torch.cuda.synchronize()
+    assert int(total) == pairs and ids.numel() == pairs + 777
+    assert torch.equal(ranges, exact_ranges)
+    assert torch.equal(ids[:pairs], exact_ids)
+    empty = exact_ranges[:, 0] == exact_ranges[:, 1]
+    assert bool((exact_ranges[empty] == 0).all())
+    if gaussians != 3000:
+        assert bool(empty.any())
+    else:  # the ranges tile the pair list in order
+        nonempty = exact_ranges[~empty]
+        assert int(nonempty[0, 0]) == 0 and int(nonempty[-1, 1]) == pairs
+        assert torch.equal(nonempty[1:, 0], nonempty[:-1, 1])
+
+
 def test_rasterize_op_matches_the_per_pixel_spec():
     """The CUDA compositing against the literal loop of fit3d_hf/render/spec.py (forward values)."""
     from fit3d_hf.render.spec import rasterize_per_pixel
