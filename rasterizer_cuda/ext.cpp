@@ -489,7 +489,7 @@ std::tuple<Tensor, Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tens
     }
 
     // 4. (tile, Gaussian) pairs in depth order (slots past the count: "no tile"), 5. stable sort by tile,
-    // 6. per-tile ranges
+    // 6. per-tile ranges (binary searches of the sorted keys)
     a.ends = ends;
     a.capacity = capacity;
     a.keys = pair_work->get<uint32_t>(pairs.keys);

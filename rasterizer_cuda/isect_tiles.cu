@@ -6,7 +6,8 @@
 //    pixel box (pixel_box in common.h, the box the Python reference uses) that its alpha ellipse meets
 //    (found per row of tiles, see tile_rows);
 // 3. emit (camera * tiles + tile, Gaussian) pairs at the prefix-sum offsets, so equal tiles appear in depth
-//    order, and 4. sort them by tile with a stable radix sort over only the tile bits.
+//    order, and 4. sort them by tile with a stable radix sort over only the tile bits; 5. find each tile's
+//    range of the sorted pairs by binary search.
 // Binning is conservative, so it never changes a pixel value.
 #include <algorithm>
 #include <cub/cub.cuh>
