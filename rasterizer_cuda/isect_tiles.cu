@@ -197,9 +197,9 @@ __device__ inline int first_not_below(const uint32_t* keys, int n, uint32_t key)
 // Gaussians on an H100: 4.4M pairs, a 17 us kernel and a memset). An empty tile gets [0, 0), as the CPU binning's
 // and the reference's; the "no tile" key of unused slots sorts after every tile.
 __global__ void tile_ranges_kernel(const uint32_t* keys, int n, uint32_t n_tiles, int32_t* ranges) {
-    const uint32_t tile = blockIdx.x * blockDim.x + threadIdx.x;
+    const uint64_t tile = uint64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // n_tiles may pass INT_MAX
     if (tile >= n_tiles) return;
-    const int start = first_not_below(keys, n, tile), end = first_not_below(keys, n, tile + 1);
+    const int start = first_not_below(keys, n, uint32_t(tile)), end = first_not_below(keys, n, uint32_t(tile) + 1);
     ranges[int64_t(tile) * 2] = start < end ? start : 0;
     ranges[int64_t(tile) * 2 + 1] = start < end ? end : 0;
 }
@@ -239,7 +239,7 @@ cudaError_t sort_pairs(void* temp, size_t& temp_bytes, const uint32_t* keys_in, 
 cudaError_t launch_tile_ranges(const uint32_t* sorted_keys, int n, uint32_t n_tiles, int32_t* ranges,
                                cudaStream_t stream) {
     if (n_tiles == 0) return cudaSuccess;
-    tile_ranges_kernel<<<ceil_div(int(n_tiles), 256), 256, 0, stream>>>(sorted_keys, n, n_tiles, ranges);
+    tile_ranges_kernel<<<unsigned((uint64_t(n_tiles) + 255) / 256), 256, 0, stream>>>(sorted_keys, n, n_tiles, ranges);
     return cudaGetLastError();
 }
 
