@@ -12,6 +12,8 @@
 #   lift     benchmarks/profile_lift.py at LIFT_N Gaussians (Stage I iteration time split)
 #   liftfull benchmarks/lift.py, the whole Stage I of a 300-view scene from ~1M Gaussians (LIFT_COPIES)
 #   liftgen  only that scene's generation (kept in /tmp while the machine is held: a later liftfull reuses it)
+#   liftnode the same scene's copies (LIFT_NODE_SCENES, default one per GPU) lifted by training/lift_features.py on
+#            every GPU at once (benchmarks/lift_node.py): the headline's Stage I rate, measured
 #   targets  benchmarks/target_features.py: Stage I's scene-data phase split (readers, backbone by precision/batch)
 #   adam     benchmarks/adam_bandwidth.py: Stage I's fused Adam step against a copy of as many bytes
 #   ckpt     benchmarks/checkpoint_write.py: a Stage I checkpoint at LIFT_N Gaussians, synchronous and in the background
@@ -162,6 +164,12 @@ for stage in "$@"; do
             timeout "${LIFT_TIMEOUT:-590}" "$PY" benchmarks/lift.py --views 300 --iterations 30000 --workers 16 \
                 --points_per_sample "${LIFT_COPIES:-5}" --work_dir /tmp/fit3d-liftbench $extra \
                 2>"$OUT/$stage.log" | tee "$OUT/$stage.jsonl" || tail -n 20 "$OUT/$stage.log" ;;
+        liftnode)
+            # shellcheck disable=SC2086  # the optional flags split into words
+            timeout "${LIFT_TIMEOUT:-590}" "$PY" benchmarks/lift_node.py --views 300 --iterations 30000 --workers 16 \
+                --points_per_sample "${LIFT_COPIES:-5}" --work_dir /tmp/fit3d-liftbench \
+                ${LIFT_NODE_SCENES:+--scenes $LIFT_NODE_SCENES} ${LIFT_SCENE:+--base_scene $LIFT_SCENE} \
+                2>"$OUT/liftnode.log" | tee "$OUT/liftnode.jsonl" || tail -n 20 "$OUT/liftnode.log" ;;
         targets)
             # the carried scene's images where there is one (LIFT_SCENE), else random ones
             timeout 240 "$PY" benchmarks/target_features.py ${LIFT_SCENE:+--scene "$LIFT_SCENE"} 2>"$OUT/targets.log" \

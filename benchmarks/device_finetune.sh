@@ -6,7 +6,8 @@
 # the data loading measurement) and, with 2 or more GPUs, the same step on 2 processes (DDP through
 # `accelerate launch`), so that the 2-GPU/1-GPU ratio comes from one call. JSON lines go to stdout and to
 # $OUT/finetune.jsonl, logs to $OUT (default: benchmarks/results/device_finetune).
-# Options (environment): BATCH="16 32", LORA="0 16", WORKERS="4 8 16".
+# Options (environment): BATCH="16 32", LORA="0 16", WORKERS="4 8 16", STEP_ARGS (more finetune.py options for
+# both runs, e.g. "--compile --pin": the 2-GPU target is for the compiled step).
 set -uo pipefail
 OUT="${OUT:-benchmarks/results/device_finetune}"
 mkdir -p "$OUT"
@@ -15,7 +16,7 @@ export PYTHONUNBUFFERED=1 FIT3D_HF_NO_JIT=1
 # NVLink multicast stays off (the lent machines' rule: it can take shared GPUs out of service).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PY="${PYTHON:-python3}"
-BATCH="${BATCH:-16 32}" LORA="${LORA:-0 16}" WORKERS="${WORKERS:-4 8 16}"
+BATCH="${BATCH:-16 32}" LORA="${LORA:-0 16}" WORKERS="${WORKERS:-4 8 16}" STEP_ARGS="${STEP_ARGS:-}"
 
 if ! "$PY" -c "import datasets" 2>/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --target /tmp/site \
@@ -38,7 +39,7 @@ echo "== built in $(( $(date +%s) - start )) s" >&2
 
 echo "== 1 process" >&2
 # shellcheck disable=SC2086  # BATCH, LORA and WORKERS are lists of numbers
-if ! "$PY" benchmarks/finetune.py --batch $BATCH --lora_rank $LORA --loader_workers $WORKERS \
+if ! "$PY" benchmarks/finetune.py --batch $BATCH --lora_rank $LORA --loader_workers $WORKERS $STEP_ARGS \
     2>"$OUT/one_process.log" | tee "$OUT/finetune.jsonl"; then
     tail -n 40 "$OUT/one_process.log" >&2; echo "1-PROCESS RUN FAILED" >&2; exit 1
 fi
@@ -49,7 +50,7 @@ if [ "$gpus" -ge 2 ]; then
     # shellcheck disable=SC2086
     if ! "$PY" -m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 \
         --mixed_precision bf16 --dynamo_backend no --main_process_port 29531 \
-        benchmarks/finetune.py --batch $BATCH --lora_rank $LORA --loader_workers \
+        benchmarks/finetune.py --batch $BATCH --lora_rank $LORA --loader_workers $STEP_ARGS \
         2>"$OUT/two_processes.log" | tee -a "$OUT/finetune.jsonl"; then
         tail -n 40 "$OUT/two_processes.log" >&2; echo "2-PROCESS RUN FAILED" >&2; exit 1
     fi

@@ -62,12 +62,10 @@ def replicate_points(path: Path, copies: int, jitter: float, seed: int = 0) -> N
     path.write_text("# 3D point list: POINT3D_ID, X, Y, Z, R, G, B, ERROR\n" + "".join(rows))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_scene_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of the benchmark scene (its size, its Gaussians' start, where it is generated or copied
+    from), shared with lift_node.py."""
     parser.add_argument("--views", type=int, default=300)
-    parser.add_argument("--iterations", type=int, default=30_000)
     parser.add_argument("--width", type=int, default=876)
     parser.add_argument("--height", type=int, default=584)
     parser.add_argument(
@@ -80,30 +78,19 @@ def main() -> None:
         help="copies of each sparse point (jittered) the Gaussians start from",
     )
     parser.add_argument("--jitter", type=float, default=0.005, help="std of the copies' offsets, metres")
-    parser.add_argument("--feature_dim", type=int, default=64)
     parser.add_argument("--workers", type=int, default=8, help="processes generating the synthetic views")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--work_dir", default=None, help="reused where it holds this scene already")
-    parser.add_argument("--generate_only", action="store_true", help="write the scene to --work_dir and stop")
     parser.add_argument(
         "--base_scene",
         default=None,
         help="a scene folder this script generated earlier with --points_per_sample 1 and the same size options, "
         "copied instead of generated (generating takes ~3 min on 16 processes)",
     )
-    parser.add_argument(
-        "--mixed_precision", default="bf16", choices=("no", "bf16"), help="decoder + feature loss precision"
-    )
-    lift_default = LiftingArguments.checkpoint_interval  # the dataclass field's default
-    parser.add_argument(
-        "--checkpoint_interval",
-        type=int,
-        default=lift_default,
-        help=f"Stage I checkpoints every N iterations (default: {lift_default}, as `fit3d lift`; 0: none, the "
-        "setting of the figures before session 15)",
-    )
-    args = parser.parse_args()
-    show_status_lines()  # the lift's INFO lines (phases, where the scene data's time goes) in the log, as `fit3d lift`
+
+
+def prepare_scene(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Path, Path, float]:
+    """Writes the benchmark scene (generated, or copied from --base_scene, then its points replicated) into the
+    work folder, or finds it there; returns (work folder, scene folder, seconds taken)."""
     if args.base_scene:
         # the recipe marker below vouches for the scene: one of another size would be timed as this one
         images = Path(args.base_scene) / "images"
@@ -133,15 +120,45 @@ def main() -> None:
         if args.points_per_sample > 1:
             replicate_points(scene_dir / "points3D.txt", args.points_per_sample, args.jitter)
         marker.write_text(recipe)
-    generation_s = time.perf_counter() - start
+    return work, scene_dir, time.perf_counter() - start
+
+
+def save_random_backbone(path: Path) -> Path:
+    """A DINOv2-small-sized backbone with random weights (no Hub here), saved for `LiftingArguments.backbone`."""
+    torch.manual_seed(0)
+    Dinov2Model(dinov2_small_config()).save_pretrained(path)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_scene_arguments(parser)
+    parser.add_argument("--iterations", type=int, default=30_000)
+    parser.add_argument("--feature_dim", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--generate_only", action="store_true", help="write the scene to --work_dir and stop")
+    parser.add_argument(
+        "--mixed_precision", default="bf16", choices=("no", "bf16"), help="decoder + feature loss precision"
+    )
+    lift_default = LiftingArguments.checkpoint_interval  # the dataclass field's default
+    parser.add_argument(
+        "--checkpoint_interval",
+        type=int,
+        default=lift_default,
+        help=f"Stage I checkpoints every N iterations (default: {lift_default}, as `fit3d lift`; 0: none, the "
+        "setting of the figures before session 15)",
+    )
+    args = parser.parse_args()
+    show_status_lines()  # the lift's INFO lines (phases, where the scene data's time goes) in the log, as `fit3d lift`
+    work, scene_dir, generation_s = prepare_scene(parser, args)
     if args.generate_only:
         record = {"benchmark": "lift", "scene": str(scene_dir), "scene_generation_s": round(generation_s, 1)}
         print(json.dumps(record))  # noqa: T201
         return
 
-    torch.manual_seed(0)  # a DINOv2-small-sized backbone with random weights (no Hub here)
-    backbone = work / "backbone"
-    Dinov2Model(dinov2_small_config()).save_pretrained(backbone)
+    backbone = save_random_backbone(work / "backbone")
     lift_args = LiftingArguments(
         backbone=str(backbone), out=str(work / "lifted"), feature_dim=args.feature_dim, iterations=args.iterations,
         holdout_every=8, checkpoint_interval=args.checkpoint_interval, previews=False, device=args.device, mixed_precision=args.mixed_precision,

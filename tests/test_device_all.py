@@ -16,29 +16,30 @@ def _executable(path: Path, text: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
-def test_rastertrees_runs_the_chosen_benchmark_in_each_tree(tmp_path):
+def _stand_in(tmp_path: Path, **variables: str) -> dict:
+    """A copy of device_all.sh under tmp_path and the environment that runs it with the stand-ins: builds
+    succeed; a benchmark prints a text line and a JSON line naming its arguments and folder."""
     (tmp_path / "benchmarks").mkdir()
     shutil.copy(REPO / "benchmarks" / "device_all.sh", tmp_path / "benchmarks")
-    (tmp_path / "snap" / "old").mkdir(parents=True)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     _executable(bin_dir / "nvidia-smi", "#!/bin/bash\necho 'Stand-in GPU'\n")
-    # builds succeed; a benchmark prints a text line and a JSON line naming its arguments and folder
     _executable(
         bin_dir / "python",
         '#!/bin/bash\n[ "$1" = setup.py ] && exit 0\n'
         'echo "host time in $(basename "$PWD")"\necho "{\\"args\\": \\"$*\\"}"\n',
     )
-    env = {
+    return {
         **os.environ,
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
         "PYTHON": str(bin_dir / "python"),
-        "STAGES": "rastertrees",
-        "RASTER_TREES": "snap/old",
-        "TREES_BENCH": "benchmarks/profile_rasterizer.py --host",
         "LOGS": str(tmp_path / "logs"),
         "OUT": "",
+        **variables,
     }
+
+
+def _run(tmp_path: Path, env: dict) -> None:
     result = subprocess.run(
         ["bash", "benchmarks/device_all.sh"],
         cwd=tmp_path,
@@ -48,6 +49,33 @@ def test_rastertrees_runs_the_chosen_benchmark_in_each_tree(tmp_path):
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_liftnode_passes_the_scene_count_and_the_carried_scene(tmp_path):
+    env = _stand_in(tmp_path, STAGES="liftnode", LIFT_NODE_SCENES="16", LIFT_SCENE=".liftscene/bench00000")
+    _run(tmp_path, env)
+    (record,) = [
+        json.loads(line) for line in (tmp_path / "logs" / "liftnode.jsonl").read_text().splitlines()[1:]
+    ]
+    assert record["args"].startswith("benchmarks/lift_node.py --views 300 --iterations 30000")
+    assert "--points_per_sample 5 --work_dir /tmp/fit3d-liftbench" in record["args"]
+    assert record["args"].endswith("--scenes 16 --base_scene .liftscene/bench00000")
+    # without them: one scene per GPU, the scene generated there
+    del env["LIFT_NODE_SCENES"], env["LIFT_SCENE"]
+    _run(tmp_path, env)
+    lines = (tmp_path / "logs" / "liftnode.jsonl").read_text().splitlines()
+    assert json.loads(lines[1])["args"].endswith("--work_dir /tmp/fit3d-liftbench")
+
+
+def test_rastertrees_runs_the_chosen_benchmark_in_each_tree(tmp_path):
+    env = _stand_in(
+        tmp_path,
+        STAGES="rastertrees",
+        RASTER_TREES="snap/old",
+        TREES_BENCH="benchmarks/profile_rasterizer.py --host",
+    )
+    (tmp_path / "snap" / "old").mkdir(parents=True)
+    _run(tmp_path, env)
     text = (tmp_path / "logs" / "rastertrees.txt").read_text().splitlines()
     assert text[0] == "== tree snap/old: benchmarks/profile_rasterizer.py --host"
     assert text[1] == "host time in old"
