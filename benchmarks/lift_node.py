@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
     start = time.perf_counter()
-    subprocess.run(command, check=True, env=env)
+    subprocess.run(command, check=True, env=env, stdout=2)  # their output to stderr: stdout is the JSON line
     record = {
         "benchmark": "lift_node",
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
