@@ -81,8 +81,7 @@ def summarise(out: Path, copies: list[Path], processes: int, wall_s: float) -> d
         "scenes_per_hour": round(scenes_per_hour, 2),
         "scenes_per_hour_per_process": round(per_gpu, 2),
         "minutes_per_scene": minutes,
-        # FiT3D's 280 scenes on one 8-GPU node at this rate per GPU (whole rounds of scenes: the last round is as
-        # long as any other)
+        # FiT3D's 280 scenes on one 8-GPU node at this rate per GPU (35 whole rounds of 8 scenes)
         "projected_node_hours": round(FIT3D_SCENES / (per_gpu * NODE_GPUS), 2),
     }
 
