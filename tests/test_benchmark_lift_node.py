@@ -4,9 +4,8 @@ launch over processes, the record's arithmetic, and a whole run on the CPU (one 
 import json
 
 import pytest
-import torch
+from backbone_helpers import save_tiny_dinov2
 from benchmark_helpers import load_benchmark
-from transformers import Dinov2Config, Dinov2Model
 
 from fit3d_hf.scene.specs import resolve_scene_list
 
@@ -79,16 +78,7 @@ def test_summary_rates_and_projection(tmp_path):
 
 @pytest.mark.slow
 def test_a_whole_run_on_the_cpu(tmp_path, capfd):
-    torch.manual_seed(0)
-    tiny = Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=64,
-        patch_size=14,
-        image_size=56,
-    )
-    Dinov2Model(tiny).save_pretrained(tmp_path / "backbone")
+    save_tiny_dinov2(tmp_path / "backbone")
     size = ["--views", "9", "--width", "64", "--height", "48", "--num_points", "300", "--workers", "1"]
     record = _lift_node().main([
         *size, "--processes", "1", "--scenes", "2", "--iterations", "3", "--device", "cpu",
