@@ -14,7 +14,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["gpu_idle_gaps", "gpu_idle_gaps_of_file", "gpu_time_per_call"]
+__all__ = ["gpu_idle_gaps", "gpu_idle_gaps_of_file", "gpu_time_per_call", "trace_events"]
 
 _GPU_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
 _RUNTIME_CATEGORIES = {"cuda_runtime", "cuda_driver"}
@@ -93,10 +93,15 @@ def gpu_time_per_call(events: list[dict], annotation: str, **kwargs) -> list[dic
     return calls
 
 
+def trace_events(path: str | Path) -> list[dict]:
+    """The events of a trace written by `torch.profiler.profile.export_chrome_trace`."""
+    trace = json.loads(Path(path).read_text())
+    return trace["traceEvents"] if isinstance(trace, dict) else trace
+
+
 def gpu_idle_gaps_of_file(path: str | Path, **kwargs) -> dict:
     """`gpu_idle_gaps` of a trace written by `torch.profiler.profile.export_chrome_trace`."""
-    trace = json.loads(Path(path).read_text())
-    return gpu_idle_gaps(trace["traceEvents"] if isinstance(trace, dict) else trace, **kwargs)
+    return gpu_idle_gaps(trace_events(path), **kwargs)
 
 
 def _innermost_operator(operators: list[dict], starts: list[float], ts: float) -> str:

@@ -5,7 +5,6 @@ python benchmarks/profile_rasterizer.py [--n 1000000] [--ch 64] [--cams 1] [--ho
 """
 
 import argparse
-import json
 import sys
 import tempfile
 from collections import defaultdict
@@ -15,7 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_gaps import gpu_time_per_call  # noqa: E402
+from gpu_gaps import gpu_time_per_call, trace_events  # noqa: E402
 from rasterizer import cameras, make_scene, timeit  # noqa: E402
 from timing import synchronize  # noqa: E402
 
@@ -123,8 +122,7 @@ def time_per_call(label: str, call, calls: int = 10) -> None:
             torch.cuda.synchronize()
     with tempfile.TemporaryDirectory() as tmp:
         prof.export_chrome_trace(f"{tmp}/trace.json")
-        events = json.loads(Path(f"{tmp}/trace.json").read_text())["traceEvents"]
-    per_call = gpu_time_per_call(events, "fit3d call")
+        per_call = gpu_time_per_call(trace_events(f"{tmp}/trace.json"), "fit3d call")
 
     def median(key):
         values = sorted(c[key] for c in per_call if c[key] is not None)

@@ -1,5 +1,5 @@
-"""benchmarks/device_all.sh runs on the GPU machine only; its `rastertrees` stage's shell runs here with a stand-in
-Python and nvidia-smi, so that the device call does not find it broken."""
+"""benchmarks/device_all.sh runs on the GPU machine only; its `rastertrees` and `liftnode` stages' shell runs here
+with a stand-in Python and nvidia-smi, so that the device call does not find it broken."""
 
 import json
 import os
