@@ -6,7 +6,8 @@
 #   raster   benchmarks/rasterizer.py against gsplat 1.5.3 (default chunk and one pass) when .whl/ holds its wheel
 #   rastertrees  our benchmarks/rasterizer.py (or TREES_BENCH, e.g. "benchmarks/profile_rasterizer.py --host") in each
 #            older snapshot in RASTER_TREES, then here (a drift bisected)
-#   abba     A/B of each patch in ABBA_PATCH, its stages alternated between this tree and a patched copy
+#   abba     A/B of each patch in ABBA_PATCH, its stages alternated between this tree and a patched copy (the copies
+#            build in the background while this tree builds)
 #   profile  per-kernel times, host time per call (benchmarks/profile_rasterizer.py)
 #   finetune benchmarks/finetune.py (Stage II step, 1 process; needs the datasets wheels in .whl/)
 #   lift     benchmarks/profile_lift.py at LIFT_N Gaussians (Stage I iteration time split)
@@ -46,8 +47,30 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$OUT/setup.log"
+ROOT="$PWD"
+# The abba stage's copies of this tree, each with its patch applied and built, are made in the background while this
+# tree builds (on a fresh machine each build takes 50-77 s, most of an A/B call's fixed cost); a copy's exit status
+# lands in /tmp/abba/<patch>.status, its build log in $LOGS/setup_abba_<patch>.log.
+abba_build() {
+    local name; name=$(basename "$1" .patch)
+    local copy="/tmp/abba/$name"
+    rm -rf "$copy" "$copy.status" && mkdir -p "$copy"
+    # without this tree's build: the copy's extensions come from its own sources only
+    tar --exclude=./.whl --exclude=./.liftscene --exclude=./benchmarks/results --exclude=./build \
+        --exclude='./fit3d_hf/_C*.so' -cf - . | tar -xf - -C "$copy"
+    (cd "$copy" && patch -p1 <"$ROOT/$1" && "$PY" setup.py build_ext --inplace) >"$LOGS/setup_abba_$name.log" 2>&1
+    echo $? >"$copy.status"
+}
+declare -A abba_started=()
+if [[ " $STAGES " == *" abba "* ]]; then
+    for patch in ${ABBA_PATCH:-}; do
+        abba_build "$patch" &
+        abba_started[$patch]=1
+    done
+fi
 start=$(date +%s)
 if ! "$PY" setup.py build_ext --inplace >>"$OUT/setup.log" 2>&1; then tail -n 60 "$OUT/setup.log"; echo BUILD FAILED; exit 1; fi
+wait  # for the abba copies' builds too, so that no stage's timings share the CPUs with them
 echo "== built in $(( $(date +%s) - start )) s"
 # the test files a patch adds or changes (they join its quick tests)
 patch_tests() { sed -n 's|^+++ b/\(tests/test_[^ \t]*\.py\).*|\1|p' "$1" | sort -u | tr '\n' ' '; }
@@ -112,21 +135,17 @@ for stage in "$@"; do
             # raster") then run here and in the copy alternately, ABBA_ROUNDS times (default 2), each run's logs in
             # $OUT/abba/<patch>/<round><A|B>: an A/B whose two sides share the machine's drift (one run after the
             # other, sides have differed by 5% on one machine). The copy's quick tests (QUICK_TESTS) run first.
-            root="$PWD"
             for patch in ${ABBA_PATCH:-}; do
                 name=$(basename "$patch" .patch); copy="/tmp/abba/$name"
-                rm -rf "$copy" && mkdir -p "$copy"
-                # without this tree's build: the copy's extensions come from its own sources only
-                tar --exclude=./.whl --exclude=./.liftscene --exclude=./benchmarks/results --exclude=./build \
-                    --exclude='./fit3d_hf/_C*.so' -cf - . | tar -xf - -C "$copy"
-                if ! (cd "$copy" && patch -p1 <"$root/$patch" && "$PY" setup.py build_ext --inplace) >>"$OUT/setup.log" 2>&1; then
-                    echo "ABBA BUILD FAILED: $patch"; continue
+                [ -n "${abba_started[$patch]:-}" ] || abba_build "$patch"  # abba named in FINAL_STAGES or AB_STAGES
+                if [ "$(cat "$copy.status")" != 0 ]; then
+                    tail -n 30 "$LOGS/setup_abba_$name.log"; echo "ABBA BUILD FAILED: $patch"; continue
                 fi
                 dir="$OUT/abba/$name"; mkdir -p "$dir/quick"
                 (cd "$copy" && OUT="$dir/quick" PATCH_TESTS="$(patch_tests "$patch")" PYTHONPATH="$copy:$PYTHONPATH" run_stages quick)
                 for round in $(seq "${ABBA_ROUNDS:-2}"); do
                     for side in A B; do
-                        tree="$root"; [ "$side" = B ] && tree="$copy"
+                        tree="$ROOT"; [ "$side" = B ] && tree="$copy"
                         mkdir -p "$dir/$round$side"; echo "== abba $name round $round side $side"
                         # shellcheck disable=SC2086
                         (cd "$tree" && OUT="$dir/$round$side" PYTHONPATH="$tree:$PYTHONPATH" run_stages ${ABBA_STAGES:-lift raster})

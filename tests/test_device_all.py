@@ -1,5 +1,5 @@
-"""benchmarks/device_all.sh runs on the GPU machine only; its `rastertrees` and `liftnode` stages' shell runs here
-with a stand-in Python and nvidia-smi, so that the device call does not find it broken."""
+"""benchmarks/device_all.sh runs on the GPU machine only; its `rastertrees`, `liftnode` and `abba` stages' shell
+runs here with a stand-in Python and nvidia-smi, so that the device call does not find it broken."""
 
 import json
 import os
@@ -88,3 +88,44 @@ def test_rastertrees_runs_the_chosen_benchmark_in_each_tree(tmp_path):
         {"tree": "snap/old", "args": "benchmarks/profile_rasterizer.py --host"},
         {"tree": ".", "args": "benchmarks/profile_rasterizer.py --host"},
     ]
+
+
+def test_abba_builds_the_patched_copies_beside_this_tree_and_alternates_the_sides(tmp_path):
+    """The copies' builds overlap this tree's (each stand-in build logs its start, waits, logs its end); each
+    patch's stages then alternate between this tree (A) and its copy (B); a patch that does not apply is reported
+    and the next one still runs."""
+    env = _stand_in(
+        tmp_path,
+        STAGES="abba",
+        ABBA_PATCH="good.patch bad.patch",
+        ABBA_STAGES="profile",
+        ABBA_ROUNDS="2",
+    )
+    builds = tmp_path / "builds.txt"
+    _executable(
+        tmp_path / "bin" / "python",
+        '#!/bin/bash\nif [ "$1" = setup.py ]; then\n'
+        f'  echo "start $(basename "$PWD")" >>{builds}; sleep 1; echo "end $(basename "$PWD")" >>{builds}; exit 0\nfi\n'
+        '[ -e patched.txt ] && echo "patched tree $(basename "$PWD")" || echo "plain tree $(basename "$PWD")"\n',
+    )
+    (tmp_path / "good.patch").write_text("--- /dev/null\n+++ b/patched.txt\n@@ -0,0 +1 @@\n+patched\n")
+    (tmp_path / "bad.patch").write_text("--- a/missing.txt\n+++ b/missing.txt\n@@ -1 +1 @@\n-old\n+new\n")
+    result = subprocess.run(
+        ["bash", "benchmarks/device_all.sh"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ABBA BUILD FAILED: bad.patch" in result.stdout
+    events = builds.read_text().split("\n")
+    # this tree and the good copy built at once (the bad copy stops at its patch, before building)
+    assert sorted(events[:2]) == sorted([f"start {tmp_path.name}", "start good"])
+    assert sorted(events[2:4]) == sorted([f"end {tmp_path.name}", "end good"])
+    abba = tmp_path / "logs" / "abba" / "good"
+    for round_ in "12":
+        assert (abba / f"{round_}A" / "profile.txt").read_text() == f"plain tree {tmp_path.name}\n"
+        assert (abba / f"{round_}B" / "profile.txt").read_text() == "patched tree good\n"
+    assert not (tmp_path / "logs" / "abba" / "bad").exists()
