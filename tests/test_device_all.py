@@ -39,7 +39,7 @@ def _stand_in(tmp_path: Path, **variables: str) -> dict:
     }
 
 
-def _run(tmp_path: Path, env: dict) -> None:
+def _run(tmp_path: Path, env: dict) -> subprocess.CompletedProcess:
     result = subprocess.run(
         ["bash", "benchmarks/device_all.sh"],
         cwd=tmp_path,
@@ -49,6 +49,7 @@ def _run(tmp_path: Path, env: dict) -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
+    return result
 
 
 def test_liftnode_passes_the_scene_count_and_the_carried_scene(tmp_path):
@@ -110,16 +111,7 @@ def test_abba_builds_the_patched_copies_beside_this_tree_and_alternates_the_side
     )
     (tmp_path / "good.patch").write_text("--- /dev/null\n+++ b/patched.txt\n@@ -0,0 +1 @@\n+patched\n")
     (tmp_path / "bad.patch").write_text("--- a/missing.txt\n+++ b/missing.txt\n@@ -1 +1 @@\n-old\n+new\n")
-    result = subprocess.run(
-        ["bash", "benchmarks/device_all.sh"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "ABBA BUILD FAILED: bad.patch" in result.stdout
+    assert "ABBA BUILD FAILED: bad.patch" in _run(tmp_path, env).stdout
     events = builds.read_text().split("\n")
     # this tree and the good copy built at once (the bad copy stops at its patch, before building)
     assert sorted(events[:2]) == sorted([f"start {tmp_path.name}", "start good"])
