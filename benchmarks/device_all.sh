@@ -18,8 +18,9 @@
 #   targets  benchmarks/target_features.py: Stage I's scene-data phase split (readers, backbone by precision/batch)
 #   adam     benchmarks/adam_bandwidth.py: Stage I's fused Adam step against a copy of as many bytes
 #   ckpt     benchmarks/checkpoint_write.py: a Stage I checkpoint at LIFT_N Gaussians, synchronous and in the background
-#   ncu      Nsight Compute reports of both blending kernels (benchmark scene) and of the backward at Stage I's
-#            density, read per source line (benchmarks/ncu_lines.py); ncu_lift: only the latter
+#   ncu      Nsight Compute reports of both blending kernels (benchmark scene; NCU_KERNEL, a regex, picks others, e.g.
+#            NCU_KERNEL=project_bwd NCU_SKIP=2 NCU_COUNT=1) and of the backward at Stage I's density, read per source
+#            line (benchmarks/ncu_lines.py); ncu_lift: only the latter
 # Options: RASTER_ARGS (default --quick), TESTS (test paths) and TESTS_TIMEOUT, FINETUNE_ARGS and FINETUNE_TIMEOUT,
 # LIFT_N (default 1000000), LIFT_ARGS (more profile_lift.py options, e.g. --densification); AB_PATCH (patch files)
 # and AB_STAGES: after the stages, apply each patch in turn (on top of the last; one whose quick tests fail is
@@ -163,7 +164,8 @@ for stage in "$@"; do
         ncu|ncu_lift)
             if [ "$stage" = ncu ]; then
                 # 64 channels render in one launch per direction: skip two calls' kernels, report the third's pair
-                timeout 300 ncu --clock-control none -k regex:rasterize_ --launch-skip 4 --launch-count 2 --set full \
+                timeout 300 ncu --clock-control none -k "regex:${NCU_KERNEL:-rasterize_}" --launch-skip "${NCU_SKIP:-4}" \
+                    --launch-count "${NCU_COUNT:-2}" --set full \
                     --import-source yes -o "$OUT/rasterize" "$PY" benchmarks/profile_rasterizer.py --plain 3 >"$OUT/ncu.log" 2>&1
                 "$PY" benchmarks/ncu_lines.py "$OUT/rasterize.ncu-rep" --top 40 | tee "$OUT/ncu_lines.txt" | head -n 60
             fi

@@ -32,8 +32,25 @@ def main(argv=None):
         show(report_range.action_by_idx(index), args.top)
 
 
+# the kernel's headline figures, printed where the report has them
+SUMMARY_METRICS = (
+    "gpu__time_duration.sum",
+    "launch__registers_per_thread",
+    "sm__maximum_warps_per_active_cycle_pct",  # theoretical occupancy
+    "sm__warps_active.avg.pct_of_peak_sustained_active",  # achieved occupancy
+    "sm__throughput.avg.pct_of_peak_sustained_elapsed",
+    "dram__throughput.avg.pct_of_peak_sustained_elapsed",
+    "dram__bytes.sum",
+    "smsp__inst_executed.sum",
+)
+
+
 def show(action, top):
     print("kernel:", action.name())  # noqa: T201
+    for name in SUMMARY_METRICS:
+        metric = action.metric_by_name(name)
+        if metric is not None:
+            print(f"  {name:52s} {metric.as_double():14.2f} {metric.unit()}")  # noqa: T201
     per_pc = {}
     for name in ("inst_executed", "smsp__pcsamp_sample_count"):
         metric = action.metric_by_name(name)
