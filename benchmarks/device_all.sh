@@ -19,8 +19,8 @@
 #   adam     benchmarks/adam_bandwidth.py: Stage I's fused Adam step against a copy of as many bytes
 #   ckpt     benchmarks/checkpoint_write.py: a Stage I checkpoint at LIFT_N Gaussians, synchronous and in the background
 #   ncu      Nsight Compute reports of both blending kernels (benchmark scene; NCU_KERNEL, a regex, picks others, e.g.
-#            NCU_KERNEL=project_bwd NCU_SKIP=2 NCU_COUNT=1) and of the backward at Stage I's density, read per source
-#            line (benchmarks/ncu_lines.py); ncu_lift: only the latter
+#            NCU_KERNEL=project_bwd NCU_SKIP=2 NCU_COUNT=1, and then alone) and of the backward at Stage I's density,
+#            read per source line (benchmarks/ncu_lines.py); ncu_lift: only the latter
 # Options: RASTER_ARGS (default --quick), TESTS (test paths) and TESTS_TIMEOUT, FINETUNE_ARGS and FINETUNE_TIMEOUT,
 # LIFT_N (default 1000000), LIFT_ARGS (more profile_lift.py options, e.g. --densification); AB_PATCH (patch files)
 # and AB_STAGES: after the stages, apply each patch in turn (on top of the last; one whose quick tests fail is
@@ -170,10 +170,12 @@ for stage in "$@"; do
                 "$PY" benchmarks/ncu_lines.py "$OUT/rasterize.ncu-rep" --top 40 | tee "$OUT/ncu_lines.txt" | head -n 60
             fi
             # the backward at Stage I's density (opacity 0.1 at the start: long walks, every Gaussian composited)
-            timeout 300 ncu --clock-control none -k regex:rasterize_bwd --launch-skip 5 --launch-count 1 --set full \
-                --import-source yes -o "$OUT/lift_bwd" "$PY" benchmarks/profile_lift.py --gaussians "${LIFT_N:-1000000}" \
-                --steps 1 >"$OUT/ncu_lift.log" 2>&1
-            "$PY" benchmarks/ncu_lines.py "$OUT/lift_bwd.ncu-rep" --top 40 | tee "$OUT/ncu_lift_lines.txt" | head -n 50 ;;
+            if [ "$stage" = ncu_lift ] || [ -z "${NCU_KERNEL:-}" ]; then
+                timeout 300 ncu --clock-control none -k regex:rasterize_bwd --launch-skip 5 --launch-count 1 --set full \
+                    --import-source yes -o "$OUT/lift_bwd" "$PY" benchmarks/profile_lift.py \
+                    --gaussians "${LIFT_N:-1000000}" --steps 1 >"$OUT/ncu_lift.log" 2>&1
+                "$PY" benchmarks/ncu_lines.py "$OUT/lift_bwd.ncu-rep" --top 40 | tee "$OUT/ncu_lift_lines.txt" | head -n 50
+            fi ;;
         liftgen|liftfull)
             # the whole Stage I of one synthetic scene (benchmarks/lift.py: 300 views, 30k iterations) from ~1M
             # Gaussians (200k sparse points x LIFT_COPIES); generation ~3.5 min on 16 processes, training ~4.5 min:
