@@ -16,7 +16,8 @@ from unittest import mock
 import pytest
 import torch
 
-from fit3d_hf.render import _wrapper, render
+from fit3d_hf.render import _reference, _wrapper, render
+from fit3d_hf.render._constants import FRUSTUM_MARGIN
 
 __all__ = [
     "cuda_test",
@@ -25,9 +26,11 @@ __all__ = [
     "NAMES",
     "assert_bf16_features_match_float",
     "assert_matches",
+    "assert_project_matches_reference",
     "assert_render_without_graph_matches",
     "assert_sh_parts_render_like_joined",
     "cameras",
+    "clamped_scene",
     "compare_render",
     "loss_weights",
     "scene",
@@ -106,6 +109,65 @@ def scene(n, n_features, seed, device, degenerate=False, sh_coeffs=None):
         opacities[5 * k : 6 * k] = 1.0  # alpha clamped at 0.99
         opacities[6 * k : 7 * k] = 0.002  # below 1/255: culled
     return [t.to(device) for t in (means, quats, scales, opacities, colors, features)]
+
+
+def clamped_scene(K, width, height, n=400, seed=5):
+    """`(means, quats, scales, opacities, clamped_x, clamped_y)`: large Gaussians centred beyond the projection's
+    Jacobian clamp of camera 0 at the origin (x/z past the image edge + FRUSTUM_MARGIN tan(fov/2); half of them
+    past it along y too), which still reach the image."""
+    fx, fy, cx, cy = (float(v) for v in (K[0, 0, 0], K[0, 1, 1], K[0, 0, 2], K[0, 1, 2]))
+    margin_x, margin_y = FRUSTUM_MARGIN * 0.5 * width / fx, FRUSTUM_MARGIN * 0.5 * height / fy
+    limits = torch.tensor([[-(cx / fx + margin_x), (width - cx) / fx + margin_x],
+                           [-(cy / fy + margin_y), (height - cy) / fy + margin_y]])  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    z = 2.0 + 2.0 * torch.rand(n, generator=g)
+    side = torch.randint(0, 2, (n, 2), generator=g)
+    uv = limits.gather(1, side.T).T * (1.1 + 0.4 * torch.rand(n, 2, generator=g))  # 10-50% past the bound
+    inside = torch.rand(n, generator=g) < 0.5
+    uv[inside, 1] = limits[1, 1] * (2 * torch.rand(int(inside.sum()), generator=g) - 1) * 0.9
+    means = torch.stack([uv[:, 0] * z, uv[:, 1] * z, z], dim=1)
+    scales = z[:, None] * (0.3 + 0.3 * torch.rand(n, 3, generator=g))
+    quats = torch.randn(n, 4, generator=g)
+    opacities = 0.5 + 0.5 * torch.rand(n, generator=g)
+    clamped = (uv < limits[:, 0]) | (uv > limits[:, 1])
+    device = K.device
+    return (
+        means.to(device),
+        quats.to(device),
+        scales.to(device),
+        opacities.to(device),
+        clamped[:, 0],
+        clamped[:, 1],
+    )
+
+
+def assert_project_matches_reference(
+    means, quats, scales, opacities, K, w2c, width, height, weighted=(0, 1, 2)
+):
+    """The compiled projection (the tensors' device) against the float64 reference: its outputs, and its gradients
+    to means, quats and scales, on the (camera, Gaussian) pairs both keep. The loss weighs the outputs in
+    `weighted` (0: means2d, 1: conics, 2: depths) by random numbers: the conics alone reach the geometry only
+    through the Jacobian, a share the 2D means' gradient would hide."""
+    inputs = [t.clone().requires_grad_(i < 3) for i, t in enumerate((means, quats, scales, opacities))]
+    got = _wrapper.project(*inputs, w2c, K, width, height)
+    inputs64 = [t.detach().double().requires_grad_(i < 3) for i, t in enumerate(inputs)]
+    want = _reference._project(*inputs64, w2c.double(), K.double(), width, height)
+    assert (got[3] == want[3]).double().mean() >= 0.999
+    visible = (got[3] > 0) & (want[3] > 0)
+    for name, a, b in zip(("means2d", "conics", "depths"), got[:3], want[:3], strict=True):
+        assert_matches(name, a[visible], b[visible], **FWD)
+    g = torch.Generator().manual_seed(0)
+    v = [
+        torch.randn(t.shape, generator=g).to(t.device) * visible.reshape(*visible.shape, *([1] * (t.dim() - 2)))
+        * (i in weighted)
+        for i, t in enumerate(got[:3])
+    ]  # fmt: skip
+    grads = torch.autograd.grad(sum((a * w).sum() for a, w in zip(got[:3], v, strict=True)), inputs[:3])
+    grads64 = torch.autograd.grad(
+        sum((a * w.double()).sum() for a, w in zip(want[:3], v, strict=True)), inputs64[:3]
+    )
+    for name, a, b in zip(("means", "quats", "scales"), grads, grads64, strict=True):
+        assert_matches(f"grad {name}", a, b, **GRAD)
 
 
 def loss_weights(batch, n_features, width, height, device, seed):

@@ -7,8 +7,6 @@ shared with the CPU backend's tests (tests/render_helpers.py, whose docstring ex
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from render_helpers import (
@@ -17,8 +15,10 @@ from render_helpers import (
     NAMES,
     assert_bf16_features_match_float,
     assert_fixed_geometry_skips_its_gradients,
+    assert_project_matches_reference,
     assert_render_without_graph_matches,
     assert_sh_parts_render_like_joined,
+    clamped_scene,
     compare_render,
 )
 from render_helpers import assert_matches as _assert_matches
@@ -144,50 +144,18 @@ def test_empty_scene():
 def test_project_op_matches_reference():
     means, quats, scales, opacities, _, _ = _scene(3000, 0, seed=21, device="cuda", degenerate=True)
     K, w2c = _cameras(3, 90, 70, "cuda")
-    inputs = [t.clone().requires_grad_(i < 3) for i, t in enumerate((means, quats, scales, opacities))]
-    got = _wrapper.project(*inputs, w2c, K, 90, 70)
-    inputs64 = [t.detach().double().requires_grad_(i < 3) for i, t in enumerate(inputs)]
-    want = _reference._project(*inputs64, w2c.double(), K.double(), 90, 70)
-    assert (got[3] == want[3]).double().mean() >= 0.999
-    visible = (got[3] > 0) & (want[3] > 0)
-    for name, a, b in zip(("means2d", "conics", "depths"), got[:3], want[:3], strict=True):
-        _assert_matches(name, a[visible], b[visible], **FWD)
-    g = torch.Generator().manual_seed(0)
-    v = [
-        torch.randn(t.shape, generator=g).cuda() * visible.reshape(*visible.shape, *([1] * (t.dim() - 2)))
-        for t in got[:3]
-    ]
-    grads = torch.autograd.grad(sum((a * w).sum() for a, w in zip(got[:3], v, strict=True)), inputs[:3])
-    grads64 = torch.autograd.grad(
-        sum((a * w.double()).sum() for a, w in zip(want[:3], v, strict=True)), inputs64[:3]
-    )
-    for name, a, b in zip(("means", "quats", "scales"), grads, grads64, strict=True):
-        _assert_matches(f"grad {name}", a, b, **GRAD)
+    assert_project_matches_reference(means, quats, scales, opacities, K, w2c, 90, 70)
+    assert_project_matches_reference(means, quats, scales, opacities, K, w2c, 90, 70, weighted=(1,))
 
 
-@pytest.mark.parametrize("coeffs", [16, 9])
-def test_spherical_harmonics_op_matches_reference(coeffs):
-    # 2000 Gaussians: the backward's last block of 128 is partly empty; 9 coefficients: another staging stride
-    means, _, _, _, sh, _ = _scene(2000, 0, seed=22, device="cuda", sh_coeffs=coeffs)
-    _, w2c = _cameras(4, 64, 48, "cuda")
-    for degree in range(math.isqrt(coeffs)):
-        sh32, means32 = sh.clone().requires_grad_(True), means.clone().requires_grad_(True)
-        sh64, means64 = sh.double().requires_grad_(True), means.double().requires_grad_(True)
-        got = _wrapper.spherical_harmonics(sh32, means32, w2c, degree)
-        want = _reference._spherical_harmonics(sh64, means64, w2c.double(), degree)
-        _assert_matches(f"colors (degree {degree})", got, want, **FWD)
-        v = torch.randn(got.shape, device="cuda")
-        grads = torch.autograd.grad(
-            (got * v).sum(), (sh32, means32), allow_unused=True, materialize_grads=True
-        )
-        grads64 = torch.autograd.grad(
-            (want * v.double()).sum(), (sh64, means64), allow_unused=True, materialize_grads=True
-        )
-        for name, a, b in zip(("sh", "means"), grads, grads64, strict=True):
-            if b.abs().max() > 0:
-                _assert_matches(f"grad {name} (degree {degree})", a, b, **GRAD)
-            else:
-                assert torch.count_nonzero(a) == 0
+def test_project_gradient_where_the_jacobian_clamp_holds():
+    """Gaussians centred beyond the Jacobian's clamp that still reach the image: the clamped coordinate's
+    gradient goes to z, a path no Gaussian of the other scenes takes (those beyond the clamp are culled)."""
+    K, w2c = _cameras(1, 90, 70, "cuda")
+    means, quats, scales, opacities, clamped_x, clamped_y = clamped_scene(K, 90, 70)
+    visible = _wrapper.project(means, quats, scales, opacities, w2c, K, 90, 70)[3][0].cpu() > 0
+    assert int((visible & clamped_x).sum()) > 100 and int((visible & clamped_y).sum()) > 50
+    assert_project_matches_reference(means, quats, scales, opacities, K, w2c, 90, 70, weighted=(1,))
 
 
 def test_bf16_channels_last_features_match_float32():
