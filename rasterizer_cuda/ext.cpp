@@ -400,8 +400,14 @@ std::tuple<Tensor, Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tens
     const int64_t entries = B * N;
     const size_t e4 = sizeof(int32_t) * entries, e8 = sizeof(int64_t) * entries;
     const bool exact = capacity <= 0;
-    const uint32_t no_tile = uint32_t(B * tiles_x * tiles_y);
-    const int key_bits = fit3d::tile_key_bits(int(B), tiles_x * tiles_y);
+    fit3d::IsectArgs a = {};
+    a.B = int(B);
+    a.N = int(N);
+    a.width = int(width);
+    a.height = int(height);
+    a.tiles_x = tiles_x;
+    a.tiles_y = tiles_y;
+    const size_t key_bytes = fit3d::tile_key_bytes(a.B, tiles_x * tiles_y);
 
     // The temporaries are slices of one allocation, and the two outputs (tile ranges, then the Gaussian ids from
     // a 256-byte boundary) of another; with a capacity both are sized before anything runs, exactly sized pair
@@ -411,13 +417,12 @@ std::tuple<Tensor, Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tens
     };
     const auto reserve_pairs = [&](Workspace& work, int64_t slots) {
         PairSlices o = {};
-        check_cuda(
-            fit3d::sort_pairs(nullptr, o.sort_bytes, nullptr, nullptr, nullptr, nullptr, slots, key_bits, stream()),
-            "radix sort (size query)");
-        const size_t p4 = sizeof(int32_t) * slots;
-        o.keys = work.reserve(p4);
-        o.values = work.reserve(p4);
-        o.sorted = work.reserve(p4);
+        a.capacity = slots;
+        check_cuda(fit3d::bin_pairs(a, nullptr, nullptr, nullptr, nullptr, o.sort_bytes, stream()),
+                   "radix sort (size query)");
+        o.keys = work.reserve(key_bytes * slots);
+        o.values = work.reserve(sizeof(int32_t) * slots);
+        o.sorted = work.reserve(key_bytes * slots);
         o.sort_temp = work.reserve(o.sort_bytes);
         return o;
     };
@@ -449,13 +454,6 @@ std::tuple<Tensor, Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tens
                                  first.get<uint32_t>(o_sorted_keys), entry_ids(means2d.get_device(), entries),
                                  first.get<int32_t>(o_order), entries, 32, stream()),
                "radix sort");
-    fit3d::IsectArgs a = {};
-    a.B = int(B);
-    a.N = int(N);
-    a.width = int(width);
-    a.height = int(height);
-    a.tiles_x = tiles_x;
-    a.tiles_y = tiles_y;
     a.means2d = means2d.data_ptr<float>();
     a.conics = conics.data_ptr<float>();
     a.opacities = opacities.data_ptr<float>();
@@ -479,8 +477,7 @@ std::tuple<Tensor, Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tens
                     " (Gaussian, tile) pairs exceed the int32 limit");
         std::tie(ranges, sorted_values) = allocate_outputs(capacity);
         if (capacity == 0) {  // no pairs: every range empty
-            check_cuda(fit3d::launch_tile_ranges(nullptr, 0, no_tile, ranges.data_ptr<int32_t>(), stream()),
-                       "tile_ranges");
+            check_cuda(cudaMemsetAsync(ranges.data_ptr<int32_t>(), 0, ranges.nbytes(), stream()), "tile_ranges");
             return {ranges, sorted_values, total};
         }
         pairs = reserve_pairs(second, capacity);
@@ -489,18 +486,15 @@ std::tuple<Tensor, Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tens
     }
 
     // 4. (tile, Gaussian) pairs in depth order (slots past the count: "no tile"), 5. stable sort by tile,
-    // 6. per-tile ranges (binary searches of the sorted keys)
+    // 6. per-tile ranges
     a.ends = ends;
     a.capacity = capacity;
-    a.keys = pair_work->get<uint32_t>(pairs.keys);
+    a.keys = pair_work->get<void>(pairs.keys);
     a.values = pair_work->get<int32_t>(pairs.values);
-    check_cuda(fit3d::launch_isect_emit(a, stream()), "isect_emit");
-    uint32_t* sorted_keys = pair_work->get<uint32_t>(pairs.sorted);
-    check_cuda(fit3d::sort_pairs(pair_work->get<void>(pairs.sort_temp), pairs.sort_bytes, a.keys, sorted_keys, a.values,
-                                 sorted_values.data_ptr<int32_t>(), capacity, key_bits, stream()),
-               "radix sort");
-    check_cuda(fit3d::launch_tile_ranges(sorted_keys, int(capacity), no_tile, ranges.data_ptr<int32_t>(), stream()),
-               "tile_ranges");
+    check_cuda(
+        fit3d::bin_pairs(a, pair_work->get<void>(pairs.sorted), sorted_values.data_ptr<int32_t>(),
+                         ranges.data_ptr<int32_t>(), pair_work->get<void>(pairs.sort_temp), pairs.sort_bytes, stream()),
+        "binning");
     return {ranges, sorted_values, total};
 }
 

@@ -6,8 +6,9 @@
 //    pixel box (pixel_box in common.h, the box the Python reference uses) that its alpha ellipse meets
 //    (found per row of tiles, see tile_rows);
 // 3. emit (camera * tiles + tile, Gaussian) pairs at the prefix-sum offsets, so equal tiles appear in depth
-//    order, and 4. sort them by tile with a stable radix sort over only the tile bits; 5. find each tile's
-//    range of the sorted pairs by binary search.
+//    order, and 4. sort them by tile with a stable radix sort over only the tile bits (16-bit keys where all
+//    fit: fewer than 2^16 tiles over the cameras, as with one 4000 x 4000 px camera); 5. find each tile's range
+//    of the sorted pairs by a search of the sorted keys.
 // Binning is conservative, so it never changes a pixel value.
 #include <algorithm>
 #include <cub/cub.cuh>
@@ -36,8 +37,9 @@ __global__ void isect_count_kernel(IsectArgs a) {
 // Writes the `count` pairs of the Gaussian `index` (rows `r`, valid when `ok`) to keys/values, by one thread.
 // Should fewer tiles be found than were counted, the remaining slots get the "no tile" key, which sorts last
 // and is in no range. Only the first `room` slots are written (the rest lies past the buffer's capacity).
-__device__ inline void emit_pairs(const IsectArgs& a, int64_t index, bool ok, const TileRows& r, int count,
-                                  uint32_t* keys, int32_t* values, int64_t room) {
+template <typename Key>
+__device__ inline void emit_pairs(const IsectArgs& a, int64_t index, bool ok, const TileRows& r, int count, Key* keys,
+                                  int32_t* values, int64_t room) {
     count = int(min(int64_t(count), max(room, int64_t(0))));
     const int g = int(index % a.N);
     const uint32_t tiles = uint32_t(a.tiles_x * a.tiles_y);
@@ -49,14 +51,14 @@ __device__ inline void emit_pairs(const IsectArgs& a, int64_t index, bool ok, co
         for (int tx = tx0; tx <= tx1; ++tx) {
             const int j = emitted + tx - tx0;
             if (j < count) {
-                keys[j] = camera_tile0 + uint32_t(ty * a.tiles_x + tx);
+                keys[j] = Key(camera_tile0 + uint32_t(ty * a.tiles_x + tx));
                 values[j] = g;
             }
         }
         emitted += max(tx1 - tx0 + 1, 0);
     }
     for (int j = emitted; j < count; ++j) {
-        keys[j] = tiles * uint32_t(a.B);
+        keys[j] = Key(tiles * uint32_t(a.B));
         values[j] = 0;
     }
 }
@@ -65,8 +67,9 @@ __device__ inline void emit_pairs(const IsectArgs& a, int64_t index, bool ok, co
 // rows at a time, a lane computes one row's span; a prefix sum over the lanes gives each row's first pair, and
 // each lane then writes every 32nd pair, finding its row by a binary search over the lanes' sums. So the square
 // roots of a row are taken once, and the stores of a round are consecutive, whatever the rows' widths.
+template <typename Key>
 __device__ inline void emit_pairs_warp(const IsectArgs& a, int64_t index, bool ok, const TileRows& r, int count,
-                                       uint32_t* keys, int32_t* values, int64_t room, int lane) {
+                                       Key* keys, int32_t* values, int64_t room, int lane) {
     count = int(min(int64_t(count), max(room, int64_t(0))));
     const int g = int(index % a.N);
     const uint32_t tiles = uint32_t(a.tiles_x * a.tiles_y);
@@ -93,14 +96,14 @@ __device__ inline void emit_pairs_warp(const IsectArgs& a, int64_t index, bool o
             const int row_start = __shfl_sync(FULL_MASK, end - width, row);
             const int slot = emitted + j;
             if (j < chunk && slot < count) {
-                keys[slot] = camera_tile0 + uint32_t((row0 + row) * a.tiles_x + row_tx0 + (j - row_start));
+                keys[slot] = Key(camera_tile0 + uint32_t((row0 + row) * a.tiles_x + row_tx0 + (j - row_start)));
                 values[slot] = g;
             }
         }
         emitted += chunk;
     }
     for (int j = emitted + lane; j < count; j += 32) {
-        keys[j] = tiles * uint32_t(a.B);
+        keys[j] = Key(tiles * uint32_t(a.B));
         values[j] = 0;
     }
 }
@@ -132,16 +135,17 @@ __device__ inline TileRows shuffle_rows(const TileRows& r, int source) {
 constexpr int WARP_EMIT = 32;
 constexpr int EMIT_STAGE = 4096;  // pairs staged per block (32 KB)
 
-__global__ void __launch_bounds__(256) isect_emit_kernel(IsectArgs a) {
-    __shared__ uint32_t s_keys[EMIT_STAGE];
+template <typename Key>
+__global__ void __launch_bounds__(256) isect_emit_kernel(IsectArgs a, Key* keys) {
+    __shared__ Key s_keys[EMIT_STAGE];
     __shared__ int32_t s_values[EMIT_STAGE];
     const int64_t total = int64_t(a.B) * a.N;
     // slots past the pair count, when the buffers were sized ahead (a capacity), get the "no tile" key, which
     // sorts last and is in no range: spread over all blocks here rather than a launch of their own
-    const uint32_t no_tile = uint32_t(a.tiles_x * a.tiles_y) * uint32_t(a.B);
+    const Key no_tile = Key(uint32_t(a.tiles_x * a.tiles_y) * uint32_t(a.B));
     for (int64_t i = a.ends[total - 1] + int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < a.capacity;
          i += int64_t(gridDim.x) * blockDim.x) {
-        a.keys[i] = no_tile;
+        keys[i] = no_tile;
         a.values[i] = 0;
     }
     const int64_t first = int64_t(blockIdx.x) * blockDim.x;
@@ -150,7 +154,7 @@ __global__ void __launch_bounds__(256) isect_emit_kernel(IsectArgs a) {
     const int64_t span = a.ends[last] - base;  // the block's pairs: [base, base + span)
     const bool staged = span <= EMIT_STAGE;    // uniform over the block
     // destination of the pairs at global position `pos`
-    auto keys_at = [&](int64_t pos) { return staged ? s_keys + (pos - base) : a.keys + pos; };
+    auto keys_at = [&](int64_t pos) { return staged ? s_keys + (pos - base) : keys + pos; };
     auto values_at = [&](int64_t pos) { return staged ? s_values + (pos - base) : a.values + pos; };
     auto room_at = [&](int64_t pos) { return staged ? int64_t(EMIT_STAGE) : a.capacity - pos; };
 
@@ -174,7 +178,7 @@ __global__ void __launch_bounds__(256) isect_emit_kernel(IsectArgs a) {
     __syncthreads();
     const int64_t kept = min(span, a.capacity - base);
     for (int i = threadIdx.x; i < kept; i += blockDim.x) {
-        a.keys[base + i] = s_keys[i];
+        keys[base + i] = s_keys[i];
         a.values[base + i] = s_values[i];
     }
 }
@@ -182,7 +186,8 @@ __global__ void __launch_bounds__(256) isect_emit_kernel(IsectArgs a) {
 // The first of the n sorted keys that is not below `key` (n if none), found by 16 lanes together: each step reads
 // 16 pivots that split the interval left, so a search takes about log16(n) dependent reads (6 for 4.4M pairs)
 // rather than log2(n) (23). Each half of the warp (`half`) searches its own key; all 32 lanes take every step.
-__device__ inline int first_not_below_16(const uint32_t* keys, int n, uint32_t key, int half) {
+template <typename Key>
+__device__ inline int first_not_below_16(const Key* keys, int n, uint32_t key, int half) {
     const int lane16 = threadIdx.x % 16;
     int low = 0, high = n;  // keys before low are below key, keys from high on are not
     while (__any_sync(FULL_MASK, low < high)) {
@@ -204,7 +209,8 @@ __device__ inline int first_not_below_16(const uint32_t* keys, int n, uint32_t k
 // the next tile's starts (lanes 16-31), rather than a pass over all n pairs after a fill of every range with zeros
 // (1M Gaussians on an H100: 4.4M pairs, a 17 us kernel and a memset). An empty tile gets [0, 0), as the CPU
 // binning's and the reference's; the "no tile" key of unused slots sorts after every tile.
-__global__ void tile_ranges_kernel(const uint32_t* keys, int n, uint32_t n_tiles, int32_t* ranges) {
+template <typename Key>
+__global__ void tile_ranges_kernel(const Key* keys, int n, uint32_t n_tiles, int32_t* ranges) {
     const uint64_t tile = (uint64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;  // the same for the whole warp
     if (tile >= n_tiles) return;
     const int half = (threadIdx.x % 32) / 16;
@@ -223,20 +229,6 @@ cudaError_t launch_isect_count(const IsectArgs& args, cudaStream_t stream) {
     return cudaGetLastError();
 }
 
-cudaError_t launch_isect_emit(const IsectArgs& args, cudaStream_t stream) {
-    const int64_t total = int64_t(args.B) * args.N;
-    if (total == 0) return cudaSuccess;
-    isect_emit_kernel<<<unsigned((total + 255) / 256), 256, 0, stream>>>(args);
-    return cudaGetLastError();
-}
-
-int tile_key_bits(int B, int tiles) {
-    const uint64_t max_id = uint64_t(B) * uint64_t(tiles);  // one past the last tile: the "no tile" key
-    int bits = 1;
-    while (bits < 32 && (max_id >> bits) != 0) ++bits;
-    return bits;
-}
-
 cudaError_t inclusive_sum(void* temp, size_t& temp_bytes, const int64_t* counts, int64_t* ends, int64_t n,
                           cudaStream_t stream) {
     return cub::DeviceScan::InclusiveSum(temp, temp_bytes, counts, ends, n, stream);
@@ -248,12 +240,53 @@ cudaError_t sort_pairs(void* temp, size_t& temp_bytes, const uint32_t* keys_in, 
                                            stream);
 }
 
-cudaError_t launch_tile_ranges(const uint32_t* sorted_keys, int n, uint32_t n_tiles, int32_t* ranges,
-                               cudaStream_t stream) {
-    if (n_tiles == 0) return cudaSuccess;
+namespace {
+
+// Bits of a tile key (camera * tiles + tile, or B * tiles for "no tile") for B cameras of `tiles` tiles: the pair
+// sort passes over only these.
+int tile_key_bits(int B, int tiles) {
+    const uint64_t max_id = uint64_t(B) * uint64_t(tiles);  // one past the last tile: the "no tile" key
+    int bits = 1;
+    while (bits < 32 && (max_id >> bits) != 0) ++bits;
+    return bits;
+}
+
+// Steps 4-6 with keys of type Key (see bin_pairs).
+template <typename Key>
+cudaError_t bin_pairs_with(const IsectArgs& a, Key* sorted_keys, int32_t* sorted_values, int32_t* ranges, void* temp,
+                           size_t& temp_bytes, cudaStream_t stream) {
+    const uint32_t n_tiles = uint32_t(a.B) * uint32_t(a.tiles_x * a.tiles_y);
+    Key* keys = static_cast<Key*>(a.keys);
+    const int key_bits = tile_key_bits(a.B, a.tiles_x * a.tiles_y);
+    if (temp == nullptr)
+        return cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, keys, sorted_keys, a.values, sorted_values,
+                                               a.capacity, 0, key_bits, stream);
+    const int64_t total = int64_t(a.B) * a.N;
+    isect_emit_kernel<<<unsigned((total + 255) / 256), 256, 0, stream>>>(a, keys);
+    cudaError_t error = cudaGetLastError();
+    if (error != cudaSuccess) return error;
+    error = cub::DeviceRadixSort::SortPairs(temp, temp_bytes, keys, sorted_keys, a.values, sorted_values, a.capacity, 0,
+                                            key_bits, stream);
+    if (error != cudaSuccess) return error;
     // a warp per tile, 8 to a block
-    tile_ranges_kernel<<<unsigned((uint64_t(n_tiles) + 7) / 8), 256, 0, stream>>>(sorted_keys, n, n_tiles, ranges);
+    tile_ranges_kernel<<<unsigned((uint64_t(n_tiles) + 7) / 8), 256, 0, stream>>>(sorted_keys, int(a.capacity), n_tiles,
+                                                                                  ranges);
     return cudaGetLastError();
+}
+
+}  // namespace
+
+size_t tile_key_bytes(int B, int tiles) {
+    // every key, "no tile" (B * tiles) included, must fit
+    return uint64_t(B) * uint64_t(tiles) <= UINT16_MAX ? sizeof(uint16_t) : sizeof(uint32_t);
+}
+
+cudaError_t bin_pairs(const IsectArgs& args, void* sorted_keys, int32_t* sorted_values, int32_t* ranges, void* temp,
+                      size_t& temp_bytes, cudaStream_t stream) {
+    if (tile_key_bytes(args.B, args.tiles_x * args.tiles_y) == sizeof(uint16_t))
+        return bin_pairs_with(args, static_cast<uint16_t*>(sorted_keys), sorted_values, ranges, temp, temp_bytes,
+                              stream);
+    return bin_pairs_with(args, static_cast<uint32_t*>(sorted_keys), sorted_values, ranges, temp, temp_bytes, stream);
 }
 
 }  // namespace fit3d

@@ -69,25 +69,28 @@ struct IsectArgs {
     int64_t* counts;             // [B * N] tiles touched by depth_order[s] (count pass)
     const int64_t* ends;         // [B * N] inclusive prefix sum of counts (emit pass)
     int64_t capacity;            // slots of keys/values; pairs past it are dropped (the caller checks the total)
-    uint32_t* keys;              // [capacity] camera * tiles + tile
+    void* keys;                  // [capacity] camera * tiles + tile, of tile_key_bytes(B, tiles) each
     int32_t* values;             // [capacity] Gaussian index
 };
 cudaError_t launch_isect_count(const IsectArgs& args, cudaStream_t stream);
-// Also gives the slots [total pairs, capacity) the "no tile" key (B * tiles), which sorts last and is in no range.
-cudaError_t launch_isect_emit(const IsectArgs& args, cudaStream_t stream);
 // ends = inclusive prefix sum of counts (call with temp == nullptr to query `temp_bytes`).
 cudaError_t inclusive_sum(void* temp, size_t& temp_bytes, const int64_t* counts, int64_t* ends, int64_t n,
                           cudaStream_t stream);
-// Bits of a tile key (camera * tiles + tile, or B * tiles for "no tile") for B cameras of `tiles` tiles.
-int tile_key_bits(int B, int tiles);
 // Stable radix sort of (key, value) pairs over bits [0, end_bit); call with temp == nullptr to query
 // `temp_bytes`.
 cudaError_t sort_pairs(void* temp, size_t& temp_bytes, const uint32_t* keys_in, uint32_t* keys_out,
                        const int32_t* values_in, int32_t* values_out, int64_t n, int end_bit, cudaStream_t stream);
-// ranges[t] = [first, last + 1) of the sorted entries of tile t (t < n_tiles = B * tiles), or [0, 0) for an empty
-// tile: every range is written (sorted_keys may be null when n is 0).
-cudaError_t launch_tile_ranges(const uint32_t* sorted_keys, int n, uint32_t n_tiles, int32_t* ranges,
-                               cudaStream_t stream);
+// Bytes of a tile key for B cameras of `tiles` tiles: 2 where every key ("no tile", B * tiles, included) fits 16
+// bits, as for one camera up to about 4000 x 4000 px, else 4. A pass of the pair sort then moves 12 bytes a pair
+// rather than 16.
+size_t tile_key_bytes(int B, int tiles);
+// Steps 4-6 of the binning, from args.ends: emits the (tile, Gaussian) pairs into args.keys and args.values (the
+// slots past the pair count get the "no tile" key, which sorts last and is in no range), sorts them by tile into
+// sorted_keys and sorted_values (stable: equal tiles stay in depth order), and writes ranges[t] = [first, last + 1)
+// of every tile t < B * tiles, [0, 0) for an empty one. Call with temp == nullptr to query `temp_bytes` (args then
+// needs only B, tiles_x, tiles_y and capacity).
+cudaError_t bin_pairs(const IsectArgs& args, void* sorted_keys, int32_t* sorted_values, int32_t* ranges, void* temp,
+                      size_t& temp_bytes, cudaStream_t stream);
 
 // ---- rasterize: alpha compositing of C channels (rasterize_fwd.cu / rasterize_bwd.cu) -------------------
 // One launch handles the channels [channel_begin, channel_begin + channel_count) of every camera and tile.

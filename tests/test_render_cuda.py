@@ -485,6 +485,33 @@ def test_tile_ranges_with_spare_slots_equal_the_exact_ones(gaussians):
         assert torch.equal(nonempty[1:, 0], nonempty[:-1, 1])
 
 
+def test_binning_with_32_bit_tile_keys_equals_the_16_bit_one():
+    """Where all tile keys fit 16 bits (fewer than 2^16 tiles over the cameras) the pairs are sorted with 16-bit
+    keys, otherwise with 32-bit ones: 16 cameras of 64 x 64 tiles binned at once (32-bit keys) list, tile by tile,
+    the same Gaussians in the same order as each camera binned alone (16-bit keys), with and without spare slots."""
+    width = height = 1024
+    cameras, tiles = 16, (1024 // 16) ** 2
+    assert tiles < 2**16 <= cameras * tiles  # one camera: 16-bit keys; all of them: 32-bit keys
+    means, quats, scales, opacities, _, _ = _scene(3000, 0, seed=35, device="cuda")
+    K, w2c = _cameras(cameras, width, height, "cuda")
+    means2d, conics, depths, radii = _wrapper.project(means, quats, scales, opacities, w2c, K, width, height)
+    ext = load_extension()
+
+    def tile_lists(b0, b1, spare):
+        inputs = (means2d[b0:b1], conics[b0:b1], opacities, depths[b0:b1], radii[b0:b1])
+        _, _, total = ext.isect_tiles(*inputs, width, height, 0)
+        pairs = int(total)
+        ranges, ids, _ = ext.isect_tiles(*inputs, width, height, pairs + spare if spare else 0)
+        torch.cuda.synchronize()
+        return pairs, [ids[start:end].tolist() for start, end in ranges.tolist()]
+
+    for spare in (0, 555):
+        pairs, together = tile_lists(0, cameras, spare)
+        alone = [tile_lists(b, b + 1, spare) for b in range(cameras)]
+        assert pairs == sum(count for count, _ in alone) > 3000
+        assert together == [ids for _, lists in alone for ids in lists]
+
+
 def test_rasterize_op_matches_the_per_pixel_spec():
     """The CUDA compositing against the literal loop of fit3d_hf/render/spec.py (forward values)."""
     from fit3d_hf.render.spec import rasterize_per_pixel
