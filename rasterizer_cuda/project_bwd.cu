@@ -13,7 +13,8 @@ __global__ void project_bwd_kernel(ProjectArgs a) {
 
 cudaError_t launch_project_bwd(const ProjectArgs& args, cudaStream_t stream) {
     if (args.N == 0) return cudaSuccess;
-    const int threads = 256;
+    // ~90 registers a thread: blocks of 128 fit 5 to an SM (20 warps), blocks of 256 only 2 (16 warps)
+    const int threads = 128;
     project_bwd_kernel<<<ceil_div(args.N, threads), threads, 0, stream>>>(args);
     return cudaGetLastError();
 }

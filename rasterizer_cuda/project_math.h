@@ -1,5 +1,6 @@
 // The EWA projection of Gaussians and its backward, shared by project_fwd.cu, project_bwd.cu and the CPU
-// extension (cpu/project_cpu.cpp). Twin of fit3d_hf.render._reference._project (same expressions, in the same order).
+// extension (cpu/project_cpu.cpp). Twin of fit3d_hf.render._reference._project: the same quantities in the same
+// order, with products by reciprocals (1 / z, 1 / det, 1 / fx) where the reference divides.
 #pragma once
 
 #include "common.h"
@@ -25,11 +26,14 @@ __host__ __device__ inline Camera load_camera(const float* viewmat, const float*
     c.cx = K[2];
     c.fy = K[4];
     c.cy = K[5];
-    const float tan_x = 0.5f * width / c.fx, tan_y = 0.5f * height / c.fy;
-    c.lim_x_neg = c.cx / c.fx + FRUSTUM_MARGIN * tan_x;
-    c.lim_x_pos = (width - c.cx) / c.fx + FRUSTUM_MARGIN * tan_x;
-    c.lim_y_neg = c.cy / c.fy + FRUSTUM_MARGIN * tan_y;
-    c.lim_y_pos = (height - c.cy) / c.fy + FRUSTUM_MARGIN * tan_y;
+    // one reciprocal per focal length rather than six divisions: every thread of both projection kernels loads
+    // the camera
+    const float inv_fx = 1.f / c.fx, inv_fy = 1.f / c.fy;
+    const float tan_x = 0.5f * width * inv_fx, tan_y = 0.5f * height * inv_fy;
+    c.lim_x_neg = c.cx * inv_fx + FRUSTUM_MARGIN * tan_x;
+    c.lim_x_pos = (width - c.cx) * inv_fx + FRUSTUM_MARGIN * tan_x;
+    c.lim_y_neg = c.cy * inv_fy + FRUSTUM_MARGIN * tan_y;
+    c.lim_y_pos = (height - c.cy) * inv_fy + FRUSTUM_MARGIN * tan_y;
     return c;
 }
 
@@ -81,25 +85,28 @@ struct Projection {
     float mean_x, mean_y;       // 2D mean (px)
     float cov_a, cov_b, cov_c;  // 2D covariance [[a, b], [b, c]] including the low-pass
     float det;                  // a c - b^2
-    float tx, ty;               // z * clamped x/z, y/z
+    float inv_z;                // 1 / z
+    float u, v;                 // x / z, y / z
+    float uc, vc;               // the same clamped for the Jacobian (tx / z, ty / z of 3DGS)
     bool clamped_x, clamped_y;  // whether the clamp was active (its gradient then goes to z)
     float J00, J02, J11, J12;   // non-zero entries of the 2x3 Jacobian
 };
 
 __host__ __device__ inline Projection project_gaussian(const Camera& cam, float3 p, const Mat3& cov) {
     Projection r;
-    const float z = p.z;
-    const float u = p.x / z, v = p.y / z;
-    const float uc = fminf(fmaxf(u, -cam.lim_x_neg), cam.lim_x_pos);
-    const float vc = fminf(fmaxf(v, -cam.lim_y_neg), cam.lim_y_pos);
+    // one division: everything below is a product with 1 / z (fx tx / z^2 = fx uc / z, with tx = z uc)
+    r.inv_z = 1.f / p.z;
+    const float u = p.x * r.inv_z, v = p.y * r.inv_z;
+    r.u = u;
+    r.v = v;
+    r.uc = fminf(fmaxf(u, -cam.lim_x_neg), cam.lim_x_pos);
+    r.vc = fminf(fmaxf(v, -cam.lim_y_neg), cam.lim_y_pos);
     r.clamped_x = !(u >= -cam.lim_x_neg && u <= cam.lim_x_pos);
     r.clamped_y = !(v >= -cam.lim_y_neg && v <= cam.lim_y_pos);
-    r.tx = z * uc;
-    r.ty = z * vc;
-    r.J00 = cam.fx / z;
-    r.J02 = -cam.fx * r.tx / (z * z);
-    r.J11 = cam.fy / z;
-    r.J12 = -cam.fy * r.ty / (z * z);
+    r.J00 = cam.fx * r.inv_z;
+    r.J02 = -r.J00 * r.uc;
+    r.J11 = cam.fy * r.inv_z;
+    r.J12 = -r.J11 * r.vc;
     // T = J cov (2 x 3), then cov2d = T J^T
     float T0[3], T1[3];
 #pragma unroll
@@ -111,8 +118,8 @@ __host__ __device__ inline Projection project_gaussian(const Camera& cam, float3
     r.cov_b = T0[1] * r.J11 + T0[2] * r.J12;
     r.cov_c = T1[1] * r.J11 + T1[2] * r.J12 + COV2D_BLUR;
     r.det = r.cov_a * r.cov_c - r.cov_b * r.cov_b;
-    r.mean_x = cam.fx * p.x / z + cam.cx;
-    r.mean_y = cam.fy * p.y / z + cam.cy;
+    r.mean_x = cam.fx * u + cam.cx;
+    r.mean_y = cam.fy * v + cam.cy;
     return r;
 }
 
@@ -138,7 +145,8 @@ __host__ __device__ inline void project_fwd_one(const ProjectArgs& a, int64_t in
     const Mat3 cov_cam = camera_covariance(cam, a.quats + g * 4, a.scales + g * 3);
     const Projection pr = project_gaussian(cam, p, cov_cam);
     if (!(pr.det > 0.f)) return;
-    const float ca = pr.cov_c / pr.det, cb = -pr.cov_b / pr.det, cc = pr.cov_a / pr.det;
+    const float inv_det = 1.f / pr.det;
+    const float ca = pr.cov_c * inv_det, cb = -pr.cov_b * inv_det, cc = pr.cov_a * inv_det;
 
     const float opacity = a.opacities[g];
     int col0, col1, row0, row1;
@@ -158,7 +166,9 @@ __host__ __device__ inline void project_fwd_one(const ProjectArgs& a, int64_t in
 // Backward of the projection of one Gaussian, over all cameras (no atomics): a thread of project_bwd.cu, an
 // iteration of the CPU loop. Culled (camera, Gaussian) pairs (radius 0) contribute nothing.
 __host__ __device__ inline void project_bwd_one(const ProjectArgs& a, int g) {
-    const Covariance cov = world_covariance(a.quats + g * 4, a.scales + g * 3);
+    // only the world covariance lives through the loop over cameras; its factors are computed again after it,
+    // so that fewer registers are held across the loop (more warps per SM for project_bwd.cu)
+    const Mat3 sigma = world_covariance(a.quats + g * 4, a.scales + g * 3).sigma;
     const float3 mean = make_float3(a.means[g * 3 + 0], a.means[g * 3 + 1], a.means[g * 3 + 2]);
     float3 v_mean = make_float3(0.f, 0.f, 0.f);
     Mat3 v_sigma = {};  // dL / d(world covariance), summed over cameras
@@ -168,9 +178,8 @@ __host__ __device__ inline void project_bwd_one(const ProjectArgs& a, int g) {
         if (a.radii[index] <= 0) continue;
         const Camera cam = load_camera(a.viewmats + b * 16, a.Ks + b * 9, a.width, a.height);
         const float3 p = world_to_cam(cam, mean);
-        const Mat3 cov_cam = camera_covariance(cam, cov.sigma);
+        const Mat3 cov_cam = camera_covariance(cam, sigma);
         const Projection pr = project_gaussian(cam, p, cov_cam);
-        const float z = p.z;
 
         // conic (ca, cb, cc) = (c, -b, a) / det  ->  2D covariance (a, b, c)
         const float vca = a.v_conics[index * 3 + 0], vcb = a.v_conics[index * 3 + 1];
@@ -203,27 +212,28 @@ __host__ __device__ inline void project_bwd_one(const ProjectArgs& a, int g) {
             for (int j = 0; j < 3; ++j)
                 vJ[i][j] = 2.f * (GJ[i][0] * cov_cam.m[0][j] + GJ[i][1] * cov_cam.m[1][j] + GJ[i][2] * cov_cam.m[2][j]);
 
-        // Jacobian entries -> camera-space position
+        // Jacobian entries -> camera-space position (J00 = fx / z, J02 = -fx tx / z^2 with tx = z uc: every
+        // power of 1 / z below is a product of J00 or J11 with inv_z)
         float3 v_p = make_float3(0.f, 0.f, 0.f);
-        const float z2 = z * z, z3 = z2 * z;
-        v_p.z += -vJ[0][0] * cam.fx / z2 - vJ[1][1] * cam.fy / z2;
-        v_p.z += vJ[0][2] * 2.f * cam.fx * pr.tx / z3 + vJ[1][2] * 2.f * cam.fy * pr.ty / z3;
-        const float v_tx = -vJ[0][2] * cam.fx / z2;
-        const float v_ty = -vJ[1][2] * cam.fy / z2;
+        const float rz = pr.inv_z;
+        v_p.z += -(vJ[0][0] * pr.J00 + vJ[1][1] * pr.J11) * rz;
+        v_p.z += 2.f * (vJ[0][2] * pr.J00 * pr.uc + vJ[1][2] * pr.J11 * pr.vc) * rz;
+        const float v_tx = -vJ[0][2] * pr.J00 * rz;  // dL / d tx
+        const float v_ty = -vJ[1][2] * pr.J11 * rz;
         if (pr.clamped_x)
-            v_p.z += v_tx * (pr.tx / z);
+            v_p.z += v_tx * pr.uc;
         else
             v_p.x += v_tx;
         if (pr.clamped_y)
-            v_p.z += v_ty * (pr.ty / z);
+            v_p.z += v_ty * pr.vc;
         else
             v_p.y += v_ty;
 
-        // 2D mean and depth
+        // 2D mean (fx x / z + cx) and depth
         const float vmx = a.v_means2d[index * 2 + 0], vmy = a.v_means2d[index * 2 + 1];
-        v_p.x += vmx * cam.fx / z;
-        v_p.y += vmy * cam.fy / z;
-        v_p.z += -vmx * cam.fx * p.x / z2 - vmy * cam.fy * p.y / z2 + a.v_depths[index];
+        v_p.x += vmx * pr.J00;
+        v_p.y += vmy * pr.J11;
+        v_p.z += -(vmx * pr.J00 * pr.u + vmy * pr.J11 * pr.v) + a.v_depths[index];
 
         // p = R mean + t
         v_mean.x += cam.R.m[0][0] * v_p.x + cam.R.m[1][0] * v_p.y + cam.R.m[2][0] * v_p.z;
@@ -243,6 +253,7 @@ __host__ __device__ inline void project_bwd_one(const ProjectArgs& a, int g) {
     a.v_means[g * 3 + 2] = v_mean.z;
 
     // sigma = M M^T (v_sigma symmetric): dL/dM = 2 v_sigma M; M = R(q) diag(s)
+    const Covariance cov = world_covariance(a.quats + g * 4, a.scales + g * 3);
     const Mat3 v_M = mat3_mul(v_sigma, cov.M);
     const float s[3] = {cov.s.x, cov.s.y, cov.s.z};
     float v_s[3] = {0.f, 0.f, 0.f};
