@@ -14,8 +14,7 @@ namespace fit3d {
 // centres", at O(rows) cost. The count and the emit kernels run this same code; should the compiler round
 // them differently (fused multiply-adds), the emit kernel still writes exactly the counted number of pairs.
 // shuffle_rows (isect_tiles.cu) hands every field from lane to lane: a field added here must be added there too
-// (session 22's candidate that left one out rendered the warp-emitted Gaussians wrongly, and only the CUDA tests
-// could tell).
+// (one left out renders the warp-emitted Gaussians wrongly, which only the CUDA tests can tell).
 struct TileRows {
     float mx, my, ca, cb, cc, level, det, dy_right;
     int col0, col1, row0, row1, ty0, ty1;
