@@ -26,11 +26,11 @@ __all__ = [
     "NAMES",
     "assert_bf16_features_match_float",
     "assert_matches",
-    "assert_project_matches_reference",
+    "assert_project_gradient_through_the_clamp",
+    "assert_project_op_matches_reference",
     "assert_render_without_graph_matches",
     "assert_sh_parts_render_like_joined",
     "cameras",
-    "clamped_scene",
     "compare_render",
     "loss_weights",
     "scene",
@@ -111,7 +111,7 @@ def scene(n, n_features, seed, device, degenerate=False, sh_coeffs=None):
     return [t.to(device) for t in (means, quats, scales, opacities, colors, features)]
 
 
-def clamped_scene(K, width, height, n=400, seed=5):
+def _clamped_scene(K, width, height, n=400, seed=5):
     """`(means, quats, scales, opacities, clamped_x, clamped_y)`: large Gaussians centred beyond the projection's
     Jacobian clamp of camera 0 at the origin (x/z past the image edge + FRUSTUM_MARGIN tan(fov/2); half of them
     past it along y too), which still reach the image."""
@@ -141,7 +141,7 @@ def clamped_scene(K, width, height, n=400, seed=5):
     )
 
 
-def assert_project_matches_reference(
+def _assert_project_matches_reference(
     means, quats, scales, opacities, K, w2c, width, height, weighted=(0, 1, 2)
 ):
     """The compiled projection (the tensors' device) against the float64 reference: its outputs, and its gradients
@@ -168,6 +168,25 @@ def assert_project_matches_reference(
     )
     for name, a, b in zip(("means", "quats", "scales"), grads, grads64, strict=True):
         assert_matches(f"grad {name}", a, b, **GRAD)
+
+
+def assert_project_op_matches_reference(device: str):
+    """The compiled projection on `device` against the reference on a scene with degenerate Gaussians, with the
+    loss on all its outputs and on the conics alone."""
+    means, quats, scales, opacities, _, _ = scene(3000, 0, seed=21, device=device, degenerate=True)
+    K, w2c = cameras(3, 90, 70, device)
+    _assert_project_matches_reference(means, quats, scales, opacities, K, w2c, 90, 70)
+    _assert_project_matches_reference(means, quats, scales, opacities, K, w2c, 90, 70, weighted=(1,))
+
+
+def assert_project_gradient_through_the_clamp(device: str):
+    """Gaussians centred beyond the Jacobian's clamp that still reach the image: the clamped coordinate's gradient
+    goes to z, a path no Gaussian of the other scenes takes (those beyond the clamp are culled)."""
+    K, w2c = cameras(1, 90, 70, device)
+    means, quats, scales, opacities, clamped_x, clamped_y = _clamped_scene(K, 90, 70)
+    visible = _wrapper.project(means, quats, scales, opacities, w2c, K, 90, 70)[3][0].cpu() > 0
+    assert int((visible & clamped_x).sum()) > 100 and int((visible & clamped_y).sum()) > 50
+    _assert_project_matches_reference(means, quats, scales, opacities, K, w2c, 90, 70, weighted=(1,))
 
 
 def loss_weights(batch, n_features, width, height, device, seed):

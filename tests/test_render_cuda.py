@@ -15,10 +15,10 @@ from render_helpers import (
     NAMES,
     assert_bf16_features_match_float,
     assert_fixed_geometry_skips_its_gradients,
-    assert_project_matches_reference,
+    assert_project_gradient_through_the_clamp,
+    assert_project_op_matches_reference,
     assert_render_without_graph_matches,
     assert_sh_parts_render_like_joined,
-    clamped_scene,
     compare_render,
 )
 from render_helpers import assert_matches as _assert_matches
@@ -142,20 +142,11 @@ def test_empty_scene():
 
 
 def test_project_op_matches_reference():
-    means, quats, scales, opacities, _, _ = _scene(3000, 0, seed=21, device="cuda", degenerate=True)
-    K, w2c = _cameras(3, 90, 70, "cuda")
-    assert_project_matches_reference(means, quats, scales, opacities, K, w2c, 90, 70)
-    assert_project_matches_reference(means, quats, scales, opacities, K, w2c, 90, 70, weighted=(1,))
+    assert_project_op_matches_reference("cuda")
 
 
 def test_project_gradient_where_the_jacobian_clamp_holds():
-    """Gaussians centred beyond the Jacobian's clamp that still reach the image: the clamped coordinate's
-    gradient goes to z, a path no Gaussian of the other scenes takes (those beyond the clamp are culled)."""
-    K, w2c = _cameras(1, 90, 70, "cuda")
-    means, quats, scales, opacities, clamped_x, clamped_y = clamped_scene(K, 90, 70)
-    visible = _wrapper.project(means, quats, scales, opacities, w2c, K, 90, 70)[3][0].cpu() > 0
-    assert int((visible & clamped_x).sum()) > 100 and int((visible & clamped_y).sum()) > 50
-    assert_project_matches_reference(means, quats, scales, opacities, K, w2c, 90, 70, weighted=(1,))
+    assert_project_gradient_through_the_clamp("cuda")
 
 
 def test_bf16_channels_last_features_match_float32():
