@@ -30,6 +30,7 @@ __all__ = [
     "assert_project_op_matches_reference",
     "assert_render_without_graph_matches",
     "assert_sh_parts_render_like_joined",
+    "assert_spherical_harmonics_op_matches_reference",
     "cameras",
     "compare_render",
     "loss_weights",
@@ -187,6 +188,32 @@ def assert_project_gradient_through_the_clamp(device: str):
     visible = _wrapper.project(means, quats, scales, opacities, w2c, K, 90, 70)[3][0].cpu() > 0
     assert int((visible & clamped_x).sum()) > 100 and int((visible & clamped_y).sum()) > 50
     _assert_project_matches_reference(means, quats, scales, opacities, K, w2c, 90, 70, weighted=(1,))
+
+
+def assert_spherical_harmonics_op_matches_reference(device: str, coeffs: int):
+    """The compiled SH colours on `device` against the float64 reference at every degree `coeffs` allows, values
+    and gradients to the coefficients and means. 2000 Gaussians leave the CUDA backward's last block of 128 partly
+    empty; 9 coefficients give it another staging stride than 16."""
+    means, _, _, _, sh, _ = scene(2000, 0, seed=22, device=device, sh_coeffs=coeffs)
+    _, w2c = cameras(4, 64, 48, device)
+    for degree in range(math.isqrt(coeffs)):
+        sh32, means32 = sh.clone().requires_grad_(True), means.clone().requires_grad_(True)
+        sh64, means64 = sh.double().requires_grad_(True), means.double().requires_grad_(True)
+        got = _wrapper.spherical_harmonics(sh32, means32, w2c, degree)
+        want = _reference._spherical_harmonics(sh64, means64, w2c.double(), degree)
+        assert_matches(f"colors (degree {degree})", got, want, **FWD)
+        v = torch.randn(got.shape, device=device)
+        grads = torch.autograd.grad(
+            (got * v).sum(), (sh32, means32), allow_unused=True, materialize_grads=True
+        )
+        grads64 = torch.autograd.grad(
+            (want * v.double()).sum(), (sh64, means64), allow_unused=True, materialize_grads=True
+        )
+        for name, a, b in zip(("sh", "means"), grads, grads64, strict=True):
+            if b.abs().max() > 0:
+                assert_matches(f"grad {name} (degree {degree})", a, b, **GRAD)
+            else:
+                assert torch.count_nonzero(a) == 0
 
 
 def loss_weights(batch, n_features, width, height, device, seed):

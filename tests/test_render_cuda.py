@@ -19,6 +19,7 @@ from render_helpers import (
     assert_project_op_matches_reference,
     assert_render_without_graph_matches,
     assert_sh_parts_render_like_joined,
+    assert_spherical_harmonics_op_matches_reference,
     compare_render,
 )
 from render_helpers import assert_matches as _assert_matches
@@ -147,6 +148,11 @@ def test_project_op_matches_reference():
 
 def test_project_gradient_where_the_jacobian_clamp_holds():
     assert_project_gradient_through_the_clamp("cuda")
+
+
+@pytest.mark.parametrize("coeffs", [16, 9])
+def test_spherical_harmonics_op_matches_reference(coeffs):
+    assert_spherical_harmonics_op_matches_reference("cuda", coeffs)
 
 
 def test_bf16_channels_last_features_match_float32():
