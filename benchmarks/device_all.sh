@@ -18,6 +18,8 @@
 #   targets  benchmarks/target_features.py: Stage I's scene-data phase split (readers, backbone by precision/batch)
 #   adam     benchmarks/adam_bandwidth.py: Stage I's fused Adam step against a copy of as many bytes
 #   ckpt     benchmarks/checkpoint_write.py: a Stage I checkpoint at LIFT_N Gaussians, synchronous and in the background
+#   sharing  benchmarks/gpu_sharing.py: Stage I iterations per second with one and two scenes on the GPU at once, and
+#            with one, two and three under CUDA MPS where its daemon starts
 #   ncu      Nsight Compute reports of both blending kernels (benchmark scene; NCU_KERNEL, a regex, picks others, e.g.
 #            NCU_KERNEL=project_bwd NCU_SKIP=2 NCU_COUNT=1, and then alone) and of the backward at Stage I's density,
 #            read per source line (benchmarks/ncu_lines.py); ncu_lift: only the latter
@@ -178,6 +180,20 @@ for stage in "$@"; do
                     --gaussians "${LIFT_N:-1000000}" --steps 1 >"$OUT/ncu_lift.log" 2>&1
                 "$PY" benchmarks/ncu_lines.py "$OUT/lift_bwd.ncu-rep" --top 40 >"$OUT/ncu_lift_lines.txt" 2>&1
                 head -n 50 "$OUT/ncu_lift_lines.txt"
+            fi ;;
+        sharing)
+            for n in 1 2; do
+                timeout 150 "$PY" benchmarks/gpu_sharing.py --processes "$n" --label "no MPS" 2>>"$OUT/sharing.log" \
+                    | tee -a "$OUT/sharing.jsonl"
+            done
+            if command -v nvidia-cuda-mps-control >/dev/null 2>&1 && nvidia-cuda-mps-control -d >>"$OUT/sharing.log" 2>&1; then
+                for n in 1 2 3; do
+                    timeout 150 "$PY" benchmarks/gpu_sharing.py --processes "$n" --label MPS 2>>"$OUT/sharing.log" \
+                        | tee -a "$OUT/sharing.jsonl"
+                done
+                echo quit | nvidia-cuda-mps-control
+            else
+                echo "no MPS daemon" | tee -a "$OUT/sharing.log"
             fi ;;
         liftgen|liftfull)
             # the whole Stage I of one synthetic scene (benchmarks/lift.py: 300 views, 30k iterations) from ~1M
