@@ -14,7 +14,8 @@
 #   liftfull benchmarks/lift.py, the whole Stage I of a 300-view scene from ~1M Gaussians (LIFT_COPIES)
 #   liftgen  only that scene's generation (kept in /tmp while the machine is held: a later liftfull reuses it)
 #   liftnode the same scene's copies (LIFT_NODE_SCENES, default one per GPU) lifted by training/lift_features.py on
-#            every GPU at once (benchmarks/lift_node.py): the headline's Stage I rate, measured
+#            every GPU at once (benchmarks/lift_node.py): the headline's Stage I rate, measured; LIFT_NODE_LAUNCHES=2:
+#            two scenes per GPU at once, under CUDA MPS
 #   targets  benchmarks/target_features.py: Stage I's scene-data phase split (readers, backbone by precision/batch)
 #   adam     benchmarks/adam_bandwidth.py: Stage I's fused Adam step against a copy of as many bytes
 #   ckpt     benchmarks/checkpoint_write.py: a Stage I checkpoint at LIFT_N Gaussians, synchronous and in the background
@@ -207,11 +208,16 @@ for stage in "$@"; do
                 --points_per_sample "${LIFT_COPIES:-5}" --work_dir /tmp/fit3d-liftbench $extra \
                 2>"$OUT/$stage.log" | tee "$OUT/$stage.jsonl" || tail -n 20 "$OUT/$stage.log" ;;
         liftnode)
+            # LIFT_NODE_LAUNCHES=2: two launches at once, two scenes per GPU, under CUDA MPS (started here)
+            mps=""
+            if [ "${LIFT_NODE_LAUNCHES:-1}" -gt 1 ] && nvidia-cuda-mps-control -d >>"$OUT/liftnode.log" 2>&1; then mps=1; fi
             # shellcheck disable=SC2086  # the optional flags split into words
             timeout "${LIFT_TIMEOUT:-590}" "$PY" benchmarks/lift_node.py --views 300 --iterations 30000 --workers 16 \
                 --points_per_sample "${LIFT_COPIES:-5}" --work_dir /tmp/fit3d-liftbench \
                 ${LIFT_NODE_SCENES:+--scenes $LIFT_NODE_SCENES} ${LIFT_SCENE:+--base_scene $LIFT_SCENE} \
-                2>"$OUT/liftnode.log" | tee "$OUT/liftnode.jsonl" || tail -n 20 "$OUT/liftnode.log" ;;
+                ${LIFT_NODE_LAUNCHES:+--launches $LIFT_NODE_LAUNCHES} \
+                2>>"$OUT/liftnode.log" | tee "$OUT/liftnode.jsonl" || tail -n 20 "$OUT/liftnode.log"
+            if [ -n "$mps" ]; then echo quit | nvidia-cuda-mps-control; fi ;;
         targets)
             # the carried scene's images where there is one (LIFT_SCENE), else random ones
             timeout 240 "$PY" benchmarks/target_features.py ${LIFT_SCENE:+--scene "$LIFT_SCENE"} 2>"$OUT/targets.log" \

@@ -1,7 +1,9 @@
 """The headline's Stage I measurement: copies of the Stage I benchmark scene (benchmarks/lift.py's) lifted by
 `training/lift_features.py` on every GPU of one machine at once (one process per GPU, `accelerate launch`, scenes
 claimed one at a time), timed as a whole. One GPU alone does not say it: the processes share the host's cores and
-memory bandwidth (scene data, checkpoints, evaluations).
+memory bandwidth (scene data, checkpoints, evaluations). With `--launches 2`, two such launches run at once over
+the same scenes (the claims give each scene to one process), two scenes per GPU: under CUDA MPS (start it first,
+`nvidia-cuda-mps-control -d`) their kernels run side by side; without it the processes take turns on the GPU.
 
 Prints one JSON line: the wall time, scenes per hour, each scene's minutes (its own metrics.json) and the
 projection of FiT3D's 280 scenes onto one 8-GPU node at the measured rate per GPU.
@@ -64,8 +66,9 @@ def launch_command(args: argparse.Namespace, scenes: Path, backbone: Path, out: 
     ]  # fmt: skip
 
 
-def summarise(out: Path, copies: list[Path], processes: int, wall_s: float) -> dict:
-    """The JSON record of a finished run: wall time, rate, each scene's own minutes, the 8-GPU projection."""
+def summarise(out: Path, copies: list[Path], processes: int, wall_s: float, launches: int = 1) -> dict:
+    """The JSON record of a finished run: wall time, rate, each scene's own minutes, the 8-GPU projection. Each of
+    the `launches` ran `processes` processes, one per GPU."""
     minutes = []
     for copy in copies:
         metrics_file = out / copy.name / "metrics.json"
@@ -76,10 +79,12 @@ def summarise(out: Path, copies: list[Path], processes: int, wall_s: float) -> d
     per_gpu = scenes_per_hour / processes
     return {
         "processes": processes,
+        "launches": launches,
         "scenes": len(copies),
         "wall_minutes": round(wall_s / 60, 2),
         "scenes_per_hour": round(scenes_per_hour, 2),
-        "scenes_per_hour_per_process": round(per_gpu, 2),
+        "scenes_per_hour_per_process": round(per_gpu / launches, 2),
+        "scenes_per_hour_per_gpu": round(per_gpu, 2),
         "minutes_per_scene": minutes,
         # FiT3D's 280 scenes on one 8-GPU node at this rate per GPU (35 whole rounds of 8 scenes)
         "projected_node_hours": round(FIT3D_SCENES / (per_gpu * NODE_GPUS), 2),
@@ -96,7 +101,17 @@ def main(argv: list[str] | None = None) -> dict:
         "--processes", type=int, default=max(gpus, 1), help="processes, one per GPU (default: every GPU)"
     )
     parser.add_argument(
-        "--scenes", type=int, default=None, help="copies of the scene (default: one per process)"
+        "--launches",
+        type=int,
+        default=1,
+        help="accelerate launches at once over the same scenes, so this many scenes per GPU (more than 1: start "
+        "CUDA MPS first; without it the processes take turns on the GPU)",
+    )
+    parser.add_argument(
+        "--scenes",
+        type=int,
+        default=None,
+        help="copies of the scene (default: one per process of every launch)",
     )
     parser.add_argument("--iterations", type=int, default=30_000)
     parser.add_argument("--feature_dim", type=int, default=64)
@@ -107,22 +122,31 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--port", type=int, default=29541, help="accelerate's main process port")
     args = parser.parse_args(argv)
-    if args.processes < 1 or (args.scenes is not None and args.scenes < 1):
-        parser.error("--processes and --scenes must be at least 1")
+    if args.processes < 1 or args.launches < 1 or (args.scenes is not None and args.scenes < 1):
+        parser.error("--processes, --launches and --scenes must be at least 1")
     if args.device == "cuda" and args.processes > gpus:
         parser.error(f"--processes {args.processes}: this machine has {gpus} GPUs")
     work, scene_dir, generation_s = prepare_scene(parser, args)
-    copies = link_copies(scene_dir, work / "node_scenes", args.scenes or args.processes)
+    copies = link_copies(scene_dir, work / "node_scenes", args.scenes or args.processes * args.launches)
     backbone = Path(args.backbone) if args.backbone else save_random_backbone(work / "backbone")
     out = work / "node_lifted"
     shutil.rmtree(out, ignore_errors=True)  # a timing of finished scenes would be of nothing
-    command = launch_command(args, work / "node_scenes", backbone, out)
+    commands = [
+        launch_command(
+            argparse.Namespace(**{**vars(args), "port": args.port + i}), work / "node_scenes", backbone, out
+        )
+        for i in range(args.launches)
+    ]
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
     start = time.perf_counter()
-    subprocess.run(command, check=True, env=env, stdout=2)  # their output to stderr: stdout is the JSON line
+    # their output to stderr: stdout is the JSON line
+    launched = [subprocess.Popen(command, env=env, stdout=2) for command in commands]
+    for launch, code in zip(launched, [p.wait() for p in launched], strict=True):
+        if code != 0:
+            raise subprocess.CalledProcessError(code, launch.args)
     record = {
         "benchmark": "lift_node",
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
@@ -131,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
         "iterations": args.iterations,
         "mixed_precision": args.mixed_precision,
         "scene_generation_s": round(generation_s, 1),
-        **summarise(out, copies, args.processes, time.perf_counter() - start),
+        **summarise(out, copies, args.processes, time.perf_counter() - start, args.launches),
     }
     print(json.dumps(record), flush=True)  # noqa: T201
     return record

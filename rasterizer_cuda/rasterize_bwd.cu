@@ -14,7 +14,8 @@
 //    depth channels (0-3).
 //  * the other channels: dL/dc_k = sum_p w_kp g_p, the product W (16 Gaussians x 256 pixels) G (256 pixels x
 //    channels), one 8-channel column block per warp, on the tensor cores (mma m16n8k8 in TF32, three products
-//    of split operands, so that each term is within about 1e-6 of float32's: see mma_3xtf32), skipping 32-pixel
+//    of split operands, so that each term is within about 1e-6 of float32's: see mma_3xtf32; two where the
+//    gradients came in bfloat16, whose rest is 0), skipping 32-pixel
 //    groups where no Gaussian of the batch landed; then one atomic per (Gaussian, channel, tile), four channels
 //    to a 16-byte atomic on sm_90 (add_channel_grads).
 // Twin of fit3d_hf.render._reference._rasterize (backward, through autograd).
@@ -103,7 +104,9 @@ __device__ inline void add_channel_grads(const RasterizeArgs& a, int b, const fl
 }
 
 // dL/dc_k = sum_p W[k][p] G[p][c] for the launch's channels [c0, cc) and the composited slots of `mask`, added
-// to the channel gradients: one 8-channel column block per warp.
+// to the channel gradients: one 8-channel column block per warp. With EXACT_G (the gradients came in bfloat16, so
+// each is exact in TF32) a step takes two tensor-core products instead of three, with the same result.
+template <bool EXACT_G>
 __device__ inline void channel_product(const RasterizeArgs& a, int b, const float* s_w, const float* s_g, int rs,
                                        const int* s_gid, const unsigned* s_wmask, unsigned mask, int c0, int cc,
                                        int warp, int lane) {
@@ -128,7 +131,10 @@ __device__ inline void channel_product(const RasterizeArgs& a, int b, const floa
                 const int k = step * MMA_K;
                 const float w[4] = {w_top[w_at + k], w_bottom[w_at + k], w_top[w_at + k + 4], w_bottom[w_at + k + 4]};
                 const float g[2] = {g_at[k * rs], g_at[(k + 4) * rs]};
-                mma_3xtf32(d, w, g);
+                if constexpr (EXACT_G)
+                    mma_2xtf32_exact_b(d, w, g);
+                else
+                    mma_3xtf32(d, w, g);
             }
         }
         add_channel_grads(a, b, d, s_gid, mask, n0, cc, row, col);
@@ -188,6 +194,8 @@ __global__ void __launch_bounds__(BLOCK_SIZE, 2) rasterize_bwd_kernel(RasterizeA
     // channels-last gradients (Stage I's decoder) are read 8 channels per 16-byte load (bf16) or two (float32)
     // where aligned, rather than one element per load
     const bool channels_last = a.v_features_channel_stride == 1;
+    // every gradient the channel product reads is then a bfloat16 value or a padding 0
+    const bool exact_product_grads = a.v_features == nullptr && a.v_features_bf16 != nullptr;
     const bool vector_bf16 = channels_last && my_features_bf16 != nullptr && is_aligned(my_features_bf16, 16);
     const bool vector_f32 = channels_last && my_features != nullptr && is_aligned(my_features, 16);
     for (int c = c0; c < cp; c += 8) {
@@ -372,7 +380,12 @@ __global__ void __launch_bounds__(BLOCK_SIZE, 2) rasterize_bwd_kernel(RasterizeA
         }
 
         // ---- the other channels: V = W G --------------------------------------------------------------------
-        if (cc > c0) channel_product(a, b, s_w, s_g, rs, s_gid, s_wmask, mask, c0, cc, warp, lane);
+        if (cc > c0) {
+            if (exact_product_grads)
+                channel_product<true>(a, b, s_w, s_g, rs, s_gid, s_wmask, mask, c0, cc, warp, lane);
+            else
+                channel_product<false>(a, b, s_w, s_g, rs, s_gid, s_wmask, mask, c0, cc, warp, lane);
+        }
     }
 }
 

@@ -42,4 +42,15 @@ __device__ inline void mma_3xtf32(float (&d)[4], const float (&a)[4], const floa
     mma_3xtf32(d, a_hi, a_lo, b_hi, b_lo);
 }
 
+// The same where every b is exact in TF32 (a bfloat16 value, say): b's rest is 0, so its product is skipped and d
+// comes out exactly as from the three products above, with two.
+__device__ inline void mma_2xtf32_exact_b(float (&d)[4], const float (&a)[4], const float (&b)[2]) {
+    uint32_t a_hi[4], a_lo[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) split_tf32(a[i], a_hi[i], a_lo[i]);
+    const uint32_t b_exact[2] = {__float_as_uint(b[0]), __float_as_uint(b[1])};
+    mma_tf32(d, a_lo, b_exact);
+    mma_tf32(d, a_hi, b_exact);
+}
+
 }  // namespace fit3d

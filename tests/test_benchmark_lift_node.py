@@ -71,6 +71,11 @@ def test_summary_rates_and_projection(tmp_path):
     assert record["scenes_per_hour"] == 24.0 and record["scenes_per_hour_per_process"] == 12.0
     assert record["minutes_per_scene"] == [4.0, 4.1, 4.2, 3.9]
     assert record["projected_node_hours"] == pytest.approx(280 / (12 * 8), abs=0.01)
+    # two launches of 2 processes: the same GPUs, so the rate per GPU is the node's over 2, per process over 4
+    shared = _lift_node().summarise(tmp_path / "out", copies, processes=2, wall_s=600.0, launches=2)
+    assert shared["launches"] == 2 and shared["scenes_per_hour_per_gpu"] == 12.0
+    assert shared["scenes_per_hour_per_process"] == 6.0
+    assert shared["projected_node_hours"] == record["projected_node_hours"]
     (tmp_path / "out" / "bench00003" / "metrics.json").unlink()
     with pytest.raises(RuntimeError, match="bench00003 did not finish"):
         _lift_node().summarise(tmp_path / "out", copies, processes=2, wall_s=600.0)
@@ -81,12 +86,14 @@ def test_a_whole_run_on_the_cpu(tmp_path, capfd):
     save_tiny_dinov2(tmp_path / "backbone")
     size = ["--views", "9", "--width", "64", "--height", "48", "--num_points", "300", "--workers", "1"]
     record = _lift_node().main([
-        *size, "--processes", "1", "--scenes", "2", "--iterations", "3", "--device", "cpu",
+        *size, "--processes", "1", "--launches", "2", "--iterations", "3", "--device", "cpu",
         "--mixed_precision", "no", "--backbone", str(tmp_path / "backbone"), "--work_dir", str(tmp_path / "work"),
     ])  # fmt: skip
     # stdout holds the record alone (the launched processes write to stderr)
     assert [json.loads(line) for line in capfd.readouterr().out.strip().splitlines()] == [record]
-    assert record["processes"] == 1 and record["scenes"] == 2 and len(record["minutes_per_scene"]) == 2
+    # two launches at once (a scene each by default), which the claims kept apart
+    assert record["processes"] == 1 and record["launches"] == 2
+    assert record["scenes"] == 2 and len(record["minutes_per_scene"]) == 2
     assert record["scenes_per_hour"] > 0 and record["projected_node_hours"] > 0
     lifted = tmp_path / "work" / "node_lifted"
     assert sorted(p.name for p in lifted.iterdir() if not p.name.startswith(".")) == [
