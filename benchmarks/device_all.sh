@@ -171,7 +171,7 @@ for stage in "$@"; do
                     --launch-count "${NCU_COUNT:-2}" --set full \
                     --import-source yes -o "$OUT/rasterize" "$PY" benchmarks/profile_rasterizer.py --plain 3 >"$OUT/ncu.log" 2>&1
                 # (the file first: `tee | head` cut it where head stopped reading, losing the second kernel)
-                "$PY" benchmarks/ncu_lines.py "$OUT/rasterize.ncu-rep" --top 40 >"$OUT/ncu_lines.txt" 2>&1
+                "$PY" benchmarks/ncu_lines.py "$OUT/rasterize.ncu-rep" --top 80 >"$OUT/ncu_lines.txt" 2>&1
                 head -n 60 "$OUT/ncu_lines.txt"
             fi
             # the backward at Stage I's density (opacity 0.1 at the start: long walks, every Gaussian composited)
@@ -179,7 +179,7 @@ for stage in "$@"; do
                 timeout 300 ncu --clock-control none -k regex:rasterize_bwd --launch-skip 5 --launch-count 1 --set full \
                     --import-source yes -o "$OUT/lift_bwd" "$PY" benchmarks/profile_lift.py \
                     --gaussians "${LIFT_N:-1000000}" --steps 1 >"$OUT/ncu_lift.log" 2>&1
-                "$PY" benchmarks/ncu_lines.py "$OUT/lift_bwd.ncu-rep" --top 40 >"$OUT/ncu_lift_lines.txt" 2>&1
+                "$PY" benchmarks/ncu_lines.py "$OUT/lift_bwd.ncu-rep" --top 80 >"$OUT/ncu_lift_lines.txt" 2>&1
                 head -n 50 "$OUT/ncu_lift_lines.txt"
             fi ;;
         sharing)

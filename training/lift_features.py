@@ -5,7 +5,9 @@ By default the processes claim scenes one at a time through claim files in `<out
 `fit3d_hf/scene_claims.py`): scenes balance over the GPUs, and a dead process's scene is taken over by
 another once its lease expires. `--scene_assignment static` gives each process every N-th scene instead.
 Finished scenes are skipped and an interrupted scene resumes from its last checkpoint, so the same command
-can simply be launched again.
+can simply be launched again. The claims also let two launches share a node (each with its own
+`--main_process_port`): two scenes per GPU, 7.5% more iterations per second on an H100 under CUDA MPS
+(`nvidia-cuda-mps-control -d` first), 10% fewer without it.
 Each scene records the settings that determine it (<out>/<scene_id>/settings.json): a relaunch with other
 settings is refused, naming them, unless --overwrite. Sizing advice: `fit3d lift --help`.
 """
