@@ -21,25 +21,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from profile_lift import random_scene  # noqa: E402
+from profile_lift import warm_lifter  # noqa: E402
 from timing import synchronize  # noqa: E402
-
-from fit3d_hf.lifting import LiftingArguments  # noqa: E402
-from fit3d_hf.lifting.lifter import Lifter  # noqa: E402
 
 
 def run_one(args: argparse.Namespace) -> None:
     """One process: its lifter, warm-up, the start barrier (a file per ready process), then the timed steps."""
     device = torch.device(args.device)
-    data = random_scene(args.gaussians, 16, args.width, args.height, 384, device)
-    lift_args = LiftingArguments(
-        backbone="random", out="/tmp/unused", iterations=30_000, checkpoint_interval=0, densify_until=0,
-        mixed_precision="bf16" if device.type == "cuda" else "no", device=args.device,
+    lifter = warm_lifter(
+        args.gaussians, args.width, args.height, device,
+        densify_until=0, mixed_precision="bf16" if device.type == "cuda" else "no",
     )  # fmt: skip
-    lifter = Lifter(lift_args, data, list(range(16)), device)
-    lifter.gaussians.active_sh_degree = lifter.gaussians.max_sh_degree
-    for _ in range(10):
-        lifter.step()
     synchronize(device)
     barrier = Path(args.barrier)
     (barrier / f"ready{args.index}").touch()

@@ -64,6 +64,21 @@ def random_scene(n_points: int, views: int, width: int, height: int, dim: int, d
     )  # fmt: skip
 
 
+def warm_lifter(gaussians: int, width: int, height: int, device: torch.device, **lift_overrides) -> Lifter:
+    """A Lifter on `random_scene` (16 views) with every SH degree active, after 10 warm-up steps: the iterations
+    this script and gpu_sharing.py time. `lift_overrides` go to LiftingArguments."""
+    data = random_scene(gaussians, 16, width, height, 384, device)
+    lift_args = LiftingArguments(
+        backbone="random", out="/tmp/unused", iterations=30_000, checkpoint_interval=0, device=str(device),
+        **lift_overrides,
+    )  # fmt: skip
+    lifter = Lifter(lift_args, data, list(range(16)), device)
+    lifter.gaussians.active_sh_degree = lifter.gaussians.max_sh_degree
+    for _ in range(10):
+        lifter.step()
+    return lifter
+
+
 def time_steps(lifter: Lifter, steps: int, windows: int) -> list[float]:
     """Wall milliseconds per iteration over `steps` iterations, in `windows` equal consecutive windows, the
     device synchronised at each window's ends: a spread between windows shows a one-off stall (a recompile,
@@ -95,24 +110,19 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
     device = torch.device("cuda")
-    data = random_scene(args.gaussians, 16, args.width, args.height, 384, device)
     # with --densification: statistics at every step, events only where this script calls them (densify_from)
     # (and a cap 2% above the start, so that the timed events cannot grow the scene far from --gaussians)
-    lift_args = LiftingArguments(
-        backbone="random", out="/tmp/unused", iterations=30_000, checkpoint_interval=0,
+    lifter = warm_lifter(
+        args.gaussians, args.width, args.height, device,
         densify_until=30_000 if args.densification else 0, densify_from=10**9,
-        max_gaussians=int(1.02 * args.gaussians), mixed_precision=args.mixed_precision, device="cuda",
+        max_gaussians=int(1.02 * args.gaussians), mixed_precision=args.mixed_precision,
     )  # fmt: skip
-    lifter = Lifter(lift_args, data, list(range(16)), device)
-    lifter.gaussians.active_sh_degree = lifter.gaussians.max_sh_degree
-    for _ in range(10):
-        lifter.step()
     windows = time_steps(lifter, args.steps, windows=5)
     ms = sum(windows) / len(windows)
     peak = torch.cuda.max_memory_allocated() / 2**20
     record = {
         "benchmark": "lift_iteration_profile", "device": torch.cuda.get_device_name(), "gaussians": len(lifter.gaussians),
-        "image_size": [args.width, args.height], "feature_dim": lift_args.feature_dim, "mixed_precision": args.mixed_precision,
+        "image_size": [args.width, args.height], "feature_dim": lifter.args.feature_dim, "mixed_precision": args.mixed_precision,
         "command": "python benchmarks/profile_lift.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "ms_per_iteration": round(ms, 2), "window_ms_per_iteration": [round(w, 2) for w in windows],
         "minutes_per_30k_iterations": round(30 * ms / 60, 2), "peak_mib": round(peak),
