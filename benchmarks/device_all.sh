@@ -183,15 +183,17 @@ for stage in "$@"; do
                 head -n 50 "$OUT/ncu_lift_lines.txt"
             fi ;;
         sharing)
-            for n in 1 2; do
-                timeout 150 "$PY" benchmarks/gpu_sharing.py --processes "$n" --label "no MPS" 2>>"$OUT/sharing.log" \
-                    | tee -a "$OUT/sharing.jsonl"
-            done
-            if command -v nvidia-cuda-mps-control >/dev/null 2>&1 && nvidia-cuda-mps-control -d >>"$OUT/sharing.log" 2>&1; then
-                for n in 1 2 3; do
-                    timeout 150 "$PY" benchmarks/gpu_sharing.py --processes "$n" --label MPS 2>>"$OUT/sharing.log" \
+            # gpu_sharing.py with the label $1 for each process count after it
+            sharing_runs() {
+                local label=$1 n; shift
+                for n in "$@"; do
+                    timeout 150 "$PY" benchmarks/gpu_sharing.py --processes "$n" --label "$label" 2>>"$OUT/sharing.log" \
                         | tee -a "$OUT/sharing.jsonl"
                 done
+            }
+            sharing_runs "no MPS" 1 2
+            if command -v nvidia-cuda-mps-control >/dev/null 2>&1 && nvidia-cuda-mps-control -d >>"$OUT/sharing.log" 2>&1; then
+                sharing_runs MPS 1 2 3
                 echo quit | nvidia-cuda-mps-control
             else
                 echo "no MPS daemon" | tee -a "$OUT/sharing.log"
