@@ -18,6 +18,7 @@
 #            two scenes per GPU at once, under CUDA MPS
 #   targets  benchmarks/target_features.py: Stage I's scene-data phase split (readers, backbone by precision/batch)
 #   adam     benchmarks/adam_bandwidth.py: Stage I's fused Adam step against a copy of as many bytes
+#   decoder  benchmarks/decoder_conv.py: Stage I's decoder convolution alone, cuDNN's heuristics against its autotuner
 #   ckpt     benchmarks/checkpoint_write.py: a Stage I checkpoint at LIFT_N Gaussians, synchronous and in the background
 #   sharing  benchmarks/gpu_sharing.py: Stage I iterations per second with one and two scenes on the GPU at once, and
 #            with one, two and three under CUDA MPS where its daemon starts
@@ -227,6 +228,8 @@ for stage in "$@"; do
         ckpt)
             "$PY" benchmarks/checkpoint_write.py --gaussians "${LIFT_N:-1000000}" --work_dir /tmp/fit3d-ckpt 2>&1 \
                 | tee "$OUT/checkpoint_write.jsonl" ;;
+        decoder)
+            "$PY" benchmarks/decoder_conv.py 2>&1 | tee "$OUT/decoder.jsonl" ;;
         adam)
             "$PY" benchmarks/adam_bandwidth.py --gaussians "${LIFT_N:-1000000}" 2>&1 | tee "$OUT/adam.jsonl" ;;
         lift)
