@@ -23,7 +23,8 @@ from timing import device_kernels, top_kernels_ms  # noqa: E402
 
 
 def convolution_step(height: int, width: int, in_channels: int, out_channels: int, device: torch.device):
-    """A closure running the decoder's forward and backward once (the lifter's layout and precision)."""
+    """A closure running the decoder's forward and backward once (the lifter's layout and precision), and its
+    convolution, input and output gradient (the gradients land in `conv.weight.grad` and `features.grad`)."""
     conv = torch.nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False).to(device)
     conv.to(memory_format=torch.channels_last)
     features = torch.randn(1, in_channels, height, width, device=device, dtype=torch.bfloat16)
@@ -38,7 +39,7 @@ def convolution_step(height: int, width: int, in_channels: int, out_channels: in
             out = conv(features)
         out.backward(grad_out)
 
-    return step
+    return step, (conv, features, grad_out)
 
 
 def gpu_ms(step, steps: int) -> tuple[float, dict[str, float]]:
@@ -86,7 +87,7 @@ def main(argv=None) -> None:
     flops = 3 * 2 * pixels * args.in_channels * args.out_channels * 9  # forward, input and weight gradients
     for benchmark in (False, True):
         torch.backends.cudnn.benchmark = benchmark
-        step = convolution_step(args.height, args.width, args.in_channels, args.out_channels, device)
+        step, _ = convolution_step(args.height, args.width, args.in_channels, args.out_channels, device)
         for _ in range(5):  # the autotuner's trials happen here
             step()
         total, kernels = gpu_ms(step, args.steps)
