@@ -1,14 +1,14 @@
 """Stage I's decoder convolution alone: FiT3D's 3x3 convolution from the rendered features (64 channels) to the
 backbone's (384), bias-free, on one 876x584 view in bfloat16 and channels-last as fit3d_hf/lifting/lifter.py runs
 it, forward and backward (input and weight gradients) from a given output gradient. The Stage I profile (session
-24, H100) puts its three cuDNN kernels at 1.19 ms of the 7.45 ms iteration, several times what their bytes and
-FLOPs need; this says whether cuDNN's autotuner (`torch.backends.cudnn.benchmark`) finds faster kernels than its
-heuristics pick.
+24, H100) puts its three cuDNN kernels at 1.19 ms of the 7.45 ms iteration: 226 GFLOP each, so 480-690 TFLOP/s,
+compute-bound and near what the H100's bfloat16 tensor cores sustain, the input gradient the slowest. This says
+whether cuDNN's autotuner (`torch.backends.cudnn.benchmark`) finds faster kernels than its heuristics pick.
 
 python benchmarks/decoder_conv.py [--height 584 --width 876 --in-channels 64 --out-channels 384]
 
-Prints one JSON line per setting of `cudnn.benchmark`: GPU ms per forward+backward (torch.profiler), each kernel's
-share, and the floor its bytes set at the copy bandwidth measured in the same run.
+Prints one JSON line per setting of `cudnn.benchmark`: GPU ms per forward+backward (torch.profiler) and its
+TFLOP/s, each kernel's ms, and the floor its bytes set at the copy bandwidth measured in the same run.
 """
 
 import argparse
