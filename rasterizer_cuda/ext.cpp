@@ -1,6 +1,6 @@
-// The only file that talks torch: checks tensors, allocates outputs, fills the argument structs of ops.h
-// and launches on the current stream. The Python wrapper (fit3d_hf/render/_wrapper.py) validates inputs
-// with clear messages first; the TORCH_CHECKs here are a backstop.
+// The only file that talks torch: checks tensors, allocates outputs, fills the argument structs of ops.h (as the
+// CPU binding does: binding_args.h) and launches on the current stream. The Python wrapper
+// (fit3d_hf/render/_wrapper.py) validates inputs with clear messages first; the checks here are a backstop.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
@@ -17,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "binding_args.h"
 #include "constants.h"
 #include "ops.h"
 #include "sh_math.h"
@@ -27,19 +28,11 @@ using OptTensor = std::optional<Tensor>;
 
 namespace {
 
-// Argument errors are thrown as std::invalid_argument (Python: ValueError, through pybind11's own translation).
-// They once crashed the interpreter on the lent H100/H200 (2026-12-06): its compiler linked a second, static
-// copy of libstdc++ into the extension; rasterizer_cuda/build.py now links torch's shared one.
-template <typename... Args>
-std::string message(const Args&... args) {
-    std::ostringstream out;
-    (out << ... << args);
-    return out.str();
-}
-#define FIT3D_CHECK(cond, ...)                                          \
-    do {                                                                \
-        if (!(cond)) throw std::invalid_argument(message(__VA_ARGS__)); \
-    } while (0)
+// Argument errors (FIT3D_CHECK, binding_args.h) once crashed the interpreter on the lent H100/H200 (2026-12-06):
+// its compiler linked a second, static copy of libstdc++ into the extension; rasterizer_cuda/build.py now links
+// torch's shared one.
+using fit3d::binding::message;
+using fit3d::binding::tiles_along;
 
 // Dtype, device, layout and shape of an argument. `shape` holds the expected sizes, -1 for "any"; `like` (when
 // given) is the tensor whose device every argument of the op must share.
@@ -48,17 +41,7 @@ void check_tensor(const Tensor& t, const char* name, std::initializer_list<int64
     FIT3D_CHECK(t.is_cuda(), "fit3d rasterizer: ", name, " must be a CUDA tensor, got one on ", t.device());
     FIT3D_CHECK(like == nullptr || t.device() == like->device(), "fit3d rasterizer: ", name, " is on ", t.device(),
                 " but the other arguments are on ", like->device());
-    FIT3D_CHECK(t.scalar_type() == dtype, "fit3d rasterizer: ", name, " must have dtype ", dtype, ", got ",
-                t.scalar_type());
-    FIT3D_CHECK(t.is_contiguous(), "fit3d rasterizer: ", name, " must be contiguous");
-    bool ok = t.dim() == int64_t(shape.size());
-    int64_t dim = 0;
-    for (const int64_t size : shape) {
-        ok = ok && (size < 0 || t.size(dim) == size);
-        ++dim;
-    }
-    FIT3D_CHECK(ok, "fit3d rasterizer: ", name, " must have shape ", c10::IntArrayRef(shape), " (-1: any), got ",
-                t.sizes());
+    fit3d::binding::check_layout(t, "fit3d rasterizer", name, shape, dtype);
 }
 
 const float* optional_ptr(const OptTensor& t, const char* name, std::initializer_list<int64_t> shape,
@@ -111,8 +94,6 @@ Tensor zeros_on_stream(at::IntArrayRef sizes, const at::TensorOptions& options) 
     if (t.nbytes() > 0) check_cuda(cudaMemsetAsync(t.data_ptr(), 0, t.nbytes(), stream()), "cudaMemsetAsync");
     return t;
 }
-
-int tiles_along(int pixels) { return (pixels + fit3d::TILE_SIZE - 1) / fit3d::TILE_SIZE; }
 
 // Channel ranges [begin, end) of the launches: as few as the per-launch limit and the device's shared
 // memory allow, of balanced widths; the first always holds rgb + depth.
@@ -182,23 +163,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> project_fwd(const Tensor& means, cons
     auto opts = means.options();
     Tensor means2d = torch::empty({B, N, 2}, opts), conics = torch::empty({B, N, 3}, opts);
     Tensor depths = torch::empty({B, N}, opts), radii = torch::empty({B, N}, opts.dtype(at::kInt));
-    fit3d::ProjectArgs a = {};
-    a.B = int(B);
-    a.N = int(N);
-    a.width = int(width);
-    a.height = int(height);
-    a.near_plane = float(near_plane);
-    a.far_plane = float(far_plane);
-    a.means = means.data_ptr<float>();
-    a.quats = quats.data_ptr<float>();
-    a.scales = scales.data_ptr<float>();
-    a.opacities = opacities.data_ptr<float>();
-    a.viewmats = viewmats.data_ptr<float>();
-    a.Ks = Ks.data_ptr<float>();
-    a.means2d = means2d.data_ptr<float>();
-    a.conics = conics.data_ptr<float>();
-    a.depths = depths.data_ptr<float>();
-    a.radii = radii.data_ptr<int32_t>();
+    fit3d::ProjectArgs a = fit3d::binding::project_args(means, quats, scales, viewmats, Ks, width, height);
+    fit3d::binding::set_project_outputs(a, opacities, near_plane, far_plane, means2d, conics, depths, radii);
     check_cuda(fit3d::launch_project_fwd(a, stream()), "project_fwd");
     return {means2d, conics, depths, radii};
 }
@@ -220,23 +186,8 @@ std::tuple<Tensor, Tensor, Tensor> project_bwd(const Tensor& means, const Tensor
     const at::cuda::OptionalCUDAGuard guard(device_of(means));
     Tensor v_means = torch::empty_like(means), v_quats = torch::empty_like(quats);
     Tensor v_scales = torch::empty_like(scales);
-    fit3d::ProjectArgs a = {};
-    a.B = int(viewmats.size(0));
-    a.N = int(means.size(0));
-    a.width = int(width);
-    a.height = int(height);
-    a.means = means.data_ptr<float>();
-    a.quats = quats.data_ptr<float>();
-    a.scales = scales.data_ptr<float>();
-    a.viewmats = viewmats.data_ptr<float>();
-    a.Ks = Ks.data_ptr<float>();
-    a.radii = radii.data_ptr<int32_t>();
-    a.v_means2d = v_means2d.data_ptr<float>();
-    a.v_conics = v_conics.data_ptr<float>();
-    a.v_depths = v_depths.data_ptr<float>();
-    a.v_means = v_means.data_ptr<float>();
-    a.v_quats = v_quats.data_ptr<float>();
-    a.v_scales = v_scales.data_ptr<float>();
+    fit3d::ProjectArgs a = fit3d::binding::project_args(means, quats, scales, viewmats, Ks, width, height);
+    fit3d::binding::set_project_gradients(a, radii, v_means2d, v_conics, v_depths, v_means, v_quats, v_scales);
     check_cuda(fit3d::launch_project_bwd(a, stream()), "project_bwd");
     return {v_means, v_quats, v_scales};
 }
@@ -253,19 +204,12 @@ fit3d::ShArgs sh_args(const Tensor& sh_dc, const OptTensor& sh_rest, const Tenso
     check_tensor(sh_dc, split ? "sh_dc" : "sh", {means.size(0), split ? 1 : -1, 3}, at::kFloat, &means);
     if (split) check_tensor(*sh_rest, "sh_rest", {means.size(0), -1, 3}, at::kFloat, &means);
     check_tensor(viewmats, "world_to_camera", {-1, 4, 4}, at::kFloat, &means);
-    fit3d::ShArgs a = {};
-    a.B = int(viewmats.size(0));
-    a.N = int(means.size(0));
     const int K = int(split ? 1 + sh_rest->size(1) : sh_dc.size(1));
-    a.degree = int(degree);
     FIT3D_CHECK(degree >= 0 && degree <= 3 && (degree + 1) * (degree + 1) <= K, "fit3d rasterizer: bad sh_degree ",
                 degree, " for ", K, " coefficients");
     // the backward stages a block's coefficients in shared memory (sh_bwd.cu); degree 3 uses 16 of them
     FIT3D_CHECK(K <= 64, "fit3d rasterizer: sh must have at most 64 coefficients per channel, got ", K);
-    fit3d::set_sh_layout(a, split, K, sh_dc.data_ptr<float>(), split ? sh_rest->data_ptr<float>() : nullptr);
-    a.means = means.data_ptr<float>();
-    a.viewmats = viewmats.data_ptr<float>();
-    return a;
+    return fit3d::binding::sh_args(sh_dc, split ? &*sh_rest : nullptr, means, viewmats, degree);
 }
 
 }  // namespace
@@ -290,10 +234,7 @@ std::tuple<Tensor, OptTensor, Tensor> sh_bwd(const Tensor& sh_dc, const OptTenso
     Tensor v_dc = torch::empty_like(sh_dc), v_means = torch::empty_like(means);
     OptTensor v_rest;
     if (sh_rest.has_value() && sh_rest->defined()) v_rest = torch::empty_like(*sh_rest);
-    a.v_colors = v_colors.data_ptr<float>();
-    fit3d::set_sh_gradient_layout(a, v_rest.has_value(), v_dc.data_ptr<float>(),
-                                  v_rest.has_value() ? v_rest->data_ptr<float>() : nullptr);
-    a.v_means = v_means.data_ptr<float>();
+    fit3d::binding::set_sh_gradients(a, v_colors, v_dc, v_rest.has_value() ? &*v_rest : nullptr, v_means);
     check_cuda(fit3d::launch_sh_bwd(a, stream()), "sh_bwd");
     return {v_dc, v_rest, v_means};
 }
@@ -382,7 +323,7 @@ std::tuple<Tensor, Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tens
     FIT3D_CHECK(width > 0 && height > 0 && width <= INT_MAX - fit3d::TILE_SIZE && height <= INT_MAX - fit3d::TILE_SIZE,
                 "fit3d rasterizer: bad image size ", width, " x ", height);
     const at::cuda::OptionalCUDAGuard guard(device_of(means2d));
-    const int tiles_x = tiles_along(int(width)), tiles_y = tiles_along(int(height));
+    const int tiles_x = tiles_along(width), tiles_y = tiles_along(height);
     // a pair's key is camera * tiles + tile, and B * tiles marks "no tile": all must fit 32 bits
     FIT3D_CHECK(B * int64_t(tiles_x) * tiles_y < int64_t(UINT32_MAX), "fit3d rasterizer: ", B, " cameras x ",
                 int64_t(tiles_x) * tiles_y, " tiles of ", fit3d::TILE_SIZE,
@@ -400,13 +341,7 @@ std::tuple<Tensor, Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tens
     const int64_t entries = B * N;
     const size_t e4 = sizeof(int32_t) * entries, e8 = sizeof(int64_t) * entries;
     const bool exact = capacity <= 0;
-    fit3d::IsectArgs a = {};
-    a.B = int(B);
-    a.N = int(N);
-    a.width = int(width);
-    a.height = int(height);
-    a.tiles_x = tiles_x;
-    a.tiles_y = tiles_y;
+    fit3d::IsectArgs a = fit3d::binding::isect_args(means2d, conics, opacities, radii, width, height);
     const size_t key_bytes = fit3d::tile_key_bytes(a.B, tiles_x * tiles_y);
 
     // The temporaries are slices of one allocation, and the two outputs (tile ranges, then the Gaussian ids from
@@ -454,10 +389,6 @@ std::tuple<Tensor, Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tens
                                  first.get<uint32_t>(o_sorted_keys), entry_ids(means2d.get_device(), entries),
                                  first.get<int32_t>(o_order), entries, 32, stream()),
                "radix sort");
-    a.means2d = means2d.data_ptr<float>();
-    a.conics = conics.data_ptr<float>();
-    a.opacities = opacities.data_ptr<float>();
-    a.radii = radii.data_ptr<int32_t>();
     a.depth_order = first.get<int32_t>(o_order);
     a.counts = first.get<int64_t>(o_counts);
     int64_t* ends = first.get<int64_t>(o_ends);
@@ -517,27 +448,11 @@ fit3d::RasterizeArgs rasterize_args(const Tensor& means2d, const Tensor& conics,
     check_tensor(features, "features", {N, -1}, at::kFloat, &means2d);
     check_cameras(B);
     FIT3D_CHECK(width > 0 && height > 0, "fit3d rasterizer: bad image size ", width, " x ", height);
-    check_tensor(tile_ranges, "tile_ranges", {B * tiles_along(int(width)) * tiles_along(int(height)), 2}, at::kInt,
-                 &means2d);
+    check_tensor(tile_ranges, "tile_ranges", {B * tiles_along(width) * tiles_along(height), 2}, at::kInt, &means2d);
     check_tensor(gaussian_ids, "gaussian_ids", {-1}, at::kInt, &means2d);
-    fit3d::RasterizeArgs a = {};
-    a.B = int(means2d.size(0));
-    a.N = int(means2d.size(1));
-    a.F = int(features.size(1));
-    a.width = int(width);
-    a.height = int(height);
-    a.tiles_x = tiles_along(a.width);
-    a.tiles_y = tiles_along(a.height);
-    a.means2d = means2d.data_ptr<float>();
-    a.conics = conics.data_ptr<float>();
-    a.opacities = opacities.data_ptr<float>();
-    a.colors = colors.data_ptr<float>();
-    a.colors_camera_stride = colors.dim() == 3 ? int64_t(a.N) * 3 : 0;
-    a.depths = depths.data_ptr<float>();
-    a.features = features.data_ptr<float>();
+    fit3d::RasterizeArgs a = fit3d::binding::rasterize_args(means2d, conics, opacities, colors, depths, features,
+                                                            tile_ranges, gaussian_ids, width, height);
     a.background = optional_ptr(background, "background", {3}, means2d);
-    a.tile_ranges = tile_ranges.data_ptr<int32_t>();
-    a.gaussian_ids = gaussian_ids.data_ptr<int32_t>();
     return a;
 }
 
@@ -561,15 +476,11 @@ std::vector<Tensor> rasterize_fwd(const Tensor& means2d, const Tensor& conics, c
     // the backward's two per-pixel inputs share one allocation
     Tensor per_pixel = torch::empty({2, B, H, W}, opts);
     Tensor final_t = per_pixel[0], last_ids = per_pixel[1].view(at::kInt);
-    a.out_rgb = rgb.data_ptr<float>();
-    a.out_depth = depth.data_ptr<float>();
+    fit3d::binding::set_rasterize_outputs(a, rgb, depth, alpha, final_t, last_ids);
     if (features_bf16)
         a.out_features_bf16 = reinterpret_cast<uint16_t*>(feats.data_ptr());
     else
         a.out_features = feats.data_ptr<float>();
-    a.out_alpha = alpha.data_ptr<float>();
-    a.final_t = final_t.data_ptr<float>();
-    a.last_ids = last_ids.data_ptr<int32_t>();
     const auto passes = plan_passes(4 + a.F, fit3d::FWD_MAX_PASS_CHANNELS, fit3d::rasterize_fwd_shared_bytes);
     for (const auto& [begin, end] : passes) {
         a.channel_begin = begin;
@@ -604,12 +515,7 @@ std::vector<Tensor> rasterize_bwd(const Tensor& means2d, const Tensor& conics, c
     Tensor v_means2d = zeros_like(means2d), v_conics = zeros_like(conics);
     Tensor v_opacities = zeros_like(opacities), v_colors = zeros_like(colors);
     Tensor v_depths = zeros_like(depths), v_feats = zeros_like(features);
-    a.v_means2d = v_means2d.data_ptr<float>();
-    a.v_conics = v_conics.data_ptr<float>();
-    a.v_opacities = v_opacities.data_ptr<float>();
-    a.v_colors = v_colors.data_ptr<float>();
-    a.v_depths = v_depths.data_ptr<float>();
-    a.v_feats = v_feats.data_ptr<float>();
+    fit3d::binding::set_rasterize_gradients(a, v_means2d, v_conics, v_opacities, v_colors, v_depths, v_feats);
     // feature channels need a launch only when their image has a gradient
     const auto passes = plan_bwd_passes(a.v_features != nullptr || a.v_features_bf16 != nullptr ? a.F : 0);
     for (const auto& [begin, end] : passes) {
@@ -654,14 +560,7 @@ fit3d::FeatureL1Args feature_l1_args(const Tensor& decoded, const Tensor& target
     FIT3D_CHECK(target.device() == decoded.device(), "fit3d feature loss: target is on ", target.device(),
                 " but decoded is on ", decoded.device());
     fit3d::FeatureL1Args a = {};
-    a.B = int(decoded.size(0));
-    a.D = int(decoded.size(1));
-    a.H = int(decoded.size(2));
-    a.W = int(decoded.size(3));
-    a.h = int(target.size(2));
-    a.w = int(target.size(3));
-    a.scale_x = float(a.w) / float(a.W);
-    a.scale_y = float(a.h) / float(a.H);
+    fit3d::binding::set_feature_l1_sizes(a, decoded, target);
     a.decoded_type = scalar_type(decoded, "decoded");
     a.target_type = scalar_type(target, "target");
     a.decoded = decoded.data_ptr();
@@ -675,7 +574,6 @@ fit3d::FeatureL1Args feature_l1_args(const Tensor& decoded, const Tensor& target
                     mask->device());
         a.mask = mask->data_ptr<bool>();
     }
-    a.inv_count = 1.f / float(decoded.numel());
     return a;
 }
 

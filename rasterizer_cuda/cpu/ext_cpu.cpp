@@ -1,8 +1,8 @@
 // The torch binding of the CPU rasterizer (module fit3d_hf._C_cpu): the functions and signatures of the CUDA
 // extension's ext.cpp, so that fit3d_hf/render/_wrapper.py drives either by the tensors' device. Checks
-// tensors, allocates outputs, fills the argument structs of ops.h and runs the loops of cpu/*.cpp on torch's
-// intra-op threads. The Python wrapper validates inputs with clear messages first; the checks here are a
-// backstop.
+// tensors, allocates outputs, fills the argument structs of ops.h (as ext.cpp does: binding_args.h) and runs the
+// loops of cpu/*.cpp on torch's intra-op threads. The Python wrapper validates inputs with clear messages first;
+// the checks here are a backstop.
 // Only the headers it uses (not torch/extension.h): the file compiles in half the time.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -23,6 +23,7 @@
 #include <tuple>
 #include <vector>
 
+#include "binding_args.h"
 #include "constants.h"
 #include "cpu/ops_cpu.h"
 #include "sh_math.h"
@@ -50,33 +51,13 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
 
 namespace {
 
-// Argument errors are thrown as std::invalid_argument (Python: ValueError), as by the CUDA extension's ext.cpp.
-template <typename... Args>
-std::string message(const Args&... args) {
-    std::ostringstream out;
-    (out << ... << args);
-    return out.str();
-}
-#define FIT3D_CHECK(cond, ...)                                          \
-    do {                                                                \
-        if (!(cond)) throw std::invalid_argument(message(__VA_ARGS__)); \
-    } while (0)
+using fit3d::binding::tiles_along;
 
-// Dtype, device, layout and shape of an argument; `shape` holds the expected sizes, -1 for "any".
+// Device, dtype, layout and shape of an argument; `shape` holds the expected sizes, -1 for "any".
 void check_tensor(const Tensor& t, const char* name, std::initializer_list<int64_t> shape,
                   at::ScalarType dtype = at::kFloat) {
     FIT3D_CHECK(t.device().is_cpu(), "fit3d CPU rasterizer: ", name, " must be a CPU tensor, got one on ", t.device());
-    FIT3D_CHECK(t.scalar_type() == dtype, "fit3d CPU rasterizer: ", name, " must have dtype ", dtype, ", got ",
-                t.scalar_type());
-    FIT3D_CHECK(t.is_contiguous(), "fit3d CPU rasterizer: ", name, " must be contiguous");
-    bool ok = t.dim() == int64_t(shape.size());
-    int64_t i = 0;
-    for (const int64_t size : shape) {  // i must advance on "any" (-1) axes too
-        ok = ok && (size < 0 || t.size(i) == size);
-        ++i;
-    }
-    FIT3D_CHECK(ok, "fit3d CPU rasterizer: ", name, " must have shape ", c10::IntArrayRef(shape), " (-1: any), got ",
-                t.sizes());
+    fit3d::binding::check_layout(t, "fit3d CPU rasterizer", name, shape, dtype);
 }
 
 const float* optional_ptr(const OptTensor& t, const char* name, std::initializer_list<int64_t> shape) {
@@ -107,8 +88,6 @@ void check_image(int64_t width, int64_t height) {
                 "fit3d CPU rasterizer: bad image size ", width, " x ", height);
 }
 
-int tiles_along(int64_t pixels) { return int((pixels + fit3d::TILE_SIZE - 1) / fit3d::TILE_SIZE); }
-
 }  // namespace
 
 // ---- project ------------------------------------------------------------------------------------------
@@ -130,23 +109,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> project_fwd(const Tensor& means, cons
     auto opts = means.options();
     Tensor means2d = at::empty({B, N, 2}, opts), conics = at::empty({B, N, 3}, opts);
     Tensor depths = at::empty({B, N}, opts), radii = at::empty({B, N}, opts.dtype(at::kInt));
-    fit3d::ProjectArgs a = {};
-    a.B = int(B);
-    a.N = int(N);
-    a.width = int(width);
-    a.height = int(height);
-    a.near_plane = float(near_plane);
-    a.far_plane = float(far_plane);
-    a.means = means.data_ptr<float>();
-    a.quats = quats.data_ptr<float>();
-    a.scales = scales.data_ptr<float>();
-    a.opacities = opacities.data_ptr<float>();
-    a.viewmats = viewmats.data_ptr<float>();
-    a.Ks = Ks.data_ptr<float>();
-    a.means2d = means2d.data_ptr<float>();
-    a.conics = conics.data_ptr<float>();
-    a.depths = depths.data_ptr<float>();
-    a.radii = radii.data_ptr<int32_t>();
+    fit3d::ProjectArgs a = fit3d::binding::project_args(means, quats, scales, viewmats, Ks, width, height);
+    fit3d::binding::set_project_outputs(a, opacities, near_plane, far_plane, means2d, conics, depths, radii);
     fit3d::cpu::project_fwd(a);
     return {means2d, conics, depths, radii};
 }
@@ -167,23 +131,8 @@ std::tuple<Tensor, Tensor, Tensor> project_bwd(const Tensor& means, const Tensor
     check_tensor(v_depths, "v_depths", {B, N});
     check_image(width, height);
     Tensor v_means = at::empty_like(means), v_quats = at::empty_like(quats), v_scales = at::empty_like(scales);
-    fit3d::ProjectArgs a = {};
-    a.B = int(B);
-    a.N = int(N);
-    a.width = int(width);
-    a.height = int(height);
-    a.means = means.data_ptr<float>();
-    a.quats = quats.data_ptr<float>();
-    a.scales = scales.data_ptr<float>();
-    a.viewmats = viewmats.data_ptr<float>();
-    a.Ks = Ks.data_ptr<float>();
-    a.radii = radii.data_ptr<int32_t>();
-    a.v_means2d = v_means2d.data_ptr<float>();
-    a.v_conics = v_conics.data_ptr<float>();
-    a.v_depths = v_depths.data_ptr<float>();
-    a.v_means = v_means.data_ptr<float>();
-    a.v_quats = v_quats.data_ptr<float>();
-    a.v_scales = v_scales.data_ptr<float>();
+    fit3d::ProjectArgs a = fit3d::binding::project_args(means, quats, scales, viewmats, Ks, width, height);
+    fit3d::binding::set_project_gradients(a, radii, v_means2d, v_conics, v_depths, v_means, v_quats, v_scales);
     fit3d::cpu::project_bwd(a);
     return {v_means, v_quats, v_scales};
 }
@@ -203,14 +152,7 @@ fit3d::ShArgs sh_args(const Tensor& sh_dc, const OptTensor& sh_rest, const Tenso
     const int K = int(split ? 1 + sh_rest->size(1) : sh_dc.size(1));
     FIT3D_CHECK(degree >= 0 && degree <= 3 && (degree + 1) * (degree + 1) <= K, "fit3d CPU rasterizer: bad sh_degree ",
                 degree, " for ", K, " coefficients");
-    fit3d::ShArgs a = {};
-    a.B = int(viewmats.size(0));
-    a.N = int(means.size(0));
-    a.degree = int(degree);
-    fit3d::set_sh_layout(a, split, K, sh_dc.data_ptr<float>(), split ? sh_rest->data_ptr<float>() : nullptr);
-    a.means = means.data_ptr<float>();
-    a.viewmats = viewmats.data_ptr<float>();
-    return a;
+    return fit3d::binding::sh_args(sh_dc, split ? &*sh_rest : nullptr, means, viewmats, degree);
 }
 
 }  // namespace
@@ -231,10 +173,7 @@ std::tuple<Tensor, OptTensor, Tensor> sh_bwd(const Tensor& sh_dc, const OptTenso
     Tensor v_dc = at::empty_like(sh_dc), v_means = at::empty_like(means);
     OptTensor v_rest;
     if (sh_rest.has_value() && sh_rest->defined()) v_rest = at::empty_like(*sh_rest);
-    a.v_colors = v_colors.data_ptr<float>();
-    fit3d::set_sh_gradient_layout(a, v_rest.has_value(), v_dc.data_ptr<float>(),
-                                  v_rest.has_value() ? v_rest->data_ptr<float>() : nullptr);
-    a.v_means = v_means.data_ptr<float>();
+    fit3d::binding::set_sh_gradients(a, v_colors, v_dc, v_rest.has_value() ? &*v_rest : nullptr, v_means);
     fit3d::cpu::sh_bwd(a);
     return {v_dc, v_rest, v_means};
 }
@@ -253,17 +192,7 @@ std::tuple<Tensor, Tensor, Tensor> isect_tiles(const Tensor& means2d, const Tens
     check_tensor(radii, "radii", {B, N}, at::kInt);
     check_image(width, height);
     FIT3D_CHECK(B * N < INT_MAX, "fit3d CPU rasterizer: ", B, " cameras x ", N, " Gaussians exceed the int32 limit");
-    fit3d::IsectArgs a = {};
-    a.B = int(B);
-    a.N = int(N);
-    a.width = int(width);
-    a.height = int(height);
-    a.tiles_x = tiles_along(width);
-    a.tiles_y = tiles_along(height);
-    a.means2d = means2d.data_ptr<float>();
-    a.conics = conics.data_ptr<float>();
-    a.opacities = opacities.data_ptr<float>();
-    a.radii = radii.data_ptr<int32_t>();
+    fit3d::IsectArgs a = fit3d::binding::isect_args(means2d, conics, opacities, radii, width, height);
     const fit3d::cpu::IsectPlan plan = fit3d::cpu::isect_count(a, depths.data_ptr<float>());
     FIT3D_CHECK(plan.total < INT_MAX, "fit3d CPU rasterizer: ", plan.total,
                 " (Gaussian, tile) pairs exceed the int32 limit");
@@ -293,26 +222,9 @@ fit3d::RasterizeArgs rasterize_args(const Tensor& means2d, const Tensor& conics,
     check_image(width, height);
     check_tensor(tile_ranges, "tile_ranges", {B * tiles_along(width) * tiles_along(height), 2}, at::kInt);
     check_tensor(gaussian_ids, "gaussian_ids", {-1}, at::kInt);
-    fit3d::RasterizeArgs a = {};
-    a.B = int(B);
-    a.N = int(N);
-    a.F = int(features.size(1));
-    a.width = int(width);
-    a.height = int(height);
-    a.tiles_x = tiles_along(width);
-    a.tiles_y = tiles_along(height);
-    a.channel_begin = 0;
-    a.first_pass = true;
-    a.means2d = means2d.data_ptr<float>();
-    a.conics = conics.data_ptr<float>();
-    a.opacities = opacities.data_ptr<float>();
-    a.colors = colors.data_ptr<float>();
-    a.colors_camera_stride = colors.dim() == 3 ? N * 3 : 0;
-    a.depths = depths.data_ptr<float>();
-    a.features = features.data_ptr<float>();
+    fit3d::RasterizeArgs a = fit3d::binding::rasterize_args(means2d, conics, opacities, colors, depths, features,
+                                                            tile_ranges, gaussian_ids, width, height);
     a.background = optional_ptr(background, "background", {3});
-    a.tile_ranges = tile_ranges.data_ptr<int32_t>();
-    a.gaussian_ids = gaussian_ids.data_ptr<int32_t>();
     return a;
 }
 
@@ -332,13 +244,8 @@ std::vector<Tensor> rasterize_fwd(const Tensor& means2d, const Tensor& conics, c
     Tensor feats = at::empty({B, int64_t(a.F), H, W}, opts.memory_format(at::MemoryFormat::ChannelsLast));
     Tensor alpha = at::empty({B, 1, H, W}, opts);
     Tensor final_t = at::empty({B, H, W}, opts), last_ids = at::empty({B, H, W}, opts.dtype(at::kInt));
-    a.out_rgb = rgb.data_ptr<float>();
-    a.out_depth = depth.data_ptr<float>();
+    fit3d::binding::set_rasterize_outputs(a, rgb, depth, alpha, final_t, last_ids);
     a.out_features = feats.data_ptr<float>();
-    a.out_alpha = alpha.data_ptr<float>();
-    a.final_t = final_t.data_ptr<float>();
-    a.last_ids = last_ids.data_ptr<int32_t>();
-    a.channel_count = 4 + a.F;
     fit3d::cpu::rasterize_fwd(a);
     // bfloat16 on request (the CUDA kernel writes them so directly); the layout stays channels-last
     if (features_bf16) feats = feats.to(at::kBFloat16);
@@ -372,12 +279,7 @@ std::vector<Tensor> rasterize_bwd(const Tensor& means2d, const Tensor& conics, c
     Tensor v_means2d = at::zeros_like(means2d), v_conics = at::zeros_like(conics);
     Tensor v_opacities = at::zeros_like(opacities), v_colors = at::zeros_like(colors);
     Tensor v_depths = at::zeros_like(depths), v_feats = at::zeros_like(features);
-    a.v_means2d = v_means2d.data_ptr<float>();
-    a.v_conics = v_conics.data_ptr<float>();
-    a.v_opacities = v_opacities.data_ptr<float>();
-    a.v_colors = v_colors.data_ptr<float>();
-    a.v_depths = v_depths.data_ptr<float>();
-    a.v_feats = v_feats.data_ptr<float>();
+    fit3d::binding::set_rasterize_gradients(a, v_means2d, v_conics, v_opacities, v_colors, v_depths, v_feats);
     // feature channels take part only when their image has a gradient
     a.channel_count = a.v_features != nullptr ? 4 + a.F : 4;
     // none routed: no alpha gradient and no geometry sums (as the CUDA kernel), when the geometry needs no gradient
@@ -416,14 +318,7 @@ FeatureL1Inputs feature_l1_inputs(const Tensor& decoded, const Tensor& target, c
     in.decoded_strides = strides_of(in.decoded);
     in.target_strides = strides_of(in.target);
     fit3d::FeatureL1Args& a = in.args;
-    a.B = int(decoded.size(0));
-    a.D = int(decoded.size(1));
-    a.H = int(decoded.size(2));
-    a.W = int(decoded.size(3));
-    a.h = int(target.size(2));
-    a.w = int(target.size(3));
-    a.scale_x = float(a.w) / float(a.W);
-    a.scale_y = float(a.h) / float(a.H);
+    fit3d::binding::set_feature_l1_sizes(a, decoded, target);
     a.decoded_type = a.target_type = fit3d::ScalarType::Float32;
     a.decoded = in.decoded.data_ptr();
     a.target = in.target.data_ptr();
@@ -435,7 +330,6 @@ FeatureL1Inputs feature_l1_inputs(const Tensor& decoded, const Tensor& target, c
                     a.W, "], got ", mask->sizes(), " ", mask->scalar_type(), " on ", mask->device());
         a.mask = mask->data_ptr<bool>();
     }
-    a.inv_count = 1.f / float(decoded.numel());
     return in;
 }
 
