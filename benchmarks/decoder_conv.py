@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import device_kernels, top_kernels_ms  # noqa: E402
+from timing import device_kernels, median_seconds, top_kernels_ms  # noqa: E402
 
 
 def convolution_step(height: int, width: int, in_channels: int, out_channels: int, device: torch.device):
@@ -56,18 +56,10 @@ def gpu_ms(step, steps: int) -> tuple[float, dict[str, float]]:
 
 
 def copy_bandwidth(device: torch.device) -> float:
-    """Bytes per second of a 512 MiB device-to-device copy (read + write), median of 10."""
+    """Bytes per second of a 512 MiB device-to-device copy (256 MiB read, 256 MiB written)."""
     src = torch.empty(256 << 20, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    times = []
-    for _ in range(12):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return 2 * src.numel() / sorted(times[2:])[len(times[2:]) // 2]
+    return 2 * src.numel() / median_seconds(lambda: dst.copy_(src), device, 2, 10)
 
 
 def main(argv=None) -> None:

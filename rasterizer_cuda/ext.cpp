@@ -10,7 +10,6 @@
 #include <atomic>
 #include <climits>
 #include <optional>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <tuple>

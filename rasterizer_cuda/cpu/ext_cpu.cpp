@@ -17,7 +17,6 @@
 #include <atomic>
 #include <climits>
 #include <optional>
-#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <tuple>
